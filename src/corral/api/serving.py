@@ -1,0 +1,108 @@
+"""Spec 01 endpoints: deployments, business services, assignment, distribution, scaling, status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request, status
+
+from corral.api.auth import require_token
+from corral.api.schemas import AssignPodRequest, DeployRequest, DeployServiceRequest, DistributePodsRequest, ScaleRequest
+from corral.controller import Controller, DeploySpec
+
+router = APIRouter(prefix="/api", tags=["serving"])
+mutating = [Depends(require_token)]
+
+
+def controller(request: Request) -> Controller:
+    return request.app.state.controller
+
+
+@router.post("/deploy", dependencies=mutating, status_code=status.HTTP_201_CREATED)
+async def deploy(body: DeployRequest, request: Request) -> dict[str, Any]:
+    """Deploy a model pool (`deployAsPool: true`, no service) or a standard deployment with its own service."""
+    spec = DeploySpec(
+        engine=body.engine, model_id=body.modelId, model_tag=body.modelTag, replicas=body.replicas,
+        deploy_as_pool=body.deployAsPool, gpus_per_replica=body.gpusPerReplica, engine_args=body.engineArgs,
+    )
+    return await controller(request).deploy(spec)
+
+
+@router.get("/deployments")
+async def deployments(request: Request) -> list[dict[str, Any]]:
+    """Every deployment, pools included, each marked `type: pool | standard`."""
+    return controller(request).list_deployments()
+
+
+@router.get("/deployments/{name}")
+async def deployment(name: str, request: Request) -> dict[str, Any]:
+    return controller(request).get_deployment(name)
+
+
+@router.delete("/deployments/{name}", dependencies=mutating)
+async def delete_deployment(name: str, request: Request, force: bool = False) -> dict[str, Any]:
+    """Stop every replica and remove the deployment; a pool still serving businesses needs `force=true`."""
+    return await controller(request).delete_deployment(name, force=force)
+
+
+@router.get("/pods")
+async def pods(request: Request, deployment: str | None = None) -> list[dict[str, Any]]:
+    return controller(request).list_pods(deployment)
+
+
+@router.post("/deploy-service", dependencies=mutating, status_code=status.HTTP_201_CREATED)
+async def deploy_service(body: DeployServiceRequest, request: Request) -> dict[str, Any]:
+    """Create the business service `<serviceName>-nlb` selecting `{model, business}`."""
+    return await controller(request).deploy_service(body.serviceName, body.modelPool, body.businessTag, body.isExternal)
+
+
+@router.get("/business-services")
+async def business_services(request: Request) -> list[dict[str, Any]]:
+    """`[{name, businessTag, displayName, modelName, ...}]`, discovered by `service-type=business-service`."""
+    return controller(request).list_business_services()
+
+
+@router.delete("/business-services/{name}", dependencies=mutating)
+async def delete_business_service(name: str, request: Request, force: bool = False) -> dict[str, Any]:
+    """Delete a business service; if its pods would be stranded, `force=true` unassigns them."""
+    return await controller(request).delete_service(name, force=force)
+
+
+@router.post("/assign-pod", dependencies=mutating)
+async def assign_pod(body: AssignPodRequest, request: Request) -> dict[str, Any]:
+    return await controller(request).assign_pod(body.podName, body.businessTag, body.modelName)
+
+
+@router.post("/distribute-pods", dependencies=mutating)
+async def distribute_pods(body: DistributePodsRequest, request: Request) -> dict[str, Any]:
+    """Batch assignment by `ratios` (largest remainder) or explicit `counts`; fewest moves; rolled back on failure."""
+    return await controller(request).distribute(body.deploymentName, body.ratios, body.counts)
+
+
+@router.post("/scale-deployment", dependencies=mutating)
+async def scale_deployment(body: ScaleRequest, request: Request) -> dict[str, Any]:
+    """Scale any deployment. A pool is scaled pool-safely here too: only unassigned replicas are removed."""
+    return await controller(request).scale(body.deploymentName, body.targetReplicas, pool_endpoint=False)
+
+
+@router.post("/scale-pool-deployment", dependencies=mutating)
+async def scale_pool_deployment(body: ScaleRequest, request: Request) -> dict[str, Any]:
+    """Pool-safe scaling: `{success, currentReplicas, targetReplicas, unassignedPods, error?}`."""
+    return await controller(request).scale(body.deploymentName, body.targetReplicas, pool_endpoint=True)
+
+
+@router.get("/pool-status/{deploymentName}")
+async def pool_status(deploymentName: str, request: Request) -> dict[str, Any]:  # noqa: N803 (spec's name)
+    """`{totalPods, podDistribution, availableForScaleDown}`."""
+    return controller(request).pool_status(deploymentName)
+
+
+@router.get("/history")
+async def history(
+    request: Request,
+    action: str | None = Query(default=None, description="deploy | delete | deploy-service | delete-service | assign | distribute | scale"),
+    target: str | None = None,
+    limit: int = Query(default=200, ge=1, le=5000),
+) -> list[dict[str, Any]]:
+    """Every scheduling action, newest first: when, what, before → after, outcome."""
+    return request.app.state.store.history(action=action, target=target, limit=limit)

@@ -1,0 +1,71 @@
+"""The backend interface: the operations the controller needs, nothing more."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from corral.domain.models import Deployment, Pod, Service
+
+EventSink = Callable[[str, dict[str, Any]], None]
+
+
+class Backend(ABC):
+    """Carries out validated changes. Reads are cheap (a database or an informer cache)."""
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Recover: re-adopt what is running, restart what died, finish what was half-done."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stop supervising. Replicas keep running: they outlive the control plane."""
+
+    # reads
+    @abstractmethod
+    def list_deployments(self) -> list[Deployment]: ...
+
+    @abstractmethod
+    def get_deployment(self, name: str) -> Deployment | None: ...
+
+    @abstractmethod
+    def list_pods(self, deployment: str | None = None) -> list[Pod]: ...
+
+    @abstractmethod
+    def get_pod(self, name: str) -> Pod | None: ...
+
+    @abstractmethod
+    def list_services(self) -> list[Service]: ...
+
+    @abstractmethod
+    def get_service(self, name: str) -> Service | None: ...
+
+    # writes
+    @abstractmethod
+    async def create_deployment(self, deployment: Deployment, service: Service | None) -> list[Pod]:
+        """Create the deployment with `deployment.replicas` new replicas (and a standard deployment's service)."""
+
+    @abstractmethod
+    async def delete_deployment(self, name: str) -> None: ...
+
+    @abstractmethod
+    async def add_replicas(self, deployment: str, count: int) -> list[Pod]: ...
+
+    @abstractmethod
+    async def remove_replicas(self, deployment: str, pods: list[str]) -> None:
+        """Remove exactly these replicas (the pool-safe path depends on it)."""
+
+    @abstractmethod
+    async def set_businesses(self, businesses: Mapping[str, str]) -> None:
+        """Relabel `business` of the given pods, all or nothing."""
+
+    @abstractmethod
+    async def create_service(self, service: Service) -> None: ...
+
+    @abstractmethod
+    async def delete_service(self, name: str) -> None: ...
+
+    @abstractmethod
+    def write_manifests(self, name: str, documents: list[dict]) -> str:
+        """Keep the generated manifests (spec 01: a `deployments/` directory); return the path."""

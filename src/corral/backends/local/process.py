@@ -1,0 +1,103 @@
+"""Detached engine processes: start, identify after a control-plane restart, stop.
+
+Replicas run in their own session (`start_new_session`), so they outlive the control plane and a
+Ctrl+C in its terminal. A pid alone does not identify a process across restarts (pids are reused),
+so the process start time from `/proc/<pid>/stat` is stored beside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Started:
+    pid: int
+    pid_start: str | None
+    handle: subprocess.Popen | None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def process_start_time(pid: int) -> str | None:
+    """Field 22 of /proc/<pid>/stat (clock ticks since boot); None if the process is gone or a zombie."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    fields = raw[raw.rindex(")") + 2 :].split()
+    state, start = fields[0], fields[19]
+    return None if state in ("Z", "X") else start
+
+
+def spawn(argv: list[str], env: dict[str, str], log_path: Path) -> Started:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        log.write(f"\n--- {time.strftime('%Y-%m-%dT%H:%M:%S')} starting: {argv!r}\n".encode())
+        log.flush()
+        handle = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+            start_new_session=True,
+            close_fds=True,
+        )
+    return Started(handle.pid, process_start_time(handle.pid), handle)
+
+
+def is_alive(pid: int | None, pid_start: str | None, handle: subprocess.Popen | None = None) -> bool:
+    if pid is None:
+        return False
+    if handle is not None and handle.poll() is not None:  # our child: poll() also reaps it
+        return False
+    current = process_start_time(pid)
+    return current is not None and (pid_start is None or current == pid_start)
+
+
+async def stop_group(pid: int | None, pid_start: str | None, handle: subprocess.Popen | None, grace_s: float) -> None:
+    """SIGTERM the replica's process group (engines fork workers), SIGKILL after `grace_s`."""
+    if not is_alive(pid, pid_start, handle):
+        return
+    assert pid is not None
+    _signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if not is_alive(pid, pid_start, handle):
+            return
+        await asyncio.sleep(0.05)
+    _signal_group(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while is_alive(pid, pid_start, handle) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        os.kill(pid, sig)

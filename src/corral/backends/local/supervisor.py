@@ -1,0 +1,165 @@
+"""The replica supervisor: keeps every local replica's process alive and its readiness current.
+
+One loop, every `health_interval_s`: a replica whose process died goes to CrashLoopBackOff and is
+restarted after an exponential back-off, keeping its name, port (when still free) and business;
+a live one is probed on its engine's health endpoint. On start it re-adopts replicas left running
+by an earlier control plane (pid + process start time), restarts the ones that died meanwhile and
+finishes removals that a crash interrupted. Only process columns are written here, never labels,
+so supervision cannot undo a concurrent assignment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+from corral.backends.base import EventSink
+from corral.backends.local import process
+from corral.config import Settings
+from corral.domain.models import PodPhase
+from corral.engines import get_engine
+from corral.store.state import ReplicaRecord, StateStore
+
+log = logging.getLogger("corral.supervisor")
+
+
+class ReplicaSupervisor:
+    def __init__(self, settings: Settings, store: StateStore, emit: EventSink) -> None:
+        self.settings = settings
+        self.store = store
+        self.emit = emit
+        self._handles: dict[str, subprocess.Popen] = {}
+        self._failures: dict[str, int] = {}
+        self._restart_at: dict[str, float] = {}
+        self._stopping: set[str] = set()
+        self._http = httpx.AsyncClient(timeout=2.0)
+        self._task: asyncio.Task | None = None
+
+    # lifecycle -------------------------------------------------------------------------------
+    async def recover(self) -> None:
+        for record in self.store.list_replicas():
+            if record.phase == PodPhase.TERMINATING:
+                log.info("finishing the removal of %s", record.name)
+                await self.stop(record)
+            elif process.is_alive(record.pid, record.pid_start):
+                log.info("re-adopted replica %s (pid %s)", record.name, record.pid)
+            else:
+                log.info("replica %s died while the control plane was down; restarting it", record.name)
+                self.launch(record, restart=True)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="replica-supervisor")
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await self._http.aclose()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception:  # one bad tick must not end supervision
+                log.exception("supervision tick failed")
+            await asyncio.sleep(self.settings.health_interval_s)
+
+    # processes -------------------------------------------------------------------------------
+    def launch(self, record: ReplicaRecord, *, restart: bool = False) -> ReplicaRecord:
+        deployment = self.store.get_deployment(record.deployment)
+        assert deployment is not None, record.deployment
+        port = record.port if process.port_is_free(record.port) else process.free_port()
+        spec = get_engine(deployment.engine).launch(
+            model_id=deployment.model_id,
+            model_tag=deployment.model_tag,
+            port=port,
+            host="127.0.0.1",
+            gpus=len(record.gpu_ids),
+            extra=list(deployment.engine_args),
+            replica=record.name,
+        )
+        env = {**spec.env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, record.gpu_ids))}
+        started = process.spawn(spec.argv, env, Path(record.log_path))
+        self._handles[record.name] = started.handle  # type: ignore[assignment]
+        restarts = record.restarts + (1 if restart else 0)
+        updated = record.replace(
+            pid=started.pid, pid_start=started.pid_start, port=port, phase=PodPhase.PENDING, ready=False, restarts=restarts
+        )
+        self.store.update_replica(
+            record.name, pid=started.pid, pid_start=started.pid_start, port=port, phase=PodPhase.PENDING,
+            ready=False, restarts=restarts,
+        )
+        self._publish(updated)
+        return updated
+
+    async def stop(self, record: ReplicaRecord) -> None:
+        """Stop the process (SIGTERM, then SIGKILL after the grace period) and forget the replica."""
+        self._stopping.add(record.name)
+        try:
+            self.store.update_replica(record.name, phase=PodPhase.TERMINATING, ready=False)
+            self._publish(record.replace(phase=PodPhase.TERMINATING, ready=False))
+            await process.stop_group(record.pid, record.pid_start, self._handles.get(record.name), self.settings.stop_grace_s)
+            self.store.delete_replica(record.name)
+            self.emit("replica_status", {"name": record.name, "deployment": record.deployment, "phase": "Deleted", "ready": False})
+        finally:
+            self._stopping.discard(record.name)
+            self._handles.pop(record.name, None)
+            self._failures.pop(record.name, None)
+            self._restart_at.pop(record.name, None)
+
+    # supervision -----------------------------------------------------------------------------
+    async def tick(self) -> None:
+        health_paths = {d.name: get_engine(d.engine).health_path for d in self.store.list_deployments()}
+        records = [r for r in self.store.list_replicas() if r.name not in self._stopping and r.phase != PodPhase.TERMINATING]
+        await asyncio.gather(*(self._check(r, health_paths.get(r.deployment, "/health")) for r in records))
+
+    async def _check(self, record: ReplicaRecord, health_path: str) -> None:
+        if not process.is_alive(record.pid, record.pid_start, self._handles.get(record.name)):
+            self._on_dead(record)
+            return
+        ready = await self._probe(record, health_path)
+        if record.name in self._stopping:
+            return
+        phase = PodPhase.RUNNING if ready or record.phase == PodPhase.RUNNING else PodPhase.PENDING
+        if ready:
+            self._failures.pop(record.name, None)
+        if (phase, ready) != (record.phase, record.ready):
+            self.store.update_replica(record.name, phase=phase, ready=ready)
+            self._publish(record.replace(phase=phase, ready=ready))
+
+    def _on_dead(self, record: ReplicaRecord) -> None:
+        now = time.monotonic()
+        if record.phase != PodPhase.CRASH_LOOP:
+            failures = self._failures.get(record.name, 0)
+            delay = min(self.settings.restart_backoff_max_s, 2.0**failures)
+            self._failures[record.name] = failures + 1
+            self._restart_at[record.name] = now + delay
+            log.warning("replica %s exited; restarting in %.0f s", record.name, delay)
+            self.store.update_replica(record.name, phase=PodPhase.CRASH_LOOP, ready=False)
+            self._publish(record.replace(phase=PodPhase.CRASH_LOOP, ready=False))
+        elif now >= self._restart_at.get(record.name, 0.0):
+            self.launch(record, restart=True)
+
+    async def _probe(self, record: ReplicaRecord, health_path: str) -> bool:
+        try:
+            response = await self._http.get(f"http://127.0.0.1:{record.port}{health_path}")
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    def _publish(self, record: ReplicaRecord) -> None:
+        self.emit(
+            "replica_status",
+            {
+                "name": record.name, "deployment": record.deployment, "phase": record.phase.value,
+                "ready": record.ready, "restarts": record.restarts, "business": record.labels.get("business"),
+            },
+        )

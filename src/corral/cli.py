@@ -1,0 +1,284 @@
+"""The `corral` command. `serve` runs the control plane; every other command talks to its API."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn, Optional
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(help="Corral: model pools assigned to business services, on your GPUs.", no_args_is_help=True)
+service_app = typer.Typer(help="Business services: stable endpoints selecting {model, business}.", no_args_is_help=True)
+app.add_typer(service_app, name="service")
+
+console = Console()
+err = Console(stderr=True)
+
+URL_OPTION = typer.Option("http://127.0.0.1:8080", "--url", envvar="CORRAL_URL", help="Corral API address")
+TOKEN_OPTION = typer.Option(None, "--token", envvar="CORRAL_API_TOKEN", help="API token, when one is configured")
+
+
+class Client:
+    def __init__(self, url: str, token: str | None) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=120)
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            fail(f"cannot reach Corral at {self.url} ({exc.__class__.__name__}); is `corral serve` running?")
+        try:
+            body = response.json()
+        except ValueError:
+            body = {"error": response.text}
+        if response.status_code >= 400:
+            fail(body.get("error", response.text) if isinstance(body, dict) else response.text)
+        return body
+
+
+def fail(message: str) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    console.print(table)
+
+
+# control plane ---------------------------------------------------------------------------------
+@app.command()
+def serve(
+    data_dir: Optional[Path] = typer.Option(None, help="state, logs and manifests [env CORRAL_DATA_DIR; default ./corral-data]"),
+    host: Optional[str] = typer.Option(None, help="bind address [env CORRAL_HOST; default 127.0.0.1]"),
+    port: Optional[int] = typer.Option(None, help="API and UI port [env CORRAL_PORT; default 8080]"),
+    gateway_port: Optional[int] = typer.Option(None, help="business-service traffic port [env CORRAL_GATEWAY_PORT; default 8000]"),
+    api_token: Optional[str] = typer.Option(None, help="require this bearer token for mutations [env CORRAL_API_TOKEN]"),
+    backend: Optional[str] = typer.Option(None, help="local [env CORRAL_BACKEND]"),
+    log_level: str = typer.Option("info", help="uvicorn log level"),
+) -> None:
+    """Run the control plane (API at /api, docs at /docs, events at /ws)."""
+    import logging
+
+    import uvicorn
+    from pydantic import ValidationError
+
+    from corral.api.app import create_app
+    from corral.config import Settings
+
+    flags = {"data_dir": data_dir, "host": host, "port": port, "gateway_port": gateway_port,
+             "api_token": api_token, "backend": backend}
+    try:
+        settings = Settings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    url = f"http://{settings.host}:{settings.port}"
+    console.print(f"Corral {settings.backend} backend, data in {settings.data_dir.resolve()}")
+    console.print(f"Corral is running at [bold]{url}[/bold]  (API docs: {url}/docs)", highlight=False)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
+
+
+# deployments -----------------------------------------------------------------------------------
+@app.command()
+def deploy(
+    engine: str = typer.Argument(..., help="vllm | sglang | transformers | simulator"),
+    model_id: str = typer.Argument(..., help="local model directory or hub id"),
+    tag: str = typer.Option(..., "--tag", "-t", help="model tag (the `model` label), e.g. qwen-06b"),
+    replicas: int = typer.Option(1, "--replicas", "-n"),
+    pool: bool = typer.Option(False, "--pool/--standard", help="deploy as a model pool (replicas start unassigned)"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs per replica (default: 1 for vllm/sglang, 0 otherwise)"),
+    engine_args: str = typer.Option("", "--engine-args", help="extra engine arguments, e.g. '--max-model-len 4096'"),
+    wait: bool = typer.Option(True, help="wait until every replica is ready, with progress"),
+    timeout: float = typer.Option(900, help="seconds to wait for readiness"),
+    url: str = URL_OPTION,
+    token: Optional[str] = TOKEN_OPTION,
+) -> None:
+    """Deploy a model pool or a standard deployment."""
+    client = Client(url, token)
+    body = {"engine": engine, "modelId": model_id, "modelTag": tag, "replicas": replicas, "deployAsPool": pool,
+            "gpusPerReplica": gpus, "engineArgs": engine_args}
+    result = client.call("POST", "/api/deploy", json=body)
+    name = result["deployment"]["name"]
+    console.print(f"deployed [bold]{name}[/bold] ({result['deployment']['type']}); manifest: {result['manifestPath']}")
+    if wait and replicas:
+        wait_ready(client, name, replicas, timeout)
+
+
+def wait_ready(client: Client, name: str, replicas: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(f"{name}: replicas ready", total=replicas)
+        while True:
+            view = client.call("GET", f"/api/deployments/{name}")
+            progress.update(task, completed=view["readyReplicas"])
+            if view["readyReplicas"] >= replicas:
+                return
+            if time.monotonic() > deadline:
+                fail(f"{view['readyReplicas']}/{replicas} replicas ready after {timeout:.0f} s; see `corral pods` and the replica logs")
+            time.sleep(0.5)
+
+
+@app.command()
+def deployments(url: str = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+    """List deployments, pools included."""
+    rows = Client(url, token).call("GET", "/api/deployments")
+    _table("Deployments", ["Name", "Type", "Engine", "Model", "Replicas", "Ready", "Assignment", "Scale-down available"], [
+        [d["name"], "Model Pool" if d["isPool"] else "Standard", d["engine"] + (" (simulator)" if d["isSimulator"] else ""),
+         d["modelName"], d["replicas"], d["readyReplicas"], d.get("assignment", "N/A"), d.get("availableForScaleDown", "N/A")]
+        for d in rows
+    ])
+
+
+@app.command()
+def pods(deployment: Optional[str] = typer.Option(None, "--deployment", "-d"), url: str = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+    """List replicas (pods) with their status and business."""
+    params = {"deployment": deployment} if deployment else {}
+    rows = Client(url, token).call("GET", "/api/pods", params=params)
+    _table("Pods", ["Name", "Status", "Ready", "Model", "Business", "Endpoint", "Restarts"], [
+        [p["name"], p["status"], "yes" if p["ready"] else "no", p["model"], p["business"] or "N/A", p["endpoint"], p["restarts"]]
+        for p in rows
+    ])
+
+
+@app.command()
+def delete(
+    name: str,
+    force: bool = typer.Option(False, help="delete a pool even while it serves businesses"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
+    url: str = URL_OPTION,
+    token: Optional[str] = TOKEN_OPTION,
+) -> None:
+    """Delete a deployment and stop its replicas."""
+    if not yes and sys.stdin.isatty():
+        typer.confirm(f"Delete deployment {name} and stop its replicas?", abort=True)
+    Client(url, token).call("DELETE", f"/api/deployments/{name}", params={"force": str(force).lower()})
+    console.print(f"deleted {name}")
+
+
+@app.command()
+def scale(name: str, replicas: int, url: str = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+    """Scale a deployment; a pool only ever loses unassigned replicas."""
+    result = Client(url, token).call("POST", "/api/scale-deployment", json={"deploymentName": name, "targetReplicas": replicas})
+    console.print(f"{name}: {result['currentReplicas']} → {result['targetReplicas']} replicas"
+                  + (f"; removed {', '.join(result['removed'])}" if result["removed"] else "")
+                  + (f"; added {', '.join(result['added'])}" if result["added"] else ""))
+
+
+@app.command()
+def status(pool: str, url: str = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+    """Pool status: pods per business and how many may be scaled down."""
+    result = Client(url, token).call("GET", f"/api/pool-status/{pool}")
+    console.print(f"[bold]{pool}[/bold] (model {result['modelName']}): {result['totalPods']} pods, {result['readyPods']} ready")
+    _table("Assignment", ["Business", "Pods"], [[b, n] for b, n in result["podDistribution"].items()])
+    console.print(f"available for scale-down: {result['availableForScaleDown']}")
+
+
+# assignment ------------------------------------------------------------------------------------
+@app.command()
+def assign(pod: str, business: str, model: Optional[str] = typer.Option(None, help="check the pod serves this model"),
+           url: str = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+    """Assign a pool pod to a business (or `unassigned`)."""
+    result = Client(url, token).call("POST", "/api/assign-pod", json={"podName": pod, "businessTag": business, "modelName": model})
+    change = "unchanged" if not result["changed"] else f"{result['previousBusiness']} → {result['businessTag']}"
+    console.print(f"✓ {pod}: {change}")
+
+
+@app.command()
+def distribute(
+    pool: str,
+    shares: list[str] = typer.Argument(..., help="business=N pairs, e.g. production=3 testing=1"),
+    counts: bool = typer.Option(False, "--counts", help="N are exact pod counts, not ratios"),
+    url: str = URL_OPTION,
+    token: Optional[str] = TOKEN_OPTION,
+) -> None:
+    """Distribute a pool's pods over businesses by ratio (or exact counts), with the fewest moves."""
+    parsed: dict[str, float] = {}
+    for share in shares:
+        business, sep, value = share.partition("=")
+        try:
+            parsed[business] = int(value) if counts else float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not business:
+            fail(f"'{share}' is not business=N (e.g. production=3)")
+    body = {"deploymentName": pool, ("counts" if counts else "ratios"): parsed}
+    result = Client(url, token).call("POST", "/api/distribute-pods", json=body)
+    for move in result["moves"]:
+        console.print(f"  {move['podName']}: {move['from']} → {move['to']}")
+    console.print(f"✓ {len(result['moves'])} move(s); now " + ", ".join(f"{b}={n}" for b, n in result["podDistribution"].items()))
+
+
+# services --------------------------------------------------------------------------------------
+@service_app.command("create")
+def service_create(
+    name: str = typer.Argument(..., help="service name; '-nlb' is appended"),
+    pool: str = typer.Option(..., "--pool", help="the model pool whose model it serves"),
+    business: str = typer.Option(..., "--business", "-b"),
+    external: bool = typer.Option(False, "--external/--internal"),
+    url: str = URL_OPTION,
+    token: Optional[str] = TOKEN_OPTION,
+) -> None:
+    """Create a business service selecting {model, business}."""
+    body = {"serviceName": name, "modelPool": pool, "businessTag": business, "isExternal": external}
+    result = Client(url, token).call("POST", "/api/deploy-service", json=body)
+    console.print(f"created {result['service']['name']} → {result['service']['selector']}")
+
+
+@service_app.command("list")
+def service_list(url: str = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+    """List business services."""
+    rows = Client(url, token).call("GET", "/api/business-services")
+    _table("Business services", ["Name", "Business", "Model", "Type", "Replicas", "Ready"], [
+        [s["name"], s["businessTag"], s["modelName"], s["type"], s["replicas"], s["readyReplicas"]] for s in rows
+    ])
+
+
+@service_app.command("delete")
+def service_delete(name: str, force: bool = typer.Option(False, help="unassign pods that would be left without a service"),
+                   url: str = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+    """Delete a business service."""
+    result = Client(url, token).call("DELETE", f"/api/business-services/{name}", params={"force": str(force).lower()})
+    console.print(f"deleted {name}" + (f"; unassigned {', '.join(result['unassignedPods'])}" if result["unassignedPods"] else ""))
+
+
+@app.command()
+def history(
+    action: Optional[str] = typer.Option(None, help="deploy, delete, deploy-service, delete-service, assign, distribute, scale"),
+    target: Optional[str] = None,
+    limit: int = 50,
+    url: str = URL_OPTION,
+    token: Optional[str] = TOKEN_OPTION,
+) -> None:
+    """Scheduling history, newest first."""
+    params: dict[str, Any] = {"limit": limit} | ({"action": action} if action else {}) | ({"target": target} if target else {})
+    rows = Client(url, token).call("GET", "/api/history", params=params)
+    _table("History", ["When", "Action", "Target", "Before", "After", "Outcome", "Message"], [
+        [h["timestamp"][:19], h["action"], h["target"], _compact(h["before"]), _compact(h["after"]), h["outcome"], h["message"]]
+        for h in rows
+    ])
+
+
+def _compact(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_compact(v)}" for k, v in value.items())
+    return "" if value is None else str(value)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()

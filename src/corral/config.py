@@ -1,0 +1,35 @@
+"""Settings, read from `CORRAL_*` environment variables; every one is also a `corral serve` flag."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CORRAL_", extra="ignore")
+
+    data_dir: Path = Field(default=Path("corral-data"), description="SQLite database, logs and manifests")
+    host: str = Field(default="127.0.0.1", description="bind address of the API, UI and gateway")
+    port: int = Field(default=8080, ge=1, le=65535, description="API and UI port")
+    gateway_port: int = Field(default=8000, ge=1, le=65535, description="business-service traffic port")
+    api_token: str | None = Field(default=None, description="when set, mutations need 'Authorization: Bearer <token>'")
+    backend: Literal["local"] = Field(default="local", description="where replicas run")
+    health_interval_s: float = Field(default=0.5, gt=0, description="replica supervision period")
+    stop_grace_s: float = Field(default=10.0, ge=0, description="SIGTERM to SIGKILL grace when stopping a replica")
+    restart_backoff_max_s: float = Field(default=30.0, gt=0, description="cap of the crash-restart back-off")
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "corral.db"
+
+    @property
+    def manifests_dir(self) -> Path:
+        return self.data_dir / "deployments"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"

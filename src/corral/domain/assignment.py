@@ -1,0 +1,47 @@
+"""Which assignments are allowed (spec 01, "Dynamic pod assignment")."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from corral.domain import labels as L
+from corral.domain.errors import InvalidInput, NotFound
+from corral.domain.models import Pod, Service
+
+
+def businesses_of_model(services: Iterable[Service], model: str) -> list[str]:
+    """The businesses a replica of `model` may join: discovered from business services, never hard-coded."""
+    return sorted({s.business for s in services if s.is_business_service and s.model == model and s.business})
+
+
+def check_business_for_model(business: str, model: str, services: Iterable[Service], field: str) -> str:
+    """`business` is `unassigned` or has a business service for `model`; else a message naming the choices."""
+    L.check_name(business, field)
+    if business == L.UNASSIGNED:
+        return business
+    known = businesses_of_model(services, model)
+    if business not in known:
+        choices = ", ".join([*known, L.UNASSIGNED])
+        raise InvalidInput(
+            f"business '{business}' has no business service for model '{model}': "
+            f"create one first (POST /api/deploy-service) or choose one of: {choices}"
+        )
+    return business
+
+
+def validate_assignment(
+    pod_name: str, pod: Pod | None, business: str, model_name: str | None, services: Iterable[Service]
+) -> Pod:
+    """Return the pod to relabel, or raise saying exactly what is wrong with the request."""
+    if pod is None:
+        raise NotFound(f"pod '{pod_name}' not found; list pods with GET /api/pods")
+    if not pod.is_pool_pod:
+        raise InvalidInput(
+            f"pod '{pod.name}' belongs to the standard deployment '{pod.deployment}'; "
+            "only model-pool pods can be assigned to a business"
+        )
+    assert pod.model is not None  # a pool pod always has a model label
+    if model_name is not None and model_name != pod.model:
+        raise InvalidInput(f"modelName '{model_name}' does not match pod '{pod.name}', which serves model '{pod.model}'")
+    check_business_for_model(business, pod.model, services, "businessTag")
+    return pod

@@ -1,0 +1,111 @@
+"""The nouns of Corral as plain immutable values, shared by every backend and the API."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+from corral.domain import labels as L
+
+
+class PodPhase(StrEnum):
+    """Kubernetes-like phases; `ready` is tracked separately, from the engine's health endpoint."""
+
+    PENDING = "Pending"  # process started, engine not healthy yet
+    RUNNING = "Running"
+    CRASH_LOOP = "CrashLoopBackOff"  # exited; will be restarted after a back-off
+    TERMINATING = "Terminating"
+
+
+@dataclass(frozen=True)
+class Pod:
+    name: str
+    deployment: str
+    labels: Mapping[str, str]
+    phase: PodPhase = PodPhase.PENDING
+    ready: bool = False
+    endpoint: str | None = None
+    restarts: int = 0
+    created_at: datetime | None = None
+    gpu_ids: tuple[int, ...] = ()
+
+    @property
+    def model(self) -> str | None:
+        return self.labels.get(L.MODEL)
+
+    @property
+    def business(self) -> str | None:
+        """The business label of a pool pod; None for a standard pod (shown as "N/A")."""
+        return self.labels.get(L.BUSINESS) if self.is_pool_pod else None
+
+    @property
+    def is_pool_pod(self) -> bool:
+        return L.is_pool_pod(self.labels)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    name: str
+    engine: str
+    model_id: str
+    model_tag: str
+    is_pool: bool
+    replicas: int
+    gpus_per_replica: int = 0
+    engine_args: tuple[str, ...] = ()
+    created_at: datetime | None = None
+
+    @property
+    def selector(self) -> dict[str, str]:
+        """The Deployment's pod selector: never `business`, so relabelling never orphans a pod."""
+        if self.is_pool:
+            return {L.MODEL: self.model_tag, L.POOL: self.name}
+        return {L.APP: self.name}
+
+    def new_pod_labels(self) -> dict[str, str]:
+        if self.is_pool:
+            return L.pool_labels(model_tag=self.model_tag, pool=self.name, engine=self.engine)
+        return L.standard_labels(model_tag=self.model_tag, deployment=self.name)
+
+
+@dataclass(frozen=True)
+class Service:
+    """A stable endpoint selecting replicas by labels.
+
+    A business service selects `{model, business}`; a standard deployment's own service selects
+    `{app: <deployment>}`.
+    """
+
+    name: str
+    model: str
+    selector: Mapping[str, str]
+    labels: Mapping[str, str] = field(default_factory=dict)
+    is_external: bool = False
+    deployment: str | None = None  # the pool it was created for, or the standard deployment it fronts
+    created_at: datetime | None = None
+
+    @property
+    def business(self) -> str | None:
+        return self.labels.get(L.BUSINESS)
+
+    @property
+    def is_business_service(self) -> bool:
+        return self.labels.get(L.SERVICE_TYPE) == L.BUSINESS_SERVICE
+
+    @property
+    def display_name(self) -> str:
+        return L.display_name_of(self.name)
+
+    def selects(self, pod: Pod) -> bool:
+        return L.matches(self.selector, pod.labels)
+
+
+@dataclass(frozen=True)
+class Move:
+    """Relabel one pod's business."""
+
+    pod: str
+    source: str
+    target: str

@@ -1,0 +1,9 @@
+"""Inference engines: how to launch each one and where its health endpoint is.
+
+An engine only builds argument lists (never a shell string), so user input such as `engineArgs`
+or a model path can never be interpreted by a shell.
+"""
+
+from corral.engines.base import Engine, LaunchSpec, get_engine, engine_names
+
+__all__ = ["Engine", "LaunchSpec", "get_engine", "engine_names"]

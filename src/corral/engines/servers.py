@@ -1,0 +1,71 @@
+"""The engines Corral knows. vLLM and SGLang are for GPU machines; `transformers serve` runs on CPU;
+the simulator is Corral's own OpenAI-compatible server for routing tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from corral.engines.base import Engine, LaunchSpec, register
+
+
+def _has_flag(extra: list[str], *flags: str) -> bool:
+    return any(arg == f or arg.startswith(f + "=") for arg in extra for f in flags)
+
+
+@dataclass(frozen=True)
+class VllmEngine(Engine):
+    def server_args(self, *, model_id, model_tag, port, host, gpus, extra):
+        args = ["--model", model_id, "--served-model-name", model_tag, "--host", host, "--port", str(port)]
+        if gpus > 1 and not _has_flag(extra, "--tensor-parallel-size", "-tp"):
+            args += ["--tensor-parallel-size", str(gpus)]
+        return args + extra
+
+
+@dataclass(frozen=True)
+class SglangEngine(Engine):
+    def server_args(self, *, model_id, model_tag, port, host, gpus, extra):
+        args = ["--model-path", model_id, "--served-model-name", model_tag, "--host", host, "--port", str(port)]
+        if gpus > 1 and not _has_flag(extra, "--tp", "--tp-size"):
+            args += ["--tp", str(gpus)]
+        return args + extra
+
+
+@dataclass(frozen=True)
+class TransformersEngine(Engine):
+    def server_args(self, *, model_id, model_tag, port, host, gpus, extra):
+        device = [] if _has_flag(extra, "--device") else ["--device", "cuda" if gpus else "cpu"]
+        return ["serve", model_id, *device, "--host", host, "--port", str(port), *extra]
+
+    def launch(self, *, model_id, model_tag, port, host, gpus, extra, replica):
+        spec = super().launch(
+            model_id=model_id, model_tag=model_tag, port=port, host=host, gpus=gpus, extra=extra, replica=replica
+        )
+        env = dict(spec.env)
+        if Path(model_id).exists():
+            # A local directory needs no hub; offline mode makes any hub lookup fail fast instead of hang.
+            env["HF_HUB_OFFLINE"] = "1"
+        # `transformers serve` answers /v1/models by scanning the hub cache, which must exist.
+        cache = os.environ.get("HF_HUB_CACHE") or str(Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub")
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        return LaunchSpec(argv=spec.argv, env=env)
+
+
+@dataclass(frozen=True)
+class SimulatorEngine(Engine):
+    def server_args(self, *, model_id, model_tag, port, host, gpus, extra):
+        return ["--model", model_tag, "--host", host, "--port", str(port), *extra]
+
+
+register(VllmEngine("vllm", module="vllm.entrypoints.openai.api_server", needs_gpu=True, description="vLLM"))
+register(SglangEngine("sglang", module="sglang.launch_server", needs_gpu=True, description="SGLang"))
+register(TransformersEngine("transformers", module=None, executable="transformers", description="transformers serve (CPU-capable)"))
+register(
+    SimulatorEngine(
+        "simulator",
+        module="corral.engines.simulator",
+        is_simulator=True,
+        description="Corral's simulator: OpenAI-compatible, configurable TTFT and tokens/s; no model is run",
+    )
+)

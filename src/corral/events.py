@@ -1,0 +1,36 @@
+"""In-process event bus: every change is published once and fanned out to WebSocket subscribers.
+
+Bounded queues: a slow subscriber loses its oldest messages rather than slowing the control plane
+(it can always re-read state from the REST API).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any
+
+QUEUE_SIZE = 1000
+
+
+class EventBus:
+    def __init__(self) -> None:
+        self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+
+    def publish(self, type_: str, data: dict[str, Any]) -> None:
+        message = {"type": type_, "data": data, "timestamp": datetime.now(timezone.utc).isoformat()}
+        for queue in self._subscribers:
+            if queue.full():
+                queue.get_nowait()
+            queue.put_nowait(message)
+
+    @contextmanager
+    def subscribe(self) -> Iterator[asyncio.Queue[dict[str, Any]]]:
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(QUEUE_SIZE)
+        self._subscribers.add(queue)
+        try:
+            yield queue
+        finally:
+            self._subscribers.discard(queue)

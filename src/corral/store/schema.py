@@ -1,0 +1,69 @@
+"""Tables. JSON columns hold label maps and argument lists, exactly as the API shows them."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class DeploymentRow(Base):
+    __tablename__ = "deployments"
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    engine: Mapped[str] = mapped_column(String(32))
+    model_id: Mapped[str] = mapped_column(Text)
+    model_tag: Mapped[str] = mapped_column(String(63), index=True)
+    is_pool: Mapped[bool] = mapped_column(Boolean)
+    replicas: Mapped[int] = mapped_column(Integer)
+    gpus_per_replica: Mapped[int] = mapped_column(Integer, default=0)
+    engine_args: Mapped[list] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ReplicaRow(Base):
+    __tablename__ = "replicas"
+    name: Mapped[str] = mapped_column(String(80), primary_key=True)
+    deployment: Mapped[str] = mapped_column(ForeignKey("deployments.name"), index=True)
+    labels: Mapped[dict] = mapped_column(JSON)
+    port: Mapped[int] = mapped_column(Integer)
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # The process start time (from /proc) tells our process from a later one that reused its pid.
+    pid_start: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    phase: Mapped[str] = mapped_column(String(32))
+    ready: Mapped[bool] = mapped_column(Boolean, default=False)
+    restarts: Mapped[int] = mapped_column(Integer, default=0)
+    gpu_ids: Mapped[list] = mapped_column(JSON, default=list)
+    log_path: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ServiceRow(Base):
+    __tablename__ = "services"
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    model: Mapped[str] = mapped_column(String(63), index=True)
+    selector: Mapped[dict] = mapped_column(JSON)
+    labels: Mapped[dict] = mapped_column(JSON)
+    is_external: Mapped[bool] = mapped_column(Boolean, default=False)
+    deployment: Mapped[str | None] = mapped_column(String(63), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class HistoryRow(Base):
+    __tablename__ = "history"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    timestamp: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    action: Mapped[str] = mapped_column(String(32), index=True)
+    target: Mapped[str] = mapped_column(String(80), index=True)
+    before: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    after: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    outcome: Mapped[str] = mapped_column(String(16))
+    message: Mapped[str] = mapped_column(Text, default="")

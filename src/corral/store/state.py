@@ -1,0 +1,252 @@
+"""The state store: short transactions over SQLite in WAL mode, returning domain values.
+
+One writer at a time is all a control plane needs; WAL lets readers (the API, the CLI through
+the API) run beside it, and every multi-row change (a deploy, a distribution) is one transaction,
+so a crash never leaves half of it behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from corral.domain import labels as L
+from corral.domain.models import Deployment, Pod, PodPhase, Service
+from corral.store.schema import Base, DeploymentRow, HistoryRow, ReplicaRow, ServiceRow
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite returns naive datetimes; everything Corral stores is UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+@dataclass(frozen=True)
+class ReplicaRecord:
+    """A replica as the local backend keeps it: the pod plus its process."""
+
+    name: str
+    deployment: str
+    labels: Mapping[str, str]
+    port: int
+    log_path: str
+    phase: PodPhase = PodPhase.PENDING
+    ready: bool = False
+    restarts: int = 0
+    pid: int | None = None
+    pid_start: str | None = None
+    gpu_ids: tuple[int, ...] = ()
+    created_at: datetime | None = None
+
+    def to_pod(self, host: str = "127.0.0.1") -> Pod:
+        return Pod(
+            name=self.name,
+            deployment=self.deployment,
+            labels=dict(self.labels),
+            phase=self.phase,
+            ready=self.ready,
+            endpoint=f"http://{host}:{self.port}",
+            restarts=self.restarts,
+            created_at=self.created_at,
+            gpu_ids=self.gpu_ids,
+        )
+
+    def replace(self, **changes: Any) -> ReplicaRecord:
+        return dataclasses.replace(self, **changes)
+
+
+def _deployment(row: DeploymentRow) -> Deployment:
+    return Deployment(
+        name=row.name, engine=row.engine, model_id=row.model_id, model_tag=row.model_tag, is_pool=row.is_pool,
+        replicas=row.replicas, gpus_per_replica=row.gpus_per_replica, engine_args=tuple(row.engine_args or ()),
+        created_at=_aware(row.created_at),
+    )
+
+
+def _replica(row: ReplicaRow) -> ReplicaRecord:
+    return ReplicaRecord(
+        name=row.name, deployment=row.deployment, labels=dict(row.labels), port=row.port, log_path=row.log_path,
+        phase=PodPhase(row.phase), ready=row.ready, restarts=row.restarts, pid=row.pid, pid_start=row.pid_start,
+        gpu_ids=tuple(row.gpu_ids or ()), created_at=_aware(row.created_at),
+    )
+
+
+def _service(row: ServiceRow) -> Service:
+    return Service(
+        name=row.name, model=row.model, selector=dict(row.selector), labels=dict(row.labels),
+        is_external=row.is_external, deployment=row.deployment, created_at=_aware(row.created_at),
+    )
+
+
+def _replica_columns(record: ReplicaRecord) -> dict[str, Any]:
+    return {
+        "name": record.name, "deployment": record.deployment, "labels": dict(record.labels), "port": record.port,
+        "pid": record.pid, "pid_start": record.pid_start, "phase": record.phase.value, "ready": record.ready,
+        "restarts": record.restarts, "gpu_ids": list(record.gpu_ids), "log_path": record.log_path,
+        "created_at": record.created_at or datetime.now(timezone.utc),
+    }
+
+
+class StateStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.engine = create_engine(f"sqlite:///{path}", connect_args={"check_same_thread": False})
+        event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def session(self) -> Session:
+        return self._session.begin()  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # deployments -------------------------------------------------------------------------------
+    def add_deployment(self, deployment: Deployment, replicas: Iterable[ReplicaRecord], service: Service | None) -> None:
+        """The deployment, its replicas and (for a standard deployment) its service, all or nothing."""
+        with self.session() as s:
+            s.add(DeploymentRow(
+                name=deployment.name, engine=deployment.engine, model_id=deployment.model_id,
+                model_tag=deployment.model_tag, is_pool=deployment.is_pool, replicas=deployment.replicas,
+                gpus_per_replica=deployment.gpus_per_replica, engine_args=list(deployment.engine_args),
+            ))
+            s.flush()
+            s.add_all(ReplicaRow(**_replica_columns(r)) for r in replicas)
+            if service is not None:
+                s.add(_service_row(service))
+
+    def get_deployment(self, name: str) -> Deployment | None:
+        with self.session() as s:
+            row = s.get(DeploymentRow, name)
+            return _deployment(row) if row else None
+
+    def list_deployments(self) -> list[Deployment]:
+        with self.session() as s:
+            return [_deployment(r) for r in s.scalars(select(DeploymentRow).order_by(DeploymentRow.name))]
+
+    def set_desired_replicas(self, name: str, replicas: int) -> None:
+        with self.session() as s:
+            s.get_one(DeploymentRow, name).replicas = replicas
+
+    def delete_deployment(self, name: str) -> None:
+        with self.session() as s:
+            for row in s.scalars(select(ReplicaRow).where(ReplicaRow.deployment == name)):
+                s.delete(row)
+            for row in s.scalars(select(ServiceRow).where(ServiceRow.deployment == name)):
+                if not row.labels.get(L.SERVICE_TYPE) == L.BUSINESS_SERVICE:
+                    s.delete(row)
+            s.delete(s.get_one(DeploymentRow, name))
+
+    # replicas ----------------------------------------------------------------------------------
+    def add_replica(self, record: ReplicaRecord) -> None:
+        with self.session() as s:
+            s.add(ReplicaRow(**_replica_columns(record)))
+
+    def save_replica(self, record: ReplicaRecord) -> None:
+        with self.session() as s:
+            s.merge(ReplicaRow(**_replica_columns(record)))
+
+    def update_replica(self, name: str, **columns: Any) -> None:
+        """Set only the given process columns, so a status update never overwrites a concurrent relabel."""
+        if "phase" in columns:
+            columns["phase"] = PodPhase(columns["phase"]).value
+        if "gpu_ids" in columns:
+            columns["gpu_ids"] = list(columns["gpu_ids"])
+        with self.session() as s:
+            row = s.get(ReplicaRow, name)
+            if row is None:  # deleted meanwhile: nothing to update
+                return
+            for key, value in columns.items():
+                setattr(row, key, value)
+
+    def delete_replica(self, name: str) -> None:
+        with self.session() as s:
+            row = s.get(ReplicaRow, name)
+            if row is not None:
+                s.delete(row)
+
+    def get_replica(self, name: str) -> ReplicaRecord | None:
+        with self.session() as s:
+            row = s.get(ReplicaRow, name)
+            return _replica(row) if row else None
+
+    def list_replicas(self, deployment: str | None = None) -> list[ReplicaRecord]:
+        query = select(ReplicaRow).order_by(ReplicaRow.name)
+        if deployment is not None:
+            query = query.where(ReplicaRow.deployment == deployment)
+        with self.session() as s:
+            return [_replica(r) for r in s.scalars(query)]
+
+    def set_businesses(self, businesses: Mapping[str, str]) -> None:
+        """Relabel several replicas in one transaction."""
+        with self.session() as s:
+            for name, business in businesses.items():
+                row = s.get_one(ReplicaRow, name)
+                row.labels = {**row.labels, L.BUSINESS: business}
+
+    # services ----------------------------------------------------------------------------------
+    def add_service(self, service: Service) -> None:
+        with self.session() as s:
+            s.add(_service_row(service))
+
+    def get_service(self, name: str) -> Service | None:
+        with self.session() as s:
+            row = s.get(ServiceRow, name)
+            return _service(row) if row else None
+
+    def list_services(self) -> list[Service]:
+        with self.session() as s:
+            return [_service(r) for r in s.scalars(select(ServiceRow).order_by(ServiceRow.name))]
+
+    def delete_service(self, name: str) -> None:
+        with self.session() as s:
+            s.delete(s.get_one(ServiceRow, name))
+
+    # history -----------------------------------------------------------------------------------
+    def record(
+        self, action: str, target: str, *, before: Any = None, after: Any = None, outcome: str = "success", message: str = ""
+    ) -> dict[str, Any]:
+        with self.session() as s:
+            row = HistoryRow(action=action, target=target, before=before, after=after, outcome=outcome, message=message)
+            s.add(row)
+            s.flush()
+            return _history(row)
+
+    def history(self, *, action: str | None = None, target: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        query = select(HistoryRow).order_by(HistoryRow.id.desc()).limit(limit)
+        if action:
+            query = query.where(HistoryRow.action == action)
+        if target:
+            query = query.where(HistoryRow.target == target)
+        with self.session() as s:
+            return [_history(r) for r in s.scalars(query)]
+
+
+def _service_row(service: Service) -> ServiceRow:
+    return ServiceRow(
+        name=service.name, model=service.model, selector=dict(service.selector), labels=dict(service.labels),
+        is_external=service.is_external, deployment=service.deployment,
+    )
+
+
+def _history(row: HistoryRow) -> dict[str, Any]:
+    return {
+        "id": row.id, "timestamp": _aware(row.timestamp).isoformat(), "action": row.action, "target": row.target,
+        "before": row.before, "after": row.after, "outcome": row.outcome, "message": row.message,
+    }
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

@@ -1,0 +1,133 @@
+"""A real `corral serve` process on a free port with its own data dir, driven over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class CorralServer:
+    """Start, stop and restart `corral serve`; replicas outlive it, as in production."""
+
+    def __init__(self, data_dir: Path, token: str | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.token = token
+        self.process: subprocess.Popen | None = None
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=60)
+
+    def start(self) -> None:
+        env = {**os.environ, "CORRAL_DATA_DIR": str(self.data_dir), "CORRAL_PORT": str(self.port),
+               "CORRAL_GATEWAY_PORT": str(free_port()), "CORRAL_STOP_GRACE_S": "5"}
+        if self.token:
+            env["CORRAL_API_TOKEN"] = self.token
+        log = open(self.data_dir / "serve.log", "ab")  # noqa: SIM115 (kept open for the child)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "corral.cli", "serve", "--log-level", "warning"], env=env, stdout=log, stderr=log
+        )
+        wait_for(self._healthy, timeout=30, what=f"corral serve on {self.url}")
+
+    def _healthy(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"corral serve exited: {(self.data_dir / 'serve.log').read_text()[-3000:]}")
+        try:
+            return self.http.get("/api/health").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=30)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def replica_pids(self) -> list[int]:
+        db = self.data_dir / "corral.db"
+        if not db.exists():
+            return []
+        with sqlite3.connect(db) as conn:
+            return [pid for (pid,) in conn.execute("SELECT pid FROM replicas WHERE pid IS NOT NULL")]
+
+    def kill_replicas(self) -> None:
+        for pid in self.replica_pids():
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    # API helpers ---------------------------------------------------------------------------------
+    def ok(self, method: str, path: str, **kwargs) -> dict | list:
+        response = self.http.request(method, path, **kwargs)
+        assert response.status_code < 300, f"{method} {path} → {response.status_code}: {response.text}"
+        return response.json()
+
+    def pods(self, deployment: str | None = None) -> list[dict]:
+        return self.ok("GET", "/api/pods", params={"deployment": deployment} if deployment else {})  # type: ignore[return-value]
+
+    def wait_ready(self, deployment: str, count: int, timeout: float = 60) -> list[dict]:
+        return wait_for(
+            lambda: (pods := self.pods(deployment)) and len(pods) == count and all(p["ready"] for p in pods) and pods,
+            timeout=timeout, what=f"{count} ready replicas of {deployment}",
+        )
+
+    def snapshot(self) -> str:
+        """Everything a bad request must not change."""
+        state = {
+            "deployments": self.ok("GET", "/api/deployments"),
+            "pods": [{k: p[k] for k in ("name", "labels", "deployment")} for p in self.pods()],
+            "services": self.ok("GET", "/api/business-services"),
+        }
+        for d in state["deployments"]:
+            d.pop("readyReplicas"), d.pop("currentReplicas")
+        for s in state["services"]:
+            s.pop("readyReplicas")
+        return json.dumps(state, sort_keys=True)
+
+
+@pytest.fixture
+def corral(tmp_path: Path) -> Iterator[CorralServer]:
+    server = CorralServer(tmp_path / "data")
+    server.data_dir.mkdir()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        server.kill_replicas()  # the safety net: replicas outlive the server by design
+
+
+SIM_ARGS = ["--ttft-ms", "5", "--tokens-per-second", "1000"]
+
+
+def deploy_sim_pool(server: CorralServer, tag: str = "qwen-06b", replicas: int = 4) -> str:
+    result = server.ok("POST", "/api/deploy", json={"engine": "simulator", "modelId": "sim", "modelTag": tag,
+                                                    "replicas": replicas, "deployAsPool": True, "engineArgs": SIM_ARGS})
+    name = result["deployment"]["name"]
+    server.wait_ready(name, replicas)
+    return name
