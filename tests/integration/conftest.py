@@ -74,6 +74,10 @@ class CorralServer:
         with sqlite3.connect(db) as conn:
             return [pid for (pid,) in conn.execute("SELECT pid FROM replicas WHERE pid IS NOT NULL")]
 
+    def replica_pid(self, name: str) -> int:
+        with sqlite3.connect(self.data_dir / "corral.db") as conn:
+            return conn.execute("SELECT pid FROM replicas WHERE name = ?", (name,)).fetchone()[0]
+
     def kill_replicas(self) -> None:
         for pid in self.replica_pids():
             try:
