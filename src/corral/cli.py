@@ -11,7 +11,14 @@ from typing import Any, NoReturn, Optional
 import httpx
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 app = typer.Typer(help="Corral: model pools assigned to business services, on your GPUs.", no_args_is_help=True)
@@ -31,18 +38,22 @@ class Client:
         self.url = url.rstrip("/")
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=120)
 
-    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+    def send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """The response of a successful request; anything else ends the command with its one-line reason."""
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             fail(f"cannot reach Corral at {self.url} ({exc.__class__.__name__}); is `corral serve` running?")
-        try:
-            body = response.json()
-        except ValueError:
-            body = {"error": response.text}
         if response.status_code >= 400:
-            fail(body.get("error", response.text) if isinstance(body, dict) else response.text)
-        return body
+            try:
+                body = response.json()
+            except ValueError:
+                body = None
+            fail(body["error"] if isinstance(body, dict) and "error" in body else f"HTTP {response.status_code}: {response.text}")
+        return response
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self.send(method, path, **kwargs).json()
 
 
 def fail(message: str) -> NoReturn:
@@ -119,18 +130,30 @@ def deploy(
 
 
 def wait_ready(client: Client, name: str, replicas: int, timeout: float) -> None:
+    """A progress bar of ready replicas; crash-looping ones are named, with how to read their logs."""
     deadline = time.monotonic() + timeout
-    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[note]}")]
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(f"{name}: replicas ready", total=replicas)
+        task = progress.add_task(f"{name}: replicas ready", total=replicas, note="")
         while True:
-            view = client.call("GET", f"/api/deployments/{name}")
-            progress.update(task, completed=view["readyReplicas"])
-            if view["readyReplicas"] >= replicas:
+            pods = client.call("GET", "/api/pods", params={"deployment": name})
+            ready = sum(p["ready"] for p in pods)
+            crashing = [p["name"] for p in pods if p["status"] == "CrashLoopBackOff" or p["restarts"]]
+            note = f"[yellow]restarting: {', '.join(crashing)} (corral logs POD)[/yellow]" if crashing else ""
+            progress.update(task, completed=ready, note=note)
+            if ready >= replicas:
                 return
             if time.monotonic() > deadline:
-                fail(f"{view['readyReplicas']}/{replicas} replicas ready after {timeout:.0f} s; see `corral pods` and the replica logs")
+                fail(f"{ready}/{replicas} replicas ready after {timeout:.0f} s; see `corral pods` and `corral logs POD`")
             time.sleep(0.5)
+
+
+@app.command()
+def logs(pod: str, tail: int = typer.Option(200, "--tail", "-n"), url: str = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+    """Print the last lines of a replica's engine output."""
+    text = Client(url, token).send("GET", f"/api/pods/{pod}/logs", params={"tail": tail}).text
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()

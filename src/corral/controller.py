@@ -51,8 +51,11 @@ class Controller:
         self._lock = asyncio.Lock()
 
     # views -----------------------------------------------------------------------------------
-    def deployment_view(self, deployment: Deployment, pods: list[Pod] | None = None) -> dict[str, Any]:
+    def deployment_view(
+        self, deployment: Deployment, pods: list[Pod] | None = None, services: list[Service] | None = None
+    ) -> dict[str, Any]:
         pods = self.backend.list_pods(deployment.name) if pods is None else pods
+        services = self.backend.list_services() if services is None else services
         engine = get_engine(deployment.engine)
         view: dict[str, Any] = {
             "name": deployment.name,
@@ -71,14 +74,14 @@ class Controller:
             "createdAt": deployment.created_at.isoformat() if deployment.created_at else None,
         }
         if deployment.is_pool:
-            distribution = pod_distribution(pods, businesses_of_model(self.backend.list_services(), deployment.model_tag))
+            distribution = pod_distribution(pods, businesses_of_model(services, deployment.model_tag))
             view |= {
                 "podDistribution": distribution,
                 "assignment": assignment_summary(distribution),
                 "availableForScaleDown": distribution[L.UNASSIGNED],
             }
         else:
-            view["service"] = next((s.name for s in self.backend.list_services() if s.deployment == deployment.name), None)
+            view["service"] = next((s.name for s in services if s.deployment == deployment.name), None)
         return view
 
     @staticmethod
@@ -98,8 +101,8 @@ class Controller:
             "createdAt": pod.created_at.isoformat() if pod.created_at else None,
         }
 
-    def service_view(self, service: Service) -> dict[str, Any]:
-        pods = [p for p in self.backend.list_pods() if service.selects(p)]
+    def service_view(self, service: Service, pods: list[Pod] | None = None) -> dict[str, Any]:
+        pods = [p for p in (self.backend.list_pods() if pods is None else pods) if service.selects(p)]
         return {
             "name": service.name,
             "displayName": service.display_name,
@@ -116,8 +119,11 @@ class Controller:
         }
 
     def list_deployments(self) -> list[dict[str, Any]]:
-        pods = self.backend.list_pods()
-        return [self.deployment_view(d, [p for p in pods if p.deployment == d.name]) for d in self.backend.list_deployments()]
+        pods_by_deployment: dict[str, list[Pod]] = {}
+        for pod in self.backend.list_pods():
+            pods_by_deployment.setdefault(pod.deployment, []).append(pod)
+        services = self.backend.list_services()
+        return [self.deployment_view(d, pods_by_deployment.get(d.name, []), services) for d in self.backend.list_deployments()]
 
     def get_deployment(self, name: str) -> dict[str, Any]:
         return self.deployment_view(self._deployment(name))
@@ -128,7 +134,8 @@ class Controller:
         return [self.pod_view(p) for p in self.backend.list_pods(deployment)]
 
     def list_business_services(self) -> list[dict[str, Any]]:
-        return [self.service_view(s) for s in self.backend.list_services() if s.is_business_service]
+        pods = self.backend.list_pods()
+        return [self.service_view(s, pods) for s in self.backend.list_services() if s.is_business_service]
 
     def pool_status(self, name: str) -> dict[str, Any]:
         deployment = self._pool(name)

@@ -45,6 +45,9 @@ def test_cli_drives_the_whole_flow(corral: CorralServer) -> None:
     assert "available for scale-down: 0" in status.stdout and "production" in status.stdout
     assert "Model Pool" in cli(corral.url, "deployments").stdout and "production(3)" in cli(corral.url, "deployments").stdout
     assert pool in cli(corral.url, "pods").stdout
+    assert "starting: [" in cli(corral.url, "logs", corral.pods(pool)[0]["name"], "--tail", "5").stdout
+    missing = cli(corral.url, "logs", "ghost")
+    assert missing.returncode == 1 and "pod 'ghost' not found" in missing.stderr
     history = cli(corral.url, "history", "--action", "scale")
     assert "refused" in history.stdout and "success" in history.stdout
 

@@ -12,7 +12,7 @@ import pytest
 from websockets.sync.client import connect
 
 from tests.conftest import wait_for
-from tests.integration.conftest import CorralServer, deploy_sim_pool
+from tests.integration.conftest import CorralServer
 
 POOL = "simulator-qwen-06b-pool"
 

@@ -60,7 +60,12 @@ def test_crashed_replica_is_restarted_with_its_name_and_business(corral: CorralS
     pod = wait_for(restarted, timeout=30, what="the crashed replica to be restarted and ready")
     assert pod["business"] == "production" and pod["labels"] == {**target["labels"], "business": "production"}
     history = corral.ok("GET", "/api/history", params={"target": target["name"]})
-    assert history[0]["after"] == {"business": "production"}
+    assert [h["action"] for h in history] == ["crash", "assign"]
+    assert history[0]["outcome"] == "restarting" and "process exited (code -9); restart #1" in history[0]["message"]
+    # Its log shows both starts, through the API and the CLI.
+    log = corral.http.get(f"/api/pods/{target['name']}/logs", params={"tail": 50}).text
+    assert log.count("starting: [") == 2 and "corral.engines.simulator" in log
+    assert corral.http.get("/api/pods/ghost/logs").status_code == 404
 
 
 def _is_zombie(pid: int) -> bool:

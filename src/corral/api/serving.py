@@ -5,10 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request, status
+from fastapi.responses import PlainTextResponse
 
 from corral.api.auth import require_token
-from corral.api.schemas import AssignPodRequest, DeployRequest, DeployServiceRequest, DistributePodsRequest, ScaleRequest
+from corral.api.schemas import (
+    AssignPodRequest,
+    DeployRequest,
+    DeployServiceRequest,
+    DistributePodsRequest,
+    ScaleRequest,
+)
 from corral.controller import Controller, DeploySpec
+from corral.domain.errors import NotFound
 
 router = APIRouter(prefix="/api", tags=["serving"])
 mutating = [Depends(require_token)]
@@ -48,6 +56,15 @@ async def delete_deployment(name: str, request: Request, force: bool = False) ->
 @router.get("/pods")
 async def pods(request: Request, deployment: str | None = None) -> list[dict[str, Any]]:
     return controller(request).list_pods(deployment)
+
+
+@router.get("/pods/{name}/logs", response_class=PlainTextResponse)
+async def pod_logs(name: str, request: Request, tail: int = Query(default=200, ge=1, le=10000)) -> str:
+    """The last lines of a replica's engine output (why is it not ready? why did it crash?)."""
+    text = request.app.state.backend.pod_logs(name, tail)
+    if text is None:
+        raise NotFound(f"pod '{name}' not found; list pods with GET /api/pods")
+    return text
 
 
 @router.post("/deploy-service", dependencies=mutating, status_code=status.HTTP_201_CREATED)

@@ -67,5 +67,9 @@ class Backend(ABC):
     async def delete_service(self, name: str) -> None: ...
 
     @abstractmethod
+    def pod_logs(self, name: str, tail: int) -> str | None:
+        """The last `tail` lines of a replica's output, or None if there is no such replica."""
+
+    @abstractmethod
     def write_manifests(self, name: str, documents: list[dict]) -> str:
         """Keep the generated manifests (spec 01: a `deployments/` directory); return the path."""

@@ -4,6 +4,6 @@ An engine only builds argument lists (never a shell string), so user input such 
 or a model path can never be interpreted by a shell.
 """
 
-from corral.engines.base import Engine, LaunchSpec, get_engine, engine_names
+from corral.engines.base import Engine, LaunchSpec, engine_names, get_engine
 
 __all__ = ["Engine", "LaunchSpec", "get_engine", "engine_names"]

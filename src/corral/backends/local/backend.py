@@ -106,6 +106,12 @@ class LocalBackend(Backend):
     async def delete_service(self, name: str) -> None:
         self.store.delete_service(name)
 
+    def pod_logs(self, name: str, tail: int) -> str | None:
+        record = self.store.get_replica(name)
+        if record is None:
+            return None
+        return process.tail_lines(Path(record.log_path), tail)
+
     def write_manifests(self, name: str, documents: list[dict]) -> str:
         self.settings.manifests_dir.mkdir(parents=True, exist_ok=True)
         path = self.settings.manifests_dir / f"{name}.yaml"

@@ -94,6 +94,28 @@ async def stop_group(pid: int | None, pid_start: str | None, handle: subprocess.
         await asyncio.sleep(0.02)
 
 
+def tail_lines(path: Path, count: int, chunk: int = 64 * 1024) -> str:
+    """The last `count` lines of a log file, reading only as much of its end as needed."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(0, os.SEEK_END)
+            size = log.tell()
+            data = b""
+            while size > 0 and data.count(b"\n") <= count:
+                step = min(chunk, size)
+                size -= step
+                log.seek(size)
+                data = log.read(step) + data
+    except FileNotFoundError:
+        return ""
+    return b"\n".join(data.splitlines()[-count:]).decode(errors="replace")
+
+
+def exit_code(handle: subprocess.Popen | None) -> int | None:
+    """The exit status of our own child; None for a re-adopted process (not our child)."""
+    return handle.poll() if handle is not None else None
+
+
 def _signal_group(pid: int, sig: signal.Signals) -> None:
     try:
         os.killpg(pid, sig)

@@ -142,7 +142,12 @@ class ReplicaSupervisor:
             delay = min(self.settings.restart_backoff_max_s, 2.0**failures)
             self._failures[record.name] = failures + 1
             self._restart_at[record.name] = now + delay
-            log.warning("replica %s exited; restarting in %.0f s", record.name, delay)
+            code = process.exit_code(self._handles.get(record.name))
+            reason = f"process exited (code {code})" if code is not None else "process exited"
+            log.warning("replica %s: %s; restarting in %.0f s", record.name, reason, delay)
+            self.store.record("crash", record.name, before={"phase": record.phase.value}, after={"phase": PodPhase.CRASH_LOOP.value},
+                              outcome="restarting", message=f"{reason}; restart #{record.restarts + 1} in {delay:.0f} s; "
+                              f"log: {record.log_path}")
             self.store.update_replica(record.name, phase=PodPhase.CRASH_LOOP, ready=False)
             self._publish(record.replace(phase=PodPhase.CRASH_LOOP, ready=False))
         elif now >= self._restart_at.get(record.name, 0.0):
