@@ -26,6 +26,8 @@ class DeploymentRow(Base):
     replicas: Mapped[int] = mapped_column(Integer)
     gpus_per_replica: Mapped[int] = mapped_column(Integer, default=0)
     engine_args: Mapped[list] = mapped_column(JSON, default=list)
+    # Set before a deletion starts; a control plane that crashed half-way finishes it on start.
+    deleting: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

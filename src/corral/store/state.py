@@ -124,17 +124,33 @@ class StateStore:
                 s.add(_service_row(service))
 
     def get_deployment(self, name: str) -> Deployment | None:
+        """A deployment being deleted is gone already, as far as readers are concerned."""
         with self.session() as s:
             row = s.get(DeploymentRow, name)
-            return _deployment(row) if row else None
+            return _deployment(row) if row and not row.deleting else None
 
     def list_deployments(self) -> list[Deployment]:
+        query = select(DeploymentRow).where(DeploymentRow.deleting.is_(False)).order_by(DeploymentRow.name)
         with self.session() as s:
-            return [_deployment(r) for r in s.scalars(select(DeploymentRow).order_by(DeploymentRow.name))]
+            return [_deployment(r) for r in s.scalars(query)]
+
+    def deployments_being_deleted(self) -> list[str]:
+        with self.session() as s:
+            return list(s.scalars(select(DeploymentRow.name).where(DeploymentRow.deleting.is_(True))))
+
+    def mark_deleting(self, name: str) -> None:
+        with self.session() as s:
+            s.get_one(DeploymentRow, name).deleting = True
 
     def set_desired_replicas(self, name: str, replicas: int) -> None:
         with self.session() as s:
             s.get_one(DeploymentRow, name).replicas = replicas
+
+    def sync_desired_replicas(self) -> None:
+        """Make each deployment's desired count the replicas it has (finishes a scale cut off half-way)."""
+        with self.session() as s:
+            for row in s.scalars(select(DeploymentRow)):
+                row.replicas = len(list(s.scalars(select(ReplicaRow.name).where(ReplicaRow.deployment == row.name))))
 
     def delete_deployment(self, name: str) -> None:
         with self.session() as s:

@@ -38,6 +38,9 @@ class LocalBackend(Backend):
 
     async def start(self) -> None:
         await self.supervisor.recover()
+        for name in self.store.deployments_being_deleted():
+            await self.delete_deployment(name)
+        self.store.sync_desired_replicas()
         self.supervisor.start()
 
     async def close(self) -> None:
@@ -75,6 +78,7 @@ class LocalBackend(Backend):
             raise
 
     async def delete_deployment(self, name: str) -> None:
+        self.store.mark_deleting(name)
         await self._stop_all(self.store.list_replicas(name))
         self.store.delete_deployment(name)
 
