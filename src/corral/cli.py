@@ -84,11 +84,10 @@ def serve(
     """Run the control plane (API at /api, docs at /docs, events at /ws)."""
     import logging
 
-    import uvicorn
     from pydantic import ValidationError
 
-    from corral.api.app import create_app
     from corral.config import Settings
+    from corral.server import run
 
     flags = {"data_dir": data_dir, "host": host, "port": port, "gateway_port": gateway_port,
              "api_token": api_token, "backend": backend}
@@ -100,7 +99,8 @@ def serve(
     url = f"http://{settings.host}:{settings.port}"
     console.print(f"Corral {settings.backend} backend, data in {settings.data_dir.resolve()}")
     console.print(f"Corral is running at [bold]{url}[/bold]  (API docs: {url}/docs)", highlight=False)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
+    console.print(f"Business services at http://{settings.host}:{settings.gateway_port}/s/<service>/v1", highlight=False)
+    run(settings, log_level)
 
 
 # deployments -----------------------------------------------------------------------------------
@@ -259,15 +259,15 @@ def service_create(
     """Create a business service selecting {model, business}."""
     body = {"serviceName": name, "modelPool": pool, "businessTag": business, "isExternal": external}
     result = Client(url, token).call("POST", "/api/deploy-service", json=body)
-    console.print(f"created {result['service']['name']} → {result['service']['selector']}")
+    console.print(f"created {result['service']['name']} → {result['service']['selector']}; base URL {result['service']['baseUrl']}")
 
 
 @service_app.command("list")
 def service_list(url: str = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
     """List business services."""
     rows = Client(url, token).call("GET", "/api/business-services")
-    _table("Business services", ["Name", "Business", "Model", "Type", "Replicas", "Ready"], [
-        [s["name"], s["businessTag"], s["modelName"], s["type"], s["replicas"], s["readyReplicas"]] for s in rows
+    _table("Business services", ["Name", "Business", "Model", "Type", "Replicas", "Ready", "Base URL"], [
+        [s["name"], s["businessTag"], s["modelName"], s["type"], s["replicas"], s["readyReplicas"], s["baseUrl"]] for s in rows
     ])
 
 

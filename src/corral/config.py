@@ -21,6 +21,12 @@ class Settings(BaseSettings):
     health_interval_s: float = Field(default=0.5, gt=0, description="replica supervision period")
     stop_grace_s: float = Field(default=10.0, ge=0, description="SIGTERM to SIGKILL grace when stopping a replica")
     restart_backoff_max_s: float = Field(default=30.0, gt=0, description="cap of the crash-restart back-off")
+    drain_timeout_s: float = Field(default=30.0, ge=0, description="how long a removed replica may finish in-flight requests")
+    gateway_policy: Literal["least-outstanding", "round-robin"] = Field(
+        default="least-outstanding", description="load-balancing policy of business services"
+    )
+    gateway_connect_timeout_s: float = Field(default=2.0, gt=0, description="a replica slower to accept is ejected")
+    gateway_read_timeout_s: float = Field(default=600.0, gt=0, description="longest silence from a replica mid-response")
 
     @property
     def database_path(self) -> Path:

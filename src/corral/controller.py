@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import shlex
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,10 +44,19 @@ class DeploySpec:
 
 
 class Controller:
-    def __init__(self, backend: Backend, store: StateStore, bus: EventBus) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        store: StateStore,
+        bus: EventBus,
+        base_url: Callable[[str], str | None] = lambda service: None,
+        traffic: Callable[[set[str]], dict[str, Any]] = lambda replicas: {},
+    ) -> None:
         self.backend = backend
         self.store = store
         self.bus = bus
+        self.base_url = base_url  # where a service's traffic goes (the gateway's URL for it)
+        self.traffic = traffic  # per-replica request counters from the data plane
         self._lock = asyncio.Lock()
 
     # views -----------------------------------------------------------------------------------
@@ -82,6 +91,7 @@ class Controller:
             }
         else:
             view["service"] = next((s.name for s in services if s.deployment == deployment.name), None)
+            view["baseUrl"] = self.base_url(view["service"]) if view["service"] else None
         return view
 
     @staticmethod
@@ -109,6 +119,7 @@ class Controller:
             "businessTag": service.business,
             "modelName": service.model,
             "modelPool": service.deployment,
+            "baseUrl": self.base_url(service.name),
             "isExternal": service.is_external,
             "type": "LoadBalancer" if service.is_external else "ClusterIP",
             "selector": dict(service.selector),
@@ -140,7 +151,8 @@ class Controller:
     def pool_status(self, name: str) -> dict[str, Any]:
         deployment = self._pool(name)
         pods = self.backend.list_pods(name)
-        return pool_status(name, deployment.model_tag, pods, businesses_of_model(self.backend.list_services(), deployment.model_tag))
+        status = pool_status(name, deployment.model_tag, pods, businesses_of_model(self.backend.list_services(), deployment.model_tag))
+        return status | {"traffic": self.traffic({p.name for p in pods})}
 
     # deployments -----------------------------------------------------------------------------
     async def deploy(self, spec: DeploySpec) -> dict[str, Any]:
@@ -191,7 +203,7 @@ class Controller:
                     f"pool '{name}' still serves businesses ({assignment_summary(assigned)}); "
                     "unassign its pods first or delete with force=true"
                 )
-            await self.backend.delete_deployment(name)
+            await self.backend.delete_deployment(name)  # out of service now; replicas drain in the background
             self.store.record("delete", name, before=_brief(view), message="deployment deleted")
             self.bus.publish("deployment", {"action": "deleted", "name": name})
         return {"success": True, "deleted": name}
@@ -310,7 +322,7 @@ class Controller:
                 refusal.details.update(success=False, currentReplicas=len(pods), targetReplicas=target, unassignedPods=unassigned)
                 raise
             added = await self.backend.add_replicas(name, plan.add) if plan.add else []
-            if plan.remove:
+            if plan.remove:  # out of service now; they drain and stop in the background
                 await self.backend.remove_replicas(name, list(plan.remove))
             self.store.record("scale", name, before={"replicas": plan.current}, after={"replicas": plan.target},
                               message=f"added {len(added)}, removed {len(plan.remove)}" + (f": {', '.join(plan.remove)}" if plan.remove else ""))

@@ -33,6 +33,8 @@ class CorralServer:
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.gateway_port = free_port()
+        self.gateway_url = f"http://127.0.0.1:{self.gateway_port}"
         self.token = token
         self.process: subprocess.Popen | None = None
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -40,7 +42,7 @@ class CorralServer:
 
     def start(self) -> None:
         env = {**os.environ, "CORRAL_DATA_DIR": str(self.data_dir), "CORRAL_PORT": str(self.port),
-               "CORRAL_GATEWAY_PORT": str(free_port()), "CORRAL_STOP_GRACE_S": "5"}
+               "CORRAL_GATEWAY_PORT": str(self.gateway_port), "CORRAL_STOP_GRACE_S": "5"}
         if self.token:
             env["CORRAL_API_TOKEN"] = self.token
         log = open(self.data_dir / "serve.log", "ab")  # noqa: SIM115 (kept open for the child)

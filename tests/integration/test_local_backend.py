@@ -28,8 +28,8 @@ class Plane:
 
     async def close(self, stop_replicas: bool = True) -> None:
         if stop_replicas:
-            for name in [*self.store.deployments_being_deleted(), *(d.name for d in self.backend.list_deployments())]:
-                await self.backend.delete_deployment(name)
+            for name in [d.name for d in self.backend.list_deployments()]:
+                await (await self.backend.delete_deployment(name))
         await self.backend.close()
         self.store.close()
 
@@ -65,8 +65,9 @@ async def test_gpus_are_whole_devices_never_shared(plane: Plane) -> None:
     with pytest.raises(Conflict, match="only 0 of 3"):
         await plane.controller.scale(pool, 4, pool_endpoint=True)
     assert len(plane.backend.list_pods(pool)) == 3
-    # A removed replica's GPU is free again.
+    # A removed replica's GPU is free again once its process has stopped.
     await plane.controller.scale(pool, 2, pool_endpoint=True)
+    await wait_for_async(lambda: len(plane.store.list_replicas(pool)) == 2, what="the removed replica to stop")
     await plane.controller.scale(pool, 3, pool_endpoint=True)
     assert sorted(g for r in plane.store.list_replicas(pool) for g in r.gpu_ids) == [0, 1, 2]
 

@@ -61,6 +61,6 @@ async def test_failed_distribution_rolls_back(tmp_path) -> None:
         assert len(done["moves"]) == 4
     finally:
         for deployment in backend.list_deployments():
-            await backend.delete_deployment(deployment.name)
+            await (await backend.delete_deployment(deployment.name))
         await backend.close()
         store.close()

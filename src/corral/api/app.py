@@ -1,49 +1,39 @@
-"""The FastAPI application: wires settings, store, event bus, backend and controller together."""
+"""The FastAPI application (API at /api, OpenAPI docs at /docs, events at /ws) over a Runtime."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 import corral
 from corral.api import events, serving
-from corral.backends.base import Backend
-from corral.backends.local import LocalBackend
 from corral.config import Settings
-from corral.controller import Controller
 from corral.domain.errors import CorralError
 from corral.engines import engine_names, get_engine
-from corral.events import EventBus
-from corral.store.state import StateStore
-
-log = logging.getLogger("corral")
+from corral.runtime import Runtime
 
 
-def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:
-    settings = settings or Settings()
+def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
+    """The API app. It starts and closes the runtime (created from `settings` unless given)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        store = StateStore(settings.database_path)
-        bus = EventBus()
-        chosen = backend or LocalBackend(settings, store, bus.publish)
-        app.state.settings = settings
-        app.state.store = store
-        app.state.bus = bus
-        app.state.backend = chosen
-        app.state.controller = Controller(chosen, store, bus)
-        await chosen.start()
+        rt = runtime or Runtime(settings or Settings())
+        app.state.runtime = rt
+        app.state.settings = rt.settings
+        app.state.store = rt.store
+        app.state.bus = rt.bus
+        app.state.backend = rt.backend
+        app.state.controller = rt.controller
+        await rt.start()
         try:
             yield
         finally:
-            await chosen.close()
-            store.close()
+            await rt.close()
 
     app = FastAPI(
         title="Corral",
@@ -60,9 +50,23 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             "status": "ok",
             "version": corral.__version__,
             "backend": request.app.state.settings.backend,
+            "gatewayPolicy": request.app.state.settings.gateway_policy,
             "engines": [{"name": n, "isSimulator": get_engine(n).is_simulator, "description": get_engine(n).description}
                         for n in engine_names()],
         }
+
+    @app.get("/api/metrics", tags=["system"], response_class=PlainTextResponse)
+    async def metrics(request: Request) -> str:
+        """Prometheus text: gateway requests, errors, in-flight and latency per service and replica; pods per business."""
+        rt: Runtime = request.app.state.runtime
+        lines = ["# HELP corral_pool_pods Pods of a deployment per business and readiness.", "# TYPE corral_pool_pods gauge"]
+        counts: dict[tuple[str, str, bool], int] = {}
+        for pod in rt.backend.list_pods():
+            key = (pod.deployment, pod.business or "N/A", pod.ready)
+            counts[key] = counts.get(key, 0) + 1
+        lines += [f'corral_pool_pods{{deployment="{d}",business="{b}",ready="{str(r).lower()}"}} {n}'
+                  for (d, b, r), n in sorted(counts.items())]
+        return "\n".join(lines) + "\n" + rt.gateway.stats.prometheus()
 
     @app.exception_handler(CorralError)
     async def corral_error(_: Request, exc: CorralError) -> JSONResponse:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from corral.domain.models import Deployment, Pod, Service
@@ -13,6 +13,10 @@ EventSink = Callable[[str, dict[str, Any]], None]
 
 class Backend(ABC):
     """Carries out validated changes. Reads are cheap (a database or an informer cache)."""
+
+    def set_drain(self, drain: Callable[[str, float], Awaitable[None]]) -> None:  # noqa: B027 (optional hook)
+        """Give the backend the data plane's drain: a removed replica is stopped only once it is idle.
+        A backend whose data plane drains by itself (Kubernetes: endpoints + grace period) ignores it."""
 
     @abstractmethod
     async def start(self) -> None:
@@ -47,14 +51,16 @@ class Backend(ABC):
         """Create the deployment with `deployment.replicas` new replicas (and a standard deployment's service)."""
 
     @abstractmethod
-    async def delete_deployment(self, name: str) -> None: ...
+    async def delete_deployment(self, name: str) -> Awaitable[None]:
+        """Take the deployment out of service now; the returned awaitable ends once its replicas are gone."""
 
     @abstractmethod
     async def add_replicas(self, deployment: str, count: int) -> list[Pod]: ...
 
     @abstractmethod
-    async def remove_replicas(self, deployment: str, pods: list[str]) -> None:
-        """Remove exactly these replicas (the pool-safe path depends on it)."""
+    async def remove_replicas(self, deployment: str, pods: list[str]) -> Awaitable[None]:
+        """Remove exactly these replicas (the pool-safe path depends on it): out of service at once,
+        drained and stopped by the time the returned awaitable ends."""
 
     @abstractmethod
     async def set_businesses(self, businesses: Mapping[str, str]) -> None:

@@ -36,10 +36,13 @@ class LocalBackend(Backend):
         self.gpu_ids = [g.index for g in detect_gpus()] if gpu_ids is None else gpu_ids
         self.supervisor = ReplicaSupervisor(settings, store, emit)
 
+    def set_drain(self, drain) -> None:  # type: ignore[no-untyped-def]
+        self.supervisor.drain = drain
+
     async def start(self) -> None:
         await self.supervisor.recover()
         for name in self.store.deployments_being_deleted():
-            await self.delete_deployment(name)
+            await (await self.delete_deployment(name))
         self.store.sync_desired_replicas()
         self.supervisor.start()
 
@@ -69,18 +72,20 @@ class LocalBackend(Backend):
     # writes ----------------------------------------------------------------------------------
     async def create_deployment(self, deployment: Deployment, service: Service | None) -> list[Pod]:
         get_engine(deployment.engine).check_installed()
+        if deployment.name in self.store.deployments_being_deleted():
+            raise Conflict(f"deployment '{deployment.name}' is still being deleted; try again once its replicas have stopped")
         records = self._new_records(deployment, deployment.replicas)
         self.store.add_deployment(deployment, records, service)
         try:
             return self._launch_all(records)
         except Conflict:
-            await self.delete_deployment(deployment.name)
+            await (await self.delete_deployment(deployment.name))
             raise
 
-    async def delete_deployment(self, name: str) -> None:
+    async def delete_deployment(self, name: str) -> asyncio.Task:
+        """Gone for readers at once; replicas drain and stop in the background, then the rows go."""
         self.store.mark_deleting(name)
-        await self._stop_all(self.store.list_replicas(name))
-        self.store.delete_deployment(name)
+        return self.supervisor.retire(self.store.list_replicas(name), then=lambda: self.store.delete_deployment(name))
 
     async def add_replicas(self, deployment: str, count: int) -> list[Pod]:
         spec = self.store.get_deployment(deployment)
@@ -92,14 +97,14 @@ class LocalBackend(Backend):
         try:
             return self._launch_all(records)
         except Conflict:
-            await self.remove_replicas(deployment, [r.name for r in records])
+            await (await self.remove_replicas(deployment, [r.name for r in records]))
             raise
 
-    async def remove_replicas(self, deployment: str, pods: list[str]) -> None:
+    async def remove_replicas(self, deployment: str, pods: list[str]) -> asyncio.Task:
         records = [r for r in self.store.list_replicas(deployment) if r.name in set(pods)]
         remaining = len(self.store.list_replicas(deployment)) - len(records)
         self.store.set_desired_replicas(deployment, remaining)
-        await self._stop_all(records)
+        return self.supervisor.retire(records)
 
     async def set_businesses(self, businesses: Mapping[str, str]) -> None:
         self.store.set_businesses(businesses)
@@ -151,9 +156,6 @@ class LocalBackend(Backend):
             return [self.supervisor.launch(r).to_pod() for r in records]
         except OSError as exc:  # e.g. the engine executable vanished: leave nothing half-created
             raise Conflict(f"could not start replica process: {exc}") from exc
-
-    async def _stop_all(self, records: list[ReplicaRecord]) -> None:
-        await asyncio.gather(*(self.supervisor.stop(r) for r in records))
 
 
 def _replica_name(deployment: str, taken: set[str]) -> str:

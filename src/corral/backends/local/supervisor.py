@@ -14,6 +14,7 @@ import asyncio
 import logging
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -27,6 +28,8 @@ from corral.store.state import ReplicaRecord, StateStore
 
 log = logging.getLogger("corral.supervisor")
 
+Drain = Callable[[str, float], Awaitable[None]]
+
 
 class ReplicaSupervisor:
     def __init__(self, settings: Settings, store: StateStore, emit: EventSink) -> None:
@@ -39,6 +42,9 @@ class ReplicaSupervisor:
         self._stopping: set[str] = set()
         self._http = httpx.AsyncClient(timeout=2.0)
         self._task: asyncio.Task | None = None
+        self._retiring: set[asyncio.Task] = set()
+        # Waits until the data plane has no request in flight on a replica (set by the runtime).
+        self.drain: Drain | None = None
 
     # lifecycle -------------------------------------------------------------------------------
     async def recover(self) -> None:
@@ -56,12 +62,14 @@ class ReplicaSupervisor:
         self._task = asyncio.create_task(self._run(), name="replica-supervisor")
 
     async def close(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        # Retirements still draining are cut short: the next start finishes them (they are Terminating).
+        for task in [self._task, *self._retiring]:
+            if task:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
         await self._http.aclose()
 
     async def _run(self) -> None:
@@ -100,12 +108,42 @@ class ReplicaSupervisor:
         self._publish(updated)
         return updated
 
+    def retire(self, records: list[ReplicaRecord], then: Callable[[], None] | None = None) -> asyncio.Task:
+        """Take replicas out of service now, and in the background let them drain, then stop them.
+
+        Marking them Terminating (one publish each) removes them from routing and listings before
+        this returns, so new requests never reach them; requests already in flight finish, bounded
+        by `drain_timeout_s`, before SIGTERM. `then` runs once all are stopped.
+        """
+        for record in records:
+            self._mark_terminating(record)
+
+        async def drain_and_stop() -> None:
+            await asyncio.gather(*(self._drain_and_stop(r) for r in records))
+            if then is not None:
+                then()
+
+        task = asyncio.create_task(drain_and_stop(), name=f"retire-{len(records)}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        return task
+
+    async def _drain_and_stop(self, record: ReplicaRecord) -> None:
+        if self.drain is not None:
+            await self.drain(record.name, self.settings.drain_timeout_s)
+        await self.stop(record)
+
+    def _mark_terminating(self, record: ReplicaRecord) -> None:
+        self._stopping.add(record.name)
+        self.store.update_replica(record.name, phase=PodPhase.TERMINATING, ready=False)
+        self._publish(record.replace(phase=PodPhase.TERMINATING, ready=False))
+
     async def stop(self, record: ReplicaRecord) -> None:
         """Stop the process (SIGTERM, then SIGKILL after the grace period) and forget the replica."""
         self._stopping.add(record.name)
         try:
-            self.store.update_replica(record.name, phase=PodPhase.TERMINATING, ready=False)
-            self._publish(record.replace(phase=PodPhase.TERMINATING, ready=False))
+            if record.phase != PodPhase.TERMINATING:
+                self._mark_terminating(record)
             await process.stop_group(record.pid, record.pid_start, self._handles.get(record.name), self.settings.stop_grace_s)
             self.store.delete_replica(record.name)
             self.emit("replica_status", {"name": record.name, "deployment": record.deployment, "phase": "Deleted", "ready": False})

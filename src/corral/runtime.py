@@ -1,0 +1,65 @@
+"""The running control plane: one store, one event bus, one backend, one gateway, one controller.
+
+The API server and the gateway server share this object in one process, so the routing table is
+updated in memory, synchronously, by the same event that announces a change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from corral.backends.base import Backend
+from corral.backends.local import LocalBackend
+from corral.config import Settings
+from corral.controller import Controller
+from corral.engines import get_engine
+from corral.events import EventBus
+from corral.gateway.policies import make_policy
+from corral.gateway.proxy import Gateway
+from corral.gateway.routing import build_routes
+from corral.store.state import StateStore
+
+
+class Runtime:
+    def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.settings = settings
+        self.store = StateStore(settings.database_path)
+        self.bus = EventBus()
+        self.backend = backend or LocalBackend(settings, self.store, self.bus.publish)
+        self.gateway = Gateway(
+            make_policy(settings.gateway_policy),
+            connect_timeout_s=settings.gateway_connect_timeout_s,
+            read_timeout_s=settings.gateway_read_timeout_s,
+            health_path=self._health_path,
+        )
+        self.backend.set_drain(self.gateway.drain)
+        self.controller = Controller(self.backend, self.store, self.bus, base_url=self.service_base_url,
+                                     traffic=self.gateway.stats.replica_summary)
+        self.bus.listen(self._on_event)
+
+    async def start(self) -> None:
+        await self.backend.start()
+        self.refresh_routes()
+        self.gateway.start()
+
+    async def close(self) -> None:
+        await self.gateway.close()
+        await self.backend.close()
+        self.store.close()
+
+    def service_base_url(self, service: str) -> str:
+        host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "::") else self.settings.host
+        return f"http://{host}:{self.settings.gateway_port}/s/{service}/v1"
+
+    def refresh_routes(self) -> None:
+        self.gateway.set_table(build_routes(self.backend.list_services(), self.backend.list_pods()))
+
+    def _on_event(self, type_: str, data: dict[str, Any]) -> None:
+        # Every event may change which replicas a service selects (labels, readiness, services).
+        self.refresh_routes()
+
+    def _health_path(self, replica: str) -> str:
+        pod = self.backend.get_pod(replica)
+        deployment = self.backend.get_deployment(pod.deployment) if pod else None
+        return get_engine(deployment.engine).health_path if deployment else "/health"

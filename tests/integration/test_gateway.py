@@ -1,0 +1,168 @@
+"""Business-service traffic through the gateway: only assigned replicas serve, changes apply at once,
+in-flight requests survive reassignment and scale-down, failures are ejected and retried."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from collections import Counter
+
+import httpx
+import pytest
+
+from corral.backends.local.process import process_start_time
+from tests.conftest import wait_for
+from tests.integration.conftest import CorralServer
+
+POOL = "simulator-qwen-06b-pool"
+CHAT = {"model": "qwen-06b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+@pytest.fixture
+def two_businesses(corral: CorralServer) -> CorralServer:
+    corral.ok("POST", "/api/deploy", json={"engine": "simulator", "modelId": "sim", "modelTag": "qwen-06b", "replicas": 5,
+                                           "deployAsPool": True, "engineArgs": "--ttft-ms 2 --tokens-per-second 2000"})
+    corral.wait_ready(POOL, 5)
+    for name, business in [("a", "production"), ("b", "testing")]:
+        corral.ok("POST", "/api/deploy-service", json={"serviceName": name, "modelPool": POOL, "businessTag": business})
+    corral.ok("POST", "/api/distribute-pods", json={"deploymentName": POOL, "counts": {"production": 2, "testing": 2}})
+    return corral
+
+
+def served_by(corral: CorralServer, service: str, n: int = 40, path: str = "/chat/completions") -> Counter:
+    replicas: Counter = Counter()
+    with httpx.Client(base_url=f"{corral.gateway_url}/s/{service}/v1", timeout=30) as client:
+        for _ in range(n):
+            response = client.post(path, json=CHAT)
+            assert response.status_code == 200, response.text
+            replica = response.headers["x-corral-replica"]
+            assert response.json()["system_fingerprint"] == f"corral-simulator:{replica}"  # the header tells the truth
+            replicas[replica] += 1
+    return replicas
+
+
+def members(corral: CorralServer, business: str) -> set[str]:
+    return {p["name"] for p in corral.pods(POOL) if p["business"] == business}
+
+
+def test_traffic_reaches_only_the_assigned_replicas_and_follows_reassignment(two_businesses: CorralServer) -> None:
+    corral = two_businesses
+    services = {s["name"]: s for s in corral.ok("GET", "/api/business-services")}
+    assert services["a-nlb"]["baseUrl"] == f"{corral.gateway_url}/s/a-nlb/v1"
+
+    production, testing = members(corral, "production"), members(corral, "testing")
+    seen_a, seen_b = served_by(corral, "a-nlb"), served_by(corral, "b-nlb")
+    assert set(seen_a) == production and set(seen_b) == testing  # only, and every one of them (least outstanding, random ties)
+
+    # Move one replica from A to B: the very next requests follow.
+    moved = sorted(production)[0]
+    corral.ok("POST", "/api/assign-pod", json={"podName": moved, "businessTag": "testing", "modelName": "qwen-06b"})
+    assert set(served_by(corral, "a-nlb")) == production - {moved}
+    assert set(served_by(corral, "b-nlb", n=60)) == testing | {moved}
+
+    # The other endpoints pass through too; the engine's own /v1/models answers.
+    models = httpx.get(f"{corral.gateway_url}/s/a-nlb/v1/models")
+    assert models.status_code == 200 and models.json()["data"][0]["id"] == "qwen-06b"
+    assert models.headers["x-corral-replica"] in production
+
+    # Counters per service and replica, in Prometheus text and in the pool status.
+    metrics = corral.http.get("/api/metrics").text
+    assert f'corral_gateway_requests_total{{service="a-nlb",replica="{moved}"}} ' in metrics
+    assert 'corral_pool_pods{deployment="simulator-qwen-06b-pool",business="testing",ready="true"} 3' in metrics
+    traffic = corral.ok("GET", f"/api/pool-status/{POOL}")["traffic"]
+    assert traffic[moved]["requests"] >= 40 and traffic[moved]["errors"] == 0
+
+
+def test_503_and_404_bodies(two_businesses: CorralServer) -> None:
+    corral = two_businesses
+    for pod in members(corral, "testing"):
+        corral.ok("POST", "/api/assign-pod", json={"podName": pod, "businessTag": "unassigned"})
+    empty = httpx.post(f"{corral.gateway_url}/s/b-nlb/v1/chat/completions", json=CHAT)
+    assert empty.status_code == 503
+    assert empty.json() == {"error": "no replica assigned to business 'testing' of model 'qwen-06b'"}
+    unknown = httpx.post(f"{corral.gateway_url}/s/nope-nlb/v1/chat/completions", json=CHAT)
+    assert unknown.status_code == 404 and unknown.json() == {"error": "service 'nope-nlb' not found"}
+    assert httpx.get(f"{corral.gateway_url}/elsewhere").status_code == 404
+
+
+def test_standard_deployment_service_is_reachable(corral: CorralServer) -> None:
+    deployed = corral.ok("POST", "/api/deploy", json={"engine": "simulator", "modelId": "sim", "modelTag": "llama-8b", "replicas": 2})
+    corral.wait_ready("simulator-llama-8b", 2)
+    base = deployed["deployment"]["baseUrl"]
+    assert base == f"{corral.gateway_url}/s/simulator-llama-8b/v1"
+    assert set(served_by(corral, "simulator-llama-8b", n=20)) == {p["name"] for p in corral.pods("simulator-llama-8b")}
+
+
+class Stream:
+    """A long streaming request in a thread; `first` is set once its first chunk arrived."""
+
+    def __init__(self, url: str, tokens: int) -> None:
+        self.first = threading.Event()
+        self.chunks: list[dict] = []
+        self.done = False
+        self.replica = ""
+        self.error: Exception | None = None
+        self._thread = threading.Thread(target=self._run, args=(url, tokens), daemon=True)
+        self._thread.start()
+
+    def _run(self, url: str, tokens: int) -> None:
+        try:
+            with httpx.stream("POST", url, json={**CHAT, "max_tokens": tokens, "stream": True}, timeout=60) as response:
+                self.replica = response.headers["x-corral-replica"]
+                for line in response.iter_lines():
+                    if line == "data: [DONE]":
+                        self.done = True
+                    elif line.startswith("data: "):
+                        self.chunks.append(json.loads(line[6:]))
+                        self.first.set()
+        except Exception as exc:  # reported by join()
+            self.error = exc
+            self.first.set()
+
+    def join(self) -> None:
+        self._thread.join(timeout=60)
+        assert self.error is None, self.error
+        assert self.done, "stream ended without [DONE]"
+
+
+def test_streams_in_flight_survive_reassignment_and_scale_down(two_businesses: CorralServer) -> None:
+    corral = two_businesses
+    # A slow stream: ~60 tokens at 40 tokens/s on a dedicated slow pool, served through business A.
+    corral.ok("POST", "/api/deploy", json={"engine": "simulator", "modelId": "sim", "modelTag": "slow", "replicas": 1,
+                                           "deployAsPool": True, "engineArgs": "--ttft-ms 1 --tokens-per-second 40"})
+    slow = corral.wait_ready("simulator-slow-pool", 1)[0]["name"]
+    corral.ok("POST", "/api/deploy-service", json={"serviceName": "slow-a", "modelPool": "simulator-slow-pool", "businessTag": "production"})
+    corral.ok("POST", "/api/assign-pod", json={"podName": slow, "businessTag": "production"})
+
+    stream = Stream(f"{corral.gateway_url}/s/slow-a-nlb/v1/chat/completions", tokens=60)
+    assert stream.first.wait(10) and stream.replica == slow
+    # Mid-stream: unassign it (new requests now get 503) and scale its pool down to 0, which removes it.
+    corral.ok("POST", "/api/assign-pod", json={"podName": slow, "businessTag": "unassigned"})
+    assert httpx.post(f"{corral.gateway_url}/s/slow-a-nlb/v1/chat/completions", json=CHAT).status_code == 503
+    down = corral.ok("POST", "/api/scale-pool-deployment", json={"deploymentName": "simulator-slow-pool", "targetReplicas": 0})
+    assert down["removed"] == [slow]
+    pid = corral.replica_pid(slow)
+    assert process_start_time(pid) is not None and not stream.done, "the replica drains before it stops"
+    stream.join()
+    assert [c["choices"][0]["delta"]["content"].strip() for c in stream.chunks] == [f"tok{i}" for i in range(60)]
+    wait_for(lambda: process_start_time(pid) is None, what="the drained replica to stop")
+    history = corral.ok("GET", "/api/history", params={"action": "scale", "target": "simulator-slow-pool"})
+    assert history[0]["outcome"] == "success" and slow in history[0]["message"]
+
+
+def test_killed_replica_is_ejected_and_requests_succeed_on_the_others(two_businesses: CorralServer) -> None:
+    corral = two_businesses
+    production = members(corral, "production")
+    victim = sorted(production)[0]
+    os.killpg(corral.replica_pid(victim), signal.SIGKILL)
+    wait_for(lambda: process_start_time(corral.replica_pid(victim)) is None, what="the victim to die")
+    # Right away, before the supervisor notices: every request still succeeds (retried once on the other replica).
+    seen = served_by(corral, "a-nlb", n=30)
+    assert set(seen) == production - {victim}
+    metrics = corral.http.get("/api/metrics").text
+    assert f'corral_gateway_errors_total{{service="a-nlb",replica="{victim}"}} ' in metrics
+    # The supervisor restarts it; once healthy it is back in rotation, with its business.
+    wait_for(lambda: next(p for p in corral.pods(POOL) if p["name"] == victim)["ready"], timeout=30, what="the restart")
+    wait_for(lambda: victim in served_by(corral, "a-nlb", n=20), timeout=15, what="the victim back in rotation")
