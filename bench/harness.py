@@ -1,0 +1,150 @@
+"""Shared benchmark plumbing: a real `corral serve`, simulator pools, nginx and vllm-router beside it.
+
+Everything runs on loopback, bounded in time, and is torn down at the end (also on Ctrl+C).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str):  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except (httpx.HTTPError, OSError):
+            value = None
+        if value:
+            return value
+        time.sleep(0.1)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+class Corral:
+    """`corral serve` in a temporary data dir, driven over its API."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="corral-bench-"))
+        self.port, self.gateway_port = free_port(), free_port()
+        self.url, self.gateway = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.gateway_port}"
+        env = {**os.environ, "CORRAL_DATA_DIR": str(self.dir), "CORRAL_PORT": str(self.port),
+               "CORRAL_GATEWAY_PORT": str(self.gateway_port), "CORRAL_STOP_GRACE_S": "3", "CORRAL_DRAIN_TIMEOUT_S": "30"}
+        self.log = open(self.dir / "serve.log", "wb")  # noqa: SIM115
+        self.process = subprocess.Popen([sys.executable, "-m", "corral.cli", "serve", "--log-level", "warning"],
+                                        env=env, stdout=self.log, stderr=self.log)
+        self.http = httpx.Client(base_url=self.url, timeout=60)
+        wait_until(lambda: self.http.get("/api/health").status_code == 200, 30, "corral serve")
+
+    def api(self, method: str, path: str, **kwargs):  # noqa: ANN201
+        response = self.http.request(method, path, **kwargs)
+        if response.status_code >= 300:
+            raise RuntimeError(f"{method} {path}: {response.status_code} {response.text}")
+        return response.json()
+
+    def pool(self, tag: str, replicas: int, engine_args: str) -> str:
+        name = self.api("POST", "/api/deploy", json={"engine": "simulator", "modelId": "sim", "modelTag": tag, "replicas": replicas,
+                                                     "deployAsPool": True, "engineArgs": engine_args})["deployment"]["name"]
+        wait_until(lambda: len(p := self.pods(name)) == replicas and all(x["ready"] for x in p), 60, f"{name} ready")
+        return name
+
+    def pods(self, deployment: str) -> list[dict]:
+        return self.api("GET", "/api/pods", params={"deployment": deployment})
+
+    def close(self) -> None:
+        for d in self.api("GET", "/api/deployments"):
+            self.http.delete(f"/api/deployments/{d['name']}", params={"force": "true"})
+        with contextlib.suppress(RuntimeError):
+            wait_until(lambda: not self.pods_rows(), 30, "replicas to stop")
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(30)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def pods_rows(self) -> list:
+        import sqlite3
+
+        with sqlite3.connect(self.dir / "corral.db") as db:
+            return db.execute("SELECT name FROM replicas").fetchall()
+
+
+@contextlib.contextmanager
+def nginx(endpoints: list[str]) -> Iterator[str]:
+    """nginx (Debian package) as a least_conn reverse proxy with upstream keep-alive, one worker."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(binary).exists():
+        raise RuntimeError("nginx is not installed: apt-get install -y nginx-light")
+    workdir = Path(tempfile.mkdtemp(prefix="corral-nginx-"))
+    port = free_port()
+    servers = "\n".join(f"    server {e.removeprefix('http://')};" for e in endpoints)
+    temp = "\n".join(f"  {k}_temp_path {workdir}/{k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    (workdir / "nginx.conf").write_text(f"""
+worker_processes 1;
+daemon off;
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+{temp}
+  upstream replicas {{
+    least_conn;
+{servers}
+    keepalive 512;
+  }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://replicas;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }}
+  }}
+}}
+""")
+    process = subprocess.Popen([binary, "-c", str(workdir / "nginx.conf"), "-p", str(workdir)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200, 15, "nginx")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def vllm_router(endpoints: list[str], policy: str = "round_robin") -> Iterator[str]:
+    """vllm-router (PyPI, Rust) with the same replicas as workers."""
+    binary = shutil.which("vllm-router") or str(Path(sys.executable).parent / "vllm-router")
+    if not Path(binary).exists():
+        raise RuntimeError("vllm-router is not installed: pip install vllm-router")
+    port = free_port()
+    process = subprocess.Popen([binary, "--host", "127.0.0.1", "--port", str(port), "--worker-urls", *endpoints,
+                                "--policy", policy, "--max-concurrent-requests", "4096", "--log-level", "error",
+                                "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 200, 30, "vllm-router")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
