@@ -21,10 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness import Corral, nginx, vllm_router
 from rich.console import Console
 from rich.table import Table
-
-from harness import Corral, nginx, vllm_router
 
 CHAT_BODY = {"model": "bench", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
 

@@ -31,7 +31,7 @@ async def serve(settings: Settings, log_level: str = "info") -> None:
     api = uvicorn.Server(uvicorn.Config(create_app(runtime=runtime), host=settings.host, port=settings.port, log_level=log_level))
     gateway = _GatewayServer(uvicorn.Config(
         runtime.gateway, host=settings.host, port=settings.gateway_port, log_level=log_level,
-        access_log=False, lifespan="off", timeout_keep_alive=30,
+        access_log=False, lifespan="off", timeout_keep_alive=30, proxy_headers=False, server_header=False,
     ))
     gateway_task = asyncio.create_task(gateway.serve())
     try:
