@@ -96,6 +96,7 @@ def serve(
     except ValidationError as exc:
         fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health probe is noise
     url = f"http://{settings.host}:{settings.port}"
     console.print(f"Corral {settings.backend} backend, data in {settings.data_dir.resolve()}")
     console.print(f"Corral is running at [bold]{url}[/bold]  (API docs: {url}/docs)", highlight=False)

@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     stop_grace_s: float = Field(default=10.0, ge=0, description="SIGTERM to SIGKILL grace when stopping a replica")
     restart_backoff_max_s: float = Field(default=30.0, gt=0, description="cap of the crash-restart back-off")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="how long a removed replica may finish in-flight requests")
+    gateway_data_plane: Literal["auto", "python", "nginx"] = Field(
+        default="auto", description="nginx (+ Lua) when installed, else Corral's Python gateway"
+    )
     gateway_policy: Literal["least-outstanding", "round-robin"] = Field(
         default="least-outstanding", description="load-balancing policy of business services"
     )

@@ -14,6 +14,8 @@ from corral.config import Settings
 from corral.controller import Controller
 from corral.engines import get_engine
 from corral.events import EventBus
+from corral.gateway import nginx_plane
+from corral.gateway.nginx_plane import NginxGateway
 from corral.gateway.policies import make_policy
 from corral.gateway.proxy import Gateway
 from corral.gateway.routing import build_routes
@@ -27,16 +29,25 @@ class Runtime:
         self.store = StateStore(settings.database_path)
         self.bus = EventBus()
         self.backend = backend or LocalBackend(settings, self.store, self.bus.publish)
-        self.gateway = Gateway(
-            make_policy(settings.gateway_policy),
-            connect_timeout_s=settings.gateway_connect_timeout_s,
-            read_timeout_s=settings.gateway_read_timeout_s,
-            health_path=self._health_path,
-        )
+        self.gateway = self._make_gateway(settings)
         self.backend.set_drain(self.gateway.drain)
         self.controller = Controller(self.backend, self.store, self.bus, base_url=self.service_base_url,
                                      traffic=self.gateway.stats.replica_summary)
         self.bus.listen(self._on_event)
+
+    def _make_gateway(self, settings: Settings) -> Gateway | NginxGateway:
+        choice = settings.gateway_data_plane
+        missing = nginx_plane.missing_parts()
+        if choice == "nginx" and missing:
+            raise RuntimeError("the nginx data plane needs: " + ", ".join(missing))
+        if choice == "nginx" or (choice == "auto" and not missing):
+            self.data_plane = "nginx"
+            return NginxGateway(settings.data_dir / "gateway", settings.host, settings.gateway_port,
+                                connect_timeout_s=settings.gateway_connect_timeout_s,
+                                read_timeout_s=settings.gateway_read_timeout_s, drain_timeout_s=settings.drain_timeout_s)
+        self.data_plane = "python"
+        return Gateway(make_policy(settings.gateway_policy), connect_timeout_s=settings.gateway_connect_timeout_s,
+                       read_timeout_s=settings.gateway_read_timeout_s, health_path=self._health_path)
 
     async def start(self) -> None:
         await self.backend.start()

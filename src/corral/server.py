@@ -29,6 +29,9 @@ class _GatewayServer(uvicorn.Server):
 async def serve(settings: Settings, log_level: str = "info") -> None:
     runtime = Runtime(settings)
     api = uvicorn.Server(uvicorn.Config(create_app(runtime=runtime), host=settings.host, port=settings.port, log_level=log_level))
+    if runtime.data_plane == "nginx":  # nginx serves the gateway port itself
+        await api.serve()
+        return
     gateway = _GatewayServer(uvicorn.Config(
         runtime.gateway, host=settings.host, port=settings.gateway_port, log_level=log_level,
         access_log=False, lifespan="off", timeout_keep_alive=30, proxy_headers=False, server_header=False,

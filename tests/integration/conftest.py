@@ -29,8 +29,9 @@ def free_port() -> int:
 class CorralServer:
     """Start, stop and restart `corral serve`; replicas outlive it, as in production."""
 
-    def __init__(self, data_dir: Path, token: str | None = None) -> None:
+    def __init__(self, data_dir: Path, token: str | None = None, env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
+        self.extra_env = env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.gateway_port = free_port()
@@ -45,6 +46,7 @@ class CorralServer:
                "CORRAL_GATEWAY_PORT": str(self.gateway_port), "CORRAL_STOP_GRACE_S": "5"}
         if self.token:
             env["CORRAL_API_TOKEN"] = self.token
+        env.update(self.extra_env)
         log = open(self.data_dir / "serve.log", "ab")  # noqa: SIM115 (kept open for the child)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "corral.cli", "serve", "--log-level", "warning"], env=env, stdout=log, stderr=log
@@ -117,8 +119,10 @@ class CorralServer:
 
 
 @pytest.fixture
-def corral(tmp_path: Path) -> Iterator[CorralServer]:
-    server = CorralServer(tmp_path / "data")
+def corral(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[CorralServer]:
+    """A running `corral serve`; a test module may pick the gateway data plane with a `data_plane` fixture."""
+    plane = request.getfixturevalue("data_plane") if "data_plane" in request.fixturenames else "auto"
+    server = CorralServer(tmp_path / "data", env={"CORRAL_GATEWAY_DATA_PLANE": plane})
     server.data_dir.mkdir()
     server.start()
     try:

@@ -50,7 +50,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             "status": "ok",
             "version": corral.__version__,
             "backend": request.app.state.settings.backend,
-            "gatewayPolicy": request.app.state.settings.gateway_policy,
+            "gatewayDataPlane": request.app.state.runtime.data_plane,
+            "gatewayPolicy": request.app.state.settings.gateway_policy if request.app.state.runtime.data_plane == "python"
+            else "least-outstanding",
             "engines": [{"name": n, "isSimulator": get_engine(n).is_simulator, "description": get_engine(n).description}
                         for n in engine_names()],
         }

@@ -72,7 +72,7 @@ class TrafficStats:
         lines += ["# HELP corral_gateway_request_seconds Time from request to the end of the response.",
                   "# TYPE corral_gateway_request_seconds histogram"]
         for (s, r), c in pairs:
-            for bound, count in zip(LATENCY_BUCKETS, c.buckets, strict=True):
+            for bound, count in zip(LATENCY_BUCKETS, c.buckets, strict=False):  # no buckets: sum and count only
                 le = "+Inf" if bound == float("inf") else repr(bound)
                 lines.append(f'corral_gateway_request_seconds_bucket{{service="{s}",replica="{r}",le="{le}"}} {count}')
             lines.append(f'corral_gateway_request_seconds_sum{{service="{s}",replica="{r}"}} {c.latency_sum:.6f}')

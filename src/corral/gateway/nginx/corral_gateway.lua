@@ -1,0 +1,137 @@
+-- Corral's nginx data plane. The routing table lives in shared memory, pushed by the control plane
+-- (POST /routes on the control port), so an assignment takes effect without an nginx reload.
+-- Same behaviour as the Python gateway (corral/gateway/proxy.py): least outstanding requests with
+-- random ties, one retry on another replica when nothing was sent, ejection of a failing replica,
+-- `x-corral-replica`, 404/503 JSON bodies, per-service/replica counters and in-flight counts.
+local balancer = require "ngx.balancer"
+local cjson = require "cjson.safe"
+
+local routes_dict = ngx.shared.corral_routes
+local stats = ngx.shared.corral_stats
+local EJECT_SECONDS = 5
+
+local _M = {}
+local cached_version, cached_routes = -1, {}
+
+local function routes()
+  local version = routes_dict:get("version") or 0
+  if version ~= cached_version then
+    cached_routes = cjson.decode(routes_dict:get("table") or "{}") or {}
+    cached_version = version
+  end
+  return cached_routes
+end
+
+local function json_exit(status, message)
+  ngx.status = status
+  ngx.header["content-type"] = "application/json"
+  ngx.say(cjson.encode({ error = message }))
+  return ngx.exit(status)
+end
+
+local function pick(route, tried)
+  local best, fewest = {}, nil
+  for _, target in ipairs(route.targets) do
+    if not tried[target.name] and not stats:get("ej:" .. target.name) then
+      local in_flight = stats:get("if:" .. target.name) or 0
+      if fewest == nil or in_flight < fewest then
+        best, fewest = { target }, in_flight
+      elseif in_flight == fewest then
+        best[#best + 1] = target
+      end
+    end
+  end
+  if #best == 0 then return nil end
+  return best[math.random(#best)]
+end
+
+-- access phase: which service, is there a replica, and the URI the replica gets
+function _M.route()
+  local service, rest = ngx.var.uri:match("^/s/([^/]+)(/.*)$")
+  if not service then
+    return json_exit(404, "no route for '" .. ngx.var.uri .. "'; business services live under /s/<service>/v1/...")
+  end
+  local route = routes()[service]
+  if not route then
+    stats:incr("rj:" .. service .. "|404", 1, 0)
+    return json_exit(404, "service '" .. service .. "' not found")
+  end
+  local target = pick(route, {})
+  if not target then
+    stats:incr("rj:" .. service .. "|503", 1, 0)
+    return json_exit(503, route.message)
+  end
+  ngx.var.corral_service = service
+  ngx.ctx.service, ngx.ctx.route, ngx.ctx.target, ngx.ctx.tried = service, route, target, {}
+  ngx.req.set_uri(rest)
+end
+
+local function finish(ctx, failed)
+  local name = ctx.counted
+  if not name then return end
+  ctx.counted = nil
+  stats:incr("if:" .. name, -1, 0)
+  local key = ctx.service .. "|" .. name
+  stats:incr("rq:" .. key, 1, 0)
+  if failed then stats:incr("er:" .. key, 1, 0) end
+  stats:incr("lt:" .. key, ngx.now() - ctx.started, 0)
+end
+
+-- balancer phase: runs once per attempt; a second run is the retry after a failure
+function _M.balance()
+  local ctx = ngx.ctx
+  if balancer.get_last_failure() then
+    stats:set("ej:" .. ctx.target.name, true, EJECT_SECONDS)
+    finish(ctx, true)
+    local next_target = pick(ctx.route, ctx.tried)
+    if not next_target then return ngx.exit(502) end
+    ctx.target = next_target
+  else
+    balancer.set_more_tries(1)
+  end
+  ctx.tried[ctx.target.name] = true
+  ctx.counted, ctx.started = ctx.target.name, ngx.now()
+  stats:incr("if:" .. ctx.target.name, 1, 0)
+  local ok, err = balancer.set_current_peer(ctx.target.host, ctx.target.port)
+  if not ok then ngx.log(ngx.ERR, "set_current_peer: ", err) end
+end
+
+function _M.header()
+  local target = ngx.ctx.target
+  if target then ngx.header["x-corral-replica"] = target.name end
+end
+
+function _M.log()
+  local ctx = ngx.ctx
+  if ctx.counted then finish(ctx, ngx.status >= 500) end
+end
+
+-- error_page target when every attempt failed before anything was sent (ngx.ctx is gone here)
+function _M.unavailable()
+  local service = ngx.var.corral_service
+  local route = routes()[service]
+  stats:incr("rj:" .. service .. "|503", 1, 0)
+  return json_exit(503, route and route.message or ("service '" .. service .. "' not found"))
+end
+
+-- control port ----------------------------------------------------------------------------------
+function _M.set_routes()
+  ngx.req.read_body()
+  local body = ngx.req.get_body_data()
+  local decoded = body and cjson.decode(body)
+  if type(decoded) ~= "table" then return json_exit(400, "body must be the routing table as JSON") end
+  routes_dict:set("table", body)
+  local version = routes_dict:incr("version", 1, 0)
+  ngx.say(cjson.encode({ version = version }))
+end
+
+function _M.get_stats()
+  local out = {}
+  for _, key in ipairs(stats:get_keys(0)) do
+    out[key] = stats:get(key)
+  end
+  ngx.header["content-type"] = "application/json"
+  ngx.say(cjson.encode(out))
+end
+
+return _M
