@@ -73,49 +73,66 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds of wrk load per cell")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 128])
     parser.add_argument("--stream-requests", type=int, default=600)
+    parser.add_argument("--data-planes", nargs="+", default=["python", "nginx"], choices=["python", "nginx"])
     args = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed: apt-get install -y wrk")
 
-    console = Console()
-    corral = Corral()
-    try:
-        pool = corral.pool("bench", 1, "--ttft-ms 0 --tokens-per-second 1000000 --max-tokens 1")
-        corral.api("POST", "/api/deploy-service", json={"serviceName": "bench", "modelPool": pool, "businessTag": "bench"})
-        corral.api("POST", "/api/distribute-pods", json={"deploymentName": pool, "ratios": {"bench": 1}})
-        endpoints = [p["endpoint"] for p in corral.pods(pool)]
-        results: dict[str, dict[int, dict[str, float]]] = {}
-        with nginx(endpoints) as nginx_url, vllm_router(endpoints) as router_url:
-            targets = {"direct": endpoints[0], "corral": f"{corral.gateway}/s/bench-nlb", "nginx": nginx_url, "vllm-router": router_url}
-            for name, base in targets.items():
-                url = f"{base}/v1/chat/completions"
-                wrk(url, 4, 1)  # warm-up: connections, caches
-                results[name] = {}
-                for c in args.concurrency:
-                    console.print(f"[dim]{name}: {c} concurrent…[/dim]")
-                    cell = wrk(url, c, args.duration)
-                    stream = asyncio.run(ttfb(url, c, max(args.stream_requests, 4 * c)))
-                    results[name][c] = cell | {"ttfb_p50": stream["p50"], "ttfb_p99": stream["p99"]}
-    finally:
-        corral.close()
+    console = Console(width=160)
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    baseline: dict[str, str] = {}  # each proxy row → the direct row measured against the same replica
+
+    def measure(name: str, base: str, direct: str) -> None:
+        url = f"{base}/v1/chat/completions"
+        wrk(url, 4, 1)  # warm-up: connections, caches
+        results[name], baseline[name] = {}, direct
+        for c in args.concurrency:
+            console.print(f"[dim]{name}: {c} concurrent…[/dim]")
+            cell = wrk(url, c, args.duration)
+            stream = asyncio.run(ttfb(url, c, max(args.stream_requests, 4 * c)))
+            results[name][c] = cell | {"ttfb_p50": stream["p50"], "ttfb_p99": stream["p99"]}
+
+    for plane in args.data_planes:
+        corral = Corral(data_plane=plane)
+        try:
+            pool = corral.pool("bench", 1, "--ttft-ms 0 --tokens-per-second 1000000 --max-tokens 1")
+            corral.api("POST", "/api/deploy-service", json={"serviceName": "bench", "modelPool": pool, "businessTag": "bench"})
+            corral.api("POST", "/api/distribute-pods", json={"deploymentName": pool, "ratios": {"bench": 1}})
+            endpoint = corral.pods(pool)[0]["endpoint"]
+            direct = f"direct ({plane} run)"
+            measure(direct, endpoint, direct)
+            measure(f"corral {plane}", f"{corral.gateway}/s/bench-nlb", direct)
+            if plane == args.data_planes[-1]:  # the peers, against the same replica
+                with nginx([endpoint]) as nginx_url, vllm_router([endpoint]) as router_url:
+                    measure("nginx", nginx_url, direct)
+                    measure("vllm-router", router_url, direct)
+        finally:
+            corral.close()
 
     table = Table(title="Gateway added latency (ms) over direct, 1 simulator replica, same run")
     for column in ["target", "clients", "p50", "p99", "added p50", "added p99", "req/s", "non-2xx",
                    "stream TTFB p50", "TTFB p99", "added TTFB p50"]:
         table.add_column(column, justify="right")
     for name, cells in results.items():
+        is_direct = baseline[name] == name
         for c, cell in cells.items():
-            base = results["direct"][c]
+            base = results[baseline[name]][c]
             table.add_row(name, str(c), f"{cell['p50']:.2f}", f"{cell['p99']:.2f}",
-                          "—" if name == "direct" else f"{cell['p50'] - base['p50']:+.2f}",
-                          "—" if name == "direct" else f"{cell['p99'] - base['p99']:+.2f}",
+                          "—" if is_direct else f"{cell['p50'] - base['p50']:+.2f}",
+                          "—" if is_direct else f"{cell['p99'] - base['p99']:+.2f}",
                           f"{cell['rps']:.0f}", str(int(cell["errors"])), f"{cell['ttfb_p50']:.2f}", f"{cell['ttfb_p99']:.2f}",
-                          "—" if name == "direct" else f"{cell['ttfb_p50'] - base['ttfb_p50']:+.2f}")
+                          "—" if is_direct else f"{cell['ttfb_p50'] - base['ttfb_p50']:+.2f}")
     console.print(table)
+
+    def added(name: str, c: int) -> float:
+        return results[name][c]["p50"] - results[baseline[name]][c]["p50"]
+
     for c in args.concurrency:
-        added = {n: results[n][c]["p50"] - results["direct"][c]["p50"] for n in results if n != "direct"}
-        ratio = added["corral"] / added["nginx"] if added["nginx"] > 0 else float("inf")
-        console.print(f"{c} clients: corral added p50 {added['corral']:.2f} ms = {ratio:.1f}× nginx's {added['nginx']:.2f} ms")
+        for plane in args.data_planes:
+            nginx_added = added("nginx", c)
+            ratio = added(f"corral {plane}", c) / nginx_added if nginx_added > 0 else float("inf")
+            console.print(f"{c} clients: corral {plane} added p50 {added(f'corral {plane}', c):+.2f} ms "
+                          f"({ratio:.1f}× nginx's {nginx_added:+.2f} ms)")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,19 @@
 # Extra arguments go to pytest, e.g. `./scripts/test.sh tests/unit -q`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# The nginx data plane's Debian packages. Without them (not root, no apt) its tests are skipped and
+# the Python gateway is used.
+SYSTEM_PACKAGES="nginx-light libnginx-mod-http-lua lua-cjson"
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  if ! dpkg -s $SYSTEM_PACKAGES >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $SYSTEM_PACKAGES >/dev/null
+  fi
+else
+  echo "note: not root or no apt-get; the nginx data plane tests will be skipped" >&2
+fi
+
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi

@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     gateway_data_plane: Literal["auto", "python", "nginx"] = Field(
         default="auto", description="nginx (+ Lua) when installed, else Corral's Python gateway"
     )
+    gateway_workers: int = Field(default=1, ge=1, le=64, description="nginx worker processes of the nginx data plane")
     gateway_policy: Literal["least-outstanding", "round-robin"] = Field(
         default="least-outstanding", description="load-balancing policy of business services"
     )

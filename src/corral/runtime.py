@@ -6,6 +6,7 @@ updated in memory, synchronously, by the same event that announces a change.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from corral.backends.base import Backend
@@ -20,6 +21,8 @@ from corral.gateway.policies import make_policy
 from corral.gateway.proxy import Gateway
 from corral.gateway.routing import build_routes
 from corral.store.state import StateStore
+
+log = logging.getLogger("corral.runtime")
 
 
 class Runtime:
@@ -44,7 +47,8 @@ class Runtime:
             self.data_plane = "nginx"
             return NginxGateway(settings.data_dir / "gateway", settings.host, settings.gateway_port,
                                 connect_timeout_s=settings.gateway_connect_timeout_s,
-                                read_timeout_s=settings.gateway_read_timeout_s, drain_timeout_s=settings.drain_timeout_s)
+                                read_timeout_s=settings.gateway_read_timeout_s, drain_timeout_s=settings.drain_timeout_s,
+                                workers=settings.gateway_workers)
         self.data_plane = "python"
         return Gateway(make_policy(settings.gateway_policy), connect_timeout_s=settings.gateway_connect_timeout_s,
                        read_timeout_s=settings.gateway_read_timeout_s, health_path=self._health_path)
@@ -64,7 +68,10 @@ class Runtime:
         return f"http://{host}:{self.settings.gateway_port}/s/{service}/v1"
 
     def refresh_routes(self) -> None:
-        self.gateway.set_table(build_routes(self.backend.list_services(), self.backend.list_pods()))
+        try:
+            self.gateway.set_table(build_routes(self.backend.list_services(), self.backend.list_pods()))
+        except Exception:  # the change itself is applied and recorded; the data plane catches up on the next event
+            log.exception("could not update the gateway's routing table")
 
     def _on_event(self, type_: str, data: dict[str, Any]) -> None:
         # Every event may change which replicas a service selects (labels, readiness, services).

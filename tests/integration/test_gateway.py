@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from corral.backends.local.process import process_start_time
 from corral.gateway.nginx_plane import missing_parts
 from tests.conftest import wait_for
-from tests.integration.conftest import CorralServer
+from tests.integration.conftest import CorralServer, deploy_sim_pool
 
 POOL = "simulator-qwen-06b-pool"
 pytestmark = pytest.mark.usefixtures("data_plane")
@@ -179,3 +180,19 @@ def test_killed_replica_is_ejected_and_requests_succeed_on_the_others(two_busine
     # The supervisor restarts it; once healthy it is back in rotation, with its business.
     wait_for(lambda: next(p for p in corral.pods(POOL) if p["name"] == victim)["ready"], timeout=30, what="the restart")
     wait_for(lambda: victim in served_by(corral, "a-nlb", n=20), timeout=15, what="the victim back in rotation")
+
+
+def test_nginx_data_plane_comes_back_after_nginx_dies(corral: CorralServer, data_plane: str) -> None:
+    if data_plane != "nginx":
+        pytest.skip("nginx only")
+    pool = deploy_sim_pool(corral, tag="m", replicas=1)
+    corral.ok("POST", "/api/deploy-service", json={"serviceName": "a", "modelPool": pool, "businessTag": "a"})
+    master = int((corral.data_dir / "gateway" / "nginx.pid").read_text())
+    workers = [int(pid) for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split()]
+    for pid in [*workers, master]:
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: all(process_start_time(pid) is None for pid in [*workers, master]), what="nginx to die")
+    # The next change restarts it with the current table; the change itself succeeds.
+    pod = corral.pods(pool)[0]["name"]
+    corral.ok("POST", "/api/assign-pod", json={"podName": pod, "businessTag": "a"})
+    assert set(served_by(corral, "a-nlb", n=5)) == {pod}

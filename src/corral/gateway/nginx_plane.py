@@ -180,13 +180,14 @@ class NginxGateway:
     """Runs and feeds the nginx data plane; same surface as `corral.gateway.proxy.Gateway`."""
 
     def __init__(self, workdir: Path, host: str, port: int, connect_timeout_s: float, read_timeout_s: float,
-                 drain_timeout_s: float) -> None:
+                 drain_timeout_s: float, workers: int = 1) -> None:
         from corral.backends.local.process import free_port
 
         self.workdir = workdir
         self.host, self.port = host, port
         self.control_port = free_port()
-        self._config = dict(connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s, drain_timeout_s=drain_timeout_s)
+        self._config = dict(connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s, drain_timeout_s=drain_timeout_s,
+                            workers=workers)
         self._process: subprocess.Popen | None = None
         self._control: http.client.HTTPConnection | None = None
         self.table: RoutingTable = {}
@@ -197,8 +198,7 @@ class NginxGateway:
         (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
         self._stop_leftover()
         conf = self.workdir / "nginx.conf"
-        conf.write_text(render_config(self.workdir, self.host, self.port, self.control_port,
-                                      workers=min(4, os.cpu_count() or 1), **self._config))
+        conf.write_text(render_config(self.workdir, self.host, self.port, self.control_port, **self._config))
         binary = nginx_binary()
         assert binary, missing_parts()
         log_file = open(self.workdir / "nginx.out", "ab")  # noqa: SIM115 (kept open for the child)
@@ -243,8 +243,13 @@ class NginxGateway:
     def set_table(self, table: RoutingTable) -> None:
         """Push the table; on return, every worker routes new requests by it (shared memory)."""
         self.table = table
-        if self._process is not None:
-            self._push(table)
+        if self._process is None:
+            return  # not started: start() pushes the latest table
+        if self._process.poll() is not None:
+            log.error("nginx exited (code %s); restarting the data plane", self._process.returncode)
+            self.start()
+            return
+        self._push(table)
 
     def _request(self, method: str, path: str, body: bytes | None = None) -> bytes:
         for attempt in range(2):  # one reconnect: the kept-alive connection may have been closed
