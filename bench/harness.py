@@ -87,6 +87,18 @@ class Corral:
 
 
 @contextlib.contextmanager
+def _process(argv: list[str], probe_url: str, what: str) -> Iterator[None]:
+    """Run a proxy for the duration of the block; ready once `probe_url` answers 200."""
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: httpx.get(probe_url).status_code == 200, 30, what)
+        yield
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@contextlib.contextmanager
 def nginx(endpoints: list[str]) -> Iterator[str]:
     """nginx (Debian package) as a least_conn reverse proxy with upstream keep-alive, one worker."""
     binary = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -121,14 +133,11 @@ http {{
   }}
 }}
 """)
-    process = subprocess.Popen([binary, "-c", str(workdir / "nginx.conf"), "-p", str(workdir)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200, 15, "nginx")
-        yield f"http://127.0.0.1:{port}"
+        with _process([binary, "-c", str(workdir / "nginx.conf"), "-p", str(workdir)], f"{url}/health", "nginx"):
+            yield url
     finally:
-        process.terminate()
-        process.wait(10)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -139,13 +148,9 @@ def vllm_router(endpoints: list[str], policy: str = "round_robin") -> Iterator[s
     if not Path(binary).exists():
         raise RuntimeError("vllm-router is not installed: pip install vllm-router")
     port = free_port()
-    process = subprocess.Popen([binary, "--host", "127.0.0.1", "--port", str(port), "--worker-urls", *endpoints,
-                                "--policy", policy, "--max-concurrent-requests", "4096", "--log-level", "error",
-                                "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 200, 30, "vllm-router")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(10)
+    url = f"http://127.0.0.1:{port}"
+    argv = [binary, "--host", "127.0.0.1", "--port", str(port), "--worker-urls", *endpoints, "--policy", policy,
+            "--max-concurrent-requests", "4096", "--log-level", "error",
+            "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
+    with _process(argv, f"{url}/v1/models", "vllm-router"):
+        yield url

@@ -2,34 +2,41 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 
+class _Poll(Generic[T]):
+    """One deadline for repeated checks of `predicate`; the caller chooses how to wait between them."""
+
+    def __init__(self, predicate: Callable[[], T], timeout: float, what: str) -> None:
+        self.predicate, self.what, self.timeout = predicate, what, timeout
+        self.deadline = time.monotonic() + timeout
+
+    def check(self) -> T | None:
+        value = self.predicate()
+        if value:
+            return value
+        if time.monotonic() > self.deadline:
+            raise AssertionError(f"timed out after {self.timeout:.0f} s waiting for {self.what} (last value: {value!r})")
+        return None
+
+
 def wait_for(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.1, what: str = "condition") -> T:
     """Poll `predicate` until it returns something truthy; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
+    poll = _Poll(predicate, timeout, what)
+    while (value := poll.check()) is None:
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last value: {last!r})")
+    return value
 
 
 async def wait_for_async(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.1, what: str = "condition") -> T:
     """`wait_for` for async tests: yields to the event loop (and so to the code under test) while polling."""
-    import asyncio
-
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
+    poll = _Poll(predicate, timeout, what)
+    while (value := poll.check()) is None:
         await asyncio.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last value: {last!r})")
+    return value

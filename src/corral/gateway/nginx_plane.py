@@ -22,11 +22,10 @@ import shutil
 import signal
 import subprocess
 import time
-from collections import defaultdict
 from pathlib import Path
 
 from corral.gateway.routing import RoutingTable
-from corral.gateway.stats import Counters
+from corral.gateway.stats import TrafficStats
 
 log = logging.getLogger("corral.gateway.nginx")
 
@@ -123,57 +122,36 @@ def table_payload(table: RoutingTable) -> bytes:
 
 
 class NginxStats:
-    """The Lua counters, read from nginx's shared memory, in the shape of `TrafficStats`."""
+    """The Lua counters, read from nginx's shared memory, as a `TrafficStats` snapshot."""
 
     def __init__(self, plane: NginxGateway) -> None:
         self._plane = plane
 
-    def _pairs(self) -> tuple[dict[tuple[str, str], Counters], dict[str, int], dict[tuple[str, int], int]]:
-        raw = self._plane.read_stats()
-        pairs: dict[tuple[str, str], Counters] = defaultdict(Counters)
-        in_flight: dict[str, int] = {}
-        rejected: dict[tuple[str, int], int] = {}
-        for key, value in raw.items():
+    def snapshot(self) -> TrafficStats:
+        view = TrafficStats()
+        for key, value in self._plane.read_stats().items():
             kind, _, rest = key.partition(":")
-            if kind == "if":
-                in_flight[rest] = int(value)
+            if kind == "if" and value > 0:
+                view.in_flight_by_replica[rest] = int(value)
             elif kind == "rj":
                 service, _, code = rest.rpartition("|")
-                rejected[(service, int(code))] = int(value)
+                view.rejected[(service, int(code))] = int(value)
             elif kind in ("rq", "er", "lt"):
-                service, _, replica = rest.partition("|")
-                c = pairs[(service, replica)]
+                c = view.by_pair[tuple(rest.partition("|")[::2])]  # type: ignore[index]
+                c.buckets = []  # nginx keeps sums, not histograms
                 if kind == "rq":
                     c.requests = int(value)
                 elif kind == "er":
                     c.errors = int(value)
                 else:
                     c.latency_sum = float(value)
-        return pairs, in_flight, rejected
+        return view
 
     def replica_summary(self, replicas: set[str]) -> dict[str, dict[str, float | int]]:
-        pairs, in_flight, _ = self._pairs()
-        merged: dict[str, Counters] = {}
-        for (_, replica), c in pairs.items():
-            if replica in replicas:
-                m = merged.setdefault(replica, Counters())
-                m.requests += c.requests
-                m.errors += c.errors
-                m.latency_sum += c.latency_sum
-        for name, m in merged.items():
-            m.in_flight = in_flight.get(name, 0)
-        return {name: c.summary() for name, c in sorted(merged.items())}
+        return self.snapshot().replica_summary(replicas)
 
     def prometheus(self) -> str:
-        from corral.gateway.stats import TrafficStats
-
-        pairs, in_flight, rejected = self._pairs()
-        view = TrafficStats()
-        for key, c in pairs.items():
-            c.buckets = []  # nginx keeps sums, not histograms
-            view.by_pair[key] = c
-        view.rejected.update(rejected)
-        return view.prometheus()
+        return self.snapshot().prometheus()
 
 
 class NginxGateway:

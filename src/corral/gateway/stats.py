@@ -12,7 +12,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 class Counters:
     requests: int = 0
     errors: int = 0
-    in_flight: int = 0
+    in_flight: int = 0  # filled in by summaries: in-flight is tracked per replica
     latency_sum: float = 0.0
     buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
 
@@ -36,13 +36,10 @@ class TrafficStats:
         self.rejected: dict[tuple[str, int], int] = defaultdict(int)  # (service, status) of requests never forwarded
 
     def start(self, service: str, replica: str) -> None:
-        self.by_pair[(service, replica)].in_flight += 1
         self.in_flight_by_replica[replica] += 1
 
     def finish(self, service: str, replica: str, seconds: float, error: bool) -> None:
-        counters = self.by_pair[(service, replica)]
-        counters.in_flight -= 1
-        counters.observe(seconds, error)
+        self.by_pair[(service, replica)].observe(seconds, error)
         self.in_flight_by_replica[replica] -= 1
         if self.in_flight_by_replica[replica] == 0:
             del self.in_flight_by_replica[replica]
@@ -54,8 +51,9 @@ class TrafficStats:
                 m = merged.setdefault(replica, Counters())
                 m.requests += c.requests
                 m.errors += c.errors
-                m.in_flight += c.in_flight
                 m.latency_sum += c.latency_sum
+        for name, m in merged.items():
+            m.in_flight = self.in_flight_by_replica.get(name, 0)
         return {name: c.summary() for name, c in sorted(merged.items())}
 
     def prometheus(self) -> str:
@@ -67,8 +65,8 @@ class TrafficStats:
         lines += [f'corral_gateway_requests_total{{service="{s}",replica="{r}"}} {c.requests}' for (s, r), c in pairs]
         lines += ["# HELP corral_gateway_errors_total Forwarded requests that failed.", "# TYPE corral_gateway_errors_total counter"]
         lines += [f'corral_gateway_errors_total{{service="{s}",replica="{r}"}} {c.errors}' for (s, r), c in pairs]
-        lines += ["# HELP corral_gateway_in_flight Requests in flight.", "# TYPE corral_gateway_in_flight gauge"]
-        lines += [f'corral_gateway_in_flight{{service="{s}",replica="{r}"}} {c.in_flight}' for (s, r), c in pairs]
+        lines += ["# HELP corral_gateway_in_flight Requests in flight on a replica.", "# TYPE corral_gateway_in_flight gauge"]
+        lines += [f'corral_gateway_in_flight{{replica="{r}"}} {n}' for r, n in sorted(self.in_flight_by_replica.items())]
         lines += ["# HELP corral_gateway_request_seconds Time from request to the end of the response.",
                   "# TYPE corral_gateway_request_seconds histogram"]
         for (s, r), c in pairs:
