@@ -297,6 +297,37 @@ def history(
     ])
 
 
+@app.command()
+def gpus(url: str = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+    """Detected GPUs (NVML) and the finetune recommendation for them."""
+    info = Client(url, token).call("GET", "/api/system/gpu-info")
+    if info["devices"]:
+        _table("GPUs", ["Id", "Name", "Memory GB", "Used GB", "Utilisation %", "Processes"], [
+            [d["id"], d["name"], d["memory_gb"], d["memory_used_gb"], d["utilization"], len(d["processes"])]
+            for d in info["devices"]
+        ])
+    style = "yellow" if info.get("warning") else "green"
+    console.print(f"[{style}]{info['recommendation']}[/{style}]", highlight=False)
+
+
+@app.command()
+def estimate(
+    model: str = typer.Argument(..., help="e.g. qwen2.5-coder-7b"),
+    method: str = typer.Option("lora", help="full | lora | qlora | freeze"),
+    seq_len: int = typer.Option(2048, "--seq-len"),
+    batch_size: int = typer.Option(1, "--batch-size"),
+    url: str = URL_OPTION,
+    token: Optional[str] = TOKEN_OPTION,
+) -> None:
+    """GPU memory to finetune and to serve a model."""
+    params = {"model": model, "method": method, "seqLen": seq_len, "batchSize": batch_size}
+    result = Client(url, token).call("GET", "/api/system/estimate", params=params)
+    training, serving = result["training"], result["serving"]
+    console.print(f"[bold]{result['displayName']}[/bold] {method}: about {training['totalGb']} GB to finetune, "
+                  f"{serving['totalGb']} GB to serve ({serving['contextTokens']} tokens × {serving['concurrency']} sequences)")
+    _table("Finetune memory (GB)", list(training["breakdownGb"]), [list(training["breakdownGb"].values())])
+
+
 def _compact(value: Any) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k}={_compact(v)}" for k, v in value.items())

@@ -22,6 +22,12 @@ class Settings(BaseSettings):
     stop_grace_s: float = Field(default=10.0, ge=0, description="SIGTERM to SIGKILL grace when stopping a replica")
     restart_backoff_max_s: float = Field(default=30.0, gt=0, description="cap of the crash-restart back-off")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="how long a removed replica may finish in-flight requests")
+    recommend_catalogue: list[str] = Field(
+        default=["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "qwen2.5-coder-3b", "qwen2.5-coder-7b",
+                 "qwen2.5-coder-14b", "qwen2.5-coder-32b"],
+        description="models the GPU recommendation chooses from (JSON list in the environment)",
+    )
+    gpu_refresh_s: float = Field(default=5.0, gt=0, description="how often the GPU inventory is re-read")
     gateway_data_plane: Literal["auto", "python", "nginx"] = Field(
         default="auto", description="nginx (+ Lua) when installed, else Corral's Python gateway"
     )

@@ -6,6 +6,7 @@ updated in memory, synchronously, by the same event that announces a change.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -13,6 +14,7 @@ from corral.backends.base import Backend
 from corral.backends.local import LocalBackend
 from corral.config import Settings
 from corral.controller import Controller
+from corral.domain.memory import find_model
 from corral.engines import get_engine
 from corral.events import EventBus
 from corral.gateway import nginx_plane
@@ -20,6 +22,7 @@ from corral.gateway.nginx_plane import NginxGateway
 from corral.gateway.policies import make_policy
 from corral.gateway.proxy import Gateway
 from corral.gateway.routing import build_routes
+from corral.gpus.inventory import GpuInventory, read_inventory
 from corral.store.state import StateStore
 
 log = logging.getLogger("corral.runtime")
@@ -31,7 +34,11 @@ class Runtime:
         self.settings = settings
         self.store = StateStore(settings.database_path)
         self.bus = EventBus()
-        self.backend = backend or LocalBackend(settings, self.store, self.bus.publish)
+        self.catalogue = [find_model(name) for name in settings.recommend_catalogue]
+        self.gpu_inventory: GpuInventory = read_inventory()
+        self._gpu_task: asyncio.Task | None = None
+        self.backend = backend or LocalBackend(settings, self.store, self.bus.publish,
+                                               gpu_ids=[d.index for d in self.gpu_inventory.devices])
         self.gateway = self._make_gateway(settings)
         self.backend.set_drain(self.gateway.drain)
         self.controller = Controller(self.backend, self.store, self.bus, base_url=self.service_base_url,
@@ -57,11 +64,26 @@ class Runtime:
         await self.backend.start()
         self.refresh_routes()
         self.gateway.start()
+        if self.gpu_inventory.available:  # without a driver there is nothing to watch
+            self._gpu_task = asyncio.create_task(self._watch_gpus(), name="gpu-inventory")
 
     async def close(self) -> None:
+        if self._gpu_task:
+            self._gpu_task.cancel()
         await self.gateway.close()
         await self.backend.close()
         self.store.close()
+
+    async def _watch_gpus(self) -> None:
+        """Re-read NVML periodically; publish `gpu_inventory` when something changed."""
+        from corral.api.system import gpu_info
+
+        while True:
+            await asyncio.sleep(self.settings.gpu_refresh_s)
+            inventory = await asyncio.to_thread(read_inventory)
+            if inventory != self.gpu_inventory:
+                self.gpu_inventory = inventory
+                self.bus.publish("gpu_inventory", gpu_info(inventory, self.catalogue))
 
     def service_base_url(self, service: str) -> str:
         host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "::") else self.settings.host

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 import corral
-from corral.api import events, serving
+from corral.api import events, serving, system
 from corral.config import Settings
 from corral.domain.errors import CorralError
 from corral.engines import engine_names, get_engine
@@ -42,6 +42,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         lifespan=lifespan,
     )
     app.include_router(serving.router)
+    app.include_router(system.router)
     app.include_router(events.router)
 
     @app.get("/api/health", tags=["system"])

@@ -23,7 +23,7 @@ from corral.domain.errors import Conflict
 from corral.domain.gpu_fit import pick_gpus
 from corral.domain.models import Deployment, Pod, PodPhase, Service
 from corral.engines import get_engine
-from corral.gpus.inventory import detect_gpus
+from corral.gpus.inventory import read_inventory
 from corral.store.state import ReplicaRecord, StateStore
 
 _SUFFIX_ALPHABET = string.ascii_lowercase + string.digits
@@ -33,7 +33,7 @@ class LocalBackend(Backend):
     def __init__(self, settings: Settings, store: StateStore, emit: EventSink, gpu_ids: list[int] | None = None) -> None:
         self.settings = settings
         self.store = store
-        self.gpu_ids = [g.index for g in detect_gpus()] if gpu_ids is None else gpu_ids
+        self.gpu_ids = [g.index for g in read_inventory().devices] if gpu_ids is None else gpu_ids
         self.supervisor = ReplicaSupervisor(settings, store, emit)
 
     def set_drain(self, drain) -> None:  # type: ignore[no-untyped-def]
