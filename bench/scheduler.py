@@ -1,0 +1,124 @@
+"""The finetune queue policy on a simulated trace: utilisation and makespan, and decision time.
+
+    python bench/scheduler.py [--tasks 200] [--gpus 8] [--seed 7]
+
+A discrete-event simulation that calls the real `corral.domain.queue.schedule` at every arrival and
+completion. Tasks want 1, 2, 4 or 8 GPUs (80 GB each), 10–70 GB per GPU, 10–120 minutes, arriving
+about every 3 minutes with mixed priorities. Compared in the same run: spec 02's original queue (one
+task on the whole machine at a time, FIFO), `strict-fifo` and `best-effort-fifo` on all GPUs, and the
+lower bound max(total GPU-minutes / GPUs, last arrival + its duration, longest task).
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import random
+import statistics
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+from corral.domain.queue import Capacity, Demand, Priority, Strategy, Unit, WaitingTask, schedule
+
+GB = 1024**3
+
+
+def make_trace(n: int, seed: int) -> list[tuple[WaitingTask, float]]:
+    rng = random.Random(seed)
+    trace, at = [], 0.0
+    for i in range(n):
+        at += rng.expovariate(1 / 3)
+        gpus = rng.choices([1, 2, 4, 8], weights=[50, 25, 15, 10])[0]
+        task = WaitingTask(f"t{i:04d}", rng.choices(list(Priority), weights=[10, 70, 20])[0], at,
+                           Demand(gpus, rng.uniform(10, 70) * GB))
+        trace.append((task, rng.uniform(10, 120)))
+    return trace
+
+
+def simulate(trace: list[tuple[WaitingTask, float]], n_gpus: int, strategy: Strategy, whole_machine: bool) -> dict[str, float]:
+    duration = {t.id: d for t, d in trace}
+    arrivals = sorted(trace, key=lambda x: x[0].submitted_at)
+    events: list[tuple[float, int, str, tuple[str, ...]]] = []  # (time, kind 0=finish 1=arrival, task, units)
+    for task, _ in arrivals:
+        heapq.heappush(events, (task.submitted_at, 1, task.id, ()))
+    tasks = {t.id: t for t, _ in trace}
+    waiting: dict[str, WaitingTask] = {}
+    free = {str(i) for i in range(n_gpus)}
+    running = 0
+    waits, busy, now = [], 0.0, 0.0
+    while events:
+        now, kind, tid, units = heapq.heappop(events)
+        if kind == 1:
+            waiting[tid] = tasks[tid]
+        else:
+            free |= set(units)
+            running -= 1
+        if whole_machine and running:
+            continue  # the original queue: one task owns the machine
+        capacity = Capacity(tuple(Unit(u, 80 * GB) for u in sorted(free)))
+        decision = schedule(list(waiting.values()), capacity, strategy)
+        for bid in decision.bypassed:
+            waiting[bid] = WaitingTask(**{**waiting[bid].__dict__, "bypassed": waiting[bid].bypassed + 1})
+        for start_id, got in decision.starts:
+            if whole_machine and running:
+                break
+            task = waiting.pop(start_id)
+            free -= set(got)
+            running += 1
+            waits.append(now - task.submitted_at)
+            busy += duration[start_id] * len(got)
+            heapq.heappush(events, (now + duration[start_id], 0, start_id, got))
+    return {"makespan": now, "utilisation": busy / (n_gpus * now), "mean_wait": statistics.mean(waits)}
+
+
+def lower_bound(trace: list[tuple[WaitingTask, float]], n_gpus: int) -> float:
+    work = sum(d * t.demand.gpus for t, d in trace) / n_gpus
+    return max(work, max(t.submitted_at + d for t, d in trace))
+
+
+def decision_time(n_queued: int, n_gpus: int, strategy: Strategy) -> float:
+    trace = make_trace(n_queued, seed=1)
+    capacity = Capacity(tuple(Unit(str(i), 80 * GB) for i in range(n_gpus)))
+    tasks = [t for t, _ in trace]
+    runs = []
+    for _ in range(5):
+        started = time.perf_counter()
+        schedule(tasks, capacity, strategy)
+        runs.append(time.perf_counter() - started)
+    return statistics.median(runs) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=200)
+    parser.add_argument("--gpus", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+    trace = make_trace(args.tasks, args.seed)
+    bound = lower_bound(trace, args.gpus)
+    rows = {
+        "spec 02 original (one task per machine, FIFO)": simulate(trace, args.gpus, Strategy.STRICT_FIFO, whole_machine=True),
+        "strict-fifo": simulate(trace, args.gpus, Strategy.STRICT_FIFO, whole_machine=False),
+        "best-effort-fifo": simulate(trace, args.gpus, Strategy.BEST_EFFORT_FIFO, whole_machine=False),
+    }
+    console = Console(width=140)
+    table = Table(title=f"{args.tasks} finetune tasks on {args.gpus} simulated 80 GB GPUs (seed {args.seed})")
+    for column in ["policy", "makespan (h)", "vs lower bound", "GPU utilisation", "mean wait (h)"]:
+        table.add_column(column, justify="right")
+    for name, r in rows.items():
+        table.add_row(name, f"{r['makespan'] / 60:.1f}", f"{r['makespan'] / bound:.2f}×", f"{r['utilisation']:.0%}", f"{r['mean_wait'] / 60:.1f}")
+    table.add_row("lower bound", f"{bound / 60:.1f}", "1.00×", "", "")
+    console.print(table)
+    timing = Table(title=f"Scheduling decision time, {args.gpus} GPUs free, median of 5")
+    for column in ["queued tasks", "strict-fifo (ms)", "best-effort-fifo (ms)"]:
+        timing.add_column(column, justify="right")
+    for n in (100, 1_000, 10_000):
+        timing.add_row(f"{n:,}", f"{decision_time(n, args.gpus, Strategy.STRICT_FIFO):.1f}",
+                       f"{decision_time(n, args.gpus, Strategy.BEST_EFFORT_FIFO):.1f}")
+    console.print(timing)
+
+
+if __name__ == "__main__":
+    main()
