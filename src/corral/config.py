@@ -28,6 +28,13 @@ class Settings(BaseSettings):
         description="models the GPU recommendation chooses from (JSON list in the environment)",
     )
     gpu_refresh_s: float = Field(default=5.0, gt=0, description="how often the GPU inventory is re-read")
+    queue_strategy: Literal["strict-fifo", "best-effort-fifo"] = Field(
+        default="best-effort-fifo", description="finetune queue: strict-fifo (the head blocks) or best-effort-fifo"
+    )
+    max_bypass: int = Field(default=3, ge=0, description="best-effort-fifo: how often a waiting task may be passed")
+    cpu_training_slots: int = Field(default=1, ge=0, description="finetune tasks training on the CPU at once")
+    finetune_timeout_s: float = Field(default=6 * 3600, gt=0, description="default finetune timeout (6 h)")
+    queue_warning_threshold: int = Field(default=5, ge=0, description="warn when more tasks than this wait")
     gateway_data_plane: Literal["auto", "python", "nginx"] = Field(
         default="auto", description="nginx (+ Lua) when installed, else Corral's Python gateway"
     )

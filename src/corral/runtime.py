@@ -17,6 +17,8 @@ from corral.controller import Controller
 from corral.domain.memory import find_model
 from corral.engines import get_engine
 from corral.events import EventBus
+from corral.finetune.manager import FinetuneManager
+from corral.finetune.store import ACTIVE
 from corral.gateway import nginx_plane
 from corral.gateway.nginx_plane import NginxGateway
 from corral.gateway.policies import make_policy
@@ -44,6 +46,13 @@ class Runtime:
         self.controller = Controller(self.backend, self.store, self.bus, base_url=self.service_base_url,
                                      traffic=self.gateway.stats.replica_summary)
         self.bus.listen(self._on_event)
+        self.finetune = FinetuneManager(
+            settings, self.store, self.bus, inventory=self._fresh_inventory,
+            replica_gpus=lambda: {str(g) for pod in self.backend.list_pods() for g in pod.gpu_ids},
+        )
+        if isinstance(self.backend, LocalBackend):  # one GPU ledger: replicas never get a training task's GPU
+            self.backend.gpus_held_elsewhere = lambda: [int(u) for t in self.finetune.tasks.list(ACTIVE) for u in t.units
+                                                        if u.isdigit()]
 
     def _make_gateway(self, settings: Settings) -> Gateway | NginxGateway:
         choice = settings.gateway_data_plane
@@ -64,15 +73,21 @@ class Runtime:
         await self.backend.start()
         self.refresh_routes()
         self.gateway.start()
+        await self.finetune.start()
         if self.gpu_inventory.available:  # without a driver there is nothing to watch
             self._gpu_task = asyncio.create_task(self._watch_gpus(), name="gpu-inventory")
 
     async def close(self) -> None:
         if self._gpu_task:
             self._gpu_task.cancel()
+        await self.finetune.close()
         await self.gateway.close()
         await self.backend.close()
         self.store.close()
+
+    def _fresh_inventory(self) -> GpuInventory:
+        """A new NVML read (free memory as of now) where there are GPUs; nothing to re-read without."""
+        return read_inventory() if self.gpu_inventory.available else self.gpu_inventory
 
     async def _watch_gpus(self) -> None:
         """Re-read NVML periodically; publish `gpu_inventory` when something changed."""

@@ -82,7 +82,23 @@ class CorralServer:
         with sqlite3.connect(self.data_dir / "corral.db") as conn:
             return conn.execute("SELECT pid FROM replicas WHERE name = ?", (name,)).fetchone()[0]
 
+    def finetune_pid(self, task_id: str) -> int:
+        with sqlite3.connect(self.data_dir / "corral.db") as conn:
+            return conn.execute("SELECT pid FROM finetune_tasks WHERE id = ?", (task_id,)).fetchone()[0]
+
     def kill_replicas(self) -> None:
+        db = self.data_dir / "corral.db"
+        if db.exists():
+            with sqlite3.connect(db) as conn:
+                try:
+                    trainers = [pid for (pid,) in conn.execute("SELECT pid FROM finetune_tasks WHERE pid IS NOT NULL")]
+                except sqlite3.OperationalError:
+                    trainers = []
+            for pid in trainers:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
         for pid in self.replica_pids():
             try:
                 os.killpg(pid, signal.SIGKILL)

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 import corral
-from corral.api import events, serving, system
+from corral.api import events, finetune, serving, system
 from corral.config import Settings
 from corral.domain.errors import CorralError
 from corral.engines import engine_names, get_engine
@@ -43,6 +43,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     )
     app.include_router(serving.router)
     app.include_router(system.router)
+    app.include_router(finetune.router)
     app.include_router(events.router)
 
     @app.get("/api/health", tags=["system"])

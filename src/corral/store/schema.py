@@ -69,3 +69,28 @@ class HistoryRow(Base):
     after: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     outcome: Mapped[str] = mapped_column(String(16))
     message: Mapped[str] = mapped_column(Text, default="")
+
+
+class FinetuneTaskRow(Base):
+    __tablename__ = "finetune_tasks"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    base_model: Mapped[str] = mapped_column(Text)
+    dataset_path: Mapped[str] = mapped_column(Text)
+    method: Mapped[str] = mapped_column(String(16))
+    priority: Mapped[str] = mapped_column(String(8))
+    gpus: Mapped[int] = mapped_column(Integer, default=0)
+    memory_gb: Mapped[float] = mapped_column(default=0.0)
+    timeout_s: Mapped[float] = mapped_column(default=6 * 3600.0)
+    hyperparameters: Mapped[dict] = mapped_column(JSON)
+    examples: Mapped[int] = mapped_column(Integer, default=0)
+    progress: Mapped[dict] = mapped_column(JSON, default=dict)
+    units: Mapped[list] = mapped_column(JSON, default=list)  # GPU unit ids held while running
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    pid_start: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    bypassed: Mapped[int] = mapped_column(Integer, default=0)
+    output: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

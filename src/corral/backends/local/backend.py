@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import string
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import yaml
@@ -35,6 +35,8 @@ class LocalBackend(Backend):
         self.store = store
         self.gpu_ids = [g.index for g in read_inventory().devices] if gpu_ids is None else gpu_ids
         self.supervisor = ReplicaSupervisor(settings, store, emit)
+        # GPUs this backend must not hand out: the runtime points it at running finetune tasks.
+        self.gpus_held_elsewhere: Callable[[], list[int]] = list
 
     def set_drain(self, drain) -> None:  # type: ignore[no-untyped-def]
         self.supervisor.drain = drain
@@ -132,7 +134,7 @@ class LocalBackend(Backend):
         existing = self.store.list_replicas()
         taken_names = {r.name for r in existing}
         taken_ports = {r.port for r in existing}
-        held_gpus = [g for r in existing for g in r.gpu_ids]
+        held_gpus = [g for r in existing for g in r.gpu_ids] + list(self.gpus_held_elsewhere())
         records = []
         for _ in range(count):
             name = _replica_name(deployment.name, taken_names)

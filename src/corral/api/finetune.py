@@ -1,0 +1,97 @@
+"""Spec 02 finetune endpoints: submit, list, inspect, cancel, logs (streamed), queue summary."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request, status
+from fastapi.responses import PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from corral.api.auth import require_token
+from corral.api.schemas import Body
+from corral.backends.local.process import tail_lines
+from corral.finetune.manager import FinetuneManager
+from corral.finetune.store import FINISHED
+
+router = APIRouter(prefix="/api/finetune", tags=["finetune"])
+mutating = [Depends(require_token)]
+
+
+class GpuRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    count: int = 1
+    memoryGb: float | None = Field(default=None, description="free memory each GPU must have; default: estimated")
+
+
+class SubmitRequest(Body):
+    baseModel: str = Field(description="local model directory or hub id")
+    datasetPath: str = Field(description="JSONL: chat `messages`, or `instruction`/`input`/`output`")
+    method: str = Field(default="lora", description="lora | qlora | full")
+    priority: str = Field(default="normal", description="high | normal | low")
+    gpus: int | GpuRequest | None = Field(default=None, description="a count, or {count, memoryGb}; default 1, or 0 without GPU")
+    timeoutSeconds: float | None = Field(default=None, description="default 6 h; the task is cancelled when it runs longer")
+    hyperparameters: dict[str, float] = Field(default_factory=dict)
+
+
+def manager(request: Request) -> FinetuneManager:
+    return request.app.state.runtime.finetune
+
+
+@router.post("/tasks", dependencies=mutating, status_code=status.HTTP_201_CREATED)
+async def submit(body: SubmitRequest, request: Request) -> dict[str, Any]:
+    """Validate and queue a finetune task; it starts as soon as its GPUs (or a CPU slot) are free."""
+    gpus, memory = (body.gpus.count, body.gpus.memoryGb) if isinstance(body.gpus, GpuRequest) else (body.gpus, None)
+    return manager(request).submit(base_model=body.baseModel, dataset_path=body.datasetPath, method=body.method,
+                                   priority=body.priority, gpus=gpus, memory_gb=memory, timeout_s=body.timeoutSeconds,
+                                   hyperparameters=body.hyperparameters)
+
+
+@router.get("/tasks")
+async def tasks(request: Request) -> list[dict[str, Any]]:
+    return manager(request).list()
+
+
+@router.get("/queue")
+async def queue(request: Request) -> dict[str, Any]:
+    """Waiting and running counts, the strategy, and a warning when more than 5 tasks wait."""
+    return manager(request).queue_summary()
+
+
+@router.get("/tasks/{task_id}")
+async def task(task_id: str, request: Request) -> dict[str, Any]:
+    """`{id, status, reason, progress: {step, totalSteps, loss, eta, …}, …}`."""
+    return manager(request).get(task_id)
+
+
+@router.post("/tasks/{task_id}/cancel", dependencies=mutating)
+async def cancel(task_id: str, request: Request) -> dict[str, Any]:
+    return await manager(request).cancel(task_id)
+
+
+@router.get("/tasks/{task_id}/logs", response_model=None)
+async def logs(task_id: str, request: Request, tail: int = Query(default=200, ge=1, le=100_000),
+               follow: bool = False) -> PlainTextResponse | StreamingResponse:
+    """The task's log (Corral's lines and the trainer's output); `follow=true` streams until the task ends."""
+    path = manager(request).log_path(task_id)
+    if not follow:
+        return PlainTextResponse(tail_lines(path, tail))
+
+    async def stream() -> AsyncIterator[bytes]:
+        text = tail_lines(path, tail)
+        yield (text + "\n").encode() if text else b""
+        offset = path.stat().st_size if path.exists() else 0
+        while True:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+            offset += len(chunk)
+            if chunk:
+                yield chunk
+            elif manager(request).get(task_id)["status"] in FINISHED:
+                return
+            await asyncio.sleep(0.25)
+
+    return StreamingResponse(stream(), media_type="text/plain")

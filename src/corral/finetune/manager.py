@@ -1,0 +1,306 @@
+"""The finetune task manager: queue, lifecycle, persistence, recovery.
+
+Every state change goes through `_set`, which writes the database row, the task log and a
+`finetune_task` event together. One loop (every 0.5 s) follows running trainers (progress lines,
+exit, timeout) and runs a scheduling round: the pure queue policy (`corral.domain.queue`) decides
+what starts where; this module only carries it out. Trainers run in their own session and outlive
+the control plane; on start they are re-adopted, resumed from their last checkpoint, or failed with
+the reason — never silently lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from corral.backends.local import process
+from corral.config import Settings
+from corral.domain.errors import Conflict, InvalidInput, NotFound
+from corral.domain.memory import GIB, KNOWN_MODELS, TrainingSetup, training_memory
+from corral.domain.queue import Capacity, Demand, Priority, Strategy, Unit, WaitingTask, schedule
+from corral.events import EventBus
+from corral.finetune.dataset import load_dataset
+from corral.finetune.store import ACTIVE, FINISHED, WAITING, TaskRecord, TaskStore
+from corral.gpus.inventory import GpuInventory
+from corral.store.state import StateStore
+
+log = logging.getLogger("corral.finetune")
+
+DEFAULT_HYPERPARAMETERS: dict[str, Any] = {
+    "epochs": 3, "batchSize": 4, "gradientAccumulation": 1, "learningRate": 2e-4, "loraRank": 8, "loraAlpha": 16,
+    "loraDropout": 0.05, "maxSeqLen": 1024, "saveSteps": 50, "seed": 42,
+}
+METHODS = ("lora", "qlora", "full")
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class FinetuneManager:
+    def __init__(self, settings: Settings, state: StateStore, bus: EventBus, inventory: Callable[[], GpuInventory],
+                 replica_gpus: Callable[[], set[str]]) -> None:
+        self.settings = settings
+        self.tasks = TaskStore(state)
+        self.bus = bus
+        self.inventory = inventory  # a fresh NVML read: free memory is checked before every start
+        self.replica_gpus = replica_gpus  # unit ids held by model-pool replicas (one ledger for the machine)
+        self.root = settings.data_dir / "finetune"
+        self._handles: dict[str, subprocess.Popen] = {}
+        self._offsets: dict[str, int] = {}
+        self._loop: asyncio.Task | None = None
+
+    # lifecycle ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        for task in self.tasks.list(ACTIVE):
+            if process.is_alive(task.pid, task.pid_start):
+                self._note(task.id, f"re-adopted trainer process {task.pid} after a control-plane restart")
+            elif any((self._dir(task.id) / "checkpoints").glob("checkpoint-*")):
+                self._note(task.id, "the trainer died while Corral was down; resuming from its last checkpoint")
+                self._spawn(task, resume=True)
+            else:
+                self._set(task.id, "failed", "the trainer died while Corral was down and had no checkpoint to resume from",
+                          finished_at=_now())
+        self._loop = asyncio.create_task(self._run(), name="finetune-manager")
+
+    async def close(self) -> None:
+        if self._loop:
+            self._loop.cancel()
+            try:
+                await self._loop
+            except asyncio.CancelledError:
+                pass
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                self.tick()
+            except Exception:
+                log.exception("finetune round failed")
+            await asyncio.sleep(0.5)
+
+    # API ---------------------------------------------------------------------------------------
+    def submit(self, *, base_model: str, dataset_path: str, method: str = "lora", priority: str = "normal",
+               gpus: int | None = None, memory_gb: float | None = None, timeout_s: float | None = None,
+               hyperparameters: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Validate everything, then queue: a task that cannot start now is `queued`, never refused."""
+        if method not in METHODS:
+            raise InvalidInput(f"method must be one of {', '.join(METHODS)}, got '{method}'")
+        try:
+            Priority.parse(priority)
+        except KeyError:
+            raise InvalidInput(f"priority must be high, normal or low, got '{priority}'") from None
+        unknown = set(hyperparameters or {}) - set(DEFAULT_HYPERPARAMETERS)
+        if unknown:
+            raise InvalidInput(f"unknown hyperparameter(s) {', '.join(sorted(unknown))}; known: {', '.join(DEFAULT_HYPERPARAMETERS)}")
+        hp = {**DEFAULT_HYPERPARAMETERS, **(hyperparameters or {})}
+        for key, value in hp.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (value == 0 and key != "loraDropout"):
+                raise InvalidInput(f"hyperparameter {key} must be a positive number, got {value!r}")
+        if not base_model or not (Path(base_model).is_dir() or "/" in base_model):
+            raise InvalidInput(f"baseModel '{base_model}' is neither a local model directory nor a hub id (org/name)")
+        examples = len(load_dataset(Path(dataset_path)))
+        has_gpu = self.inventory().available
+        count = (1 if has_gpu else 0) if gpus is None else gpus
+        if count < 0 or count > 64:
+            raise InvalidInput(f"gpus must be from 0 to 64, got {count}")
+        if count and not has_gpu:
+            raise InvalidInput("this machine has no GPU: submit with gpus 0 to train on the CPU")
+        if method == "qlora" and not count:
+            raise InvalidInput("qlora needs a GPU (bitsandbytes 4-bit); use method 'lora' on the CPU")
+        timeout = self.settings.finetune_timeout_s if timeout_s is None else timeout_s
+        if timeout <= 0:
+            raise InvalidInput(f"timeoutSeconds must be positive, got {timeout}")
+        task = TaskRecord(
+            id=f"ft-{secrets.token_hex(4)}", status="pending", base_model=base_model, dataset_path=str(Path(dataset_path).resolve()),
+            method=method, priority=priority.lower(), hyperparameters=hp, gpus=count, timeout_s=float(timeout), examples=examples,
+            memory_gb=memory_gb if memory_gb is not None else self._estimate_gb(base_model, method, hp, count),
+            created_at=_now(),
+        )
+        self._dir(task.id).mkdir(parents=True, exist_ok=True)
+        self.tasks.add(task)
+        self._note(task.id, f"submitted: {method} of {base_model} on {examples} examples, priority {task.priority}")
+        self.bus.publish("finetune_task", self.view(self.tasks.get(task.id)))  # type: ignore[arg-type]
+        self.tick()
+        return self.view(self.tasks.get(task.id))  # type: ignore[arg-type]
+
+    async def cancel(self, task_id: str) -> dict[str, Any]:
+        task = self._get(task_id)
+        if task.status in FINISHED:
+            raise Conflict(f"task {task_id} is already {task.status}")
+        if task.status in ACTIVE:
+            await self._stop(task, "cancelled", "cancelled by request")
+        else:
+            self._set(task_id, "cancelled", "cancelled by request", finished_at=_now())
+        self.tick()
+        return self.view(self._get(task_id))
+
+    def get(self, task_id: str) -> dict[str, Any]:
+        return self.view(self._get(task_id))
+
+    def list(self) -> list[dict[str, Any]]:
+        return [self.view(t) for t in self.tasks.list()]
+
+    def queue_summary(self) -> dict[str, Any]:
+        waiting = self.tasks.list(WAITING)
+        running = self.tasks.list(ACTIVE)
+        threshold = self.settings.queue_warning_threshold
+        warning = (f"{len(waiting)} tasks are waiting (more than {threshold}): consider more GPUs, lower priorities or "
+                   "cancelling stale tasks") if len(waiting) > threshold else None
+        return {"waiting": len(waiting), "running": [t.id for t in running], "strategy": self.settings.queue_strategy,
+                "warning": warning}
+
+    def log_path(self, task_id: str) -> Path:
+        self._get(task_id)
+        return self._dir(task_id) / "train.log"
+
+    # scheduling --------------------------------------------------------------------------------
+    def tick(self) -> None:
+        for task in self.tasks.list(ACTIVE):
+            self._follow(task)
+        self._schedule_round()
+
+    def _schedule_round(self) -> None:
+        waiting = self.tasks.list(WAITING)
+        if not waiting:
+            return
+        running = self.tasks.list(ACTIVE)
+        inventory = self.inventory()
+        held = {u for t in running for u in t.units} | self.replica_gpus()
+        units = tuple(Unit(d.id, d.memory_free_bytes) for d in inventory.schedulable_units() if d.id not in held)
+        cpu_slots = max(0, self.settings.cpu_training_slots - sum(1 for t in running if not t.units))
+        decision = schedule(
+            [WaitingTask(t.id, Priority.parse(t.priority), t.created_at.timestamp() if t.created_at else 0.0,
+                         Demand(t.gpus, t.memory_gb * GIB), t.bypassed) for t in waiting],
+            Capacity(units, cpu_slots), Strategy(self.settings.queue_strategy), self.settings.max_bypass,
+        )
+        for task_id in decision.bypassed:
+            self.tasks.update(task_id, bypassed=self._get(task_id).bypassed + 1)
+        by_id = {t.id: t for t in waiting}
+        uuids = {d.id: d.uuid for d in inventory.schedulable_units()}
+        started = []
+        for task_id, chosen in decision.starts:
+            log.info("starting finetune task %s on %s", task_id, ", ".join(chosen) or "the CPU")
+            self._note(task_id, f"starting on {', '.join(chosen) or 'the CPU'}")
+            self._spawn(by_id[task_id], units=list(chosen), visible=[uuids.get(u, u) if "/" in u else u for u in chosen])
+            started.append(task_id)
+        running_ids = [t.id for t in running] + started
+        for task_id, why in decision.waiting.items():
+            reason = f"queued, {why.replace('waiting for GPU:', 'waiting for GPU to be released:')} (currently running: {', '.join(running_ids) or 'none'})"
+            if by_id[task_id].status != "queued" or by_id[task_id].reason != reason:
+                self._set(task_id, "queued", reason)
+
+    # processes ---------------------------------------------------------------------------------
+    def _spawn(self, task: TaskRecord, units: list[str] | None = None, visible: list[str] | None = None, resume: bool = False) -> None:
+        directory = self._dir(task.id)
+        (directory / "task.json").write_text(json.dumps({
+            "baseModel": task.base_model, "datasetPath": task.dataset_path, "method": task.method,
+            "hyperparameters": task.hyperparameters,
+        }))
+        units = task.units if units is None else units
+        visible = units if visible is None else visible
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(visible), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1" if Path(task.base_model).is_dir() else "0"}
+        started = process.spawn([sys.executable, "-m", "corral.finetune.trainer", str(directory)], env, directory / "train.log")
+        self._handles[task.id] = started.handle  # type: ignore[assignment]
+        self._set(task.id, "preparing", "resuming from the last checkpoint" if resume else "loading the model and dataset",
+                  pid=started.pid, pid_start=started.pid_start, units=units, started_at=task.started_at or _now())
+
+    def _follow(self, task: TaskRecord) -> None:
+        events = self._read_progress(task.id)
+        for event in events:
+            kind = event.get("event")
+            if kind == "training" and task.status != "training":
+                task = self._set(task.id, "training", "training", progress=_progress(task.progress, event))
+            elif kind == "step":
+                task = self.tasks.update(task.id, progress=_progress(task.progress, event))
+                self.bus.publish("finetune_task", self.view(task))
+            elif kind == "completed":
+                task = self.tasks.update(task.id, output=event["output"], progress=_progress(task.progress, event))
+        handle = self._handles.get(task.id)
+        if process.is_alive(task.pid, task.pid_start, handle):
+            if task.started_at and (_now() - task.started_at).total_seconds() > task.timeout_s:
+                asyncio.get_running_loop().create_task(
+                    self._stop(task, "cancelled", f"timed out after {task.timeout_s:.0f} s (timeoutSeconds)"))
+            return
+        code = process.exit_code(handle)
+        self._handles.pop(task.id, None)
+        if task.output and code in (0, None):
+            self._set(task.id, "completed", f"completed; output in {task.output}", finished_at=_now(), pid=None)
+        else:
+            last = process.tail_lines(self._dir(task.id) / "train.log", 1).strip()
+            self._set(task.id, "failed", f"trainer exited (code {code}): {last[-300:]}", finished_at=_now(), pid=None)
+
+    async def _stop(self, task: TaskRecord, status: str, reason: str) -> None:
+        self._set(task.id, status, reason, finished_at=_now())  # first, so the loop does not read the exit as a failure
+        await process.stop_group(task.pid, task.pid_start, self._handles.pop(task.id, None), self.settings.stop_grace_s)
+        self.tasks.update(task.id, pid=None)
+
+    def _read_progress(self, task_id: str) -> list[dict[str, Any]]:
+        path = self._dir(task_id) / "progress.jsonl"
+        try:
+            with open(path, encoding="utf-8") as f:
+                f.seek(self._offsets.get(task_id, 0))
+                data = f.read()
+                complete = data[: data.rfind("\n") + 1]  # a line being written is read next time
+                self._offsets[task_id] = self._offsets.get(task_id, 0) + len(complete.encode())
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+    # helpers -----------------------------------------------------------------------------------
+    def _set(self, task_id: str, status: str, reason: str, **columns: Any) -> TaskRecord:
+        task = self.tasks.update(task_id, status=status, reason=reason, **columns)
+        self._note(task_id, f"{status}: {reason}")
+        log.info("finetune task %s: %s (%s)", task_id, status, reason)
+        self.bus.publish("finetune_task", self.view(task))
+        return task
+
+    def _note(self, task_id: str, line: str) -> None:
+        path = self._dir(task_id) / "train.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"[corral {time.strftime('%H:%M:%S')}] {line}\n")
+
+    def _dir(self, task_id: str) -> Path:
+        return self.root / task_id
+
+    def _get(self, task_id: str) -> TaskRecord:
+        task = self.tasks.get(task_id)
+        if task is None:
+            raise NotFound(f"finetune task '{task_id}' not found; list them with GET /api/finetune/tasks")
+        return task
+
+    @staticmethod
+    def _estimate_gb(base_model: str, method: str, hp: dict[str, Any], gpus: int) -> float:
+        """Memory per GPU from the estimator when the base model is a known architecture, else 0 (any free GPU)."""
+        spec = KNOWN_MODELS.get(Path(base_model).name.lower())
+        if spec is None or not gpus:
+            return 0.0
+        setup = TrainingSetup(method=method, seq_len=int(hp["maxSeqLen"]), batch_size=int(hp["batchSize"]),  # type: ignore[arg-type]
+                              lora_rank=int(hp["loraRank"]))
+        return round(training_memory(spec, setup).total_gb / gpus, 2)
+
+    def view(self, task: TaskRecord) -> dict[str, Any]:
+        return {
+            "id": task.id, "status": task.status, "reason": task.reason, "baseModel": task.base_model,
+            "datasetPath": task.dataset_path, "method": task.method, "priority": task.priority, "gpus": task.gpus,
+            "memoryGb": task.memory_gb, "timeoutSeconds": task.timeout_s, "hyperparameters": task.hyperparameters,
+            "examples": task.examples, "progress": task.progress, "units": task.units, "output": task.output,
+            "createdAt": task.created_at.isoformat() if task.created_at else None,
+            "startedAt": task.started_at.isoformat() if task.started_at else None,
+            "finishedAt": task.finished_at.isoformat() if task.finished_at else None,
+        }
+
+
+def _progress(previous: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
+    keys = ("step", "totalSteps", "loss", "learningRate", "epoch", "eta")
+    return {**previous, **{k: event[k] for k in keys if k in event}}

@@ -1,0 +1,80 @@
+"""Finetune tasks in the same SQLite database as everything else: they survive a restart."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+
+from corral.store.schema import FinetuneTaskRow
+from corral.store.state import StateStore, _aware
+
+ACTIVE = ("preparing", "training")
+WAITING = ("pending", "queued")
+FINISHED = ("completed", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    id: str
+    status: str
+    base_model: str
+    dataset_path: str
+    method: str
+    priority: str
+    hyperparameters: dict[str, Any]
+    reason: str = ""
+    gpus: int = 0
+    memory_gb: float = 0.0
+    timeout_s: float = 6 * 3600.0
+    examples: int = 0
+    progress: dict[str, Any] = field(default_factory=dict)
+    units: list[str] = field(default_factory=list)
+    pid: int | None = None
+    pid_start: str | None = None
+    bypassed: int = 0
+    output: str | None = None
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+_COLUMNS = [f.name for f in fields(TaskRecord)]
+
+
+def _record(row: FinetuneTaskRow) -> TaskRecord:
+    values = {name: getattr(row, name) for name in _COLUMNS}
+    for name in ("created_at", "started_at", "finished_at"):
+        values[name] = _aware(values[name])
+    return TaskRecord(**values)
+
+
+class TaskStore:
+    def __init__(self, state: StateStore) -> None:
+        self.state = state
+
+    def add(self, task: TaskRecord) -> None:
+        with self.state.session() as s:
+            s.add(FinetuneTaskRow(**{k: v for k, v in task.__dict__.items() if v is not None or k == "pid"}))
+
+    def get(self, task_id: str) -> TaskRecord | None:
+        with self.state.session() as s:
+            row = s.get(FinetuneTaskRow, task_id)
+            return _record(row) if row else None
+
+    def list(self, statuses: tuple[str, ...] | None = None) -> list[TaskRecord]:
+        query = select(FinetuneTaskRow).order_by(FinetuneTaskRow.created_at, FinetuneTaskRow.id)
+        if statuses:
+            query = query.where(FinetuneTaskRow.status.in_(statuses))
+        with self.state.session() as s:
+            return [_record(r) for r in s.scalars(query)]
+
+    def update(self, task_id: str, **columns: Any) -> TaskRecord:
+        with self.state.session() as s:
+            row = s.get_one(FinetuneTaskRow, task_id)
+            for key, value in columns.items():
+                setattr(row, key, value)
+            s.flush()
+            return _record(row)
