@@ -24,6 +24,8 @@ from rich.table import Table
 app = typer.Typer(help="Corral: model pools assigned to business services, on your GPUs.", no_args_is_help=True)
 service_app = typer.Typer(help="Business services: stable endpoints selecting {model, business}.", no_args_is_help=True)
 app.add_typer(service_app, name="service")
+finetune_app = typer.Typer(help="Finetune tasks: a queue on the same GPUs as the model pools.", no_args_is_help=True)
+app.add_typer(finetune_app, name="finetune")
 
 console = Console()
 err = Console(stderr=True)
@@ -326,6 +328,141 @@ def estimate(
     console.print(f"[bold]{result['displayName']}[/bold] {method}: about {training['totalGb']} GB to finetune, "
                   f"{serving['totalGb']} GB to serve ({serving['contextTokens']} tokens × {serving['concurrency']} sequences)")
     _table("Finetune memory (GB)", list(training["breakdownGb"]), [list(training["breakdownGb"].values())])
+
+
+# finetune --------------------------------------------------------------------------------------
+STATUS_STYLE = {"queued": "yellow", "preparing": "cyan", "training": "blue", "completed": "green", "failed": "red",
+                "cancelled": "bright_black", "pending": "white"}
+
+
+def _status(task: dict) -> str:
+    return f"[{STATUS_STYLE.get(task['status'], 'white')}]{task['status']}[/]"
+
+
+@finetune_app.command("submit")
+def finetune_submit(
+    base_model: str = typer.Argument(..., help="local model directory or hub id"),
+    dataset: Path = typer.Argument(..., help="JSONL: chat messages or instruction/input/output"),
+    method: str = typer.Option("lora", help="lora | qlora | full"),
+    priority: str = typer.Option("normal", help="high | normal | low"),
+    gpus: Optional[int] = typer.Option(None, help="GPUs (default 1, or 0 without GPU)"),
+    timeout_s: Optional[float] = typer.Option(None, "--timeout", help="seconds before the task is cancelled (default 6 h)"),
+    hp: list[str] = typer.Option([], "--hp", help="hyperparameter, e.g. --hp epochs=3 --hp learningRate=1e-4"),
+    follow: bool = typer.Option(False, "--follow", "-f", help="show a live progress bar until the task ends"),
+    url: str = URL_OPTION,
+    token: Optional[str] = TOKEN_OPTION,
+) -> None:
+    """Validate and queue a finetune task."""
+    hyperparameters: dict[str, float] = {}
+    for item in hp:
+        key, sep, value = item.partition("=")
+        try:
+            hyperparameters[key] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            fail(f"'{item}' is not name=number (e.g. epochs=3)")
+    body = {"baseModel": base_model, "datasetPath": str(dataset.resolve()), "method": method, "priority": priority,
+            "gpus": gpus, "timeoutSeconds": timeout_s, "hyperparameters": hyperparameters}
+    client = Client(url, token)
+    task = client.call("POST", "/api/finetune/tasks", json=body)
+    console.print(f"{task['id']}: {_status(task)} — {task['reason']}", highlight=False)
+    if follow:
+        _follow(client, task["id"])
+
+
+def _follow(client: Client, task_id: str) -> None:
+    """A live progress bar (steps, loss, ETA) until the task ends; exit code 1 unless it completed."""
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[note]}")]
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task(task_id, total=None, note="")
+        while True:
+            task = client.call("GET", f"/api/finetune/tasks/{task_id}")
+            p = task["progress"]
+            note = f"{task['status']}" + (f" loss {p['loss']:.4f}" if p.get("loss") is not None else "")
+            note += f" ETA {p['eta']:.0f}s" if p.get("eta") is not None else ""
+            progress.update(bar, completed=p.get("step") or 0, total=p.get("totalSteps"), note=note)
+            if task["status"] in ("completed", "failed", "cancelled"):
+                break
+            time.sleep(0.5)
+    console.print(f"{task_id}: {_status(task)} — {task['reason']}", highlight=False)
+    if task["status"] != "completed":
+        raise typer.Exit(1)
+
+
+@finetune_app.command("list")
+def finetune_list(url: str = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+    """Finetune tasks, oldest first, with the queue warning when more than 5 wait."""
+    client = Client(url, token)
+    rows = client.call("GET", "/api/finetune/tasks")
+    _table("Finetune tasks", ["Id", "Status", "Method", "Priority", "Progress", "Loss", "Reason"], [
+        [t["id"], _status(t), t["method"], t["priority"],
+         f"{t['progress'].get('step', 0)}/{t['progress'].get('totalSteps', '?')}", t["progress"].get("loss"), t["reason"]]
+        for t in rows
+    ])
+    warning = client.call("GET", "/api/finetune/queue")["warning"]
+    if warning:
+        console.print(f"[yellow]{warning}[/yellow]")
+
+
+@finetune_app.command("show")
+def finetune_show(task_id: str, follow: bool = typer.Option(False, "--follow", "-f"), url: str = URL_OPTION,
+                  token: Optional[str] = TOKEN_OPTION) -> None:
+    """One task: status, reason, progress, parameters, output."""
+    client = Client(url, token)
+    task = client.call("GET", f"/api/finetune/tasks/{task_id}")
+    if follow:
+        _follow(client, task_id)
+        return
+    console.print_json(data=task)
+
+
+@finetune_app.command("logs")
+def finetune_logs(task_id: str, tail: int = typer.Option(200, "--tail", "-n"), follow: bool = typer.Option(False, "--follow", "-f"),
+                  url: str = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+    """The task's log; --follow streams it until the task ends."""
+    client = Client(url, token)
+    params = {"tail": tail, "follow": str(follow).lower()}
+    try:
+        with client.http.stream("GET", f"/api/finetune/tasks/{task_id}/logs", params=params, timeout=None) as response:
+            if response.status_code >= 400:
+                response.read()
+                fail(response.json().get("error", response.text))
+            for chunk in response.iter_text():
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach Corral at {client.url} ({exc.__class__.__name__}); is `corral serve` running?")
+
+
+@finetune_app.command("cancel")
+def finetune_cancel(task_id: str, url: str = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+    """Cancel a task in any state (a running trainer is stopped)."""
+    task = Client(url, token).call("POST", f"/api/finetune/tasks/{task_id}/cancel")
+    console.print(f"{task_id}: {_status(task)}", highlight=False)
+
+
+@finetune_app.command("deploy")
+def finetune_deploy(
+    task_id: str,
+    tag: str = typer.Option(..., "--tag", "-t", help="model tag of the new pool"),
+    engine: str = typer.Option("vllm", help="vllm (LoRA adapter on the base model) or another engine (merged weights)"),
+    replicas: int = typer.Option(1, "--replicas", "-n"),
+    gpus: Optional[int] = typer.Option(None, "--gpus"),
+    merge: bool = typer.Option(False, help="serve merged weights even with vLLM"),
+    wait: bool = typer.Option(True, help="wait until every replica is ready"),
+    url: str = URL_OPTION,
+    token: Optional[str] = TOKEN_OPTION,
+) -> None:
+    """Deploy a completed task's result as a model pool."""
+    client = Client(url, token)
+    body = {"engine": engine, "modelTag": tag, "replicas": replicas, "gpusPerReplica": gpus, "merge": merge}
+    result = client.call("POST", f"/api/finetune/tasks/{task_id}/deploy", json=body)
+    name = result["deployment"]["name"]
+    console.print(f"deployed {name} from {task_id} ({result['deployment']['modelId']})")
+    if wait and replicas:
+        wait_ready(client, name, replicas, 900)
 
 
 def _compact(value: Any) -> str:

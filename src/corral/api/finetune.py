@@ -71,6 +71,25 @@ async def cancel(task_id: str, request: Request) -> dict[str, Any]:
     return await manager(request).cancel(task_id)
 
 
+class DeployRequest(Body):
+    engine: str = Field(default="vllm", description="vllm serves the adapter on the base model; others get merged weights")
+    modelTag: str = Field(description="the pool's `model` label, e.g. qwen-06b-support")
+    replicas: int = 1
+    gpusPerReplica: int | None = None
+    merge: bool = Field(default=False, description="serve merged weights even with vLLM")
+
+
+@router.post("/tasks/{task_id}/deploy", dependencies=mutating, status_code=status.HTTP_201_CREATED)
+async def deploy(task_id: str, body: DeployRequest, request: Request) -> dict[str, Any]:
+    """Deploy a completed task's result as a model pool, in one call."""
+    from corral.controller import DeploySpec
+
+    model_id, engine_args = await manager(request).deployable_model(task_id, body.engine, body.merge)
+    spec = DeploySpec(engine=body.engine, model_id=model_id, model_tag=body.modelTag, replicas=body.replicas,
+                      deploy_as_pool=True, gpus_per_replica=body.gpusPerReplica, engine_args=engine_args)
+    return await request.app.state.controller.deploy(spec)
+
+
 @router.get("/tasks/{task_id}/logs", response_model=None)
 async def logs(task_id: str, request: Request, tail: int = Query(default=200, ge=1, le=100_000),
                follow: bool = False) -> PlainTextResponse | StreamingResponse:

@@ -144,6 +144,28 @@ class FinetuneManager:
         self.tick()
         return self.view(self._get(task_id))
 
+    async def deployable_model(self, task_id: str, engine: str, merge: bool) -> tuple[str, list[str]]:
+        """(modelId, engineArgs) that serve a completed task: vLLM loads the LoRA adapter on the base
+        model; any other engine (or `merge`) gets the adapter merged into the weights first."""
+        task = self._get(task_id)
+        if task.status != "completed" or not task.output:
+            raise Conflict(f"task {task_id} is {task.status}; only a completed task can be deployed")
+        if task.method == "full":
+            return task.output, []
+        if engine == "vllm" and not merge:
+            return task.base_model, ["--enable-lora", "--lora-modules", f"{task_id}={task.output}"]
+        merged = self._dir(task_id) / "merged"
+        if not (merged / "config.json").exists():
+            self._note(task_id, "merging the adapter into the base model for deployment")
+            child = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "corral.finetune.merge", str(self._dir(task_id)),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            )
+            output, _ = await child.communicate()
+            if child.returncode != 0:
+                raise Conflict(f"merging the adapter failed: {output.decode(errors='replace')[-500:]}")
+        return str(merged), []
+
     def get(self, task_id: str) -> dict[str, Any]:
         return self.view(self._get(task_id))
 
