@@ -58,6 +58,24 @@ class Client:
         return self.send(method, path, **kwargs).json()
 
 
+def _pairs(items: list[str], convert: type, form: str) -> dict[str, Any]:
+    """`key=value` arguments as a dict; the first malformed one ends the command, naming the expected form."""
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            parsed[key] = convert(value)
+        except ValueError:
+            sep = ""
+        if not sep or not key:
+            fail(f"'{item}' is not {form}")
+    return parsed
+
+
+PROGRESS_COLUMNS = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TextColumn("{task.fields[note]}"))
+
+
 def fail(message: str) -> NoReturn:
     err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
@@ -135,9 +153,7 @@ def deploy(
 def wait_ready(client: Client, name: str, replicas: int, timeout: float) -> None:
     """A progress bar of ready replicas; crash-looping ones are named, with how to read their logs."""
     deadline = time.monotonic() + timeout
-    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[note]}")]
-    with Progress(*columns, console=console, transient=False) as progress:
+    with Progress(*PROGRESS_COLUMNS, console=console) as progress:
         task = progress.add_task(f"{name}: replicas ready", total=replicas, note="")
         while True:
             pods = client.call("GET", "/api/pods", params={"deployment": name})
@@ -233,15 +249,7 @@ def distribute(
     token: Optional[str] = TOKEN_OPTION,
 ) -> None:
     """Distribute a pool's pods over businesses by ratio (or exact counts), with the fewest moves."""
-    parsed: dict[str, float] = {}
-    for share in shares:
-        business, sep, value = share.partition("=")
-        try:
-            parsed[business] = int(value) if counts else float(value)
-        except ValueError:
-            sep = ""
-        if not sep or not business:
-            fail(f"'{share}' is not business=N (e.g. production=3)")
+    parsed = _pairs(shares, int if counts else float, "business=N (e.g. production=3)")
     body = {"deploymentName": pool, ("counts" if counts else "ratios"): parsed}
     result = Client(url, token).call("POST", "/api/distribute-pods", json=body)
     for move in result["moves"]:
@@ -353,15 +361,7 @@ def finetune_submit(
     token: Optional[str] = TOKEN_OPTION,
 ) -> None:
     """Validate and queue a finetune task."""
-    hyperparameters: dict[str, float] = {}
-    for item in hp:
-        key, sep, value = item.partition("=")
-        try:
-            hyperparameters[key] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep:
-            fail(f"'{item}' is not name=number (e.g. epochs=3)")
+    hyperparameters = _pairs(hp, float, "name=number (e.g. epochs=3)")
     body = {"baseModel": base_model, "datasetPath": str(dataset.resolve()), "method": method, "priority": priority,
             "gpus": gpus, "timeoutSeconds": timeout_s, "hyperparameters": hyperparameters}
     client = Client(url, token)
@@ -373,9 +373,7 @@ def finetune_submit(
 
 def _follow(client: Client, task_id: str) -> None:
     """A live progress bar (steps, loss, ETA) until the task ends; exit code 1 unless it completed."""
-    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[note]}")]
-    with Progress(*columns, console=console) as progress:
+    with Progress(*PROGRESS_COLUMNS, console=console) as progress:
         bar = progress.add_task(task_id, total=None, note="")
         while True:
             task = client.call("GET", f"/api/finetune/tasks/{task_id}")
