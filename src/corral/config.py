@@ -1,4 +1,4 @@
-"""Settings, read from `CORRAL_*` environment variables; every one is also a `corral serve` flag."""
+"""Settings, read from `CORRAL_*` environment variables; the common ones are also `corral serve` flags."""
 
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     max_bypass: int = Field(default=3, ge=0, description="best-effort-fifo: how often a waiting task may be passed")
     cpu_training_slots: int = Field(default=1, ge=0, description="finetune tasks training on the CPU at once")
     finetune_timeout_s: float = Field(default=6 * 3600, gt=0, description="default finetune timeout (6 h)")
+    reclaim_unassigned_replicas: bool = Field(
+        default=False, description="a high-priority GPU finetune task may scale in unassigned pool replicas; restored after"
+    )
     queue_warning_threshold: int = Field(default=5, ge=0, description="warn when more tasks than this wait")
     gateway_data_plane: Literal["auto", "python", "nginx"] = Field(
         default="auto", description="nginx (+ Lua) when installed, else Corral's Python gateway"

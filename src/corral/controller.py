@@ -306,33 +306,43 @@ class Controller:
         return result
 
     # scaling ---------------------------------------------------------------------------------
-    async def scale(self, name: str, target: int, *, pool_endpoint: bool) -> dict[str, Any]:
+    async def scale(self, name: str, target: int, *, pool_endpoint: bool, reason: str = "") -> dict[str, Any]:
         """Scale any deployment; a pool always goes through the pool-safe plan, whichever endpoint asked."""
         async with self._lock:
-            deployment = self._deployment(name, field="deploymentName")
-            if pool_endpoint and not deployment.is_pool:
-                raise InvalidInput(f"'{name}' is a standard deployment; scale it with POST /api/scale-deployment")
-            pods = self.backend.list_pods(name)
-            unassigned = sum(1 for p in pods if p.business == L.UNASSIGNED)
-            try:
-                plan = plan_pool_scale(pods, target) if deployment.is_pool else plan_standard_scale(pods, target)
-            except Conflict as refusal:
-                self.store.record("scale", name, before={"replicas": len(pods)}, after={"replicas": target},
-                                  outcome="refused", message=refusal.message)
-                refusal.details.update(success=False, currentReplicas=len(pods), targetReplicas=target, unassignedPods=unassigned)
-                raise
-            added = await self.backend.add_replicas(name, plan.add) if plan.add else []
-            if plan.remove:  # out of service now; they drain and stop in the background
-                await self.backend.remove_replicas(name, list(plan.remove))
-            self.store.record("scale", name, before={"replicas": plan.current}, after={"replicas": plan.target},
-                              message=f"added {len(added)}, removed {len(plan.remove)}" + (f": {', '.join(plan.remove)}" if plan.remove else ""))
-            result: dict[str, Any] = {
-                "success": True, "deploymentName": name, "currentReplicas": plan.current, "targetReplicas": plan.target,
-                "added": [p.name for p in added], "removed": list(plan.remove),
-            }
-            if deployment.is_pool:
-                result["unassignedPods"] = sum(1 for p in self.backend.list_pods(name) if p.business == L.UNASSIGNED)
-            self.bus.publish("scale", result)
+            return await self._scale(name, target, pool_endpoint=pool_endpoint, reason=reason)
+
+    async def scale_by(self, name: str, delta: int, *, reason: str) -> dict[str, Any]:
+        """Scale relative to the replicas there are now (read under the lock): for the finetune reclaim."""
+        async with self._lock:
+            target = max(0, len(self.backend.list_pods(self._deployment(name, field="deploymentName").name)) + delta)
+            return await self._scale(name, target, pool_endpoint=False, reason=reason)
+
+    async def _scale(self, name: str, target: int, *, pool_endpoint: bool, reason: str) -> dict[str, Any]:
+        deployment = self._deployment(name, field="deploymentName")
+        if pool_endpoint and not deployment.is_pool:
+            raise InvalidInput(f"'{name}' is a standard deployment; scale it with POST /api/scale-deployment")
+        pods = self.backend.list_pods(name)
+        unassigned = sum(1 for p in pods if p.business == L.UNASSIGNED)
+        try:
+            plan = plan_pool_scale(pods, target) if deployment.is_pool else plan_standard_scale(pods, target)
+        except Conflict as refusal:
+            self.store.record("scale", name, before={"replicas": len(pods)}, after={"replicas": target},
+                              outcome="refused", message=refusal.message)
+            refusal.details.update(success=False, currentReplicas=len(pods), targetReplicas=target, unassignedPods=unassigned)
+            raise
+        added = await self.backend.add_replicas(name, plan.add) if plan.add else []
+        if plan.remove:  # out of service now; they drain and stop in the background
+            await self.backend.remove_replicas(name, list(plan.remove))
+        self.store.record("scale", name, before={"replicas": plan.current}, after={"replicas": plan.target},
+                          message=f"added {len(added)}, removed {len(plan.remove)}" + (f": {', '.join(plan.remove)}" if plan.remove else "")
+                          + (f" ({reason})" if reason else ""))
+        result: dict[str, Any] = {
+            "success": True, "deploymentName": name, "currentReplicas": plan.current, "targetReplicas": plan.target,
+            "added": [p.name for p in added], "removed": list(plan.remove),
+        }
+        if deployment.is_pool:
+            result["unassignedPods"] = sum(1 for p in self.backend.list_pods(name) if p.business == L.UNASSIGNED)
+        self.bus.publish("scale", result)
         return result
 
     # lookups ---------------------------------------------------------------------------------

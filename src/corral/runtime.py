@@ -48,7 +48,7 @@ class Runtime:
         self.bus.listen(self._on_event)
         self.finetune = FinetuneManager(
             settings, self.store, self.bus, inventory=self._fresh_inventory,
-            replica_gpus=lambda: {str(g) for pod in self.backend.list_pods() for g in pod.gpu_ids},
+            replica_gpus=lambda: {str(g) for g in self.backend.gpus_in_use()}, controller=self.controller,
         )
         if isinstance(self.backend, LocalBackend):  # one GPU ledger: replicas never get a training task's GPU
             self.backend.gpus_held_elsewhere = lambda: [int(u) for t in self.finetune.tasks.list(ACTIVE) for u in t.units

@@ -2,69 +2,10 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
 from corral.gpus.inventory import GIB, read_inventory
-
-
-class FakeNVML:
-    """The slice of pynvml that `read_inventory` calls, over a list of device dicts."""
-
-    NVML_DEVICE_MIG_ENABLE = 1
-
-    class NVMLError(Exception):
-        pass
-
-    def __init__(self, devices: list[dict], fail_init: bool = False) -> None:
-        self.devices, self.fail_init, self.shutdown = devices, fail_init, False
-
-    def nvmlInit(self) -> None:  # noqa: N802 (pynvml's names)
-        if self.fail_init:
-            raise self.NVMLError("NVML Shared Library Not Found")
-
-    def nvmlShutdown(self) -> None:  # noqa: N802
-        self.shutdown = True
-
-    def nvmlSystemGetDriverVersion(self) -> bytes:  # noqa: N802
-        return b"560.35.03"
-
-    def nvmlDeviceGetCount(self) -> int:  # noqa: N802
-        return len(self.devices)
-
-    def nvmlDeviceGetHandleByIndex(self, i: int) -> dict:  # noqa: N802
-        return self.devices[i]
-
-    def nvmlDeviceGetName(self, h: dict) -> bytes:  # noqa: N802
-        return h["name"].encode()
-
-    def nvmlDeviceGetUUID(self, h: dict) -> str:  # noqa: N802
-        return h.get("uuid", "GPU-x")
-
-    def nvmlDeviceGetMemoryInfo(self, h: dict) -> SimpleNamespace:  # noqa: N802
-        return SimpleNamespace(total=h["total"], used=h.get("used", 0))
-
-    def nvmlDeviceGetUtilizationRates(self, h: dict) -> SimpleNamespace:  # noqa: N802
-        if "util" not in h:
-            raise self.NVMLError("Not Supported")
-        return SimpleNamespace(gpu=h["util"])
-
-    def nvmlDeviceGetComputeRunningProcesses(self, h: dict) -> list:  # noqa: N802
-        return [SimpleNamespace(pid=pid, usedGpuMemory=mem) for pid, mem in h.get("procs", [])]
-
-    def nvmlDeviceGetMigMode(self, h: dict) -> tuple[int, int]:  # noqa: N802
-        if "migs" not in h:
-            raise self.NVMLError("Not Supported")
-        return (1, 1) if h["migs"] else (0, 0)
-
-    def nvmlDeviceGetMaxMigDeviceCount(self, h: dict) -> int:  # noqa: N802
-        return 7
-
-    def nvmlDeviceGetMigDeviceHandleByIndex(self, h: dict, slot: int) -> dict:  # noqa: N802
-        if slot >= len(h["migs"]):
-            raise self.NVMLError("Not Found")
-        return h["migs"][slot]
+from tests.fake_nvml.pynvml import FakeNVML
 
 
 def gpu(name: str = "NVIDIA H100 80GB HBM3", gb: float = 80, **extra: object) -> dict:

@@ -39,6 +39,10 @@ class Backend(ABC):
     @abstractmethod
     def get_pod(self, name: str) -> Pod | None: ...
 
+    def gpus_in_use(self) -> set[int]:
+        """GPU indices held by replicas, draining ones included: their memory is not free until they stop."""
+        return {g for pod in self.list_pods() for g in pod.gpu_ids}
+
     @abstractmethod
     def list_services(self) -> list[Service]: ...
 

@@ -28,7 +28,7 @@ def check_target(target: object) -> int:
     return target
 
 
-def _removal_order(pods: Sequence[Pod]) -> list[Pod]:
+def removal_order(pods: Sequence[Pod]) -> list[Pod]:
     """Not-ready before ready, then newest first: lose the least capacity, as a ReplicaSet would."""
     return sorted(pods, key=lambda p: (p.ready, -(p.created_at or _EPOCH).timestamp(), p.name))
 
@@ -38,7 +38,7 @@ def plan_standard_scale(pods: Sequence[Pod], target: int) -> ScalePlan:
     current = len(pods)
     if target >= current:
         return ScalePlan(current, target, add=target - current)
-    victims = _removal_order(pods)[: current - target]
+    victims = removal_order(pods)[: current - target]
     return ScalePlan(current, target, remove=tuple(p.name for p in victims))
 
 
@@ -56,5 +56,5 @@ def plan_pool_scale(pods: Sequence[Pod], target: int) -> ScalePlan:
     unassigned = [p for p in pods if p.business == L.UNASSIGNED]
     if len(unassigned) < needed:
         raise Conflict(scale_down_refusal(needed, len(unassigned)), unassignedPods=len(unassigned))
-    victims = _removal_order(unassigned)[:needed]
+    victims = removal_order(unassigned)[:needed]
     return ScalePlan(current, target, remove=tuple(p.name for p in victims))

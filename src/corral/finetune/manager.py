@@ -17,21 +17,25 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from corral.backends.local import process
 from corral.config import Settings
-from corral.domain.errors import Conflict, InvalidInput, NotFound
+from corral.domain.errors import Conflict, CorralError, InvalidInput, NotFound
 from corral.domain.memory import GIB, KNOWN_MODELS, TrainingSetup, training_memory
 from corral.domain.queue import Capacity, Demand, Priority, Strategy, Unit, WaitingTask, schedule
+from corral.domain.reclaim import plan_reclaim
 from corral.events import EventBus
 from corral.finetune.dataset import load_dataset
 from corral.finetune.store import ACTIVE, FINISHED, WAITING, TaskRecord, TaskStore
 from corral.gpus.inventory import GpuInventory
 from corral.store.state import StateStore
+
+if TYPE_CHECKING:
+    from corral.controller import Controller
 
 log = logging.getLogger("corral.finetune")
 
@@ -48,12 +52,15 @@ def _now() -> datetime:
 
 class FinetuneManager:
     def __init__(self, settings: Settings, state: StateStore, bus: EventBus, inventory: Callable[[], GpuInventory],
-                 replica_gpus: Callable[[], set[str]]) -> None:
+                 replica_gpus: Callable[[], set[str]], controller: Controller | None = None) -> None:
         self.settings = settings
         self.tasks = TaskStore(state)
         self.bus = bus
         self.inventory = inventory  # a fresh NVML read: free memory is checked before every start
         self.replica_gpus = replica_gpus  # unit ids held by model-pool replicas (one ledger for the machine)
+        self.controller = controller  # scales pools in and out for the reclaim policy
+        self._pool_changes: set[str] = set()  # tasks whose reclaim or restore is in flight
+        self._restore_after: dict[str, float] = {}  # task id → monotonic time of the next restore attempt
         self.root = settings.data_dir / "finetune"
         self._handles: dict[str, subprocess.Popen] = {}
         self._offsets: dict[str, int] = {}
@@ -190,6 +197,7 @@ class FinetuneManager:
         for task in self.tasks.list(ACTIVE):
             self._follow(task)
         self._schedule_round()
+        self._restore_reclaimed()
 
     def _schedule_round(self) -> None:
         waiting = self.tasks.list(WAITING)
@@ -199,6 +207,8 @@ class FinetuneManager:
         inventory = self.inventory()
         held = {u for t in running for u in t.units} | self.replica_gpus()
         units = tuple(Unit(d.id, d.memory_free_bytes) for d in inventory.schedulable_units() if d.id not in held)
+        if owed := self._units_owed_to_pools():  # kept for the replicas being restored, not for the next task
+            units = units[: max(0, len(units) - owed)]
         cpu_slots = max(0, self.settings.cpu_training_slots - sum(1 for t in running if not t.units))
         decision = schedule(
             [WaitingTask(t.id, Priority.parse(t.priority), t.created_at.timestamp() if t.created_at else 0.0,
@@ -216,10 +226,94 @@ class FinetuneManager:
             self._spawn(by_id[task_id], units=list(chosen), visible=[uuids.get(u, u) if "/" in u else u for u in chosen])
             started.append(task_id)
         running_ids = [t.id for t in running] + started
+        taken = {u for _, chosen in decision.starts for u in chosen}
+        self._maybe_reclaim([by_id[t] for t in decision.waiting], [u for u in units if u.id not in taken], inventory)
         for task_id, why in decision.waiting.items():
             reason = f"queued, {why.replace('waiting for GPU:', 'waiting for GPU to be released:')} (currently running: {', '.join(running_ids) or 'none'})"
+            if reclaimed := self._get(task_id).reclaimed:
+                reason += f"; reclaiming unassigned replicas of {', '.join(f'{p} ({n})' for p, n in reclaimed.items())}"
             if by_id[task_id].status != "queued" or by_id[task_id].reason != reason:
                 self._set(task_id, "queued", reason)
+
+    # reclaim (spec 02's optional policy) -------------------------------------------------------
+    def _maybe_reclaim(self, waiting: list[TaskRecord], free: list[Unit], inventory: GpuInventory) -> None:
+        """Scale in unassigned pool replicas for the first waiting high-priority GPU task they would let
+        start — one reclaim at a time, through the pool-safe scale-down; restored when the task ends."""
+        if not self.settings.reclaim_unassigned_replicas or self.controller is None or self._pool_changes:
+            return
+        backend = self.controller.backend
+        pools = {d.name: backend.list_pods(d.name) for d in backend.list_deployments() if d.is_pool}
+        totals = {d.id: float(d.memory_total_bytes) for d in inventory.schedulable_units()}
+        for task in waiting:
+            if task.priority != "high" or not task.gpus or task.reclaimed:
+                continue
+            plan = plan_reclaim(Demand(task.gpus, task.memory_gb * GIB), free, pools, totals)
+            if plan is None:
+                continue
+            self.tasks.update(task.id, reclaimed=dict(plan.replicas))  # first: a restart still restores them
+            self._note(task.id, "high priority: reclaiming GPU " + ", ".join(plan.units) + " from unassigned replicas of "
+                       + ", ".join(f"{p} ({n})" for p, n in plan.replicas.items()))
+            self._change_pools(task.id, self._reclaim(task.id, dict(plan.replicas)))
+            return
+
+    async def _reclaim(self, task_id: str, replicas: dict[str, int]) -> None:
+        assert self.controller is not None
+        for pool, count in replicas.items():
+            try:
+                await self.controller.scale_by(pool, -count, reason=f"reclaimed for high-priority finetune task {task_id}")
+            except CorralError as exc:
+                self._note(task_id, f"could not reclaim replicas of {pool}: {exc.message}")
+                left = {p: n for p, n in (self._get(task_id).reclaimed or {}).items() if p != pool}
+                self.tasks.update(task_id, reclaimed=left or None)
+
+    def _units_owed_to_pools(self) -> int:
+        if self.controller is None:
+            return 0
+        owed = 0
+        for task in self.tasks.list_reclaiming():
+            if task.status in FINISHED:
+                for pool, count in (task.reclaimed or {}).items():
+                    deployment = self.controller.backend.get_deployment(pool)
+                    owed += count * (deployment.gpus_per_replica if deployment else 0)
+        return owed
+
+    def _restore_reclaimed(self) -> None:
+        """Give pools back the replicas taken for a task once it has ended and its trainer is gone."""
+        if self.controller is None:
+            return
+        for task in self.tasks.list_reclaiming():
+            due = self._restore_after.get(task.id, 0.0) <= time.monotonic()
+            if task.status in FINISHED and task.pid is None and task.id not in self._pool_changes and due:
+                self._change_pools(task.id, self._restore(task.id, dict(task.reclaimed or {})))
+
+    async def _restore(self, task_id: str, replicas: dict[str, int]) -> None:
+        assert self.controller is not None
+        for pool, count in replicas.items():
+            try:
+                await self.controller.scale_by(pool, count, reason=f"restored after finetune task {task_id} ended")
+                self._note(task_id, f"restored {count} replica(s) of {pool}")
+            except NotFound:
+                self._note(task_id, f"pool {pool} was deleted meanwhile; nothing to restore")
+            except CorralError as exc:  # e.g. no free GPU right now: try again later, keep the debt
+                if task_id not in self._restore_after:
+                    self._note(task_id, f"could not restore {count} replica(s) of {pool} yet ({exc.message}); retrying every 30 s")
+                self._restore_after[task_id] = time.monotonic() + 30
+                continue
+            left = {p: n for p, n in (self._get(task_id).reclaimed or {}).items() if p != pool}
+            self.tasks.update(task_id, reclaimed=left or None)
+
+    def _change_pools(self, task_id: str, change: Coroutine[Any, Any, None]) -> None:
+        self._pool_changes.add(task_id)
+
+        async def run() -> None:
+            try:
+                await change
+            except Exception:
+                log.exception("reclaim/restore for finetune task %s failed", task_id)
+            finally:
+                self._pool_changes.discard(task_id)
+
+        asyncio.get_running_loop().create_task(run(), name=f"pools-{task_id}")
 
     # processes ---------------------------------------------------------------------------------
     def _spawn(self, task: TaskRecord, units: list[str] | None = None, visible: list[str] | None = None, resume: bool = False) -> None:
@@ -317,6 +411,7 @@ class FinetuneManager:
             "datasetPath": task.dataset_path, "method": task.method, "priority": task.priority, "gpus": task.gpus,
             "memoryGb": task.memory_gb, "timeoutSeconds": task.timeout_s, "hyperparameters": task.hyperparameters,
             "examples": task.examples, "progress": task.progress, "units": task.units, "output": task.output,
+            "reclaimed": task.reclaimed or {},
             "createdAt": task.created_at.isoformat() if task.created_at else None,
             "startedAt": task.started_at.isoformat() if task.started_at else None,
             "finishedAt": task.finished_at.isoformat() if task.finished_at else None,

@@ -36,6 +36,7 @@ class TaskRecord:
     pid_start: str | None = None
     bypassed: int = 0
     output: str | None = None
+    reclaimed: dict[str, int] | None = None  # pool → replicas scaled in for this task, restored when it ends
     created_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -68,6 +69,12 @@ class TaskStore:
         query = select(FinetuneTaskRow).order_by(FinetuneTaskRow.created_at, FinetuneTaskRow.id)
         if statuses:
             query = query.where(FinetuneTaskRow.status.in_(statuses))
+        with self.state.session() as s:
+            return [_record(r) for r in s.scalars(query)]
+
+    def list_reclaiming(self) -> list[TaskRecord]:
+        """Tasks holding replicas reclaimed from pools (to restore once they end)."""
+        query = select(FinetuneTaskRow).where(FinetuneTaskRow.reclaimed.is_not(None)).order_by(FinetuneTaskRow.created_at)
         with self.state.session() as s:
             return [_record(r) for r in s.scalars(query)]
 

@@ -91,6 +91,8 @@ class FinetuneTaskRow(Base):
     pid_start: Mapped[str | None] = mapped_column(String(32), nullable=True)
     bypassed: Mapped[int] = mapped_column(Integer, default=0)
     output: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # pool → unassigned replicas scaled in for this task, to be restored when it ends (NULL: none)
+    reclaimed: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import Engine, create_engine, event, inspect, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from corral.domain import labels as L
@@ -95,12 +95,29 @@ def _replica_columns(record: ReplicaRecord) -> dict[str, Any]:
     }
 
 
+def _add_new_columns(engine: Engine) -> None:
+    """A database written by an older Corral lacks the columns added since: add them (all nullable
+    or defaulted), so an upgrade keeps every deployment, replica and task. Columns are never dropped."""
+    inspector = inspect(engine)
+    with engine.begin() as connection:
+        for table in Base.metadata.sorted_tables:
+            present = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in present:
+                    kind = column.type.compile(dialect=engine.dialect)
+                    default = column.default.arg if column.default is not None and column.default.is_scalar else None
+                    number = int(default) if isinstance(default, (bool, int)) else default
+                    fill = f" DEFAULT {number!r}" if isinstance(number, (int, float)) else ""
+                    connection.exec_driver_sql(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}{fill}')
+
+
 class StateStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.engine = create_engine(f"sqlite:///{path}", connect_args={"check_same_thread": False})
         event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
+        _add_new_columns(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     def session(self) -> Session:

@@ -61,6 +61,9 @@ class LocalBackend(Backend):
     def list_pods(self, deployment: str | None = None) -> list[Pod]:
         return [r.to_pod() for r in self.store.list_replicas(deployment) if r.phase != PodPhase.TERMINATING]
 
+    def gpus_in_use(self) -> set[int]:
+        return {g for record in self.store.list_replicas() for g in record.gpu_ids}  # Terminating rows too
+
     def get_pod(self, name: str) -> Pod | None:
         record = self.store.get_replica(name)
         return record.to_pod() if record and record.phase != PodPhase.TERMINATING else None
