@@ -4,16 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The nginx data plane's Debian packages. Without them (not root, no apt) its tests are skipped and
-# the Python gateway is used.
-SYSTEM_PACKAGES="nginx-light libnginx-mod-http-lua lua-cjson"
+# Debian packages: the nginx data plane's (without them its tests are skipped and the Python gateway
+# is used) and chromium for the browser tests of the UI (Playwright drives it; no browser download).
+SYSTEM_PACKAGES="nginx-light libnginx-mod-http-lua lua-cjson chromium"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   if ! dpkg -s $SYSTEM_PACKAGES >/dev/null 2>&1; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $SYSTEM_PACKAGES >/dev/null
   fi
 else
-  echo "note: not root or no apt-get; the nginx data plane tests will be skipped" >&2
+  echo "note: not root or no apt-get; the nginx data plane and browser tests may be skipped" >&2
 fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -271,7 +271,9 @@ class Controller:
         self.bus.publish("pod_assignment", {"podName": pod.name, "deployment": pod.deployment, "modelName": pod.model,
                                             "from": before, "to": business})
 
-    async def distribute(self, deployment_name: str, ratios: Mapping[str, float] | None, counts: Mapping[str, int] | None) -> dict[str, Any]:
+    async def distribute(self, deployment_name: str, ratios: Mapping[str, float] | None, counts: Mapping[str, int] | None,
+                         dry_run: bool = False) -> dict[str, Any]:
+        """Move the fewest pods so the pool matches the targets; `dry_run` returns the plan and changes nothing."""
         if (ratios is None) == (counts is None):
             raise InvalidInput("give either ratios (e.g. {\"production\": 3, \"testing\": 1}) or counts, not both")
         async with self._lock:
@@ -283,6 +285,9 @@ class Controller:
                 check_business_for_model(business, pool.model_tag, services, f"business '{business}'")
             before = pod_distribution(pods)
             moves = plan_moves(pods, targets)
+            if dry_run:
+                return {"success": True, "dryRun": True, "deploymentName": pool.name, "targets": targets,
+                        "moves": [{"podName": m.pod, "from": m.source, "to": m.target} for m in moves], "podDistribution": before}
             by_name = {p.name: p for p in pods}
             applied = []
             try:

@@ -25,8 +25,12 @@ class EventBus:
         table) is current before the publishing request returns."""
         self._listeners.append(callback)
 
+    def unlisten(self, callback: Callable[[str, dict[str, Any]], None]) -> None:
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+
     def publish(self, type_: str, data: dict[str, Any]) -> None:
-        for callback in self._listeners:
+        for callback in tuple(self._listeners):
             callback(type_, data)
         message = {"type": type_, "data": data, "timestamp": datetime.now(timezone.utc).isoformat()}
         for queue in self._subscribers:

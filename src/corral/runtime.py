@@ -28,6 +28,7 @@ from corral.gpus.inventory import GpuInventory, read_inventory
 from corral.store.state import StateStore
 
 log = logging.getLogger("corral.runtime")
+NOT_ROUTING_EVENTS = frozenset({"history", "finetune_task", "gpu_inventory"})
 
 
 class Runtime:
@@ -36,6 +37,7 @@ class Runtime:
         self.settings = settings
         self.store = StateStore(settings.database_path)
         self.bus = EventBus()
+        self.store.on_record = lambda entry: self.bus.publish("history", entry)
         self.catalogue = [find_model(name) for name in settings.recommend_catalogue]
         self.gpu_inventory: GpuInventory = read_inventory()
         self._gpu_task: asyncio.Task | None = None
@@ -111,8 +113,9 @@ class Runtime:
             log.exception("could not update the gateway's routing table")
 
     def _on_event(self, type_: str, data: dict[str, Any]) -> None:
-        # Every event may change which replicas a service selects (labels, readiness, services).
-        self.refresh_routes()
+        # Every serving event may change which replicas a service selects (labels, readiness, services).
+        if type_ not in NOT_ROUTING_EVENTS:
+            self.refresh_routes()
 
     def _health_path(self, replica: str) -> str:
         pod = self.backend.get_pod(replica)

@@ -1,4 +1,4 @@
-"""The FastAPI application (API at /api, OpenAPI docs at /docs, events at /ws) over a Runtime."""
+"""The FastAPI application (API at /api, OpenAPI docs at /docs, events at /ws, the UI at /) over a Runtime."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from corral.config import Settings
 from corral.domain.errors import CorralError
 from corral.engines import engine_names, get_engine
 from corral.runtime import Runtime
+from corral.ui import live as ui_live
+from corral.ui import mount as mount_ui
 
 
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
@@ -23,6 +25,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         rt = runtime or Runtime(settings or Settings())
+        ui_live.bind(rt)
         app.state.runtime = rt
         app.state.settings = rt.settings
         app.state.store = rt.store
@@ -84,4 +87,5 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             problems.append(f"{where or 'body'}: {error['msg']}")
         return JSONResponse({"error": "invalid request: " + "; ".join(problems), "details": problems}, status_code=400)
 
+    mount_ui(app)  # last: the UI takes every path the API does not
     return app

@@ -82,12 +82,8 @@ class DeployRequest(Body):
 @router.post("/tasks/{task_id}/deploy", dependencies=mutating, status_code=status.HTTP_201_CREATED)
 async def deploy(task_id: str, body: DeployRequest, request: Request) -> dict[str, Any]:
     """Deploy a completed task's result as a model pool, in one call."""
-    from corral.controller import DeploySpec
-
-    model_id, engine_args = await manager(request).deployable_model(task_id, body.engine, body.merge)
-    spec = DeploySpec(engine=body.engine, model_id=model_id, model_tag=body.modelTag, replicas=body.replicas,
-                      deploy_as_pool=True, gpus_per_replica=body.gpusPerReplica, engine_args=engine_args)
-    return await request.app.state.controller.deploy(spec)
+    return await manager(request).deploy(task_id, engine=body.engine, model_tag=body.modelTag, replicas=body.replicas,
+                                         gpus_per_replica=body.gpusPerReplica, merge=body.merge)
 
 
 @router.get("/tasks/{task_id}/logs", response_model=None)

@@ -36,6 +36,7 @@ class DistributePodsRequest(Body):
     deploymentName: str
     ratios: dict[str, float] | None = None
     counts: dict[str, int] | None = None
+    dryRun: bool = Field(default=False, description="return the moves without applying them")
 
 
 class ScaleRequest(Body):

@@ -92,8 +92,9 @@ async def assign_pod(body: AssignPodRequest, request: Request) -> dict[str, Any]
 
 @router.post("/distribute-pods", dependencies=mutating)
 async def distribute_pods(body: DistributePodsRequest, request: Request) -> dict[str, Any]:
-    """Batch assignment by `ratios` (largest remainder) or explicit `counts`; fewest moves; rolled back on failure."""
-    return await controller(request).distribute(body.deploymentName, body.ratios, body.counts)
+    """Batch assignment by `ratios` (largest remainder) or explicit `counts`; fewest moves; rolled back on failure;
+    `dryRun` previews the moves."""
+    return await controller(request).distribute(body.deploymentName, body.ratios, body.counts, dry_run=body.dryRun)
 
 
 @router.post("/scale-deployment", dependencies=mutating)

@@ -151,6 +151,30 @@ class FinetuneManager:
         self.tick()
         return self.view(self._get(task_id))
 
+    async def deploy(self, task_id: str, *, engine: str, model_tag: str, replicas: int = 1, gpus_per_replica: int | None = None,
+                     merge: bool = False) -> dict[str, Any]:
+        """A completed task's result as a model pool, through the controller like any other deployment."""
+        from corral.controller import DeploySpec
+
+        assert self.controller is not None
+        model_id, engine_args = await self.deployable_model(task_id, engine, merge)
+        return await self.controller.deploy(DeploySpec(engine=engine, model_id=model_id, model_tag=model_tag, replicas=replicas,
+                                                       deploy_as_pool=True, gpus_per_replica=gpus_per_replica,
+                                                       engine_args=engine_args))
+
+    def loss_curve(self, task_id: str) -> list[tuple[int, float]]:
+        """(step, loss) of every logged step, from the trainer's progress file."""
+        path = self._dir(self._get(task_id).id) / "progress.jsonl"
+        if not path.exists():
+            return []
+        points = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                event = json.loads(line)
+                if event.get("event") == "step" and event.get("loss") is not None:
+                    points.append((int(event["step"]), float(event["loss"])))
+        return points
+
     async def deployable_model(self, task_id: str, engine: str, merge: bool) -> tuple[str, list[str]]:
         """(modelId, engineArgs) that serve a completed task: vLLM loads the LoRA adapter on the base
         model; any other engine (or `merge`) gets the adapter merged into the weights first."""

@@ -8,7 +8,7 @@ so a crash never leaves half of it behind.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -119,6 +119,7 @@ class StateStore:
         Base.metadata.create_all(self.engine)
         _add_new_columns(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+        self.on_record: Callable[[dict[str, Any]], None] | None = None  # told of every history entry (→ `history` events)
 
     def session(self) -> Session:
         return self._session.begin()  # type: ignore[return-value]
@@ -251,7 +252,10 @@ class StateStore:
             row = HistoryRow(action=action, target=target, before=before, after=after, outcome=outcome, message=message)
             s.add(row)
             s.flush()
-            return _history(row)
+            entry = _history(row)
+        if self.on_record is not None:
+            self.on_record(entry)
+        return entry
 
     def history(self, *, action: str | None = None, target: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
         query = select(HistoryRow).order_by(HistoryRow.id.desc()).limit(limit)

@@ -1,0 +1,402 @@
+"""The inference page (`/`): configuration, test panel, deployment manager, pods and assignment board.
+
+Each section is a refreshable redrawn from the events that concern it (`live`). The pods table is a
+Quasar table with client-side paging, sorting and filtering, so 1,000 pods cost one row list per
+redraw and only one page of rows in the DOM; the business drop-down lives in a cell slot and emits
+one `assign` event back to Python.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+import httpx
+from nicegui import ui
+
+from corral.controller import DeploySpec
+from corral.domain import labels as L
+from corral.engines import engine_names, get_engine
+from corral.ui.live import ClientEvents, act, live, runtime
+
+POD_EVENTS = ("replica_status", "pod_assignment", "distribution", "scale", "deployment", "service_deployment")
+POOL_TOOLTIP = ("A model pool gets no service of its own: its replicas start unassigned and are assigned, one by one, "
+                "to business services (a label change, effective in milliseconds). Scale-down only removes unassigned replicas.")
+
+
+def page(events: ClientEvents) -> None:
+    ui.page_title("Corral · Inference")
+    with ui.row().classes("w-full gap-4 items-stretch no-wrap"):
+        with ui.card().classes("w-1/2").props('data-testid="configuration"'):
+            ui.label("Configuration").classes("text-lg font-medium")
+            _configuration(events)
+        with ui.card().classes("w-1/2").props('data-testid="test-panel"'):
+            ui.label("Test panel").classes("text-lg font-medium")
+            _test_panel(events)
+    with ui.card().classes("w-full").props('data-testid="deployments"'):
+        ui.label("Deployments").classes("text-lg font-medium")
+        refusals: dict[str, str] = {}  # deployment → its last refusal, shown until it is scaled again
+
+        @ui.refreshable
+        def deployments() -> None:
+            _deployments(refusals, deployments.refresh)
+
+        deployments()
+        live(events, POD_EVENTS, deployments.refresh)
+    with ui.card().classes("w-full").props('data-testid="status-monitor"'):
+        with ui.tabs().classes("w-full justify-start") as tabs:
+            pods_tab = ui.tab("Pods")
+            board_tab = ui.tab("Assignment board")
+        with ui.tab_panels(tabs, value=pods_tab).classes("w-full"):
+            with ui.tab_panel(pods_tab):
+                _pods(events)
+            with ui.tab_panel(board_tab):
+                _board(events)
+
+
+# configuration --------------------------------------------------------------------------------
+def _configuration(events: ClientEvents) -> None:
+    with ui.tabs().classes("w-full") as tabs:
+        model_tab = ui.tab("Model Configuration")
+        service_tab = ui.tab("Service Configuration")
+    with ui.tab_panels(tabs, value=model_tab).classes("w-full"):
+        with ui.tab_panel(model_tab).classes("gap-2"):
+            _model_form()
+        with ui.tab_panel(service_tab).classes("gap-2"):
+            _service_form(events)
+
+
+def _model_form() -> None:
+    engines = {n: f"{n} (simulator)" if get_engine(n).is_simulator else n for n in engine_names()}
+    with ui.row().classes("w-full gap-2 no-wrap"):
+        engine = ui.select(engines, value="vllm" if "vllm" in engines else next(iter(engines)), label="Engine").classes("w-40").props('data-testid="engine"')
+        model_id = ui.input("Model", placeholder="Qwen/Qwen2.5-Coder-7B-Instruct or a local directory").classes("grow").props('data-testid="model"')
+    with ui.row().classes("w-full gap-2 no-wrap"):
+        tag = ui.input("Model tag", placeholder="qwen-coder-7b").classes("grow").props('data-testid="model-tag"')
+        replicas = ui.number("Replicas", value=1, min=1, max=256, precision=0).classes("w-28").props('data-testid="replicas-input"')
+        gpus = ui.number("GPUs per replica", min=0, max=16, precision=0).classes("w-36").tooltip("empty: 1 for vllm/sglang, 0 otherwise")
+    engine_args = ui.input("Engine arguments", placeholder="--max-model-len 8192 --gpu-memory-utilization 0.9").classes("w-full").props('data-testid="engine-args"')
+    with ui.row().classes("items-center"):
+        pool = ui.checkbox("Deploy as Model Pool", value=True).props('data-testid="as-pool"')
+        ui.icon("help_outline").classes("text-grey-7").tooltip(POOL_TOOLTIP)
+    error = ui.label().classes("text-negative").props('data-testid="deploy-error"')
+
+    async def deploy() -> None:
+        spec = DeploySpec(engine=engine.value, model_id=(model_id.value or "").strip(), model_tag=(tag.value or "").strip(),
+                          replicas=int(replicas.value or 0), deploy_as_pool=pool.value,
+                          gpus_per_replica=None if gpus.value is None else int(gpus.value), engine_args=engine_args.value or "")
+        button.props("loading")
+        result, problem = await act(lambda: runtime().controller.deploy(spec))
+        button.props(remove="loading")
+        error.set_text(problem or "")
+        if result:
+            ui.notify(f"{result['deployment']['name']}: starting {spec.replicas} replica(s)", type="positive")
+
+    button = ui.button(on_click=deploy).props('data-testid="deploy"')
+    button.bind_text_from(pool, "value", backward=lambda is_pool: "Deploy as Model Pool" if is_pool else "Deploy")
+
+
+def _pools() -> dict[str, str]:
+    return {d["name"]: f"{d['name']} ({d['modelName']})" for d in runtime().controller.list_deployments() if d["isPool"]}
+
+
+def _service_form(events: ClientEvents) -> None:
+    pools = _pools()
+    pool = ui.select(pools, label="Model pool", value=next(iter(pools), None)).classes("w-full").props('data-testid="service-pool"')
+    with ui.row().classes("w-full gap-2 no-wrap"):
+        business = ui.input("Business tag", placeholder="production").classes("grow").props('data-testid="service-business"')
+        name = ui.input("Service name", placeholder="production-chat").classes("grow").props('data-testid="service-name"')
+    external = ui.toggle({False: "internal (ClusterIP)", True: "external (LoadBalancer)"}, value=False)
+    error = ui.label().classes("text-negative")
+
+    async def create() -> None:
+        if not pool.value:
+            error.set_text("deploy a model pool first: a business service selects replicas of a pool")
+            return
+        result, problem = await act(lambda: runtime().controller.deploy_service(
+            (name.value or "").strip(), pool.value, (business.value or "").strip(), bool(external.value)))
+        error.set_text(problem or "")
+        if result:
+            ui.notify(f"service {result['service']['name']} created", type="positive")
+            business.set_value("")
+            name.set_value("")
+
+    live(events, POD_EVENTS, lambda: keep_pool_choice(pool, _pools()))
+    ui.button("Create Business Service", on_click=create).props('data-testid="create-service"')
+
+
+# test panel -----------------------------------------------------------------------------------
+def _test_panel(events: ClientEvents) -> None:
+    def options() -> dict[str, str]:
+        return {s["name"]: f"{s['displayName']} → {s['modelName']} ({s['readyReplicas']} ready)"
+                for s in runtime().controller.list_business_services()}
+
+    service = ui.select(options(), label="Business service").classes("w-full").props('data-testid="test-service"')
+    live(events, POD_EVENTS, lambda: service.set_options(options(), value=service.value if service.value in options() else None))
+    message = ui.textarea("Message", value="Hello! Who are you?").classes("w-full").props("autogrow")
+    reply = ui.markdown().classes("w-full bg-grey-2 rounded p-2 min-h-12").props('data-testid="test-reply"')
+    replica = ui.label().classes("text-sm text-grey-8").props('data-testid="test-replica"')
+
+    async def send() -> None:
+        if not service.value:
+            replica.set_text("pick a business service first")
+            return
+        view = next(s for s in runtime().controller.list_business_services() if s["name"] == service.value)
+        body = {"model": view["modelName"], "messages": [{"role": "user", "content": message.value}], "stream": True}
+        text = ""
+        reply.set_content("…")
+        button.props("loading")
+        try:
+            async with httpx.AsyncClient(timeout=120) as client, \
+                    client.stream("POST", f"{view['baseUrl']}/chat/completions", json=body) as response:
+                replica.set_text(f"answered by {response.headers.get('x-corral-replica', '?')} (HTTP {response.status_code})")
+                if response.status_code != 200:
+                    reply.set_content(f"`{(await response.aread()).decode(errors='replace')[:500]}`")
+                    return
+                async for line in response.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        choices = json.loads(line[6:]).get("choices") or [{}]
+                        text += choices[0].get("delta", {}).get("content") or ""
+                        reply.set_content(text)
+        except httpx.HTTPError as exc:
+            replica.set_text(f"request failed: {exc}")
+        finally:
+            button.props(remove="loading")
+
+    button = ui.button("Send", icon="send", on_click=send).props('data-testid="test-send"')
+
+
+# deployments ----------------------------------------------------------------------------------
+def _deployments(refusals: dict[str, str], redraw: Any) -> None:
+    views = runtime().controller.list_deployments()
+    if not views:
+        ui.label("Nothing deployed yet: use the Model Configuration tab.").classes("text-grey-7")
+    for view in views:
+        with ui.row().classes("w-full items-center gap-4 border-b py-2").props(f'data-testid="deployment-{view["name"]}"'):
+            with ui.column().classes("gap-0 w-72"):
+                ui.label(view["name"]).classes("font-medium")
+                ui.label(f"{view['engine']}{' (simulator)' if view['isSimulator'] else ''} · {view['modelId']}").classes("text-xs text-grey-7")
+            ui.badge("Model Pool" if view["isPool"] else "Standard", color="primary" if view["isPool"] else "grey-7")
+            with ui.column().classes("gap-0 w-36"):
+                ui.label(f"replicas {view['currentReplicas']}, ready {view['readyReplicas']}").props('data-testid="replicas"')
+                if view["readyReplicas"] < view["currentReplicas"]:
+                    ui.linear_progress(value=view["readyReplicas"] / max(1, view["currentReplicas"]), show_value=False).props("instant-feedback")
+            with ui.column().classes("gap-0 grow"):
+                if view["isPool"]:
+                    ui.label(f"Assignment: {view['assignment']}").props('data-testid="assignment"')
+                    ui.label(f"available for scale-down: {view['availableForScaleDown']}").classes("text-sm")
+                    ui.label("Can only scale down unassigned pods").classes("text-xs text-warning")
+                elif view.get("baseUrl"):
+                    ui.label(view["baseUrl"]).classes("text-xs font-mono")
+                if view["name"] in refusals:
+                    ui.label(refusals[view["name"]]).classes("text-negative text-sm").props('data-testid="refusal"')
+            _scale_control(view, refusals, redraw)
+
+
+def _scale_control(view: dict[str, Any], refusals: dict[str, str], redraw: Any) -> None:
+    target = ui.number("target", value=view["currentReplicas"], min=0, max=256, precision=0).classes("w-24").props('dense data-testid="scale-target"')
+
+    async def scale() -> None:
+        wanted = int(target.value if target.value is not None else -1)
+        if wanted < view["currentReplicas"] and not await confirm(
+                f"Scale {view['name']} down from {view['currentReplicas']} to {wanted} replicas?"):
+            return
+        refusals.pop(view["name"], None)
+        result, problem = await act(lambda: runtime().controller.scale(view["name"], wanted, pool_endpoint=view["isPool"]))
+        if problem:
+            refusals[view["name"]] = problem
+            ui.notify(problem, type="negative")
+            redraw()
+        elif result:
+            ui.notify(f"{view['name']}: {result['currentReplicas']} → {result['targetReplicas']} replicas", type="positive")
+
+    async def delete() -> None:
+        if await confirm(f"Delete {view['name']} and stop its {view['currentReplicas']} replica(s)?"):
+            _, problem = await act(lambda: runtime().controller.delete_deployment(view["name"]))
+            if problem:
+                ui.notify(problem, type="negative")
+
+    ui.button("Scale", on_click=scale).props('dense data-testid="scale"')
+    ui.button(icon="delete", on_click=delete).props("flat dense color=negative").tooltip("delete")
+
+
+async def confirm(question: str) -> bool:
+    with ui.dialog() as dialog, ui.card():
+        ui.label(question)
+        with ui.row():
+            ui.button("Cancel", on_click=lambda: dialog.submit(False)).props("flat")
+            ui.button("Yes", on_click=lambda: dialog.submit(True)).props('color=negative data-testid="confirm"')
+    answer = await dialog
+    dialog.delete()
+    return bool(answer)
+
+
+# pods -----------------------------------------------------------------------------------------
+POD_COLUMNS = [
+    {"name": "name", "label": "Pod name", "field": "name", "sortable": True, "align": "left"},
+    {"name": "status", "label": "Status", "field": "status", "sortable": True, "align": "left"},
+    {"name": "model", "label": "Model", "field": "model", "sortable": True, "align": "left"},
+    {"name": "business", "label": "Business", "field": "business", "sortable": True, "align": "left"},
+    {"name": "placement", "label": "Node / GPU", "field": "placement", "align": "left"},
+    {"name": "age", "label": "Age", "field": "age", "sortable": True, "align": "left"},
+    {"name": "action", "label": "Action", "field": "result", "align": "left"},
+]
+BUSINESS_CELL = r"""
+<q-td :props="props">
+  <q-select v-if="props.row.isPoolPod" dense options-dense borderless style="min-width: 9rem"
+            :options="props.row.options" :model-value="props.row.business" :data-testid="'business-' + props.row.name"
+            @update:model-value="value => $parent.$emit('assign', {pod: props.row.name, business: value, model: props.row.model})" />
+  <span v-else>N/A</span>
+</q-td>
+"""
+ACTION_CELL = r"""
+<q-td :props="props" :data-testid="'result-' + props.row.name">
+  <span v-if="props.row.result === '✓'" class="text-positive text-lg">✓</span>
+  <span v-else class="text-negative text-xs">{{ props.row.result }}</span>
+</q-td>
+"""
+
+
+def _pods(events: ClientEvents) -> None:
+    results: dict[str, str] = {}  # pod → ✓ or the error of its last assignment from this page
+    search = ui.input(placeholder="filter by name, model, business, status…").props("dense clearable").classes("w-96")
+    table = ui.table(columns=POD_COLUMNS, rows=[], row_key="name", pagination={"rowsPerPage": 25, "sortBy": "name"}) \
+        .classes("w-full").props('dense flat data-testid="pods"')
+    table.bind_filter_from(search, "value")
+    table.add_slot("body-cell-business", BUSINESS_CELL)
+    table.add_slot("body-cell-action", ACTION_CELL)
+
+    def redraw() -> None:
+        table.rows = pod_rows(results)
+        table.update()
+
+    async def assign(event: Any) -> None:
+        pod, business, model = event.args["pod"], event.args["business"], event.args.get("model")
+        _, problem = await act(lambda: runtime().controller.assign_pod(pod, business, model))
+        results[pod] = problem or "✓"
+        redraw()
+
+    table.on("assign", assign)
+    redraw()
+    live(events, POD_EVENTS, redraw)
+
+
+def pod_rows(results: dict[str, str]) -> list[dict[str, Any]]:
+    controller = runtime().controller
+    businesses: dict[str, list[str]] = {}
+    for service in controller.list_business_services():
+        businesses.setdefault(service["modelName"], []).append(service["businessTag"])
+    now = datetime.now(timezone.utc)
+    rows = []
+    for pod in controller.list_pods():
+        status = pod["status"] + ("" if pod["ready"] or pod["status"] != "Running" else " (not ready)")
+        rows.append({
+            "name": pod["name"], "status": status, "model": pod["model"] or "", "isPoolPod": pod["isPoolPod"],
+            "business": pod["business"] if pod["isPoolPod"] else "N/A",
+            "options": [L.UNASSIGNED, *sorted(set(businesses.get(pod["model"], [])))],
+            "placement": f"{runtime().settings.backend} · " + (f"GPU {','.join(map(str, pod['gpuIds']))}" if pod["gpuIds"] else "CPU"),
+            "age": _age(now, pod["createdAt"]), "result": results.get(pod["name"], ""),
+        })
+    return rows
+
+
+def _age(now: datetime, created: str | None) -> str:
+    if not created:
+        return ""
+    seconds = int((now - datetime.fromisoformat(created)).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{max(0, seconds)}s"
+
+
+# assignment board -----------------------------------------------------------------------------
+def _board(events: ClientEvents) -> None:
+    pools = _pools
+    with ui.row().classes("items-center gap-4"):
+        chosen = ui.select(pools(), label="Model pool", value=next(iter(pools()), None)).classes("w-96").props('data-testid="board-pool"')
+        ui.button("Distribute by ratio…", icon="balance", on_click=lambda: _distribute_dialog(chosen.value)) \
+            .props('outline data-testid="distribute"')
+    dragged: dict[str, str] = {}
+
+    @ui.refreshable
+    def columns() -> None:
+        if not chosen.value:
+            ui.label("No model pool yet.").classes("text-grey-7")
+            return
+        status = runtime().controller.pool_status(chosen.value)
+        pods = runtime().controller.list_pods(chosen.value)
+        businesses = [b for b in status["podDistribution"] if b != L.UNASSIGNED] + [L.UNASSIGNED]
+        with ui.row().classes("w-full gap-3 items-start"):
+            for business in businesses:
+                mine = [p for p in pods if p["business"] == business]
+                column = ui.column().classes("w-56 min-h-40 bg-grey-2 rounded p-2 gap-2").props(f'data-testid="board-column-{business}"')
+                column.on("dragover.prevent", lambda: None)
+                column.on("drop", lambda _, target=business: move(target))
+                with column:
+                    ui.label(f"{business} ({len(mine)})").classes("font-medium")
+                    for pod in mine:
+                        card = ui.card().classes("w-full p-2 cursor-grab").props(f'draggable data-testid="card-{pod["name"]}"')
+                        card.on("dragstart", lambda _, name=pod["name"]: dragged.update(pod=name))
+                        with card:
+                            ui.label(pod["name"]).classes("text-sm font-mono")
+                            ui.label(pod["status"] + (" · ready" if pod["ready"] else "")).classes("text-xs text-grey-7")
+
+    async def move(target: str) -> None:
+        pod = dragged.pop("pod", None)
+        if pod is None:
+            return
+        _, problem = await act(lambda: runtime().controller.assign_pod(pod, target, None))
+        ui.notify(problem or f"{pod} → {target}", type="negative" if problem else "positive")
+
+    def redraw() -> None:
+        keep_pool_choice(chosen, pools())
+        columns.refresh()
+
+    chosen.on_value_change(columns.refresh)
+    columns()
+    live(events, POD_EVENTS, redraw)
+
+
+def keep_pool_choice(select: ui.select, pools: dict[str, str]) -> None:
+    """New options; the choice stays if that pool still exists, else the first pool (or none)."""
+    if pools != select.options or select.value not in pools:
+        select.set_options(pools, value=select.value if select.value in pools else next(iter(pools), None))
+
+
+def _distribute_dialog(pool: str | None) -> None:
+    if not pool:
+        ui.notify("no model pool selected", type="warning")
+        return
+    status = runtime().controller.pool_status(pool)
+    businesses = [b for b in status["podDistribution"] if b != L.UNASSIGNED]
+    with ui.dialog() as dialog, ui.card().classes("w-[32rem]"):
+        ui.label(f"Distribute {pool} by ratio").classes("text-lg")
+        if not businesses:
+            ui.label("Create a business service for this pool's model first.")
+        ratios = {b: ui.number(b, value=1, min=0, precision=2).classes("w-full") for b in businesses}
+        preview = ui.column().classes("gap-0").props('data-testid="distribute-preview"')
+        error = ui.label().classes("text-negative")
+
+        async def run(dry_run: bool) -> None:
+            wanted = {b: float(field.value or 0) for b, field in ratios.items()}
+            result, problem = await act(lambda: runtime().controller.distribute(pool, wanted, None, dry_run=dry_run))
+            error.set_text(problem or "")
+            if not result:
+                return
+            if dry_run:
+                preview.clear()
+                with preview:
+                    ui.label("targets: " + ", ".join(f"{b} {n}" for b, n in result["targets"].items())).classes("font-medium")
+                    for m in result["moves"] or [{"podName": "no moves needed", "from": "", "to": ""}]:
+                        ui.label(f"{m['podName']}: {m['from']} → {m['to']}" if m["from"] else m["podName"]).classes("text-sm font-mono")
+            else:
+                ui.notify(f"{len(result['moves'])} move(s) applied", type="positive")
+                dialog.close()
+
+        with ui.row():
+            ui.button("Preview", on_click=lambda: run(True)).props('outline data-testid="distribute-preview-button"')
+            ui.button("Apply", on_click=lambda: run(False)).props('data-testid="distribute-apply"')
+            ui.button("Close", on_click=dialog.close).props("flat")
+    dialog.open()

@@ -1,0 +1,59 @@
+"""The finetune page in a real browser: the no-GPU banner, three tasks from the form going queued →
+training → completed live, the queued tag's reason, the loss curve and the log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from tests.conftest import wait_for
+from tests.integration.conftest import CorralServer
+from tests.integration.test_finetune import dataset, tiny_model  # noqa: F401 (fixtures)
+from tests.ui.conftest import screenshot
+
+pytest.importorskip("peft")
+
+
+def test_three_tasks_from_the_form(corral: CorralServer, page: Page, tiny_model: Path, dataset: Path) -> None:  # noqa: F811
+    page.goto(corral.url + "/finetune")
+    expect(page.get_by_test_id("no-gpu-warning")).to_contain_text("No GPU detected")
+
+    # Bad input is shown inline and queues nothing.
+    page.get_by_test_id("ft-model").fill(str(tiny_model))
+    bad = dataset.parent / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n')
+    page.get_by_test_id("ft-dataset").fill(str(bad))
+    page.get_by_test_id("ft-submit").click()
+    expect(page.get_by_test_id("ft-error")).to_contain_text("line")
+    assert corral.ok("GET", "/api/finetune/tasks") == []
+
+    page.get_by_test_id("ft-dataset").fill(str(dataset))
+    expect(page.get_by_test_id("ft-dataset-note")).to_have_text("✓ 50 examples")
+    page.get_by_test_id("hp").click()
+    page.get_by_test_id("hp-epochs").fill("2")
+    for _ in range(3):
+        page.get_by_test_id("ft-submit").click()
+    tasks = wait_for(lambda: len(t := corral.ok("GET", "/api/finetune/tasks")) == 3 and t, what="three tasks")
+    first, second, third = (t["id"] for t in sorted(tasks, key=lambda t: t["createdAt"]))
+
+    # Live: the first trains while the others wait, with the reason on hover.
+    expect(page.get_by_test_id(f"status-{first}")).to_have_text("training", timeout=60_000)
+    expect(page.get_by_test_id(f"status-{third}")).to_have_text("queued")
+    page.get_by_test_id(f"status-{third}").hover()
+    expect(page.get_by_role("tooltip")).to_contain_text(f"waiting for a CPU training slot (currently running: {first})")
+    page.get_by_test_id(f"detail-{first}").click()
+    expect(page.get_by_test_id("task-log")).to_contain_text("starting on the CPU")
+    screenshot(page, "finetune")
+
+    for task_id in (first, second, third):
+        expect(page.get_by_test_id(f"status-{task_id}")).to_have_text("completed", timeout=180_000)
+    results = {t["id"]: t for t in corral.ok("GET", "/api/finetune/tasks")}
+    assert results[first]["finishedAt"] <= results[second]["startedAt"] <= results[second]["finishedAt"] <= results[third]["startedAt"]
+
+    # The detail: loss curve points from every logged step, and deploy-as-pool for a completed task.
+    steps = results[first]["progress"]["totalSteps"]
+    expect(page.get_by_test_id("loss-summary")).to_contain_text(f"{steps} logged steps, last loss")
+    expect(page.get_by_test_id("loss-chart").locator("canvas")).to_be_visible()
+    expect(page.get_by_test_id("deploy-as-pool")).to_be_visible()
