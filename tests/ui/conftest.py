@@ -22,7 +22,7 @@ SCREENSHOTS = Path(__file__).parents[2] / "test-artifacts" / "screenshots"
 NO_BROWSER = "Debian's chromium is not installed (apt-get install -y chromium)"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # closed per module: sync Playwright's loop must not outlive into async tests
 def browser() -> Iterator[object]:
     if CHROMIUM is None:
         if os.environ.get("CORRAL_REQUIRE_BROWSER"):  # CI: a missing browser is a failure, not a skip

@@ -16,7 +16,7 @@ from corral.domain.memory import KNOWN_MODELS, TrainingSetup, training_memory
 from corral.finetune.dataset import load_dataset
 from corral.finetune.manager import DEFAULT_HYPERPARAMETERS, METHODS
 from corral.finetune.store import FINISHED
-from corral.ui.live import ClientEvents, act, live, runtime
+from corral.ui.live import ClientEvents, act, live, notify, runtime
 
 STATUS_COLORS = {"pending": "grey-6", "queued": "warning", "preparing": "light-blue-6", "training": "primary",
                  "completed": "positive", "failed": "negative", "cancelled": "grey-8"}
@@ -165,7 +165,7 @@ def _submit_form() -> None:
                                                     int(gpus.value or 0), float(timeout_h.value or 0) * 3600, hyperparameters))
         error.set_text(problem or "")
         if result:
-            ui.notify(f"{result['id']}: {result['status']}", type="positive")
+            notify(f"{result['id']}: {result['status']}", "positive")
 
     for element in (base_model, method, fields["maxSeqLen"], fields["batchSize"], fields["loraRank"]):
         element.on_value_change(update_estimate)
@@ -196,7 +196,7 @@ def _task_table(events: ClientEvents, open_detail: Any) -> None:
 
     async def cancel(event: Any) -> None:
         _, problem = await act(lambda: runtime().finetune.cancel(event.args))
-        ui.notify(problem or f"{event.args} cancelled", type="negative" if problem else "positive")
+        notify(problem or f"{event.args} cancelled", "negative" if problem else "positive")
 
     table.on("cancel", cancel)
     table.on("detail", lambda event: open_detail(event.args))
@@ -279,6 +279,6 @@ def _deploy_control(task: dict[str, Any]) -> None:
             result, problem = await act(lambda: runtime().finetune.deploy(
                 task["id"], engine=engine.value, model_tag=(tag.value or "").strip(), replicas=int(replicas.value or 1)))
             button.props(remove="loading")
-            ui.notify(problem or f"deployed as {result['deployment']['name']}", type="negative" if problem else "positive")
+            notify(problem or f"deployed as {result['deployment']['name']}", "negative" if problem else "positive")
 
         button = ui.button("Deploy as pool", icon="rocket_launch", on_click=deploy).props('data-testid="deploy-as-pool"')

@@ -18,7 +18,7 @@ from nicegui import ui
 from corral.controller import DeploySpec
 from corral.domain import labels as L
 from corral.engines import engine_names, get_engine
-from corral.ui.live import ClientEvents, act, live, runtime
+from corral.ui.live import ClientEvents, act, live, notify, runtime
 
 POD_EVENTS = ("replica_status", "pod_assignment", "distribution", "scale", "deployment", "service_deployment")
 POOL_TOOLTIP = ("A model pool gets no service of its own: its replicas start unassigned and are assigned, one by one, "
@@ -91,7 +91,7 @@ def _model_form() -> None:
         button.props(remove="loading")
         error.set_text(problem or "")
         if result:
-            ui.notify(f"{result['deployment']['name']}: starting {spec.replicas} replica(s)", type="positive")
+            notify(f"{result['deployment']['name']}: starting {spec.replicas} replica(s)", "positive")
 
     button = ui.button(on_click=deploy).props('data-testid="deploy"')
     button.bind_text_from(pool, "value", backward=lambda is_pool: "Deploy as Model Pool" if is_pool else "Deploy")
@@ -118,7 +118,7 @@ def _service_form(events: ClientEvents) -> None:
             (name.value or "").strip(), pool.value, (business.value or "").strip(), bool(external.value)))
         error.set_text(problem or "")
         if result:
-            ui.notify(f"service {result['service']['name']} created", type="positive")
+            notify(f"service {result['service']['name']} created", "positive")
             business.set_value("")
             name.set_value("")
 
@@ -133,7 +133,12 @@ def _test_panel(events: ClientEvents) -> None:
                 for s in runtime().controller.list_business_services()}
 
     service = ui.select(options(), label="Business service").classes("w-full").props('data-testid="test-service"')
-    live(events, POD_EVENTS, lambda: service.set_options(options(), value=service.value if service.value in options() else None))
+    def refresh_options() -> None:
+        current = options()
+        if current != service.options:
+            service.set_options(current, value=service.value if service.value in current else None)
+
+    live(events, POD_EVENTS, refresh_options)
     message = ui.textarea("Message", value="Hello! Who are you?").classes("w-full").props("autogrow")
     reply = ui.markdown().classes("w-full bg-grey-2 rounded p-2 min-h-12").props('data-testid="test-reply"')
     replica = ui.label().classes("text-sm text-grey-8").props('data-testid="test-replica"')
@@ -206,16 +211,16 @@ def _scale_control(view: dict[str, Any], refusals: dict[str, str], redraw: Any) 
         result, problem = await act(lambda: runtime().controller.scale(view["name"], wanted, pool_endpoint=view["isPool"]))
         if problem:
             refusals[view["name"]] = problem
-            ui.notify(problem, type="negative")
+            notify(problem, "negative")
             redraw()
         elif result:
-            ui.notify(f"{view['name']}: {result['currentReplicas']} → {result['targetReplicas']} replicas", type="positive")
+            notify(f"{view['name']}: {result['currentReplicas']} → {result['targetReplicas']} replicas", "positive")
 
     async def delete() -> None:
         if await confirm(f"Delete {view['name']} and stop its {view['currentReplicas']} replica(s)?"):
             _, problem = await act(lambda: runtime().controller.delete_deployment(view["name"]))
             if problem:
-                ui.notify(problem, type="negative")
+                notify(problem, "negative")
 
     ui.button("Scale", on_click=scale).props('dense data-testid="scale"')
     ui.button(icon="delete", on_click=delete).props("flat dense color=negative").tooltip("delete")
@@ -268,8 +273,10 @@ def _pods(events: ClientEvents) -> None:
     table.add_slot("body-cell-action", ACTION_CELL)
 
     def redraw() -> None:
-        table.rows = pod_rows(results)
-        table.update()
+        rows = pod_rows(results)
+        if rows != table.rows:  # an event that changed nothing here sends nothing
+            table.rows = rows
+            table.update()
 
     async def assign(event: Any) -> None:
         pod, business, model = event.args["pod"], event.args["business"], event.args.get("model")
@@ -284,9 +291,10 @@ def _pods(events: ClientEvents) -> None:
 
 def pod_rows(results: dict[str, str]) -> list[dict[str, Any]]:
     controller = runtime().controller
-    businesses: dict[str, list[str]] = {}
-    for service in controller.list_business_services():
-        businesses.setdefault(service["modelName"], []).append(service["businessTag"])
+    businesses: dict[str, set[str]] = {}
+    for service in controller.backend.list_services():
+        if service.is_business_service and service.business:
+            businesses.setdefault(service.model, set()).add(service.business)
     now = datetime.now(timezone.utc)
     rows = []
     for pod in controller.list_pods():
@@ -294,7 +302,7 @@ def pod_rows(results: dict[str, str]) -> list[dict[str, Any]]:
         rows.append({
             "name": pod["name"], "status": status, "model": pod["model"] or "", "isPoolPod": pod["isPoolPod"],
             "business": pod["business"] if pod["isPoolPod"] else "N/A",
-            "options": [L.UNASSIGNED, *sorted(set(businesses.get(pod["model"], [])))],
+            "options": [L.UNASSIGNED, *sorted(businesses.get(pod["model"], ()))],
             "placement": f"{runtime().settings.backend} · " + (f"GPU {','.join(map(str, pod['gpuIds']))}" if pod["gpuIds"] else "CPU"),
             "age": _age(now, pod["createdAt"]), "result": results.get(pod["name"], ""),
         })
@@ -348,7 +356,7 @@ def _board(events: ClientEvents) -> None:
         if pod is None:
             return
         _, problem = await act(lambda: runtime().controller.assign_pod(pod, target, None))
-        ui.notify(problem or f"{pod} → {target}", type="negative" if problem else "positive")
+        notify(problem or f"{pod} → {target}", "negative" if problem else "positive")
 
     def redraw() -> None:
         keep_pool_choice(chosen, pools())
@@ -367,7 +375,7 @@ def keep_pool_choice(select: ui.select, pools: dict[str, str]) -> None:
 
 def _distribute_dialog(pool: str | None) -> None:
     if not pool:
-        ui.notify("no model pool selected", type="warning")
+        notify("no model pool selected", "warning")
         return
     status = runtime().controller.pool_status(pool)
     businesses = [b for b in status["podDistribution"] if b != L.UNASSIGNED]
@@ -392,7 +400,7 @@ def _distribute_dialog(pool: str | None) -> None:
                     for m in result["moves"] or [{"podName": "no moves needed", "from": "", "to": ""}]:
                         ui.label(f"{m['podName']}: {m['from']} → {m['to']}" if m["from"] else m["podName"]).classes("text-sm font-mono")
             else:
-                ui.notify(f"{len(result['moves'])} move(s) applied", type="positive")
+                notify(f"{len(result['moves'])} move(s) applied", "positive")
                 dialog.close()
 
         with ui.row():

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from corral.runtime import Runtime
 
 _runtime: Runtime | None = None
-REDRAW_INTERVAL_S = 0.25
+REDRAW_INTERVAL_S = 0.1
 
 
 def bind(runtime: Runtime) -> None:
@@ -85,3 +85,8 @@ async def act(action: Callable[[], Awaitable[Any]]) -> tuple[Any, str | None]:
         return await action(), None
     except CorralError as exc:
         return None, exc.message
+
+
+def notify(message: str, kind: str = "positive") -> None:
+    """Top-right, away from the tables an operator is working in."""
+    ui.notify(message, type=kind, position="top-right")  # type: ignore[arg-type]

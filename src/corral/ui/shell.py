@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from nicegui import app, ui
 
 from corral.ui import finetune, history, inference
-from corral.ui.live import ClientEvents, runtime, token_ok
+from corral.ui.live import ClientEvents, notify, runtime, token_ok
 
 PAGES = {"/": ("Inference", "hub"), "/finetune": ("Finetune", "model_training"), "/history": ("History", "history")}
 
@@ -45,7 +45,7 @@ def _token_button() -> None:
 
         def save() -> None:
             app.storage.user["token"] = field.value
-            ui.notify("token accepted" if token_ok() else "wrong token", type="positive" if token_ok() else "negative")
+            notify("token accepted" if token_ok() else "wrong token", "positive" if token_ok() else "negative")
             dialog.close()
 
         ui.button("Save", on_click=save)

@@ -1,0 +1,95 @@
+"""Page logic with NiceGUI's simulated `User` (no browser): fast checks of what each page shows and refuses.
+
+The runtime is real (SQLite file, simulator replica processes); only the browser is simulated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from nicegui import ui
+from nicegui.testing.user import User
+from nicegui.testing.user_simulation import user_simulation
+
+from corral.config import Settings
+from corral.runtime import Runtime
+from corral.ui import live
+from corral.ui.shell import root
+from tests.conftest import wait_for_async
+from tests.integration.conftest import free_port
+
+
+async def _runtime(data_dir: Path, **settings: object) -> Runtime:
+    runtime = Runtime(Settings(data_dir=data_dir, port=free_port(), gateway_port=free_port(), gateway_data_plane="python",
+                               stop_grace_s=2, **settings))
+    await runtime.start()
+    live.bind(runtime)
+    return runtime
+
+
+@pytest.fixture
+async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
+    runtime = await _runtime(tmp_path / "data")
+    yield runtime
+    for deployment in runtime.backend.list_deployments():
+        await (await runtime.backend.delete_deployment(deployment.name))
+    await runtime.close()
+
+
+@pytest.fixture
+async def user(runtime: Runtime) -> AsyncIterator[User]:
+    async with user_simulation(root=root) as user:
+        yield user
+
+
+async def test_finetune_page_without_gpu(user: User) -> None:
+    await user.open("/finetune")
+    await user.should_see("No GPU detected: finetuning runs on the CPU")
+    await user.should_see("Recommendation:")
+    await user.should_see("New finetune task")
+
+
+async def test_deploy_form_shows_the_refusal_inline_and_changes_nothing(user: User, runtime: Runtime) -> None:
+    await user.open("/")
+    await user.should_see("Nothing deployed yet")
+    user.find(kind=ui.checkbox, content="Deploy as Model Pool").click()
+    await user.should_see("Deploy", kind=ui.button)
+    user.find(kind=ui.checkbox, content="Deploy as Model Pool").click()
+    user.find(kind=ui.button, content="Deploy as Model Pool").click()  # no model, no tag
+    await user.should_see("modelTag")
+    assert runtime.backend.list_deployments() == []
+    assert runtime.store.history() == []
+
+
+async def test_scale_refusal_and_assignment_counts(user: User, runtime: Runtime) -> None:
+    from corral.controller import DeploySpec
+
+    result = await runtime.controller.deploy(DeploySpec(engine="simulator", model_id="sim", model_tag="qwen-06b", replicas=2,
+                                                        deploy_as_pool=True, engine_args=["--ttft-ms", "5"]))
+    pool = result["deployment"]["name"]
+    await runtime.controller.deploy_service("production-chat", pool, "production", False)
+    await user.open("/")
+    await user.should_see("Assignment: production(0) | unassigned(2)")
+    pod = runtime.backend.list_pods(pool)[0].name
+    await runtime.controller.assign_pod(pod, "production", None)  # from elsewhere (API, CLI): the page follows
+    await user.should_see("Assignment: production(1) | unassigned(1)")
+    await user.should_see("available for scale-down: 1")
+    await user.open("/history")
+    (table,) = user.find(kind=ui.table).elements
+    assert [r["action"] for r in table.rows] == ["assign", "deploy-service", "deploy"]  # newest first
+    await runtime.controller.distribute(pool, {"production": 1}, None)  # the page follows this one too
+    await wait_for_async(lambda: table.rows[0]["action"] == "distribute", what="the distribution in the history table")
+
+
+async def test_token_is_required_for_changes(tmp_path: Path) -> None:
+    runtime = await _runtime(tmp_path / "data", api_token="s3cret")
+    try:
+        async with user_simulation(root=root) as user:
+            await user.open("/")
+            user.find(kind=ui.button, content="Deploy as Model Pool").click()
+            await user.should_see("this Corral requires an API token")
+            await wait_for_async(lambda: runtime.store.history() == [], what="nothing recorded")
+    finally:
+        await runtime.close()
