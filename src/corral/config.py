@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from corral.domain.manifests import ENGINE_IMAGES, ClusterOptions
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CORRAL_", extra="ignore")
@@ -17,7 +19,18 @@ class Settings(BaseSettings):
     port: int = Field(default=8080, ge=1, le=65535, description="API and UI port")
     gateway_port: int = Field(default=8000, ge=1, le=65535, description="business-service traffic port")
     api_token: str | None = Field(default=None, description="when set, mutations need 'Authorization: Bearer <token>'")
-    backend: Literal["local"] = Field(default="local", description="where replicas run")
+    backend: Literal["local", "kubernetes"] = Field(default="local", description="where replicas run: local processes or a cluster")
+    kubeconfig: Path | None = Field(default=None, description="kubernetes: kubeconfig file (default: in-cluster, then ~/.kube/config)")
+    kubernetes_namespace: str = Field(default="default", description="kubernetes: namespace of pools, services and jobs")
+    kubernetes_images: dict[str, str] = Field(default_factory=dict, description="kubernetes: engine → image overrides (JSON)")
+    kubernetes_gpu_resource: str = Field(default="nvidia.com/gpu", description="kubernetes: the GPU extended resource")
+    kubernetes_node_selector: dict[str, str] = Field(default_factory=dict, description="kubernetes: node selector of replicas (JSON)")
+    kubernetes_tolerations: list[dict] = Field(
+        default=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        description="kubernetes: tolerations of GPU replicas (JSON)",
+    )
+    kubernetes_model_cache_claim: str | None = Field(default=None, description="kubernetes: PVC for the model cache (default: emptyDir)")
+    kubernetes_shm_size: str = Field(default="8Gi", description="kubernetes: /dev/shm size of replicas")
     health_interval_s: float = Field(default=0.5, gt=0, description="replica supervision period")
     stop_grace_s: float = Field(default=10.0, ge=0, description="SIGTERM to SIGKILL grace when stopping a replica")
     restart_backoff_max_s: float = Field(default=30.0, gt=0, description="cap of the crash-restart back-off")
@@ -47,6 +60,14 @@ class Settings(BaseSettings):
     )
     gateway_connect_timeout_s: float = Field(default=2.0, gt=0, description="a replica slower to accept is ejected")
     gateway_read_timeout_s: float = Field(default=600.0, gt=0, description="longest silence from a replica mid-response")
+
+    def cluster_options(self) -> ClusterOptions:
+        return ClusterOptions(
+            namespace=self.kubernetes_namespace, images={**ENGINE_IMAGES, **self.kubernetes_images},
+            gpu_resource=self.kubernetes_gpu_resource, tolerations=tuple(self.kubernetes_tolerations),
+            node_selector=dict(self.kubernetes_node_selector), shm_size=self.kubernetes_shm_size,
+            model_cache_claim=self.kubernetes_model_cache_claim,
+        )
 
     @property
     def database_path(self) -> Path:

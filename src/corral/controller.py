@@ -23,7 +23,7 @@ from corral.domain import labels as L
 from corral.domain.assignment import businesses_of_model, check_business_for_model, validate_assignment
 from corral.domain.distribution import plan_moves, targets_from_counts, targets_from_ratios
 from corral.domain.errors import Conflict, CorralError, InvalidInput, NotFound
-from corral.domain.manifests import deployment_manifest, service_manifest
+from corral.domain.manifests import service_manifest
 from corral.domain.models import Deployment, Pod, Service
 from corral.domain.scaling import MAX_REPLICAS, plan_pool_scale, plan_standard_scale
 from corral.domain.status import assignment_summary, pod_distribution, pool_status
@@ -58,6 +58,7 @@ class Controller:
         self.base_url = base_url  # where a service's traffic goes (the gateway's URL for it)
         self.traffic = traffic  # per-replica request counters from the data plane
         self._lock = asyncio.Lock()
+        backend.set_mutation_lock(self._lock)
 
     # views -----------------------------------------------------------------------------------
     def deployment_view(
@@ -182,10 +183,7 @@ class Controller:
                 raise Conflict(f"deployment '{name}' already exists; scale it or delete it first")
             if service is not None and self.backend.get_service(service.name) is not None:
                 raise Conflict(f"a service named '{service.name}' already exists")
-            container_args = engine.server_args(
-                model_id=deployment.model_id, model_tag=model_tag, port=8000, host="0.0.0.0", gpus=gpus, extra=engine_args
-            )
-            documents = [deployment_manifest(deployment, container_args)] + ([service_manifest(service)] if service else [])
+            documents = self.backend.manifests(deployment, service)
             pods = await self.backend.create_deployment(deployment, service)
             manifest_path = self.backend.write_manifests(name, documents)
             view = self.deployment_view(deployment, pods)
@@ -222,7 +220,7 @@ class Controller:
                 is_external=is_external, deployment=pool.name,
             )
             await self.backend.create_service(service)
-            manifest_path = self.backend.write_manifests(name, [service_manifest(service)])
+            manifest_path = self.backend.write_manifests(name, [service_manifest(service, self.backend.cluster_options)])
             view = self.service_view(self.backend.get_service(name) or service)
             self.store.record("deploy-service", name, after=view["selector"], message=f"business '{business}' of model '{pool.model_tag}'")
             self.bus.publish("service_deployment", {"action": "created", "service": view})
@@ -247,6 +245,8 @@ class Controller:
                 await self.backend.set_businesses({p.name: L.UNASSIGNED for p in stranded})
                 for pod in stranded:
                     self._announce_assignment(pod, L.UNASSIGNED, reason=f"service {name} deleted")
+                for pool in sorted({p.deployment for p in stranded}):
+                    await self._remember_assignment(pool)
             await self.backend.delete_service(name)
             self.store.record("delete-service", name, before=dict(service.selector),
                               message=f"unassigned {len(stranded)} pod(s)" if stranded else "service deleted")
@@ -262,8 +262,14 @@ class Controller:
             if changed:
                 await self.backend.set_businesses({pod.name: business_tag})
                 self._announce_assignment(pod, business_tag)
+                await self._remember_assignment(pod.deployment)
         return {"success": True, "podName": pod.name, "modelName": pod.model, "previousBusiness": previous,
                 "businessTag": business_tag, "changed": changed}
+
+    async def _remember_assignment(self, pool: str) -> None:
+        """Tell the backend what each business should keep, so replaced replicas get reassigned."""
+        counts = {b: n for b, n in pod_distribution(self.backend.list_pods(pool)).items() if b != L.UNASSIGNED}
+        await self.backend.remember_assignment(pool, counts)
 
     def _announce_assignment(self, pod: Pod, business: str, reason: str = "") -> None:
         before = pod.business or L.UNASSIGNED
@@ -303,6 +309,7 @@ class Controller:
             for move in moves:
                 self._announce_assignment(by_name[move.pod], move.target, reason=f"distribution of {pool.name}")
             after = pod_distribution(self.backend.list_pods(pool.name))
+            await self._remember_assignment(pool.name)
             self.store.record("distribute", pool.name, before=before, after=after, message=f"{len(moves)} move(s)")
             result = {"success": True, "deploymentName": pool.name, "targets": targets,
                       "moves": [{"podName": m.pod, "from": m.source, "to": m.target} for m in moves],

@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 from corral.backends.base import Backend
+from corral.backends.kubernetes import KubernetesBackend, client_from
 from corral.backends.local import LocalBackend
 from corral.config import Settings
 from corral.controller import Controller
@@ -24,6 +25,7 @@ from corral.gateway.nginx_plane import NginxGateway
 from corral.gateway.policies import make_policy
 from corral.gateway.proxy import Gateway
 from corral.gateway.routing import build_routes
+from corral.gpus.cluster import inventory_from_nodes
 from corral.gpus.inventory import GpuInventory, read_inventory
 from corral.store.state import StateStore
 
@@ -41,8 +43,7 @@ class Runtime:
         self.catalogue = [find_model(name) for name in settings.recommend_catalogue]
         self.gpu_inventory: GpuInventory = read_inventory()
         self._gpu_task: asyncio.Task | None = None
-        self.backend = backend or LocalBackend(settings, self.store, self.bus.publish,
-                                               gpu_ids=[d.index for d in self.gpu_inventory.devices])
+        self.backend = backend or self._make_backend(settings)
         self.gateway = self._make_gateway(settings)
         self.backend.set_drain(self.gateway.drain)
         self.controller = Controller(self.backend, self.store, self.bus, base_url=self.service_base_url,
@@ -55,6 +56,12 @@ class Runtime:
         if isinstance(self.backend, LocalBackend):  # one GPU ledger: replicas never get a training task's GPU
             self.backend.gpus_held_elsewhere = lambda: [int(u) for t in self.finetune.tasks.list(ACTIVE) for u in t.units
                                                         if u.isdigit()]
+
+    def _make_backend(self, settings: Settings) -> Backend:
+        if settings.backend == "kubernetes":
+            return KubernetesBackend(client_from(settings.kubeconfig, settings.kubernetes_namespace), settings.cluster_options(),
+                                     self.store, self.bus.publish, settings.manifests_dir)
+        return LocalBackend(settings, self.store, self.bus.publish, gpu_ids=[d.index for d in self.gpu_inventory.devices])
 
     def _make_gateway(self, settings: Settings) -> Gateway | NginxGateway:
         choice = settings.gateway_data_plane
@@ -73,10 +80,12 @@ class Runtime:
 
     async def start(self) -> None:
         await self.backend.start()
+        if self.settings.backend == "kubernetes":  # the cluster's GPUs, not this machine's
+            self.gpu_inventory = await self._read_inventory()
         self.refresh_routes()
         self.gateway.start()
         await self.finetune.start()
-        if self.gpu_inventory.available:  # without a driver there is nothing to watch
+        if self.gpu_inventory.available or self.settings.backend == "kubernetes":  # without a driver there is nothing to watch
             self._gpu_task = asyncio.create_task(self._watch_gpus(), name="gpu-inventory")
 
     async def close(self) -> None:
@@ -87,8 +96,15 @@ class Runtime:
         await self.backend.close()
         self.store.close()
 
+    async def _read_inventory(self) -> GpuInventory:
+        if isinstance(self.backend, KubernetesBackend):
+            return inventory_from_nodes(await self.backend.nodes(), self.settings.kubernetes_gpu_resource)
+        return await asyncio.to_thread(read_inventory)
+
     def _fresh_inventory(self) -> GpuInventory:
         """A new NVML read (free memory as of now) where there are GPUs; nothing to re-read without."""
+        if self.settings.backend == "kubernetes":  # re-read from the nodes by the watcher
+            return self.gpu_inventory
         return read_inventory() if self.gpu_inventory.available else self.gpu_inventory
 
     async def _watch_gpus(self) -> None:
@@ -97,7 +113,7 @@ class Runtime:
 
         while True:
             await asyncio.sleep(self.settings.gpu_refresh_s)
-            inventory = await asyncio.to_thread(read_inventory)
+            inventory = await self._read_inventory()
             if inventory != self.gpu_inventory:
                 self.gpu_inventory = inventory
                 self.bus.publish("gpu_inventory", gpu_info(inventory, self.catalogue))

@@ -61,7 +61,7 @@ async def pods(request: Request, deployment: str | None = None) -> list[dict[str
 @router.get("/pods/{name}/logs", response_class=PlainTextResponse)
 async def pod_logs(name: str, request: Request, tail: int = Query(default=200, ge=1, le=10000)) -> str:
     """The last lines of a replica's engine output (why is it not ready? why did it crash?)."""
-    text = request.app.state.backend.pod_logs(name, tail)
+    text = await request.app.state.backend.pod_logs(name, tail)
     if text is None:
         raise NotFound(f"pod '{name}' not found; list pods with GET /api/pods")
     return text

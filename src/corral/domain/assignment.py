@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 
 from corral.domain import labels as L
 from corral.domain.errors import InvalidInput, NotFound
@@ -45,3 +45,27 @@ def validate_assignment(
         raise InvalidInput(f"modelName '{model_name}' does not match pod '{pod.name}', which serves model '{pod.model}'")
     check_business_for_model(business, pod.model, services, "businessTag")
     return pod
+
+
+def plan_restore(pods: Sequence[Pod], desired: Mapping[str, int]) -> dict[str, str]:
+    """Pod → business for unassigned replicas that give each business back the count it should have.
+
+    After replicas are replaced behind Corral's back (a crash on Kubernetes, a node lost, a rollout:
+    new pods start `unassigned`), each business short of `desired` takes unassigned pods — ready ones
+    first, then the oldest. Businesses are served in name order, so the plan is deterministic.
+    Never takes a pod from another business.
+    """
+    counts: dict[str, int] = {}
+    for pod in pods:
+        counts[pod.business or L.UNASSIGNED] = counts.get(pod.business or L.UNASSIGNED, 0) + 1
+    spare = sorted((p for p in pods if p.business == L.UNASSIGNED),
+                   key=lambda p: (not p.ready, (p.created_at.timestamp() if p.created_at else 0.0), p.name))
+    plan: dict[str, str] = {}
+    for business in sorted(desired):
+        if business == L.UNASSIGNED:
+            continue
+        for _ in range(max(0, desired[business] - counts.get(business, 0))):
+            if not spare:
+                return plan
+            plan[spare.pop(0).name] = business
+    return plan

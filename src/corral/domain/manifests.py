@@ -1,63 +1,109 @@
 """Spec 01's two templates (and the standard deployment's), filled, as Kubernetes manifests.
 
 Pure: returns dicts. The local backend writes them under `<data dir>/deployments/` so a local run
-shows exactly what a cluster would receive; the Kubernetes backend applies the same objects.
+shows exactly what a cluster would receive; the Kubernetes backend applies the very same objects.
+Everything Corral needs to rebuild its view from the cluster (engine, model id, engine arguments,
+GPUs per replica) travels in `corral.dev/*` annotations, so the cluster is the only source of truth.
 """
 
 from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
 
 from corral.domain import labels as L
 from corral.domain.models import Deployment, Service
 
 ENGINE_IMAGES = {
-    "vllm": "vllm/vllm-openai:latest",
-    "sglang": "lmsysorg/sglang:latest",
+    "vllm": "vllm/vllm-openai:v0.11.0",
+    "sglang": "lmsysorg/sglang:v0.5.3-cu126",
     "transformers": "huggingface/transformers-pytorch-cpu:latest",
     "simulator": "corral/simulator:latest",
 }
 HTTP_PORT = 8000
+MANAGED_BY = "app.kubernetes.io/managed-by"
+CORRAL = "corral"
+ANNOTATION_ENGINE = "corral.dev/engine"
+ANNOTATION_MODEL_ID = "corral.dev/model-id"
+ANNOTATION_ENGINE_ARGS = "corral.dev/engine-args"
+ANNOTATION_GPUS = "corral.dev/gpus-per-replica"
+ANNOTATION_POOL = "corral.dev/pool"
+ANNOTATION_DESIRED = "corral.dev/desired-assignment"  # business → count, from the last assignment or distribution
+DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 
 
-def deployment_manifest(deployment: Deployment, container_args: list[str]) -> dict:
+@dataclass(frozen=True)
+class ClusterOptions:
+    """Where and how replicas run in a cluster (ignored by the local backend's processes)."""
+
+    namespace: str = "default"
+    images: dict[str, str] = field(default_factory=lambda: dict(ENGINE_IMAGES))
+    gpu_resource: str = "nvidia.com/gpu"
+    tolerations: tuple[dict[str, Any], ...] = ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},)
+    node_selector: dict[str, str] = field(default_factory=dict)
+    shm_size: str = "8Gi"
+    model_cache_claim: str | None = None  # a PersistentVolumeClaim for /root/.cache/huggingface; emptyDir when unset
+    service_account: str | None = None
+
+
+def deployment_manifest(deployment: Deployment, container_args: list[str], options: ClusterOptions = ClusterOptions(),
+                        health_path: str = "/health") -> dict:
     """A Deployment; for a pool the selector is `{model, pool}` and pods start `business: unassigned`."""
     resources: dict = {}
     if deployment.gpus_per_replica:
-        resources = {"limits": {"nvidia.com/gpu": deployment.gpus_per_replica}}
+        resources = {"limits": {options.gpu_resource: deployment.gpus_per_replica}}
+    cache = ({"persistentVolumeClaim": {"claimName": options.model_cache_claim}} if options.model_cache_claim
+             else {"emptyDir": {}})
+    pod_spec: dict[str, Any] = {
+        "containers": [{
+            "name": deployment.engine,
+            "image": options.images.get(deployment.engine, deployment.engine),
+            "args": container_args,
+            "ports": [{"name": "http", "containerPort": HTTP_PORT}],
+            "readinessProbe": {"httpGet": {"path": health_path, "port": "http"}, "periodSeconds": 5, "failureThreshold": 3},
+            "resources": resources,
+            "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}, {"name": "model-cache", "mountPath": "/root/.cache/huggingface"}],
+        }],
+        "volumes": [{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": options.shm_size}},
+                    {"name": "model-cache", **cache}],
+    }
+    if deployment.gpus_per_replica and options.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in options.tolerations]
+    if options.node_selector:
+        pod_spec["nodeSelector"] = dict(options.node_selector)
+    if options.service_account:
+        pod_spec["serviceAccountName"] = options.service_account
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {
             "name": deployment.name,
+            "namespace": options.namespace,
             "labels": {
                 L.MODEL: deployment.model_tag,
                 L.DEPLOYMENT_TYPE: L.MODEL_POOL if deployment.is_pool else L.STANDARD,
+                MANAGED_BY: CORRAL,
+            },
+            "annotations": {
+                ANNOTATION_ENGINE: deployment.engine,
+                ANNOTATION_MODEL_ID: deployment.model_id,
+                ANNOTATION_ENGINE_ARGS: json.dumps(list(deployment.engine_args)),
+                ANNOTATION_GPUS: str(deployment.gpus_per_replica),
             },
         },
         "spec": {
             "replicas": deployment.replicas,
             "selector": {"matchLabels": deployment.selector},
-            "template": {
-                "metadata": {"labels": deployment.new_pod_labels()},
-                "spec": {
-                    "containers": [
-                        {
-                            "name": deployment.engine,
-                            "image": ENGINE_IMAGES.get(deployment.engine, deployment.engine),
-                            "args": container_args,
-                            "ports": [{"name": "http", "containerPort": HTTP_PORT}],
-                            "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}},
-                            "resources": resources,
-                        }
-                    ]
-                },
-            },
+            "template": {"metadata": {"labels": {**deployment.new_pod_labels(), MANAGED_BY: CORRAL}}, "spec": pod_spec},
         },
     }
 
 
-def service_manifest(service: Service) -> dict:
+def service_manifest(service: Service, options: ClusterOptions = ClusterOptions()) -> dict:
     """A Service; a business service is a LoadBalancer with NLB annotations when external."""
-    metadata: dict = {"name": service.name, "labels": dict(service.labels)}
+    metadata: dict = {"name": service.name, "namespace": options.namespace, "labels": {**service.labels, MANAGED_BY: CORRAL},
+                      "annotations": {ANNOTATION_POOL: service.deployment or ""}}
     spec: dict = {
         "selector": dict(service.selector),
         "ports": [{"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP"}],
@@ -65,7 +111,7 @@ def service_manifest(service: Service) -> dict:
     }
     if service.is_external:
         spec["type"] = "LoadBalancer"
-        metadata["annotations"] = {
+        metadata["annotations"] |= {
             "service.beta.kubernetes.io/aws-load-balancer-type": "external",
             "service.beta.kubernetes.io/aws-load-balancer-nlb-target-type": "ip",
             "service.beta.kubernetes.io/aws-load-balancer-scheme": "internet-facing",

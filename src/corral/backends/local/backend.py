@@ -13,9 +13,7 @@ import string
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import yaml
-
-from corral.backends.base import Backend, EventSink
+from corral.backends.base import Backend, EventSink, save_manifests
 from corral.backends.local import process
 from corral.backends.local.supervisor import ReplicaSupervisor
 from corral.config import Settings
@@ -120,17 +118,14 @@ class LocalBackend(Backend):
     async def delete_service(self, name: str) -> None:
         self.store.delete_service(name)
 
-    def pod_logs(self, name: str, tail: int) -> str | None:
+    async def pod_logs(self, name: str, tail: int) -> str | None:
         record = self.store.get_replica(name)
         if record is None:
             return None
         return process.tail_lines(Path(record.log_path), tail)
 
     def write_manifests(self, name: str, documents: list[dict]) -> str:
-        self.settings.manifests_dir.mkdir(parents=True, exist_ok=True)
-        path = self.settings.manifests_dir / f"{name}.yaml"
-        path.write_text(yaml.safe_dump_all(documents, sort_keys=False))
-        return str(path)
+        return save_manifests(self.settings.manifests_dir, name, documents)
 
     # helpers ---------------------------------------------------------------------------------
     def _new_records(self, deployment: Deployment, count: int) -> list[ReplicaRecord]:

@@ -1,0 +1,102 @@
+"""Cluster objects (plain dicts, as the API serves them) → Corral's domain objects. Pure.
+
+Corral keeps no copy of cluster state in its database: what a Deployment, Pod or Service means is
+read back from its labels and `corral.dev/*` annotations every time.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from corral.domain import labels as L
+from corral.domain.manifests import (
+    ANNOTATION_ENGINE,
+    ANNOTATION_ENGINE_ARGS,
+    ANNOTATION_GPUS,
+    ANNOTATION_MODEL_ID,
+    ANNOTATION_POOL,
+    HTTP_PORT,
+)
+from corral.domain.models import Deployment, Pod, PodPhase, Service
+
+
+def _time(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+
+
+def _meta(obj: dict[str, Any]) -> dict[str, Any]:
+    return obj.get("metadata") or {}
+
+
+def deployment(obj: dict[str, Any]) -> Deployment:
+    meta = _meta(obj)
+    labels, notes = meta.get("labels") or {}, meta.get("annotations") or {}
+    return Deployment(
+        name=meta["name"], engine=notes.get(ANNOTATION_ENGINE, "vllm"), model_id=notes.get(ANNOTATION_MODEL_ID, ""),
+        model_tag=labels.get(L.MODEL, ""), is_pool=labels.get(L.DEPLOYMENT_TYPE) == L.MODEL_POOL,
+        replicas=int((obj.get("spec") or {}).get("replicas") or 0), gpus_per_replica=int(notes.get(ANNOTATION_GPUS, "0") or 0),
+        engine_args=tuple(json.loads(notes.get(ANNOTATION_ENGINE_ARGS, "[]") or "[]")), created_at=_time(meta.get("creationTimestamp")),
+    )
+
+
+def pod(obj: dict[str, Any]) -> Pod:
+    meta, status = _meta(obj), obj.get("status") or {}
+    labels = dict(meta.get("labels") or {})
+    conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
+    containers = status.get("containerStatuses") or []
+    waiting = {((c.get("state") or {}).get("waiting") or {}).get("reason") for c in containers}
+    if meta.get("deletionTimestamp"):
+        phase = PodPhase.TERMINATING
+    elif "CrashLoopBackOff" in waiting:
+        phase = PodPhase.CRASH_LOOP
+    elif status.get("phase") == "Running":
+        phase = PodPhase.RUNNING
+    else:
+        phase = PodPhase.PENDING
+    ip = status.get("podIP")
+    return Pod(
+        name=meta["name"], deployment=labels.get(L.POOL) or labels.get(L.APP) or "", labels=labels, phase=phase,
+        ready=conditions.get("Ready") == "True" and phase != PodPhase.TERMINATING,
+        endpoint=f"http://{ip}:{HTTP_PORT}" if ip else None, restarts=sum(int(c.get("restartCount") or 0) for c in containers),
+        created_at=_time(meta.get("creationTimestamp")),
+    )
+
+
+def service(obj: dict[str, Any]) -> Service:
+    meta, spec = _meta(obj), obj.get("spec") or {}
+    labels = dict(meta.get("labels") or {})
+    return Service(
+        name=meta["name"], model=labels.get(L.MODEL, ""), selector=dict(spec.get("selector") or {}), labels=labels,
+        is_external=spec.get("type") == "LoadBalancer",
+        deployment=(meta.get("annotations") or {}).get(ANNOTATION_POOL) or labels.get(L.APP) or None,
+        created_at=_time(meta.get("creationTimestamp")),
+    )
+
+
+def rollout_in_progress(obj: dict[str, Any]) -> str | None:
+    """Why a Deployment is mid-rollout (two ReplicaSets hold its pods), or None when it is settled."""
+    meta, spec, status = _meta(obj), obj.get("spec") or {}, obj.get("status") or {}
+    wanted = int(spec.get("replicas") or 0)
+    if int(status.get("observedGeneration") or 0) < int(meta.get("generation") or 0):
+        return "its latest change is not observed yet"
+    if int(status.get("updatedReplicas") or 0) < wanted:
+        return f"{status.get('updatedReplicas') or 0} of {wanted} replicas run the current template"
+    if int(status.get("replicas") or 0) > wanted:
+        return f"{status.get('replicas')} replicas exist for {wanted} wanted (old ones are still being replaced)"
+    return None
+
+
+def endpoint_pods(slices: list[dict[str, Any]], service_name: str) -> set[str]:
+    """Names of the pods a Service's EndpointSlices route to (ready endpoints only)."""
+    names = set()
+    for item in slices:
+        if (_meta(item).get("labels") or {}).get("kubernetes.io/service-name") != service_name:
+            continue
+        for endpoint in item.get("endpoints") or []:
+            if (endpoint.get("conditions") or {}).get("ready", True) and (endpoint.get("targetRef") or {}).get("name"):
+                names.add(endpoint["targetRef"]["name"])
+    return names

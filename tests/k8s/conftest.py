@@ -1,0 +1,36 @@
+"""An emulated cluster (kmock + mini controllers) and a Corral runtime on the Kubernetes backend over it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("kmock")
+
+from corral.config import Settings  # noqa: E402
+from corral.runtime import Runtime  # noqa: E402
+from tests.integration.conftest import free_port  # noqa: E402
+from tests.k8s.cluster import NAMESPACE, ClusterEmulator, MiniControllers, kubeconfig  # noqa: E402
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[tuple[ClusterEmulator, MiniControllers, Path]]:
+    import kmock
+
+    async with ClusterEmulator() as emulator, kmock.Server(emulator) as server:
+        config = kubeconfig(str(server.url), tmp_path / "kubeconfig")
+        async with MiniControllers(config) as controllers:
+            yield emulator, controllers, config
+
+
+@pytest.fixture
+async def runtime(cluster: tuple[ClusterEmulator, MiniControllers, Path], tmp_path: Path) -> AsyncIterator[Runtime]:
+    _, _, config = cluster
+    settings = Settings(data_dir=tmp_path / "data", backend="kubernetes", kubeconfig=config, kubernetes_namespace=NAMESPACE,
+                        port=free_port(), gateway_port=free_port(), gateway_data_plane="python")
+    runtime = Runtime(settings)
+    await runtime.start()
+    yield runtime
+    await runtime.close()

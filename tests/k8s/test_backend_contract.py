@@ -1,0 +1,139 @@
+"""The Kubernetes backend against an emulated cluster over real HTTP: pools, services, assignment,
+distribution, pool-safe scale-down (with the cluster choosing otherwise), replacements, watches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lightkube import AsyncClient, KubeConfig
+from lightkube.resources.apps_v1 import Deployment
+from lightkube.resources.core_v1 import Pod, Service
+from lightkube.types import PatchType
+
+from corral.controller import DeploySpec
+from corral.domain.errors import Conflict
+from corral.runtime import Runtime
+from tests.conftest import wait_for_async
+from tests.k8s.cluster import NAMESPACE
+
+POOL = "vllm-qwen-7b-pool"
+
+
+def client_for(config: Path) -> AsyncClient:
+    return AsyncClient(config=KubeConfig.from_file(str(config)), namespace=NAMESPACE)
+
+
+async def deploy_pool(runtime: Runtime, replicas: int = 4) -> list[str]:
+    await runtime.controller.deploy(DeploySpec(engine="vllm", model_id="Qwen/Qwen2.5-Coder-7B-Instruct", model_tag="qwen-7b",
+                                               replicas=replicas, deploy_as_pool=True))
+    await wait_for_async(lambda: len(runtime.backend.list_pods(POOL)) == replicas, what=f"{replicas} pods")
+    for business in ("production", "testing"):
+        await runtime.controller.deploy_service(f"{business}-chat", POOL, business, business == "production")
+    return [p.name for p in runtime.backend.list_pods(POOL)]
+
+
+def businesses(runtime: Runtime) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for pod in runtime.backend.list_pods(POOL):
+        counts[pod.business or ""] = counts.get(pod.business or "", 0) + 1
+    return counts
+
+
+async def test_pool_services_and_assignment_are_cluster_objects(runtime: Runtime, cluster) -> None:  # noqa: ANN001
+    _, _, config = cluster
+    events: list[tuple[str, dict]] = []
+    runtime.bus.listen(lambda kind, data: events.append((kind, data)))
+    pods = await deploy_pool(runtime)
+    client = client_for(config)
+    deployment = (await client.get(Deployment, POOL)).to_dict()
+    assert deployment["spec"]["selector"]["matchLabels"] == {"model": "qwen-7b", "pool": POOL}  # never business
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": 1} and container["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert deployment["spec"]["template"]["metadata"]["labels"]["business"] == "unassigned"
+    production = (await client.get(Service, "production-chat-nlb")).to_dict()
+    assert production["spec"]["type"] == "LoadBalancer" and production["spec"]["selector"] == {"model": "qwen-7b", "business": "production"}
+    assert production["metadata"]["labels"]["service-type"] == "business-service"
+    assert (await client.get(Service, "testing-chat-nlb")).to_dict()["spec"]["type"] == "ClusterIP"
+    assert (Path(runtime.settings.manifests_dir) / f"{POOL}.yaml").exists()
+    # Businesses are discovered from the cluster's services.
+    assert [s["businessTag"] for s in runtime.controller.list_business_services()] == ["production", "testing"]
+
+    # Assign = a merge patch of the pod's label; complete once the EndpointSlices follow.
+    await runtime.controller.assign_pod(pods[0], "production", "qwen-7b")
+    assert (await client.get(Pod, pods[0])).to_dict()["metadata"]["labels"]["business"] == "production"
+    cutover = await wait_for_async(lambda: runtime.store.history(action="cutover", target=pods[0]), what="the cut-over")
+    assert cutover[0]["outcome"] == "success" and "traffic follows after" in cutover[0]["message"]
+    assert any(kind == "assignment_complete" and data["podName"] == pods[0] for kind, data in events)
+    desired = (await client.get(Deployment, POOL)).to_dict()["metadata"]["annotations"]["corral.dev/desired-assignment"]
+    assert json.loads(desired) == {"production": 1}
+
+    result = await runtime.controller.distribute(POOL, None, {"production": 2, "testing": 1})
+    assert result["podDistribution"] == {"unassigned": 1, "production": 2, "testing": 1}
+    labels = [p.to_dict()["metadata"]["labels"]["business"] async for p in client.list(Pod)]
+    assert sorted(labels) == ["production", "production", "testing", "unassigned"]
+    # Watches feed the same events as the local backend.
+    assert any(kind == "replica_status" and data["deployment"] == POOL for kind, data in events)
+    await client.close()
+
+
+async def test_pool_safe_scale_down_uses_deletion_cost_and_refuses_below_assigned(runtime: Runtime, cluster) -> None:  # noqa: ANN001
+    pods = await deploy_pool(runtime)
+    await runtime.controller.distribute(POOL, None, {"production": 1, "testing": 1})
+    try:
+        await runtime.controller.scale(POOL, 1, pool_endpoint=True)
+        raise AssertionError("expected a refusal")
+    except Conflict as refusal:
+        assert refusal.message == "Cannot scale down: need 3 unassigned pods, but only 2 available"
+    assert len(runtime.backend.list_pods(POOL)) == 4
+    result = await runtime.controller.scale(POOL, 2, pool_endpoint=True)
+    assert len(result["removed"]) == 2
+    await wait_for_async(lambda: len(runtime.backend.list_pods(POOL)) == 2, what="the scale-down")
+    assert businesses(runtime) == {"production": 1, "testing": 1}  # exactly the unassigned ones went
+    assert set(result["removed"]) <= set(pods)
+    assert not runtime.store.history(action="scale-verify")
+
+
+async def test_cluster_removing_assigned_pods_is_corrected(runtime: Runtime, cluster) -> None:  # noqa: ANN001
+    _, controllers, _ = cluster
+    await deploy_pool(runtime)
+    oldest = sorted(runtime.backend.list_pods(POOL), key=lambda p: p.created_at)[:2]  # type: ignore[arg-type, return-value]
+    for pod in oldest:
+        await runtime.controller.assign_pod(pod.name, "production", None)
+    controllers.ignore_deletion_cost = True  # the ReplicaSet removes the oldest pods: the assigned ones
+    await runtime.controller.scale(POOL, 2, pool_endpoint=True)
+    verify = await wait_for_async(lambda: runtime.store.history(action="scale-verify"), timeout=30, what="the verification")
+    assert verify[0]["outcome"] == "corrected" and "removed assigned pod(s)" in verify[0]["message"]
+    await wait_for_async(lambda: businesses(runtime) == {"production": 2}, what="production's two replicas back")
+    restored = [h for h in runtime.store.history(action="assign") if h["message"].startswith("restored")]
+    assert len(restored) == 2
+
+
+async def test_replaced_pod_is_reassigned(runtime: Runtime, cluster) -> None:  # noqa: ANN001
+    _, _, config = cluster
+    await deploy_pool(runtime, replicas=3)
+    await runtime.controller.distribute(POOL, None, {"production": 2, "testing": 1})
+    victim = next(p.name for p in runtime.backend.list_pods(POOL) if p.business == "testing")
+    client = client_for(config)
+    await client.delete(Pod, victim)  # a node lost, say: the ReplicaSet makes a new, unassigned pod
+    await wait_for_async(lambda: victim not in {p.name for p in runtime.backend.list_pods(POOL)}
+                         and businesses(runtime) == {"production": 2, "testing": 1}, what="testing's replica replaced")
+    entry = next(h for h in runtime.store.history(action="assign") if h["message"].startswith("restored"))
+    assert "replacement for a lost replica of business 'testing'" in entry["message"]
+    await client.close()
+
+
+async def test_scale_down_during_a_rollout_is_refused(runtime: Runtime, cluster) -> None:  # noqa: ANN001
+    _, controllers, config = cluster
+    await deploy_pool(runtime, replicas=3)
+    controllers.paused = True
+    client = client_for(config)
+    await client.patch(Deployment, POOL, {"status": {"updatedReplicas": 1, "replicas": 4}}, patch_type=PatchType.MERGE)
+    await wait_for_async(lambda: runtime.backend.objects["deployments"][POOL]["status"]["updatedReplicas"] == 1, what="the watch")
+    try:
+        await runtime.controller.scale(POOL, 2, pool_endpoint=True)
+        raise AssertionError("expected a refusal")
+    except Conflict as refusal:
+        assert "is rolling out (1 of 3 replicas run the current template)" in refusal.message
+    assert (await client.get(Deployment, POOL)).to_dict()["spec"]["replicas"] == 3
+    await client.close()
