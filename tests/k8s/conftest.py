@@ -26,6 +26,11 @@ async def cluster(tmp_path: Path) -> AsyncIterator[tuple[ClusterEmulator, MiniCo
 
 
 @pytest.fixture
+def engine() -> str:
+    return "vllm"  # the emulator runs no containers: GPU requests and all, nothing starts
+
+
+@pytest.fixture
 async def runtime(cluster: tuple[ClusterEmulator, MiniControllers, Path], tmp_path: Path) -> AsyncIterator[Runtime]:
     _, _, config = cluster
     settings = Settings(data_dir=tmp_path / "data", backend="kubernetes", kubeconfig=config, kubernetes_namespace=NAMESPACE,

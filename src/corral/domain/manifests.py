@@ -19,7 +19,13 @@ ENGINE_IMAGES = {
     "vllm": "vllm/vllm-openai:v0.11.0",
     "sglang": "lmsysorg/sglang:v0.5.3-cu126",
     "transformers": "huggingface/transformers-pytorch-cpu:latest",
-    "simulator": "corral/simulator:latest",
+    "simulator": "corral/corral:0.1.0",  # Corral's own image (Dockerfile) carries the simulator
+}
+# The container command where the image's entrypoint is not the engine's server (vLLM's is).
+ENGINE_COMMANDS = {
+    "sglang": ["python3", "-m", "sglang.launch_server"],
+    "transformers": ["transformers"],
+    "simulator": ["python", "-m", "corral.engines.simulator"],
 }
 HTTP_PORT = 8000
 MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -39,6 +45,7 @@ class ClusterOptions:
 
     namespace: str = "default"
     images: dict[str, str] = field(default_factory=lambda: dict(ENGINE_IMAGES))
+    commands: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in ENGINE_COMMANDS.items()})
     gpu_resource: str = "nvidia.com/gpu"
     tolerations: tuple[dict[str, Any], ...] = ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},)
     node_selector: dict[str, str] = field(default_factory=dict)
@@ -59,6 +66,7 @@ def deployment_manifest(deployment: Deployment, container_args: list[str], optio
         "containers": [{
             "name": deployment.engine,
             "image": options.images.get(deployment.engine, deployment.engine),
+            **({"command": list(options.commands[deployment.engine])} if deployment.engine in options.commands else {}),
             "args": container_args,
             "ports": [{"name": "http", "containerPort": HTTP_PORT}],
             "readinessProbe": {"httpGet": {"path": health_path, "port": "http"}, "periodSeconds": 5, "failureThreshold": 3},

@@ -1,0 +1,11 @@
+# Corral's image: the control plane (`corral serve`), the simulator engine and the finetune trainer.
+#   docker build -t corral/corral:0.1.0 .        (kind: kind load docker-image corral/corral:0.1.0)
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY src ./src
+RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
+ && pip install --no-cache-dir ".[train]"
+EXPOSE 8080 8000
+ENTRYPOINT ["corral"]
+CMD ["serve", "--host", "0.0.0.0"]

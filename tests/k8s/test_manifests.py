@@ -1,0 +1,69 @@
+"""Every manifest Corral writes or ships validates against the Kubernetes schemas (strict: unknown
+fields are errors), for a recent Kubernetes version."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from corral.backends.local.backend import LocalBackend  # noqa: F401 (the base class's manifests)
+from corral.domain import labels as L
+from corral.domain.manifests import ClusterOptions, deployment_manifest, service_manifest
+from corral.domain.models import Deployment, Service
+
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+VERSION = "1.34.0"
+DEPLOY = Path(__file__).parents[2] / "deploy" / "kubernetes"
+
+
+def validate(document: dict) -> None:
+    kubernetes_validate.validate(document, VERSION, strict=True)
+
+
+POOL = Deployment("vllm-qwen-7b-pool", "vllm", "Qwen/Qwen2.5-Coder-7B-Instruct", "qwen-7b", True, 4, gpus_per_replica=2,
+                  engine_args=("--max-model-len", "8192"))
+STANDARD = Deployment("sglang-qwen-7b", "sglang", "Qwen/Qwen2.5-Coder-7B-Instruct", "qwen-7b", False, 1, gpus_per_replica=1)
+
+
+@pytest.mark.parametrize("options", [
+    ClusterOptions(namespace="corral"),
+    ClusterOptions(namespace="corral", model_cache_claim="hf-cache", node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                   service_account="engines", shm_size="16Gi"),
+], ids=["defaults", "all-options"])
+def test_deployments_validate(options: ClusterOptions) -> None:
+    for deployment in (POOL, STANDARD):
+        manifest = deployment_manifest(deployment, ["--model", deployment.model_id, "--port", "8000"], options, "/health")
+        validate(manifest)
+    pool = deployment_manifest(POOL, [], options)
+    assert pool["spec"]["selector"]["matchLabels"] == {L.MODEL: "qwen-7b", L.POOL: POOL.name}
+    assert pool["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 2}
+    assert pool["spec"]["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_services_validate(external: bool) -> None:
+    service = Service("production-chat-nlb", "qwen-7b", L.business_selector("qwen-7b", "production"),
+                      {L.BUSINESS: "production", L.MODEL: "qwen-7b", L.SERVICE_TYPE: L.BUSINESS_SERVICE},
+                      is_external=external, deployment=POOL.name)
+    manifest = service_manifest(service, ClusterOptions(namespace="corral"))
+    validate(manifest)
+    assert manifest["spec"]["type"] == ("LoadBalancer" if external else "ClusterIP")
+    if external:
+        assert manifest["metadata"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-type"] == "external"
+
+
+def test_shipped_manifests_validate() -> None:
+    documents = [d for path in sorted(DEPLOY.glob("*.yaml")) for d in yaml.safe_load_all(path.read_text()) if d]
+    kinds = {d["kind"] for d in documents}
+    assert {"ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service"} <= kinds
+    for document in documents:
+        validate(document)
+    role = next(d for d in documents if d["kind"] == "Role")
+    granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    # The least Corral needs (issue: list/watch/patch pods; deployments, services, jobs; deployments/scale; nodes).
+    assert ("", "pods", "patch") in granted and ("", "pods", "delete") not in granted
+    assert ("apps", "deployments/scale", "patch") in granted
+    cluster_role = next(d for d in documents if d["kind"] == "ClusterRole")
+    assert cluster_role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]}]
