@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     )
     kubernetes_model_cache_claim: str | None = Field(default=None, description="kubernetes: PVC for the model cache (default: emptyDir)")
     kubernetes_shm_size: str = Field(default="8Gi", description="kubernetes: /dev/shm size of replicas")
+    kubernetes_data_claim: str | None = Field(
+        default=None, description="kubernetes: PVC (ReadWriteMany) holding the data dir, mounted by finetune Jobs at the same path"
+    )
+    kubernetes_trainer_image: str = Field(default="corral/corral:0.1.0", description="kubernetes: image of finetune Jobs")
+    kueue_queue: str | None = Field(default=None, description="kubernetes: Kueue LocalQueue; Jobs are created suspended for Kueue")
     health_interval_s: float = Field(default=0.5, gt=0, description="replica supervision period")
     stop_grace_s: float = Field(default=10.0, ge=0, description="SIGTERM to SIGKILL grace when stopping a replica")
     restart_backoff_max_s: float = Field(default=30.0, gt=0, description="cap of the crash-restart back-off")

@@ -19,6 +19,7 @@ from corral.domain.memory import find_model
 from corral.engines import get_engine
 from corral.events import EventBus
 from corral.finetune.manager import FinetuneManager
+from corral.finetune.runners import JobRunner, ProcessRunner, TrainerRunner
 from corral.finetune.store import ACTIVE
 from corral.gateway import nginx_plane
 from corral.gateway.nginx_plane import NginxGateway
@@ -52,6 +53,7 @@ class Runtime:
         self.finetune = FinetuneManager(
             settings, self.store, self.bus, inventory=self._fresh_inventory,
             replica_gpus=lambda: {str(g) for g in self.backend.gpus_in_use()}, controller=self.controller,
+            runner=self._make_runner(settings),
         )
         if isinstance(self.backend, LocalBackend):  # one GPU ledger: replicas never get a training task's GPU
             self.backend.gpus_held_elsewhere = lambda: [int(u) for t in self.finetune.tasks.list(ACTIVE) for u in t.units
@@ -62,6 +64,13 @@ class Runtime:
             return KubernetesBackend(client_from(settings.kubeconfig, settings.kubernetes_namespace), settings.cluster_options(),
                                      self.store, self.bus.publish, settings.manifests_dir)
         return LocalBackend(settings, self.store, self.bus.publish, gpu_ids=[d.index for d in self.gpu_inventory.devices])
+
+    def _make_runner(self, settings: Settings) -> TrainerRunner:
+        if isinstance(self.backend, KubernetesBackend):
+            return JobRunner(self.backend.client, settings.kubernetes_namespace, settings.kubernetes_trainer_image,
+                             settings.data_dir.resolve(), settings.kubernetes_data_claim, settings.kubernetes_gpu_resource,
+                             settings.kueue_queue, settings.kubernetes_tolerations)
+        return ProcessRunner(settings.stop_grace_s)
 
     def _make_gateway(self, settings: Settings) -> Gateway | NginxGateway:
         choice = settings.gateway_data_plane

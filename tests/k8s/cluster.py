@@ -7,8 +7,9 @@ label selector and runs no controllers, so this module adds:
 - `MiniControllers`, a client of that API (like kube-controller-manager) that keeps each
   Deployment's pods at its replica count — on scale-down removing, like a ReplicaSet, not-ready
   pods first, then the lowest `pod-deletion-cost`, then the newest — keeps the Deployment's status,
-  maintains one EndpointSlice per Service from the ready pods its selector matches, and runs Jobs
-  (a Job's pod "succeeds" at once unless the Job is suspended, as Kueue does before admission).
+  maintains one EndpointSlice per Service from the ready pods its selector matches, and runs each
+  Job that is not suspended (Kueue unsuspends on admission) by running its container's command here
+  as a process — the real trainer — with `activeDeadlineSeconds` enforced.
   `ignore_deletion_cost` makes it delete the oldest pods instead, the way a ReplicaSet may when its
   cache is stale or pods differ in readiness.
 """
@@ -18,7 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import secrets
+import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -104,6 +108,7 @@ class MiniControllers:
         self.ignore_deletion_cost = False
         self.paused = False  # a frozen controller (to hold a Deployment mid-rollout, say)
         self._ips = itertools.count(10)
+        self.trainers: dict[str, tuple[asyncio.subprocess.Process, float]] = {}
         self._task: asyncio.Task | None = None
 
     async def __aenter__(self) -> MiniControllers:
@@ -115,6 +120,10 @@ class MiniControllers:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+        for child, _ in self.trainers.values():
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
         await self.client.close()
 
     async def _run(self) -> None:
@@ -167,11 +176,40 @@ class MiniControllers:
         }))
 
     async def _jobs(self) -> None:
+        """A Job's pod is its container's command run here, as a process (the trainer is real)."""
+        names = set()
         async for job in self.client.list(Job):
             j = job.to_dict()
-            if j["spec"].get("suspend") or (j.get("status") or {}).get("succeeded"):
+            name = j["metadata"]["name"]
+            names.add(name)
+            status = j.get("status") or {}
+            if j["spec"].get("suspend") or status.get("succeeded") or status.get("failed"):
                 continue
-            await self.client.patch(Job, j["metadata"]["name"], {"status": {"succeeded": 1, "active": 0}}, patch_type=PatchType.MERGE)
+            trainer = self.trainers.get(name)
+            if trainer is None:
+                container = j["spec"]["template"]["spec"]["containers"][0]
+                argv = [sys.executable if i == 0 and a == "python" else a for i, a in enumerate(container["command"])]
+                env = {**os.environ, **{e["name"]: e["value"] for e in container.get("env") or []}}
+                self.trainers[name] = (await asyncio.create_subprocess_exec(*argv, env=env), time.monotonic())
+                await self.client.patch(Job, name, {"status": {"active": 1}}, patch_type=PatchType.MERGE)
+                continue
+            child, started = trainer
+            deadline = j["spec"].get("activeDeadlineSeconds")
+            if child.returncode is None and deadline and time.monotonic() - started > deadline:
+                child.kill()
+                await child.wait()
+                await self.client.patch(Job, name, {"status": {"active": 0, "failed": 1, "conditions": [
+                    {"type": "Failed", "status": "True", "reason": "DeadlineExceeded",
+                     "message": "Job was active longer than specified deadline"}]}}, patch_type=PatchType.MERGE)
+            elif child.returncode is not None:
+                outcome = {"succeeded": 1} if child.returncode == 0 else {"failed": 1, "conditions": [
+                    {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": f"exit code {child.returncode}"}]}
+                await self.client.patch(Job, name, {"status": {"active": 0, **outcome}}, patch_type=PatchType.MERGE)
+        for name in set(self.trainers) - names:  # a deleted Job's pod is killed
+            child, _ = self.trainers.pop(name)
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
 
     async def _endpoint_slices(self) -> None:
         pods = [p.to_dict() async for p in self.client.list(Pod)]

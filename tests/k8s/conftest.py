@@ -30,12 +30,15 @@ def engine() -> str:
     return "vllm"  # the emulator runs no containers: GPU requests and all, nothing starts
 
 
+async def start_runtime(config: Path, data_dir: Path, **settings: object) -> Runtime:
+    runtime = Runtime(Settings(data_dir=data_dir, backend="kubernetes", kubeconfig=config, kubernetes_namespace=NAMESPACE,
+                               port=free_port(), gateway_port=free_port(), gateway_data_plane="python", **settings))
+    await runtime.start()
+    return runtime
+
+
 @pytest.fixture
 async def runtime(cluster: tuple[ClusterEmulator, MiniControllers, Path], tmp_path: Path) -> AsyncIterator[Runtime]:
-    _, _, config = cluster
-    settings = Settings(data_dir=tmp_path / "data", backend="kubernetes", kubeconfig=config, kubernetes_namespace=NAMESPACE,
-                        port=free_port(), gateway_port=free_port(), gateway_data_plane="python")
-    runtime = Runtime(settings)
-    await runtime.start()
+    runtime = await start_runtime(cluster[2], tmp_path / "data")
     yield runtime
     await runtime.close()

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from corral.backends.local.backend import LocalBackend  # noqa: F401 (the base class's manifests)
 from corral.domain import labels as L
 from corral.domain.manifests import ClusterOptions, deployment_manifest, service_manifest
 from corral.domain.models import Deployment, Service
@@ -67,3 +66,33 @@ def test_shipped_manifests_validate() -> None:
     assert ("apps", "deployments/scale", "patch") in granted
     cluster_role = next(d for d in documents if d["kind"] == "ClusterRole")
     assert cluster_role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]}]
+
+
+@pytest.mark.parametrize("kueue", [None, "team-a"])
+def test_finetune_jobs_validate(kueue: str | None, tmp_path: Path) -> None:
+    from corral.finetune.runners import job_manifest
+    from corral.finetune.store import TaskRecord
+
+    task = TaskRecord(id="ft-1234abcd", status="pending", base_model="Qwen/Qwen2.5-Coder-7B-Instruct", dataset_path="/data/d.jsonl",
+                      method="qlora", priority="high", hyperparameters={}, gpus=2, timeout_s=3600)
+    manifest = job_manifest(task, tmp_path / "finetune" / task.id, "corral", "corral/corral:0.1.0", tmp_path, "corral-data",
+                            "nvidia.com/gpu", kueue, [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
+    validate(manifest)
+    assert manifest["spec"]["activeDeadlineSeconds"] == 3600 and manifest["spec"]["suspend"] is bool(kueue)
+    assert manifest["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 2}
+    assert (manifest["metadata"]["labels"].get("kueue.x-k8s.io/queue-name") == kueue)
+
+
+def test_gpu_inventory_from_nodes() -> None:
+    from corral.gpus.cluster import inventory_from_nodes
+
+    def node(name: str, gpus: int, **extra: str) -> dict:
+        return {"metadata": {"name": name, "labels": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "nvidia.com/gpu.memory": "81559"}},
+                "status": {"allocatable": {"cpu": "96", "nvidia.com/gpu": str(gpus), **extra}}}
+
+    inventory = inventory_from_nodes([node("gpu-b", 2), node("gpu-a", 1, **{"nvidia.com/mig-1g.10gb": "2"}), node("cpu", 0)])
+    assert inventory.available and [d.name for d in inventory.devices] == ["gpu-a/NVIDIA-H100-80GB-HBM3"] + ["gpu-b/NVIDIA-H100-80GB-HBM3"] * 2
+    assert round(inventory.devices[0].memory_total_bytes / 1024**3) == 80
+    assert [round(m.memory_total_bytes / 1024**3) for m in inventory.mig_instances] == [10, 10]
+    assert len(inventory.schedulable_units()) == 5
+    assert not inventory_from_nodes([node("cpu", 0)]).available

@@ -14,7 +14,6 @@ import asyncio
 import json
 import logging
 import secrets
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -22,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from corral.backends.local import process
+from corral.backends.local.process import tail_lines
 from corral.config import Settings
 from corral.domain.errors import Conflict, CorralError, InvalidInput, NotFound
 from corral.domain.memory import GIB, KNOWN_MODELS, TrainingSetup, training_memory
@@ -30,6 +29,7 @@ from corral.domain.queue import Capacity, Demand, Priority, Strategy, Unit, Wait
 from corral.domain.reclaim import plan_reclaim
 from corral.events import EventBus
 from corral.finetune.dataset import load_dataset
+from corral.finetune.runners import ProcessRunner, TrainerRunner
 from corral.finetune.store import ACTIVE, FINISHED, WAITING, TaskRecord, TaskStore
 from corral.gpus.inventory import GpuInventory
 from corral.store.state import StateStore
@@ -52,7 +52,8 @@ def _now() -> datetime:
 
 class FinetuneManager:
     def __init__(self, settings: Settings, state: StateStore, bus: EventBus, inventory: Callable[[], GpuInventory],
-                 replica_gpus: Callable[[], set[str]], controller: Controller | None = None) -> None:
+                 replica_gpus: Callable[[], set[str]], controller: Controller | None = None,
+                 runner: TrainerRunner | None = None) -> None:
         self.settings = settings
         self.tasks = TaskStore(state)
         self.bus = bus
@@ -62,14 +63,15 @@ class FinetuneManager:
         self._pool_changes: set[str] = set()  # tasks whose reclaim or restore is in flight
         self._restore_after: dict[str, float] = {}  # task id → monotonic time of the next restore attempt
         self.root = settings.data_dir / "finetune"
-        self._handles: dict[str, subprocess.Popen] = {}
+        self.runner = runner or ProcessRunner(settings.stop_grace_s)
         self._offsets: dict[str, int] = {}
         self._loop: asyncio.Task | None = None
 
     # lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
-        for task in self.tasks.list(ACTIVE):
-            if process.is_alive(task.pid, task.pid_start):
+        await self.runner.start()
+        for task in self._launched():
+            if self.runner.alive(task):
                 self._note(task.id, f"re-adopted trainer process {task.pid} after a control-plane restart")
             elif any((self._dir(task.id) / "checkpoints").glob("checkpoint-*")):
                 self._note(task.id, "the trainer died while Corral was down; resuming from its last checkpoint")
@@ -86,6 +88,7 @@ class FinetuneManager:
                 await self._loop
             except asyncio.CancelledError:
                 pass
+        await self.runner.close()
 
     async def _run(self) -> None:
         while True:
@@ -144,7 +147,7 @@ class FinetuneManager:
         task = self._get(task_id)
         if task.status in FINISHED:
             raise Conflict(f"task {task_id} is already {task.status}")
-        if task.status in ACTIVE:
+        if task.status in ACTIVE or task.pid_start:
             await self._stop(task, "cancelled", "cancelled by request")
         else:
             self._set(task_id, "cancelled", "cancelled by request", finished_at=_now())
@@ -218,16 +221,25 @@ class FinetuneManager:
 
     # scheduling --------------------------------------------------------------------------------
     def tick(self) -> None:
-        for task in self.tasks.list(ACTIVE):
+        for task in self._launched():
             self._follow(task)
         self._schedule_round()
         self._restore_reclaimed()
 
+    def _launched(self) -> list[TaskRecord]:
+        """Tasks whose trainer was started: running, or (with Kueue) launched and waiting for admission."""
+        return self.tasks.list(ACTIVE) + [t for t in self.tasks.list(("queued",)) if t.pid_start]
+
     def _schedule_round(self) -> None:
-        waiting = self.tasks.list(WAITING)
+        waiting = [t for t in self.tasks.list(WAITING) if not t.pid_start]
         if not waiting:
             return
-        running = self.tasks.list(ACTIVE)
+        if self.runner.admits_itself:  # Kueue admits against its quotas; every task's Job is created now
+            for task in waiting:
+                self._note(task.id, "creating its Job for Kueue to admit")
+                self._spawn(task, units=[], visible=[])
+            return
+        running = self._launched()
         inventory = self.inventory()
         held = {u for t in running for u in t.units} | self.replica_gpus()
         units = tuple(Unit(d.id, d.memory_free_bytes) for d in inventory.schedulable_units() if d.id not in held)
@@ -307,7 +319,7 @@ class FinetuneManager:
             return
         for task in self.tasks.list_reclaiming():
             due = self._restore_after.get(task.id, 0.0) <= time.monotonic()
-            if task.status in FINISHED and task.pid is None and task.id not in self._pool_changes and due:
+            if task.status in FINISHED and task.pid_start is None and task.id not in self._pool_changes and due:
                 self._change_pools(task.id, self._restore(task.id, dict(task.reclaimed or {})))
 
     async def _restore(self, task_id: str, replicas: dict[str, int]) -> None:
@@ -348,11 +360,9 @@ class FinetuneManager:
         }))
         units = task.units if units is None else units
         visible = units if visible is None else visible
-        env = {"CUDA_VISIBLE_DEVICES": ",".join(visible), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1" if Path(task.base_model).is_dir() else "0"}
-        started = process.spawn([sys.executable, "-m", "corral.finetune.trainer", str(directory)], env, directory / "train.log")
-        self._handles[task.id] = started.handle  # type: ignore[assignment]
+        started = self.runner.launch(task, directory, visible)
         self._set(task.id, "preparing", "resuming from the last checkpoint" if resume else "loading the model and dataset",
-                  pid=started.pid, pid_start=started.pid_start, units=units, started_at=task.started_at or _now())
+                  units=units, started_at=task.started_at or _now(), **started)
 
     def _follow(self, task: TaskRecord) -> None:
         events = self._read_progress(task.id)
@@ -365,24 +375,28 @@ class FinetuneManager:
                 self.bus.publish("finetune_task", self.view(task))
             elif kind == "completed":
                 task = self.tasks.update(task.id, output=event["output"], progress=_progress(task.progress, event))
-        handle = self._handles.get(task.id)
-        if process.is_alive(task.pid, task.pid_start, handle):
+        if self.runner.alive(task):
+            if waiting := self.runner.waiting(task):
+                if task.reason != waiting:
+                    self._set(task.id, "queued", waiting)  # launched, not admitted yet (Kueue)
+                return
+            if task.status == "queued":
+                task = self._set(task.id, "preparing", "admitted; loading the model and dataset", started_at=_now())
             if task.started_at and (_now() - task.started_at).total_seconds() > task.timeout_s:
                 asyncio.get_running_loop().create_task(
                     self._stop(task, "cancelled", f"timed out after {task.timeout_s:.0f} s (timeoutSeconds)"))
             return
-        code = process.exit_code(handle)
-        self._handles.pop(task.id, None)
-        if task.output and code in (0, None):
-            self._set(task.id, "completed", f"completed; output in {task.output}", finished_at=_now(), pid=None)
+        if task.output:  # the trainer reported its result before exiting
+            self._set(task.id, "completed", f"completed; output in {task.output}", finished_at=_now(), pid=None, pid_start=None)
         else:
-            last = process.tail_lines(self._dir(task.id) / "train.log", 1).strip()
-            self._set(task.id, "failed", f"trainer exited (code {code}): {last[-300:]}", finished_at=_now(), pid=None)
+            failure = self.runner.failure(task)
+            last = tail_lines(self._dir(task.id) / "train.log", 1).strip()
+            self._set(task.id, "failed", f"{failure}: {last[-300:]}", finished_at=_now(), pid=None, pid_start=None)
 
     async def _stop(self, task: TaskRecord, status: str, reason: str) -> None:
         self._set(task.id, status, reason, finished_at=_now())  # first, so the loop does not read the exit as a failure
-        await process.stop_group(task.pid, task.pid_start, self._handles.pop(task.id, None), self.settings.stop_grace_s)
-        self.tasks.update(task.id, pid=None)
+        await self.runner.stop(task)
+        self.tasks.update(task.id, pid=None, pid_start=None)
 
     def _read_progress(self, task_id: str) -> list[dict[str, Any]]:
         path = self._dir(task_id) / "progress.jsonl"

@@ -12,6 +12,7 @@ kill never touches the control plane, and so it can outlive a control-plane rest
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -111,9 +112,14 @@ def train(task_dir: Path) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m corral.finetune.trainer TASK_DIR")
-    train(Path(sys.argv[1]))
+    args = sys.argv[1:]
+    if len(args) not in (1, 3) or (len(args) == 3 and args[1] != "--log-to"):
+        raise SystemExit("usage: python -m corral.finetune.trainer TASK_DIR [--log-to FILE]")
+    if len(args) == 3:  # in a Job: the output goes to the task's log on the shared volume
+        log = os.open(args[2], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+    train(Path(args[0]))
 
 
 if __name__ == "__main__":

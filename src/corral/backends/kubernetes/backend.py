@@ -162,6 +162,16 @@ class KubernetesBackend(Backend):
         pod = convert.pod(obj) if obj else None
         return pod if pod and pod.phase != PodPhase.TERMINATING else None
 
+    def gpus_in_use(self) -> set[int]:
+        """The scheduler places GPUs in a cluster; Corral's ledger counts them: as many units are held
+        as Corral's replicas request (unit ids are the cluster inventory's indices)."""
+        resource = self.cluster_options.gpu_resource
+        count = 0
+        for obj in self.objects["pods"].values():
+            for container in (obj.get("spec") or {}).get("containers") or []:
+                count += int(((container.get("resources") or {}).get("limits") or {}).get(resource, 0) or 0)
+        return set(range(count))
+
     def list_services(self) -> list[Service]:
         return sorted((convert.service(o) for o in self.objects["services"].values()), key=lambda s: s.name)
 
