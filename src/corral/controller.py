@@ -122,6 +122,7 @@ class Controller:
             "modelPool": service.deployment,
             "baseUrl": self.base_url(service.name),
             "isExternal": service.is_external,
+            "llmRouting": service.llm_routing,
             "type": "LoadBalancer" if service.is_external else "ClusterIP",
             "selector": dict(service.selector),
             "labels": dict(service.labels),
@@ -207,7 +208,8 @@ class Controller:
         return {"success": True, "deleted": name}
 
     # business services -----------------------------------------------------------------------
-    async def deploy_service(self, service_name: str, model_pool: str, business_tag: str, is_external: bool) -> dict[str, Any]:
+    async def deploy_service(self, service_name: str, model_pool: str, business_tag: str, is_external: bool,
+                             llm_routing: bool = False) -> dict[str, Any]:
         name = L.service_name(service_name)
         business = L.check_business_tag(business_tag)
         async with self._lock:
@@ -217,7 +219,7 @@ class Controller:
             service = Service(
                 name=name, model=pool.model_tag, selector=L.business_selector(pool.model_tag, business),
                 labels={L.BUSINESS: business, L.MODEL: pool.model_tag, L.SERVICE_TYPE: L.BUSINESS_SERVICE},
-                is_external=is_external, deployment=pool.name,
+                is_external=is_external, deployment=pool.name, llm_routing=llm_routing,
             )
             await self.backend.create_service(service)
             manifest_path = self.backend.write_manifests(name, [service_manifest(service, self.backend.cluster_options)])

@@ -69,7 +69,7 @@ class Runtime:
         if isinstance(self.backend, KubernetesBackend):
             return JobRunner(self.backend.client, settings.kubernetes_namespace, settings.kubernetes_trainer_image,
                              settings.data_dir.resolve(), settings.kubernetes_data_claim, settings.kubernetes_gpu_resource,
-                             settings.kueue_queue, settings.kubernetes_tolerations)
+                             settings.kueue_queue, settings.kubernetes_tolerations, settings.manifests_dir)
         return ProcessRunner(settings.stop_grace_s)
 
     def _make_gateway(self, settings: Settings) -> Gateway | NginxGateway:

@@ -42,6 +42,7 @@ def test_bad_requests_are_refused_and_change_nothing(populated: CorralServer) ->
         ("POST", "/api/deploy-service", {"serviceName": "x", "modelPool": POOL, "businessTag": "unassigned"}, 400, "reserved"),
         ("POST", "/api/deploy-service", {"serviceName": "Bad Name", "modelPool": POOL, "businessTag": "b"}, 400, "serviceName 'Bad Name'"),
         ("POST", "/api/deploy-service", {"serviceName": "production-chat", "modelPool": POOL, "businessTag": "b"}, 409, "service 'production-chat-nlb' already exists"),
+        ("POST", "/api/deploy-service", {"serviceName": "routed", "modelPool": POOL, "businessTag": "b", "llmRouting": True}, 400, "llmRouting (a vllm-router beside the business service) needs the kubernetes backend"),
         ("POST", "/api/assign-pod", {"podName": "ghost", "businessTag": "production"}, 404, "pod 'ghost' not found"),
         ("POST", "/api/assign-pod", {"podName": free_pod, "businessTag": "testing"}, 400, "business 'testing' has no business service for model 'qwen-06b'"),
         ("POST", "/api/assign-pod", {"podName": free_pod, "businessTag": "production", "modelName": "llama-8b"}, 400, "does not match pod"),

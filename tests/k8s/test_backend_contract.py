@@ -148,3 +148,19 @@ async def test_scale_down_during_a_rollout_is_refused(runtime: Runtime, cluster)
         assert "is rolling out (1 of 3 replicas run the current template)" in refusal.message
     assert (await client.get(Deployment, pool)).to_dict()["spec"]["replicas"] == 3
     await client.close()
+
+
+async def test_llm_routing_adds_a_vllm_router_discovering_the_business(runtime: Runtime, engine: str) -> None:
+    pool = f"{engine}-qwen-7b-pool"
+    await deploy_pool(runtime, engine, replicas=1)
+    await runtime.controller.deploy_service("support-chat", pool, "support", False, llm_routing=True)
+    client = client_for(runtime)
+    router = (await client.get(Deployment, "support-chat-router")).to_dict()
+    args = router["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:4] == ["--service-discovery", "--selector", "business=support", "model=qwen-7b"]
+    assert (await client.get(Service, "support-chat-router")).to_dict()["spec"]["selector"] == {"app": "support-chat-router"}
+    assert next(s for s in runtime.controller.list_business_services() if s["businessTag"] == "support")["llmRouting"]
+    assert [d.name for d in runtime.backend.list_deployments()] == [pool]  # the router is part of the service
+    await runtime.controller.delete_service("support-chat-nlb")
+    assert "support-chat-router" not in {d.metadata.name async for d in client.list(Deployment)}
+    await client.close()

@@ -37,6 +37,7 @@ async def test_tasks_run_as_jobs_admitted_by_corral(cluster, tmp_path: Path, tin
         assert job["spec"]["activeDeadlineSeconds"] == 600 and not job["spec"]["suspend"]
         assert job["metadata"]["labels"]["corral.dev/finetune-task"] == first
         assert "kueue.x-k8s.io/queue-name" not in job["metadata"]["labels"]
+        assert (runtime.settings.manifests_dir / f"corral-{first}.yaml").exists()
         await wait_for_async(lambda: finished(runtime, first) and finished(runtime, second), timeout=240, what="both tasks")
         done = runtime.finetune.get(first)
         assert done["status"] == "completed" and done["progress"]["step"] == done["progress"]["totalSteps"] > 0

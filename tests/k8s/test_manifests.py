@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from corral.domain import labels as L
-from corral.domain.manifests import ClusterOptions, deployment_manifest, service_manifest
+from corral.domain.manifests import ClusterOptions, deployment_manifest, router_manifests, service_manifest
 from corral.domain.models import Deployment, Service
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
@@ -45,9 +45,15 @@ def test_deployments_validate(options: ClusterOptions) -> None:
 def test_services_validate(external: bool) -> None:
     service = Service("production-chat-nlb", "qwen-7b", L.business_selector("qwen-7b", "production"),
                       {L.BUSINESS: "production", L.MODEL: "qwen-7b", L.SERVICE_TYPE: L.BUSINESS_SERVICE},
-                      is_external=external, deployment=POOL.name)
+                      is_external=external, deployment=POOL.name, llm_routing=True)
     manifest = service_manifest(service, ClusterOptions(namespace="corral"))
     validate(manifest)
+    router, front = router_manifests(service, ClusterOptions(namespace="corral"))
+    validate(router)
+    validate(front)
+    args = router["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:4] == ["--service-discovery", "--selector", "business=production", "model=qwen-7b"]
+    assert router["metadata"]["name"] == "production-chat-router" and front["spec"]["selector"] == {"app": "production-chat-router"}
     assert manifest["spec"]["type"] == ("LoadBalancer" if external else "ClusterIP")
     if external:
         assert manifest["metadata"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-type"] == "external"
@@ -59,7 +65,7 @@ def test_shipped_manifests_validate() -> None:
     assert {"ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service"} <= kinds
     for document in documents:
         validate(document)
-    role = next(d for d in documents if d["kind"] == "Role")
+    role = next(d for d in documents if d["kind"] == "Role" and d["metadata"]["name"] == "corral")
     granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
     # The least Corral needs (issue: list/watch/patch pods; deployments, services, jobs; deployments/scale; nodes).
     assert ("", "pods", "patch") in granted and ("", "pods", "delete") not in granted

@@ -24,6 +24,7 @@ class DeployServiceRequest(Body):
     modelPool: str
     businessTag: str
     isExternal: bool = False
+    llmRouting: bool = Field(default=False, description="kubernetes: a vllm-router (KV-cache-aware) beside the service")
 
 
 class AssignPodRequest(Body):

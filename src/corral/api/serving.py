@@ -70,7 +70,8 @@ async def pod_logs(name: str, request: Request, tail: int = Query(default=200, g
 @router.post("/deploy-service", dependencies=mutating, status_code=status.HTTP_201_CREATED)
 async def deploy_service(body: DeployServiceRequest, request: Request) -> dict[str, Any]:
     """Create the business service `<serviceName>-nlb` selecting `{model, business}`."""
-    return await controller(request).deploy_service(body.serviceName, body.modelPool, body.businessTag, body.isExternal)
+    return await controller(request).deploy_service(body.serviceName, body.modelPool, body.businessTag, body.isExternal,
+                                                    llm_routing=body.llmRouting)
 
 
 @router.get("/business-services")

@@ -20,6 +20,7 @@ ENGINE_IMAGES = {
     "sglang": "lmsysorg/sglang:v0.5.3-cu126",
     "transformers": "huggingface/transformers-pytorch-cpu:latest",
     "simulator": "corral/corral:0.1.0",  # Corral's own image (Dockerfile) carries the simulator
+    "vllm-router": "corral/corral:0.1.0-router",  # Corral's image with `pip install vllm-router` (Dockerfile, target router)
 }
 # The container command where the image's entrypoint is not the engine's server (vLLM's is).
 ENGINE_COMMANDS = {
@@ -35,6 +36,9 @@ ANNOTATION_MODEL_ID = "corral.dev/model-id"
 ANNOTATION_ENGINE_ARGS = "corral.dev/engine-args"
 ANNOTATION_GPUS = "corral.dev/gpus-per-replica"
 ANNOTATION_POOL = "corral.dev/pool"
+ANNOTATION_LLM_ROUTING = "corral.dev/llm-routing"
+ROUTER_FOR = "corral.dev/router-for"  # label of a business service's vllm-router objects
+ROUTER_SERVICE_ACCOUNT = "corral-router"  # may list and watch pods (deploy/kubernetes/corral.yaml)
 ANNOTATION_DESIRED = "corral.dev/desired-assignment"  # business → count, from the last assignment or distribution
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 
@@ -111,7 +115,7 @@ def deployment_manifest(deployment: Deployment, container_args: list[str], optio
 def service_manifest(service: Service, options: ClusterOptions = ClusterOptions()) -> dict:
     """A Service; a business service is a LoadBalancer with NLB annotations when external."""
     metadata: dict = {"name": service.name, "namespace": options.namespace, "labels": {**service.labels, MANAGED_BY: CORRAL},
-                      "annotations": {ANNOTATION_POOL: service.deployment or ""}}
+                      "annotations": {ANNOTATION_POOL: service.deployment or "", ANNOTATION_LLM_ROUTING: str(service.llm_routing).lower()}}
     spec: dict = {
         "selector": dict(service.selector),
         "ports": [{"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP"}],
@@ -125,3 +129,36 @@ def service_manifest(service: Service, options: ClusterOptions = ClusterOptions(
             "service.beta.kubernetes.io/aws-load-balancer-scheme": "internet-facing",
         }
     return {"apiVersion": "v1", "kind": "Service", "metadata": metadata, "spec": spec}
+
+
+def router_name(service: Service) -> str:
+    return f"{service.name.removesuffix(L.SERVICE_SUFFIX)}-router"
+
+
+def router_manifests(service: Service, options: ClusterOptions = ClusterOptions()) -> list[dict]:
+    """A vllm-router Deployment and Service for one business service: Kubernetes service discovery
+    selects the same `{model, business}` pods, so an assignment moves its traffic too."""
+    name = router_name(service)
+    labels = {L.APP: name, MANAGED_BY: CORRAL, ROUTER_FOR: service.name}
+    selector = [f"{k}={v}" for k, v in sorted(service.selector.items())]
+    container = {
+        "name": "vllm-router", "image": options.images.get("vllm-router", ENGINE_IMAGES["vllm-router"]), "command": ["vllm-router"],
+        "args": ["--service-discovery", "--selector", *selector, "--service-discovery-namespace", options.namespace,
+                 "--service-discovery-port", str(HTTP_PORT), "--policy", "cache_aware", "--host", "0.0.0.0", "--port", str(HTTP_PORT)],
+        "ports": [{"name": "http", "containerPort": HTTP_PORT}],
+        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5},
+    }
+    deployment = {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": options.namespace, "labels": labels},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {L.APP: name}},
+                 "template": {"metadata": {"labels": labels},
+                              "spec": {"serviceAccountName": ROUTER_SERVICE_ACCOUNT, "containers": [container]}}},
+    }
+    front = {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": options.namespace, "labels": labels},
+        "spec": {"selector": {L.APP: name}, "type": "ClusterIP",
+                 "ports": [{"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP"}]},
+    }
+    return [deployment, front]

@@ -85,6 +85,7 @@ class Service:
     is_external: bool = False
     deployment: str | None = None  # the pool it was created for, or the standard deployment it fronts
     created_at: datetime | None = None
+    llm_routing: bool = False  # a vllm-router (KV-cache-aware) beside it, discovering the same replicas (Kubernetes)
 
     @property
     def business(self) -> str | None:

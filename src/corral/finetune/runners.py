@@ -27,6 +27,7 @@ from lightkube.operators import exists
 from lightkube.resources.batch_v1 import Job
 from lightkube.types import CascadeType
 
+from corral.backends.base import save_manifests
 from corral.backends.local import process
 from corral.finetune.store import TaskRecord
 
@@ -91,8 +92,9 @@ class JobRunner(TrainerRunner):
     """A `batch/v1` Job per task: GPU requests, the timeout as `activeDeadlineSeconds`, optionally Kueue."""
 
     def __init__(self, client: Any, namespace: str, image: str, data_dir: Path, data_claim: str | None,
-                 gpu_resource: str, kueue_queue: str | None, tolerations: list[dict]) -> None:
+                 gpu_resource: str, kueue_queue: str | None, tolerations: list[dict], manifests_dir: Path) -> None:
         self.client = client
+        self.manifests_dir = manifests_dir
         self.namespace = namespace
         self.image = image
         self.data_dir = data_dir
@@ -136,6 +138,7 @@ class JobRunner(TrainerRunner):
         manifest = job_manifest(task, directory, self.namespace, self.image, self.data_dir, self.data_claim, self.gpu_resource,
                                 self.kueue_queue, self.tolerations)
         name = manifest["metadata"]["name"]
+        save_manifests(self.manifests_dir, name, [manifest])  # as every object Corral writes
         self._creating.add(name)
 
         async def create() -> None:

@@ -49,7 +49,10 @@ from corral.domain.manifests import (
     CORRAL,
     DELETION_COST,
     MANAGED_BY,
+    ROUTER_FOR,
     ClusterOptions,
+    router_manifests,
+    router_name,
     service_manifest,
 )
 from corral.domain.models import Deployment, Pod, PodPhase, Service
@@ -127,10 +130,13 @@ class KubernetesBackend(Backend):
             delay = min(delay * 2, 30.0)
 
     def _store(self, kind: str, obj: dict[str, Any]) -> None:
-        self.objects[kind][obj["metadata"]["name"]] = obj
+        if ROUTER_FOR not in (obj["metadata"].get("labels") or {}):  # a service's vllm-router is part of the service
+            self.objects[kind][obj["metadata"]["name"]] = obj
 
     def _on_change(self, kind: str, change: str, obj: dict[str, Any]) -> None:
         name = obj["metadata"]["name"]
+        if ROUTER_FOR in (obj["metadata"].get("labels") or {}):
+            return
         if change == "DELETED":
             self.objects[kind].pop(name, None)
         else:
@@ -269,10 +275,22 @@ class KubernetesBackend(Backend):
     async def create_service(self, service: Service) -> None:
         made = await self.client.create(from_dict(service_manifest(service, self.cluster_options)))
         self._store("services", made.to_dict())
+        if service.llm_routing:
+            try:
+                for document in router_manifests(service, self.cluster_options):
+                    await self.client.create(from_dict(document))
+            except ApiError:
+                await self.delete_service(service.name)  # all or nothing
+                raise
 
     async def delete_service(self, name: str) -> None:
+        service = self.get_service(name)
         await self.client.delete(K8sService, name)
         self.objects["services"].pop(name, None)
+        if service is not None and service.llm_routing:
+            for resource in (K8sDeployment, K8sService):
+                with contextlib.suppress(ApiError):
+                    await self.client.delete(resource, router_name(service))
 
     async def pod_logs(self, name: str, tail: int) -> str | None:
         if name not in self.objects["pods"]:

@@ -15,6 +15,7 @@ from corral.domain.manifests import (
     ANNOTATION_ENGINE,
     ANNOTATION_ENGINE_ARGS,
     ANNOTATION_GPUS,
+    ANNOTATION_LLM_ROUTING,
     ANNOTATION_MODEL_ID,
     ANNOTATION_POOL,
     HTTP_PORT,
@@ -74,6 +75,7 @@ def service(obj: dict[str, Any]) -> Service:
         is_external=spec.get("type") == "LoadBalancer",
         deployment=(meta.get("annotations") or {}).get(ANNOTATION_POOL) or labels.get(L.APP) or None,
         created_at=_time(meta.get("creationTimestamp")),
+        llm_routing=(meta.get("annotations") or {}).get(ANNOTATION_LLM_ROUTING) == "true",
     )
 
 

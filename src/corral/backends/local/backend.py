@@ -17,7 +17,7 @@ from corral.backends.base import Backend, EventSink, save_manifests
 from corral.backends.local import process
 from corral.backends.local.supervisor import ReplicaSupervisor
 from corral.config import Settings
-from corral.domain.errors import Conflict
+from corral.domain.errors import Conflict, InvalidInput
 from corral.domain.gpu_fit import pick_gpus
 from corral.domain.models import Deployment, Pod, PodPhase, Service
 from corral.engines import get_engine
@@ -113,6 +113,9 @@ class LocalBackend(Backend):
         self.store.set_businesses(businesses)
 
     async def create_service(self, service: Service) -> None:
+        if service.llm_routing:
+            raise InvalidInput("llmRouting (a vllm-router beside the business service) needs the kubernetes backend; "
+                               "on one machine Corral's gateway balances each business's replicas by outstanding requests")
         self.store.add_service(service)
 
     async def delete_service(self, name: str) -> None:
