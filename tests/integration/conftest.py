@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -134,11 +135,10 @@ class CorralServer:
         return json.dumps(state, sort_keys=True)
 
 
-@pytest.fixture
-def corral(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[CorralServer]:
-    """A running `corral serve`; a test module may pick the gateway data plane with a `data_plane` fixture."""
-    plane = request.getfixturevalue("data_plane") if "data_plane" in request.fixturenames else "auto"
-    server = CorralServer(tmp_path / "data", env={"CORRAL_GATEWAY_DATA_PLANE": plane})
+@contextlib.contextmanager
+def running_corral(data_dir: Path, env: dict[str, str] | None = None) -> Iterator[CorralServer]:
+    """`corral serve` on a fresh data dir, stopped afterwards with every replica it left."""
+    server = CorralServer(data_dir, env=env)
     server.data_dir.mkdir()
     server.start()
     try:
@@ -146,6 +146,14 @@ def corral(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[CorralSer
     finally:
         server.stop()
         server.kill_replicas()  # the safety net: replicas outlive the server by design
+
+
+@pytest.fixture
+def corral(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[CorralServer]:
+    """A running `corral serve`; a test module may pick the gateway data plane with a `data_plane` fixture."""
+    plane = request.getfixturevalue("data_plane") if "data_plane" in request.fixturenames else "auto"
+    with running_corral(tmp_path / "data", {"CORRAL_GATEWAY_DATA_PLANE": plane}) as server:
+        yield server
 
 
 SIM_ARGS = ["--ttft-ms", "5", "--tokens-per-second", "1000"]

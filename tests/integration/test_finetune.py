@@ -56,6 +56,7 @@ def test_three_tasks_at_once_train_one_after_another(corral: CorralServer, tiny_
     assert [r["status"] for r in results] == ["completed"] * 3
     # One after another, in submission order.
     assert results[0]["finishedAt"] <= results[1]["startedAt"] and results[1]["finishedAt"] <= results[2]["startedAt"]
+    events.wait("finetune_task", lambda d: d["id"] == ids[2] and d["status"] == "completed")  # the event may trail the GET
     statuses = {i: [] for i in ids}
     for message in events.messages:
         if message["type"] == "finetune_task" and message["data"]["id"] in statuses:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import wait_for
-from tests.integration.conftest import SIM_ARGS, CorralServer
+from tests.integration.conftest import SIM_ARGS, CorralServer, running_corral
 from tests.integration.test_finetune import dataset, finished, submit, task, tiny_model  # noqa: F401 (fixtures)
 
 pytest.importorskip("peft")
@@ -23,17 +23,11 @@ GIB = 1024**3
 @pytest.fixture
 def two_gpu_corral(tmp_path: Path) -> Iterator[CorralServer]:
     devices = [{"name": "NVIDIA H100 80GB HBM3", "total": 80 * GIB, "uuid": f"GPU-{i}"} for i in range(2)]
-    server = CorralServer(tmp_path / "data", env={
+    with running_corral(tmp_path / "data", {
         "PYTHONPATH": os.pathsep.join(filter(None, [str(FAKE_NVML), os.environ.get("PYTHONPATH")])),
         "CORRAL_TEST_NVML_DEVICES": json.dumps(devices), "CORRAL_RECLAIM_UNASSIGNED_REPLICAS": "true",
-    })
-    server.data_dir.mkdir()
-    server.start()
-    try:
+    }) as server:
         yield server
-    finally:
-        server.stop()
-        server.kill_replicas()
 
 
 def test_high_priority_task_reclaims_an_unassigned_replica_and_gives_it_back(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import CorralServer
+from tests.integration.conftest import CorralServer, running_corral
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -48,14 +48,8 @@ def page(browser: object) -> Iterator[object]:
 
 @pytest.fixture
 def corral(tmp_path: Path) -> Iterator[CorralServer]:
-    server = CorralServer(tmp_path / "data")
-    server.data_dir.mkdir()
-    server.start()
-    try:
+    with running_corral(tmp_path / "data") as server:
         yield server
-    finally:
-        server.stop()
-        server.kill_replicas()
 
 
 def screenshot(page: object, name: str, element: object | None = None) -> None:
