@@ -98,7 +98,7 @@ def serve(
     port: Optional[int] = typer.Option(None, help="API and UI port [env CORRAL_PORT; default 8080]"),
     gateway_port: Optional[int] = typer.Option(None, help="business-service traffic port [env CORRAL_GATEWAY_PORT; default 8000]"),
     api_token: Optional[str] = typer.Option(None, help="require this bearer token for mutations [env CORRAL_API_TOKEN]"),
-    backend: Optional[str] = typer.Option(None, help="local [env CORRAL_BACKEND]"),
+    backend: Optional[str] = typer.Option(None, help="local | kubernetes [env CORRAL_BACKEND; kubernetes settings: CORRAL_KUBERNETES_*]"),
     log_level: str = typer.Option("info", help="uvicorn log level"),
 ) -> None:
     """Run the control plane (API at /api, docs at /docs, events at /ws)."""

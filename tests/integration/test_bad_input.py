@@ -59,6 +59,8 @@ def test_bad_requests_are_refused_and_change_nothing(populated: CorralServer) ->
         ("POST", "/api/scale-deployment", {"deploymentName": "nope", "targetReplicas": 1}, 404, "deploymentName 'nope' not found"),
         ("POST", "/api/scale-deployment", {"deploymentName": POOL, "targetReplicas": 1000}, 400, "from 0 to 256"),
         ("GET", "/api/pool-status/simulator-llama-8b", None, 400, "is a standard deployment"),
+        ("GET", "/api/no-such-endpoint", None, 404, "no API endpoint /api/no-such-endpoint"),  # JSON, not the UI's page
+        ("GET", "/api/deploy", None, 405, "/api/deploy accepts POST, not GET"),
         ("GET", "/api/pool-status/nope", None, 404, "not found"),
         ("DELETE", "/api/deployments/nope", None, 404, "not found"),
         ("DELETE", f"/api/deployments/{POOL}", None, 409, "still serves businesses (production(1))"),

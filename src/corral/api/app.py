@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Match, Mount
 
 import corral
 from corral.api import events, finetune, serving, system
@@ -17,6 +18,8 @@ from corral.engines import engine_names, get_engine
 from corral.runtime import Runtime
 from corral.ui import live as ui_live
 from corral.ui import mount as mount_ui
+
+HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
 
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
@@ -87,5 +90,16 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             problems.append(f"{where or 'body'}: {error['msg']}")
         return JSONResponse({"error": "invalid request: " + "; ".join(problems), "details": problems}, status_code=400)
 
+    @app.api_route("/api/{path:path}", methods=list(HTTP_METHODS), include_in_schema=False)
+    async def unknown_api(path: str, request: Request) -> JSONResponse:
+        """JSON, not the UI's page, for API paths that do not exist (or exist for other methods)."""
+        routes = [r for r in app.routes if r is not unknown_api_route and not isinstance(r, Mount)]
+        allowed = [m for m in HTTP_METHODS if any(r.matches({**request.scope, "method": m})[0] == Match.FULL for r in routes)]
+        if allowed:
+            return JSONResponse({"error": f"/api/{path} accepts {', '.join(allowed)}, not {request.method}"}, status_code=405,
+                                headers={"Allow": ", ".join(allowed)})
+        return JSONResponse({"error": f"no API endpoint /api/{path}; the API is described at /docs"}, status_code=404)
+
+    unknown_api_route = app.routes[-1]
     mount_ui(app)  # last: the UI takes every path the API does not
     return app
