@@ -71,6 +71,8 @@ async def test_pool_services_and_assignment_are_cluster_objects(runtime: Runtime
     cutover = await wait_for_async(lambda: runtime.store.history(action="cutover", target=pods[0]), what="the cut-over")
     assert cutover[0]["outcome"] == "success" and "traffic follows after" in cutover[0]["message"]
     assert any(kind == "assignment_complete" and data["podName"] == pods[0] for kind, data in events)
+    metrics = "\n".join(runtime.backend.metrics())
+    assert "corral_cutover_seconds_count 1" in metrics and 'corral_cutover_seconds{quantile="0.5"}' in metrics
     desired = (await client.get(Deployment, pool)).to_dict()["metadata"]["annotations"]["corral.dev/desired-assignment"]
     assert json.loads(desired) == {"production": 1}
 

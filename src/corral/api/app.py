@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             counts[key] = counts.get(key, 0) + 1
         lines += [f'corral_pool_pods{{deployment="{d}",business="{b}",ready="{str(r).lower()}"}} {n}'
                   for (d, b, r), n in sorted(counts.items())]
+        lines += rt.backend.metrics()
         return "\n".join(lines) + "\n" + rt.gateway.stats.prometheus()
 
     @app.exception_handler(CorralError)

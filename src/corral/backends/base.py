@@ -96,6 +96,10 @@ class Backend(ABC):
     def write_manifests(self, name: str, documents: list[dict]) -> str:
         """Keep the generated manifests (spec 01: a `deployments/` directory); return the path."""
 
+    def metrics(self) -> list[str]:
+        """Prometheus text lines of the backend's own measurements (none by default)."""
+        return []
+
     async def remember_assignment(self, deployment: str, counts: Mapping[str, int]) -> None:  # noqa: B027 (optional hook)
         """The replicas per business a pool should keep. A backend whose replicas can be replaced
         behind Corral's back (Kubernetes: node loss, rollouts) assigns replacements to restore them."""

@@ -21,6 +21,7 @@ What the cluster does behind Corral's back is handled here:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -85,6 +86,8 @@ class KubernetesBackend(Backend):
         self._wake = asyncio.Event()
         self._mutation_lock: asyncio.Lock | None = None
         self._cutovers: dict[str, tuple[str, str, float]] = {}  # pod → (from, to, started at)
+        self.cutover_seconds: collections.deque[float] = collections.deque(maxlen=10_000)  # label patch → EndpointSlices
+        self.cutover_timeouts = 0
 
     def set_mutation_lock(self, lock: asyncio.Lock) -> None:
         self._mutation_lock = lock
@@ -300,6 +303,19 @@ class KubernetesBackend(Backend):
     def write_manifests(self, name: str, documents: list[dict]) -> str:
         return save_manifests(self.manifests_dir, name, documents)
 
+    def metrics(self) -> list[str]:
+        """Assignment cut-over delay (label patch → pod moved between the businesses' EndpointSlices)."""
+        delays = sorted(self.cutover_seconds)
+        lines = ["# HELP corral_cutover_seconds Delay from an assignment to the EndpointSlices following it.",
+                 "# TYPE corral_cutover_seconds summary"]
+        for q in (0.5, 0.9, 0.99):
+            if delays:
+                lines.append(f'corral_cutover_seconds{{quantile="{q}"}} {delays[min(len(delays) - 1, int(q * len(delays)))]:.4f}')
+        lines += [f"corral_cutover_seconds_sum {sum(delays):.4f}", f"corral_cutover_seconds_count {len(delays)}",
+                  "# HELP corral_cutover_timeouts_total Assignments whose EndpointSlices did not follow in time.",
+                  "# TYPE corral_cutover_timeouts_total counter", f"corral_cutover_timeouts_total {self.cutover_timeouts}"]
+        return lines
+
     # behind Corral's back ----------------------------------------------------------------------
     async def _restore_loop(self) -> None:
         while True:
@@ -345,11 +361,13 @@ class KubernetesBackend(Backend):
             left = source == L.UNASSIGNED or name not in routed.get(source, set())
             if arrived and left:
                 delay_ms = round((now - started) * 1000, 1)
+                self.cutover_seconds.append(now - started)
                 del self._cutovers[name]
                 self.store.record("cutover", name, before={"business": source}, after={"business": target},
                                   message=f"traffic follows after {delay_ms} ms (EndpointSlices updated)")
                 self.emit("assignment_complete", {"podName": name, "from": source, "to": target, "delayMs": delay_ms})
             elif now - started > CUTOVER_TIMEOUT_S:
+                self.cutover_timeouts += 1
                 del self._cutovers[name]
                 self.store.record("cutover", name, before={"business": source}, after={"business": target}, outcome="timeout",
                                   message=f"EndpointSlices did not follow within {CUTOVER_TIMEOUT_S:.0f} s")
