@@ -348,7 +348,7 @@ class Controller:
         if plan.remove:  # out of service now; they drain and stop in the background
             await self.backend.remove_replicas(name, list(plan.remove))
         self.store.record("scale", name, before={"replicas": plan.current}, after={"replicas": plan.target},
-                          message=f"added {len(added)}, removed {len(plan.remove)}" + (f": {', '.join(plan.remove)}" if plan.remove else "")
+                          message=f"added {plan.add}, removed {len(plan.remove)}" + (f": {', '.join(plan.remove)}" if plan.remove else "")
                           + (f" ({reason})" if reason else ""))
         result: dict[str, Any] = {
             "success": True, "deploymentName": name, "currentReplicas": plan.current, "targetReplicas": plan.target,
