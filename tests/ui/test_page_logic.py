@@ -93,3 +93,19 @@ async def test_token_is_required_for_changes(tmp_path: Path) -> None:
             await wait_for_async(lambda: runtime.store.history() == [], what="nothing recorded")
     finally:
         await runtime.close()
+
+
+def test_pods_table_pages_filters_and_sorts_on_the_server() -> None:
+    from corral.ui.inference import page_of
+
+    rows = [{"name": f"pool-{i:04d}", "status": "Running", "model": "m", "business": "production" if i % 3 == 0 else "unassigned",
+             "placement": "local · CPU", "createdAt": f"2026-01-01T00:{i // 60:02d}:{i % 60:02d}"} for i in range(1000)]
+    page, pagination = page_of(rows, "", {"rowsPerPage": 25, "sortBy": "name", "page": 2})
+    assert [r["name"] for r in page] == [f"pool-{i:04d}" for i in range(25, 50)] and pagination["rowsNumber"] == 1000
+    page, pagination = page_of(rows, "production", {"rowsPerPage": 25, "sortBy": "name", "page": 99})
+    assert pagination == {"rowsPerPage": 25, "sortBy": "name", "descending": False, "page": 14, "rowsNumber": 334}  # clamped
+    assert len(page) == 334 - 13 * 25 and all(r["business"] == "production" for r in page)
+    page, _ = page_of(rows, "", {"rowsPerPage": 3, "sortBy": "age", "descending": False, "page": 1})
+    assert [r["name"] for r in page] == ["pool-0999", "pool-0998", "pool-0997"]  # youngest first
+    page, pagination = page_of(rows, "", {"rowsPerPage": 0, "sortBy": "name", "descending": True})
+    assert len(page) == 1000 and page[0]["name"] == "pool-0999" and pagination["rowsPerPage"] == 0

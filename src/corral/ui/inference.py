@@ -244,7 +244,7 @@ POD_COLUMNS = [
     {"name": "model", "label": "Model", "field": "model", "sortable": True, "align": "left"},
     {"name": "business", "label": "Business", "field": "business", "sortable": True, "align": "left"},
     {"name": "placement", "label": "Node / GPU", "field": "placement", "align": "left"},
-    {"name": "age", "label": "Age", "field": "age", "sortable": True, "align": "left"},
+    {"name": "age", "label": "Age", "field": "age", "sortable": True, "align": "left"},  # sorted by creation time
     {"name": "action", "label": "Action", "field": "result", "align": "left"},
 ]
 BUSINESS_CELL = r"""
@@ -266,17 +266,23 @@ ACTION_CELL = r"""
 def _pods(events: ClientEvents) -> None:
     results: dict[str, str] = {}  # pod → ✓ or the error of its last assignment from this page
     search = ui.input(placeholder="filter by name, model, business, status…").props("dense clearable").classes("w-96")
-    table = ui.table(columns=POD_COLUMNS, rows=[], row_key="name", pagination={"rowsPerPage": 25, "sortBy": "name"}) \
+    # Paged on the server: a redraw sends one page of rows, however many pods there are.
+    wanted: dict[str, Any] = {"rowsPerPage": 25, "sortBy": "name", "descending": False, "page": 1}
+    table = ui.table(columns=POD_COLUMNS, rows=[], row_key="name", pagination={**wanted, "rowsNumber": 0}) \
         .classes("w-full").props('dense flat data-testid="pods"')
-    table.bind_filter_from(search, "value")
     table.add_slot("body-cell-business", BUSINESS_CELL)
     table.add_slot("body-cell-action", ACTION_CELL)
 
     def redraw() -> None:
-        rows = pod_rows(results)
-        if rows != table.rows:  # an event that changed nothing here sends nothing
+        rows, pagination = page_of(pod_rows(results), search.value or "", wanted)
+        if rows != table.rows or pagination != table.pagination:  # an event that changed nothing here sends nothing
             table.rows = rows
+            table.pagination = pagination
             table.update()
+
+    def request(event: Any) -> None:  # the table asks for another page, sort order or page size
+        wanted.update(event.args["pagination"])
+        redraw()
 
     async def assign(event: Any) -> None:
         pod, business, model = event.args["pod"], event.args["business"], event.args.get("model")
@@ -284,9 +290,26 @@ def _pods(events: ClientEvents) -> None:
         results[pod] = problem or "✓"
         redraw()
 
+    table.on("request", request)
     table.on("assign", assign)
+    search.on_value_change(lambda: (wanted.update(page=1), redraw()))
     redraw()
     live(events, POD_EVENTS, redraw)
+
+
+def page_of(rows: list[dict[str, Any]], text: str, wanted: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Filter (any column contains `text`), sort and cut one page; the pagination the table shows."""
+    if needle := text.strip().lower():
+        rows = [r for r in rows if any(needle in str(r[k]).lower() for k in ("name", "status", "model", "business", "placement"))]
+    key = wanted.get("sortBy") or "name"
+    by_age = key == "age"  # youngest first: newest creation time first
+    rows = sorted(rows, key=lambda r: r["createdAt"] if by_age else str(r.get(key, "")), reverse=bool(wanted.get("descending")) != by_age)
+    per_page = int(wanted.get("rowsPerPage") or 0) or max(1, len(rows))  # 0: all rows
+    pages = max(1, -(-len(rows) // per_page))
+    page = min(max(1, int(wanted.get("page") or 1)), pages)
+    pagination = {"rowsPerPage": int(wanted.get("rowsPerPage") or 0), "sortBy": key, "descending": bool(wanted.get("descending")),
+                  "page": page, "rowsNumber": len(rows)}
+    return rows[(page - 1) * per_page: page * per_page], pagination
 
 
 def pod_rows(results: dict[str, str]) -> list[dict[str, Any]]:
@@ -304,7 +327,7 @@ def pod_rows(results: dict[str, str]) -> list[dict[str, Any]]:
             "business": pod["business"] if pod["isPoolPod"] else "N/A",
             "options": [L.UNASSIGNED, *sorted(businesses.get(pod["model"], ()))],
             "placement": f"{runtime().settings.backend} · " + (f"GPU {','.join(map(str, pod['gpuIds']))}" if pod["gpuIds"] else "CPU"),
-            "age": _age(now, pod["createdAt"]), "result": results.get(pod["name"], ""),
+            "age": _age(now, pod["createdAt"]), "createdAt": pod["createdAt"] or "", "result": results.get(pod["name"], ""),
         })
     return rows
 
