@@ -67,9 +67,8 @@ class Runtime:
 
     def _make_runner(self, settings: Settings) -> TrainerRunner:
         if isinstance(self.backend, KubernetesBackend):
-            return JobRunner(self.backend.client, settings.kubernetes_namespace, settings.kubernetes_trainer_image,
-                             settings.data_dir.resolve(), settings.kubernetes_data_claim, settings.kubernetes_gpu_resource,
-                             settings.kueue_queue, settings.kubernetes_tolerations, settings.manifests_dir)
+            return JobRunner(self.backend, settings.kubernetes_trainer_image, settings.data_dir.resolve(),
+                             settings.kubernetes_data_claim, settings.kueue_queue)
         return ProcessRunner(settings.stop_grace_s)
 
     def _make_gateway(self, settings: Settings) -> Gateway | NginxGateway:
@@ -89,12 +88,12 @@ class Runtime:
 
     async def start(self) -> None:
         await self.backend.start()
-        if self.settings.backend == "kubernetes":  # the cluster's GPUs, not this machine's
+        if isinstance(self.backend, KubernetesBackend):  # the cluster's GPUs, not this machine's
             self.gpu_inventory = await self._read_inventory()
         self.refresh_routes()
         self.gateway.start()
         await self.finetune.start()
-        if self.gpu_inventory.available or self.settings.backend == "kubernetes":  # without a driver there is nothing to watch
+        if self.gpu_inventory.available or isinstance(self.backend, KubernetesBackend):  # without a driver there is nothing to watch
             self._gpu_task = asyncio.create_task(self._watch_gpus(), name="gpu-inventory")
 
     async def close(self) -> None:
@@ -112,7 +111,7 @@ class Runtime:
 
     def _fresh_inventory(self) -> GpuInventory:
         """A new NVML read (free memory as of now) where there are GPUs; nothing to re-read without."""
-        if self.settings.backend == "kubernetes":  # re-read from the nodes by the watcher
+        if isinstance(self.backend, KubernetesBackend):  # re-read from the nodes by the watcher
             return self.gpu_inventory
         return read_inventory() if self.gpu_inventory.available else self.gpu_inventory
 

@@ -32,7 +32,7 @@ async def test_tasks_run_as_jobs_admitted_by_corral(cluster, tmp_path: Path, tin
                                          hyperparameters={"epochs": 1})["id"]
         assert runtime.finetune.get(second)["status"] == "queued"  # one CPU slot: Corral's queue admits one at a time
         client = AsyncClient(config=KubeConfig.from_file(str(config)), namespace=NAMESPACE)
-        await wait_for_async(lambda: f"corral-{first}" in runtime.finetune.runner.jobs, what="the Job")  # type: ignore[attr-defined]
+        await wait_for_async(lambda: f"corral-{first}" in runtime.backend.objects["jobs"], what="the Job")  # type: ignore[attr-defined]
         job = (await client.get(Job, f"corral-{first}")).to_dict()
         assert job["spec"]["activeDeadlineSeconds"] == 600 and not job["spec"]["suspend"]
         assert job["metadata"]["labels"]["corral.dev/finetune-task"] == first
@@ -68,7 +68,7 @@ async def test_kueue_admits_suspended_jobs(cluster, tmp_path: Path, tiny_model: 
         assert runtime.finetune.get(ids[0])["status"] == "completed"
         assert runtime.finetune.get(ids[1])["status"] == "queued"
         await runtime.finetune.cancel(ids[1])  # cancelling deletes its Job
-        await wait_for_async(lambda: f"corral-{ids[1]}" not in runtime.finetune.runner.jobs, what="the Job deleted")  # type: ignore[attr-defined]
+        await wait_for_async(lambda: f"corral-{ids[1]}" not in runtime.backend.objects["jobs"], what="the Job deleted")  # type: ignore[attr-defined]
         assert runtime.finetune.get(ids[1])["status"] == "cancelled"
     finally:
         await client.close()

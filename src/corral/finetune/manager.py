@@ -69,7 +69,6 @@ class FinetuneManager:
 
     # lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
-        await self.runner.start()
         for task in self._launched():
             if self.runner.alive(task):
                 self._note(task.id, f"re-adopted trainer process {task.pid} after a control-plane restart")
@@ -88,7 +87,6 @@ class FinetuneManager:
                 await self._loop
             except asyncio.CancelledError:
                 pass
-        await self.runner.close()
 
     async def _run(self) -> None:
         while True:
@@ -299,8 +297,7 @@ class FinetuneManager:
                 await self.controller.scale_by(pool, -count, reason=f"reclaimed for high-priority finetune task {task_id}")
             except CorralError as exc:
                 self._note(task_id, f"could not reclaim replicas of {pool}: {exc.message}")
-                left = {p: n for p, n in (self._get(task_id).reclaimed or {}).items() if p != pool}
-                self.tasks.update(task_id, reclaimed=left or None)
+                self._settle_reclaim(task_id, pool)
 
     def _units_owed_to_pools(self) -> int:
         if self.controller is None:
@@ -335,8 +332,12 @@ class FinetuneManager:
                     self._note(task_id, f"could not restore {count} replica(s) of {pool} yet ({exc.message}); retrying every 30 s")
                 self._restore_after[task_id] = time.monotonic() + 30
                 continue
-            left = {p: n for p, n in (self._get(task_id).reclaimed or {}).items() if p != pool}
-            self.tasks.update(task_id, reclaimed=left or None)
+            self._settle_reclaim(task_id, pool)
+
+    def _settle_reclaim(self, task_id: str, pool: str) -> None:
+        """Nothing more is owed to `pool` for this task."""
+        left = {p: n for p, n in (self._get(task_id).reclaimed or {}).items() if p != pool}
+        self.tasks.update(task_id, reclaimed=left or None)
 
     def _change_pools(self, task_id: str, change: Coroutine[Any, Any, None]) -> None:
         self._pool_changes.add(task_id)

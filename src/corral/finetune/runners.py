@@ -19,17 +19,19 @@ import subprocess
 import sys
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lightkube.codecs import from_dict
 from lightkube.core.exceptions import ApiError
-from lightkube.operators import exists
 from lightkube.resources.batch_v1 import Job
 from lightkube.types import CascadeType
 
-from corral.backends.base import save_manifests
 from corral.backends.local import process
+from corral.domain.manifests import CORRAL, MANAGED_BY
 from corral.finetune.store import TaskRecord
+
+if TYPE_CHECKING:
+    from corral.backends.kubernetes import KubernetesBackend
 
 log = logging.getLogger("corral.finetune")
 TRAINER = ["-m", "corral.finetune.trainer"]
@@ -38,12 +40,6 @@ TRAINER = ["-m", "corral.finetune.trainer"]
 class TrainerRunner(ABC):
     #: True when something else (Kueue) admits tasks against GPU quotas; Corral's queue then admits all.
     admits_itself = False
-
-    async def start(self) -> None:  # noqa: B027 (optional)
-        """Load what is running (before the manager re-adopts tasks)."""
-
-    async def close(self) -> None:  # noqa: B027 (optional)
-        pass
 
     @abstractmethod
     def launch(self, task: TaskRecord, directory: Path, visible: list[str]) -> dict[str, Any]:
@@ -89,62 +85,31 @@ class ProcessRunner(TrainerRunner):
 
 
 class JobRunner(TrainerRunner):
-    """A `batch/v1` Job per task: GPU requests, the timeout as `activeDeadlineSeconds`, optionally Kueue."""
+    """A `batch/v1` Job per task: GPU requests, the timeout as `activeDeadlineSeconds`, optionally Kueue.
+    Jobs are read from the Kubernetes backend's informer cache, like every other cluster object."""
 
-    def __init__(self, client: Any, namespace: str, image: str, data_dir: Path, data_claim: str | None,
-                 gpu_resource: str, kueue_queue: str | None, tolerations: list[dict], manifests_dir: Path) -> None:
-        self.client = client
-        self.manifests_dir = manifests_dir
-        self.namespace = namespace
+    def __init__(self, backend: KubernetesBackend, image: str, data_dir: Path, data_claim: str | None,
+                 kueue_queue: str | None) -> None:
+        self.backend = backend
         self.image = image
         self.data_dir = data_dir
         self.data_claim = data_claim
-        self.gpu_resource = gpu_resource
         self.kueue_queue = kueue_queue
-        self.tolerations = tolerations
         self.admits_itself = kueue_queue is not None
-        self.jobs: dict[str, dict[str, Any]] = {}  # job name → last seen object
         self._creating: set[str] = set()
-        self._watch: asyncio.Task | None = None
-
-    async def start(self) -> None:
-        async for job in self.client.list(Job, namespace=self.namespace, labels={JOB_LABEL: exists()}):
-            self.jobs[job.metadata.name] = job.to_dict()
-        self._watch = asyncio.create_task(self._follow(), name="watch-jobs")
-
-    async def close(self) -> None:
-        if self._watch:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
-
-    async def _follow(self) -> None:
-
-        while True:
-            try:
-                async for change, job in self.client.watch(Job, namespace=self.namespace, labels={JOB_LABEL: exists()}):
-                    if change == "DELETED":
-                        self.jobs.pop(job.metadata.name, None)
-                    else:
-                        self.jobs[job.metadata.name] = job.to_dict()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("watch of finetune Jobs failed (%s); retrying", exc)
-            await asyncio.sleep(1.0)
 
     def launch(self, task: TaskRecord, directory: Path, visible: list[str]) -> dict[str, Any]:
-
-        manifest = job_manifest(task, directory, self.namespace, self.image, self.data_dir, self.data_claim, self.gpu_resource,
-                                self.kueue_queue, self.tolerations)
+        options = self.backend.cluster_options
+        manifest = job_manifest(task, directory, options.namespace, self.image, self.data_dir, self.data_claim, options.gpu_resource,
+                                self.kueue_queue, list(options.tolerations))
         name = manifest["metadata"]["name"]
-        save_manifests(self.manifests_dir, name, [manifest])  # as every object Corral writes
+        self.backend.write_manifests(name, [manifest])  # as every object Corral writes
         self._creating.add(name)
 
         async def create() -> None:
             try:
-                created = await self.client.create(from_dict(manifest))
-                self.jobs[name] = created.to_dict()
+                created = await self.backend.client.create(from_dict(manifest))
+                self.backend.cache("jobs", created.to_dict())
             finally:
                 self._creating.discard(name)
 
@@ -152,7 +117,7 @@ class JobRunner(TrainerRunner):
         return {"pid": None, "pid_start": f"job/{name}"}
 
     def _job(self, task: TaskRecord) -> dict[str, Any] | None:
-        return self.jobs.get(job_name(task.id))
+        return self.backend.objects["jobs"].get(job_name(task.id))
 
     def alive(self, task: TaskRecord) -> bool:
         if job_name(task.id) in self._creating:
@@ -178,10 +143,9 @@ class JobRunner(TrainerRunner):
         return None
 
     async def stop(self, task: TaskRecord) -> None:
-
         with contextlib.suppress(ApiError):
-            await self.client.delete(Job, job_name(task.id), namespace=self.namespace, cascade=CascadeType.BACKGROUND)
-        self.jobs.pop(job_name(task.id), None)
+            await self.backend.client.delete(Job, job_name(task.id), cascade=CascadeType.BACKGROUND)
+        self.backend.objects["jobs"].pop(job_name(task.id), None)
 
 
 JOB_LABEL = "corral.dev/finetune-task"
@@ -194,7 +158,7 @@ def job_name(task_id: str) -> str:
 def job_manifest(task: TaskRecord, directory: Path, namespace: str, image: str, data_dir: Path, data_claim: str | None,
                  gpu_resource: str, kueue_queue: str | None, tolerations: list[dict]) -> dict[str, Any]:
     """The Job of one finetune task. Pure."""
-    labels = {JOB_LABEL: task.id, "app.kubernetes.io/managed-by": "corral"}
+    labels = {JOB_LABEL: task.id, MANAGED_BY: CORRAL}
     if kueue_queue:
         labels["kueue.x-k8s.io/queue-name"] = kueue_queue
     resources = {"limits": {gpu_resource: task.gpus}} if task.gpus else {}

@@ -34,6 +34,7 @@ from lightkube import AsyncClient, KubeConfig
 from lightkube.codecs import from_dict
 from lightkube.core.exceptions import ApiError
 from lightkube.resources.apps_v1 import Deployment as K8sDeployment
+from lightkube.resources.batch_v1 import Job as K8sJob
 from lightkube.resources.core_v1 import Node as K8sNode
 from lightkube.resources.core_v1 import Pod as K8sPod
 from lightkube.resources.core_v1 import Service as K8sService
@@ -61,7 +62,8 @@ from corral.store.state import StateStore
 
 log = logging.getLogger("corral.kubernetes")
 
-KINDS: dict[str, Any] = {"deployments": K8sDeployment, "pods": K8sPod, "services": K8sService, "endpointslices": K8sEndpointSlice}
+KINDS: dict[str, Any] = {"deployments": K8sDeployment, "pods": K8sPod, "services": K8sService, "endpointslices": K8sEndpointSlice,
+                         "jobs": K8sJob}  # finetune Jobs, read by finetune.runners.JobRunner
 CUTOVER_TIMEOUT_S = 120.0
 SCALE_VERIFY_TIMEOUT_S = 300.0
 
@@ -98,7 +100,7 @@ class KubernetesBackend(Backend):
         for kind, resource in KINDS.items():
             labels = None if kind == "endpointslices" else {MANAGED_BY: CORRAL}
             async for obj in self.client.list(resource, namespace=self.namespace, labels=labels):
-                self._store(kind, obj.to_dict())
+                self.cache(kind, obj.to_dict())
             self._spawn(self._watch(kind, resource, labels), f"watch-{kind}")
         self._dirty_pools.update(d.name for d in self.list_deployments() if d.is_pool)
         self._spawn(self._restore_loop(), "restore-assignments")
@@ -132,7 +134,8 @@ class KubernetesBackend(Backend):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
 
-    def _store(self, kind: str, obj: dict[str, Any]) -> None:
+    def cache(self, kind: str, obj: dict[str, Any]) -> None:
+        """Keep an object as the watch would: a write's answer is readable before its event arrives."""
         if ROUTER_FOR not in (obj["metadata"].get("labels") or {}):  # a service's vllm-router is part of the service
             self.objects[kind][obj["metadata"]["name"]] = obj
 
@@ -143,7 +146,7 @@ class KubernetesBackend(Backend):
         if change == "DELETED":
             self.objects[kind].pop(name, None)
         else:
-            self._store(kind, obj)
+            self.cache(kind, obj)
         if kind == "pods":
             pod = convert.pod(obj)
             self.emit("replica_status", {"name": name, "deployment": pod.deployment, "ready": pod.ready, "restarts": pod.restarts,
@@ -196,7 +199,7 @@ class KubernetesBackend(Backend):
     async def create_deployment(self, deployment: Deployment, service: Service | None) -> list[Pod]:
         documents = self.manifests(deployment, service)
         created = await self.client.create(from_dict(documents[0]))
-        self._store("deployments", created.to_dict())
+        self.cache("deployments", created.to_dict())
         if service is not None:
             try:
                 made = await self.client.create(from_dict(documents[1]))
@@ -204,7 +207,7 @@ class KubernetesBackend(Backend):
                 await self.client.delete(K8sDeployment, deployment.name)  # all or nothing
                 self.objects["deployments"].pop(deployment.name, None)
                 raise
-            self._store("services", made.to_dict())
+            self.cache("services", made.to_dict())
         return []  # the ReplicaSet creates the pods; they arrive through the watch
 
     async def delete_deployment(self, name: str) -> Awaitable[None]:
@@ -249,7 +252,7 @@ class KubernetesBackend(Backend):
 
     async def _set_replicas(self, deployment: str, replicas: int) -> None:
         patched = await self.client.patch(K8sDeployment, deployment, {"spec": {"replicas": replicas}}, patch_type=PatchType.MERGE)
-        self._store("deployments", patched.to_dict())
+        self.cache("deployments", patched.to_dict())
 
     async def set_businesses(self, businesses: Mapping[str, str]) -> None:
         done: dict[str, str] = {}
@@ -258,7 +261,7 @@ class KubernetesBackend(Backend):
                 previous = self.get_pod(name)
                 patched = await self.client.patch(K8sPod, name, {"metadata": {"labels": {L.BUSINESS: business}}},
                                                   patch_type=PatchType.MERGE)
-                self._store("pods", patched.to_dict())
+                self.cache("pods", patched.to_dict())
                 if previous is not None:
                     done[name] = previous.business or L.UNASSIGNED
                     self._cutovers[name] = (previous.business or L.UNASSIGNED, business, time.monotonic())
@@ -273,11 +276,11 @@ class KubernetesBackend(Backend):
         patched = await self.client.patch(K8sDeployment, deployment,
                                           {"metadata": {"annotations": {ANNOTATION_DESIRED: json.dumps(dict(sorted(counts.items())))}}},
                                           patch_type=PatchType.MERGE)
-        self._store("deployments", patched.to_dict())
+        self.cache("deployments", patched.to_dict())
 
     async def create_service(self, service: Service) -> None:
         made = await self.client.create(from_dict(service_manifest(service, self.cluster_options)))
-        self._store("services", made.to_dict())
+        self.cache("services", made.to_dict())
         if service.llm_routing:
             try:
                 for document in router_manifests(service, self.cluster_options):
