@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from corral.backends.local.process import tail_lines
 from corral.config import Settings
 from corral.domain.errors import Conflict, CorralError, InvalidInput, NotFound
-from corral.domain.memory import GIB, KNOWN_MODELS, TrainingSetup, training_memory
+from corral.domain.memory import GIB, KNOWN_MODELS, MemoryEstimate, ModelSpec, TrainingSetup, training_memory
 from corral.domain.queue import Capacity, Demand, Priority, Strategy, Unit, WaitingTask, schedule
 from corral.domain.reclaim import plan_reclaim
 from corral.events import EventBus
@@ -437,12 +437,8 @@ class FinetuneManager:
     @staticmethod
     def _estimate_gb(base_model: str, method: str, hp: dict[str, Any], gpus: int) -> float:
         """Memory per GPU from the estimator when the base model is a known architecture, else 0 (any free GPU)."""
-        spec = KNOWN_MODELS.get(Path(base_model).name.lower())
-        if spec is None or not gpus:
-            return 0.0
-        setup = TrainingSetup(method=method, seq_len=int(hp["maxSeqLen"]), batch_size=int(hp["batchSize"]),  # type: ignore[arg-type]
-                              lora_rank=int(hp["loraRank"]))
-        return round(training_memory(spec, setup).total_gb / gpus, 2)
+        estimate = training_estimate(base_model, method, hp)
+        return round(estimate[1].total_gb / gpus, 2) if estimate and gpus else 0.0
 
     def view(self, task: TaskRecord) -> dict[str, Any]:
         return {
@@ -455,6 +451,16 @@ class FinetuneManager:
             "startedAt": task.started_at.isoformat() if task.started_at else None,
             "finishedAt": task.finished_at.isoformat() if task.finished_at else None,
         }
+
+
+def training_estimate(base_model: str, method: str, hp: dict[str, Any]) -> tuple[ModelSpec, MemoryEstimate] | None:
+    """The estimator's figures for a task, when its base model (a hub id or directory named like one) is known."""
+    spec = KNOWN_MODELS.get(Path(base_model).name.lower())
+    if spec is None:
+        return None
+    setup = TrainingSetup(method=method, seq_len=int(hp["maxSeqLen"]), batch_size=int(hp["batchSize"]),  # type: ignore[arg-type]
+                          lora_rank=int(hp["loraRank"]))
+    return spec, training_memory(spec, setup)
 
 
 def _progress(previous: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:

@@ -12,9 +12,8 @@ from nicegui import run, ui
 from corral.api.system import gpu_info
 from corral.backends.local.process import tail_lines
 from corral.domain.errors import CorralError
-from corral.domain.memory import KNOWN_MODELS, TrainingSetup, training_memory
 from corral.finetune.dataset import load_dataset
-from corral.finetune.manager import DEFAULT_HYPERPARAMETERS, METHODS
+from corral.finetune.manager import DEFAULT_HYPERPARAMETERS, METHODS, training_estimate
 from corral.finetune.store import FINISHED
 from corral.ui.live import ClientEvents, act, live, notify, runtime
 
@@ -129,13 +128,13 @@ def _submit_form() -> None:
     error = ui.label().classes("text-negative").props('data-testid="ft-error"')
 
     def update_estimate() -> None:
-        spec = KNOWN_MODELS.get(Path(base_model.value or "").name.lower())
-        if spec is None:
+        known = training_estimate(base_model.value or "", method.value, {
+            "maxSeqLen": fields["maxSeqLen"].value or 1024, "batchSize": fields["batchSize"].value or 1,
+            "loraRank": fields["loraRank"].value or 8})
+        if known is None:
             estimate.set_text("memory estimate: known for the catalogue models (e.g. Qwen/Qwen2.5-Coder-7B-Instruct's directory name)")
             return
-        setup = TrainingSetup(method=method.value, seq_len=int(fields["maxSeqLen"].value or 1024),
-                              batch_size=int(fields["batchSize"].value or 1), lora_rank=int(fields["loraRank"].value or 8))
-        memory = training_memory(spec, setup)
+        spec, memory = known
         estimate.set_text(f"estimated GPU memory for {spec.display} {method.value}: {memory.total_gb:.1f} GB")
 
     async def check_dataset() -> None:

@@ -17,6 +17,7 @@ from nicegui import ui
 
 from corral.controller import DeploySpec
 from corral.domain import labels as L
+from corral.domain.assignment import businesses_of_model
 from corral.engines import engine_names, get_engine
 from corral.ui.live import ClientEvents, act, live, notify, runtime
 
@@ -314,18 +315,17 @@ def page_of(rows: list[dict[str, Any]], text: str, wanted: dict[str, Any]) -> tu
 
 def pod_rows(results: dict[str, str]) -> list[dict[str, Any]]:
     controller = runtime().controller
-    businesses: dict[str, set[str]] = {}
-    for service in controller.backend.list_services():
-        if service.is_business_service and service.business:
-            businesses.setdefault(service.model, set()).add(service.business)
+    pods = controller.list_pods()
+    services = controller.backend.list_services()
+    options = {m: [L.UNASSIGNED, *businesses_of_model(services, m)] for m in {p["model"] for p in pods if p["isPoolPod"]}}
     now = datetime.now(timezone.utc)
     rows = []
-    for pod in controller.list_pods():
+    for pod in pods:
         status = pod["status"] + ("" if pod["ready"] or pod["status"] != "Running" else " (not ready)")
         rows.append({
             "name": pod["name"], "status": status, "model": pod["model"] or "", "isPoolPod": pod["isPoolPod"],
             "business": pod["business"] if pod["isPoolPod"] else "N/A",
-            "options": [L.UNASSIGNED, *sorted(businesses.get(pod["model"], ()))],
+            "options": options.get(pod["model"], [L.UNASSIGNED]),
             "placement": f"{runtime().settings.backend} · " + (f"GPU {','.join(map(str, pod['gpuIds']))}" if pod["gpuIds"] else "CPU"),
             "age": _age(now, pod["createdAt"]), "createdAt": pod["createdAt"] or "", "result": results.get(pod["name"], ""),
         })
