@@ -13,11 +13,16 @@ class Unauthorized(CorralError):
     status_code = 401
 
 
+def token_accepted(given: str, expected: str | None) -> bool:
+    """True when no token is configured, or `given` is it (compared in constant time)."""
+    return not expected or hmac.compare_digest(given.encode(), expected.encode())
+
+
 def require_token(request: Request) -> None:
     expected: str | None = request.app.state.settings.api_token
     if not expected:
         return
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected.encode()):
+    if scheme.lower() != "bearer" or not token_accepted(token, expected):
         raise Unauthorized("this Corral requires an API token: send 'Authorization: Bearer <token>' (CORRAL_API_TOKEN)")

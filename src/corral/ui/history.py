@@ -9,7 +9,8 @@ from nicegui import ui
 
 from corral.ui.live import ClientEvents, live, runtime
 
-ACTIONS = ["deploy", "delete", "deploy-service", "delete-service", "assign", "distribute", "scale", "crash"]
+ACTIONS = ["deploy", "delete", "deploy-service", "delete-service", "assign", "distribute", "scale", "crash",
+           "cutover", "scale-verify"]  # the last two: Kubernetes backend
 COLUMNS = [
     {"name": "timestamp", "label": "When", "field": "timestamp", "sortable": True, "align": "left"},
     {"name": "action", "label": "Action", "field": "action", "sortable": True, "align": "left"},

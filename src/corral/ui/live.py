@@ -12,13 +12,13 @@ next to the control that caused it.
 
 from __future__ import annotations
 
-import hmac
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from nicegui import app, ui
 
+from corral.api.auth import token_accepted
 from corral.domain.errors import CorralError
 
 if TYPE_CHECKING:
@@ -70,11 +70,7 @@ def live(events: ClientEvents, types: Iterable[str], redraw: Callable[[], Any]) 
 
 
 def token_ok() -> bool:
-    expected = runtime().settings.api_token
-    if not expected:
-        return True
-    given = str(app.storage.user.get("token", ""))
-    return hmac.compare_digest(given.encode(), expected.encode())
+    return token_accepted(str(app.storage.user.get("token", "")), runtime().settings.api_token)
 
 
 async def act(action: Callable[[], Awaitable[Any]]) -> tuple[Any, str | None]:
