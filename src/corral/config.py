@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from corral.domain.manifests import ENGINE_IMAGES, ClusterOptions
@@ -65,6 +65,12 @@ class Settings(BaseSettings):
     )
     gateway_connect_timeout_s: float = Field(default=2.0, gt=0, description="a replica slower to accept is ejected")
     gateway_read_timeout_s: float = Field(default=600.0, gt=0, description="longest silence from a replica mid-response")
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        # Absolute once: nginx (-p), trainers and replicas get paths that mean the same from any directory.
+        return value.expanduser().resolve()
 
     def cluster_options(self) -> ClusterOptions:
         return ClusterOptions(
