@@ -43,6 +43,7 @@ class Gateway:
     def __init__(self, policy: Policy, connect_timeout_s: float, read_timeout_s: float, health_path: Callable[[str], str]) -> None:
         self.policy = policy
         self.table: RoutingTable = {}
+        self.version = 0  # of `table`, as given by `push`
         self.stats = TrafficStats()
         self.ejected: dict[str, Target] = {}
         self._health_path = health_path
@@ -70,6 +71,17 @@ class Gateway:
                 pass
         if self._session:
             await self._session.close()
+
+    async def push(self, table: RoutingTable, version: int) -> int:
+        """Serve `table` from the next request on (an in-memory swap); returns the version served. A
+        version older than the one served changes nothing."""
+        if version > self.version:
+            self.set_table(table)
+            self.version = version
+        return self.version
+
+    async def served_version(self) -> int:
+        return self.version
 
     def set_table(self, table: RoutingTable) -> None:
         self.table = table

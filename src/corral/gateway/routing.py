@@ -38,10 +38,21 @@ RoutingTable = dict[str, Route]
 
 
 def build_routes(services: Iterable[Service], pods: Iterable[Pod]) -> RoutingTable:
+    """Each service's ready replicas. Ready pods are indexed by label pair and each service looks only
+    at the pods carrying its rarest selector pair, so 100 services over 1,000 pods cost thousands of
+    label checks, not 100,000 (this runs on every change, before its API call returns)."""
     ready = [p for p in pods if p.ready and p.endpoint]
+    by_pair: dict[tuple[str, str], list[int]] = {}
+    for index, pod in enumerate(ready):
+        for pair in pod.labels.items():
+            by_pair.setdefault(pair, []).append(index)
+    everyone = range(len(ready))
     table: RoutingTable = {}
     for service in services:
-        targets = tuple(Target(p.name, p.endpoint) for p in ready if L.matches(service.selector, p.labels))  # type: ignore[arg-type]
+        pairs = list(service.selector.items())
+        candidates = min((by_pair.get(pair, []) for pair in pairs), key=len) if pairs else everyone
+        targets = tuple(Target(ready[i].name, ready[i].endpoint) for i in candidates  # type: ignore[arg-type]
+                        if L.matches(service.selector, ready[i].labels))
         table[service.name] = Route(
             service=service.name,
             model=service.model,

@@ -1,5 +1,5 @@
 -- Corral's nginx data plane. The routing table lives in shared memory, pushed by the control plane
--- (POST /routes on the control port), so an assignment takes effect without an nginx reload.
+-- (POST /routes on the control socket), so an assignment takes effect without an nginx reload.
 -- Same behaviour as the Python gateway (corral/gateway/proxy.py): least outstanding requests with
 -- random ties, one retry on another replica when nothing was sent, ejection of a failing replica,
 -- `x-corral-replica`, 404/503 JSON bodies, per-service/replica counters and in-flight counts.
@@ -114,15 +114,53 @@ function _M.unavailable()
   return json_exit(503, route and route.message or ("service '" .. service .. "' not found"))
 end
 
--- control port ----------------------------------------------------------------------------------
-function _M.set_routes()
+-- control channel (a unix socket, mode 0600 in a 0700 directory) ------------------------------------
+local function request_body()
   ngx.req.read_body()
   local body = ngx.req.get_body_data()
+  if body then return body end
+  local path = ngx.req.get_body_file()  -- a body larger than client_body_buffer_size is spooled to a file
+  if not path then return nil end
+  local file = io.open(path, "rb")
+  if not file then return nil end
+  body = file:read("*a")
+  file:close()
+  return body
+end
+
+local function answer_version(version)
+  ngx.header["content-type"] = "application/json"
+  ngx.say(cjson.encode({ version = version }))
+end
+
+-- POST /routes?version=N with the table as JSON. Versions only go forward: a stale push (e.g. one
+-- queued while nginx was stopped) never replaces a newer table. Answers the version now served.
+function _M.set_routes()
+  local version = tonumber(ngx.var.arg_version)
+  if not version then return json_exit(400, "?version=<n> is required") end
+  local body = request_body()
   local decoded = body and cjson.decode(body)
   if type(decoded) ~= "table" then return json_exit(400, "body must be the routing table as JSON") end
-  routes_dict:set("table", body)
-  local version = routes_dict:incr("version", 1, 0)
-  ngx.say(cjson.encode({ version = version }))
+  for _ = 1, 1000 do  -- one writer at a time across workers (the lock expires by itself)
+    if routes_dict:add("lock", true, 5) then break end
+    ngx.sleep(0.001)
+  end
+  local current = routes_dict:get("version") or 0
+  if version > current then
+    local ok, err = routes_dict:set("table", body)
+    if not ok then
+      routes_dict:delete("lock")
+      return json_exit(507, "the routing table does not fit in shared memory: " .. tostring(err))
+    end
+    routes_dict:set("version", version)
+    current = version
+  end
+  routes_dict:delete("lock")
+  answer_version(current)
+end
+
+function _M.get_version()
+  answer_version(routes_dict:get("version") or 0)
 end
 
 function _M.get_stats()
