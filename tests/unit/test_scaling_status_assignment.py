@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 
 from corral.domain.assignment import businesses_of_model, validate_assignment
 from corral.domain.errors import Conflict, InvalidInput, NotFound
-from corral.domain.gpu_fit import pick_gpus
 from corral.domain.models import Pod, Service
 from corral.domain.scaling import plan_pool_scale, plan_standard_scale
 from corral.domain.status import assignment_summary, pool_status
@@ -84,10 +83,3 @@ def test_assignment_validation() -> None:
     standard = Pod(name="s-0", deployment="s", labels={"model": "m", "app": "s", "deployment-type": "standard"})
     with pytest.raises(InvalidInput, match="standard deployment 's'"):
         validate_assignment("s-0", standard, "production", "m", services)
-
-
-def test_gpu_fit_picks_free_devices_or_says_how_many_are_free() -> None:
-    assert pick_gpus([0, 1, 2, 3], [0, 2], 2, "r") == (1, 3)
-    assert pick_gpus([], [], 0, "r") == ()
-    with pytest.raises(Conflict, match="needs 2 GPU\\(s\\) but only 1 of 2"):
-        pick_gpus([0, 1], [0], 2, "r")

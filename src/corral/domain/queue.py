@@ -12,7 +12,8 @@ equal decisions. Two named strategies, as in Kueue:
 
 Fit: a task asks for N schedulable units (whole GPUs or MIG instances) with at least M bytes free
 each, or for a CPU slot when N = 0. Among fitting units the smallest sufficient ones are chosen, so
-large units stay free for large tasks.
+large units stay free for large tasks. The units are the GPU ledger's free ones (`domain.gpu_ledger`);
+a whole GPU and a MIG slice of it are never given out together.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
+
+from corral.domain.gpu_ledger import units_overlap
 
 
 class Priority(IntEnum):
@@ -60,7 +63,7 @@ class Unit:
 
 @dataclass(frozen=True)
 class Capacity:
-    units: tuple[Unit, ...] = ()  # GPUs/MIG instances not held by a replica or a running task
+    units: tuple[Unit, ...] = ()  # GPUs/MIG instances the GPU ledger has free (`GpuLedger.free_units`)
     cpu_slots: int = 0  # CPU training slots still free
 
 
@@ -80,9 +83,13 @@ def fit(demand: Demand, units: Sequence[Unit], cpu_slots: int) -> tuple[str, ...
     if demand.gpus == 0:
         return () if cpu_slots > 0 else None
     candidates = sorted((u for u in units if u.free_bytes >= demand.memory_per_gpu), key=lambda u: (u.free_bytes, u.id))
-    if len(candidates) < demand.gpus:
-        return None
-    return tuple(u.id for u in candidates[: demand.gpus])
+    chosen: list[str] = []
+    for unit in candidates:  # never a whole GPU together with one of its MIG slices (the GPU ledger's rule)
+        if not any(units_overlap(unit.id, c) for c in chosen):
+            chosen.append(unit.id)
+            if len(chosen) == demand.gpus:
+                return tuple(chosen)
+    return None
 
 
 def why_not(demand: Demand, capacity: Capacity) -> str:
@@ -111,7 +118,7 @@ def schedule(tasks: Sequence[WaitingTask], capacity: Capacity, strategy: Strateg
                 blocked_by = task
             continue
         decision.starts.append((task.id, chosen))
-        units = [u for u in units if u.id not in chosen]
+        units = [u for u in units if not any(units_overlap(u.id, c) for c in chosen)]
         cpu_slots -= 1 if not chosen else 0
         decision.bypassed.extend(t.id for t in passed_over if t.id not in decision.bypassed)
     return decision

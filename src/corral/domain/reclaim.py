@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from corral.domain import labels as L
+from corral.domain.gpu_ledger import GpuLedger, Holder
 from corral.domain.models import Pod
 from corral.domain.queue import Demand, Unit, fit
 from corral.domain.scaling import removal_order
@@ -24,27 +25,32 @@ class ReclaimPlan:
     units: tuple[str, ...]  # the GPU units that frees
 
 
-def plan_reclaim(demand: Demand, free: Sequence[Unit], pools: Mapping[str, Sequence[Pod]],
-                 unit_bytes: Mapping[str, float]) -> ReclaimPlan | None:
-    """Unassigned replicas, taken one at a time until their GPUs plus the free units fit `demand`; None if
-    even all of them would not.
+def free_units(ledger: GpuLedger) -> tuple[Unit, ...]:
+    """The ledger's free units as the queue policy reads them."""
+    return tuple(Unit(u.id, u.memory_free_bytes) for u in ledger.free_units())
 
-    `pools`: each model pool's pods; `unit_bytes`: the memory a unit has once its replica is gone
-    (its total). Pools are visited by name and, within a pool, in scale-down order, so the plan is
-    deterministic and matches what the pool-safe scale-down will do.
+
+def plan_reclaim(demand: Demand, ledger: GpuLedger, pools: Mapping[str, Sequence[Pod]]) -> ReclaimPlan | None:
+    """Unassigned replicas, taken one at a time until the units they hold plus the free ones fit
+    `demand`; None if even all of them would not.
+
+    `ledger`: the GPU ledger's snapshot — which units each replica holds is read there (the same
+    books replica placement and the queue read), and a released unit counts with its total memory
+    (`GpuLedger.release`). `pools`: each model pool's pods. Pools are visited by name and, within a
+    pool, in scale-down order, so the plan is deterministic and matches what the pool-safe
+    scale-down will do.
     """
-    if demand.gpus == 0 or fit(demand, free, 0) is not None:
+    if demand.gpus == 0 or fit(demand, free_units(ledger), 0) is not None:
         return None  # nothing to reclaim: a CPU task, or it fits already
-    units = list(free)
     taken: dict[str, int] = {}
     freed: list[str] = []
     for pool in sorted(pools):
-        unassigned = [p for p in pools[pool] if p.business == L.UNASSIGNED and p.gpu_ids]
+        unassigned = [p for p in pools[pool] if p.business == L.UNASSIGNED and ledger.units_of(Holder.replica(p.name))]
         for pod in removal_order(unassigned):
+            holder = Holder.replica(pod.name)
             taken[pool] = taken.get(pool, 0) + 1
-            for gpu in pod.gpu_ids:
-                units.append(Unit(str(gpu), unit_bytes.get(str(gpu), 0.0)))
-                freed.append(str(gpu))
-            if fit(demand, units, 0) is not None:
+            freed.extend(ledger.units_of(holder))
+            ledger = ledger.release(holder)
+            if fit(demand, free_units(ledger), 0) is not None:
                 return ReclaimPlan(dict(taken), tuple(freed))
     return None
