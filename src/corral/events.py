@@ -10,9 +10,42 @@ import asyncio
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from enum import StrEnum
 from typing import Any
 
+from pydantic import BaseModel
+
 QUEUE_SIZE = 1000
+
+
+class EventType(StrEnum):
+    """The `type` of every message on the bus (and on `/ws`). A StrEnum: equal to its string value, so
+    code that still publishes or compares plain strings keeps working."""
+
+    DEPLOYMENT = "deployment"  # {action: created, deployment: <deployment view>} | {action: deleted, name}
+    SERVICE_DEPLOYMENT = "service_deployment"  # {action: created, service: <service view>} | {action: deleted, name}
+    POD_ASSIGNMENT = "pod_assignment"  # {podName, deployment, modelName, from, to, reason?}
+    DISTRIBUTION = "distribution"  # the distribute result
+    SCALE = "scale"  # the scale result
+    REPLICA_STATUS = "replica_status"  # a replica changed phase or readiness, was replaced or deleted
+    ASSIGNMENT_COMPLETE = "assignment_complete"  # kubernetes: traffic follows a relabel {podName, from, to, delayMs}
+    HISTORY = "history"  # a history row was written or completed (its HistoryEntry)
+    FINETUNE_TASK = "finetune_task"  # a task changed (its FinetuneTask view)
+    GPU_INVENTORY = "gpu_inventory"  # the detected GPUs changed (GpuInfo)
+    LOAD = "load"  # load samples per business service (no publisher in this tree yet)
+
+
+def _plain(value: Any) -> Any:
+    """Event data as JSON-ready values: typed views (pydantic models) become their wire form."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", by_alias=True)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    return value
 
 
 class EventBus:
@@ -29,7 +62,11 @@ class EventBus:
         if callback in self._listeners:
             self._listeners.remove(callback)
 
-    def publish(self, type_: str, data: dict[str, Any]) -> None:
+    def publish(self, type_: EventType | str, data: dict[str, Any] | BaseModel) -> None:
+        """Announce `data` (a dict, or a view model) as an event of `type_` (an `EventType`; a plain string
+        is accepted while callers migrate). Listeners and subscribers receive JSON-ready dicts."""
+        type_ = str(type_)
+        data = _plain(data)
         for callback in tuple(self._listeners):
             callback(type_, data)
         message = {"type": type_, "data": data, "timestamp": datetime.now(timezone.utc).isoformat()}

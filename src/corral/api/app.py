@@ -4,20 +4,24 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Match, Mount
 
 import corral
 from corral.api import events, finetune, serving, system
+from corral.api.schemas import plain_text
 from corral.config import Settings
 from corral.domain.errors import CorralError
 from corral.engines import engine_names, get_engine
 from corral.runtime import Runtime
 from corral.ui import live as ui_live
 from corral.ui import mount as mount_ui
+from corral.views import EngineInfo, Health
 
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
@@ -52,20 +56,21 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.include_router(finetune.router)
     app.include_router(events.router)
 
-    @app.get("/api/health", tags=["system"])
-    async def health(request: Request) -> dict:
-        return {
-            "status": "ok",
-            "version": corral.__version__,
-            "backend": request.app.state.settings.backend,
-            "gatewayDataPlane": request.app.state.runtime.data_plane,
-            "gatewayPolicy": request.app.state.settings.gateway_policy if request.app.state.runtime.data_plane == "python"
+    @app.get("/api/health", tags=["system"], response_model=Health)
+    async def health(request: Request) -> Health:
+        return Health(
+            status="ok",
+            version=corral.__version__,
+            backend=request.app.state.settings.backend,
+            gatewayDataPlane=request.app.state.runtime.data_plane,
+            gatewayPolicy=request.app.state.settings.gateway_policy if request.app.state.runtime.data_plane == "python"
             else "least-outstanding",
-            "engines": [{"name": n, "isSimulator": get_engine(n).is_simulator, "description": get_engine(n).description}
-                        for n in engine_names()],
-        }
+            engines=[EngineInfo(name=n, isSimulator=get_engine(n).is_simulator, description=get_engine(n).description)
+                     for n in engine_names()],
+        )
 
-    @app.get("/api/metrics", tags=["system"], response_class=PlainTextResponse)
+    @app.get("/api/metrics", tags=["system"], response_class=PlainTextResponse, response_model=str,
+             responses=plain_text("Prometheus text exposition format"))
     async def metrics(request: Request) -> str:
         """Prometheus text: gateway requests, errors, in-flight and latency per service and replica; pods per business."""
         rt: Runtime = request.app.state.runtime
@@ -102,5 +107,25 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         return JSONResponse({"error": f"no API endpoint /api/{path}; the API is described at /docs"}, status_code=404)
 
     unknown_api_route = app.routes[-1]
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document, less its default 422 answers: this app answers a malformed request with 400
+        and `{"error", "details"}` (`invalid_body` above), which every route declares. Errors are JSON
+        even on routes that answer text (FastAPI gives declared responses the route's media type)."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    responses = operation.get("responses", {})
+                    responses.pop("422", None)
+                    for code, response in responses.items():
+                        if code[0] in "45" and response.get("content"):
+                            response["content"] = {"application/json": next(iter(response["content"].values()))}
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(unused, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     mount_ui(app)  # last: the UI takes every path the API does not
     return app

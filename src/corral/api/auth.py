@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import hmac
-
 from fastapi import Request
 
+from corral.auth import token_accepted
 from corral.domain.errors import CorralError
 
 
 class Unauthorized(CorralError):
     status_code = 401
-
-
-def token_accepted(given: str, expected: str | None) -> bool:
-    """True when no token is configured, or `given` is it (compared in constant time)."""
-    return not expected or hmac.compare_digest(given.encode(), expected.encode())
 
 
 def require_token(request: Request) -> None:

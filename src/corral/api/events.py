@@ -1,7 +1,9 @@
 """`/ws`: every change as it happens, so no client has to poll.
 
-Messages are `{"type", "data", "timestamp"}` with types `deployment`, `service_deployment`,
-`pod_assignment`, `distribution`, `scale` and `replica_status`.
+Messages are `{"type", "data", "timestamp"}`; `type` is one of `corral.events.EventType` (`deployment`,
+`service_deployment`, `pod_assignment`, `distribution`, `scale`, `replica_status`, `history`,
+`finetune_task`, `gpu_inventory`, ...), and `data` the wire form of the matching view in `corral.views`
+where there is one. The first message is `{"type": "hello", "data": {"version"}}`.
 """
 
 from __future__ import annotations

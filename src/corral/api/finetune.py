@@ -11,10 +11,11 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from corral.api.auth import require_token
-from corral.api.schemas import Body
+from corral.api.schemas import Body, errors, plain_text
 from corral.backends.local.process import tail_lines
 from corral.finetune.manager import FinetuneManager
 from corral.finetune.store import FINISHED
+from corral.views import DeployResult, FinetuneTask, QueueSummary
 
 router = APIRouter(prefix="/api/finetune", tags=["finetune"])
 mutating = [Depends(require_token)]
@@ -40,8 +41,9 @@ def manager(request: Request) -> FinetuneManager:
     return request.app.state.runtime.finetune
 
 
-@router.post("/tasks", dependencies=mutating, status_code=status.HTTP_201_CREATED)
-async def submit(body: SubmitRequest, request: Request) -> dict[str, Any]:
+@router.post("/tasks", dependencies=mutating, status_code=status.HTTP_201_CREATED, response_model=FinetuneTask,
+             responses=errors(400, 401))
+async def submit(body: SubmitRequest, request: Request) -> Any:
     """Validate and queue a finetune task; it starts as soon as its GPUs (or a CPU slot) are free."""
     gpus, memory = (body.gpus.count, body.gpus.memoryGb) if isinstance(body.gpus, GpuRequest) else (body.gpus, None)
     return manager(request).submit(base_model=body.baseModel, dataset_path=body.datasetPath, method=body.method,
@@ -49,29 +51,29 @@ async def submit(body: SubmitRequest, request: Request) -> dict[str, Any]:
                                    hyperparameters=body.hyperparameters)
 
 
-@router.get("/tasks")
-async def tasks(request: Request) -> list[dict[str, Any]]:
+@router.get("/tasks", response_model=list[FinetuneTask])
+async def tasks(request: Request) -> Any:
     return manager(request).list()
 
 
-@router.get("/queue")
-async def queue(request: Request) -> dict[str, Any]:
+@router.get("/queue", response_model=QueueSummary)
+async def queue(request: Request) -> Any:
     """Waiting and running counts, the strategy, and a warning when more than 5 tasks wait."""
     return manager(request).queue_summary()
 
 
-@router.get("/tasks/{task_id}")
-async def task(task_id: str, request: Request) -> dict[str, Any]:
+@router.get("/tasks/{task_id}", response_model=FinetuneTask, responses=errors(404))
+async def task(task_id: str, request: Request) -> Any:
     """`{id, status, reason, progress: {step, totalSteps, loss, eta, …}, …}`."""
     return manager(request).get(task_id)
 
 
-@router.post("/tasks/{task_id}/cancel", dependencies=mutating)
-async def cancel(task_id: str, request: Request) -> dict[str, Any]:
+@router.post("/tasks/{task_id}/cancel", dependencies=mutating, response_model=FinetuneTask, responses=errors(401, 404, 409))
+async def cancel(task_id: str, request: Request) -> Any:
     return await manager(request).cancel(task_id)
 
 
-class DeployRequest(Body):
+class TaskDeployRequest(Body):
     engine: str = Field(default="vllm", description="vllm serves the adapter on the base model; others get merged weights")
     modelTag: str = Field(description="the pool's `model` label, e.g. qwen-06b-support")
     replicas: int = 1
@@ -79,14 +81,16 @@ class DeployRequest(Body):
     merge: bool = Field(default=False, description="serve merged weights even with vLLM")
 
 
-@router.post("/tasks/{task_id}/deploy", dependencies=mutating, status_code=status.HTTP_201_CREATED)
-async def deploy(task_id: str, body: DeployRequest, request: Request) -> dict[str, Any]:
+@router.post("/tasks/{task_id}/deploy", dependencies=mutating, status_code=status.HTTP_201_CREATED, response_model=DeployResult,
+             responses=errors(400, 401, 404, 409, 503))
+async def deploy(task_id: str, body: TaskDeployRequest, request: Request) -> Any:
     """Deploy a completed task's result as a model pool, in one call."""
     return await manager(request).deploy(task_id, engine=body.engine, model_tag=body.modelTag, replicas=body.replicas,
                                          gpus_per_replica=body.gpusPerReplica, merge=body.merge)
 
 
-@router.get("/tasks/{task_id}/logs", response_model=None)
+@router.get("/tasks/{task_id}/logs", response_model=None, response_class=PlainTextResponse,
+            responses=plain_text("the task's log; with follow=true, streamed until the task ends") | errors(400, 404))
 async def logs(task_id: str, request: Request, tail: int = Query(default=200, ge=1, le=100_000),
                follow: bool = False) -> PlainTextResponse | StreamingResponse:
     """The task's log (Corral's lines and the trainer's output); `follow=true` streams until the task ends."""
@@ -105,7 +109,7 @@ async def logs(task_id: str, request: Request, tail: int = Query(default=200, ge
             offset += len(chunk)
             if chunk:
                 yield chunk
-            elif manager(request).get(task_id)["status"] in FINISHED:
+            elif manager(request).get(task_id).status in FINISHED:
                 return
             await asyncio.sleep(0.25)
 

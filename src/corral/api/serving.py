@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Union
 
 from fastapi import APIRouter, Depends, Query, Request, status
 from fastapi.responses import PlainTextResponse
@@ -14,20 +14,43 @@ from corral.api.schemas import (
     DeployServiceRequest,
     DistributePodsRequest,
     ScaleRequest,
+    errors,
+    plain_text,
 )
 from corral.controller import Controller, DeploySpec
 from corral.domain.errors import NotFound
+from corral.domain.history import Action
+from corral.views import (
+    AssignResult,
+    BusinessServiceView,
+    DeleteResult,
+    DeleteServiceResult,
+    DeploymentView,
+    DeployResult,
+    DeployServiceResult,
+    DistributeDryRun,
+    DistributeResult,
+    ErrorBody,
+    HistoryEntry,
+    PodView,
+    PoolStatus,
+    ScaleRefusal,
+    ScaleResult,
+)
 
 router = APIRouter(prefix="/api", tags=["serving"])
 mutating = [Depends(require_token)]
+# A refused scale-down answers its counts beside the message; other 409s (no free GPU) the message alone.
+SCALE_ERRORS = errors(400, 401, 404, 409, 503, c409=Union[ScaleRefusal, ErrorBody])
 
 
 def controller(request: Request) -> Controller:
     return request.app.state.controller
 
 
-@router.post("/deploy", dependencies=mutating, status_code=status.HTTP_201_CREATED)
-async def deploy(body: DeployRequest, request: Request) -> dict[str, Any]:
+@router.post("/deploy", dependencies=mutating, status_code=status.HTTP_201_CREATED, response_model=DeployResult,
+             responses=errors(400, 401, 409, 503))
+async def deploy(body: DeployRequest, request: Request) -> Any:
     """Deploy a model pool (`deployAsPool: true`, no service) or a standard deployment with its own service."""
     spec = DeploySpec(
         engine=body.engine, model_id=body.modelId, model_tag=body.modelTag, replicas=body.replicas,
@@ -36,29 +59,31 @@ async def deploy(body: DeployRequest, request: Request) -> dict[str, Any]:
     return await controller(request).deploy(spec)
 
 
-@router.get("/deployments")
-async def deployments(request: Request) -> list[dict[str, Any]]:
+@router.get("/deployments", response_model=list[DeploymentView])
+async def deployments(request: Request) -> Any:
     """Every deployment, pools included, each marked `type: pool | standard`."""
     return controller(request).list_deployments()
 
 
-@router.get("/deployments/{name}")
-async def deployment(name: str, request: Request) -> dict[str, Any]:
+@router.get("/deployments/{name}", response_model=DeploymentView, responses=errors(404))
+async def deployment(name: str, request: Request) -> Any:
     return controller(request).get_deployment(name)
 
 
-@router.delete("/deployments/{name}", dependencies=mutating)
-async def delete_deployment(name: str, request: Request, force: bool = False) -> dict[str, Any]:
+@router.delete("/deployments/{name}", dependencies=mutating, response_model=DeleteResult,
+               responses=errors(400, 401, 404, 409, 503))
+async def delete_deployment(name: str, request: Request, force: bool = False) -> Any:
     """Stop every replica and remove the deployment; a pool still serving businesses needs `force=true`."""
     return await controller(request).delete_deployment(name, force=force)
 
 
-@router.get("/pods")
-async def pods(request: Request, deployment: str | None = None) -> list[dict[str, Any]]:
+@router.get("/pods", response_model=list[PodView], responses=errors(404))
+async def pods(request: Request, deployment: str | None = None) -> Any:
     return controller(request).list_pods(deployment)
 
 
-@router.get("/pods/{name}/logs", response_class=PlainTextResponse)
+@router.get("/pods/{name}/logs", response_class=PlainTextResponse, response_model=str,
+            responses=plain_text("the replica's last output lines") | errors(400, 404))
 async def pod_logs(name: str, request: Request, tail: int = Query(default=200, ge=1, le=10000)) -> str:
     """The last lines of a replica's engine output (why is it not ready? why did it crash?)."""
     text = await request.app.state.backend.pod_logs(name, tail)
@@ -67,61 +92,64 @@ async def pod_logs(name: str, request: Request, tail: int = Query(default=200, g
     return text
 
 
-@router.post("/deploy-service", dependencies=mutating, status_code=status.HTTP_201_CREATED)
-async def deploy_service(body: DeployServiceRequest, request: Request) -> dict[str, Any]:
+@router.post("/deploy-service", dependencies=mutating, status_code=status.HTTP_201_CREATED,
+             response_model=DeployServiceResult, responses=errors(400, 401, 404, 409, 503))
+async def deploy_service(body: DeployServiceRequest, request: Request) -> Any:
     """Create the business service `<serviceName>-nlb` selecting `{model, business}`."""
     return await controller(request).deploy_service(body.serviceName, body.modelPool, body.businessTag, body.isExternal,
                                                     llm_routing=body.llmRouting)
 
 
-@router.get("/business-services")
-async def business_services(request: Request) -> list[dict[str, Any]]:
+@router.get("/business-services", response_model=list[BusinessServiceView])
+async def business_services(request: Request) -> Any:
     """`[{name, businessTag, displayName, modelName, ...}]`, discovered by `service-type=business-service`."""
     return controller(request).list_business_services()
 
 
-@router.delete("/business-services/{name}", dependencies=mutating)
-async def delete_business_service(name: str, request: Request, force: bool = False) -> dict[str, Any]:
+@router.delete("/business-services/{name}", dependencies=mutating, response_model=DeleteServiceResult,
+               responses=errors(400, 401, 404, 409, 503))
+async def delete_business_service(name: str, request: Request, force: bool = False) -> Any:
     """Delete a business service; if its pods would be stranded, `force=true` unassigns them."""
     return await controller(request).delete_service(name, force=force)
 
 
-@router.post("/assign-pod", dependencies=mutating)
-async def assign_pod(body: AssignPodRequest, request: Request) -> dict[str, Any]:
+@router.post("/assign-pod", dependencies=mutating, response_model=AssignResult, responses=errors(400, 401, 404, 409, 503))
+async def assign_pod(body: AssignPodRequest, request: Request) -> Any:
     return await controller(request).assign_pod(body.podName, body.businessTag, body.modelName)
 
 
-@router.post("/distribute-pods", dependencies=mutating)
-async def distribute_pods(body: DistributePodsRequest, request: Request) -> dict[str, Any]:
+@router.post("/distribute-pods", dependencies=mutating, response_model=Union[DistributeResult, DistributeDryRun],
+             responses=errors(400, 401, 404, 409, 503))
+async def distribute_pods(body: DistributePodsRequest, request: Request) -> Any:
     """Batch assignment by `ratios` (largest remainder) or explicit `counts`; fewest moves; rolled back on failure;
     `dryRun` previews the moves."""
     return await controller(request).distribute(body.deploymentName, body.ratios, body.counts, dry_run=body.dryRun)
 
 
-@router.post("/scale-deployment", dependencies=mutating)
-async def scale_deployment(body: ScaleRequest, request: Request) -> dict[str, Any]:
+@router.post("/scale-deployment", dependencies=mutating, response_model=ScaleResult, responses=SCALE_ERRORS)
+async def scale_deployment(body: ScaleRequest, request: Request) -> Any:
     """Scale any deployment. A pool is scaled pool-safely here too: only unassigned replicas are removed."""
     return await controller(request).scale(body.deploymentName, body.targetReplicas, pool_endpoint=False)
 
 
-@router.post("/scale-pool-deployment", dependencies=mutating)
-async def scale_pool_deployment(body: ScaleRequest, request: Request) -> dict[str, Any]:
+@router.post("/scale-pool-deployment", dependencies=mutating, response_model=ScaleResult, responses=SCALE_ERRORS)
+async def scale_pool_deployment(body: ScaleRequest, request: Request) -> Any:
     """Pool-safe scaling: `{success, currentReplicas, targetReplicas, unassignedPods, error?}`."""
     return await controller(request).scale(body.deploymentName, body.targetReplicas, pool_endpoint=True)
 
 
-@router.get("/pool-status/{deploymentName}")
-async def pool_status(deploymentName: str, request: Request) -> dict[str, Any]:  # noqa: N803 (spec's name)
+@router.get("/pool-status/{deploymentName}", response_model=PoolStatus, responses=errors(400, 404))
+async def pool_status(deploymentName: str, request: Request) -> Any:  # noqa: N803 (spec's name)
     """`{totalPods, podDistribution, availableForScaleDown}`."""
     return controller(request).pool_status(deploymentName)
 
 
-@router.get("/history")
+@router.get("/history", response_model=list[HistoryEntry], responses=errors(400))
 async def history(
     request: Request,
-    action: str | None = Query(default=None, description="deploy | delete | deploy-service | delete-service | assign | distribute | scale"),
+    action: Action | None = Query(default=None, description="only this action"),
     target: str | None = None,
     limit: int = Query(default=200, ge=1, le=5000),
-) -> list[dict[str, Any]]:
+) -> Any:
     """Every scheduling action, newest first: when, what, before → after, outcome."""
     return request.app.state.store.history(action=action, target=target, limit=limit)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import select
@@ -11,9 +12,23 @@ from sqlalchemy import select
 from corral.store.schema import FinetuneTaskRow
 from corral.store.state import StateStore, _aware
 
-ACTIVE = ("preparing", "training")
-WAITING = ("pending", "queued")
-FINISHED = ("completed", "failed", "cancelled")
+
+class TaskState(StrEnum):
+    """A finetune task's lifecycle: pending → queued → preparing → training → completed | failed | cancelled."""
+
+    PENDING = "pending"  # submitted, not yet considered by a scheduling round
+    QUEUED = "queued"  # waiting for GPUs (or a CPU slot), or launched and waiting for Kueue's admission
+    PREPARING = "preparing"  # trainer started: loading the model and dataset
+    TRAINING = "training"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"  # by request, or timed out
+
+
+# Groupings (like SkyPilot's status groupings); tuples of str values, usable in SQL `IN` and with `in`.
+ACTIVE: tuple[TaskState, ...] = (TaskState.PREPARING, TaskState.TRAINING)
+WAITING: tuple[TaskState, ...] = (TaskState.PENDING, TaskState.QUEUED)
+FINISHED: tuple[TaskState, ...] = (TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED)
 
 
 @dataclass(frozen=True)

@@ -9,17 +9,19 @@ from typing import Any
 from nicegui import events as ui_events
 from nicegui import run, ui
 
-from corral.api.system import gpu_info
 from corral.backends.local.process import tail_lines
 from corral.domain.errors import CorralError
+from corral.events import EventType
 from corral.finetune.dataset import load_dataset
 from corral.finetune.manager import DEFAULT_HYPERPARAMETERS, METHODS, training_estimate
-from corral.finetune.store import FINISHED
+from corral.finetune.store import FINISHED, TaskState
 from corral.ui.live import ClientEvents, act, live, notify, runtime
+from corral.views import FinetuneTask, GpuInfo, gpu_info
 
-STATUS_COLORS = {"pending": "grey-6", "queued": "warning", "preparing": "light-blue-6", "training": "primary",
-                 "completed": "positive", "failed": "negative", "cancelled": "grey-8"}
-TASK_EVENTS = ("finetune_task",)
+STATUS_COLORS = {TaskState.PENDING: "grey-6", TaskState.QUEUED: "warning", TaskState.PREPARING: "light-blue-6",
+                 TaskState.TRAINING: "primary", TaskState.COMPLETED: "positive", TaskState.FAILED: "negative",
+                 TaskState.CANCELLED: "grey-8"}
+TASK_EVENTS = (EventType.FINETUNE_TASK,)
 TASK_COLUMNS = [
     {"name": "id", "label": "Task", "field": "id", "sortable": True, "align": "left"},
     {"name": "status", "label": "Status", "field": "status", "sortable": True, "align": "left"},
@@ -82,30 +84,30 @@ def _gpu_banner(events: ClientEvents) -> None:
             ui.spinner(size="sm")
             ui.label("Detecting GPU…")
 
-    def draw(info: dict[str, Any]) -> None:
+    def draw(info: GpuInfo) -> None:
         banner.clear()
         with banner:
-            if info["available"]:
+            if info.available:
                 with ui.row().classes("gap-4"):
-                    for device in info["devices"]:
+                    for device in info.devices:
                         with ui.column().classes("gap-0"):
-                            ui.label(f"GPU {device['id']}: {device['name']}").classes("font-medium")
-                            used = f"{device['memory_used_gb']:.1f} / {device['memory_gb']:.0f} GB used"
-                            util = f", {device['utilization']}% busy" if device["utilization"] is not None else ""
+                            ui.label(f"GPU {device.id}: {device.name}").classes("font-medium")
+                            used = f"{device.memory_used_gb:.1f} / {device.memory_gb:.0f} GB used"
+                            util = f", {device.utilization}% busy" if device.utilization is not None else ""
                             ui.label(used + util).classes("text-sm text-grey-8")
             else:
                 ui.label("No GPU detected: finetuning runs on the CPU, one task at a time (small models only).") \
                     .classes("text-warning font-medium").props('data-testid="no-gpu-warning"')
-            if info.get("warning") and info["warning"] != info["recommendation"]:
-                ui.label(info["warning"]).classes("text-sm text-grey-8")
-            ui.label(f"Recommendation: {info['recommendation']}").classes("text-sm").props('data-testid="recommendation"')
+            if info.warning and info.warning != info.recommendation:
+                ui.label(info.warning).classes("text-sm text-grey-8")
+            ui.label(f"Recommendation: {info.recommendation}").classes("text-sm").props('data-testid="recommendation"')
 
     async def load() -> None:
         rt = runtime()
         draw(await run.io_bound(gpu_info, rt.gpu_inventory, rt.catalogue))
 
     ui.timer(0.05, load, once=True)  # the page is delivered first; detection fills the banner
-    live(events, ("gpu_inventory",), load)
+    live(events, (EventType.GPU_INVENTORY,), load)
 
 
 # submit form ----------------------------------------------------------------------------------
@@ -164,7 +166,7 @@ def _submit_form() -> None:
                                                     int(gpus.value or 0), float(timeout_h.value or 0) * 3600, hyperparameters))
         error.set_text(problem or "")
         if result:
-            notify(f"{result['id']}: {result['status']}", "positive")
+            notify(f"{result.id}: {result.status}", "positive")
 
     for element in (base_model, method, fields["maxSeqLen"], fields["batchSize"], fields["loraRank"]):
         element.on_value_change(update_estimate)
@@ -176,7 +178,7 @@ def _submit_form() -> None:
 
 
 async def _submit(base_model: str, dataset: str, method: str, priority: str, gpus: int, timeout_s: float,
-                  hyperparameters: dict[str, Any]) -> dict[str, Any]:
+                  hyperparameters: dict[str, Any]) -> FinetuneTask:
     return runtime().finetune.submit(base_model=(base_model or "").strip(), dataset_path=(dataset or "").strip(), method=method,
                                      priority=priority, gpus=gpus, timeout_s=timeout_s, hyperparameters=hyperparameters)
 
@@ -203,22 +205,22 @@ def _task_table(events: ClientEvents, open_detail: Any) -> None:
     live(events, TASK_EVENTS, redraw)
 
 
-def task_row(task: dict[str, Any]) -> dict[str, Any]:
-    progress = task["progress"] or {}
+def task_row(task: FinetuneTask) -> dict[str, Any]:
+    progress = task.progress
     step, total = progress.get("step"), progress.get("totalSteps")
     fraction = step / total if step is not None and total else None
-    if task["status"] == "completed":
+    if task.status == TaskState.COMPLETED:
         fraction = 1.0
     parts = [f"step {step}/{total}" if fraction is not None and step is not None else ""]
-    if progress.get("loss") is not None:
-        parts.append(f"loss {progress['loss']:.3f}")
-    if progress.get("eta") is not None and task["status"] == "training":
-        parts.append(f"ETA {int(progress['eta'])} s")
+    if (loss := progress.get("loss")) is not None:
+        parts.append(f"loss {loss:.3f}")
+    if (eta := progress.get("eta")) is not None and task.status == TaskState.TRAINING:
+        parts.append(f"ETA {int(eta)} s")
     return {
-        "id": task["id"], "status": task["status"], "color": STATUS_COLORS.get(task["status"], "grey"), "reason": task["reason"],
-        "model": Path(task["baseModel"]).name, "method": task["method"], "priority": task["priority"], "fraction": fraction,
-        "progressText": " · ".join(p for p in parts if p), "created": (task["createdAt"] or "")[:19].replace("T", " "),
-        "cancellable": task["status"] not in FINISHED,
+        "id": task.id, "status": task.status.value, "color": STATUS_COLORS.get(task.status, "grey"), "reason": task.reason,
+        "model": Path(task.baseModel).name, "method": task.method, "priority": task.priority, "fraction": fraction,
+        "progressText": " · ".join(p for p in parts if p), "created": (task.createdAt or "")[:19].replace("T", " "),
+        "cancellable": task.status not in FINISHED,
     }
 
 
@@ -255,28 +257,28 @@ def _show_detail(container: ui.column, events: ClientEvents, task_id: str) -> No
         log.set_content(tail_lines(manager.log_path(task_id), 200))
         about.clear()
         with about:
-            ui.label(f"{task['status']}: {task['reason']}").classes("text-sm")
-            ui.label("parameters: " + ", ".join(f"{k}={v}" for k, v in task["hyperparameters"].items())).classes("text-xs font-mono")
-            if task["output"]:
-                ui.label(f"output: {task['output']}").classes("text-xs font-mono")
-            if task["status"] == "completed":
+            ui.label(f"{task.status}: {task.reason}").classes("text-sm")
+            ui.label("parameters: " + ", ".join(f"{k}={v}" for k, v in task.hyperparameters.items())).classes("text-xs font-mono")
+            if task.output:
+                ui.label(f"output: {task.output}").classes("text-xs font-mono")
+            if task.status == TaskState.COMPLETED:
                 _deploy_control(task)
 
     redraw()
     live(events, TASK_EVENTS, redraw)
 
 
-def _deploy_control(task: dict[str, Any]) -> None:
+def _deploy_control(task: FinetuneTask) -> None:
     with ui.row().classes("items-center gap-2"):
-        engine = ui.select(["vllm", "sglang", "transformers"], value="vllm" if task["method"] != "full" else "transformers",
+        engine = ui.select(["vllm", "sglang", "transformers"], value="vllm" if task.method != "full" else "transformers",
                            label="Engine").classes("w-36")
-        tag = ui.input("Model tag", value=f"{task['id']}").classes("w-48")
+        tag = ui.input("Model tag", value=task.id).classes("w-48")
         replicas = ui.number("Replicas", value=1, min=1, max=64, precision=0).classes("w-24")
 
         async def deploy() -> None:
             button.props("loading")
             result, problem = await act(lambda: runtime().finetune.deploy(
-                task["id"], engine=engine.value, model_tag=(tag.value or "").strip(), replicas=int(replicas.value or 1)))
+                task.id, engine=engine.value, model_tag=(tag.value or "").strip(), replicas=int(replicas.value or 1)))
             button.props(remove="loading")
             notify(problem or f"deployed as {result['deployment']['name']}", "negative" if problem else "positive")
 

@@ -7,10 +7,11 @@ from typing import Any
 
 from nicegui import ui
 
+from corral.domain.history import Action
+from corral.events import EventType
 from corral.ui.live import ClientEvents, live, runtime
 
-ACTIONS = ["deploy", "delete", "deploy-service", "delete-service", "assign", "distribute", "scale", "crash",
-           "cutover", "scale-verify"]  # the last two: Kubernetes backend
+ACTIONS = [a.value for a in Action]  # cutover and scale-verify: Kubernetes backend
 COLUMNS = [
     {"name": "timestamp", "label": "When", "field": "timestamp", "sortable": True, "align": "left"},
     {"name": "action", "label": "Action", "field": "action", "sortable": True, "align": "left"},
@@ -39,7 +40,7 @@ def page(events: ClientEvents) -> None:
     action.on_value_change(redraw)
     target.on_value_change(redraw)
     redraw()
-    live(events, ("history",), redraw)
+    live(events, (EventType.HISTORY,), redraw)
 
 
 def history_row(record: dict[str, Any]) -> dict[str, Any]:

@@ -18,10 +18,14 @@ from nicegui import ui
 from corral.controller import DeploySpec
 from corral.domain import labels as L
 from corral.domain.assignment import businesses_of_model
+from corral.domain.models import PodPhase
 from corral.engines import engine_names, get_engine
+from corral.events import EventType
 from corral.ui.live import ClientEvents, act, live, notify, runtime
+from corral.views import PoolDeploymentView, StandardDeploymentView
 
-POD_EVENTS = ("replica_status", "pod_assignment", "distribution", "scale", "deployment", "service_deployment")
+POD_EVENTS = (EventType.REPLICA_STATUS, EventType.POD_ASSIGNMENT, EventType.DISTRIBUTION, EventType.SCALE,
+              EventType.DEPLOYMENT, EventType.SERVICE_DEPLOYMENT)
 POOL_TOOLTIP = ("A model pool gets no service of its own: its replicas start unassigned and are assigned, one by one, "
                 "to business services (a label change, effective in milliseconds). Scale-down only removes unassigned replicas.")
 
@@ -99,7 +103,7 @@ def _model_form() -> None:
 
 
 def _pools() -> dict[str, str]:
-    return {d["name"]: f"{d['name']} ({d['modelName']})" for d in runtime().controller.list_deployments() if d["isPool"]}
+    return {d.name: f"{d.name} ({d.modelName})" for d in runtime().controller.list_deployments() if d.isPool}
 
 
 def _service_form(events: ClientEvents) -> None:
@@ -130,7 +134,7 @@ def _service_form(events: ClientEvents) -> None:
 # test panel -----------------------------------------------------------------------------------
 def _test_panel(events: ClientEvents) -> None:
     def options() -> dict[str, str]:
-        return {s["name"]: f"{s['displayName']} → {s['modelName']} ({s['readyReplicas']} ready)"
+        return {s.name: f"{s.displayName} → {s.modelName} ({s.readyReplicas} ready)"
                 for s in runtime().controller.list_business_services()}
 
     service = ui.select(options(), label="Business service").classes("w-full").props('data-testid="test-service"')
@@ -148,14 +152,14 @@ def _test_panel(events: ClientEvents) -> None:
         if not service.value:
             replica.set_text("pick a business service first")
             return
-        view = next(s for s in runtime().controller.list_business_services() if s["name"] == service.value)
-        body = {"model": view["modelName"], "messages": [{"role": "user", "content": message.value}], "stream": True}
+        view = next(s for s in runtime().controller.list_business_services() if s.name == service.value)
+        body = {"model": view.modelName, "messages": [{"role": "user", "content": message.value}], "stream": True}
         text = ""
         reply.set_content("…")
         button.props("loading")
         try:
             async with httpx.AsyncClient(timeout=120) as client, \
-                    client.stream("POST", f"{view['baseUrl']}/chat/completions", json=body) as response:
+                    client.stream("POST", f"{view.baseUrl}/chat/completions", json=body) as response:
                 replica.set_text(f"answered by {response.headers.get('x-corral-replica', '?')} (HTTP {response.status_code})")
                 if response.status_code != 200:
                     reply.set_content(f"`{(await response.aread()).decode(errors='replace')[:500]}`")
@@ -179,47 +183,47 @@ def _deployments(refusals: dict[str, str], redraw: Any) -> None:
     if not views:
         ui.label("Nothing deployed yet: use the Model Configuration tab.").classes("text-grey-7")
     for view in views:
-        with ui.row().classes("w-full items-center gap-4 border-b py-2").props(f'data-testid="deployment-{view["name"]}"'):
+        with ui.row().classes("w-full items-center gap-4 border-b py-2").props(f'data-testid="deployment-{view.name}"'):
             with ui.column().classes("gap-0 w-72"):
-                ui.label(view["name"]).classes("font-medium")
-                ui.label(f"{view['engine']}{' (simulator)' if view['isSimulator'] else ''} · {view['modelId']}").classes("text-xs text-grey-7")
-            ui.badge("Model Pool" if view["isPool"] else "Standard", color="primary" if view["isPool"] else "grey-7")
+                ui.label(view.name).classes("font-medium")
+                ui.label(f"{view.engine}{' (simulator)' if view.isSimulator else ''} · {view.modelId}").classes("text-xs text-grey-7")
+            ui.badge("Model Pool" if view.isPool else "Standard", color="primary" if view.isPool else "grey-7")
             with ui.column().classes("gap-0 w-36"):
-                ui.label(f"replicas {view['currentReplicas']}, ready {view['readyReplicas']}").props('data-testid="replicas"')
-                if view["readyReplicas"] < view["currentReplicas"]:
-                    ui.linear_progress(value=view["readyReplicas"] / max(1, view["currentReplicas"]), show_value=False).props("instant-feedback")
+                ui.label(f"replicas {view.currentReplicas}, ready {view.readyReplicas}").props('data-testid="replicas"')
+                if view.readyReplicas < view.currentReplicas:
+                    ui.linear_progress(value=view.readyReplicas / max(1, view.currentReplicas), show_value=False).props("instant-feedback")
             with ui.column().classes("gap-0 grow"):
-                if view["isPool"]:
-                    ui.label(f"Assignment: {view['assignment']}").props('data-testid="assignment"')
-                    ui.label(f"available for scale-down: {view['availableForScaleDown']}").classes("text-sm")
+                if isinstance(view, PoolDeploymentView):
+                    ui.label(f"Assignment: {view.assignment}").props('data-testid="assignment"')
+                    ui.label(f"available for scale-down: {view.availableForScaleDown}").classes("text-sm")
                     ui.label("Can only scale down unassigned pods").classes("text-xs text-warning")
-                elif view.get("baseUrl"):
-                    ui.label(view["baseUrl"]).classes("text-xs font-mono")
-                if view["name"] in refusals:
-                    ui.label(refusals[view["name"]]).classes("text-negative text-sm").props('data-testid="refusal"')
+                elif view.baseUrl:
+                    ui.label(view.baseUrl).classes("text-xs font-mono")
+                if view.name in refusals:
+                    ui.label(refusals[view.name]).classes("text-negative text-sm").props('data-testid="refusal"')
             _scale_control(view, refusals, redraw)
 
 
-def _scale_control(view: dict[str, Any], refusals: dict[str, str], redraw: Any) -> None:
-    target = ui.number("target", value=view["currentReplicas"], min=0, max=256, precision=0).classes("w-24").props('dense data-testid="scale-target"')
+def _scale_control(view: PoolDeploymentView | StandardDeploymentView, refusals: dict[str, str], redraw: Any) -> None:
+    target = ui.number("target", value=view.currentReplicas, min=0, max=256, precision=0).classes("w-24").props('dense data-testid="scale-target"')
 
     async def scale() -> None:
         wanted = int(target.value if target.value is not None else -1)
-        if wanted < view["currentReplicas"] and not await confirm(
-                f"Scale {view['name']} down from {view['currentReplicas']} to {wanted} replicas?"):
+        if wanted < view.currentReplicas and not await confirm(
+                f"Scale {view.name} down from {view.currentReplicas} to {wanted} replicas?"):
             return
-        refusals.pop(view["name"], None)
-        result, problem = await act(lambda: runtime().controller.scale(view["name"], wanted, pool_endpoint=view["isPool"]))
+        refusals.pop(view.name, None)
+        result, problem = await act(lambda: runtime().controller.scale(view.name, wanted, pool_endpoint=view.isPool))
         if problem:
-            refusals[view["name"]] = problem
+            refusals[view.name] = problem
             notify(problem, "negative")
             redraw()
         elif result:
-            notify(f"{view['name']}: {result['currentReplicas']} → {result['targetReplicas']} replicas", "positive")
+            notify(f"{view.name}: {result['currentReplicas']} → {result['targetReplicas']} replicas", "positive")
 
     async def delete() -> None:
-        if await confirm(f"Delete {view['name']} and stop its {view['currentReplicas']} replica(s)?"):
-            _, problem = await act(lambda: runtime().controller.delete_deployment(view["name"]))
+        if await confirm(f"Delete {view.name} and stop its {view.currentReplicas} replica(s)?"):
+            _, problem = await act(lambda: runtime().controller.delete_deployment(view.name))
             if problem:
                 notify(problem, "negative")
 
@@ -317,17 +321,17 @@ def pod_rows(results: dict[str, str]) -> list[dict[str, Any]]:
     controller = runtime().controller
     pods = controller.list_pods()
     services = controller.backend.list_services()
-    options = {m: [L.UNASSIGNED, *businesses_of_model(services, m)] for m in {p["model"] for p in pods if p["isPoolPod"]}}
+    options = {m: [L.UNASSIGNED, *businesses_of_model(services, m)] for m in {p.model for p in pods if p.isPoolPod and p.model}}
     now = datetime.now(timezone.utc)
     rows = []
     for pod in pods:
-        status = pod["status"] + ("" if pod["ready"] or pod["status"] != "Running" else " (not ready)")
+        status = pod.status.value + ("" if pod.ready or pod.status != PodPhase.RUNNING else " (not ready)")
         rows.append({
-            "name": pod["name"], "status": status, "model": pod["model"] or "", "isPoolPod": pod["isPoolPod"],
-            "business": pod["business"] if pod["isPoolPod"] else "N/A",
-            "options": options.get(pod["model"], [L.UNASSIGNED]),
-            "placement": f"{runtime().settings.backend} · " + (f"GPU {','.join(map(str, pod['gpuIds']))}" if pod["gpuIds"] else "CPU"),
-            "age": _age(now, pod["createdAt"]), "createdAt": pod["createdAt"] or "", "result": results.get(pod["name"], ""),
+            "name": pod.name, "status": status, "model": pod.model or "", "isPoolPod": pod.isPoolPod,
+            "business": pod.business if pod.isPoolPod else "N/A",
+            "options": options.get(pod.model or "", [L.UNASSIGNED]),
+            "placement": f"{runtime().settings.backend} · " + (f"GPU {','.join(map(str, pod.gpuIds))}" if pod.gpuIds else "CPU"),
+            "age": _age(now, pod.createdAt), "createdAt": pod.createdAt or "", "result": results.get(pod.name, ""),
         })
     return rows
 
@@ -358,21 +362,21 @@ def _board(events: ClientEvents) -> None:
             return
         status = runtime().controller.pool_status(chosen.value)
         pods = runtime().controller.list_pods(chosen.value)
-        businesses = [b for b in status["podDistribution"] if b != L.UNASSIGNED] + [L.UNASSIGNED]
+        businesses = [b for b in status.podDistribution if b != L.UNASSIGNED] + [L.UNASSIGNED]
         with ui.row().classes("w-full gap-3 items-start"):
             for business in businesses:
-                mine = [p for p in pods if p["business"] == business]
+                mine = [p for p in pods if p.business == business]
                 column = ui.column().classes("w-56 min-h-40 bg-grey-2 rounded p-2 gap-2").props(f'data-testid="board-column-{business}"')
                 column.on("dragover.prevent", lambda: None)
                 column.on("drop", lambda _, target=business: move(target))
                 with column:
                     ui.label(f"{business} ({len(mine)})").classes("font-medium")
                     for pod in mine:
-                        card = ui.card().classes("w-full p-2 cursor-grab").props(f'draggable data-testid="card-{pod["name"]}"')
-                        card.on("dragstart", lambda _, name=pod["name"]: dragged.update(pod=name))
+                        card = ui.card().classes("w-full p-2 cursor-grab").props(f'draggable data-testid="card-{pod.name}"')
+                        card.on("dragstart", lambda _, name=pod.name: dragged.update(pod=name))
                         with card:
-                            ui.label(pod["name"]).classes("text-sm font-mono")
-                            ui.label(pod["status"] + (" · ready" if pod["ready"] else "")).classes("text-xs text-grey-7")
+                            ui.label(pod.name).classes("text-sm font-mono")
+                            ui.label(pod.status.value + (" · ready" if pod.ready else "")).classes("text-xs text-grey-7")
 
     async def move(target: str) -> None:
         pod = dragged.pop("pod", None)
@@ -401,7 +405,7 @@ def _distribute_dialog(pool: str | None) -> None:
         notify("no model pool selected", "warning")
         return
     status = runtime().controller.pool_status(pool)
-    businesses = [b for b in status["podDistribution"] if b != L.UNASSIGNED]
+    businesses = [b for b in status.podDistribution if b != L.UNASSIGNED]
     with ui.dialog() as dialog, ui.card().classes("w-[32rem]"):
         ui.label(f"Distribute {pool} by ratio").classes("text-lg")
         if not businesses:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from nicegui import app, ui
 
-from corral.api.auth import token_accepted
+from corral.auth import token_accepted
 from corral.domain.errors import CorralError
 
 if TYPE_CHECKING:
