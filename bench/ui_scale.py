@@ -2,8 +2,8 @@
 
     python bench/ui_scale.py [--pods 10 1000] [--services 100] [--rounds 20]
 
-Each size runs its own `corral` API + UI process whose backend is a *listing-only* backend: pods are
-records, no engine processes (1,000 real replicas do not fit on one machine, and the UI's cost does
+Each size runs its own `corral` API + UI process over the in-memory backend
+(`corral.backends.memory`): pods are records, no engine processes (1,000 real replicas do not fit on one machine, and the UI's cost does
 not depend on what runs behind a pod). The controller, event bus, pages and browser are the real
 ones. Measured with Debian's Chromium through Playwright:
 
@@ -22,9 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Mapping
-from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -33,66 +30,39 @@ sys.path.insert(0, str(Path(__file__).parent))
 from harness import free_port, wait_until  # noqa: E402
 
 
-def serve(pods: int, services: int, port: int, data_dir: Path) -> None:
-    """The child process: the real app and UI over a listing-only backend."""
+def serve(port: int, data_dir: Path) -> None:
+    """The child process: the real app and UI over the in-memory backend (pods as records)."""
     import asyncio
 
     import uvicorn
 
     from corral.api.app import create_app
-    from corral.backends.base import Backend
+    from corral.backends.memory import memory_runtime
     from corral.config import Settings
-    from corral.domain import labels as L
-    from corral.domain.models import Deployment, Pod, PodPhase, Service
-    from corral.runtime import Runtime
-
-    now = datetime.now(timezone.utc)
-    pools = [Deployment(f"pool-{i}", "simulator", "sim", f"model-{i}", True, pods // 10 or 1, created_at=now) for i in range(10)]
-
-    class ListingBackend(Backend):
-        def __init__(self) -> None:
-            self.pods = {f"{d.name}-{j:04d}": Pod(f"{d.name}-{j:04d}", d.name, d.new_pod_labels(), PodPhase.RUNNING, True,
-                                                   created_at=now) for d in pools for j in range(d.replicas)}
-            self.services = {
-                f"biz-{k}-nlb": Service(f"biz-{k}-nlb", f"model-{k % 10}", L.business_selector(f"model-{k % 10}", f"biz-{k}"),
-                                        {L.BUSINESS: f"biz-{k}", L.MODEL: f"model-{k % 10}", L.SERVICE_TYPE: L.BUSINESS_SERVICE},
-                                        deployment=f"pool-{k % 10}", created_at=now)
-                for k in range(services)}
-
-        async def start(self) -> None: ...
-        async def close(self) -> None: ...
-        def list_deployments(self) -> list[Deployment]: return pools
-        def get_deployment(self, name: str) -> Deployment | None: return next((d for d in pools if d.name == name), None)
-        def list_pods(self, deployment: str | None = None) -> list[Pod]:
-            return [p for p in self.pods.values() if deployment in (None, p.deployment)]
-        def get_pod(self, name: str) -> Pod | None: return self.pods.get(name)
-        def list_services(self) -> list[Service]: return list(self.services.values())
-        def get_service(self, name: str) -> Service | None: return self.services.get(name)
-        async def create_deployment(self, deployment: Deployment, service: Service | None) -> list[Pod]: raise NotImplementedError
-        async def delete_deployment(self, name: str) -> Awaitable[None]: raise NotImplementedError
-        async def add_replicas(self, deployment: str, count: int) -> list[Pod]: raise NotImplementedError
-        async def remove_replicas(self, deployment: str, pods: list[str]) -> Awaitable[None]: raise NotImplementedError
-        async def set_businesses(self, businesses: Mapping[str, str]) -> None:
-            for name, business in businesses.items():
-                self.pods[name] = replace(self.pods[name], labels={**self.pods[name].labels, L.BUSINESS: business})
-        async def create_service(self, service: Service) -> None: self.services[service.name] = service
-        async def delete_service(self, name: str) -> None: self.services.pop(name, None)
-        def pod_logs(self, name: str, tail: int) -> str | None: return ""
-        def write_manifests(self, name: str, documents: list[dict]) -> str: return ""
 
     settings = Settings(data_dir=data_dir, port=port, gateway_port=free_port(), gateway_data_plane="python")
-    runtime = Runtime(settings, backend=ListingBackend())
+    runtime = memory_runtime(settings)
     asyncio.run(uvicorn.Server(uvicorn.Config(create_app(runtime=runtime), host="127.0.0.1", port=port, log_level="warning")).serve())
+
+
+def populate(url: str, pods: int, services: int) -> None:
+    """10 pools of `pods / 10` replicas and `services` business services, through the real API."""
+    for i in range(10):
+        httpx.post(url + "/api/deploy", json={"engine": "simulator", "modelId": "sim", "modelTag": f"model-{i}",
+                                              "replicas": pods // 10 or 1, "deployAsPool": True}, timeout=60).raise_for_status()
+    for k in range(services):
+        httpx.post(url + "/api/deploy-service", json={"serviceName": f"biz-{k}", "modelPool": f"simulator-model-{k % 10}-pool",
+                                                      "businessTag": f"biz-{k}"}, timeout=60).raise_for_status()
 
 
 def measure(pods: int, services: int, rounds: int, browser) -> dict[str, float]:  # noqa: ANN001
     port = free_port()
     data_dir = Path(tempfile.mkdtemp(prefix="corral-ui-bench-"))
-    child = subprocess.Popen([sys.executable, __file__, "--serve", str(pods), "--services", str(services), "--port", str(port),
-                              "--data-dir", str(data_dir)])
+    child = subprocess.Popen([sys.executable, __file__, "--serve", "--port", str(port), "--data-dir", str(data_dir)])
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: httpx.get(url + "/api/health").status_code == 200, 60, "the UI server")
+        populate(url, pods, services)
         names = sorted(p["name"] for p in httpx.get(url + "/api/pods").json())
         page = browser.new_page(viewport={"width": 1440, "height": 1000})
         received = [0]  # bytes the page received over NiceGUI's websocket
@@ -131,12 +101,12 @@ def main() -> None:
     parser.add_argument("--pods", type=int, nargs="+", default=[10, 1000])
     parser.add_argument("--services", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--serve", type=int)
+    parser.add_argument("--serve", action="store_true", help="(internal) be the server process")
     parser.add_argument("--port", type=int)
     parser.add_argument("--data-dir", type=Path)
     args = parser.parse_args()
-    if args.serve is not None:
-        serve(args.serve, args.services, args.port, args.data_dir)
+    if args.serve:
+        serve(args.port, args.data_dir)
         return
     from playwright.sync_api import sync_playwright
 

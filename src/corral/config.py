@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     )
     gateway_connect_timeout_s: float = Field(default=2.0, gt=0, description="a replica slower to accept is ejected")
     gateway_read_timeout_s: float = Field(default=600.0, gt=0, description="longest silence from a replica mid-response")
+    gateway_apply_timeout_s: float = Field(
+        default=3.0, gt=0, le=60, description="how long a change waits for the data plane to serve it before answering 503 "
+        "(the change is recorded and the routing reconciler keeps pushing)"
+    )
 
     @field_validator("data_dir")
     @classmethod

@@ -1,28 +1,46 @@
-"""The controller: the one place where a request is validated, planned, applied, recorded, announced.
+"""The controller: the one place where intent is recorded, decisions are taken, changes applied,
+history completed and events published.
 
-Every mutation follows the same five steps, under one lock so that a plan is never computed from
-state another mutation is changing:
+Every mutation follows the same steps, under the lock of the pool(s) it touches, so a plan is never
+computed from state another change of that pool is altering (other pools never wait):
   1. read the current state from the backend,
-  2. decide with a pure function from `corral.domain` (refusals raise with a message to show),
-  3. apply through the backend (a multi-step change is rolled back if a step fails),
-  4. write one history row (before → after, outcome),
-  5. publish an event for the WebSocket.
+  2. decide with a pure function from `corral.domain` (refusals raise with a message to show, and a
+     refused scale is recorded as such),
+  3. record the intent — the desired state and its history rows, outcome `pending` — in one
+     transaction (the backend writes both together; a cluster backend writes the rows first),
+  4. act through the backend, and wait until the data plane serves the new routing table,
+  5. complete the rows (`success`, `rolled_back`, `failed`) and publish the events.
+A control plane killed anywhere in between leaves either the whole intent or none of it; on start,
+recovery drives reality to the recorded intent and `complete_interrupted` closes the rows.
+The reconcile loop (`_reconcile_loop`) keeps pools' assignments as intended when replicas are
+replaced behind Corral's back. Backends report what they observe through `observe`.
 The controller never knows which backend runs it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import shlex
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from corral import failpoints
 from corral.backends.base import Backend
 from corral.domain import labels as L
-from corral.domain.assignment import businesses_of_model, check_business_for_model, validate_assignment
+from corral.domain.assignment import (
+    businesses_of_model,
+    check_business_for_model,
+    plan_restore,
+    validate_assignment,
+)
 from corral.domain.distribution import plan_moves, targets_from_counts, targets_from_ratios
-from corral.domain.errors import Conflict, CorralError, InvalidInput, NotFound
+from corral.domain.errors import Conflict, CorralError, InvalidInput, NotFound, Unavailable
+from corral.domain.history import Action, HistoryDraft, Intent, Observed, Outcome, judge_interrupted
 from corral.domain.manifests import service_manifest
 from corral.domain.models import Deployment, Pod, Service
 from corral.domain.scaling import MAX_REPLICAS, plan_pool_scale, plan_standard_scale
@@ -30,6 +48,19 @@ from corral.domain.status import assignment_summary, pod_distribution, pool_stat
 from corral.engines import get_engine
 from corral.events import EventBus
 from corral.store.state import StateStore
+from corral.views import (
+    BusinessServiceView,
+    PodView,
+    PoolDeploymentView,
+    PoolStatus,
+    StandardDeploymentView,
+)
+
+log = logging.getLogger("corral.controller")
+
+
+async def _nothing_to_apply() -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -51,25 +82,32 @@ class Controller:
         bus: EventBus,
         base_url: Callable[[str], str | None] = lambda service: None,
         traffic: Callable[[set[str]], dict[str, Any]] = lambda replicas: {},
+        routes_applied: Callable[[], Awaitable[Any]] = _nothing_to_apply,
     ) -> None:
         self.backend = backend
         self.store = store
         self.bus = bus
         self.base_url = base_url  # where a service's traffic goes (the gateway's URL for it)
         self.traffic = traffic  # per-replica request counters from the data plane
-        self._lock = asyncio.Lock()
-        backend.set_mutation_lock(self._lock)
+        self.routes_applied = routes_applied  # waits until the data plane serves the current state
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._completed_after: dict[int, Any] = {}
+        self._background: set[asyncio.Task] = set()
+        self.reconcile_interval_s = 1.0
+        self._wake = asyncio.Event()
+        self._reconciler: asyncio.Task | None = None
+        self._restore_after: dict[str, float] = {}  # pool → monotonic time of its next restore attempt after a failure
+        backend.set_report(self.observe)
 
-    # views -----------------------------------------------------------------------------------
+    # views (typed: corral.views; the API answers their wire form, the UI reads them) --------------
     def deployment_view(
         self, deployment: Deployment, pods: list[Pod] | None = None, services: list[Service] | None = None
-    ) -> dict[str, Any]:
+    ) -> PoolDeploymentView | StandardDeploymentView:
         pods = self.backend.list_pods(deployment.name) if pods is None else pods
         services = self.backend.list_services() if services is None else services
         engine = get_engine(deployment.engine)
-        view: dict[str, Any] = {
+        common: dict[str, Any] = {
             "name": deployment.name,
-            "type": "pool" if deployment.is_pool else "standard",
             "isPool": deployment.is_pool,
             "engine": deployment.engine,
             "isSimulator": engine.is_simulator,
@@ -85,76 +123,71 @@ class Controller:
         }
         if deployment.is_pool:
             distribution = pod_distribution(pods, businesses_of_model(services, deployment.model_tag))
-            view |= {
-                "podDistribution": distribution,
-                "assignment": assignment_summary(distribution),
-                "availableForScaleDown": distribution[L.UNASSIGNED],
-            }
-        else:
-            view["service"] = next((s.name for s in services if s.deployment == deployment.name), None)
-            view["baseUrl"] = self.base_url(view["service"]) if view["service"] else None
-        return view
+            return PoolDeploymentView(**common, podDistribution=distribution, assignment=assignment_summary(distribution),
+                                      availableForScaleDown=distribution[L.UNASSIGNED])
+        service = next((s.name for s in services if s.deployment == deployment.name), None)
+        return StandardDeploymentView(**common, service=service, baseUrl=self.base_url(service) if service else None)
 
     @staticmethod
-    def pod_view(pod: Pod) -> dict[str, Any]:
-        return {
-            "name": pod.name,
-            "deployment": pod.deployment,
-            "labels": dict(pod.labels),
-            "status": pod.phase.value,
-            "ready": pod.ready,
-            "isPoolPod": pod.is_pool_pod,
-            "business": pod.business,
-            "model": pod.model,
-            "endpoint": pod.endpoint,
-            "restarts": pod.restarts,
-            "gpuIds": list(pod.gpu_ids),
-            "createdAt": pod.created_at.isoformat() if pod.created_at else None,
-        }
+    def pod_view(pod: Pod) -> PodView:
+        return PodView(
+            name=pod.name,
+            deployment=pod.deployment,
+            labels=dict(pod.labels),
+            status=pod.phase,
+            ready=pod.ready,
+            isPoolPod=pod.is_pool_pod,
+            business=pod.business,
+            model=pod.model,
+            endpoint=pod.endpoint,
+            restarts=pod.restarts,
+            gpuIds=list(pod.gpu_ids),
+            createdAt=pod.created_at.isoformat() if pod.created_at else None,
+        )
 
-    def service_view(self, service: Service, pods: list[Pod] | None = None) -> dict[str, Any]:
+    def service_view(self, service: Service, pods: list[Pod] | None = None) -> BusinessServiceView:
         pods = [p for p in (self.backend.list_pods() if pods is None else pods) if service.selects(p)]
-        return {
-            "name": service.name,
-            "displayName": service.display_name,
-            "businessTag": service.business,
-            "modelName": service.model,
-            "modelPool": service.deployment,
-            "baseUrl": self.base_url(service.name),
-            "isExternal": service.is_external,
-            "llmRouting": service.llm_routing,
-            "type": "LoadBalancer" if service.is_external else "ClusterIP",
-            "selector": dict(service.selector),
-            "labels": dict(service.labels),
-            "replicas": len(pods),
-            "readyReplicas": sum(p.ready for p in pods),
-            "createdAt": service.created_at.isoformat() if service.created_at else None,
-        }
+        return BusinessServiceView(
+            name=service.name,
+            displayName=service.display_name,
+            businessTag=service.business,
+            modelName=service.model,
+            modelPool=service.deployment,
+            baseUrl=self.base_url(service.name),
+            isExternal=service.is_external,
+            llmRouting=service.llm_routing,
+            type="LoadBalancer" if service.is_external else "ClusterIP",
+            selector=dict(service.selector),
+            labels=dict(service.labels),
+            replicas=len(pods),
+            readyReplicas=sum(p.ready for p in pods),
+            createdAt=service.created_at.isoformat() if service.created_at else None,
+        )
 
-    def list_deployments(self) -> list[dict[str, Any]]:
+    def list_deployments(self) -> list[PoolDeploymentView | StandardDeploymentView]:
         pods_by_deployment: dict[str, list[Pod]] = {}
         for pod in self.backend.list_pods():
             pods_by_deployment.setdefault(pod.deployment, []).append(pod)
         services = self.backend.list_services()
         return [self.deployment_view(d, pods_by_deployment.get(d.name, []), services) for d in self.backend.list_deployments()]
 
-    def get_deployment(self, name: str) -> dict[str, Any]:
+    def get_deployment(self, name: str) -> PoolDeploymentView | StandardDeploymentView:
         return self.deployment_view(self._deployment(name))
 
-    def list_pods(self, deployment: str | None = None) -> list[dict[str, Any]]:
+    def list_pods(self, deployment: str | None = None) -> list[PodView]:
         if deployment is not None:
             self._deployment(deployment)
         return [self.pod_view(p) for p in self.backend.list_pods(deployment)]
 
-    def list_business_services(self) -> list[dict[str, Any]]:
+    def list_business_services(self) -> list[BusinessServiceView]:
         pods = self.backend.list_pods()
         return [self.service_view(s, pods) for s in self.backend.list_services() if s.is_business_service]
 
-    def pool_status(self, name: str) -> dict[str, Any]:
+    def pool_status(self, name: str) -> PoolStatus:
         deployment = self._pool(name)
         pods = self.backend.list_pods(name)
         status = pool_status(name, deployment.model_tag, pods, businesses_of_model(self.backend.list_services(), deployment.model_tag))
-        return status | {"traffic": self.traffic({p.name for p in pods})}
+        return PoolStatus(**status, traffic=self.traffic({p.name for p in pods}))  # type: ignore[arg-type]
 
     # deployments -----------------------------------------------------------------------------
     async def deploy(self, spec: DeploySpec) -> dict[str, Any]:
@@ -179,21 +212,26 @@ class Controller:
                 name=name, model=model_tag, selector=deployment.selector,
                 labels={L.MODEL: model_tag, L.APP: name, L.SERVICE_TYPE: L.STANDARD}, deployment=name,
             )
-        async with self._lock:
+        async with self._locked(name):
             if self.backend.get_deployment(name) is not None:
                 raise Conflict(f"deployment '{name}' already exists; scale it or delete it first")
             if service is not None and self.backend.get_service(service.name) is not None:
                 raise Conflict(f"a service named '{service.name}' already exists")
             documents = self.backend.manifests(deployment, service)
-            pods = await self.backend.create_deployment(deployment, service)
-            manifest_path = self.backend.write_manifests(name, documents)
-            view = self.deployment_view(deployment, pods)
-            self.store.record("deploy", name, after=_brief(view), message=f"{view['type']} of {spec.replicas} {engine.name} replica(s)")
-            self.bus.publish("deployment", {"action": "created", "deployment": view})
+            kind = "pool" if deployment.is_pool else "standard"
+            intent = Intent([HistoryDraft(Action.DEPLOY, name, after=_brief(self.deployment_view(deployment, [], []) | {"type": kind}),
+                                          message=f"{kind} of {spec.replicas} {engine.name} replica(s)")])
+            async with self._carrying_out(intent):
+                pods = await self.backend.create_deployment(deployment, service, intent)
+                failpoints.reached("deploy.launched")
+                manifest_path = self.backend.write_manifests(name, documents)
+                view = self.deployment_view(deployment, pods)
+                self.bus.publish("deployment", {"action": "created", "deployment": view})
+                await self._apply_routes(intent)
         return {"success": True, "deployment": view, "pods": [self.pod_view(p) for p in pods], "manifestPath": manifest_path}
 
     async def delete_deployment(self, name: str, force: bool = False) -> dict[str, Any]:
-        async with self._lock:
+        async with self._locked(name):
             deployment = self._deployment(name)
             view = self.deployment_view(deployment)
             assigned = {b: n for b, n in view.get("podDistribution", {}).items() if b != L.UNASSIGNED and n}
@@ -202,9 +240,12 @@ class Controller:
                     f"pool '{name}' still serves businesses ({assignment_summary(assigned)}); "
                     "unassign its pods first or delete with force=true"
                 )
-            await self.backend.delete_deployment(name)  # out of service now; replicas drain in the background
-            self.store.record("delete", name, before=_brief(view), message="deployment deleted")
-            self.bus.publish("deployment", {"action": "deleted", "name": name})
+            intent = Intent([HistoryDraft(Action.DELETE, name, before=_brief(view), message="deployment deleted")])
+            async with self._carrying_out(intent):
+                await self.backend.delete_deployment(name, intent)  # out of service now; replicas drain in the background
+                failpoints.reached("delete.intent-recorded")
+                self.bus.publish("deployment", {"action": "deleted", "name": name})
+                await self._apply_routes(intent)
         return {"success": True, "deleted": name}
 
     # business services -----------------------------------------------------------------------
@@ -212,7 +253,7 @@ class Controller:
                              llm_routing: bool = False) -> dict[str, Any]:
         name = L.service_name(service_name)
         business = L.check_business_tag(business_tag)
-        async with self._lock:
+        async with self._locked(model_pool):
             pool = self._pool(model_pool, field="modelPool")
             if self.backend.get_service(name) is not None:
                 raise Conflict(f"service '{name}' already exists; choose another serviceName or delete it first")
@@ -221,15 +262,22 @@ class Controller:
                 labels={L.BUSINESS: business, L.MODEL: pool.model_tag, L.SERVICE_TYPE: L.BUSINESS_SERVICE},
                 is_external=is_external, deployment=pool.name, llm_routing=llm_routing,
             )
-            await self.backend.create_service(service)
-            manifest_path = self.backend.write_manifests(name, [service_manifest(service, self.backend.cluster_options)])
-            view = self.service_view(self.backend.get_service(name) or service)
-            self.store.record("deploy-service", name, after=view["selector"], message=f"business '{business}' of model '{pool.model_tag}'")
-            self.bus.publish("service_deployment", {"action": "created", "service": view})
+            intent = Intent([HistoryDraft(Action.DEPLOY_SERVICE, name, after=dict(service.selector),
+                                          message=f"business '{business}' of model '{pool.model_tag}'")])
+            async with self._carrying_out(intent):
+                await self.backend.create_service(service, intent)
+                manifest_path = self.backend.write_manifests(name, [service_manifest(service, self.backend.cluster_options)])
+                view = self.service_view(self.backend.get_service(name) or service)
+                self.bus.publish("service_deployment", {"action": "created", "service": view})
+                await self._apply_routes(intent)
         return {"success": True, "service": view, "manifestPath": manifest_path}
 
     async def delete_service(self, name: str, force: bool = False) -> dict[str, Any]:
-        async with self._lock:
+        service = self.backend.get_service(name)
+        if service is None:
+            raise NotFound(f"service '{name}' not found; list them with GET /api/business-services")
+        pools = [d.name for d in self.backend.list_deployments() if d.is_pool and d.model_tag == service.model]
+        async with self._locked(*pools):
             service = self.backend.get_service(name)
             if service is None:
                 raise NotFound(f"service '{name}' not found; list them with GET /api/business-services")
@@ -243,28 +291,34 @@ class Controller:
                     f"{len(stranded)} pod(s) are assigned to business '{service.business}' of model '{service.model}', "
                     "which would be left without a service; unassign them first or delete with force=true (unassigns them)"
                 )
-            if stranded:
-                await self.backend.set_businesses({p.name: L.UNASSIGNED for p in stranded})
+            reason = f"service {name} deleted"
+            intent = Intent([_assign_draft(p, L.UNASSIGNED, reason) for p in stranded]
+                            + [HistoryDraft(Action.DELETE_SERVICE, name, before=dict(service.selector),
+                                            message=f"unassigned {len(stranded)} pod(s)" if stranded else "service deleted")])
+            async with self._carrying_out(intent):
+                await self.backend.delete_service(name, {p.name: L.UNASSIGNED for p in stranded}, intent)
                 for pod in stranded:
-                    self._announce_assignment(pod, L.UNASSIGNED, reason=f"service {name} deleted")
+                    self._announce_assignment(pod, L.UNASSIGNED, reason=reason)
                 for pool in sorted({p.deployment for p in stranded}):
                     await self._remember_assignment(pool)
-            await self.backend.delete_service(name)
-            self.store.record("delete-service", name, before=dict(service.selector),
-                              message=f"unassigned {len(stranded)} pod(s)" if stranded else "service deleted")
-            self.bus.publish("service_deployment", {"action": "deleted", "name": name})
+                self.bus.publish("service_deployment", {"action": "deleted", "name": name})
+                await self._apply_routes(intent)
         return {"success": True, "deleted": name, "unassignedPods": [p.name for p in stranded]}
 
     # assignment ------------------------------------------------------------------------------
     async def assign_pod(self, pod_name: str, business_tag: str, model_name: str | None) -> dict[str, Any]:
-        async with self._lock:
+        found = self.backend.get_pod(pod_name)
+        async with self._locked(*([found.deployment] if found else [])):
             pod = validate_assignment(pod_name, self.backend.get_pod(pod_name), business_tag, model_name, self.backend.list_services())
             previous = pod.business or L.UNASSIGNED
             changed = previous != business_tag
             if changed:
-                await self.backend.set_businesses({pod.name: business_tag})
-                self._announce_assignment(pod, business_tag)
-                await self._remember_assignment(pod.deployment)
+                intent = Intent([_assign_draft(pod, business_tag)])
+                async with self._carrying_out(intent):
+                    await self.backend.set_businesses({pod.name: business_tag}, intent)
+                    self._announce_assignment(pod, business_tag)
+                    await self._remember_assignment(pod.deployment)
+                    await self._apply_routes(intent)
         return {"success": True, "podName": pod.name, "modelName": pod.model, "previousBusiness": previous,
                 "businessTag": business_tag, "changed": changed}
 
@@ -274,17 +328,20 @@ class Controller:
         await self.backend.remember_assignment(pool, counts)
 
     def _announce_assignment(self, pod: Pod, business: str, reason: str = "") -> None:
-        before = pod.business or L.UNASSIGNED
-        self.store.record("assign", pod.name, before={"business": before}, after={"business": business}, message=reason)
         self.bus.publish("pod_assignment", {"podName": pod.name, "deployment": pod.deployment, "modelName": pod.model,
-                                            "from": before, "to": business})
+                                            "from": pod.business or L.UNASSIGNED, "to": business}
+                         | ({"reason": reason} if reason else {}))
 
     async def distribute(self, deployment_name: str, ratios: Mapping[str, float] | None, counts: Mapping[str, int] | None,
                          dry_run: bool = False) -> dict[str, Any]:
-        """Move the fewest pods so the pool matches the targets; `dry_run` returns the plan and changes nothing."""
+        """Move the fewest pods so the pool matches the targets; `dry_run` returns the plan and changes nothing.
+
+        All moves are one intent: the labels and the history rows are written in one transaction
+        (local) or recorded before the first write and rolled back on a failure (cluster), so the
+        pool is never left half-distributed, and the routing table is rebuilt and pushed once."""
         if (ratios is None) == (counts is None):
             raise InvalidInput("give either ratios (e.g. {\"production\": 3, \"testing\": 1}) or counts, not both")
-        async with self._lock:
+        async with self._locked(deployment_name):
             pool = self._pool(deployment_name)
             pods = self.backend.list_pods(pool.name)
             targets = targets_from_ratios(ratios, len(pods)) if ratios is not None else targets_from_counts(counts or {}, len(pods))
@@ -293,41 +350,49 @@ class Controller:
                 check_business_for_model(business, pool.model_tag, services, f"business '{business}'")
             before = pod_distribution(pods)
             moves = plan_moves(pods, targets)
+            move_views = [{"podName": m.pod, "from": m.source, "to": m.target} for m in moves]
             if dry_run:
                 return {"success": True, "dryRun": True, "deploymentName": pool.name, "targets": targets,
-                        "moves": [{"podName": m.pod, "from": m.source, "to": m.target} for m in moves], "podDistribution": before}
+                        "moves": move_views, "podDistribution": before}
             by_name = {p.name: p for p in pods}
-            applied = []
+            reason = f"distribution of {pool.name}"
+            intent = Intent([_assign_draft(by_name[m.pod], m.target, reason) for m in moves]
+                            + [HistoryDraft(Action.DISTRIBUTE, pool.name, before=before, after=dict(targets),
+                                            message=f"{len(moves)} move(s)")])
             try:
+                if moves:
+                    await self.backend.set_businesses({m.pod: m.target for m in moves}, intent)
+                else:
+                    self.store.begin(intent)
+            except Exception as exc:  # all or nothing: no label changed
+                message = f"distribution failed and was rolled back (none of its {len(moves)} move(s) applied): {exc}"
+                if intent.ids:  # a cluster backend had recorded the intent before its first write
+                    self.store.complete(intent, Outcome.ROLLED_BACK, message=message)
+                else:
+                    self.store.record(Action.DISTRIBUTE, pool.name, before=before, after=dict(targets),
+                                      outcome=Outcome.ROLLED_BACK, message=message)
+                raise Conflict(message) from exc
+            failpoints.reached("distribute.intent-recorded")
+            async with self._carrying_out(intent):
                 for move in moves:
-                    await self.backend.set_businesses({move.pod: move.target})
-                    applied.append(move)
-            except Exception as exc:
-                # Roll back so that the pool is never left half-distributed.
-                await self.backend.set_businesses({m.pod: m.source for m in reversed(applied)})
-                self.store.record("distribute", pool.name, before=before, after={k: v for k, v in targets.items()},
-                                  outcome="rolled_back", message=f"move failed after {len(applied)} of {len(moves)}: {exc}")
-                raise Conflict(f"distribution failed and was rolled back ({len(applied)} move(s) undone): {exc}") from exc
-            for move in moves:
-                self._announce_assignment(by_name[move.pod], move.target, reason=f"distribution of {pool.name}")
-            after = pod_distribution(self.backend.list_pods(pool.name))
-            await self._remember_assignment(pool.name)
-            self.store.record("distribute", pool.name, before=before, after=after, message=f"{len(moves)} move(s)")
-            result = {"success": True, "deploymentName": pool.name, "targets": targets,
-                      "moves": [{"podName": m.pod, "from": m.source, "to": m.target} for m in moves],
-                      "podDistribution": after}
-            self.bus.publish("distribution", result)
+                    self._announce_assignment(by_name[move.pod], move.target, reason=reason)
+                after = pod_distribution(self.backend.list_pods(pool.name))
+                await self._remember_assignment(pool.name)
+                result = {"success": True, "deploymentName": pool.name, "targets": targets, "moves": move_views,
+                          "podDistribution": after}
+                self.bus.publish("distribution", result)
+                await self._apply_routes(intent, after=after)
         return result
 
     # scaling ---------------------------------------------------------------------------------
     async def scale(self, name: str, target: int, *, pool_endpoint: bool, reason: str = "") -> dict[str, Any]:
         """Scale any deployment; a pool always goes through the pool-safe plan, whichever endpoint asked."""
-        async with self._lock:
+        async with self._locked(name):
             return await self._scale(name, target, pool_endpoint=pool_endpoint, reason=reason)
 
     async def scale_by(self, name: str, delta: int, *, reason: str) -> dict[str, Any]:
         """Scale relative to the replicas there are now (read under the lock): for the finetune reclaim."""
-        async with self._lock:
+        async with self._locked(name):
             target = max(0, len(self.backend.list_pods(self._deployment(name, field="deploymentName").name)) + delta)
             return await self._scale(name, target, pool_endpoint=False, reason=reason)
 
@@ -340,24 +405,166 @@ class Controller:
         try:
             plan = plan_pool_scale(pods, target) if deployment.is_pool else plan_standard_scale(pods, target)
         except Conflict as refusal:
-            self.store.record("scale", name, before={"replicas": len(pods)}, after={"replicas": target},
-                              outcome="refused", message=refusal.message)
+            self.store.record(Action.SCALE, name, before={"replicas": len(pods)}, after={"replicas": target},
+                              outcome=Outcome.REFUSED, message=refusal.message)
             refusal.details.update(success=False, currentReplicas=len(pods), targetReplicas=target, unassignedPods=unassigned)
             raise
-        added = await self.backend.add_replicas(name, plan.add) if plan.add else []
-        if plan.remove:  # out of service now; they drain and stop in the background
-            await self.backend.remove_replicas(name, list(plan.remove))
-        self.store.record("scale", name, before={"replicas": plan.current}, after={"replicas": plan.target},
-                          message=f"added {plan.add}, removed {len(plan.remove)}" + (f": {', '.join(plan.remove)}" if plan.remove else "")
-                          + (f" ({reason})" if reason else ""))
-        result: dict[str, Any] = {
-            "success": True, "deploymentName": name, "currentReplicas": plan.current, "targetReplicas": plan.target,
-            "added": [p.name for p in added], "removed": list(plan.remove),
-        }
-        if deployment.is_pool:
-            result["unassignedPods"] = sum(1 for p in self.backend.list_pods(name) if p.business == L.UNASSIGNED)
-        self.bus.publish("scale", result)
+        message = (f"added {plan.add}, removed {len(plan.remove)}" + (f": {', '.join(plan.remove)}" if plan.remove else "")
+                   + (f" ({reason})" if reason else ""))
+        intent = Intent([HistoryDraft(Action.SCALE, name, before={"replicas": plan.current}, after={"replicas": plan.target},
+                                      message=message)])
+        async with self._carrying_out(intent):
+            added = await self.backend.add_replicas(name, plan.add, intent) if plan.add else []
+            if plan.remove:  # out of service now; they drain and stop in the background
+                await self.backend.remove_replicas(name, list(plan.remove), intent if not plan.add else None)
+                failpoints.reached("scale-down.intent-recorded")
+            if not plan.add and not plan.remove:
+                self.store.begin(intent)
+            result: dict[str, Any] = {
+                "success": True, "deploymentName": name, "currentReplicas": plan.current, "targetReplicas": plan.target,
+                "added": [p.name for p in added], "removed": list(plan.remove),
+            }
+            if deployment.is_pool:
+                result["unassignedPods"] = sum(1 for p in self.backend.list_pods(name) if p.business == L.UNASSIGNED)
+            self.bus.publish("scale", result)
+            await self._apply_routes(intent)
         return result
+
+    # observations and the reconcile loop ----------------------------------------------------
+    def observe(self, event: str | None, data: dict[str, Any] | None = None, *, history: HistoryDraft | None = None,
+                outcome: Outcome = Outcome.SUCCESS) -> None:
+        """What a backend saw happen by itself: recorded (when it matters) and announced, like a change
+        made through the API, so listeners see one event shape whoever caused it."""
+        if history is not None:
+            self.store.record(history.action, history.target, before=history.before, after=history.after, outcome=outcome,
+                              message=history.message)
+        if event is not None:
+            self.bus.publish(event, data or {})
+            if event == "replica_status":
+                self._wake.set()
+
+    async def start(self) -> None:
+        """Judge what a stopped control plane left pending, then keep reconciling."""
+        await self.complete_interrupted()
+        self._reconciler = asyncio.create_task(self._reconcile_loop(), name="reconciler")
+
+    async def close(self) -> None:
+        for task in [self._reconciler, *self._background]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _reconcile_loop(self) -> None:
+        """Level-triggered: on every replica change (and once a second), each pool's assignment is
+        compared with what it should be, and replacements are assigned (see `restore_assignment`)."""
+        while True:
+            with contextlib.suppress(TimeoutError):  # not wait_for: on 3.11 it can swallow a cancel that races the event
+                async with asyncio.timeout(self.reconcile_interval_s):
+                    await self._wake.wait()
+            self._wake.clear()
+            for deployment in self.backend.list_deployments():
+                if deployment.is_pool and self._restore_after.get(deployment.name, 0.0) <= time.monotonic():
+                    try:
+                        await self.restore_assignment(deployment.name)
+                        self._restore_after.pop(deployment.name, None)
+                    except Exception:  # recorded by the intent's row (rolled back / failed); retried later
+                        log.exception("restoring the assignment of %s failed", deployment.name)
+                        self._restore_after[deployment.name] = time.monotonic() + 10
+
+    async def restore_assignment(self, pool: str) -> dict[str, str]:
+        """Give each business back the replicas it should have, from unassigned ones, after replicas
+        were replaced behind Corral's back (a crash, a node lost, a rollout on Kubernetes)."""
+        desired = self.backend.desired_assignment(pool)
+        if not desired:
+            return {}
+        async with self._locked(pool):
+            pods = self.backend.list_pods(pool)
+            plan = plan_restore(pods, desired)
+            if not plan:
+                return {}
+            by_name = {p.name: p for p in pods}
+            intent = Intent([_assign_draft(by_name[name], business, f"restored: replacement for a lost replica of business "
+                                           f"'{business}' in {pool}") for name, business in plan.items()])
+            async with self._carrying_out(intent):
+                await self.backend.set_businesses(plan, intent)
+                for name, business in plan.items():
+                    self.bus.publish("pod_assignment", {"podName": name, "deployment": pool, "modelName": by_name[name].model,
+                                                        "from": L.UNASSIGNED, "to": business, "reason": "restore"})
+                await self._apply_routes(intent)
+        return plan
+
+    # intents -----------------------------------------------------------------
+    def _locked(self, *pools: str) -> AbstractAsyncContextManager[None]:
+        """The locks of these deployments, taken in name order (no deadlock between two multi-pool changes):
+        one pool's change never waits for another's."""
+        stack = AsyncExitStack()
+
+        @asynccontextmanager
+        async def hold() -> AsyncIterator[None]:
+            async with stack:
+                for pool in sorted(set(pools)):
+                    await stack.enter_async_context(self.lock_of(pool))
+                yield
+
+        return hold()
+
+    def lock_of(self, deployment: str) -> asyncio.Lock:
+        return self._locks.setdefault(deployment, asyncio.Lock())
+
+    @asynccontextmanager
+    async def _carrying_out(self, intent: Intent) -> AsyncIterator[None]:
+        """Complete the intent's rows: `success` when the block ends, `rolled_back` when it raised a refusal
+        (the backend undid its part), `failed` on anything else. A data plane that has not confirmed
+        the change in time leaves the rows pending; they complete once it does."""
+        try:
+            yield
+        except Unavailable:
+            raise
+        except CorralError as exc:
+            self.store.complete(intent, Outcome.ROLLED_BACK, message=exc.message)
+            raise
+        except BaseException as exc:
+            self.store.complete(intent, Outcome.FAILED, message=f"{type(exc).__name__}: {exc}")
+            raise
+        else:
+            self.store.complete(intent, Outcome.SUCCESS, after=self._completed_after.pop(id(intent), None))
+
+    async def _apply_routes(self, intent: Intent, after: Any = None) -> None:
+        """Wait until the data plane serves the change; if it does not in time, answer 503 and let a
+        background task complete the history once it does (the routing reconciler keeps pushing)."""
+        if after is not None:
+            self._completed_after[id(intent)] = after
+        try:
+            await self.routes_applied()
+        except Unavailable:
+            done = self._completed_after.pop(id(intent), None)
+            task = asyncio.create_task(self._complete_when_routed(intent, done), name="complete-when-routed")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            raise
+
+    async def _complete_when_routed(self, intent: Intent, after: Any) -> None:
+        while True:
+            try:
+                await self.routes_applied()
+            except Unavailable:
+                continue
+            self.store.complete(intent, Outcome.SUCCESS, after=after)
+            return
+
+    async def complete_interrupted(self) -> int:
+        """After recovery: judge every change a stopped control plane left pending (see
+        `domain.history.judge_interrupted`), so each one ends with a record. Returns how many."""
+        pending = self.store.pending_history()
+        if not pending:
+            return 0
+        observed = Observed(deployments={d.name: d for d in self.backend.list_deployments()}, pods=self.backend.list_pods(),
+                            services={s.name: s for s in self.backend.list_services()})
+        for row in pending:
+            outcome, message = judge_interrupted(row, observed)
+            self.store.complete_rows([row["id"]], outcome, message=f"{row['message']}; {message}" if row["message"] else message)
+        return len(pending)
 
     # lookups ---------------------------------------------------------------------------------
     def _deployment(self, name: str, field: str = "deployment") -> Deployment:
@@ -383,6 +590,11 @@ def _engine_args(value: list[str] | str | tuple) -> list[str]:
     if not all(isinstance(a, str) for a in value):
         raise InvalidInput("engineArgs must be a list of strings or one string")
     return list(value)
+
+
+def _assign_draft(pod: Pod, business: str, reason: str = "") -> HistoryDraft:
+    return HistoryDraft(Action.ASSIGN, pod.name, before={"business": pod.business or L.UNASSIGNED}, after={"business": business},
+                        message=reason)
 
 
 def _brief(view: dict[str, Any]) -> dict[str, Any]:

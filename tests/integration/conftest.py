@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -16,15 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from corral.backends.local.process import free_port
 from tests.conftest import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class CorralServer:
@@ -100,7 +94,10 @@ class CorralServer:
                     os.killpg(pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
-        for pid in self.replica_pids():
+        from corral.backends.local.process import find_replicas
+
+        found = [f.pid for copies in find_replicas(self.data_dir.resolve()).values() for f in copies]
+        for pid in set(self.replica_pids()) | set(found):  # recorded or not (a crash before its pid was saved)
             try:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):

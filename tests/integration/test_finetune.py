@@ -186,3 +186,18 @@ def test_cli_finetune_then_deploy_the_adapter_as_a_pool(corral: CorralServer, ti
     refused = corral.http.post(f"/api/finetune/tasks/{running}/deploy", json={"engine": "transformers", "modelTag": "x"})
     assert refused.status_code == 409 and "only a completed task can be deployed" in refused.json()["error"]
     corral.ok("POST", f"/api/finetune/tasks/{running}/cancel")
+
+
+def test_a_task_that_completes_while_corral_is_down_is_not_launched_again(corral: CorralServer, tiny_model: Path,
+                                                                          dataset: Path) -> None:
+    task_id = submit(corral, tiny_model, dataset, hyperparameters={"epochs": 2, "saveSteps": 5})["id"]
+    wait_for(lambda: task(corral, task_id)["status"] == "training", timeout=60, what="training to start")
+    corral.stop()
+    pid = corral.finetune_pid(task_id)
+    wait_for(lambda: process_start_time(pid) is None, timeout=120, what="the trainer to finish while Corral is down")
+    corral.start()
+    done = finished(corral, task_id)
+    assert done["status"] == "completed" and done["output"]
+    log = corral.http.get(f"/api/finetune/tasks/{task_id}/logs", params={"tail": 2000}).text
+    assert "the trainer finished while Corral was down" in log
+    assert "resuming" not in log and log.count("starting on") == 1, "never launched a second time"

@@ -183,3 +183,19 @@ def test_standard_deployment_gets_its_own_service_and_scales_directly(corral: Co
     assert [(d["name"], d["type"], d["replicas"]) for d in deployments] == [("simulator-llama-8b", "standard", 1)]
     corral.ok("DELETE", "/api/deployments/simulator-llama-8b")
     assert corral.ok("GET", "/api/deployments") == []
+
+
+def test_quick_scaling_keeps_the_desired_count_exact(corral: CorralServer) -> None:
+    """8 → 4 → 6 → 3 → 8 without waiting for removals to finish: the desired count is written with
+    each scale's intent, so it never counts replicas that are still draining."""
+    corral.ok("POST", "/api/deploy", json={"engine": "simulator", "modelId": "sim", "modelTag": "qwen-06b", "replicas": 8,
+                                           "deployAsPool": True})
+    for target in (4, 6, 3, 8):
+        result = corral.ok("POST", "/api/scale-pool-deployment", json={"deploymentName": POOL, "targetReplicas": target})
+        assert result["targetReplicas"] == target
+        deployment = corral.ok("GET", f"/api/deployments/{POOL}")
+        assert deployment["replicas"] == deployment["currentReplicas"] == target
+    corral.wait_ready(POOL, 8)
+    history = corral.ok("GET", "/api/history", params={"action": "scale"})
+    assert [h["after"]["replicas"] for h in reversed(history)] == [4, 6, 3, 8]
+    assert {h["outcome"] for h in history} == {"success"}

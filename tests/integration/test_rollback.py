@@ -1,7 +1,7 @@
 """A distribution that fails half-way is rolled back: the pool is never left half-distributed.
 
 Runs the real controller on a real LocalBackend (real simulator processes, real SQLite); the only
-change is a fault injected into the third relabel.
+change is a fault injected into the third relabel of the distribution's one transaction.
 """
 
 from __future__ import annotations
@@ -19,18 +19,21 @@ from corral.events import EventBus
 from corral.store.state import StateStore
 
 
+class FailingMoves(dict):
+    """Relabels that fail at the third pod, inside the store's transaction (after two were written)."""
+
+    def items(self):  # type: ignore[override]
+        for index, item in enumerate(super().items()):
+            if index == 2:
+                raise RuntimeError("injected relabel failure")
+            yield item
+
+
 class FlakyBackend(LocalBackend):
-    fail_on_call = 3
+    failing = True
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.calls = 0
-
-    async def set_businesses(self, businesses: Mapping[str, str]) -> None:
-        self.calls += 1
-        if self.calls == self.fail_on_call:
-            raise RuntimeError("injected relabel failure")
-        await super().set_businesses(businesses)
+    async def set_businesses(self, businesses: Mapping[str, str], intent=None) -> None:
+        await super().set_businesses(FailingMoves(businesses) if self.failing else businesses, intent)
 
 
 async def test_failed_distribution_rolls_back(tmp_path) -> None:
@@ -47,15 +50,15 @@ async def test_failed_distribution_rolls_back(tmp_path) -> None:
         await controller.deploy_service("test", pool, "testing", False)
         before = {p.name: p.business for p in backend.list_pods(pool)}
 
-        with pytest.raises(Conflict, match="rolled back \\(2 move\\(s\\) undone\\): injected relabel failure"):
+        with pytest.raises(Conflict, match="rolled back \\(none of its 4 move\\(s\\) applied\\): injected relabel failure"):
             await controller.distribute(pool, {"production": 3, "testing": 1}, None)
 
         assert {p.name: p.business for p in backend.list_pods(pool)} == before
         row = store.history(action="distribute")[0]
-        assert row["outcome"] == "rolled_back" and "after 2 of 4" in row["message"]
+        assert row["outcome"] == "rolled_back" and "none of its 4 move(s) applied" in row["message"]
         assert store.history(action="assign") == []  # nothing announced as assigned
 
-        backend.fail_on_call = 0  # healthy again: the same request now succeeds
+        backend.failing = False  # healthy again: the same request now succeeds
         done = await controller.distribute(pool, {"production": 3, "testing": 1}, None)
         assert Counter(p.business for p in backend.list_pods(pool)) == Counter({"production": 3, "testing": 1})
         assert len(done["moves"]) == 4

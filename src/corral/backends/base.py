@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
+from corral.domain.gpu_ledger import GpuClaim, Holder
+from corral.domain.history import HistoryDraft, Intent, Outcome
 from corral.domain.manifests import HTTP_PORT, ClusterOptions, deployment_manifest, service_manifest
 from corral.domain.models import Deployment, Pod, Service
 from corral.engines import get_engine
 
-EventSink = Callable[[str, dict[str, Any]], None]
+
+class Report(Protocol):
+    """How a backend reports what it observed (a replica died, the cluster removed an assigned pod,
+    traffic followed a relabel): an event for listeners and, where it matters, a history row.
+    The controller implements it; backends never write history or publish events themselves."""
+
+    def __call__(self, event: str | None, data: dict[str, Any] | None = None, *, history: HistoryDraft | None = None,
+                 outcome: Outcome = Outcome.SUCCESS) -> None: ...
 
 
 class Backend(ABC):
@@ -22,9 +30,9 @@ class Backend(ABC):
 
     cluster_options: ClusterOptions = ClusterOptions()
 
-    def set_mutation_lock(self, lock: asyncio.Lock) -> None:  # noqa: B027 (optional hook)
-        """The controller's lock: a backend that changes state on its own (restoring assignments)
-        takes it, so that it never acts on a half-applied change of the controller."""
+    def set_report(self, report: Report) -> None:
+        """Where observations go from now on: the controller, which records and announces them."""
+        self.report = report
 
     def set_drain(self, drain: Callable[[str, float], Awaitable[None]]) -> None:  # noqa: B027 (optional hook)
         """Give the backend the data plane's drain: a removed replica is stopped only once it is idle.
@@ -51,9 +59,10 @@ class Backend(ABC):
     @abstractmethod
     def get_pod(self, name: str) -> Pod | None: ...
 
-    def gpus_in_use(self) -> set[int]:
-        """GPU indices held by replicas, draining ones included: their memory is not free until they stop."""
-        return {g for pod in self.list_pods() for g in pod.gpu_ids}
+    def gpu_claims(self) -> list[GpuClaim]:
+        """The GPU units each replica holds, for the GPU ledger (`domain.gpu_ledger`). A backend whose
+        removed replicas keep their GPUs until they exit (draining) lists those too."""
+        return [GpuClaim(Holder.replica(p.name), tuple(str(g) for g in p.gpu_ids)) for p in self.list_pods() if p.gpu_ids]
 
     @abstractmethod
     def list_services(self) -> list[Service]: ...
@@ -61,32 +70,35 @@ class Backend(ABC):
     @abstractmethod
     def get_service(self, name: str) -> Service | None: ...
 
-    # writes
+    # writes: each takes the change's `intent` (its pending history rows) and records it before acting —
+    # in the same transaction as the desired state where that lives in Corral's database (local), or
+    # just before the first write where the desired state lives elsewhere (a cluster).
     @abstractmethod
-    async def create_deployment(self, deployment: Deployment, service: Service | None) -> list[Pod]:
+    async def create_deployment(self, deployment: Deployment, service: Service | None, intent: Intent | None = None) -> list[Pod]:
         """Create the deployment with `deployment.replicas` new replicas (and a standard deployment's service)."""
 
     @abstractmethod
-    async def delete_deployment(self, name: str) -> Awaitable[None]:
+    async def delete_deployment(self, name: str, intent: Intent | None = None) -> Awaitable[None]:
         """Take the deployment out of service now; the returned awaitable ends once its replicas are gone."""
 
     @abstractmethod
-    async def add_replicas(self, deployment: str, count: int) -> list[Pod]: ...
+    async def add_replicas(self, deployment: str, count: int, intent: Intent | None = None) -> list[Pod]: ...
 
     @abstractmethod
-    async def remove_replicas(self, deployment: str, pods: list[str]) -> Awaitable[None]:
+    async def remove_replicas(self, deployment: str, pods: list[str], intent: Intent | None = None) -> Awaitable[None]:
         """Remove exactly these replicas (the pool-safe path depends on it): out of service at once,
         drained and stopped by the time the returned awaitable ends."""
 
     @abstractmethod
-    async def set_businesses(self, businesses: Mapping[str, str]) -> None:
+    async def set_businesses(self, businesses: Mapping[str, str], intent: Intent | None = None) -> None:
         """Relabel `business` of the given pods, all or nothing."""
 
     @abstractmethod
-    async def create_service(self, service: Service) -> None: ...
+    async def create_service(self, service: Service, intent: Intent | None = None) -> None: ...
 
     @abstractmethod
-    async def delete_service(self, name: str) -> None: ...
+    async def delete_service(self, name: str, unassign: Mapping[str, str] | None = None, intent: Intent | None = None) -> None:
+        """Delete a service and unassign the pods it would strand (`unassign`: pod → `unassigned`)."""
 
     @abstractmethod
     async def pod_logs(self, name: str, tail: int) -> str | None:
@@ -101,8 +113,13 @@ class Backend(ABC):
         return []
 
     async def remember_assignment(self, deployment: str, counts: Mapping[str, int]) -> None:  # noqa: B027 (optional hook)
-        """The replicas per business a pool should keep. A backend whose replicas can be replaced
-        behind Corral's back (Kubernetes: node loss, rollouts) assigns replacements to restore them."""
+        """The replicas per business a pool should keep, where replicas can be replaced behind Corral's
+        back (Kubernetes: node loss, rollouts start new pods `unassigned`)."""
+
+    def desired_assignment(self, deployment: str) -> Mapping[str, int]:
+        """What `remember_assignment` kept; the controller's reconciler assigns replacements to restore it.
+        Empty where assignments are never lost (local replicas keep their labels across restarts)."""
+        return {}
 
     def manifests(self, deployment: Deployment, service: Service | None) -> list[dict]:
         """The Kubernetes objects of a deployment (and a standard deployment's service)."""

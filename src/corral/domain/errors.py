@@ -26,3 +26,10 @@ class Conflict(CorralError):
     """Valid input that the current state does not allow (e.g. not enough unassigned pods)."""
 
     status_code = 409
+
+
+class Unavailable(CorralError):
+    """The change is recorded but a part of reality (the data plane) has not confirmed it in time;
+    the reconciler keeps applying it."""
+
+    status_code = 503

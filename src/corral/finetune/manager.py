@@ -24,15 +24,17 @@ from typing import TYPE_CHECKING, Any
 from corral.backends.local.process import tail_lines
 from corral.config import Settings
 from corral.domain.errors import Conflict, CorralError, InvalidInput, NotFound
+from corral.domain.gpu_ledger import GpuClaim, GpuLedger, Holder
 from corral.domain.memory import GIB, KNOWN_MODELS, MemoryEstimate, ModelSpec, TrainingSetup, training_memory
-from corral.domain.queue import Capacity, Demand, Priority, Strategy, Unit, WaitingTask, schedule
-from corral.domain.reclaim import plan_reclaim
+from corral.domain.queue import Capacity, Demand, Priority, Strategy, WaitingTask, schedule
+from corral.domain.reclaim import free_units, plan_reclaim
 from corral.events import EventBus
 from corral.finetune.dataset import load_dataset
 from corral.finetune.runners import ProcessRunner, TrainerRunner
 from corral.finetune.store import ACTIVE, FINISHED, WAITING, TaskRecord, TaskStore
 from corral.gpus.inventory import GpuInventory
 from corral.store.state import StateStore
+from corral.views import FinetuneTask
 
 if TYPE_CHECKING:
     from corral.controller import Controller
@@ -52,13 +54,14 @@ def _now() -> datetime:
 
 class FinetuneManager:
     def __init__(self, settings: Settings, state: StateStore, bus: EventBus, inventory: Callable[[], GpuInventory],
-                 replica_gpus: Callable[[], set[str]], controller: Controller | None = None,
+                 ledger: Callable[[], GpuLedger], controller: Controller | None = None,
                  runner: TrainerRunner | None = None) -> None:
         self.settings = settings
         self.tasks = TaskStore(state)
         self.bus = bus
-        self.inventory = inventory  # a fresh NVML read: free memory is checked before every start
-        self.replica_gpus = replica_gpus  # unit ids held by model-pool replicas (one ledger for the machine)
+        self.inventory = inventory  # a fresh NVML read: is there a GPU at all (submit)
+        # The one GPU ledger (replicas + launched tasks, fresh free memory), read before every round.
+        self.ledger = ledger
         self.controller = controller  # scales pools in and out for the reclaim policy
         self._pool_changes: set[str] = set()  # tasks whose reclaim or restore is in flight
         self._restore_after: dict[str, float] = {}  # task id → monotonic time of the next restore attempt
@@ -72,6 +75,9 @@ class FinetuneManager:
         for task in self._launched():
             if self.runner.alive(task):
                 self._note(task.id, f"re-adopted trainer process {task.pid} after a control-plane restart")
+            elif self._finished_while_down(task):
+                self._note(task.id, "the trainer finished while Corral was down")
+                self._follow(task)  # reads its result: completed, never launched again
             elif any((self._dir(task.id) / "checkpoints").glob("checkpoint-*")):
                 self._note(task.id, "the trainer died while Corral was down; resuming from its last checkpoint")
                 self._spawn(task, resume=True)
@@ -228,6 +234,10 @@ class FinetuneManager:
         """Tasks whose trainer was started: running, or (with Kueue) launched and waiting for admission."""
         return self.tasks.list(ACTIVE) + [t for t in self.tasks.list(("queued",)) if t.pid_start]
 
+    def gpu_claims(self) -> list[GpuClaim]:
+        """The GPU units launched tasks hold, for the GPU ledger (`domain.gpu_ledger`)."""
+        return [GpuClaim(Holder.task(t.id), tuple(t.units)) for t in self._launched() if t.units]
+
     def _schedule_round(self) -> None:
         waiting = [t for t in self.tasks.list(WAITING) if not t.pid_start]
         if not waiting:
@@ -238,30 +248,30 @@ class FinetuneManager:
                 self._spawn(task, units=[], visible=[])
             return
         running = self._launched()
-        inventory = self.inventory()
-        held = {u for t in running for u in t.units} | self.replica_gpus()
-        units = tuple(Unit(d.id, d.memory_free_bytes) for d in inventory.schedulable_units() if d.id not in held)
+        ledger = self.ledger()  # replicas' and launched tasks' units are held there
         if owed := self._units_owed_to_pools():  # kept for the replicas being restored, not for the next task
-            units = units[: max(0, len(units) - owed)]
+            restoring = Holder.replica("(pools being restored)")
+            kept = tuple(u.id for u in ledger.free_units(whole_only=True))[:owed]  # where the restored replicas will go
+            ledger = ledger.hold(restoring, kept)
         cpu_slots = max(0, self.settings.cpu_training_slots - sum(1 for t in running if not t.units))
         decision = schedule(
             [WaitingTask(t.id, Priority.parse(t.priority), t.created_at.timestamp() if t.created_at else 0.0,
                          Demand(t.gpus, t.memory_gb * GIB), t.bypassed) for t in waiting],
-            Capacity(units, cpu_slots), Strategy(self.settings.queue_strategy), self.settings.max_bypass,
+            Capacity(free_units(ledger), cpu_slots), Strategy(self.settings.queue_strategy), self.settings.max_bypass,
         )
+        for task_id, chosen in decision.starts:  # the ledger refuses a unit that is not free: check all before starting any
+            ledger = ledger.hold(Holder.task(task_id), chosen)
         for task_id in decision.bypassed:
             self.tasks.update(task_id, bypassed=self._get(task_id).bypassed + 1)
         by_id = {t.id: t for t in waiting}
-        uuids = {d.id: d.uuid for d in inventory.schedulable_units()}
         started = []
         for task_id, chosen in decision.starts:
             log.info("starting finetune task %s on %s", task_id, ", ".join(chosen) or "the CPU")
             self._note(task_id, f"starting on {', '.join(chosen) or 'the CPU'}")
-            self._spawn(by_id[task_id], units=list(chosen), visible=[uuids.get(u, u) if "/" in u else u for u in chosen])
+            self._spawn(by_id[task_id], units=list(chosen), visible=[_visible(ledger, u) for u in chosen])
             started.append(task_id)
         running_ids = [t.id for t in running] + started
-        taken = {u for _, chosen in decision.starts for u in chosen}
-        self._maybe_reclaim([by_id[t] for t in decision.waiting], [u for u in units if u.id not in taken], inventory)
+        self._maybe_reclaim([by_id[t] for t in decision.waiting], ledger)
         for task_id, why in decision.waiting.items():
             reason = f"queued, {why.replace('waiting for GPU:', 'waiting for GPU to be released:')} (currently running: {', '.join(running_ids) or 'none'})"
             if reclaimed := self._get(task_id).reclaimed:
@@ -270,18 +280,17 @@ class FinetuneManager:
                 self._set(task_id, "queued", reason)
 
     # reclaim (spec 02's optional policy) -------------------------------------------------------
-    def _maybe_reclaim(self, waiting: list[TaskRecord], free: list[Unit], inventory: GpuInventory) -> None:
+    def _maybe_reclaim(self, waiting: list[TaskRecord], ledger: GpuLedger) -> None:
         """Scale in unassigned pool replicas for the first waiting high-priority GPU task they would let
         start — one reclaim at a time, through the pool-safe scale-down; restored when the task ends."""
         if not self.settings.reclaim_unassigned_replicas or self.controller is None or self._pool_changes:
             return
         backend = self.controller.backend
         pools = {d.name: backend.list_pods(d.name) for d in backend.list_deployments() if d.is_pool}
-        totals = {d.id: float(d.memory_total_bytes) for d in inventory.schedulable_units()}
         for task in waiting:
             if task.priority != "high" or not task.gpus or task.reclaimed:
                 continue
-            plan = plan_reclaim(Demand(task.gpus, task.memory_gb * GIB), free, pools, totals)
+            plan = plan_reclaim(Demand(task.gpus, task.memory_gb * GIB), ledger, pools)
             if plan is None:
                 continue
             self.tasks.update(task.id, reclaimed=dict(plan.replicas))  # first: a restart still restores them
@@ -399,6 +408,15 @@ class FinetuneManager:
         await self.runner.stop(task)
         self.tasks.update(task.id, pid=None, pid_start=None)
 
+    def _finished_while_down(self, task: TaskRecord) -> bool:
+        """The trainer wrote its result before exiting (a `completed` progress event)."""
+        path = self._dir(task.id) / "progress.jsonl"
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return False
+        return any(json.loads(line).get("event") == "completed" for line in lines if line.strip())
+
     def _read_progress(self, task_id: str) -> list[dict[str, Any]]:
         path = self._dir(task_id) / "progress.jsonl"
         try:
@@ -440,17 +458,17 @@ class FinetuneManager:
         estimate = training_estimate(base_model, method, hp)
         return round(estimate[1].total_gb / gpus, 2) if estimate and gpus else 0.0
 
-    def view(self, task: TaskRecord) -> dict[str, Any]:
-        return {
-            "id": task.id, "status": task.status, "reason": task.reason, "baseModel": task.base_model,
-            "datasetPath": task.dataset_path, "method": task.method, "priority": task.priority, "gpus": task.gpus,
-            "memoryGb": task.memory_gb, "timeoutSeconds": task.timeout_s, "hyperparameters": task.hyperparameters,
-            "examples": task.examples, "progress": task.progress, "units": task.units, "output": task.output,
-            "reclaimed": task.reclaimed or {},
-            "createdAt": task.created_at.isoformat() if task.created_at else None,
-            "startedAt": task.started_at.isoformat() if task.started_at else None,
-            "finishedAt": task.finished_at.isoformat() if task.finished_at else None,
-        }
+    def view(self, task: TaskRecord) -> FinetuneTask:
+        return FinetuneTask(
+            id=task.id, status=task.status, reason=task.reason, baseModel=task.base_model,  # type: ignore[arg-type]
+            datasetPath=task.dataset_path, method=task.method, priority=task.priority, gpus=task.gpus,
+            memoryGb=task.memory_gb, timeoutSeconds=task.timeout_s, hyperparameters=task.hyperparameters,
+            examples=task.examples, progress=task.progress, units=task.units, output=task.output,  # type: ignore[arg-type]
+            reclaimed=task.reclaimed or {},
+            createdAt=task.created_at.isoformat() if task.created_at else None,
+            startedAt=task.started_at.isoformat() if task.started_at else None,
+            finishedAt=task.finished_at.isoformat() if task.finished_at else None,
+        )
 
 
 def training_estimate(base_model: str, method: str, hp: dict[str, Any]) -> tuple[ModelSpec, MemoryEstimate] | None:
@@ -461,6 +479,12 @@ def training_estimate(base_model: str, method: str, hp: dict[str, Any]) -> tuple
     setup = TrainingSetup(method=method, seq_len=int(hp["maxSeqLen"]), batch_size=int(hp["batchSize"]),  # type: ignore[arg-type]
                           lora_rank=int(hp["loraRank"]))
     return spec, training_memory(spec, setup)
+
+
+def _visible(ledger: GpuLedger, unit_id: str) -> str:
+    """What CUDA_VISIBLE_DEVICES names a unit by: a whole GPU by index, a MIG instance by its UUID."""
+    unit = ledger.unit(unit_id)
+    return unit.uuid if unit is not None and not unit.whole and unit.uuid else unit_id
 
 
 def _progress(previous: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,8 @@ so a crash never leaves half of it behind.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,6 +19,7 @@ from sqlalchemy import Engine, create_engine, event, inspect, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from corral.domain import labels as L
+from corral.domain.history import Intent, Outcome
 from corral.domain.models import Deployment, Pod, PodPhase, Service
 from corral.store.schema import Base, DeploymentRow, HistoryRow, ReplicaRow, ServiceRow
 
@@ -128,9 +130,10 @@ class StateStore:
         self.engine.dispose()
 
     # deployments -------------------------------------------------------------------------------
-    def add_deployment(self, deployment: Deployment, replicas: Iterable[ReplicaRecord], service: Service | None) -> None:
+    def add_deployment(self, deployment: Deployment, replicas: Iterable[ReplicaRecord], service: Service | None,
+                       intent: Intent | None = None) -> None:
         """The deployment, its replicas and (for a standard deployment) its service, all or nothing."""
-        with self.session() as s:
+        with self._intent(intent) as s:
             s.add(DeploymentRow(
                 name=deployment.name, engine=deployment.engine, model_id=deployment.model_id,
                 model_tag=deployment.model_tag, is_pool=deployment.is_pool, replicas=deployment.replicas,
@@ -156,19 +159,19 @@ class StateStore:
         with self.session() as s:
             return list(s.scalars(select(DeploymentRow.name).where(DeploymentRow.deleting.is_(True))))
 
-    def mark_deleting(self, name: str) -> None:
-        with self.session() as s:
+    def mark_deleting(self, name: str, intent: Intent | None = None) -> None:
+        """The deployment and all its replicas leave service in one transaction; stopping follows."""
+        with self._intent(intent) as s:
             s.get_one(DeploymentRow, name).deleting = True
-
-    def set_desired_replicas(self, name: str, replicas: int) -> None:
-        with self.session() as s:
-            s.get_one(DeploymentRow, name).replicas = replicas
+            for row in s.scalars(select(ReplicaRow).where(ReplicaRow.deployment == name)):
+                row.phase, row.ready = PodPhase.TERMINATING.value, False
 
     def sync_desired_replicas(self) -> None:
-        """Make each deployment's desired count the replicas it has (finishes a scale cut off half-way)."""
+        """Make each deployment's desired count the replicas it keeps (a row marked Terminating by hand
+        or by an older Corral, outside `retire_replicas`, leaves it behind)."""
         with self.session() as s:
-            for row in s.scalars(select(DeploymentRow)):
-                row.replicas = len(list(s.scalars(select(ReplicaRow.name).where(ReplicaRow.deployment == row.name))))
+            for name in list(s.scalars(select(DeploymentRow.name))):
+                _set_desired(s, name)
 
     def delete_deployment(self, name: str) -> None:
         with self.session() as s:
@@ -180,9 +183,21 @@ class StateStore:
             s.delete(s.get_one(DeploymentRow, name))
 
     # replicas ----------------------------------------------------------------------------------
-    def add_replica(self, record: ReplicaRecord) -> None:
-        with self.session() as s:
-            s.add(ReplicaRow(**_replica_columns(record)))
+    def add_replicas(self, deployment: str, records: Iterable[ReplicaRecord], intent: Intent | None = None) -> None:
+        """New replicas and the deployment's desired count, in one transaction with the intent."""
+        with self._intent(intent) as s:
+            s.add_all(ReplicaRow(**_replica_columns(r)) for r in records)
+            s.flush()
+            _set_desired(s, deployment)
+
+    def retire_replicas(self, deployment: str, names: Iterable[str], intent: Intent | None = None) -> None:
+        """Mark replicas Terminating (out of service, to be stopped) and lower the desired count, at once."""
+        with self._intent(intent) as s:
+            for name in names:
+                row = s.get_one(ReplicaRow, name)
+                row.phase, row.ready = PodPhase.TERMINATING.value, False
+            s.flush()
+            _set_desired(s, deployment)
 
     def save_replica(self, record: ReplicaRecord) -> None:
         with self.session() as s:
@@ -219,16 +234,14 @@ class StateStore:
         with self.session() as s:
             return [_replica(r) for r in s.scalars(query)]
 
-    def set_businesses(self, businesses: Mapping[str, str]) -> None:
+    def set_businesses(self, businesses: Mapping[str, str], intent: Intent | None = None) -> None:
         """Relabel several replicas in one transaction."""
-        with self.session() as s:
-            for name, business in businesses.items():
-                row = s.get_one(ReplicaRow, name)
-                row.labels = {**row.labels, L.BUSINESS: business}
+        with self._intent(intent) as s:
+            _relabel(s, businesses)
 
     # services ----------------------------------------------------------------------------------
-    def add_service(self, service: Service) -> None:
-        with self.session() as s:
+    def add_service(self, service: Service, intent: Intent | None = None) -> None:
+        with self._intent(intent) as s:
             s.add(_service_row(service))
 
     def get_service(self, name: str) -> Service | None:
@@ -240,22 +253,77 @@ class StateStore:
         with self.session() as s:
             return [_service(r) for r in s.scalars(select(ServiceRow).order_by(ServiceRow.name))]
 
-    def delete_service(self, name: str) -> None:
-        with self.session() as s:
+    def delete_service(self, name: str, unassign: Mapping[str, str] | None = None, intent: Intent | None = None) -> None:
+        """Remove a service, and unassign the pods it would strand, in one transaction."""
+        with self._intent(intent) as s:
+            _relabel(s, unassign or {})
             s.delete(s.get_one(ServiceRow, name))
 
     # history -----------------------------------------------------------------------------------
     def record(
-        self, action: str, target: str, *, before: Any = None, after: Any = None, outcome: str = "success", message: str = ""
+        self, action: str, target: str, *, before: Any = None, after: Any = None, outcome: str = Outcome.SUCCESS,
+        message: str = ""
     ) -> dict[str, Any]:
         with self.session() as s:
-            row = HistoryRow(action=action, target=target, before=before, after=after, outcome=outcome, message=message)
+            row = HistoryRow(action=action, target=target, before=before, after=after, outcome=str(outcome), message=message)
             s.add(row)
             s.flush()
             entry = _history(row)
-        if self.on_record is not None:
-            self.on_record(entry)
+        self._announce([entry])
         return entry
+
+    @contextmanager
+    def _intent(self, intent: Intent | None) -> Iterator[Session]:
+        """One transaction for a change's desired state and its pending history rows."""
+        with self.session() as s:
+            rows = [HistoryRow(action=str(d.action), target=d.target, before=d.before, after=d.after,
+                               outcome=Outcome.PENDING.value, message=d.message) for d in (intent.rows if intent else ())]
+            s.add_all(rows)
+            yield s
+            s.flush()
+            entries = [_history(r) for r in rows]
+        if intent is not None:
+            intent.ids = [e["id"] for e in entries]
+        self._announce(entries)
+
+    def begin(self, intent: Intent) -> None:
+        """Write an intent's rows alone (a backend whose desired state lives elsewhere, e.g. a cluster)."""
+        with self._intent(intent):
+            pass
+
+    def complete(self, intent: Intent, outcome: Outcome, message: str | None = None, after: Any = None) -> None:
+        """Close an intent's pending rows; `message`/`after` replace the last row's (the change's summary,
+        written last so that it is the newest row of the change, as listings show it)."""
+        self.complete_rows(intent.ids, outcome, message, after)
+
+    def complete_rows(self, ids: Sequence[int], outcome: Outcome, message: str | None = None, after: Any = None) -> None:
+        if not ids:
+            return
+        with self.session() as s:
+            found = {row.id: row for row in s.scalars(select(HistoryRow).where(HistoryRow.id.in_(ids)))}
+            rows = [found[i] for i in ids]
+            if rows[-1].outcome != Outcome.PENDING:  # completed already (e.g. rolled back before the block ended)
+                return
+            for row in rows:
+                if row.outcome == Outcome.PENDING:
+                    row.outcome = outcome.value
+            if message is not None:
+                rows[-1].message = message
+            if after is not None:
+                rows[-1].after = after
+            s.flush()
+            entries = [_history(r) for r in rows]
+        self._announce(entries)
+
+    def pending_history(self) -> list[dict[str, Any]]:
+        query = select(HistoryRow).where(HistoryRow.outcome == Outcome.PENDING.value).order_by(HistoryRow.id)
+        with self.session() as s:
+            return [_history(r) for r in s.scalars(query)]
+
+    def _announce(self, entries: list[dict[str, Any]]) -> None:
+        if self.on_record is not None:
+            for entry in entries:
+                self.on_record(entry)
 
     def history(self, *, action: str | None = None, target: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
         query = select(HistoryRow).order_by(HistoryRow.id.desc()).limit(limit)
@@ -265,6 +333,18 @@ class StateStore:
             query = query.where(HistoryRow.target == target)
         with self.session() as s:
             return [_history(r) for r in s.scalars(query)]
+
+
+def _relabel(s: Session, businesses: Mapping[str, str]) -> None:
+    for name, business in businesses.items():
+        row = s.get_one(ReplicaRow, name)
+        row.labels = {**row.labels, L.BUSINESS: business}
+
+
+def _set_desired(s: Session, deployment: str) -> None:
+    """A deployment's desired count is its replicas that are not being removed."""
+    live = select(ReplicaRow.name).where(ReplicaRow.deployment == deployment, ReplicaRow.phase != PodPhase.TERMINATING.value)
+    s.get_one(DeploymentRow, deployment).replicas = len(list(s.scalars(live)))
 
 
 def _service_row(service: Service) -> ServiceRow:

@@ -7,12 +7,12 @@ backend. Writes go to the API server with lightkube's async client — never `ku
 What the cluster does behind Corral's back is handled here:
 - Scale-down: the ReplicaSet chooses which pods die. Corral marks the chosen unassigned pods with a
   low `pod-deletion-cost` just before scaling, then verifies what was removed; when the cluster
-  removed an assigned pod anyway (deletion cost is only its fourth sort key), the restore below
-  gives that business its count back, and the history says so. During a rollout a scale-down would
+  removed an assigned pod anyway (deletion cost is only its fourth sort key), it reports so and the
+  controller's reconciler gives that business its count back. During a rollout a scale-down would
   span two ReplicaSets: it is refused with the reason.
 - Replacements: the counts per business are kept on the Deployment (`corral.dev/desired-assignment`).
-  A pod replaced by its ReplicaSet (crash, node loss, rollout) comes back `unassigned`; the restore
-  assigns replacements (`domain.assignment.plan_restore`) under the controller's lock.
+  A pod replaced by its ReplicaSet (crash, node loss, rollout) comes back `unassigned`; the
+  controller's reconciler assigns replacements (`domain.assignment.plan_restore`) under the pool's lock.
 - Cut-over is eventually consistent (label → EndpointSlice → kube-proxy/LB): an assignment is
   recorded complete (`cutover` in the history, with its delay) once the pod is in the new business's
   EndpointSlice and out of the old one.
@@ -41,11 +41,12 @@ from lightkube.resources.core_v1 import Service as K8sService
 from lightkube.resources.discovery_v1 import EndpointSlice as K8sEndpointSlice
 from lightkube.types import PatchType
 
-from corral.backends.base import Backend, EventSink, save_manifests
+from corral.backends.base import Backend, Report, save_manifests
 from corral.backends.kubernetes import convert
 from corral.domain import labels as L
-from corral.domain.assignment import plan_restore
-from corral.domain.errors import Conflict, CorralError
+from corral.domain.errors import Conflict
+from corral.domain.gpu_ledger import GpuClaim, Holder
+from corral.domain.history import Action, HistoryDraft, Intent, Outcome
 from corral.domain.manifests import (
     ANNOTATION_DESIRED,
     CORRAL,
@@ -75,24 +76,18 @@ def client_from(kubeconfig: Path | None, namespace: str) -> AsyncClient:
 
 
 class KubernetesBackend(Backend):
-    def __init__(self, client: AsyncClient, options: ClusterOptions, store: StateStore, emit: EventSink, manifests_dir: Path) -> None:
+    def __init__(self, client: AsyncClient, options: ClusterOptions, store: StateStore, report: Report, manifests_dir: Path) -> None:
         self.client = client
         self.cluster_options = options
         self.namespace = options.namespace
         self.store = store
-        self.emit = emit
+        self.report = report
         self.manifests_dir = manifests_dir
         self.objects: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in KINDS}
         self._tasks: set[asyncio.Task] = set()
-        self._dirty_pools: set[str] = set()
-        self._wake = asyncio.Event()
-        self._mutation_lock: asyncio.Lock | None = None
         self._cutovers: dict[str, tuple[str, str, float]] = {}  # pod → (from, to, started at)
         self.cutover_seconds: collections.deque[float] = collections.deque(maxlen=10_000)  # label patch → EndpointSlices
         self.cutover_timeouts = 0
-
-    def set_mutation_lock(self, lock: asyncio.Lock) -> None:
-        self._mutation_lock = lock
 
     # lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -102,9 +97,6 @@ class KubernetesBackend(Backend):
             async for obj in self.client.list(resource, namespace=self.namespace, labels=labels):
                 self.cache(kind, obj.to_dict())
             self._spawn(self._watch(kind, resource, labels), f"watch-{kind}")
-        self._dirty_pools.update(d.name for d in self.list_deployments() if d.is_pool)
-        self._spawn(self._restore_loop(), "restore-assignments")
-        self._wake.set()
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -149,11 +141,8 @@ class KubernetesBackend(Backend):
             self.cache(kind, obj)
         if kind == "pods":
             pod = convert.pod(obj)
-            self.emit("replica_status", {"name": name, "deployment": pod.deployment, "ready": pod.ready, "restarts": pod.restarts,
+            self.report("replica_status", {"name": name, "deployment": pod.deployment, "ready": pod.ready, "restarts": pod.restarts,
                                          "phase": "Deleted" if change == "DELETED" else pod.phase.value, "business": pod.business})
-            if pod.is_pool_pod:
-                self._dirty_pools.add(pod.deployment)
-                self._wake.set()
         elif kind == "endpointslices" and self._cutovers:
             self._check_cutovers()
 
@@ -174,15 +163,21 @@ class KubernetesBackend(Backend):
         pod = convert.pod(obj) if obj else None
         return pod if pod and pod.phase != PodPhase.TERMINATING else None
 
-    def gpus_in_use(self) -> set[int]:
-        """The scheduler places GPUs in a cluster; Corral's ledger counts them: as many units are held
-        as Corral's replicas request (unit ids are the cluster inventory's indices)."""
+    def gpu_claims(self) -> list[GpuClaim]:
+        """The kube scheduler, not Corral, picks a pod's GPUs: each replica pod (terminating ones too, their
+        GPUs are not free yet) claims as many units as its containers' limits ask, and the GPU ledger books
+        them on the cluster inventory's units (from the nodes) — counts, not identities. A finetune Job's
+        pods are not replicas: the finetune manager books their units as its task's."""
         resource = self.cluster_options.gpu_resource
-        count = 0
-        for obj in self.objects["pods"].values():
-            for container in (obj.get("spec") or {}).get("containers") or []:
-                count += int(((container.get("resources") or {}).get("limits") or {}).get(resource, 0) or 0)
-        return set(range(count))
+        claims = []
+        for name, obj in sorted(self.objects["pods"].items()):
+            if not convert.pod(obj).deployment:
+                continue
+            count = sum(int(((c.get("resources") or {}).get("limits") or {}).get(resource, 0) or 0)
+                        for c in (obj.get("spec") or {}).get("containers") or [])
+            if count:
+                claims.append(GpuClaim(Holder.replica(name), count=count))
+        return claims
 
     def list_services(self) -> list[Service]:
         return sorted((convert.service(o) for o in self.objects["services"].values()), key=lambda s: s.name)
@@ -196,7 +191,8 @@ class KubernetesBackend(Backend):
         return [n.to_dict() async for n in self.client.list(K8sNode)]
 
     # writes ----------------------------------------------------------------------------------
-    async def create_deployment(self, deployment: Deployment, service: Service | None) -> list[Pod]:
+    async def create_deployment(self, deployment: Deployment, service: Service | None, intent: Intent | None = None) -> list[Pod]:
+        self._begin(intent)
         documents = self.manifests(deployment, service)
         created = await self.client.create(from_dict(documents[0]))
         self.cache("deployments", created.to_dict())
@@ -210,7 +206,8 @@ class KubernetesBackend(Backend):
             self.cache("services", made.to_dict())
         return []  # the ReplicaSet creates the pods; they arrive through the watch
 
-    async def delete_deployment(self, name: str) -> Awaitable[None]:
+    async def delete_deployment(self, name: str, intent: Intent | None = None) -> Awaitable[None]:
+        self._begin(intent)
         deployment = self.get_deployment(name)
         await self.client.delete(K8sDeployment, name)
         self.objects["deployments"].pop(name, None)
@@ -219,16 +216,18 @@ class KubernetesBackend(Backend):
             self.objects["services"].pop(name, None)
         return self._spawn(self._until(lambda: not self.list_pods(name), 600), f"delete-{name}")
 
-    async def add_replicas(self, deployment: str, count: int) -> list[Pod]:
+    async def add_replicas(self, deployment: str, count: int, intent: Intent | None = None) -> list[Pod]:
+        self._begin(intent)
         before = {p.name for p in self.list_pods(deployment)}
         await self._set_replicas(deployment, len(before) + count)
         return [p for p in self.list_pods(deployment) if p.name not in before]
 
-    async def remove_replicas(self, deployment: str, pods: list[str]) -> Awaitable[None]:
+    async def remove_replicas(self, deployment: str, pods: list[str], intent: Intent | None = None) -> Awaitable[None]:
         obj = self.objects["deployments"].get(deployment) or {}
         if reason := convert.rollout_in_progress(obj):
             raise Conflict(f"deployment '{deployment}' is rolling out ({reason}); a scale-down now would span two "
                            "ReplicaSets. Wait for the rollout to finish (kubectl rollout status) and try again")
+        self._begin(intent)
         current = self.list_pods(deployment)
         assigned = {p.name: p.business for p in current if p.business not in (None, L.UNASSIGNED)}
         for name in pods:  # once, just before scaling: the ReplicaSet removes the lowest cost first
@@ -246,15 +245,15 @@ class KubernetesBackend(Backend):
             message = (f"the ReplicaSet removed assigned pod(s) {', '.join(f'{n} ({assigned[n]})' for n in lost)}"
                        + (f" and kept {', '.join(kept)}" if kept else "")
                        + "; restoring each business's count from unassigned pods")
-            self.store.record("scale-verify", deployment, outcome="corrected", message=message)
-            self._dirty_pools.add(deployment)
-            self._wake.set()
+            self.report("replica_status", {"deployment": deployment, "phase": "Replaced"},
+                        history=HistoryDraft(Action.SCALE_VERIFY, deployment, message=message), outcome=Outcome.CORRECTED)
 
     async def _set_replicas(self, deployment: str, replicas: int) -> None:
         patched = await self.client.patch(K8sDeployment, deployment, {"spec": {"replicas": replicas}}, patch_type=PatchType.MERGE)
         self.cache("deployments", patched.to_dict())
 
-    async def set_businesses(self, businesses: Mapping[str, str]) -> None:
+    async def set_businesses(self, businesses: Mapping[str, str], intent: Intent | None = None) -> None:
+        self._begin(intent)
         done: dict[str, str] = {}
         try:
             for name, business in businesses.items():
@@ -272,13 +271,19 @@ class KubernetesBackend(Backend):
             raise
         self._check_cutovers()
 
+    def _begin(self, intent: Intent | None) -> None:
+        """The cluster holds the desired state; Corral's database holds the intent, written before the first write."""
+        if intent is not None and not intent.ids:
+            self.store.begin(intent)
+
     async def remember_assignment(self, deployment: str, counts: Mapping[str, int]) -> None:
         patched = await self.client.patch(K8sDeployment, deployment,
                                           {"metadata": {"annotations": {ANNOTATION_DESIRED: json.dumps(dict(sorted(counts.items())))}}},
                                           patch_type=PatchType.MERGE)
         self.cache("deployments", patched.to_dict())
 
-    async def create_service(self, service: Service) -> None:
+    async def create_service(self, service: Service, intent: Intent | None = None) -> None:
+        self._begin(intent)
         made = await self.client.create(from_dict(service_manifest(service, self.cluster_options)))
         self.cache("services", made.to_dict())
         if service.llm_routing:
@@ -289,7 +294,10 @@ class KubernetesBackend(Backend):
                 await self.delete_service(service.name)  # all or nothing
                 raise
 
-    async def delete_service(self, name: str) -> None:
+    async def delete_service(self, name: str, unassign: Mapping[str, str] | None = None, intent: Intent | None = None) -> None:
+        self._begin(intent)
+        if unassign:
+            await self.set_businesses(unassign)
         service = self.get_service(name)
         await self.client.delete(K8sService, name)
         self.objects["services"].pop(name, None)
@@ -320,36 +328,9 @@ class KubernetesBackend(Backend):
         return lines
 
     # behind Corral's back ----------------------------------------------------------------------
-    async def _restore_loop(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await asyncio.sleep(0.1)  # coalesce a burst of pod events
-            pools, self._dirty_pools = self._dirty_pools, set()
-            for pool in sorted(pools):
-                try:
-                    await self._restore(pool)
-                except CorralError as exc:
-                    log.warning("could not restore the assignment of %s: %s", pool, exc.message)
-                except ApiError as exc:
-                    log.warning("could not restore the assignment of %s: %s", pool, exc)
-
-    async def _restore(self, pool: str) -> None:
-        lock = self._mutation_lock or asyncio.Lock()
-        async with lock:
-            obj = self.objects["deployments"].get(pool)
-            if obj is None:
-                return
-            desired = json.loads(((obj.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_DESIRED) or "{}")
-            plan = plan_restore(self.list_pods(pool), desired)
-            if not plan:
-                return
-            await self.set_businesses(plan)
-            for name, business in plan.items():
-                self.store.record("assign", name, before={"business": L.UNASSIGNED}, after={"business": business},
-                                  message=f"restored: replacement for a lost replica of business '{business}' in {pool}")
-                self.emit("pod_assignment", {"podName": name, "deployment": pool, "from": L.UNASSIGNED, "to": business,
-                                             "reason": "restore"})
+    def desired_assignment(self, deployment: str) -> Mapping[str, int]:
+        obj = self.objects["deployments"].get(deployment) or {}
+        return json.loads(((obj.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_DESIRED) or "{}")
 
     def _check_cutovers(self) -> None:
         """Record the assignments whose pod has moved between the businesses' EndpointSlices."""
@@ -366,14 +347,15 @@ class KubernetesBackend(Backend):
                 delay_ms = round((now - started) * 1000, 1)
                 self.cutover_seconds.append(now - started)
                 del self._cutovers[name]
-                self.store.record("cutover", name, before={"business": source}, after={"business": target},
-                                  message=f"traffic follows after {delay_ms} ms (EndpointSlices updated)")
-                self.emit("assignment_complete", {"podName": name, "from": source, "to": target, "delayMs": delay_ms})
+                self.report("assignment_complete", {"podName": name, "from": source, "to": target, "delayMs": delay_ms},
+                            history=HistoryDraft(Action.CUTOVER, name, before={"business": source}, after={"business": target},
+                                                 message=f"traffic follows after {delay_ms} ms (EndpointSlices updated)"))
             elif now - started > CUTOVER_TIMEOUT_S:
                 self.cutover_timeouts += 1
                 del self._cutovers[name]
-                self.store.record("cutover", name, before={"business": source}, after={"business": target}, outcome="timeout",
-                                  message=f"EndpointSlices did not follow within {CUTOVER_TIMEOUT_S:.0f} s")
+                self.report(None, history=HistoryDraft(Action.CUTOVER, name, before={"business": source}, after={"business": target},
+                                                       message=f"EndpointSlices did not follow within {CUTOVER_TIMEOUT_S:.0f} s"),
+                            outcome=Outcome.TIMEOUT)
 
     async def _until(self, condition: Any, timeout: float) -> None:
         deadline = time.monotonic() + timeout

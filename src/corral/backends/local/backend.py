@@ -13,12 +13,14 @@ import string
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from corral.backends.base import Backend, EventSink, save_manifests
+from corral import failpoints
+from corral.backends.base import Backend, Report, save_manifests
 from corral.backends.local import process
 from corral.backends.local.supervisor import ReplicaSupervisor
 from corral.config import Settings
 from corral.domain.errors import Conflict, InvalidInput
-from corral.domain.gpu_fit import pick_gpus
+from corral.domain.gpu_ledger import GpuClaim, GpuLedger, Holder, whole_units
+from corral.domain.history import Intent
 from corral.domain.models import Deployment, Pod, PodPhase, Service
 from corral.engines import get_engine
 from corral.gpus.inventory import read_inventory
@@ -28,13 +30,17 @@ _SUFFIX_ALPHABET = string.ascii_lowercase + string.digits
 
 
 class LocalBackend(Backend):
-    def __init__(self, settings: Settings, store: StateStore, emit: EventSink, gpu_ids: list[int] | None = None) -> None:
+    def __init__(self, settings: Settings, store: StateStore, report: Report, gpu_ids: list[int] | None = None,
+                 gpu_ledger: Callable[[], GpuLedger] | None = None) -> None:
         self.settings = settings
         self.store = store
+        self.report = report
         self.gpu_ids = [g.index for g in read_inventory().devices] if gpu_ids is None else gpu_ids
-        self.supervisor = ReplicaSupervisor(settings, store, emit)
-        # GPUs this backend must not hand out: the runtime points it at running finetune tasks.
-        self.gpus_held_elsewhere: Callable[[], list[int]] = list
+        self.supervisor = ReplicaSupervisor(settings, store, lambda *args, **kw: self.report(*args, **kw))
+        # The GPU ledger replicas are placed against: the platform gives the one it shares with the finetune
+        # manager (so no task's GPU or MIG slice is reused); on its own, these devices and its replicas.
+        self.gpu_ledger: Callable[[], GpuLedger] = gpu_ledger or (lambda: GpuLedger.build(whole_units(self.gpu_ids),
+                                                                                          self.gpu_claims()))
 
     def set_drain(self, drain) -> None:  # type: ignore[no-untyped-def]
         self.supervisor.drain = drain
@@ -59,8 +65,9 @@ class LocalBackend(Backend):
     def list_pods(self, deployment: str | None = None) -> list[Pod]:
         return [r.to_pod() for r in self.store.list_replicas(deployment) if r.phase != PodPhase.TERMINATING]
 
-    def gpus_in_use(self) -> set[int]:
-        return {g for record in self.store.list_replicas() for g in record.gpu_ids}  # Terminating rows too
+    def gpu_claims(self) -> list[GpuClaim]:
+        """Terminating replicas included: their memory is not free until their process has exited."""
+        return [GpuClaim(Holder.replica(r.name), tuple(str(g) for g in r.gpu_ids)) for r in self.store.list_replicas() if r.gpu_ids]
 
     def get_pod(self, name: str) -> Pod | None:
         record = self.store.get_replica(name)
@@ -73,53 +80,52 @@ class LocalBackend(Backend):
         return self.store.get_service(name)
 
     # writes ----------------------------------------------------------------------------------
-    async def create_deployment(self, deployment: Deployment, service: Service | None) -> list[Pod]:
+    async def create_deployment(self, deployment: Deployment, service: Service | None, intent: Intent | None = None) -> list[Pod]:
         get_engine(deployment.engine).check_installed()
         if deployment.name in self.store.deployments_being_deleted():
             raise Conflict(f"deployment '{deployment.name}' is still being deleted; try again once its replicas have stopped")
         records = self._new_records(deployment, deployment.replicas)
-        self.store.add_deployment(deployment, records, service)
+        self.store.add_deployment(deployment, records, service, intent)
+        failpoints.reached("deploy.intent-recorded")
         try:
             return self._launch_all(records)
         except Conflict:
             await (await self.delete_deployment(deployment.name))
             raise
 
-    async def delete_deployment(self, name: str) -> asyncio.Task:
+    async def delete_deployment(self, name: str, intent: Intent | None = None) -> asyncio.Task:
         """Gone for readers at once; replicas drain and stop in the background, then the rows go."""
-        self.store.mark_deleting(name)
-        return self.supervisor.retire(self.store.list_replicas(name), then=lambda: self.store.delete_deployment(name))
+        records = self.store.list_replicas(name)
+        self.store.mark_deleting(name, intent)
+        return self.supervisor.retire(records, then=lambda: self.store.delete_deployment(name))
 
-    async def add_replicas(self, deployment: str, count: int) -> list[Pod]:
+    async def add_replicas(self, deployment: str, count: int, intent: Intent | None = None) -> list[Pod]:
         spec = self.store.get_deployment(deployment)
         assert spec is not None
         records = self._new_records(spec, count)
-        for record in records:
-            self.store.add_replica(record)
-        self.store.set_desired_replicas(deployment, len(self.store.list_replicas(deployment)))
+        self.store.add_replicas(deployment, records, intent)
         try:
             return self._launch_all(records)
         except Conflict:
             await (await self.remove_replicas(deployment, [r.name for r in records]))
             raise
 
-    async def remove_replicas(self, deployment: str, pods: list[str]) -> asyncio.Task:
+    async def remove_replicas(self, deployment: str, pods: list[str], intent: Intent | None = None) -> asyncio.Task:
         records = [r for r in self.store.list_replicas(deployment) if r.name in set(pods)]
-        remaining = len(self.store.list_replicas(deployment)) - len(records)
-        self.store.set_desired_replicas(deployment, remaining)
+        self.store.retire_replicas(deployment, [r.name for r in records], intent)
         return self.supervisor.retire(records)
 
-    async def set_businesses(self, businesses: Mapping[str, str]) -> None:
-        self.store.set_businesses(businesses)
+    async def set_businesses(self, businesses: Mapping[str, str], intent: Intent | None = None) -> None:
+        self.store.set_businesses(businesses, intent)
 
-    async def create_service(self, service: Service) -> None:
+    async def create_service(self, service: Service, intent: Intent | None = None) -> None:
         if service.llm_routing:
             raise InvalidInput("llmRouting (a vllm-router beside the business service) needs the kubernetes backend; "
                                "on one machine Corral's gateway balances each business's replicas by outstanding requests")
-        self.store.add_service(service)
+        self.store.add_service(service, intent)
 
-    async def delete_service(self, name: str) -> None:
-        self.store.delete_service(name)
+    async def delete_service(self, name: str, unassign: Mapping[str, str] | None = None, intent: Intent | None = None) -> None:
+        self.store.delete_service(name, unassign, intent)
 
     async def pod_logs(self, name: str, tail: int) -> str | None:
         record = self.store.get_replica(name)
@@ -135,17 +141,19 @@ class LocalBackend(Backend):
         existing = self.store.list_replicas()
         taken_names = {r.name for r in existing}
         taken_ports = {r.port for r in existing}
-        held_gpus = [g for r in existing for g in r.gpu_ids] + list(self.gpus_held_elsewhere())
+        ledger = self.gpu_ledger()
         records = []
         for _ in range(count):
             name = _replica_name(deployment.name, taken_names)
             port = process.free_port()
             while port in taken_ports:
                 port = process.free_port()
-            gpus = pick_gpus(self.gpu_ids, held_gpus, deployment.gpus_per_replica, f"replica {name} of {deployment.name}")
+            # A replica holds whole devices only (CUDA_VISIBLE_DEVICES by index; `Pod.gpu_ids` are ints).
+            ledger, units = ledger.claim(Holder.replica(name), deployment.gpus_per_replica, whole_only=True,
+                                         who=f"replica {name} of {deployment.name}")
+            gpus = tuple(int(u) for u in units)
             taken_names.add(name)
             taken_ports.add(port)
-            held_gpus.extend(gpus)
             records.append(
                 ReplicaRecord(
                     name=name, deployment=deployment.name, labels=deployment.new_pod_labels(), port=port,

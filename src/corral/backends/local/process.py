@@ -16,6 +16,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# Every replica process carries these, so that it is found by what it is, not by a pid saved later:
+# a control plane killed between starting a process and recording its pid finds it on restart.
+REPLICA_NAME_ENV = "CORRAL_REPLICA_NAME"
+REPLICA_HOME_ENV = "CORRAL_REPLICA_HOME"  # the data dir of the control plane that owns it
+
+
+@dataclass(frozen=True)
+class Found:
+    """A replica's main process found by scanning /proc (its workers, children of it, are not listed)."""
+
+    pid: int
+    pid_start: str
+
 
 @dataclass
 class Started:
@@ -49,6 +62,41 @@ def process_start_time(pid: int) -> str | None:
     fields = raw[raw.rindex(")") + 2 :].split()
     state, start = fields[0], fields[19]
     return None if state in ("Z", "X") else start
+
+
+def identity_env(replica: str, home: Path) -> dict[str, str]:
+    return {REPLICA_NAME_ENV: replica, REPLICA_HOME_ENV: str(home)}
+
+
+def find_replicas(home: Path) -> dict[str, list[Found]]:
+    """Replica name → its running main processes (normally one), for the control plane of `home`.
+
+    A process counts when its environment names this home; its children inherit the same
+    environment, so only processes whose parent is not a process of the same replica are listed.
+    Processes of other users cannot be read and are never ours.
+    """
+    marker = f"{REPLICA_HOME_ENV}={home}".encode()
+    matched: dict[int, tuple[str, str, int]] = {}  # pid → (replica, start, ppid)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if marker not in environ:
+            continue
+        name = next((v.partition(b"=")[2].decode() for v in environ if v.startswith(REPLICA_NAME_ENV.encode() + b"=")), None)
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if name is None or fields[0] in ("Z", "X"):
+            continue
+        matched[int(entry.name)] = (name, fields[19], int(fields[1]))
+    found: dict[str, list[Found]] = {}
+    for pid, (name, start, ppid) in sorted(matched.items(), key=lambda item: int(item[1][1])):  # oldest first
+        if matched.get(ppid, ("",))[0] != name:
+            found.setdefault(name, []).append(Found(pid, start))
+    return found
 
 
 def spawn(argv: list[str], env: dict[str, str], log_path: Path) -> Started:

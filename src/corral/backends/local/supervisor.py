@@ -16,12 +16,15 @@ import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-from corral.backends.base import EventSink
+from corral import failpoints
+from corral.backends.base import Report
 from corral.backends.local import process
 from corral.config import Settings
+from corral.domain.history import Action, HistoryDraft, Outcome
 from corral.domain.models import PodPhase
 from corral.engines import get_engine
 from corral.store.state import ReplicaRecord, StateStore
@@ -32,10 +35,10 @@ Drain = Callable[[str, float], Awaitable[None]]
 
 
 class ReplicaSupervisor:
-    def __init__(self, settings: Settings, store: StateStore, emit: EventSink) -> None:
+    def __init__(self, settings: Settings, store: StateStore, report: Report) -> None:
         self.settings = settings
         self.store = store
-        self.emit = emit
+        self.report = report
         self._handles: dict[str, subprocess.Popen] = {}
         self._failures: dict[str, int] = {}
         self._restart_at: dict[str, float] = {}
@@ -48,12 +51,32 @@ class ReplicaSupervisor:
 
     # lifecycle -------------------------------------------------------------------------------
     async def recover(self) -> None:
+        """Make the processes match the rows: one process per replica, none that no row lists."""
+        records = {r.name: r for r in self.store.list_replicas()}
+        for name, found in process.find_replicas(self.settings.data_dir).items():
+            record = records.get(name)
+            keep = None
+            if record is not None and record.phase != PodPhase.TERMINATING:
+                keep = next((f for f in found if (f.pid, f.pid_start) == (record.pid, record.pid_start)), found[0])
+                if (keep.pid, keep.pid_start) != (record.pid, record.pid_start):
+                    log.info("adopting replica %s's process %d (started before its pid was recorded)", name, keep.pid)
+                    self.store.update_replica(name, pid=keep.pid, pid_start=keep.pid_start)
+            for extra in found:
+                if extra is not keep and (record is None or (extra.pid, extra.pid_start) != (record.pid, record.pid_start)):
+                    await process.stop_group(extra.pid, extra.pid_start, None, self.settings.stop_grace_s)
+                    why = ("a second copy of the replica" if keep else "the replica is being removed" if record
+                           else "no replica of that name is desired")
+                    self.report(None, history=HistoryDraft(Action.STRAY, name, before={"pid": extra.pid},
+                                                           message=f"stopped stray process {extra.pid}: {why}"))
         for record in self.store.list_replicas():
             if record.phase == PodPhase.TERMINATING:
                 log.info("finishing the removal of %s", record.name)
                 await self.stop(record)
             elif process.is_alive(record.pid, record.pid_start):
                 log.info("re-adopted replica %s (pid %s)", record.name, record.pid)
+            elif record.pid is None:
+                log.info("starting replica %s, recorded but never started", record.name)
+                self.launch(record)
             else:
                 log.info("replica %s died while the control plane was down; restarting it", record.name)
                 self.launch(record, restart=True)
@@ -94,8 +117,10 @@ class ReplicaSupervisor:
             extra=list(deployment.engine_args),
             replica=record.name,
         )
-        env = {**spec.env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, record.gpu_ids))}
+        env = {**spec.env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, record.gpu_ids)),
+               **process.identity_env(record.name, self.settings.data_dir)}
         started = process.spawn(spec.argv, env, Path(record.log_path))
+        failpoints.reached("replica.spawned")  # before its pid is recorded: found again by its environment
         self._handles[record.name] = started.handle  # type: ignore[assignment]
         restarts = record.restarts + (1 if restart else 0)
         updated = record.replace(
@@ -130,7 +155,10 @@ class ReplicaSupervisor:
 
     async def _drain_and_stop(self, record: ReplicaRecord) -> None:
         if self.drain is not None:
-            await self.drain(record.name, self.settings.drain_timeout_s)
+            try:  # bounded: a data plane that cannot say whether requests are in flight must not keep a replica alive
+                await asyncio.wait_for(self.drain(record.name, self.settings.drain_timeout_s), self.settings.drain_timeout_s + 5)
+            except Exception as exc:
+                log.warning("draining %s failed (%s); stopping it anyway", record.name, exc)
         await self.stop(record)
 
     def _mark_terminating(self, record: ReplicaRecord) -> None:
@@ -146,7 +174,7 @@ class ReplicaSupervisor:
                 self._mark_terminating(record)
             await process.stop_group(record.pid, record.pid_start, self._handles.get(record.name), self.settings.stop_grace_s)
             self.store.delete_replica(record.name)
-            self.emit("replica_status", {"name": record.name, "deployment": record.deployment, "phase": "Deleted", "ready": False})
+            self.report("replica_status", {"name": record.name, "deployment": record.deployment, "phase": "Deleted", "ready": False})
         finally:
             self._stopping.discard(record.name)
             self._handles.pop(record.name, None)
@@ -183,11 +211,11 @@ class ReplicaSupervisor:
             code = process.exit_code(self._handles.get(record.name))
             reason = f"process exited (code {code})" if code is not None else "process exited"
             log.warning("replica %s: %s; restarting in %.0f s", record.name, reason, delay)
-            self.store.record("crash", record.name, before={"phase": record.phase.value}, after={"phase": PodPhase.CRASH_LOOP.value},
-                              outcome="restarting", message=f"{reason}; restart #{record.restarts + 1} in {delay:.0f} s; "
-                              f"log: {record.log_path}")
             self.store.update_replica(record.name, phase=PodPhase.CRASH_LOOP, ready=False)
-            self._publish(record.replace(phase=PodPhase.CRASH_LOOP, ready=False))
+            self._publish(record.replace(phase=PodPhase.CRASH_LOOP, ready=False), history=HistoryDraft(
+                Action.CRASH, record.name, before={"phase": record.phase.value}, after={"phase": PodPhase.CRASH_LOOP.value},
+                message=f"{reason}; restart #{record.restarts + 1} in {delay:.0f} s; log: {record.log_path}"),
+                outcome=Outcome.RESTARTING)
         elif now >= self._restart_at.get(record.name, 0.0):
             self.launch(record, restart=True)
 
@@ -198,11 +226,12 @@ class ReplicaSupervisor:
             return False
         return response.status_code == 200
 
-    def _publish(self, record: ReplicaRecord) -> None:
-        self.emit(
+    def _publish(self, record: ReplicaRecord, **history: Any) -> None:
+        self.report(
             "replica_status",
             {
                 "name": record.name, "deployment": record.deployment, "phase": record.phase.value,
                 "ready": record.ready, "restarts": record.restarts, "business": record.labels.get("business"),
             },
+            **history,
         )
