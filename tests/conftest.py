@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+
+# The tests' datasets live under pytest's temporary directories: allow them as dataset roots for every
+# Corral the tests build, in-process or as a `corral serve` child (it inherits the environment).
+os.environ.setdefault("CORRAL_DATASET_ROOTS", json.dumps([tempfile.gettempdir()]))
 
 
 class _Poll(Generic[T]):

@@ -72,6 +72,30 @@ def _pairs(items: list[str], convert: type, form: str) -> dict[str, Any]:
     return parsed
 
 
+def _secret_env(items: list[str]) -> dict[str, str]:
+    """`--secret-env NAME=VALUE`, or `--secret-env NAME` to take the value from this shell's environment (it then
+    appears in no command line or shell history)."""
+    import os
+
+    env: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            if name not in os.environ:
+                fail(f"--secret-env {name}: no such variable in this shell's environment; export it or give NAME=VALUE")
+            value = os.environ[name]
+        env[name] = value
+    return env
+
+
+def _hyperparameter(text: str) -> int | float:
+    """`3` → 3 (an integer stays an integer), `1e-4` → 0.0001; the ranges are checked by `finetune.hyperparameters`."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 PROGRESS_COLUMNS = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TextColumn("{task.fields[note]}"))
 
@@ -134,6 +158,9 @@ def deploy(
     pool: bool = typer.Option(False, "--pool/--standard", help="deploy as a model pool (replicas start unassigned)"),
     gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs per replica (default: 1 for vllm/sglang, 0 otherwise)"),
     engine_args: str = typer.Option("", "--engine-args", help="extra engine arguments, e.g. '--max-model-len 4096'"),
+    secret_env: list[str] = typer.Option([], "--secret-env", help="NAME (its value from this shell's environment) or "
+                                         "NAME=VALUE: an environment variable for every replica, e.g. --secret-env "
+                                         "VLLM_API_KEY; stored by Corral, never shown"),
     wait: bool = typer.Option(True, help="wait until every replica is ready, with progress"),
     timeout: float = typer.Option(900, help="seconds to wait for readiness"),
     url: str = URL_OPTION,
@@ -143,6 +170,8 @@ def deploy(
     client = Client(url, token)
     body = {"engine": engine, "modelId": model_id, "modelTag": tag, "replicas": replicas, "deployAsPool": pool,
             "gpusPerReplica": gpus, "engineArgs": engine_args}
+    if secret_env:
+        body["secretEnv"] = _secret_env(secret_env)
     result = client.call("POST", "/api/deploy", json=body)
     name = result["deployment"]["name"]
     console.print(f"deployed [bold]{name}[/bold] ({result['deployment']['type']}); manifest: {result['manifestPath']}")
@@ -361,7 +390,14 @@ def finetune_submit(
     token: Optional[str] = TOKEN_OPTION,
 ) -> None:
     """Validate and queue a finetune task."""
-    hyperparameters = _pairs(hp, float, "name=number (e.g. epochs=3)")
+    from corral.domain.errors import InvalidInput
+    from corral.finetune.hyperparameters import validate
+
+    hyperparameters = _pairs(hp, _hyperparameter, "name=number (e.g. epochs=3)")  # type: ignore[arg-type]
+    try:
+        validate(hyperparameters)  # the API checks them the same way; failing here spares the round trip
+    except InvalidInput as exc:
+        fail(exc.message)
     body = {"baseModel": base_model, "datasetPath": str(dataset.resolve()), "method": method, "priority": priority,
             "gpus": gpus, "timeoutSeconds": timeout_s, "hyperparameters": hyperparameters}
     client = Client(url, token)

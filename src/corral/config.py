@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from corral.domain.manifests import ENGINE_IMAGES, ClusterOptions
 
@@ -19,6 +21,17 @@ class Settings(BaseSettings):
     port: int = Field(default=8080, ge=1, le=65535, description="API and UI port")
     gateway_port: int = Field(default=8000, ge=1, le=65535, description="business-service traffic port")
     api_token: str | None = Field(default=None, description="when set, mutations need 'Authorization: Bearer <token>'")
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="web origins (scheme://host:port) besides Corral's own that may open /ws and send "
+        "mutations from a browser, e.g. behind a reverse proxy (comma-separated or JSON)"
+    )
+    dataset_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="folders finetune datasets may be read from (os.pathsep-separated or JSON; "
+        "default: the data dir's uploads and the current directory at start)"
+    )
+    max_body_bytes: int = Field(default=1024**2, ge=1024, description="largest /api request body; 413 beyond it")
+    upload_max_bytes: int = Field(default=256 * 1024**2, ge=1, description="largest dataset upload from the web UI")
+    upload_max_files: int = Field(default=100, ge=1, description="files the uploads folder may hold; further uploads are refused")
     backend: Literal["local", "kubernetes"] = Field(default="local", description="where replicas run: local processes or a cluster")
     kubeconfig: Path | None = Field(default=None, description="kubernetes: kubeconfig file (default: in-cluster, then ~/.kube/config)")
     kubernetes_namespace: str = Field(default="default", description="kubernetes: namespace of pools, services and jobs")
@@ -69,12 +82,45 @@ class Settings(BaseSettings):
         default=3.0, gt=0, le=60, description="how long a change waits for the data plane to serve it before answering 503 "
         "(the change is recorded and the routing reconciler keeps pushing)"
     )
+    gateway_first_byte_timeout_s: float = Field(
+        default=30.0, ge=0.1, le=3600, description="a replica silent this long before its response headers is probed on its "
+        "health endpoint; one that does not answer is ejected and the request retried once on another (Python data plane)"
+    )
+    gateway_max_body_bytes: int = Field(
+        default=32 * 1024**2, ge=1024, le=4 * 1024**3, description="largest business-service request body; 413 beyond it"
+    )
+    gateway_client_header_timeout_s: float = Field(
+        default=60.0, ge=1, le=3600, description="a client must send its request headers within this (gateway and API ports)"
+    )
+    gateway_client_body_timeout_s: float = Field(
+        default=60.0, ge=1, le=3600, description="longest silence of a client sending a request body (gateway and API ports)"
+    )
+    gateway_max_connections: int = Field(
+        default=4096, ge=16, le=1_000_000, description="open client connections the Python gateway serves; 503 beyond"
+    )
 
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         # Absolute once: nginx (-p), trainers and replicas get paths that mean the same from any directory.
         return value.expanduser().resolve()
+
+    @field_validator("allowed_origins", "dataset_roots", mode="before")
+    @classmethod
+    def _list(cls, value: Any, info: Any) -> Any:
+        # From the environment: a JSON list, or separated by commas (origins) / os.pathsep (folders).
+        if not isinstance(value, str):
+            return value
+        if value.strip().startswith("["):
+            return json.loads(value)
+        separator = "," if info.field_name == "allowed_origins" else os.pathsep
+        return [part.strip() for part in value.split(separator) if part.strip()]
+
+    @model_validator(mode="after")
+    def _default_dataset_roots(self) -> Settings:
+        roots = self.dataset_roots or [self.uploads_dir, Path.cwd()]
+        self.dataset_roots = [root.expanduser().resolve() for root in roots]
+        return self
 
     def cluster_options(self) -> ClusterOptions:
         return ClusterOptions(
@@ -95,3 +141,8 @@ class Settings(BaseSettings):
     @property
     def logs_dir(self) -> Path:
         return self.data_dir / "logs"
+
+    @property
+    def uploads_dir(self) -> Path:
+        """Datasets uploaded from the web UI (a default dataset root)."""
+        return self.data_dir / "uploads"

@@ -22,11 +22,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import shlex
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from corral import failpoints
@@ -45,7 +46,7 @@ from corral.domain.manifests import service_manifest
 from corral.domain.models import Deployment, Pod, Service
 from corral.domain.scaling import MAX_REPLICAS, plan_pool_scale, plan_standard_scale
 from corral.domain.status import assignment_summary, pod_distribution, pool_status
-from corral.engines import get_engine
+from corral.engines import Engine, get_engine, redact_args
 from corral.events import EventBus
 from corral.store.state import StateStore
 from corral.views import (
@@ -72,6 +73,8 @@ class DeploySpec:
     deploy_as_pool: bool = False
     gpus_per_replica: int | None = None
     engine_args: list[str] | str = ()  # type: ignore[assignment]
+    # Environment variables given to every replica (API keys, tokens): stored, never shown (only their names).
+    secret_env: Mapping[str, str] | None = field(default=None, repr=False, compare=False)  # never in a repr (logs)
 
 
 class Controller:
@@ -117,7 +120,8 @@ class Controller:
             "currentReplicas": len(pods),
             "readyReplicas": sum(p.ready for p in pods),
             "gpusPerReplica": deployment.gpus_per_replica,
-            "engineArgs": list(deployment.engine_args),
+            "engineArgs": list(deployment.engine_args),  # the view shows secret values as *** (views._DeploymentFields)
+            "secretEnv": self.store.secret_env_names().get(deployment.name),  # names only, never values; absent: none
             "selector": deployment.selector,
             "createdAt": deployment.created_at.isoformat() if deployment.created_at else None,
         }
@@ -195,12 +199,18 @@ class Controller:
         model_tag = L.check_name(spec.model_tag, "modelTag")
         if not spec.model_id or not spec.model_id.strip():
             raise InvalidInput("modelId is required: a local model directory or a hub id such as 'Qwen/Qwen3-0.6B'")
+        _check_model_id(spec.model_id.strip())
         if not 0 <= spec.replicas <= MAX_REPLICAS:
             raise InvalidInput(f"replicas must be from 0 to {MAX_REPLICAS}, got {spec.replicas}")
         gpus = spec.gpus_per_replica if spec.gpus_per_replica is not None else (1 if engine.needs_gpu else 0)
         if not 0 <= gpus <= 16:
             raise InvalidInput(f"gpusPerReplica must be from 0 to 16, got {gpus}")
-        engine_args = _engine_args(spec.engine_args)
+        engine_args = _engine_args(spec.engine_args, engine)
+        secret_env = _secret_env(spec.secret_env)
+        if secret_env and getattr(self.backend, "supervisor", None) is None:
+            # Only the local backend's supervisor launches replicas with it; a cluster would need a Secret object.
+            raise InvalidInput("secretEnv is supported by the local backend only; on Kubernetes, add a Secret to the "
+                               "engine's pod template (an env entry with valueFrom.secretKeyRef)")
         name = L.pool_name(engine.name, model_tag) if spec.deploy_as_pool else L.standard_deployment_name(engine.name, model_tag)
         deployment = Deployment(
             name=name, engine=engine.name, model_id=spec.model_id.strip(), model_tag=model_tag, is_pool=spec.deploy_as_pool,
@@ -219,15 +229,21 @@ class Controller:
                 raise Conflict(f"a service named '{service.name}' already exists")
             documents = self.backend.manifests(deployment, service)
             kind = "pool" if deployment.is_pool else "standard"
-            intent = Intent([HistoryDraft(Action.DEPLOY, name, after=_brief(self.deployment_view(deployment, [], []) | {"type": kind}),
-                                          message=f"{kind} of {spec.replicas} {engine.name} replica(s)")])
+            planned = {"type": kind, "engine": engine.name, "modelName": model_tag, "modelId": deployment.model_id,
+                       "replicas": spec.replicas}
+            intent = Intent([HistoryDraft(Action.DEPLOY, name, after=planned, message=f"{kind} of {spec.replicas} {engine.name} replica(s)")])
             async with self._carrying_out(intent):
-                pods = await self.backend.create_deployment(deployment, service, intent)
+                self.store.set_secret_env(name, secret_env)  # before its replicas start: they read it at launch
+                try:
+                    pods = await self.backend.create_deployment(deployment, service, intent)
+                except BaseException:
+                    self.store.set_secret_env(name, {})
+                    raise
                 failpoints.reached("deploy.launched")
-                manifest_path = self.backend.write_manifests(name, documents)
+                manifest_path = self.backend.write_manifests(name, _redacted_manifests(documents, secret_env))
                 view = self.deployment_view(deployment, pods)
                 self.bus.publish("deployment", {"action": "created", "deployment": view})
-                await self._apply_routes(intent)
+                await self._apply_routes(intent, after=_brief(view))
         return {"success": True, "deployment": view, "pods": [self.pod_view(p) for p in pods], "manifestPath": manifest_path}
 
     async def delete_deployment(self, name: str, force: bool = False) -> dict[str, Any]:
@@ -580,16 +596,116 @@ class Controller:
         return deployment
 
 
-def _engine_args(value: list[str] | str | tuple) -> list[str]:
-    """Engine arguments as an argv list; a string is split like a shell would split it, never run by one."""
+MAX_MODEL_ID = 4096  # characters of a modelId (a path or a hub id)
+MAX_ENGINE_ARGS = 256  # items of engineArgs
+MAX_ENGINE_ARG = 4096  # characters of one item
+MAX_ENGINE_ARGS_TEXT = MAX_ENGINE_ARGS * 64  # characters of engineArgs given as one string
+MAX_SECRET_ENV = 32  # entries of secretEnv
+MAX_ENV_NAME = 128
+MAX_SECRET_VALUE = 16384
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Environment a replica gets from Corral, or that changes how its process starts rather than carrying a secret.
+RESERVED_ENV = ("CUDA_VISIBLE_DEVICES", "PATH")
+RESERVED_ENV_PREFIXES = ("CORRAL_", "LD_", "PYTHON")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _control_character(value: str) -> str | None:
+    """The first control character (NUL, newline, escape, ...) of `value`, written readably, or None."""
+    found = _CONTROL.search(value)
+    if found is None:
+        return None
+    return {"\x00": "a NUL byte (\\x00)", "\n": "a newline (\\n)", "\r": "a carriage return (\\r)",
+            "\t": "a tab (\\t)"}.get(found.group(), f"the control character \\x{ord(found.group()):02x}")
+
+
+def _check_model_id(model_id: str) -> None:
+    if len(model_id) > MAX_MODEL_ID:
+        raise InvalidInput(f"modelId is {len(model_id)} characters long; at most {MAX_MODEL_ID} are allowed")
+    if (char := _control_character(model_id)) is not None:
+        raise InvalidInput(f"modelId contains {char}; give a directory path or a hub id such as 'Qwen/Qwen3-0.6B'")
+    if model_id.startswith("-"):
+        raise InvalidInput("modelId may not start with '-' (it would be read as an engine flag); "
+                           "give a directory path or a hub id such as 'Qwen/Qwen3-0.6B'")
+
+
+def _engine_args(value: list[str] | str | tuple, engine: Engine | None = None) -> list[str]:
+    """Engine arguments as an argv list; a string is split like a shell would split it, never run by one.
+    Refused: more than MAX_ENGINE_ARGS items or MAX_ENGINE_ARG characters in one, control characters (a NUL
+    byte cannot be passed to a process at all), and flags the engine gets from Corral (`Engine.check_args`)."""
     if isinstance(value, str):
+        if len(value) > MAX_ENGINE_ARGS_TEXT:
+            raise InvalidInput(f"engineArgs is {len(value)} characters long; at most {MAX_ENGINE_ARGS_TEXT} are allowed")
         try:
-            return shlex.split(value)
+            args = shlex.split(value)
         except ValueError as exc:
             raise InvalidInput(f"engineArgs could not be parsed: {exc}") from None
-    if not all(isinstance(a, str) for a in value):
+    elif isinstance(value, (list, tuple)) and all(isinstance(a, str) for a in value):
+        args = list(value)
+    else:
         raise InvalidInput("engineArgs must be a list of strings or one string")
-    return list(value)
+    if len(args) > MAX_ENGINE_ARGS:
+        raise InvalidInput(f"engineArgs has {len(args)} arguments; at most {MAX_ENGINE_ARGS} are allowed")
+    for i, arg in enumerate(args):
+        if len(arg) > MAX_ENGINE_ARG:
+            raise InvalidInput(f"engineArgs[{i}] is {len(arg)} characters long; at most {MAX_ENGINE_ARG} are allowed")
+        if (char := _control_character(arg)) is not None:
+            raise InvalidInput(f"engineArgs[{i}] contains {char}; engine arguments cannot carry control characters: "
+                               "remove it")
+    if engine is not None:
+        engine.check_args(args)
+    return args
+
+
+def _secret_env(value: Mapping[str, str] | None) -> dict[str, str]:
+    """`secretEnv` checked: environment variable names, at most MAX_SECRET_ENV of them, none that Corral sets.
+    A message names the variable, never its value."""
+    if not value:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidInput('secretEnv must be an object of environment variables, e.g. {"VLLM_API_KEY": "..."}')
+    if len(value) > MAX_SECRET_ENV:
+        raise InvalidInput(f"secretEnv has {len(value)} variables; at most {MAX_SECRET_ENV} are allowed")
+    for name, secret in value.items():
+        if not isinstance(name, str) or len(name) > MAX_ENV_NAME or not ENV_NAME.match(name):
+            shown = name[:64] if isinstance(name, str) and not _CONTROL.search(name) else "(unprintable)"
+            raise InvalidInput(f"secretEnv name '{shown}' is not an environment variable name: use letters, digits "
+                               f"and '_', not starting with a digit, at most {MAX_ENV_NAME} characters")
+        if name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES):
+            raise InvalidInput(f"secretEnv may not set {name}: Corral sets it, or it changes how the engine starts "
+                               f"(reserved: {', '.join(RESERVED_ENV)} and names starting with "
+                               f"{', '.join(RESERVED_ENV_PREFIXES)}); secretEnv is for secrets such as API keys")
+        if not isinstance(secret, str):
+            raise InvalidInput(f"secretEnv {name} must be a string")
+        if len(secret) > MAX_SECRET_VALUE:
+            raise InvalidInput(f"secretEnv {name} is longer than {MAX_SECRET_VALUE} characters")
+        if "\x00" in secret:
+            raise InvalidInput(f"secretEnv {name} contains a NUL byte, which an environment variable cannot hold")
+    return dict(value)
+
+
+def _redacted_manifests(documents: list[dict], secret_env: Mapping[str, str]) -> list[dict]:
+    """The manifests as Corral writes them to disk: secret engine arguments as `***` (in the container's args
+    and the engine-args annotation), secretEnv as env entries that reference a Secret (`<name>-secret-env`)."""
+    import copy
+    import json
+
+    from corral.domain.manifests import ANNOTATION_ENGINE_ARGS
+
+    written = copy.deepcopy(documents)
+    for document in written:
+        if document.get("kind") != "Deployment":
+            continue
+        annotations = document.get("metadata", {}).get("annotations", {})
+        if ANNOTATION_ENGINE_ARGS in annotations:
+            annotations[ANNOTATION_ENGINE_ARGS] = json.dumps(redact_args(json.loads(annotations[ANNOTATION_ENGINE_ARGS])))
+        secret = f"{document['metadata']['name']}-secret-env"
+        for container in document.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+            container["args"] = redact_args(container.get("args", []))
+            if secret_env:
+                container["env"] = list(container.get("env", [])) + [
+                    {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}} for key in sorted(secret_env)]
+    return written
 
 
 def _assign_draft(pod: Pod, business: str, reason: str = "") -> HistoryDraft:

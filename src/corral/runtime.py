@@ -30,6 +30,7 @@ from corral.gateway.proxy import Gateway
 from corral.gateway.routing import RoutingTable, build_routes
 from corral.gateway.sync import DataPlaneLagging, RoutingSync
 from corral.gpus.inventory import GpuInventory
+from corral.paths import make_private_dir
 from corral.platform import build_platform
 from corral.store.state import StateStore
 from corral.views import gpu_info
@@ -41,7 +42,7 @@ NOT_ROUTING_EVENTS = frozenset({"history", "finetune_task", "gpu_inventory"})
 class Runtime:
     def __init__(self, settings: Settings, backend: Callable[[StateStore], Backend] | None = None) -> None:
         """`backend`: a factory of the backend (given the runtime's store) instead of the settings' choice."""
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(settings.data_dir)  # 0700, and umask 077 for what Corral writes (corral.paths)
         self.settings = settings
         self.store = StateStore(settings.database_path)
         self.bus = EventBus()

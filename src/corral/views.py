@@ -22,13 +22,21 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
 from typing_extensions import TypedDict
 
 from corral.domain.history import Action, Outcome
 from corral.domain.memory import GIB
 from corral.domain.models import PodPhase
 from corral.domain.recommendation import DeviceMemory, recommend
+from corral.engines.base import redact_args
 from corral.finetune.store import TaskState
 from corral.gpus.inventory import GpuDevice, GpuInventory
 
@@ -141,7 +149,8 @@ class PodView(Contract):
     createdAt: str | None
 
 
-class _DeploymentFields(Contract):
+class _DeploymentFields(OmittingContract):
+    omitted_when_none = frozenset({"secretEnv"})
     name: str
     type: str
     isPool: bool
@@ -153,9 +162,19 @@ class _DeploymentFields(Contract):
     currentReplicas: int
     readyReplicas: int
     gpusPerReplica: int
-    engineArgs: list[str]
+    engineArgs: list[str] = Field(description="extra engine arguments; the values of secret flags (--api-key, ...) "
+                                              "are shown as ***")
+    secretEnv: list[str] | None = Field(default=None, description="names of the environment variables given to its "
+                                                                 "replicas as secrets (values are never returned); absent "
+                                                                 "when it has none")
     selector: dict[str, str]
     createdAt: str | None
+
+    @field_validator("engineArgs")
+    @classmethod
+    def _redacted(cls, value: list[str]) -> list[str]:
+        """Whoever builds a view, a secret engine argument never leaves in one (API, UI, events)."""
+        return redact_args(value)
 
 
 class PoolDeploymentView(_DeploymentFields):

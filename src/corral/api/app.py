@@ -10,10 +10,19 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
-from starlette.routing import Match, Mount
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import corral
 from corral.api import events, finetune, serving, system
+from corral.api.doors import (
+    API_CATCH_ALL,
+    DOOR_REFUSALS,
+    KNOWN_METHODS,
+    MUTATIONS,
+    BodyTooLarge,
+    WebDoors,
+    allowed_methods,
+)
 from corral.api.schemas import plain_text
 from corral.config import Settings
 from corral.domain.errors import CorralError
@@ -23,7 +32,13 @@ from corral.ui import live as ui_live
 from corral.ui import mount as mount_ui
 from corral.views import EngineInfo, Health
 
-HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+def _http_error_message(exc: StarletteHTTPException) -> str:
+    if isinstance(exc, BodyTooLarge):
+        return str(exc.detail)
+    if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+        return "invalid request: the body is not valid JSON (UTF-8)"
+    return str(exc.detail)
 
 
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
@@ -55,6 +70,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.include_router(system.router)
     app.include_router(finetune.router)
     app.include_router(events.router)
+    app.add_middleware(WebDoors)  # host, origin, content type and body size, before any route (corral.api.doors)
 
     @app.get("/api/health", tags=["system"], response_model=Health)
     async def health(request: Request) -> Health:
@@ -88,6 +104,11 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     async def corral_error(_: Request, exc: CorralError) -> JSONResponse:
         return JSONResponse({"error": exc.message, **exc.details}, status_code=exc.status_code)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own refusals (a body that is not UTF-8 or not JSON, one over the cap) in the API's shape.
+        return JSONResponse({"error": _http_error_message(exc)}, status_code=exc.status_code, headers=exc.headers)
+
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
         problems = []
@@ -96,28 +117,32 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             problems.append(f"{where or 'body'}: {error['msg']}")
         return JSONResponse({"error": "invalid request: " + "; ".join(problems), "details": problems}, status_code=400)
 
-    @app.api_route("/api/{path:path}", methods=list(HTTP_METHODS), include_in_schema=False)
+    @app.api_route(API_CATCH_ALL, methods=list(KNOWN_METHODS), include_in_schema=False)
     async def unknown_api(path: str, request: Request) -> JSONResponse:
-        """JSON, not the UI's page, for API paths that do not exist (or exist for other methods)."""
-        routes = [r for r in app.routes if r is not unknown_api_route and not isinstance(r, Mount)]
-        allowed = [m for m in HTTP_METHODS if any(r.matches({**request.scope, "method": m})[0] == Match.FULL for r in routes)]
+        """JSON, not the UI's page, for API paths that do not exist (or exist for other methods); methods
+        other than these are answered by `WebDoors`."""
+        allowed = allowed_methods(app, request.scope)
         if allowed:
             return JSONResponse({"error": f"/api/{path} accepts {', '.join(allowed)}, not {request.method}"}, status_code=405,
                                 headers={"Allow": ", ".join(allowed)})
         return JSONResponse({"error": f"no API endpoint /api/{path}; the API is described at /docs"}, status_code=404)
 
-    unknown_api_route = app.routes[-1]
-
     def openapi() -> dict[str, Any]:
         """FastAPI's document, less its default 422 answers: this app answers a malformed request with 400
         and `{"error", "details"}` (`invalid_body` above), which every route declares. Errors are JSON
-        even on routes that answer text (FastAPI gives declared responses the route's media type)."""
+        even on routes that answer text (FastAPI gives declared responses the route's media type).
+        Mutations also declare the refusals of `WebDoors` (cross-origin 403, body too large 413, not JSON 415)."""
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            for operations in schema.get("paths", {}).values():
-                for operation in operations.values():
+            for path, operations in schema.get("paths", {}).items():
+                for method, operation in operations.items():
                     responses = operation.get("responses", {})
                     responses.pop("422", None)
+                    if path.startswith("/api/") and method.upper() in MUTATIONS:
+                        for code, description in DOOR_REFUSALS.items():
+                            if code != "413" or "requestBody" in operation:
+                                responses.setdefault(code, {"description": description, "content": {
+                                    "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}})
                     for code, response in responses.items():
                         if code[0] in "45" and response.get("content"):
                             response["content"] = {"application/json": next(iter(response["content"].values()))}

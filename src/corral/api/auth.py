@@ -1,10 +1,11 @@
-"""Mutations need `Authorization: Bearer <token>` when a token is configured; reads stay open."""
+"""Mutations need `Authorization: Bearer <token>` when a token is configured; reads stay open.
+(Origins, content types and body sizes are checked before any route, by `corral.api.doors`.)"""
 
 from __future__ import annotations
 
 from fastapi import Request
 
-from corral.auth import token_accepted
+from corral.auth import bearer, token_accepted
 from corral.domain.errors import CorralError
 
 
@@ -14,9 +15,5 @@ class Unauthorized(CorralError):
 
 def require_token(request: Request) -> None:
     expected: str | None = request.app.state.settings.api_token
-    if not expected:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token_accepted(token, expected):
+    if expected and not token_accepted(bearer(request.headers.get("authorization")), expected):
         raise Unauthorized("this Corral requires an API token: send 'Authorization: Bearer <token>' (CORRAL_API_TOKEN)")

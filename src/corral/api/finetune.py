@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, status
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from corral.api.auth import require_token
-from corral.api.schemas import Body, errors, plain_text
+from corral.api.schemas import ENGINE_LENGTH, PATH_LENGTH, Body, Name, errors, plain_text
 from corral.backends.local.process import tail_lines
+from corral.finetune.hyperparameters import HYPERPARAMETERS_HELP
 from corral.finetune.manager import FinetuneManager
 from corral.finetune.store import FINISHED
 from corral.views import DeployResult, FinetuneTask, QueueSummary
@@ -28,13 +29,16 @@ class GpuRequest(BaseModel):
 
 
 class SubmitRequest(Body):
-    baseModel: str = Field(description="local model directory or hub id")
-    datasetPath: str = Field(description="JSONL: chat `messages`, or `instruction`/`input`/`output`")
-    method: str = Field(default="lora", description="lora | qlora | full")
-    priority: str = Field(default="normal", description="high | normal | low")
+    baseModel: str = Field(max_length=PATH_LENGTH, description="local model directory or hub id")
+    datasetPath: str = Field(max_length=PATH_LENGTH, description="JSONL: chat `messages`, or `instruction`/`input`/`output`")
+    method: str = Field(default="lora", max_length=16, description="lora | qlora | full")
+    priority: str = Field(default="normal", max_length=16, description="high | normal | low")
     gpus: int | GpuRequest | None = Field(default=None, description="a count, or {count, memoryGb}; default 1, or 0 without GPU")
     timeoutSeconds: float | None = Field(default=None, description="default 6 h; the task is cancelled when it runs longer")
-    hyperparameters: dict[str, float] = Field(default_factory=dict)
+    # Checked by the one validator the CLI and the UI use too (corral.finetune.hyperparameters), so that its
+    # messages are the same everywhere and an integer stays an integer all the way to the trainer.
+    hyperparameters: Annotated[dict[Annotated[str, Field(max_length=64)], Any], Field(max_length=32)] = Field(
+        default_factory=dict, description=HYPERPARAMETERS_HELP)
 
 
 def manager(request: Request) -> FinetuneManager:
@@ -74,8 +78,9 @@ async def cancel(task_id: str, request: Request) -> Any:
 
 
 class TaskDeployRequest(Body):
-    engine: str = Field(default="vllm", description="vllm serves the adapter on the base model; others get merged weights")
-    modelTag: str = Field(description="the pool's `model` label, e.g. qwen-06b-support")
+    engine: str = Field(default="vllm", max_length=ENGINE_LENGTH,
+                        description="vllm serves the adapter on the base model; others get merged weights")
+    modelTag: Name = Field(description="the pool's `model` label, e.g. qwen-06b-support")
     replicas: int = 1
     gpusPerReplica: int | None = None
     merge: bool = Field(default=False, description="serve merged weights even with vLLM")

@@ -4,11 +4,39 @@ Response bodies are the shared view models of `corral.views`; the error response
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
+from corral.controller import (
+    MAX_ENGINE_ARG,
+    MAX_ENGINE_ARGS,
+    MAX_ENGINE_ARGS_TEXT,
+    MAX_ENV_NAME,
+    MAX_MODEL_ID,
+    MAX_SECRET_ENV,
+    MAX_SECRET_VALUE,
+)
+from corral.domain import labels as L
 from corral.views import ErrorBody
+
+# Size limits of request fields: a string the API accepts is one Corral can store, show and pass on. Names
+# follow the label rules (DNS-1123 labels, 63 characters); paths and model ids 4096 (PATH_MAX).
+NAME_LENGTH = L.MAX_NAME_LENGTH
+POD_NAME_LENGTH = 80  # a replica's name: its deployment's name and a 5-character suffix
+PATH_LENGTH = 4096
+ENGINE_LENGTH = 32
+
+Name = Annotated[str, Field(max_length=NAME_LENGTH)]
+EngineArg = Annotated[str, Field(max_length=MAX_ENGINE_ARG)]
+EnvName = Annotated[str, Field(max_length=MAX_ENV_NAME, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+SecretValue = Annotated[str, Field(max_length=MAX_SECRET_VALUE)]
+# An argv list or one string, told apart before validation so that a refusal names only the form given.
+EngineArgs = Annotated[
+    Union[Annotated[list[EngineArg], Field(max_length=MAX_ENGINE_ARGS), Tag("list")],
+          Annotated[str, Field(max_length=MAX_ENGINE_ARGS_TEXT), Tag("string")]],
+    Discriminator(lambda value: "string" if isinstance(value, str) else "list"),
+]
 
 
 class Body(BaseModel):
@@ -16,38 +44,46 @@ class Body(BaseModel):
 
 
 class DeployRequest(Body):
-    engine: str = Field(description="vllm | sglang | transformers | simulator")
-    modelId: str = Field(description="local model directory or hub id")
-    modelTag: str = Field(description="the `model` label value, e.g. qwen-06b")
+    engine: str = Field(max_length=ENGINE_LENGTH, description="vllm | sglang | transformers | simulator")
+    modelId: str = Field(max_length=MAX_MODEL_ID, description="local model directory or hub id")
+    modelTag: Name = Field(description="the `model` label value, e.g. qwen-06b")
     replicas: int = 1
     deployAsPool: bool = False
     gpusPerReplica: int | None = Field(default=None, description="default: 1 for vllm/sglang, 0 otherwise")
-    engineArgs: list[str] | str = Field(default_factory=list, description="extra engine arguments (argv list or one string)")
+    engineArgs: EngineArgs = Field(
+        default_factory=list,
+        description="extra engine arguments (argv list or one string). Not allowed: the flags Corral sets (host, port, "
+                    "model, served model name) and control characters. The values of secret flags (--api-key, "
+                    "--hf-token, ...) are shown as ***; better, pass secrets as secretEnv.")
+    secretEnv: Annotated[dict[EnvName, SecretValue], Field(max_length=MAX_SECRET_ENV)] = Field(
+        default_factory=dict,
+        description="environment variables for every replica, e.g. {\"VLLM_API_KEY\": \"...\"}: stored, passed to the "
+                    "engine's process, never returned (deployments list their names only) and never logged")
 
 
 class DeployServiceRequest(Body):
-    serviceName: str
-    modelPool: str
-    businessTag: str
+    serviceName: Name
+    modelPool: Name
+    businessTag: Name
     isExternal: bool = False
     llmRouting: bool = Field(default=False, description="kubernetes: a vllm-router (KV-cache-aware) beside the service")
 
 
 class AssignPodRequest(Body):
-    podName: str
-    businessTag: str
-    modelName: str | None = None
+    podName: str = Field(max_length=POD_NAME_LENGTH)
+    businessTag: Name
+    modelName: Name | None = None
 
 
 class DistributePodsRequest(Body):
-    deploymentName: str
-    ratios: dict[str, float] | None = None
-    counts: dict[str, int] | None = None
+    deploymentName: Name
+    ratios: Annotated[dict[Name, float], Field(max_length=256)] | None = None
+    counts: Annotated[dict[Name, int], Field(max_length=256)] | None = None
     dryRun: bool = Field(default=False, description="return the moves without applying them")
 
 
 class ScaleRequest(Body):
-    deploymentName: str
+    deploymentName: Name
     targetReplicas: int
 
 

@@ -55,6 +55,7 @@ async def deploy(body: DeployRequest, request: Request) -> Any:
     spec = DeploySpec(
         engine=body.engine, model_id=body.modelId, model_tag=body.modelTag, replicas=body.replicas,
         deploy_as_pool=body.deployAsPool, gpus_per_replica=body.gpusPerReplica, engine_args=body.engineArgs,
+        secret_env=body.secretEnv,
     )
     return await controller(request).deploy(spec)
 

@@ -4,6 +4,14 @@ An engine only builds argument lists (never a shell string), so user input such 
 or a model path can never be interpreted by a shell.
 """
 
-from corral.engines.base import Engine, LaunchSpec, engine_names, get_engine
+from corral.engines.base import (
+    REDACTED,
+    Engine,
+    LaunchSpec,
+    engine_names,
+    get_engine,
+    is_secret_flag,
+    redact_args,
+)
 
-__all__ = ["Engine", "LaunchSpec", "get_engine", "engine_names"]
+__all__ = ["Engine", "LaunchSpec", "get_engine", "engine_names", "redact_args", "is_secret_flag", "REDACTED"]

@@ -58,14 +58,25 @@ class SimulatorEngine(Engine):
         return ["--model", model_tag, "--host", host, "--port", str(port), *extra]
 
 
-register(VllmEngine("vllm", module="vllm.entrypoints.openai.api_server", needs_gpu=True, description="vLLM"))
-register(SglangEngine("sglang", module="sglang.launch_server", needs_gpu=True, description="SGLang"))
-register(TransformersEngine("transformers", module=None, executable="transformers", description="transformers serve (CPU-capable)"))
+# What each engine's command line gets from Corral (see `server_args`); engineArgs may not set these.
+HOST = "the address the replica listens on (127.0.0.1 locally, the pod's interfaces in a cluster)"
+PORT = "the port the replica listens on (chosen by Corral; its health checks and the gateway use it)"
+MODEL = "the model it serves (from modelId)"
+SERVED_NAME = "the model name it answers to (from modelTag)"
+
+register(VllmEngine("vllm", module="vllm.entrypoints.openai.api_server", needs_gpu=True, description="vLLM",
+                    reserved_flags={"--host": HOST, "--port": PORT, "--model": MODEL, "--served-model-name": SERVED_NAME}))
+register(SglangEngine("sglang", module="sglang.launch_server", needs_gpu=True, description="SGLang",
+                      reserved_flags={"--host": HOST, "--port": PORT, "--model-path": MODEL, "--model": MODEL,
+                                      "--served-model-name": SERVED_NAME}))
+register(TransformersEngine("transformers", module=None, executable="transformers", description="transformers serve (CPU-capable)",
+                            reserved_flags={"--host": HOST, "--port": PORT}))
 register(
     SimulatorEngine(
         "simulator",
         module="corral.engines.simulator",
         is_simulator=True,
         description="Corral's simulator: OpenAI-compatible, configurable TTFT and tokens/s; no model is run",
+        reserved_flags={"--host": HOST, "--port": PORT, "--model": SERVED_NAME},
     )
 )

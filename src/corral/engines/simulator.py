@@ -23,7 +23,8 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 
-def build_app(model: str, ttft_s: float, tokens_per_second: float, default_max_tokens: int, startup_s: float) -> Starlette:
+def build_app(model: str, ttft_s: float, tokens_per_second: float, default_max_tokens: int, startup_s: float,
+              api_key: str | None = None) -> Starlette:
     replica = os.environ.get("CORRAL_REPLICA_NAME", "simulator")
     fingerprint = f"corral-simulator:{replica}"
     headers = {"x-simulator-replica": replica}
@@ -35,10 +36,20 @@ def build_app(model: str, ttft_s: float, tokens_per_second: float, default_max_t
             return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ok", "simulator": True, "replica": replica})
 
-    async def models(_: Request) -> JSONResponse:
+    def refused(request: Request) -> JSONResponse | None:
+        """Like vLLM with --api-key: /v1 paths need `Authorization: Bearer <key>`; /health stays open."""
+        if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
+            return JSONResponse({"error": "Unauthorized"}, status_code=401)
+        return None
+
+    async def models(request: Request) -> JSONResponse:
+        if (refusal := refused(request)) is not None:
+            return refusal
         return JSONResponse({"object": "list", "data": [{"id": model, "object": "model", "owned_by": "corral-simulator"}]})
 
     async def complete(request: Request) -> JSONResponse | StreamingResponse:
+        if (refusal := refused(request)) is not None:
+            return refusal
         try:
             body = await request.json()
         except json.JSONDecodeError:
@@ -99,11 +110,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens-per-second", type=float, default=200.0)
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens when the request sets none")
     parser.add_argument("--startup-s", type=float, default=0.0, help="time /health answers 503 (model loading)")
+    parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 (default: $SIMULATOR_API_KEY)")
     args = parser.parse_args(argv)
 
     import uvicorn
 
-    app = build_app(args.model, args.ttft_ms / 1000, args.tokens_per_second, args.max_tokens, args.startup_s)
+    app = build_app(args.model, args.ttft_ms / 1000, args.tokens_per_second, args.max_tokens, args.startup_s,
+                    api_key=args.api_key or os.environ.get("SIMULATOR_API_KEY") or None)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

@@ -39,20 +39,47 @@ def to_messages(record: Any, line: int) -> list[dict[str, str]]:
     raise InvalidInput(f"{where}: needs 'messages', or 'instruction' and 'output' (with optional 'input')")
 
 
+SNIFF_BYTES = 8192  # a NUL byte in the first ones: a binary file, not JSONL text
+
+
 def load_dataset(path: Path) -> list[list[dict[str, str]]]:
-    """Every example as messages; InvalidInput for a missing, empty or malformed file."""
-    if not path.is_file():
-        raise InvalidInput(f"datasetPath '{path}' is not a file")
+    """Every example as messages; InvalidInput for a missing, unreadable, binary, empty or malformed file.
+    A message names the line and what is wrong with it, never the file's content."""
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError):  # a NUL byte in the path, a name too long
+        is_file = False
+    if not is_file:
+        raise InvalidInput(f"datasetPath '{_short(str(path))}' is not a file")
     examples = []
-    with open(path, encoding="utf-8") as lines:
-        for number, text in enumerate(lines, start=1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise InvalidInput(f"dataset line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            examples.append(to_messages(record, number))
+    try:
+        with open(path, "rb") as lines:
+            if b"\0" in lines.read(SNIFF_BYTES):
+                raise InvalidInput(f"datasetPath '{_short(str(path))}' is a binary file, not JSONL text: give a .jsonl file "
+                                   "with one JSON example per line")
+            lines.seek(0)
+            for number, raw in enumerate(lines, start=1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise InvalidInput(f"dataset line {number}: not UTF-8 text (is it a binary file?); "
+                                       "save the dataset as UTF-8 JSONL") from None
+                if not text.strip():
+                    continue
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise InvalidInput(f"dataset line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                except RecursionError:
+                    raise InvalidInput(f"dataset line {number}: nested too deeply") from None
+                examples.append(to_messages(record, number))
+    except OSError as exc:
+        raise InvalidInput(f"datasetPath '{_short(str(path))}' cannot be read ({exc.strerror or type(exc).__name__})") from None
     if not examples:
-        raise InvalidInput(f"datasetPath '{path}' has no examples")
+        raise InvalidInput(f"datasetPath '{_short(str(path))}' has no examples")
     return examples
+
+
+def _short(value: str, limit: int = 300) -> str:
+    value = value.replace("\0", "\\0")
+    return value if len(value) <= limit else value[:limit] + "…"

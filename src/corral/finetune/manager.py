@@ -11,12 +11,15 @@ the reason — never silently lost.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
+import math
 import secrets
+import shutil
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,10 +32,12 @@ from corral.domain.memory import GIB, KNOWN_MODELS, MemoryEstimate, ModelSpec, T
 from corral.domain.queue import Capacity, Demand, Priority, Strategy, WaitingTask, schedule
 from corral.domain.reclaim import free_units, plan_reclaim
 from corral.events import EventBus
+from corral.finetune import hyperparameters as hyperparameter_rules
 from corral.finetune.dataset import load_dataset
 from corral.finetune.runners import ProcessRunner, TrainerRunner
 from corral.finetune.store import ACTIVE, FINISHED, WAITING, TaskRecord, TaskStore
 from corral.gpus.inventory import GpuInventory
+from corral.paths import confine_dataset
 from corral.store.state import StateStore
 from corral.views import FinetuneTask
 
@@ -41,11 +46,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("corral.finetune")
 
-DEFAULT_HYPERPARAMETERS: dict[str, Any] = {
-    "epochs": 3, "batchSize": 4, "gradientAccumulation": 1, "learningRate": 2e-4, "loraRank": 8, "loraAlpha": 16,
-    "loraDropout": 0.05, "maxSeqLen": 1024, "saveSteps": 50, "seed": 42,
-}
+DEFAULT_HYPERPARAMETERS: dict[str, Any] = dict(hyperparameter_rules.DEFAULTS)  # names, types and ranges: finetune.hyperparameters
 METHODS = ("lora", "qlora", "full")
+MAX_PATH = 4096  # characters of baseModel and datasetPath
+MAX_MEMORY_GB = 1_000_000.0
+# What the trainer imports (importable names; `corral[train]` installs the first three).
+TRAINER_PACKAGES = ("torch", "transformers", "peft")
+QLORA_PACKAGES = ("bitsandbytes",)
 
 
 def _now() -> datetime:
@@ -105,47 +112,67 @@ class FinetuneManager:
     # API ---------------------------------------------------------------------------------------
     def submit(self, *, base_model: str, dataset_path: str, method: str = "lora", priority: str = "normal",
                gpus: int | None = None, memory_gb: float | None = None, timeout_s: float | None = None,
-               hyperparameters: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Validate everything, then queue: a task that cannot start now is `queued`, never refused."""
-        if method not in METHODS:
-            raise InvalidInput(f"method must be one of {', '.join(METHODS)}, got '{method}'")
+               hyperparameters: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Validate everything, then queue: a task that cannot start now is `queued`, never refused. A refusal
+        (InvalidInput: 400) creates nothing: no row, no task directory."""
+        if not isinstance(method, str) or method not in METHODS:
+            raise InvalidInput(f"method must be one of {', '.join(METHODS)}, got '{_short(method)}'")
         try:
             Priority.parse(priority)
-        except KeyError:
-            raise InvalidInput(f"priority must be high, normal or low, got '{priority}'") from None
-        unknown = set(hyperparameters or {}) - set(DEFAULT_HYPERPARAMETERS)
-        if unknown:
-            raise InvalidInput(f"unknown hyperparameter(s) {', '.join(sorted(unknown))}; known: {', '.join(DEFAULT_HYPERPARAMETERS)}")
-        hp = {**DEFAULT_HYPERPARAMETERS, **(hyperparameters or {})}
-        for key, value in hp.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (value == 0 and key != "loraDropout"):
-                raise InvalidInput(f"hyperparameter {key} must be a positive number, got {value!r}")
-        if not base_model or not (Path(base_model).is_dir() or "/" in base_model):
-            raise InvalidInput(f"baseModel '{base_model}' is neither a local model directory nor a hub id (org/name)")
+        except (KeyError, AttributeError, TypeError):
+            raise InvalidInput(f"priority must be high, normal or low, got '{_short(priority)}'") from None
+        hp = hyperparameter_rules.validate(hyperparameters)  # the one check of the API, the CLI and the UI
+        _check_path_text(base_model, "baseModel")
+        if not base_model or not (_is_dir(base_model) or "/" in base_model):
+            raise InvalidInput(f"baseModel '{_short(base_model)}' is neither a local model directory nor a hub id (org/name)")
+        _check_path_text(dataset_path, "datasetPath")
+        dataset_path = str(confine_dataset(dataset_path, self.settings.dataset_roots))  # before the file is opened
         examples = len(load_dataset(Path(dataset_path)))
         has_gpu = self.inventory().available
         count = (1 if has_gpu else 0) if gpus is None else gpus
-        if count < 0 or count > 64:
-            raise InvalidInput(f"gpus must be from 0 to 64, got {count}")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0 or count > 64:
+            raise InvalidInput(f"gpus must be an integer from 0 to 64, got {_short(count)}")
         if count and not has_gpu:
             raise InvalidInput("this machine has no GPU: submit with gpus 0 to train on the CPU")
         if method == "qlora" and not count:
             raise InvalidInput("qlora needs a GPU (bitsandbytes 4-bit); use method 'lora' on the CPU")
+        if memory_gb is not None and (not _finite(memory_gb) or not 0 <= memory_gb <= MAX_MEMORY_GB):
+            raise InvalidInput(f"gpus.memoryGb must be a number of GB from 0 to {MAX_MEMORY_GB:.0f}, got {_short(memory_gb)}")
         timeout = self.settings.finetune_timeout_s if timeout_s is None else timeout_s
-        if timeout <= 0:
-            raise InvalidInput(f"timeoutSeconds must be positive, got {timeout}")
+        if not _finite(timeout) or timeout <= 0:
+            raise InvalidInput(f"timeoutSeconds must be positive (a finite number of seconds), got {_short(timeout)}")
+        self._check_trainer_installed(method)
         task = TaskRecord(
             id=f"ft-{secrets.token_hex(4)}", status="pending", base_model=base_model, dataset_path=str(Path(dataset_path).resolve()),
             method=method, priority=priority.lower(), hyperparameters=hp, gpus=count, timeout_s=float(timeout), examples=examples,
-            memory_gb=memory_gb if memory_gb is not None else self._estimate_gb(base_model, method, hp, count),
+            memory_gb=float(memory_gb) if memory_gb is not None else self._estimate_gb(base_model, method, hp, count),
             created_at=_now(),
         )
-        self._dir(task.id).mkdir(parents=True, exist_ok=True)
-        self.tasks.add(task)
+        directory = self._dir(task.id)
+        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.tasks.add(task)
+        except BaseException:  # nothing left behind: no directory without its task
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
         self._note(task.id, f"submitted: {method} of {base_model} on {examples} examples, priority {task.priority}")
         self.bus.publish("finetune_task", self.view(self.tasks.get(task.id)))  # type: ignore[arg-type]
         self.tick()
         return self.view(self.tasks.get(task.id))  # type: ignore[arg-type]
+
+    def _check_trainer_installed(self, method: str) -> None:
+        """A local trainer needs torch, transformers and peft (bitsandbytes for qlora) in Corral's environment:
+        refuse at submit instead of a task that fails seconds later. Looked up, not imported (cheap)."""
+        if not isinstance(self.runner, ProcessRunner):  # a Job runs the trainer in its own image
+            return
+        missing = [name for name in TRAINER_PACKAGES if not _importable(name)]
+        if missing:
+            raise InvalidInput(f"finetuning needs the trainer packages, and {', '.join(missing)} "
+                               f"{'is' if len(missing) == 1 else 'are'} not installed in Corral's environment "
+                               f"({sys.executable}): pip install 'corral[train]'")
+        if method == "qlora" and not all(_importable(name) for name in QLORA_PACKAGES):
+            raise InvalidInput(f"qlora needs bitsandbytes, which is not installed in Corral's environment ({sys.executable}): "
+                               "pip install bitsandbytes (beside 'corral[train]'), or use method 'lora'")
 
     async def cancel(self, task_id: str) -> dict[str, Any]:
         task = self._get(task_id)
@@ -479,6 +506,42 @@ def training_estimate(base_model: str, method: str, hp: dict[str, Any]) -> tuple
     setup = TrainingSetup(method=method, seq_len=int(hp["maxSeqLen"]), batch_size=int(hp["batchSize"]),  # type: ignore[arg-type]
                           lora_rank=int(hp["loraRank"]))
     return spec, training_memory(spec, setup)
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a broken install, or a module without a spec
+        return False
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    """A value quoted in a refusal: readable (NaN, not nan), and never megabytes long."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + f"… ({len(text)} characters)"
+
+
+def _check_path_text(value: Any, field: str) -> None:
+    """A path or hub id Corral can store and hand to a process: a string, at most MAX_PATH characters, no NUL."""
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInput(f"{field} is required")
+    if len(value) > MAX_PATH:
+        raise InvalidInput(f"{field} is {len(value)} characters long; at most {MAX_PATH} are allowed")
+    if "\x00" in value:
+        raise InvalidInput(f"{field} must not contain a NUL byte")
+
+
+def _is_dir(value: str) -> bool:
+    try:
+        return Path(value).is_dir()
+    except (OSError, ValueError):
+        return False
 
 
 def _visible(ledger: GpuLedger, unit_id: str) -> str:

@@ -33,9 +33,10 @@ def train(task_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
     from corral.finetune.dataset import load_dataset
+    from corral.finetune.hyperparameters import for_trainer
 
     config = json.loads((task_dir / "task.json").read_text())
-    hp = config["hyperparameters"]
+    hp = for_trainer(config["hyperparameters"])  # integers as int (batch size, ranks, lengths, steps, seed)
     progress = ProgressFile(task_dir / "progress.jsonl")
     checkpoints = task_dir / "checkpoints"
     resume = checkpoints.exists() and any(checkpoints.glob("checkpoint-*"))

@@ -31,6 +31,15 @@ class DeploymentRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class DeploymentSecretRow(Base):
+    """A deployment's `secretEnv` (name → value), given to its replicas as environment. Kept apart from the
+    deployment's row, never in a view, a history row, an event or a log: only the names are ever shown."""
+
+    __tablename__ = "deployment_secrets"
+    deployment: Mapped[str] = mapped_column(String(63), primary_key=True)
+    env: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
 class ReplicaRow(Base):
     __tablename__ = "replicas"
     name: Mapped[str] = mapped_column(String(80), primary_key=True)

@@ -21,7 +21,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from corral.domain import labels as L
 from corral.domain.history import Intent, Outcome
 from corral.domain.models import Deployment, Pod, PodPhase, Service
-from corral.store.schema import Base, DeploymentRow, HistoryRow, ReplicaRow, ServiceRow
+from corral.paths import private_file
+from corral.store.schema import Base, DeploymentRow, DeploymentSecretRow, HistoryRow, ReplicaRow, ServiceRow
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -115,10 +116,12 @@ def _add_new_columns(engine: Engine) -> None:
 
 class StateStore:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.engine = create_engine(f"sqlite:///{path}", connect_args={"check_same_thread": False})
         event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
+        for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):  # history and tasks: the owner's only
+            private_file(path.parent / name)
         _add_new_columns(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         self.on_record: Callable[[dict[str, Any]], None] | None = None  # told of every history entry (→ `history` events)
@@ -175,12 +178,37 @@ class StateStore:
 
     def delete_deployment(self, name: str) -> None:
         with self.session() as s:
+            if (secrets := s.get(DeploymentSecretRow, name)) is not None:
+                s.delete(secrets)
             for row in s.scalars(select(ReplicaRow).where(ReplicaRow.deployment == name)):
                 s.delete(row)
             for row in s.scalars(select(ServiceRow).where(ServiceRow.deployment == name)):
                 if not row.labels.get(L.SERVICE_TYPE) == L.BUSINESS_SERVICE:
                     s.delete(row)
             s.delete(s.get_one(DeploymentRow, name))
+
+    # secret environment (`secretEnv` of a deploy) -------------------------------------------------
+    def set_secret_env(self, deployment: str, env: Mapping[str, str]) -> None:
+        """Keep (or, when empty, forget) the environment a deployment's replicas get as secrets."""
+        with self.session() as s:
+            row = s.get(DeploymentSecretRow, deployment)
+            if env:
+                if row is None:
+                    s.add(DeploymentSecretRow(deployment=deployment, env=dict(env)))
+                else:
+                    row.env = dict(env)
+            elif row is not None:
+                s.delete(row)
+
+    def secret_env(self, deployment: str) -> dict[str, str]:
+        with self.session() as s:
+            row = s.get(DeploymentSecretRow, deployment)
+            return dict(row.env) if row is not None else {}
+
+    def secret_env_names(self) -> dict[str, list[str]]:
+        """deployment → the names (never the values) of its secret environment variables."""
+        with self.session() as s:
+            return {row.deployment: sorted(row.env) for row in s.scalars(select(DeploymentSecretRow))}
 
     # replicas ----------------------------------------------------------------------------------
     def add_replicas(self, deployment: str, records: Iterable[ReplicaRecord], intent: Intent | None = None) -> None:

@@ -6,15 +6,17 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from nicegui import app, run, ui
 from nicegui import events as ui_events
-from nicegui import run, ui
 
+from corral.auth import token_accepted
 from corral.backends.local.process import tail_lines
 from corral.domain.errors import CorralError
 from corral.events import EventType
 from corral.finetune.dataset import load_dataset
 from corral.finetune.manager import DEFAULT_HYPERPARAMETERS, METHODS, training_estimate
 from corral.finetune.store import FINISHED, TaskState
+from corral.paths import confine_dataset
 from corral.ui.live import ClientEvents, act, live, notify, runtime
 from corral.views import FinetuneTask, GpuInfo, gpu_info
 
@@ -116,7 +118,7 @@ def _submit_form() -> None:
     base_model = ui.input("Base model", placeholder="a local model directory or org/name").classes("w-full").props('data-testid="ft-model"')
     with ui.row().classes("w-full items-center gap-2 no-wrap"):
         dataset = ui.input("Dataset (JSONL)", placeholder="/path/to/train.jsonl").classes("grow").props('data-testid="ft-dataset"')
-        upload = ui.upload(label="upload", auto_upload=True, max_file_size=512 * 1024**2).props("accept=.jsonl flat dense").classes("w-40")
+        upload = _upload_widget()
     dataset_note = ui.label().classes("text-xs").props('data-testid="ft-dataset-note"')
     with ui.row().classes("w-full gap-2 no-wrap"):
         method = ui.select(list(METHODS), value="lora", label="Method").classes("w-28")
@@ -144,15 +146,23 @@ def _submit_form() -> None:
         if not path:
             dataset_note.set_text("")
             return
-        try:
-            count = len(await run.io_bound(load_dataset, Path(path)))
+        try:  # only files under the dataset roots are opened: the note never tells what another file holds
+            confined = confine_dataset(path, runtime().settings.dataset_roots)
+            count = len(await run.io_bound(load_dataset, confined))
             dataset_note.set_text(f"✓ {count} examples").classes(replace="text-xs text-positive")
         except CorralError as exc:
             dataset_note.set_text(exc.message).classes(replace="text-xs text-negative")
 
     async def received(event: ui_events.UploadEventArguments) -> None:
-        folder = runtime().settings.data_dir / "uploads"
-        folder.mkdir(parents=True, exist_ok=True)
+        settings = runtime().settings
+        folder = settings.uploads_dir
+        held = sum(1 for _ in folder.iterdir()) if folder.is_dir() else 0
+        if not upload.enabled or held >= settings.upload_max_files:  # the route refuses these already; belt and braces
+            notify("upload refused: " + ("enter the API token first (key icon)" if not upload.enabled else
+                                         f"the uploads folder already holds {held} files"), "negative")
+            upload.reset()
+            return
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         target = folder / f"{secrets.token_hex(4)}-{Path(event.file.name).name}"
         await event.file.save(target)
         dataset.set_value(str(target))
@@ -160,8 +170,8 @@ def _submit_form() -> None:
 
     async def submit() -> None:
         values = {key: field.value for key, field in fields.items()}
-        hyperparameters = {k: (int(v) if float(v).is_integer() and isinstance(hp[k], int) else float(v))
-                           for k, v in values.items() if v is not None}
+        # As typed: the manager's one check (finetune.hyperparameters) takes 2.0 as 2 and refuses 2.5, NaN, ...
+        hyperparameters = {k: v for k, v in values.items() if v is not None}
         result, problem = await act(lambda: _submit(base_model.value, dataset.value, method.value, priority.value,
                                                     int(gpus.value or 0), float(timeout_h.value or 0) * 3600, hyperparameters))
         error.set_text(problem or "")
@@ -175,6 +185,22 @@ def _submit_form() -> None:
     upload.on_upload(received)
     update_estimate()
     ui.button("Submit", icon="play_arrow", on_click=submit).props('data-testid="ft-submit"')
+
+
+def _upload_widget() -> ui.upload:
+    """The dataset upload: one .jsonl file, at most CORRAL_UPLOAD_MAX_BYTES (also enforced on the server, by
+    `corral.api.doors`). With a token configured it is disabled until the token is entered: NiceGUI refuses
+    the upload route of a disabled widget (403) before reading the body, so nothing is written."""
+    settings = runtime().settings
+    upload = ui.upload(label="upload", auto_upload=True, max_file_size=settings.upload_max_bytes, max_files=1) \
+        .props('accept=.jsonl flat dense data-testid="ft-upload"').classes("w-40")
+    if settings.api_token:
+        def accepted(given: Any) -> bool:
+            return token_accepted(str(given or ""), settings.api_token)
+
+        upload.set_enabled(accepted(app.storage.user.get("token")))  # the binding below moves only once a token is saved
+        upload.bind_enabled_from(app.storage.user, "token", backward=accepted)
+    return upload
 
 
 async def _submit(base_model: str, dataset: str, method: str, priority: str, gpus: int, timeout_s: float,

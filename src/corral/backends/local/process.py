@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from corral.engines.base import redact_args
+
 # Every replica process carries these, so that it is found by what it is, not by a pid saved later:
 # a control plane killed between starting a process and recording its pid finds it on restart.
 REPLICA_NAME_ENV = "CORRAL_REPLICA_NAME"
@@ -102,7 +104,7 @@ def find_replicas(home: Path) -> dict[str, list[Found]]:
 def spawn(argv: list[str], env: dict[str, str], log_path: Path) -> Started:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        log.write(f"\n--- {time.strftime('%Y-%m-%dT%H:%M:%S')} starting: {argv!r}\n".encode())
+        log.write(f"\n--- {time.strftime('%Y-%m-%dT%H:%M:%S')} starting: {redact_args(argv)!r}\n".encode())  # no secret values
         log.flush()
         handle = subprocess.Popen(
             argv,

@@ -117,7 +117,9 @@ class ReplicaSupervisor:
             extra=list(deployment.engine_args),
             replica=record.name,
         )
-        env = {**spec.env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, record.gpu_ids)),
+        # The deployment's secretEnv first, so nothing of Corral's own (GPUs, identity) can be replaced by it;
+        # it goes into the process's environment only, never into its command line or a log.
+        env = {**self.store.secret_env(deployment.name), **spec.env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, record.gpu_ids)),
                **process.identity_env(record.name, self.settings.data_dir)}
         started = process.spawn(spec.argv, env, Path(record.log_path))
         failpoints.reached("replica.spawned")  # before its pid is recorded: found again by its environment
