@@ -26,7 +26,7 @@ from corral.finetune.manager import FinetuneManager
 from corral.gateway import nginx_plane
 from corral.gateway.nginx_plane import NginxGateway
 from corral.gateway.policies import make_policy
-from corral.gateway.proxy import Gateway
+from corral.gateway.proxy import Gateway, GatewayLimits
 from corral.gateway.routing import RoutingTable, build_routes
 from corral.gateway.sync import DataPlaneLagging, RoutingSync
 from corral.gpus.inventory import GpuInventory
@@ -76,6 +76,7 @@ class Runtime:
 
     def _make_gateway(self, settings: Settings) -> Gateway | NginxGateway:
         choice = settings.gateway_data_plane
+        limits = GatewayLimits.from_settings(settings)
         missing = nginx_plane.missing_parts()
         if choice == "nginx" and missing:
             raise RuntimeError("the nginx data plane needs: " + ", ".join(missing))
@@ -84,10 +85,10 @@ class Runtime:
             return NginxGateway(settings.data_dir / "gateway", settings.host, settings.gateway_port,
                                 connect_timeout_s=settings.gateway_connect_timeout_s,
                                 read_timeout_s=settings.gateway_read_timeout_s, drain_timeout_s=settings.drain_timeout_s,
-                                workers=settings.gateway_workers)
+                                workers=settings.gateway_workers, limits=limits)
         self.data_plane = "python"
         return Gateway(make_policy(settings.gateway_policy), connect_timeout_s=settings.gateway_connect_timeout_s,
-                       read_timeout_s=settings.gateway_read_timeout_s, health_path=self._health_path)
+                       read_timeout_s=settings.gateway_read_timeout_s, health_path=self._health_path, limits=limits)
 
     async def start(self) -> None:
         await self.backend.start()  # recovery: re-adopt, restart, finish what a stopped control plane left

@@ -37,6 +37,7 @@ from typing import Any
 
 import aiohttp
 
+from corral.gateway.proxy import GatewayLimits, too_large_message
 from corral.gateway.routing import RoutingTable
 from corral.gateway.stats import TrafficStats
 
@@ -74,8 +75,21 @@ def missing_parts() -> list[str]:
     return missing
 
 
+def _lua_string(text: str) -> str:
+    return json.dumps(text)  # ASCII text: a JSON string is a Lua string literal
+
+
 def render_config(workdir: Path, host: str, port: int, control_socket: Path, connect_timeout_s: float,
-                  read_timeout_s: float, drain_timeout_s: float, workers: int) -> str:
+                  read_timeout_s: float, drain_timeout_s: float, workers: int, limits: GatewayLimits | None = None) -> str:
+    """The nginx configuration. On timeouts: nginx has one read timeout for the response headers and
+    for the silences between chunks (`proxy_read_timeout`), so it cannot tell a hung replica from a
+    busy one (a non-streaming completion sends nothing until it is done; a stream may wait long for
+    its first token): it keeps the read timeout, and a hung replica leaves rotation through its
+    failed health checks (the replica supervisor, or Kubernetes readiness) while the requests it
+    already holds wait up to the read timeout. The Python data plane probes a replica silent past the
+    first-byte timeout instead (see proxy.py)."""
+    limits = limits or GatewayLimits()
+    too_large = _lua_string(too_large_message(limits.max_body_bytes))
     temp = "\n".join(f"  {k}_temp_path {workdir}/tmp/{k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     modules = "\n".join(f"load_module {m};" for m in MODULES)
     # As root, nginx would run its workers as an unprivileged user that cannot enter a private data dir
@@ -105,6 +119,13 @@ http {{
   server {{
     listen {host}:{port} reuseport;
     server_tokens off;
+    client_header_timeout {int(limits.client_header_timeout_s * 1000)}ms;
+    client_body_timeout {int(limits.client_body_timeout_s * 1000)}ms;
+    client_max_body_size {limits.max_body_bytes};
+    client_body_buffer_size 1m;  # bodies up to this stay in memory; larger ones are spooled to tmp/, never block
+    # A client silent past either timeout gets its connection closed (nginx sends no 408 then).
+    error_page 400 494 =400 /.corral/400;  # a URI, not a named location: a request line nginx could not parse has none
+    error_page 413 = @too_large;
     location /s/ {{
       set $corral_service "";
       access_by_lua_block {{ corral.route() }}
@@ -120,10 +141,14 @@ http {{
       header_filter_by_lua_block {{ corral.header() }}
       log_by_lua_block {{ corral.log() }}
       error_page 502 504 = @unavailable;
+      error_page 400 494 =400 /.corral/400;  # error_page on this level replaces the server's, so repeated
+      error_page 413 = @too_large;
     }}
     location @unavailable {{ content_by_lua_block {{ corral.unavailable() }} }}
-    location / {{ content_by_lua_block {{ ngx.status = 404; ngx.header["content-type"] = "application/json";
-      ngx.say('{{"error": "no route; business services live under /s/<service>/v1/..."}}') }} }}
+    location = /.corral/400 {{ internal; content_by_lua_block {{ corral.client_error(400, "malformed request (request line or headers, at most 8 KiB a line)") }} }}
+    location @too_large {{ content_by_lua_block {{ corral.client_error(413, {too_large}) }} }}
+    location / {{ content_by_lua_block {{ corral.no_route() }} }}
+    location = /s {{ content_by_lua_block {{ corral.no_route() }} }}  # else nginx redirects to /s/
   }}
   server {{  # the control channel: a unix socket only the control plane's user can open
     listen unix:{control_socket};
@@ -213,10 +238,14 @@ class NginxStats:
 
     def snapshot(self) -> TrafficStats:
         view = TrafficStats()
+        ejected: set[str] = set()
+        view.ejected = ejected
         for key, value in self._plane.stats_now().items():
             kind, _, rest = key.partition(":")
             if kind == "if" and value > 0:
                 view.in_flight_by_replica[rest] = int(value)
+            elif kind == "ej":
+                ejected.add(rest)
             elif kind == "rj":
                 service, _, code = rest.rpartition("|")
                 view.rejected[(service, int(code))] = int(value)
@@ -246,13 +275,15 @@ class NginxGateway:
     `start()`, `close()`, `push(table, version)`, `served_version()`, `drain()`, `stats`."""
 
     def __init__(self, workdir: Path, host: str, port: int, connect_timeout_s: float, read_timeout_s: float,
-                 drain_timeout_s: float, workers: int = 1, control_timeout_s: float = 5.0) -> None:
+                 drain_timeout_s: float, workers: int = 1, control_timeout_s: float = 5.0,
+                 limits: GatewayLimits | None = None) -> None:
         self.workdir = workdir
         self.host, self.port = host, port
         self.control_socket = control_socket_path(workdir)
         self.control_timeout_s = control_timeout_s
-        self._config = dict(connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s, drain_timeout_s=drain_timeout_s,
-                            workers=workers)
+        self.limits = limits or GatewayLimits()
+        self._config: dict[str, Any] = dict(connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s,
+                                            drain_timeout_s=drain_timeout_s, workers=workers, limits=self.limits)
         self._process: subprocess.Popen | None = None
         self._session: aiohttp.ClientSession | None = None
         self._restart_lock = asyncio.Lock()

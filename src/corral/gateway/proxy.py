@@ -1,12 +1,26 @@
 """The gateway: `/s/<service>/v1/...` → a ready replica the service selects, streamed through.
 
 Raw ASGI rather than a web framework: this is the hot path, and it needs nothing but the path, the
-body, and a streaming upstream call. Behaviour:
+body, and a streaming upstream call. Behaviour (the nginx data plane does the same, see nginx_plane.py):
+- Only the OpenAI API goes through: `/s/<service>/v1/<segments>` of plain URL characters. A path with
+  control characters (CR/LF: header injection) is refused with 400; dot segments, empty segments,
+  percent-encoded leftovers and every other path (`/health`, `/metrics`, ...) with 404.
 - The service's route comes from the current routing table; no route → 404, no ready replica → 503.
 - The policy picks among replicas not ejected. A replica that refuses the connection or times out is
   ejected (probed in the background until healthy again) and the request is retried once on another
   replica — only possible because nothing has been sent to the client yet.
-- The response streams chunk by chunk (server-sent events included), with `x-corral-replica`.
+- A replica that accepts the connection but sends no response headers within the first-byte timeout
+  is probed on its health endpoint: one that does not answer is hung (SIGSTOP, a wedged server) and
+  is ejected, and the request retried on another replica; one that answers is busy (a long
+  non-streaming completion has no first byte until it is done) and is waited for, re-checked every
+  first-byte timeout, up to the read timeout.
+- Request bodies: refused with 413 beyond `max_body_bytes` (from Content-Length before reading, or
+  while streaming); read whole up to `BUFFERED_BODY_BYTES` (so they can be replayed on a retry),
+  streamed to the replica beyond (no retry once sent). Header and body read deadlines and the
+  connection cap live in the HTTP server (corral/server.py).
+- The response streams chunk by chunk (server-sent events included), with `x-corral-replica`. A
+  replica that dies mid-response aborts the client's connection (no clean end: the client sees the
+  cut, as with nginx).
 - The upstream client is aiohttp: profiled under load, httpx's pool spent 65% of the gateway's CPU
   scanning its connections on every request (bench/README.md).
 - In-flight counts per replica drive both least-outstanding balancing and draining: a removed
@@ -18,15 +32,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote_from_bytes
 
 import aiohttp
+from yarl import URL
 
 from corral.gateway.policies import Policy
 from corral.gateway.routing import Route, RoutingTable, Target
 from corral.gateway.stats import TrafficStats
+
+if TYPE_CHECKING:
+    from corral.config import Settings
 
 log = logging.getLogger("corral.gateway")
 
@@ -34,22 +55,174 @@ ROUTED_PREFIX = "/s/"
 # Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus those the client library sets.
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
               b"transfer-encoding", b"upgrade", b"host", b"content-length"}
-RESPONSE_SKIP = {b"connection", b"keep-alive", b"transfer-encoding", b"trailer", b"upgrade"}
+# (`date`: the gateway's HTTP server sends its own, as nginx does; two would be invalid)
+RESPONSE_SKIP = {b"connection", b"keep-alive", b"transfer-encoding", b"trailer", b"upgrade", b"date"}
 # Failures that mean "this replica cannot take the request" before anything was sent to the client.
 UNREACHABLE = (aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError, asyncio.TimeoutError)
+BUFFERED_BODY_BYTES = 1024**2  # a body up to this is read whole (replayable on a retry); a larger one streams
+
+# The paths that go through, on both data planes (the Lua code applies the same rules): `/v1/` then
+# non-empty segments of unreserved and sub-delim characters — no `%` (nothing left to decode), no
+# `.`/`..` segment. The path is the decoded one (the ASGI server and nginx decode it once).
+API_PATH = re.compile(r"/s/[^/]+(?!.*/\.\.?(?:/|$))/v1(?:/[A-Za-z0-9\-._~!$&'()*+,;=:@]+)+")
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+MSG_CONTROL_CHARS = "the request path contains control characters"
+MSG_NOT_API = "only the OpenAI API is served here: /s/<service>/v1/..."
+UNKNOWN_SERVICE = ""  # the counter label of requests for services that do not exist (names are the client's)
+
+
+def path_error(path: str) -> tuple[int, str] | None:
+    """Why a decoded `/s/<service>/<rest>` path may not go through, or None."""
+    if API_PATH.fullmatch(path):
+        return None
+    if CONTROL_CHARS.search(path):
+        return 400, MSG_CONTROL_CHARS
+    return 404, MSG_NOT_API
+
+
+def too_large_message(limit: int) -> str:
+    return f"request body larger than the gateway's limit of {limit} bytes (CORRAL_GATEWAY_MAX_BODY_BYTES)"
+
+
+@dataclass(frozen=True)
+class GatewayLimits:
+    """What a client and a replica may cost the gateway; both data planes apply them."""
+
+    first_byte_timeout_s: float = 30.0
+    max_body_bytes: int = 32 * 1024**2
+    client_header_timeout_s: float = 60.0
+    client_body_timeout_s: float = 60.0
+    max_connections: int = 4096
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> GatewayLimits:
+        return cls(first_byte_timeout_s=settings.gateway_first_byte_timeout_s, max_body_bytes=settings.gateway_max_body_bytes,
+                   client_header_timeout_s=settings.gateway_client_header_timeout_s,
+                   client_body_timeout_s=settings.gateway_client_body_timeout_s,
+                   max_connections=settings.gateway_max_connections)
+
+    @property
+    def health_probe_timeout_s(self) -> float:
+        """How long a replica silent past the first-byte timeout has to answer its health check."""
+        return max(1.0, min(self.first_byte_timeout_s / 2, 5.0))
+
+
+class _ClientGone(Exception):
+    """The client disconnected (or missed the body deadline) before its request body was complete."""
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _BodyStream:
+    """A request body larger than `BUFFERED_BODY_BYTES`: what was read so far, then the rest as it
+    arrives, counted against the limit. Sent once: a request whose body went out cannot be retried."""
+
+    def __init__(self, receive: Callable, prefix: list[bytes], size: int, limit: int, content_length: int | None) -> None:
+        self._receive, self._prefix, self._size, self._limit = receive, prefix, size, limit
+        self.content_length = content_length
+        self.started = False
+        self.failure: Exception | None = None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        self.started = True
+        for chunk in self._prefix:
+            yield chunk
+        self._prefix = []
+        more = True
+        while more:
+            message = await self._receive()
+            if message["type"] != "http.request":
+                self.failure = _ClientGone()
+                raise self.failure
+            chunk = message.get("body", b"")
+            self._size += len(chunk)
+            if self._size > self._limit:
+                self.failure = _BodyTooLarge()
+                raise self.failure
+            more = message.get("more_body", False)
+            if chunk:
+                yield chunk
+
+
+Body = bytes | _BodyStream
+
+
+async def _read_body(receive: Callable, limit: int, content_length: int | None) -> Body:
+    message = await receive()
+    if message["type"] != "http.request":
+        raise _ClientGone()
+    body = message.get("body", b"")
+    if not message.get("more_body", False):  # the common case: the whole body in one message
+        if len(body) > limit:
+            raise _BodyTooLarge()
+        return body
+    chunks, size = [body], len(body)
+    while size <= BUFFERED_BODY_BYTES:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise _ClientGone()
+        chunk = message.get("body", b"")
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise _BodyTooLarge()
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+    return _BodyStream(receive, chunks, size, limit, content_length)
+
+
+class _FirstByteWatch:
+    """Armed while a request waits for its response headers. Every `first_byte_timeout_s` without
+    them, the replica's health endpoint is checked; when it does not answer, the waiting request is
+    cancelled (`hung` tells the caller why)."""
+
+    __slots__ = ("_gateway", "_target", "_task", "_handle", "_probe", "hung")
+
+    def __init__(self, gateway: Gateway, target: Target) -> None:
+        self._gateway, self._target = gateway, target
+        self._task = asyncio.current_task()
+        self._probe: asyncio.Task | None = None
+        self.hung = False
+        self._handle: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            gateway.limits.first_byte_timeout_s, self._expired)
+
+    def _expired(self) -> None:
+        self._handle = None
+        self._probe = asyncio.ensure_future(self._check())
+
+    async def _check(self) -> None:
+        healthy = self._target.name not in self._gateway.ejected and await self._gateway.probe(self._target)
+        self._probe = None
+        if healthy:  # busy, not hung: keep waiting (the read timeout still bounds it)
+            self._handle = asyncio.get_running_loop().call_later(self._gateway.limits.first_byte_timeout_s, self._expired)
+        elif self._task is not None:
+            self.hung = True
+            self._task.cancel()
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        if self._probe is not None:
+            self._probe.cancel()
 
 
 class Gateway:
-    def __init__(self, policy: Policy, connect_timeout_s: float, read_timeout_s: float, health_path: Callable[[str], str]) -> None:
+    def __init__(self, policy: Policy, connect_timeout_s: float, read_timeout_s: float, health_path: Callable[[str], str],
+                 limits: GatewayLimits | None = None) -> None:
         self.policy = policy
+        self.limits = limits or GatewayLimits()
         self.table: RoutingTable = {}
         self.version = 0  # of `table`, as given by `push`
         self.stats = TrafficStats()
         self.ejected: dict[str, Target] = {}
+        self.stats.ejected = self.ejected.keys()  # a live view, for /api/metrics
         self._health_path = health_path
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s)
         self._session: aiohttp.ClientSession | None = None
         self._prober: asyncio.Task | None = None
+        self._probes: dict[str, asyncio.Future[bool]] = {}  # one health check at a time per replica
         self._drained = asyncio.Condition()
 
     # lifecycle ---------------------------------------------------------------------------------
@@ -109,18 +282,42 @@ class Gateway:
             return
         path: str = scope["path"]
         if not path.startswith(ROUTED_PREFIX):
-            await _json(send, 404, {"error": f"no route for '{path}'; business services live under /s/<service>/v1/..."})
+            if CONTROL_CHARS.search(path):
+                await _json(send, 400, {"error": MSG_CONTROL_CHARS})
+            else:
+                await _json(send, 404, {"error": f"no route for '{path}'; business services live under /s/<service>/v1/..."})
             return
-        service, _, rest = path[len(ROUTED_PREFIX):].partition("/")
+        service = path[len(ROUTED_PREFIX):].partition("/")[0]
         route = self.table.get(service)
+        if (refusal := path_error(path)) is not None:
+            self.stats.rejected[(service if route else UNKNOWN_SERVICE, refusal[0])] += 1
+            await _json(send, refusal[0], {"error": refusal[1]})
+            return
         if route is None:
-            self.stats.rejected[(service, 404)] += 1
+            self.stats.rejected[(UNKNOWN_SERVICE, 404)] += 1
             await _json(send, 404, {"error": f"service '{service}' not found"})
             return
-        body = await _read_body(receive)
-        await self._forward(route, scope, "/" + rest, body, send)
+        headers: list[tuple[str, str]] = []
+        content_length: int | None = None
+        for k, v in scope["headers"]:
+            if k == b"content-length":
+                content_length = int(v)  # the HTTP server checked it is digits
+            elif k not in HOP_BY_HOP:
+                headers.append((k.decode("latin-1"), v.decode("latin-1")))
+        limit = self.limits.max_body_bytes
+        try:
+            if content_length is not None and content_length > limit:
+                raise _BodyTooLarge()
+            body = await _read_body(receive, limit, content_length)
+            await self._forward(route, scope, path[len(ROUTED_PREFIX) + len(service):], headers, body, send)
+        except _BodyTooLarge:
+            self.stats.rejected[(service, 413)] += 1
+            await _json(send, 413, {"error": too_large_message(limit)})
+        except _ClientGone:
+            pass  # nobody to answer (after a body deadline, the HTTP server answered 408)
 
-    async def _forward(self, route: Route, scope: dict[str, Any], path: str, body: bytes, send: Callable) -> None:
+    async def _forward(self, route: Route, scope: dict[str, Any], path: str, headers: list[tuple[str, str]], body: Body,
+                       send: Callable) -> None:
         tried: set[str] = set()
         for _attempt in range(2):  # the first try, and one retry on another replica
             candidates = [t for t in route.targets if t.name not in self.ejected and t.name not in tried]
@@ -128,25 +325,52 @@ class Gateway:
                 break
             target = self.policy.choose(candidates, self.stats.in_flight_by_replica)
             tried.add(target.name)
-            if await self._try(route, target, scope, path, body, send):
+            if await self._try(route, target, scope, path, headers, body, send):
+                return
+            if isinstance(body, _BodyStream) and body.started:  # the body went to that replica: nothing to retry with
+                self.stats.rejected[(route.service, 504)] += 1
+                await _json(send, 504, {"error": f"replica '{target.name}' did not answer and the request body was "
+                                                 "streamed to it, so the request cannot be retried"})
                 return
         self.stats.rejected[(route.service, 503)] += 1
         await _json(send, 503, {"error": route.no_replica_message()})
 
-    async def _try(self, route: Route, target: Target, scope: dict[str, Any], path: str, body: bytes, send: Callable) -> bool:
-        """Forward once. False when the replica could not be reached and nothing was sent (retry-able)."""
+    async def _try(self, route: Route, target: Target, scope: dict[str, Any], path: str, headers: list[tuple[str, str]],
+                   body: Body, send: Callable) -> bool:
+        """Forward once. True when answered (or cut mid-response); False when the replica could not
+        take it (unreachable, or hung) and nothing was sent to the client: retry-able."""
         assert self._session is not None, "Gateway.start() was not called"
-        url = target.endpoint + path + (("?" + scope["query_string"].decode()) if scope.get("query_string") else "")
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k.lower() not in HOP_BY_HOP]
+        query = scope.get("query_string")
+        if query and not query.isascii():
+            query = quote_from_bytes(query, safe="/?&=%+:@!$'()*,;~").encode()
+        url = URL(target.endpoint + path + ("?" + query.decode() if query else ""), encoded=True)
+        data: Any = body
+        if isinstance(body, _BodyStream):
+            data = body.chunks()
+            if body.content_length is not None:
+                headers = [*headers, ("Content-Length", str(body.content_length))]
         started = time.perf_counter()
         self.stats.start(route.service, target.name)
         error = True
+        watch = _FirstByteWatch(self, target)
         try:
             try:
-                upstream = await self._session.request(scope["method"], url, headers=headers, data=body, allow_redirects=False)
+                upstream = await self._session.request(scope["method"], url, headers=headers, data=data, allow_redirects=False)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not watch.hung or (task is not None and task.uncancel() > 0):
+                    raise
+                log.warning("ejecting replica %s: no response within %.0f s and no answer to its health check",
+                            target.name, self.limits.first_byte_timeout_s)
+                self._eject(target, None)
+                return False
             except UNREACHABLE as exc:
+                if isinstance(body, _BodyStream) and body.failure is not None:
+                    raise body.failure from None  # the client's fault, not the replica's
                 self._eject(target, exc)
                 return False
+            finally:
+                watch.stop()
             async with upstream:
                 response_headers = [(k, v) for k, v in upstream.raw_headers if k.lower() not in RESPONSE_SKIP]
                 response_headers.append((b"x-corral-replica", target.name.encode()))
@@ -154,9 +378,12 @@ class Gateway:
                 try:
                     async for chunk in upstream.content.iter_any():
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:  # died mid-response: nothing left to retry
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    # Died mid-response: nothing left to retry. Returning without ending the response makes
+                    # the HTTP server close the connection, so the client sees an incomplete response.
                     self._eject(target, exc)
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    log.warning("replica %s failed mid-response (%s); the client's connection is aborted",
+                                target.name, exc.__class__.__name__)
                     return True
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 error = upstream.status >= 500
@@ -167,34 +394,36 @@ class Gateway:
                 self._drained.notify_all()
 
     # ejection ----------------------------------------------------------------------------------
-    def _eject(self, target: Target, reason: Exception) -> None:
-        if target.name not in self.ejected:
+    def _eject(self, target: Target, reason: Exception | None) -> None:
+        if target.name not in self.ejected and reason is not None:
             log.warning("ejecting replica %s: %s", target.name, reason.__class__.__name__)
         self.ejected[target.name] = target
+
+    def probe(self, target: Target) -> asyncio.Future[bool]:
+        """Whether `target` answers its health check (one check at a time per replica, shared)."""
+        future = self._probes.get(target.name)
+        if future is None or future.done():
+            future = asyncio.ensure_future(self._healthy(target, self.limits.health_probe_timeout_s))
+            self._probes[target.name] = future
+            future.add_done_callback(lambda f, name=target.name: self._probes.pop(name, None) if self._probes.get(name) is f else None)
+        return asyncio.shield(future)
+
+    async def _healthy(self, target: Target, timeout_s: float) -> bool:
+        try:
+            async with self._session.get(  # type: ignore[union-attr]
+                target.endpoint + self._health_path(target.name), timeout=aiohttp.ClientTimeout(total=timeout_s)
+            ) as response:
+                return response.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return False
 
     async def _probe_ejected(self) -> None:
         while True:
             await asyncio.sleep(0.5)
             for name, target in list(self.ejected.items()):
-                try:
-                    async with self._session.get(  # type: ignore[union-attr]
-                        target.endpoint + self._health_path(name), timeout=aiohttp.ClientTimeout(total=1.0)
-                    ) as response:
-                        healthy = response.status == 200
-                except (aiohttp.ClientError, asyncio.TimeoutError):
-                    healthy = False
-                if healthy:
+                if await self._healthy(target, 1.0):
                     log.info("replica %s is healthy again; back in rotation", name)
                     self.ejected.pop(name, None)
-
-
-async def _read_body(receive: Callable) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            return b"".join(chunks)
 
 
 async def _json(send: Callable, status: int, payload: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, float("inf"))
@@ -33,7 +34,10 @@ class TrafficStats:
     def __init__(self) -> None:
         self.by_pair: dict[tuple[str, str], Counters] = defaultdict(Counters)
         self.in_flight_by_replica: dict[str, int] = defaultdict(int)
-        self.rejected: dict[tuple[str, int], int] = defaultdict(int)  # (service, status) of requests never forwarded
+        # (service, status) of requests never forwarded; a service that does not exist counts as "" (the
+        # name is the client's: one label per name would grow without bound)
+        self.rejected: dict[tuple[str, int], int] = defaultdict(int)
+        self.ejected: Collection[str] = ()  # replicas taken out of rotation by the data plane (failing or hung)
 
     def start(self, service: str, replica: str) -> None:
         self.in_flight_by_replica[replica] += 1
@@ -75,7 +79,10 @@ class TrafficStats:
                 lines.append(f'corral_gateway_request_seconds_bucket{{service="{s}",replica="{r}",le="{le}"}} {count}')
             lines.append(f'corral_gateway_request_seconds_sum{{service="{s}",replica="{r}"}} {c.latency_sum:.6f}')
             lines.append(f'corral_gateway_request_seconds_count{{service="{s}",replica="{r}"}} {c.requests}')
-        lines += ["# HELP corral_gateway_rejected_total Requests answered by the gateway itself (404, 503).",
+        lines += ["# HELP corral_gateway_ejected Replicas the data plane took out of rotation (unreachable or hung) until healthy.",
+                  "# TYPE corral_gateway_ejected gauge"]
+        lines += [f'corral_gateway_ejected{{replica="{r}"}} 1' for r in sorted(self.ejected)]
+        lines += ["# HELP corral_gateway_rejected_total Requests answered by the gateway itself (400, 404, 413, 503, 504).",
                   "# TYPE corral_gateway_rejected_total counter"]
         lines += [f'corral_gateway_rejected_total{{service="{s}",code="{code}"}} {n}' for (s, code), n in sorted(self.rejected.items())]
         return "\n".join(lines) + "\n"

@@ -2,13 +2,18 @@
 -- (POST /routes on the control socket), so an assignment takes effect without an nginx reload.
 -- Same behaviour as the Python gateway (corral/gateway/proxy.py): least outstanding requests with
 -- random ties, one retry on another replica when nothing was sent, ejection of a failing replica,
--- `x-corral-replica`, 404/503 JSON bodies, per-service/replica counters and in-flight counts.
+-- `x-corral-replica`, 400/404/413/503 JSON bodies, per-service/replica counters and in-flight
+-- counts, and the same rule for which paths go through (only the OpenAI API: `/s/<service>/v1/...`).
 local balancer = require "ngx.balancer"
 local cjson = require "cjson.safe"
 
 local routes_dict = ngx.shared.corral_routes
 local stats = ngx.shared.corral_stats
 local EJECT_SECONDS = 5
+-- The same messages and path rules as corral/gateway/proxy.py (path_error).
+local MSG_CONTROL_CHARS = "the request path contains control characters"
+local MSG_NOT_API = "only the OpenAI API is served here: /s/<service>/v1/..."
+local NOT_API_CHAR = "[^%w%-%._~!%$&'%(%)%*%+,;=:@/]"
 
 local _M = {}
 local cached_version, cached_routes = -1, {}
@@ -45,15 +50,54 @@ local function pick(route, tried)
   return best[math.random(#best)]
 end
 
--- access phase: which service, is there a replica, and the URI the replica gets
-function _M.route()
-  local service, rest = ngx.var.uri:match("^/s/([^/]+)(/.*)$")
-  if not service then
-    return json_exit(404, "no route for '" .. ngx.var.uri .. "'; business services live under /s/<service>/v1/...")
+-- `/v1/` then non-empty segments of plain URL characters: no `%` left, no `.`/`..` segment
+local function api_path(rest)
+  if rest:sub(1, 4) ~= "/v1/" or rest:find(NOT_API_CHAR) or rest:find("//", 1, true) or rest:sub(-1) == "/" then
+    return false
+  end
+  return not (rest .. "/"):find("/%.%.?/")
+end
+
+-- The path as the client sent it, decoded once, not normalised by nginx ($uri resolves dot segments
+-- and merges slashes): the rules apply to what the client asked for, as on the Python data plane.
+local function client_path()
+  -- (unescape_uri decodes `+` as a space, as in a form; in a path it is a plus)
+  return ngx.unescape_uri((ngx.var.request_uri:match("^[^?]*"):gsub("%+", "%%2B")))
+end
+
+local function refuse_path(path)
+  if path:find("%c") or ngx.var.uri:find("%c") then
+    return json_exit(400, MSG_CONTROL_CHARS)
+  end
+  return json_exit(404, "no route for '" .. path .. "'; business services live under /s/<service>/v1/...")
+end
+
+-- the service, its route and the path the replica gets; or the request is answered here
+local function checked(path)
+  local service, rest = path:match("^/s/([^/]+)(.*)$")
+  if not service or path:find("%c") or ngx.var.uri:find("%c") then
+    return refuse_path(path)
   end
   local route = routes()[service]
+  if not api_path(rest) then
+    stats:incr("rj:" .. (route and service or "") .. "|404", 1, 0)
+    return json_exit(404, MSG_NOT_API)
+  end
+  return service, rest, route
+end
+
+-- content of every path outside /s/ (after nginx resolved dot segments: `/s/x/../../health` lands here)
+function _M.no_route()
+  local path = client_path()
+  if path:sub(1, 3) == "/s/" then checked(path) end
+  return refuse_path(path)
+end
+
+-- access phase: which service, is there a replica, and the URI the replica gets
+function _M.route()
+  local service, rest, route = checked(client_path())
   if not route then
-    stats:incr("rj:" .. service .. "|404", 1, 0)
+    stats:incr("rj:|404", 1, 0)  -- the name is the client's: one counter per name would grow without bound
     return json_exit(404, "service '" .. service .. "' not found")
   end
   local target = pick(route, {})
@@ -104,6 +148,11 @@ end
 function _M.log()
   local ctx = ngx.ctx
   if ctx.counted then finish(ctx, ngx.status >= 500) end
+end
+
+-- error_page targets for requests nginx refused itself (malformed, or the body too large)
+function _M.client_error(status, message)
+  return json_exit(status, message)
 end
 
 -- error_page target when every attempt failed before anything was sent (ngx.ctx is gone here)
