@@ -2,6 +2,12 @@
 
     python bench/control_plane.py [--pools 10] [--replicas 100] [--services 100] [--rounds 200]
                                   [--distributions 10] [--profile read|assign|distribute]
+    python bench/control_plane.py --emulator [--pools 10] [--replicas 100]
+
+`--emulator` measures the Kubernetes backend instead, against the emulated API server of tests/k8s
+(kmock, real HTTP): 1,000 pods already in the cluster at start (list + cache), all of them replayed
+by a relist after a cut watch, a burst of 1,000 pod events, and reads — with the worst event-loop
+block during each (a 1,000-pod replay must not stall the loop for seconds).
 
 The real API (FastAPI app, `create_app`) served by uvicorn over real HTTP on a free loopback port,
 the real Runtime (Controller, StateStore in a temporary SQLite file, event bus, Python gateway and
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import io
 import pstats
 import shutil
@@ -246,6 +253,115 @@ def profile(args: argparse.Namespace, server: Server) -> None:
     print(out.getvalue())
 
 
+class LoopLag:
+    """How long the event loop was blocked: a task that asks to sleep 2 ms and records how late it woke."""
+
+    def __init__(self) -> None:
+        self.worst_ms = 0.0
+        self._task: asyncio.Task | None = None
+
+    async def _run(self) -> None:
+        while True:
+            started = time.perf_counter()
+            await asyncio.sleep(0.002)
+            self.worst_ms = max(self.worst_ms, (time.perf_counter() - started) * 1000 - 2)
+
+    def __enter__(self) -> LoopLag:
+        self.worst_ms = 0.0
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
+async def emulator_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The Kubernetes backend against the emulated API server of tests/k8s (kmock over real HTTP, in a
+    process of its own so that this loop measures the backend alone): `pools` × `replicas` ready pods
+    already in the cluster when Corral starts, then: start (list + cache), a relist after a cut watch
+    (the whole namespace replayed, 10% of the pods deleted while the watch was down), one status change
+    per pod through the watch, and reads from the cache. Each with the worst stall of the backend's loop."""
+    import subprocess
+
+    from corral.backends.kubernetes import KubernetesBackend, client_from
+    from corral.backends.kubernetes.reflector import WatchSettings
+    from corral.domain.manifests import ClusterOptions
+    from corral.store.state import StateStore
+
+    root = Path(__file__).parents[1]
+    sys.path.insert(0, str(root))
+    from tests.k8s.cluster import NAMESPACE, kubeconfig
+
+    rows: list[dict[str, Any]] = []
+    data_dir = Path(tempfile.mkdtemp(prefix="corral-emulator-bench-"))
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tests.k8s.cluster", str(port)], cwd=root, stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None and "serving" in server.stdout.readline()
+    url = f"http://127.0.0.1:{port}"
+    total = args.pools * args.replicas
+    store = StateStore(data_dir / "corral.db")
+    backend = KubernetesBackend(client_from(kubeconfig(url, data_dir / "kubeconfig"), NAMESPACE), ClusterOptions(namespace=NAMESPACE),
+                                store, lambda event, data=None, **_: None, data_dir / "manifests", watch=WatchSettings(backoff_initial_s=0.001))
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as control:
+            await control.post("/_emulator/seed", params={"pools": args.pools, "replicas": args.replicas})
+            with LoopLag() as lag:
+                started = time.perf_counter()
+                await backend.start()
+                start_ms = (time.perf_counter() - started) * 1000
+            assert len(backend.list_pods()) == total, len(backend.list_pods())
+            rows.append({"operation": f"start: list {total} pods (+ deployments), build the cache", "ms": start_ms, "lag": lag.worst_ms})
+            gc.freeze()  # as Runtime.start does: what exists after start-up is never walked by the collector again
+
+            lists = backend.reflectors["pods"].lists
+            with LoopLag() as lag:
+                started = time.perf_counter()
+                gone = (await control.post("/_emulator/cut", params={"delete_every": 10})).json()["deleted"]
+                while backend.reflectors["pods"].lists == lists or set(gone) & {p.name for p in backend.list_pods()}:
+                    await asyncio.sleep(0.001)
+                replay_ms = (time.perf_counter() - started) * 1000
+            rows.append({"operation": f"cut watch → relist: {total} pods replayed, {len(gone)} found deleted", "ms": replay_ms,
+                         "lag": lag.worst_ms})
+
+            remaining = len(backend.list_pods())
+            with LoopLag() as lag:
+                started = time.perf_counter()
+                await control.post("/_emulator/restart-all")
+                while sum(p.restarts for p in backend.list_pods()) < remaining:
+                    await asyncio.sleep(0.001)
+                burst_ms = (time.perf_counter() - started) * 1000
+            rows.append({"operation": f"{remaining} pod events through the watch (one per pod), until all are cached", "ms": burst_ms,
+                         "lag": lag.worst_ms})
+
+        samples = []
+        for _ in range(args.rounds):
+            began = time.perf_counter()
+            backend.list_pods()
+            backend.list_pods(f"vllm-model-{args.pools - 1}-pool")
+            samples.append((time.perf_counter() - began) * 1000)
+        rows.append({"operation": "list_pods() (all) + one pool's, from the cache (p50)", "ms": statistics.median(samples), "lag": None})
+    finally:
+        await backend.close()
+        store.close()
+        server.terminate()
+        server.wait(10)
+        shutil.rmtree(data_dir, ignore_errors=True)
+    return rows
+
+
+def show_emulator(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Kubernetes backend over the emulated API server: {args.pools} pools x {args.replicas} pods (real HTTP)")
+    for column in ("operation", "ms", "worst event-loop block, ms"):
+        table.add_column(column, justify="left" if column == "operation" else "right")
+    for row in rows:
+        table.add_row(row["operation"], f"{row['ms']:.2f}", "" if row["lag"] is None else f"{row['lag']:.1f}")
+    Console(width=160).print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pools", type=int, default=10)
@@ -254,7 +370,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=200, help="samples per read and for assign")
     parser.add_argument("--distributions", type=int, default=10, help="samples of each distribution measurement")
     parser.add_argument("--profile", choices=["read", "assign", "distribute"], help="cProfile the server on one operation instead")
+    parser.add_argument("--emulator", action="store_true",
+                        help="the Kubernetes backend over the emulated API server (tests/k8s; needs kmock): start, replay, events")
     args = parser.parse_args()
+    if args.emulator:
+        show_emulator(asyncio.run(emulator_bench(args)), args)
+        return
     data_dir = Path(tempfile.mkdtemp(prefix="corral-control-plane-bench-"))
     server = Server(data_dir)
     server.start()

@@ -23,7 +23,8 @@ TARGETS_3_1 = {"production": 3, "testing": 1, L.UNASSIGNED: 0}
 async def test_pool_of_four_and_two_business_services(plane: Plane) -> None:
     pods = await plane.deploy_pool()
     assert len(pods) == 4
-    assert all(re.fullmatch(rf"{re.escape(plane.pool)}-[a-z0-9]{{5,6}}", name) for name in pods), pods
+    # local and memory: <pool>-<5>; a cluster: <pool>-<pod-template-hash>-<5> (ReplicaSet naming)
+    assert all(re.fullmatch(rf"{re.escape(plane.pool)}(-[a-z0-9]{{6,10}})?-[a-z0-9]{{5,6}}", name) for name in pods), pods
     for pod in plane.backend.list_pods(plane.pool):
         assert pod.is_pool_pod and pod.business == L.UNASSIGNED and pod.model == MODEL
         assert pod.labels[L.POOL] == plane.pool and pod.labels[L.POOL_TYPE] == plane.engine

@@ -9,19 +9,30 @@ import pytest
 
 pytest.importorskip("kmock")
 
+from corral.backends.kubernetes import leader, reflector  # noqa: E402
+from corral.backends.kubernetes.reflector import WatchSettings  # noqa: E402
 from corral.config import Settings  # noqa: E402
 from corral.runtime import Runtime  # noqa: E402
 from tests.integration.conftest import free_port  # noqa: E402
 from tests.k8s.cluster import NAMESPACE, ClusterEmulator, MiniControllers, kubeconfig  # noqa: E402
 
+# Watches in tests: each lasts 2-4 s (the server's timeout, then resumed from the last version seen),
+# silence beyond 1.5 s more is a dead connection, and failures are retried after 50 ms.
+FAST_WATCHES = WatchSettings(min_timeout_s=2.0, read_grace_s=1.5, backoff_initial_s=0.05, backoff_max_s=0.5)
+
+
+FAST_LEASE = {"duration_s": 1.5, "renew_deadline_s": 1.0, "retry_s": 0.2}
+
 
 @pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[tuple[ClusterEmulator, MiniControllers, Path]]:
+async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[ClusterEmulator, MiniControllers, Path]]:
     import kmock
 
+    monkeypatch.setattr(reflector, "DEFAULTS", FAST_WATCHES)
+    monkeypatch.setattr(leader, "TIMING", FAST_LEASE)
     async with ClusterEmulator() as emulator, kmock.Server(emulator) as server:
         config = kubeconfig(str(server.url), tmp_path / "kubeconfig")
-        async with MiniControllers(config) as controllers:
+        async with MiniControllers(emulator) as controllers:
             yield emulator, controllers, config
 
 

@@ -141,7 +141,9 @@ async def test_scale_down_during_a_rollout_is_refused(runtime: Runtime, cluster)
     await deploy_pool(runtime, "vllm", replicas=3)
     controllers.paused = True
     client = client_for(runtime)
-    await client.patch(Deployment, pool, {"status": {"updatedReplicas": 1, "replicas": 4}}, patch_type=PatchType.MERGE)
+    # As the Deployment controller would mid-rollout: through the status subresource (a write to the
+    # Deployment itself never changes its status).
+    await client.patch(Deployment.Status, pool, {"status": {"updatedReplicas": 1, "replicas": 4}}, patch_type=PatchType.MERGE)
     await wait_for_async(lambda: runtime.backend.objects["deployments"][pool]["status"]["updatedReplicas"] == 1, what="the watch")
     try:
         await runtime.controller.scale(pool, 2, pool_endpoint=True)

@@ -102,3 +102,28 @@ def test_gpu_inventory_from_nodes() -> None:
     assert [round(m.memory_total_bytes / 1024**3) for m in inventory.mig_instances] == [10, 10]
     assert len(inventory.schedulable_units()) == 5
     assert not inventory_from_nodes([node("cpu", 0)]).available
+
+
+def test_pool_pods_are_fit_for_gpus_and_llm_traffic() -> None:
+    options = ClusterOptions(namespace="corral", load_balancer_source_ranges=("10.0.0.0/8",))
+    pool = deployment_manifest(POOL, [], options, "/health")
+    spec = pool["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    assert pool["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    assert {"startupProbe", "readinessProbe", "livenessProbe"} <= set(container)
+    assert container["startupProbe"]["periodSeconds"] * container["startupProbe"]["failureThreshold"] >= 1800  # model loading
+    assert container["livenessProbe"]["timeoutSeconds"] >= 10  # survives a loaded engine
+    assert container["lifecycle"]["preStop"] == {"sleep": {"seconds": 60}}
+    assert spec["terminationGracePeriodSeconds"] > 60  # preStop, then SIGTERM and the engine's shutdown
+    assert container["resources"]["requests"] == {"cpu": "4", "memory": "32Gi"}  # Burstable, not BestEffort
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False and spec["automountServiceAccountToken"] is False
+    assert pool["spec"]["template"]["metadata"]["annotations"] == {"controller.kubernetes.io/pod-deletion-cost": "-100"}
+    simulator = deployment_manifest(Deployment("simulator-x-pool", "simulator", "sim", "x", True, 1), [], options)
+    assert simulator["spec"]["template"]["spec"]["containers"][0]["securityContext"]["runAsNonRoot"] is True
+    validate(simulator)
+    service = Service("production-chat-nlb", "qwen-7b", L.business_selector("qwen-7b", "production"),
+                      {L.BUSINESS: "production", L.MODEL: "qwen-7b", L.SERVICE_TYPE: L.BUSINESS_SERVICE}, is_external=True)
+    external = service_manifest(service, options)
+    validate(external)
+    assert external["spec"]["loadBalancerSourceRanges"] == ["10.0.0.0/8"]
+    assert external["metadata"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-healthcheck-path"] == "/health"

@@ -26,6 +26,10 @@ from tests.k8s.test_backend_contract import (  # noqa: F401 (collected here, aga
     test_pool_services_and_assignment_are_cluster_objects,
     test_replaced_pod_is_reassigned,
 )
+from tests.k8s.test_cluster_semantics import (  # noqa: F401
+    test_a_pool_scaled_by_an_hpa_is_not_scaled_by_corral,
+    test_any_scale_down_prefers_unassigned_pods,
+)
 
 KUBECONFIG = os.environ.get("CORRAL_E2E_KUBECONFIG")
 pytestmark = pytest.mark.skipif(not KUBECONFIG, reason="set CORRAL_E2E_KUBECONFIG to run against a real cluster")

@@ -41,6 +41,19 @@ ROUTER_FOR = "corral.dev/router-for"  # label of a business service's vllm-route
 ROUTER_SERVICE_ACCOUNT = "corral-router"  # may list and watch pods (deploy/kubernetes/corral.yaml)
 ANNOTATION_DESIRED = "corral.dev/desired-assignment"  # business → count, from the last assignment or distribution
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+# Pod deletion costs (int32; a ReplicaSet scaling down removes lower costs first, after unscheduled,
+# pending and not-ready pods: https://kubernetes.io/docs/reference/labels-annotations-taints/#pod-deletion-cost).
+# Set in the same patch as the `business` label, so that any scale-down — Corral's, an HPA's,
+# `kubectl scale`, a rollout's — prefers unassigned replicas; the replicas Corral picks for a
+# scale-down get the lowest cost just before it scales.
+ASSIGNED_COST = "1000"
+UNASSIGNED_COST = "-100"
+CHOSEN_COST = "-1000"
+FINETUNE_TASK = "corral.dev/finetune-task"  # label of a finetune task's Job and its pods
+
+
+def deletion_cost(business: str | None) -> str:
+    return UNASSIGNED_COST if business in (None, L.UNASSIGNED) else ASSIGNED_COST
 
 
 @dataclass(frozen=True)
@@ -54,29 +67,59 @@ class ClusterOptions:
     tolerations: tuple[dict[str, Any], ...] = ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},)
     node_selector: dict[str, str] = field(default_factory=dict)
     shm_size: str = "8Gi"
-    model_cache_claim: str | None = None  # a PersistentVolumeClaim for /root/.cache/huggingface; emptyDir when unset
+    model_cache_claim: str | None = None  # a PersistentVolumeClaim (ReadWriteMany or ReadOnlyMany) for the HF cache; emptyDir when unset
     service_account: str | None = None
+    # Requests beside the GPUs, so that replicas are not BestEffort (first to be evicted under node pressure).
+    cpu_request: str = "4"
+    memory_request: str = "32Gi"
+    # Removal: the pod leaves its Services' endpoints as soon as it terminates, but kube-proxies and load
+    # balancers follow within seconds; the preStop sleep keeps the engine serving meanwhile and lets
+    # in-flight streams finish, then SIGTERM; terminationGracePeriodSeconds covers both.
+    drain_s: int = 60
+    startup_s: int = 1800  # model download + load + compile on first start: the startup probe's patience
+    load_balancer_source_ranges: tuple[str, ...] = ()  # CIDRs allowed to reach external business services
+    leader_election: bool = True  # a Lease: one Corral acts on the namespace at a time
+
+
 
 
 def deployment_manifest(deployment: Deployment, container_args: list[str], options: ClusterOptions = ClusterOptions(),
                         health_path: str = "/health") -> dict:
     """A Deployment; for a pool the selector is `{model, pool}` and pods start `business: unassigned`."""
-    resources: dict = {}
-    if deployment.gpus_per_replica:
-        resources = {"limits": {options.gpu_resource: deployment.gpus_per_replica}}
+    gpus = deployment.gpus_per_replica
+    # GPUs as limits only (an extended resource's request defaults to its limit); CPU and memory requested
+    # so that the pod is Burstable, not BestEffort. A CPU-only replica (the simulator) asks for little.
+    resources: dict = {"requests": {"cpu": options.cpu_request, "memory": options.memory_request} if gpus
+                       else {"cpu": "250m", "memory": "512Mi"}}
+    if gpus:
+        resources["limits"] = {options.gpu_resource: gpus}
     cache = ({"persistentVolumeClaim": {"claimName": options.model_cache_claim}} if options.model_cache_claim
              else {"emptyDir": {}})
+    probe = {"httpGet": {"path": health_path, "port": "http"}, "timeoutSeconds": 5}
+    container: dict[str, Any] = {
+        "name": deployment.engine,
+        "image": options.images.get(deployment.engine, deployment.engine),
+        **({"command": list(options.commands[deployment.engine])} if deployment.engine in options.commands else {}),
+        "args": container_args,
+        "ports": [{"name": "http", "containerPort": HTTP_PORT}],
+        # Startup: liveness and readiness wait until the engine answered once (model loading takes minutes).
+        "startupProbe": {**probe, "periodSeconds": 10, "failureThreshold": max(1, options.startup_s // 10)},
+        "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 3},
+        # Liveness: generous (a loaded engine answers /health slowly under load; a restart costs minutes).
+        "livenessProbe": {**probe, "timeoutSeconds": 10, "periodSeconds": 15, "failureThreshold": 8},
+        # Kubernetes 1.30+ (PodLifecycleSleepAction): no shell needed in the engine's image.
+        "lifecycle": {"preStop": {"sleep": {"seconds": options.drain_s}}},
+        "resources": resources,
+        "securityContext": {"allowPrivilegeEscalation": False, "seccompProfile": {"type": "RuntimeDefault"},
+                            # Corral's own image (the simulator) runs as a user; engine images expect root.
+                            **({"runAsNonRoot": True, "runAsUser": 10001, "capabilities": {"drop": ["ALL"]}}
+                               if deployment.engine == "simulator" else {})},
+        "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}, {"name": "model-cache", "mountPath": "/root/.cache/huggingface"}],
+    }
     pod_spec: dict[str, Any] = {
-        "containers": [{
-            "name": deployment.engine,
-            "image": options.images.get(deployment.engine, deployment.engine),
-            **({"command": list(options.commands[deployment.engine])} if deployment.engine in options.commands else {}),
-            "args": container_args,
-            "ports": [{"name": "http", "containerPort": HTTP_PORT}],
-            "readinessProbe": {"httpGet": {"path": health_path, "port": "http"}, "periodSeconds": 5, "failureThreshold": 3},
-            "resources": resources,
-            "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}, {"name": "model-cache", "mountPath": "/root/.cache/huggingface"}],
-        }],
+        "containers": [container],
+        "terminationGracePeriodSeconds": options.drain_s + 30,
+        "automountServiceAccountToken": False,  # engines never call the Kubernetes API
         "volumes": [{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": options.shm_size}},
                     {"name": "model-cache", **cache}],
     }
@@ -107,13 +150,20 @@ def deployment_manifest(deployment: Deployment, container_args: list[str], optio
         "spec": {
             "replicas": deployment.replicas,
             "selector": {"matchLabels": deployment.selector},
-            "template": {"metadata": {"labels": {**deployment.new_pod_labels(), MANAGED_BY: CORRAL}}, "spec": pod_spec},
+            # A rollout replaces one replica at a time and never adds one first: a surge pod needs GPUs that a
+            # full cluster does not have, and would wait Pending for ever.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+            "template": {"metadata": {"labels": {**deployment.new_pod_labels(), MANAGED_BY: CORRAL},
+                                      **({"annotations": {DELETION_COST: UNASSIGNED_COST}} if deployment.is_pool else {})},
+                         "spec": pod_spec},
         },
     }
 
 
-def service_manifest(service: Service, options: ClusterOptions = ClusterOptions()) -> dict:
-    """A Service; a business service is a LoadBalancer with NLB annotations when external."""
+def service_manifest(service: Service, options: ClusterOptions = ClusterOptions(), health_path: str = "/health") -> dict:
+    """A Service; a business service is a LoadBalancer with NLB annotations when external: its health check
+    asks the engines' health path (not a bare TCP connect), and `load_balancer_source_ranges` limits who
+    can reach it."""
     metadata: dict = {"name": service.name, "namespace": options.namespace, "labels": {**service.labels, MANAGED_BY: CORRAL},
                       "annotations": {ANNOTATION_POOL: service.deployment or "", ANNOTATION_LLM_ROUTING: str(service.llm_routing).lower()}}
     spec: dict = {
@@ -127,7 +177,12 @@ def service_manifest(service: Service, options: ClusterOptions = ClusterOptions(
             "service.beta.kubernetes.io/aws-load-balancer-type": "external",
             "service.beta.kubernetes.io/aws-load-balancer-nlb-target-type": "ip",
             "service.beta.kubernetes.io/aws-load-balancer-scheme": "internet-facing",
+            "service.beta.kubernetes.io/aws-load-balancer-healthcheck-protocol": "HTTP",
+            "service.beta.kubernetes.io/aws-load-balancer-healthcheck-path": health_path,
+            "service.beta.kubernetes.io/aws-load-balancer-healthcheck-port": "traffic-port",
         }
+        if options.load_balancer_source_ranges:
+            spec["loadBalancerSourceRanges"] = list(options.load_balancer_source_ranges)
     return {"apiVersion": "v1", "kind": "Service", "metadata": metadata, "spec": spec}
 
 

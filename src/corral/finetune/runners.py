@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 from lightkube.codecs import from_dict
 from lightkube.core.exceptions import ApiError
 from lightkube.resources.batch_v1 import Job
+from lightkube.resources.core_v1 import PersistentVolumeClaim
 from lightkube.types import CascadeType
 
 from corral.backends.local import process
-from corral.domain.manifests import CORRAL, MANAGED_BY
+from corral.domain.manifests import CORRAL, FINETUNE_TASK, MANAGED_BY
 from corral.finetune.store import TaskRecord
 
 if TYPE_CHECKING:
@@ -86,7 +87,16 @@ class ProcessRunner(TrainerRunner):
 
 class JobRunner(TrainerRunner):
     """A `batch/v1` Job per task: GPU requests, the timeout as `activeDeadlineSeconds`, optionally Kueue.
-    Jobs are read from the Kubernetes backend's informer cache, like every other cluster object."""
+    Jobs are read from the Kubernetes backend's informer cache, like every other cluster object.
+
+    A Job is over only when it has a `Complete` or `Failed` condition (the Job controller's verdict,
+    https://kubernetes.io/docs/concepts/workloads/controllers/job/#terminal-job-conditions): between
+    attempts (`status.failed` > 0, a retry pending after its back-off) it is still running. Disruptions
+    (preemption, eviction, a drained node) do not use up `backoffLimit` (`podFailurePolicy`).
+    The trainer writes progress, logs and results into Corral's data directory, so the Jobs mount it:
+    a ReadWriteMany PersistentVolumeClaim (`CORRAL_KUBERNETES_DATA_CLAIM`). Without one — or with a
+    claim that GPU nodes cannot attach next to Corral's own pod (ReadWriteOnce) — a task is refused
+    with the reason instead of training where nobody can read it."""
 
     def __init__(self, backend: KubernetesBackend, image: str, data_dir: Path, data_claim: str | None,
                  kueue_queue: str | None) -> None:
@@ -97,6 +107,7 @@ class JobRunner(TrainerRunner):
         self.kueue_queue = kueue_queue
         self.admits_itself = kueue_queue is not None
         self._creating: set[str] = set()
+        self._errors: dict[str, str] = {}  # job → why it could not be created
 
     def launch(self, task: TaskRecord, directory: Path, visible: list[str]) -> dict[str, Any]:
         options = self.backend.cluster_options
@@ -105,16 +116,40 @@ class JobRunner(TrainerRunner):
         name = manifest["metadata"]["name"]
         self.backend.write_manifests(name, [manifest])  # as every object Corral writes
         self._creating.add(name)
+        self._errors.pop(name, None)
 
         async def create() -> None:
             try:
+                if problem := await self.data_claim_problem():
+                    self._errors[name] = problem
+                    return
                 created = await self.backend.client.create(from_dict(manifest))
                 self.backend.cache("jobs", created.to_dict())
+            except ApiError as exc:
+                self._errors[name] = f"the Job could not be created: {exc.status.code} {exc.status.reason}: {exc.status.message}"
+            except Exception as exc:  # the API server is unreachable, say
+                self._errors[name] = f"the Job could not be created: {type(exc).__name__}: {exc}"
             finally:
                 self._creating.discard(name)
 
         asyncio.get_running_loop().create_task(create(), name=f"create-{name}")
         return {"pid": None, "pid_start": f"job/{name}"}
+
+    async def data_claim_problem(self) -> str | None:
+        """Why finetune Jobs cannot share Corral's data directory on this cluster, or None."""
+        if not self.data_claim:
+            return ("finetunes on a cluster need a ReadWriteMany PersistentVolumeClaim for Corral's data directory "
+                    "(CORRAL_KUBERNETES_DATA_CLAIM; deploy/kubernetes/corral.yaml has one): the trainer writes progress, "
+                    "logs and the result there")
+        try:
+            claim = (await self.backend.client.get(PersistentVolumeClaim, self.data_claim)).to_dict()
+        except ApiError as exc:
+            return f"the data claim '{self.data_claim}' cannot be read ({exc.status.code} {exc.status.reason})"
+        modes = set((claim.get("spec") or {}).get("accessModes") or [])
+        if "ReadWriteMany" not in modes:
+            return (f"the data claim '{self.data_claim}' is {', '.join(sorted(modes)) or 'without access modes'}: Jobs on other "
+                    "nodes cannot mount it beside Corral; it must be ReadWriteMany")
+        return None
 
     def _job(self, task: TaskRecord) -> dict[str, Any] | None:
         return self.backend.objects["jobs"].get(job_name(task.id))
@@ -123,18 +158,20 @@ class JobRunner(TrainerRunner):
         if job_name(task.id) in self._creating:
             return True
         job = self._job(task)
-        if job is None:
-            return False
-        status = job.get("status") or {}
-        return not (status.get("succeeded") or status.get("failed") and not status.get("active"))
+        return job is not None and job_verdict(job) is None
 
     def failure(self, task: TaskRecord) -> str:
+        if error := self._errors.get(job_name(task.id)):
+            return error
         job = self._job(task)
         if job is None:
             return "the Job is gone (deleted outside Corral?)"
-        conditions = (job.get("status") or {}).get("conditions") or []
-        reasons = [f"{c.get('reason')}: {c.get('message')}" for c in conditions if c.get("type") == "Failed"]
-        return "Job failed" + (f" ({'; '.join(reasons)})" if reasons else "")
+        verdict = job_verdict(job)
+        if verdict is not None and verdict[0] == "Complete":
+            return "the Job completed but the trainer reported no result"
+        reason = verdict[1] if verdict else ""
+        failed = (job.get("status") or {}).get("failed") or 0
+        return "Job failed" + (f" ({reason})" if reason else "") + (f" after {failed} failed pod(s)" if failed else "")
 
     def waiting(self, task: TaskRecord) -> str | None:
         job = self._job(task)
@@ -145,10 +182,20 @@ class JobRunner(TrainerRunner):
     async def stop(self, task: TaskRecord) -> None:
         with contextlib.suppress(ApiError):
             await self.backend.client.delete(Job, job_name(task.id), cascade=CascadeType.BACKGROUND)
-        self.backend.objects["jobs"].pop(job_name(task.id), None)
+        self.backend.forget("jobs", job_name(task.id))
 
 
-JOB_LABEL = "corral.dev/finetune-task"
+def job_verdict(job: dict[str, Any]) -> tuple[str, str] | None:
+    """("Complete" | "Failed", "reason: message") once the Job controller has decided; None while it runs
+    (retries included)."""
+    for condition in (job.get("status") or {}).get("conditions") or []:
+        if condition.get("type") in ("Complete", "Failed") and condition.get("status") == "True":
+            detail = ": ".join(x for x in (condition.get("reason"), condition.get("message")) if x)
+            return condition["type"], detail
+    return None
+
+
+JOB_LABEL = FINETUNE_TASK
 
 
 def job_name(task_id: str) -> str:
@@ -182,6 +229,9 @@ def job_manifest(task: TaskRecord, directory: Path, namespace: str, image: str, 
         "metadata": {"name": job_name(task.id), "namespace": namespace, "labels": labels},
         "spec": {
             "suspend": bool(kueue_queue), "backoffLimit": 2, "activeDeadlineSeconds": int(task.timeout_s),
+            # A pod ended by a disruption (preemption, eviction, node drain: the DisruptionTarget condition)
+            # is retried without using up backoffLimit (https://kubernetes.io/docs/concepts/workloads/controllers/job/#pod-failure-policy).
+            "podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]},
             "ttlSecondsAfterFinished": 7 * 24 * 3600,
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},
         },

@@ -1,17 +1,28 @@
 """The Kubernetes backend: pools are Deployments, business services are Services, assignment is a label.
 
-Reads come from an informer cache (one list, then watches, of Corral's Deployments, Pods, Services
-and EndpointSlices in one namespace), so the controller's reads stay as cheap as on the local
-backend. Writes go to the API server with lightkube's async client — never `kubectl`.
+Reads come from an informer cache: a reflector per kind (`reflector.py`: list, then watch from the
+list's resourceVersion with bookmarks, relist and replace on 410 or any error, a read timeout for
+dead connections) of Corral's Deployments, Pods, Services, Jobs, the namespace's EndpointSlices and
+HorizontalPodAutoscalers. Replica pods are kept converted, per deployment, and updated per event, so
+the controller's reads stay as cheap as on the local backend. Writes go to the API server with
+lightkube's async client — never `kubectl` — and their answers enter the cache only when newer than
+what it holds.
 
 What the cluster does behind Corral's back is handled here:
-- Scale-down: the ReplicaSet chooses which pods die. Corral marks the chosen unassigned pods with a
-  low `pod-deletion-cost` just before scaling, then verifies what was removed; when the cluster
-  removed an assigned pod anyway (deletion cost is only its fourth sort key), it reports so and the
-  controller's reconciler gives that business its count back. During a rollout a scale-down would
-  span two ReplicaSets: it is refused with the reason.
+- Only active pods are replicas (client-go's `IsPodActive`): a Failed (evicted), Succeeded or
+  terminating pod is none, and a finetune Job's pod never is.
+- Scale-down: the ReplicaSet chooses which pods die. Every pool pod carries a
+  `pod-deletion-cost` that follows its `business` label (set in the same patch: assigned high,
+  unassigned low; kept consistent when someone else relabels), so any scale-down — Corral's, an
+  HPA's, `kubectl scale` — prefers unassigned pods; the pods Corral picks get the lowest cost just
+  before it scales. `spec.replicas` is read and written with its resourceVersion as a precondition
+  (409 Conflict: read again, retry), so a concurrent scale by someone else is never overwritten.
+  Corral then verifies what was removed; when the cluster removed an assigned pod anyway (the cost
+  is only its fourth sort key), it reports so and the controller's reconciler gives that business
+  its count back. During a rollout a scale-down would span two ReplicaSets, and with a
+  HorizontalPodAutoscaler on the pool the HPA owns `spec.replicas`: both are refused with the reason.
 - Replacements: the counts per business are kept on the Deployment (`corral.dev/desired-assignment`).
-  A pod replaced by its ReplicaSet (crash, node loss, rollout) comes back `unassigned`; the
+  A pod replaced by its ReplicaSet (crash, eviction, node loss, rollout) comes back `unassigned`; the
   controller's reconciler assigns replacements (`domain.assignment.plan_restore`) under the pool's lock.
 - Cut-over is eventually consistent (label → EndpointSlice → kube-proxy/LB): an assignment is
   recorded complete (`cutover` in the history, with its delay) once the pod is in the new business's
@@ -34,8 +45,10 @@ from lightkube import AsyncClient, KubeConfig
 from lightkube.codecs import from_dict
 from lightkube.core.exceptions import ApiError
 from lightkube.resources.apps_v1 import Deployment as K8sDeployment
+from lightkube.resources.autoscaling_v2 import HorizontalPodAutoscaler as K8sHPA
 from lightkube.resources.batch_v1 import Job as K8sJob
 from lightkube.resources.core_v1 import Node as K8sNode
+from lightkube.resources.core_v1 import PersistentVolumeClaim
 from lightkube.resources.core_v1 import Pod as K8sPod
 from lightkube.resources.core_v1 import Service as K8sService
 from lightkube.resources.discovery_v1 import EndpointSlice as K8sEndpointSlice
@@ -43,30 +56,56 @@ from lightkube.types import PatchType
 
 from corral.backends.base import Backend, Report, save_manifests
 from corral.backends.kubernetes import convert
+from corral.backends.kubernetes.leader import LeaderElection
+from corral.backends.kubernetes.reflector import DELETED, Reflector, Store, WatchSettings
 from corral.domain import labels as L
 from corral.domain.errors import Conflict
 from corral.domain.gpu_ledger import GpuClaim, Holder
 from corral.domain.history import Action, HistoryDraft, Intent, Outcome
 from corral.domain.manifests import (
     ANNOTATION_DESIRED,
+    CHOSEN_COST,
     CORRAL,
     DELETION_COST,
     MANAGED_BY,
     ROUTER_FOR,
     ClusterOptions,
+    deletion_cost,
     router_manifests,
     router_name,
     service_manifest,
 )
-from corral.domain.models import Deployment, Pod, PodPhase, Service
+from corral.domain.models import Deployment, Pod, Service
 from corral.store.state import StateStore
 
 log = logging.getLogger("corral.kubernetes")
 
-KINDS: dict[str, Any] = {"deployments": K8sDeployment, "pods": K8sPod, "services": K8sService, "endpointslices": K8sEndpointSlice,
-                         "jobs": K8sJob}  # finetune Jobs, read by finetune.runners.JobRunner
+# kind → (resource, only Corral's objects (managed-by label), required at start)
+KINDS: dict[str, tuple[Any, bool, bool]] = {
+    "deployments": (K8sDeployment, True, True), "pods": (K8sPod, True, True), "services": (K8sService, True, True),
+    "endpointslices": (K8sEndpointSlice, False, True),
+    "jobs": (K8sJob, True, True),  # finetune Jobs, read by finetune.runners.JobRunner
+    "hpas": (K8sHPA, False, False),  # HorizontalPodAutoscalers: one on a pool owns its spec.replicas
+}
 CUTOVER_TIMEOUT_S = 120.0
 SCALE_VERIFY_TIMEOUT_S = 300.0
+SCALE_ATTEMPTS = 8
+SCALE_SETTLE_S = 1.0
+
+
+def _not_a_router(obj: dict[str, Any]) -> bool:
+    """A business service's vllm-router objects are part of the service, not deployments or services of their own."""
+    return ROUTER_FOR not in ((obj.get("metadata") or {}).get("labels") or {})
+
+
+def _hpa_target(hpa: dict[str, Any]) -> str | None:
+    ref = (hpa.get("spec") or {}).get("scaleTargetRef") or {}
+    return ref.get("name") if ref.get("kind") == "Deployment" else None
+
+
+def _business_patch(business: str) -> dict[str, Any]:
+    """The label and its deletion cost in one merge patch: never one without the other."""
+    return {"metadata": {"labels": {L.BUSINESS: business}, "annotations": {DELETION_COST: deletion_cost(business)}}}
 
 
 def client_from(kubeconfig: Path | None, namespace: str) -> AsyncClient:
@@ -76,27 +115,49 @@ def client_from(kubeconfig: Path | None, namespace: str) -> AsyncClient:
 
 
 class KubernetesBackend(Backend):
-    def __init__(self, client: AsyncClient, options: ClusterOptions, store: StateStore, report: Report, manifests_dir: Path) -> None:
+    def __init__(self, client: AsyncClient, options: ClusterOptions, store: StateStore, report: Report, manifests_dir: Path,
+                 watch: WatchSettings | None = None) -> None:
         self.client = client
         self.cluster_options = options
         self.namespace = options.namespace
         self.store = store
         self.report = report
         self.manifests_dir = manifests_dir
-        self.objects: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in KINDS}
+        self.watch_settings = watch
+        self.stores: dict[str, Store] = {kind: Store(kind, self._on_change, keep=_not_a_router) for kind in KINDS}
+        self.objects: dict[str, dict[str, dict[str, Any]]] = {kind: store_.objects for kind, store_ in self.stores.items()}
+        self.reflectors: dict[str, Reflector] = {}
+        self._replicas: dict[str, Pod] = {}  # active replica pods, converted once per event
+        self._by_deployment: dict[str, dict[str, Pod]] = {}
+        self._sorted: dict[str | None, list[Pod]] = {}  # list_pods answers, until a pod of that deployment changes
+        self._doomed: set[str] = set()  # pods chosen for a scale-down in progress (the lowest deletion cost)
+        self._costs_due = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._cutovers: dict[str, tuple[str, str, float]] = {}  # pod → (from, to, started at)
         self.cutover_seconds: collections.deque[float] = collections.deque(maxlen=10_000)  # label patch → EndpointSlices
         self.cutover_timeouts = 0
+        self.cost_patches = 0
+        self.leader: LeaderElection | None = None
 
     # lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
-        """List everything once (reads are served from then on), then follow with watches."""
-        for kind, resource in KINDS.items():
-            labels = None if kind == "endpointslices" else {MANAGED_BY: CORRAL}
-            async for obj in self.client.list(resource, namespace=self.namespace, labels=labels):
-                self.cache(kind, obj.to_dict())
-            self._spawn(self._watch(kind, resource, labels), f"watch-{kind}")
+        """List everything once (reads are served from then on), then keep each kind in step with a reflector."""
+        if self.cluster_options.leader_election:
+            self.leader = LeaderElection(self.client, self.namespace)
+            await self.leader.acquire()  # a standby Corral waits here, and serves nothing, until it leads
+        for kind, (resource, managed, required) in KINDS.items():
+            reflector = Reflector(self.client, resource, self.stores[kind], self.namespace, {MANAGED_BY: CORRAL} if managed else None,
+                                  self.watch_settings)
+            self.reflectors[kind] = reflector
+            try:
+                await reflector.list()
+            except Exception as exc:
+                if required:
+                    raise
+                log.warning("cannot list %s (%s); Corral keeps trying, and works without them meanwhile", kind, exc)
+            self._spawn(reflector.run(), f"reflect-{kind}")
+        self._spawn(self._keep_costs(), "deletion-costs")
+        self._costs_due.set()
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -104,6 +165,8 @@ class KubernetesBackend(Backend):
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.leader is not None:
+            await self.leader.release()
         await self.client.close()
 
     def _spawn(self, coroutine: Any, name: str) -> asyncio.Task:
@@ -112,39 +175,54 @@ class KubernetesBackend(Backend):
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _watch(self, kind: str, resource: Any, labels: dict[str, str] | None) -> None:
-        delay = 0.5
-        while True:
-            try:
-                async for change, obj in self.client.watch(resource, namespace=self.namespace, labels=labels):
-                    delay = 0.5
-                    self._on_change(kind, change, obj.to_dict())
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the API server went away or the watch expired: list-and-watch again
-                log.warning("watch of %s failed (%s); retrying in %.1f s", kind, exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
+    def cache(self, kind: str, obj: dict[str, Any]) -> bool:
+        """A write's answer: readable at once, unless the cache already holds a newer version or saw it deleted."""
+        return self.stores[kind].write(obj)
 
-    def cache(self, kind: str, obj: dict[str, Any]) -> None:
-        """Keep an object as the watch would: a write's answer is readable before its event arrives."""
-        if ROUTER_FOR not in (obj["metadata"].get("labels") or {}):  # a service's vllm-router is part of the service
-            self.objects[kind][obj["metadata"]["name"]] = obj
+    def forget(self, kind: str, name: str) -> None:
+        """An object Corral deleted: gone from the reads now, whatever late events say."""
+        self.stores[kind].forget(name)
 
-    def _on_change(self, kind: str, change: str, obj: dict[str, Any]) -> None:
-        name = obj["metadata"]["name"]
-        if ROUTER_FOR in (obj["metadata"].get("labels") or {}):
-            return
-        if change == "DELETED":
-            self.objects[kind].pop(name, None)
-        else:
-            self.cache(kind, obj)
+    def _on_change(self, kind: str, change: str, old: dict[str, Any] | None, new: dict[str, Any]) -> None:
         if kind == "pods":
-            pod = convert.pod(obj)
-            self.report("replica_status", {"name": name, "deployment": pod.deployment, "ready": pod.ready, "restarts": pod.restarts,
-                                         "phase": "Deleted" if change == "DELETED" else pod.phase.value, "business": pod.business})
+            self._on_pod(change, old, new)
         elif kind == "endpointslices" and self._cutovers:
             self._check_cutovers()
+        elif kind == "hpas" and change != DELETED:
+            target = _hpa_target(new)
+            if target and target in self.objects["deployments"] and (old is None or _hpa_target(old) != target):
+                log.warning("HorizontalPodAutoscaler %s scales %s: Corral refuses to scale that pool itself while it does",
+                            new["metadata"]["name"], target)
+
+    def _on_pod(self, change: str, old: dict[str, Any] | None, new: dict[str, Any]) -> None:
+        name = new["metadata"]["name"]
+        previous = self._replicas.pop(name, None)
+        if previous is not None:
+            self._by_deployment.get(previous.deployment, {}).pop(name, None)
+            self._stale(previous.deployment)
+        pod = convert.pod(new)
+        if change != DELETED and convert.is_replica(new):
+            self._replicas[name] = pod
+            self._by_deployment.setdefault(pod.deployment, {})[name] = pod
+            self._stale(pod.deployment)
+            if (new["metadata"].get("annotations") or {}).get(DELETION_COST) != self._cost_of(pod):
+                self._costs_due.set()
+        if convert.is_job_pod(new) or not convert.deployment_of(new):
+            return
+        phase = "Deleted" if change == DELETED else convert.phase_name(new)
+        self.report("replica_status", {"name": name, "deployment": pod.deployment, "ready": pod.ready and phase != "Deleted",
+                                       "restarts": pod.restarts, "phase": phase, "business": pod.business})
+        if change != DELETED and convert.is_terminal(new) and not (old is not None and convert.is_terminal(old)):
+            status = new.get("status") or {}
+            why = ": ".join(x for x in (status.get("reason"), status.get("message")) if x) or "its containers exited"
+            self.report(None, history=HistoryDraft(Action.CRASH, name, before={"business": pod.business} if pod.business else None,
+                                                   message=f"pod {status.get('phase', '').lower()} ({why}); its ReplicaSet "
+                                                           "starts a replacement, which Corral assigns like the one it replaces"),
+                        outcome=Outcome.RESTARTING)
+
+    def _stale(self, deployment: str) -> None:
+        self._sorted.pop(deployment, None)
+        self._sorted.pop(None, None)
 
     # reads -----------------------------------------------------------------------------------
     def list_deployments(self) -> list[Deployment]:
@@ -155,23 +233,25 @@ class KubernetesBackend(Backend):
         return convert.deployment(obj) if obj else None
 
     def list_pods(self, deployment: str | None = None) -> list[Pod]:
-        pods = (convert.pod(o) for o in self.objects["pods"].values())
-        return sorted((p for p in pods if p.phase != PodPhase.TERMINATING and deployment in (None, p.deployment)), key=lambda p: p.name)
+        pods = self._sorted.get(deployment)
+        if pods is None:
+            source = self._replicas if deployment is None else self._by_deployment.get(deployment, {})
+            pods = self._sorted[deployment] = sorted(source.values(), key=lambda p: p.name)
+        return list(pods)
 
     def get_pod(self, name: str) -> Pod | None:
-        obj = self.objects["pods"].get(name)
-        pod = convert.pod(obj) if obj else None
-        return pod if pod and pod.phase != PodPhase.TERMINATING else None
+        return self._replicas.get(name)
 
     def gpu_claims(self) -> list[GpuClaim]:
         """The kube scheduler, not Corral, picks a pod's GPUs: each replica pod (terminating ones too, their
-        GPUs are not free yet) claims as many units as its containers' limits ask, and the GPU ledger books
-        them on the cluster inventory's units (from the nodes) — counts, not identities. A finetune Job's
-        pods are not replicas: the finetune manager books their units as its task's."""
+        GPUs are not free yet; not Failed or Succeeded ones, which hold none) claims as many units as its
+        containers' limits ask, and the GPU ledger books them on the cluster inventory's units (from the
+        nodes) — counts, not identities. A finetune Job's pods are not replicas: the finetune manager books
+        their units as its task's, once."""
         resource = self.cluster_options.gpu_resource
         claims = []
         for name, obj in sorted(self.objects["pods"].items()):
-            if not convert.pod(obj).deployment:
+            if not convert.holds_gpus(obj):
                 continue
             count = sum(int(((c.get("resources") or {}).get("limits") or {}).get(resource, 0) or 0)
                         for c in (obj.get("spec") or {}).get("containers") or [])
@@ -190,8 +270,27 @@ class KubernetesBackend(Backend):
         """The cluster's nodes (for the GPU inventory)."""
         return [n.to_dict() async for n in self.client.list(K8sNode)]
 
-    # writes ----------------------------------------------------------------------------------
+    def autoscaler_of(self, deployment: str) -> dict[str, Any] | None:
+        """The HorizontalPodAutoscaler whose scaleTargetRef is this Deployment, if any."""
+        return next((h for h in self.objects["hpas"].values() if _hpa_target(h) == deployment), None)
+
+    async def _check_model_cache(self) -> None:
+        """Replicas of a pool land on many nodes: a model cache claim they share must be ReadWriteMany (or
+        ReadOnlyMany, filled beforehand); a ReadWriteOnce one would leave all but the first node's pods Pending."""
+        claim = self.cluster_options.model_cache_claim
+        if not claim:
+            return
+        try:
+            modes = set(((await self.client.get(PersistentVolumeClaim, claim)).to_dict().get("spec") or {}).get("accessModes") or [])
+        except ApiError as exc:
+            raise Conflict(f"the model cache claim '{claim}' cannot be read ({exc.status.code} {exc.status.reason}); "
+                           "create it (ReadWriteMany) or unset CORRAL_KUBERNETES_MODEL_CACHE_CLAIM") from None
+        if not modes & {"ReadWriteMany", "ReadOnlyMany"}:
+            raise Conflict(f"the model cache claim '{claim}' is {', '.join(sorted(modes)) or 'without access modes'}: replicas on "
+                           "other nodes could not mount it. Use a ReadWriteMany (or a pre-filled ReadOnlyMany) claim")
+
     async def create_deployment(self, deployment: Deployment, service: Service | None, intent: Intent | None = None) -> list[Pod]:
+        await self._check_model_cache()
         self._begin(intent)
         documents = self.manifests(deployment, service)
         created = await self.client.create(from_dict(documents[0]))
@@ -201,7 +300,7 @@ class KubernetesBackend(Backend):
                 made = await self.client.create(from_dict(documents[1]))
             except ApiError:
                 await self.client.delete(K8sDeployment, deployment.name)  # all or nothing
-                self.objects["deployments"].pop(deployment.name, None)
+                self.forget("deployments", deployment.name)
                 raise
             self.cache("services", made.to_dict())
         return []  # the ReplicaSet creates the pods; they arrive through the watch
@@ -210,34 +309,63 @@ class KubernetesBackend(Backend):
         self._begin(intent)
         deployment = self.get_deployment(name)
         await self.client.delete(K8sDeployment, name)
-        self.objects["deployments"].pop(name, None)
+        self.forget("deployments", name)
         if deployment is not None and not deployment.is_pool and name in self.objects["services"]:
             await self.client.delete(K8sService, name)
-            self.objects["services"].pop(name, None)
+            self.forget("services", name)
         return self._spawn(self._until(lambda: not self.list_pods(name), 600), f"delete-{name}")
 
+    def _refuse_autoscaled(self, deployment: str) -> None:
+        hpa = self.autoscaler_of(deployment)
+        if hpa is not None:
+            spec = hpa.get("spec") or {}
+            raise Conflict(
+                f"deployment '{deployment}' is scaled by the HorizontalPodAutoscaler '{hpa['metadata']['name']}' "
+                f"({spec.get('minReplicas', 1)}-{spec.get('maxReplicas')} replicas): it owns spec.replicas and would undo a scale "
+                "made here. Change its minReplicas/maxReplicas, or delete it to scale the pool from Corral. Its own "
+                "scale-downs prefer unassigned pods (pod-deletion-cost), and Corral restores each business's count.")
+
     async def add_replicas(self, deployment: str, count: int, intent: Intent | None = None) -> list[Pod]:
+        self._refuse_autoscaled(deployment)
         self._begin(intent)
         before = {p.name for p in self.list_pods(deployment)}
-        await self._set_replicas(deployment, len(before) + count)
+        await self._scale_by(deployment, count)
         return [p for p in self.list_pods(deployment) if p.name not in before]
 
     async def remove_replicas(self, deployment: str, pods: list[str], intent: Intent | None = None) -> Awaitable[None]:
         obj = self.objects["deployments"].get(deployment) or {}
+        if convert.rollout_in_progress(obj) == convert.NOT_OBSERVED:  # the Deployment controller has not caught up yet (ms)
+            await self._until(lambda: convert.rollout_in_progress(self.objects["deployments"].get(deployment) or {})
+                              != convert.NOT_OBSERVED, 5.0)
+            obj = self.objects["deployments"].get(deployment) or {}
         if reason := convert.rollout_in_progress(obj):
             raise Conflict(f"deployment '{deployment}' is rolling out ({reason}); a scale-down now would span two "
                            "ReplicaSets. Wait for the rollout to finish (kubectl rollout status) and try again")
+        self._refuse_autoscaled(deployment)
         self._begin(intent)
         current = self.list_pods(deployment)
         assigned = {p.name: p.business for p in current if p.business not in (None, L.UNASSIGNED)}
-        for name in pods:  # once, just before scaling: the ReplicaSet removes the lowest cost first
-            await self.client.patch(K8sPod, name, {"metadata": {"annotations": {DELETION_COST: "-1000"}}}, patch_type=PatchType.MERGE)
-        target = len(current) - len(pods)
-        await self._set_replicas(deployment, target)
+        self._doomed.update(pods)
+        try:
+            for name in pods:  # just before scaling: the ReplicaSet removes the lowest cost first (among ready pods)
+                patched = await self.client.patch(K8sPod, name, {"metadata": {"annotations": {DELETION_COST: CHOSEN_COST}}},
+                                                  patch_type=PatchType.MERGE)
+                self.cache("pods", patched.to_dict())
+            _, target = await self._scale_by(deployment, -len(pods))
+        except BaseException:
+            self._doomed.difference_update(pods)
+            self._costs_due.set()
+            raise
         return self._spawn(self._verify_scale_down(deployment, target, set(pods), assigned), f"verify-{deployment}")
 
     async def _verify_scale_down(self, deployment: str, target: int, chosen: set[str], assigned: dict[str, str | None]) -> None:
-        await self._until(lambda: len(self.list_pods(deployment)) <= target, SCALE_VERIFY_TIMEOUT_S)
+        try:
+            await self._until(lambda: not chosen & {p.name for p in self.list_pods(deployment)}
+                              or len(self.list_pods(deployment)) <= target, SCALE_VERIFY_TIMEOUT_S)
+            await asyncio.sleep(SCALE_SETTLE_S)  # the ReplicaSet deletes its victims in one sync; their events may trail
+        finally:
+            self._doomed.difference_update(chosen)  # the pods kept by the ReplicaSet get their label's cost back
+            self._costs_due.set()
         remaining = {p.name for p in self.list_pods(deployment)}
         lost = sorted(name for name in assigned if name not in remaining)
         if lost:
@@ -248,9 +376,33 @@ class KubernetesBackend(Backend):
             self.report("replica_status", {"deployment": deployment, "phase": "Replaced"},
                         history=HistoryDraft(Action.SCALE_VERIFY, deployment, message=message), outcome=Outcome.CORRECTED)
 
-    async def _set_replicas(self, deployment: str, replicas: int) -> None:
-        patched = await self.client.patch(K8sDeployment, deployment, {"spec": {"replicas": replicas}}, patch_type=PatchType.MERGE)
-        self.cache("deployments", patched.to_dict())
+    async def _scale_by(self, deployment: str, delta: int) -> tuple[int, int]:
+        """`spec.replicas += delta` through the `scale` subresource (as an HPA or `kubectl scale` do), with the
+        Deployment's resourceVersion as a precondition: a concurrent change (an HPA, `kubectl scale`, another
+        Corral) makes the write fail with 409 Conflict instead of being overwritten, and it is retried from a
+        fresh read (API conventions, "Concurrency Control and Consistency"; the scale subresource moves the
+        Scale's resourceVersion onto the Deployment it updates). The delta applies to the *desired* count,
+        not to the pods seen: pods being created or replaced are counted by the ReplicaSet, not yet by the
+        watch. The Deployment itself arrives through the watch. Returns (before, after)."""
+        current: dict[str, Any] | None = self.objects["deployments"].get(deployment)  # a Deployment or a Scale: same fields used
+        for _ in range(SCALE_ATTEMPTS):
+            if current is None:
+                current = (await self.client.get(K8sDeployment.Scale, deployment)).to_dict()
+            replicas = (current.get("spec") or {}).get("replicas")
+            before = int(replicas) if replicas is not None else 1
+            after = max(0, before + delta)
+            patch = {"metadata": {"resourceVersion": current["metadata"]["resourceVersion"]}, "spec": {"replicas": after}}
+            try:
+                await self.client.patch(K8sDeployment.Scale, deployment, patch, patch_type=PatchType.MERGE)
+            except ApiError as exc:
+                if exc.status.code != 409:
+                    raise
+                log.info("scaling %s: the Deployment changed meanwhile (409 Conflict); reading it again", deployment)
+                current = None
+                continue
+            return before, after
+        raise Conflict(f"deployment '{deployment}' kept changing while Corral scaled it ({SCALE_ATTEMPTS} conflicts in a row); "
+                       "something else is scaling it — try again")
 
     async def set_businesses(self, businesses: Mapping[str, str], intent: Intent | None = None) -> None:
         self._begin(intent)
@@ -258,8 +410,7 @@ class KubernetesBackend(Backend):
         try:
             for name, business in businesses.items():
                 previous = self.get_pod(name)
-                patched = await self.client.patch(K8sPod, name, {"metadata": {"labels": {L.BUSINESS: business}}},
-                                                  patch_type=PatchType.MERGE)
+                patched = await self.client.patch(K8sPod, name, _business_patch(business), patch_type=PatchType.MERGE)
                 self.cache("pods", patched.to_dict())
                 if previous is not None:
                     done[name] = previous.business or L.UNASSIGNED
@@ -267,9 +418,44 @@ class KubernetesBackend(Backend):
         except ApiError:
             for name, business in done.items():  # all or nothing
                 with contextlib.suppress(ApiError):
-                    await self.client.patch(K8sPod, name, {"metadata": {"labels": {L.BUSINESS: business}}}, patch_type=PatchType.MERGE)
+                    patched = await self.client.patch(K8sPod, name, _business_patch(business), patch_type=PatchType.MERGE)
+                    self.cache("pods", patched.to_dict())
             raise
         self._check_cutovers()
+
+    def _cost_of(self, pod: Pod) -> str | None:
+        """The deletion cost a replica should carry: the lowest while a scale-down chose it; else, for a pool
+        pod, its label's; a standard deployment's pod none."""
+        if pod.name in self._doomed:
+            return CHOSEN_COST
+        return deletion_cost(pod.business) if pod.is_pool_pod else None
+
+    async def _keep_costs(self) -> None:
+        """Keep each pool pod's deletion cost consistent with its label: pods born before Corral set costs,
+        relabelled by someone else (`kubectl label`), or kept by a scale-down that chose them (stale costs).
+        Patches only what differs; woken by pod events."""
+        while True:
+            await self._costs_due.wait()
+            self._costs_due.clear()
+            await asyncio.sleep(0.05)  # coalesce a burst of events
+            for pod in self.list_pods():
+                obj = self.objects["pods"].get(pod.name)
+                wanted = self._cost_of(pod)
+                if obj is None or (obj["metadata"].get("annotations") or {}).get(DELETION_COST) == wanted:
+                    continue
+                # Conditional on the version read: a relabel landing meanwhile makes this a 409, and its own
+                # event brings the pod back here with the new label.
+                patch = {"metadata": {"resourceVersion": obj["metadata"]["resourceVersion"], "annotations": {DELETION_COST: wanted}}}
+                try:
+                    patched = await self.client.patch(K8sPod, pod.name, patch, patch_type=PatchType.MERGE)
+                    self.cost_patches += 1
+                    self.cache("pods", patched.to_dict())
+                except ApiError as exc:
+                    if exc.status.code not in (404, 409):
+                        log.warning("could not set the deletion cost of %s: %s", pod.name, exc)
+                except Exception as exc:  # the API server is away: the next event retries
+                    log.warning("could not set the deletion cost of %s: %s", pod.name, exc)
+                    break
 
     def _begin(self, intent: Intent | None) -> None:
         """The cluster holds the desired state; Corral's database holds the intent, written before the first write."""
@@ -300,14 +486,14 @@ class KubernetesBackend(Backend):
             await self.set_businesses(unassign)
         service = self.get_service(name)
         await self.client.delete(K8sService, name)
-        self.objects["services"].pop(name, None)
+        self.forget("services", name)
         if service is not None and service.llm_routing:
             for resource in (K8sDeployment, K8sService):
                 with contextlib.suppress(ApiError):
                     await self.client.delete(resource, router_name(service))
 
     async def pod_logs(self, name: str, tail: int) -> str | None:
-        if name not in self.objects["pods"]:
+        if name not in self.objects["pods"] or convert.is_job_pod(self.objects["pods"][name]):
             return None
         return "".join([line async for line in self.client.log(name, tail_lines=tail)])
 
@@ -325,6 +511,12 @@ class KubernetesBackend(Backend):
         lines += [f"corral_cutover_seconds_sum {sum(delays):.4f}", f"corral_cutover_seconds_count {len(delays)}",
                   "# HELP corral_cutover_timeouts_total Assignments whose EndpointSlices did not follow in time.",
                   "# TYPE corral_cutover_timeouts_total counter", f"corral_cutover_timeouts_total {self.cutover_timeouts}"]
+        lines += ["# HELP corral_kubernetes_lists_total Lists per kind (a relist follows a 410 Gone or a failed watch).",
+                  "# TYPE corral_kubernetes_lists_total counter"]
+        lines += [f'corral_kubernetes_lists_total{{kind="{k}"}} {r.lists}' for k, r in sorted(self.reflectors.items())]
+        lines += ["# HELP corral_kubernetes_watch_failures_total Watches that failed (cut, silent, error) per kind.",
+                  "# TYPE corral_kubernetes_watch_failures_total counter"]
+        lines += [f'corral_kubernetes_watch_failures_total{{kind="{k}"}} {r.errors + r.expired}' for k, r in sorted(self.reflectors.items())]
         return lines
 
     # behind Corral's back ----------------------------------------------------------------------

@@ -18,6 +18,7 @@ from corral.domain.manifests import (
     ANNOTATION_LLM_ROUTING,
     ANNOTATION_MODEL_ID,
     ANNOTATION_POOL,
+    FINETUNE_TASK,
     HTTP_PORT,
 )
 from corral.domain.models import Deployment, Pod, PodPhase, Service
@@ -67,6 +68,49 @@ def pod(obj: dict[str, Any]) -> Pod:
     )
 
 
+JOB_POD_LABELS = ("batch.kubernetes.io/job-name", "job-name", FINETUNE_TASK)
+
+
+def is_job_pod(obj: dict[str, Any]) -> bool:
+    """A Job's pod (a finetune task's trainer): never a replica."""
+    meta = _meta(obj)
+    labels = meta.get("labels") or {}
+    return any(k in labels for k in JOB_POD_LABELS) or any(r.get("kind") == "Job" for r in meta.get("ownerReferences") or [])
+
+
+def is_terminal(obj: dict[str, Any]) -> bool:
+    """Failed (evicted, say) or Succeeded: the pod will not run again; the ReplicaSet has replaced it."""
+    return (obj.get("status") or {}).get("phase") in ("Failed", "Succeeded")
+
+
+def is_active(obj: dict[str, Any]) -> bool:
+    """client-go's `IsPodActive` (pkg/controller/controller_utils.go): not Succeeded, not Failed and not
+    being deleted. A ReplicaSet counts only active pods towards its replicas, and so does Corral."""
+    return not is_terminal(obj) and not _meta(obj).get("deletionTimestamp")
+
+
+def deployment_of(obj: dict[str, Any]) -> str:
+    labels = _meta(obj).get("labels") or {}
+    return labels.get(L.POOL) or labels.get(L.APP) or ""
+
+
+def is_replica(obj: dict[str, Any]) -> bool:
+    """An active pod of one of Corral's Deployments."""
+    return bool(deployment_of(obj)) and not is_job_pod(obj) and is_active(obj)
+
+
+def holds_gpus(obj: dict[str, Any]) -> bool:
+    """A replica pod that may hold its GPUs: active or still terminating (its containers may run until the
+    grace period ends). A terminal pod holds none: its containers have exited, and the kubelet's device
+    manager gives the devices of pods that are no longer active to new ones."""
+    return bool(deployment_of(obj)) and not is_job_pod(obj) and not is_terminal(obj)
+
+
+def phase_name(obj: dict[str, Any]) -> str:
+    """What a `replica_status` report says of a pod: Failed / Succeeded for terminal pods, else its phase."""
+    return (obj.get("status") or {}).get("phase") if is_terminal(obj) else pod(obj).phase.value
+
+
 def service(obj: dict[str, Any]) -> Service:
     meta, spec = _meta(obj), obj.get("spec") or {}
     labels = dict(meta.get("labels") or {})
@@ -79,16 +123,21 @@ def service(obj: dict[str, Any]) -> Service:
     )
 
 
+NOT_OBSERVED = "its latest change is not observed yet"
+
+
 def rollout_in_progress(obj: dict[str, Any]) -> str | None:
-    """Why a Deployment is mid-rollout (two ReplicaSets hold its pods), or None when it is settled."""
+    """Why a Deployment is mid-rollout (pods of an older template remain: two ReplicaSets hold its pods),
+    or None when it is settled. As `kubectl rollout status` reads it: the status describes the current
+    spec only once `observedGeneration` reached `generation`; `replicas` counts every active pod,
+    `updatedReplicas` those of the current template. A plain scale-up in progress is no rollout."""
     meta, spec, status = _meta(obj), obj.get("spec") or {}, obj.get("status") or {}
-    wanted = int(spec.get("replicas") or 0)
+    wanted = int(spec.get("replicas") if spec.get("replicas") is not None else 1)
     if int(status.get("observedGeneration") or 0) < int(meta.get("generation") or 0):
-        return "its latest change is not observed yet"
-    if int(status.get("updatedReplicas") or 0) < wanted:
-        return f"{status.get('updatedReplicas') or 0} of {wanted} replicas run the current template"
-    if int(status.get("replicas") or 0) > wanted:
-        return f"{status.get('replicas')} replicas exist for {wanted} wanted (old ones are still being replaced)"
+        return NOT_OBSERVED
+    updated, total = int(status.get("updatedReplicas") or 0), int(status.get("replicas") or 0)
+    if total > updated:
+        return f"{updated} of {wanted} replicas run the current template"
     return None
 
 
