@@ -88,12 +88,22 @@ def _secret_env(items: list[str]) -> dict[str, str]:
     return env
 
 
-def _hyperparameter(text: str) -> int | float:
-    """`3` → 3 (an integer stays an integer), `1e-4` → 0.0001; the ranges are checked by `finetune.hyperparameters`."""
+def _hyperparameter(text: str) -> int | float | bool | str:
+    """`3` → 3 (an integer stays an integer), `1e-4` → 0.0001, `true`/`false` → a switch, anything else a name
+    (`lrScheduler=linear`); the types and ranges are checked by `finetune.hyperparameters`."""
     try:
         return int(text)
     except ValueError:
+        pass
+    try:
         return float(text)
+    except ValueError:
+        pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if not text:
+        raise ValueError("empty")
+    return text
 
 
 PROGRESS_COLUMNS = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -379,12 +389,12 @@ def _status(task: dict) -> str:
 @finetune_app.command("submit")
 def finetune_submit(
     base_model: str = typer.Argument(..., help="local model directory or hub id"),
-    dataset: Path = typer.Argument(..., help="JSONL: chat messages or instruction/input/output"),
+    dataset: Path = typer.Argument(..., help="JSONL or a JSON array: messages, ShareGPT, Alpaca, prompt/completion or text"),
     method: str = typer.Option("lora", help="lora | qlora | full"),
     priority: str = typer.Option("normal", help="high | normal | low"),
     gpus: Optional[int] = typer.Option(None, help="GPUs (default 1, or 0 without GPU)"),
     timeout_s: Optional[float] = typer.Option(None, "--timeout", help="seconds before the task is cancelled (default 6 h)"),
-    hp: list[str] = typer.Option([], "--hp", help="hyperparameter, e.g. --hp epochs=3 --hp learningRate=1e-4"),
+    hp: list[str] = typer.Option([], "--hp", help="hyperparameter, e.g. --hp epochs=3 --hp learningRate=1e-4 --hp trainOnPrompt=true"),
     follow: bool = typer.Option(False, "--follow", "-f", help="show a live progress bar until the task ends"),
     url: str = URL_OPTION,
     token: Optional[str] = TOKEN_OPTION,
@@ -395,7 +405,7 @@ def finetune_submit(
 
     hyperparameters = _pairs(hp, _hyperparameter, "name=number (e.g. epochs=3)")  # type: ignore[arg-type]
     try:
-        validate(hyperparameters)  # the API checks them the same way; failing here spares the round trip
+        validate(hyperparameters, method)  # the API checks them the same way; failing here spares the round trip
     except InvalidInput as exc:
         fail(exc.message)
     body = {"baseModel": base_model, "datasetPath": str(dataset.resolve()), "method": method, "priority": priority,
@@ -407,6 +417,42 @@ def finetune_submit(
         _follow(client, task["id"])
 
 
+@finetune_app.command("preview")
+def finetune_preview(
+    base_model: str = typer.Argument(..., help="local model directory or hub id (its tokenizer is used)"),
+    dataset: Path = typer.Argument(..., help="the dataset, as for submit"),
+    max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="default: the maxSeqLen default (1024)"),
+    train_on_prompt: bool = typer.Option(False, "--train-on-prompt", help="the loss on every token, not only the answers"),
+    examples: int = typer.Option(2, "--examples", "-n", help="how many examples to show"),
+    url: str = URL_OPTION,
+    token: Optional[str] = TOKEN_OPTION,
+) -> None:
+    """What the trainer would make of a dataset: format, examples with the trained tokens, what maxSeqLen cuts."""
+    from rich.text import Text
+
+    body = {"baseModel": base_model, "datasetPath": str(dataset.resolve()), "maxSeqLen": max_seq_len,
+            "trainOnPrompt": train_on_prompt, "examples": examples}
+    result = Client(url, token).call("POST", "/api/finetune/preview", json=body)
+    share = f"{100 * result['trainedTokens'] / result['totalTokens']:.0f}%" if result["totalTokens"] else "0%"
+    console.print(f"{result['format']}: {result['count']} examples; {result['truncated']} truncated on the prompt side, "
+                  f"{result['dropped']} dropped at maxSeqLen {result['maxSeqLen']}; {share} of the tokens trained", highlight=False)
+    for why, count in result["dropReasons"].items():
+        console.print(f"  dropped: {count} × {why}", highlight=False)
+    for example in result["examples"]:
+        console.rule(f"{example['trainedTokens']} of {example['totalTokens']} tokens trained (green)"
+                     + (f", truncated from {example['originalTokens']}" if example["truncated"] else ""))
+        text, at = Text(), 0
+        for span in example["spans"]:
+            text.append(example["text"][at:span["start"]], style="dim")
+            text.append(example["text"][span["start"]:span["end"]], style="bold green")
+            at = span["end"]
+        text.append(example["text"][at:], style="dim")
+        console.print(text)
+    _table("Tokens per example", ["Tokens", "Examples", ""], [
+        [f"{b['min']}-{b['max']}", b["count"], "[red]cut at maxSeqLen[/red]" if b["overMaxSeqLen"] else ""]
+        for b in result["lengthHistogram"]])
+
+
 def _follow(client: Client, task_id: str) -> None:
     """A live progress bar (steps, loss, ETA) until the task ends; exit code 1 unless it completed."""
     with Progress(*PROGRESS_COLUMNS, console=console) as progress:
@@ -415,6 +461,7 @@ def _follow(client: Client, task_id: str) -> None:
             task = client.call("GET", f"/api/finetune/tasks/{task_id}")
             p = task["progress"]
             note = f"{task['status']}" + (f" loss {p['loss']:.4f}" if p.get("loss") is not None else "")
+            note += f" eval {p['evalLoss']:.4f}" if p.get("evalLoss") is not None else ""
             note += f" ETA {p['eta']:.0f}s" if p.get("eta") is not None else ""
             progress.update(bar, completed=p.get("step") or 0, total=p.get("totalSteps"), note=note)
             if task["status"] in ("completed", "failed", "cancelled"):

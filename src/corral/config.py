@@ -47,6 +47,14 @@ class Settings(BaseSettings):
     kubernetes_data_claim: str | None = Field(
         default=None, description="kubernetes: PVC (ReadWriteMany) holding the data dir, mounted by finetune Jobs at the same path"
     )
+    kubernetes_cpu_request: str = Field(default="4", max_length=32, description="kubernetes: CPU request of GPU replicas")
+    kubernetes_memory_request: str = Field(default="32Gi", max_length=32, description="kubernetes: memory request of GPU replicas")
+    kubernetes_drain_s: int = Field(default=60, ge=0, le=3600, description="kubernetes: preStop drain of a removed replica (s)")
+    kubernetes_startup_s: int = Field(default=1800, ge=30, le=86400,
+                                      description="kubernetes: startup probe patience (download, load, compile) (s)")
+    kubernetes_source_ranges: list[str] = Field(default_factory=list, description="kubernetes: CIDRs allowed to reach "
+                                                "external business services (JSON list)")
+    kubernetes_leader_election: bool = Field(default=True, description="kubernetes: a Lease, so one Corral acts at a time")
     kubernetes_trainer_image: str = Field(default="corral/corral:0.1.0", description="kubernetes: image of finetune Jobs")
     kueue_queue: str | None = Field(default=None, description="kubernetes: Kueue LocalQueue; Jobs are created suspended for Kueue")
     health_interval_s: float = Field(default=0.5, gt=0, description="replica supervision period")
@@ -127,7 +135,9 @@ class Settings(BaseSettings):
             namespace=self.kubernetes_namespace, images={**ENGINE_IMAGES, **self.kubernetes_images},
             gpu_resource=self.kubernetes_gpu_resource, tolerations=tuple(self.kubernetes_tolerations),
             node_selector=dict(self.kubernetes_node_selector), shm_size=self.kubernetes_shm_size,
-            model_cache_claim=self.kubernetes_model_cache_claim,
+            model_cache_claim=self.kubernetes_model_cache_claim, cpu_request=self.kubernetes_cpu_request,
+            memory_request=self.kubernetes_memory_request, drain_s=self.kubernetes_drain_s, startup_s=self.kubernetes_startup_s,
+            load_balancer_source_ranges=tuple(self.kubernetes_source_ranges), leader_election=self.kubernetes_leader_election,
         )
 
     @property

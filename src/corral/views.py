@@ -316,6 +316,12 @@ class TaskProgress(TypedDict, total=False):
     learningRate: Number | None
     epoch: Number
     eta: Number | None
+    evalLoss: Number | None
+    datasetFormat: str
+    truncated: int
+    dropped: int
+    trainExamples: int
+    evalExamples: int
 
 
 class FinetuneTask(Contract):
@@ -329,7 +335,7 @@ class FinetuneTask(Contract):
     gpus: int
     memoryGb: float
     timeoutSeconds: float
-    hyperparameters: dict[str, Number]
+    hyperparameters: dict[str, Union[bool, Number, str]]
     examples: int
     progress: TaskProgress
     units: list[str] = Field(description="the GPU units it holds while running")
@@ -338,6 +344,43 @@ class FinetuneTask(Contract):
     createdAt: str | None
     startedAt: str | None
     finishedAt: str | None
+
+
+class PreviewSpan(Contract):
+    start: int = Field(description="character offset in `text` where trained tokens begin")
+    end: int
+
+
+class PreviewExample(Contract):
+    text: str = Field(description="the example as the model sees it (after truncation), special tokens included")
+    totalTokens: int
+    trainedTokens: int = Field(description="tokens the loss covers")
+    spans: list[PreviewSpan] = Field(description="the parts of `text` the loss covers")
+    truncated: bool
+    originalTokens: int = Field(description="tokens before truncation")
+
+
+class LengthBin(Contract):
+    min: int
+    max: int
+    count: int
+    overMaxSeqLen: bool = Field(description="examples in this bin are cut (or dropped) at maxSeqLen")
+
+
+class PreviewResult(Contract):
+    format: str = Field(description="messages, sharegpt, alpaca, prompt-completion, text, or mixed (…)")
+    formats: dict[str, int]
+    count: int = Field(description="examples in the dataset")
+    analyzed: int = Field(description="examples tokenized for the counts below (the first 20,000)")
+    examples: list[PreviewExample]
+    truncated: int = Field(description="examples cut on the prompt side to fit maxSeqLen")
+    dropped: int = Field(description="examples left out (their answer alone does not fit)")
+    dropReasons: dict[str, int]
+    trainedTokens: int
+    totalTokens: int
+    maxSeqLen: int
+    trainOnPrompt: bool
+    lengthHistogram: list[LengthBin] = Field(description="examples by token length before truncation")
 
 
 class QueueSummary(Contract):
@@ -447,6 +490,7 @@ __all__ = [
     "AssignResult", "BusinessServiceView", "Contract", "DataPlaneStatus", "DeleteResult", "DeleteServiceResult",
     "DeployResult", "DeployServiceResult", "DeploymentView", "DistributeDryRun", "DistributeResult", "EngineInfo",
     "ErrorBody", "Estimate", "FinetuneTask", "GpuDeviceView", "GpuInfo", "GpuProcessView", "Health", "HistoryEntry",
-    "MemoryFigures", "Move", "Number", "OmittingContract", "PodView", "PoolDeploymentView", "PoolStatus", "QueueSummary",
+    "LengthBin", "MemoryFigures", "Move", "Number", "OmittingContract", "PodView", "PoolDeploymentView", "PoolStatus",
+    "PreviewExample", "PreviewResult", "PreviewSpan", "QueueSummary",
     "ReplicaTraffic", "ScaleRefusal", "ScaleResult", "ServingMemory", "StandardDeploymentView", "TaskProgress", "gpu_info",
 ]

@@ -179,7 +179,7 @@ def test_integer_hyperparameters_stay_integers_to_the_trainer(server: CorralServ
     inputs = _inputs(server)
     (inputs / "model").mkdir(exist_ok=True)
     (inputs / "good.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
-    hp = {"batchSize": 2, "maxSeqLen": 64, "loraRank": 4, "epochs": 1, "gradientAccumulation": 2.0}
+    hp = {"batchSize": 2, "maxSeqLen": 64, "loraRank": 4, "epochs": 1, "gradientAccumulation": 2.0, "learningRate": 2e-4}
     response = server.http.post("/api/finetune/tasks", json={
         "baseModel": str(inputs / "model"), "datasetPath": str(inputs / "good.jsonl"), "gpus": 0, "hyperparameters": hp})
     assert response.status_code == 201, response.text

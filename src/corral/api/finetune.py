@@ -1,4 +1,4 @@
-"""Spec 02 finetune endpoints: submit, list, inspect, cancel, logs (streamed), queue summary."""
+"""Spec 02 finetune endpoints: submit, list, inspect, cancel, logs (streamed), queue summary, dataset preview."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from corral.backends.local.process import tail_lines
 from corral.finetune.hyperparameters import HYPERPARAMETERS_HELP
 from corral.finetune.manager import FinetuneManager
 from corral.finetune.store import FINISHED
-from corral.views import DeployResult, FinetuneTask, QueueSummary
+from corral.views import DeployResult, FinetuneTask, PreviewResult, QueueSummary
 
 router = APIRouter(prefix="/api/finetune", tags=["finetune"])
 mutating = [Depends(require_token)]
@@ -30,7 +30,8 @@ class GpuRequest(BaseModel):
 
 class SubmitRequest(Body):
     baseModel: str = Field(max_length=PATH_LENGTH, description="local model directory or hub id")
-    datasetPath: str = Field(max_length=PATH_LENGTH, description="JSONL: chat `messages`, or `instruction`/`input`/`output`")
+    datasetPath: str = Field(max_length=PATH_LENGTH, description="JSONL or a JSON array: OpenAI `messages`, ShareGPT "
+                             "`conversations`, Alpaca `instruction`/`input`/`output`, `prompt`/`completion`, or `text`")
     method: str = Field(default="lora", max_length=16, description="lora | qlora | full")
     priority: str = Field(default="normal", max_length=16, description="high | normal | low")
     gpus: int | GpuRequest | None = Field(default=None, description="a count, or {count, memoryGb}; default 1, or 0 without GPU")
@@ -53,6 +54,22 @@ async def submit(body: SubmitRequest, request: Request) -> Any:
     return manager(request).submit(base_model=body.baseModel, dataset_path=body.datasetPath, method=body.method,
                                    priority=body.priority, gpus=gpus, memory_gb=memory, timeout_s=body.timeoutSeconds,
                                    hyperparameters=body.hyperparameters)
+
+
+class PreviewRequest(Body):
+    baseModel: str = Field(max_length=PATH_LENGTH, description="local model directory or hub id (its tokenizer is used)")
+    datasetPath: str = Field(max_length=PATH_LENGTH, description="as for a task: under the dataset folders")
+    maxSeqLen: int | None = Field(default=None, description="default: the maxSeqLen hyperparameter's default")
+    trainOnPrompt: bool | None = Field(default=None, description="default false: the loss covers the assistant's turns only")
+    examples: int = Field(default=5, ge=0, le=50, description="how many examples to show")
+
+
+@router.post("/preview", dependencies=mutating, response_model=PreviewResult, responses=errors(400, 401))
+async def preview(body: PreviewRequest, request: Request) -> Any:
+    """What the trainer would make of a dataset before any GPU is spent: its format, the first examples with the
+    tokens the loss covers (`spans`), how many are truncated or dropped at `maxSeqLen`, and their lengths."""
+    return await manager(request).preview(base_model=body.baseModel, dataset_path=body.datasetPath, max_seq_len=body.maxSeqLen,
+                                          train_on_prompt=body.trainOnPrompt, examples=body.examples)
 
 
 @router.get("/tasks", response_model=list[FinetuneTask])

@@ -81,8 +81,6 @@ class ClusterOptions:
     leader_election: bool = True  # a Lease: one Corral acts on the namespace at a time
 
 
-
-
 def deployment_manifest(deployment: Deployment, container_args: list[str], options: ClusterOptions = ClusterOptions(),
                         health_path: str = "/health") -> dict:
     """A Deployment; for a pool the selector is `{model, pool}` and pods start `business: unassigned`."""

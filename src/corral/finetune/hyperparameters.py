@@ -4,16 +4,22 @@ Every way to submit a task (the API, the CLI's `--hp`, the UI's form) goes throu
 value the trainer cannot use is refused at submit with the same message everywhere, and an integer
 (`batchSize: 2`) stays an integer all the way to the trainer (never `2.0`). An integral float where
 an integer is expected (`2.0`, as a number field in a form gives) is taken as that integer; `2.5` is
-refused, as are booleans, strings, NaN and infinities.
+refused, as are booleans, strings, NaN and infinities. Switches take only `true`/`false`, choices only
+one of their names.
+
+The defaults follow LLaMA-Factory's: gradient checkpointing on, a cosine schedule with 10% warmup,
+gradient clipping at 1.0, the loss on the assistant's turns only, and a learning rate by method
+(1e-4 for LoRA and QLoRA, 1e-5 for full finetuning) when none is given.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from corral.domain.errors import InvalidInput
 
@@ -25,8 +31,28 @@ def _a_number(value: Any) -> Any:
     return value
 
 
+def _a_switch(value: Any) -> Any:
+    """`true` or `false` only: not 1, 0 or "yes"."""
+    if not isinstance(value, bool):
+        raise ValueError("not a boolean")
+    return value
+
+
+def _a_name(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ValueError("not a string")
+    return value
+
+
 Integer = Annotated[int, BeforeValidator(_a_number)]
 Real = Annotated[float, BeforeValidator(_a_number)]
+Switch = Annotated[bool, BeforeValidator(_a_switch)]
+Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+SCHEDULERS: tuple[str, ...] = Scheduler.__args__  # type: ignore[attr-defined]
+PRECISIONS: tuple[str, ...] = Precision.__args__  # type: ignore[attr-defined]
+LEARNING_RATES = {"lora": 1e-4, "qlora": 1e-4, "full": 1e-5}  # LLaMA-Factory's examples
+MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,127}$")
 
 
 class Hyperparameters(BaseModel):
@@ -38,19 +64,57 @@ class Hyperparameters(BaseModel):
     epochs: Integer = Field(default=3, ge=1, le=1000, description="an integer from 1 to 1000")
     batchSize: Integer = Field(default=4, ge=1, le=4096, description="an integer from 1 to 4096")
     gradientAccumulation: Integer = Field(default=1, ge=1, le=1024, description="an integer from 1 to 1024")
-    learningRate: Real = Field(default=2e-4, gt=0, le=1, description="a positive number at most 1")
+    learningRate: Real | None = Field(default=None, gt=0, le=1, description="a positive number at most 1")
+    lrScheduler: Annotated[Scheduler, BeforeValidator(_a_name)] = Field(
+        default="cosine", description=f"one of {', '.join(SCHEDULERS)}")
+    warmupRatio: Real = Field(default=0.1, ge=0, lt=1, description="a number from 0 to less than 1 (the share of steps)")
+    maxGradNorm: Real = Field(default=1.0, ge=0, le=1e6, description="a number from 0 (no clipping) to 1000000")
+    weightDecay: Real = Field(default=0.0, ge=0, le=10, description="a number from 0 to 10")
     loraRank: Integer = Field(default=8, ge=1, le=1024, description="an integer from 1 to 1024")
     loraAlpha: Integer = Field(default=16, ge=1, le=4096, description="an integer from 1 to 4096")
     loraDropout: Real = Field(default=0.05, ge=0, lt=1, description="a number from 0 to less than 1")
+    loraTarget: Annotated[str, BeforeValidator(_a_name)] = Field(
+        default="all", max_length=1024,
+        description="'all' (every linear layer) or module names separated by commas (e.g. q_proj,v_proj)")
+    useDora: Switch = Field(default=False, description="true or false (weight-decomposed LoRA)")
+    useRslora: Switch = Field(default=False, description="true or false (rank-stabilised LoRA scaling)")
     maxSeqLen: Integer = Field(default=1024, ge=16, le=1_048_576, description="an integer from 16 to 1048576")
+    trainOnPrompt: Switch = Field(default=False, description="true or false (false: the loss covers the assistant's turns only)")
+    gradientCheckpointing: Switch = Field(default=True, description="true or false")
+    precision: Annotated[Precision, BeforeValidator(_a_name)] = Field(
+        default="auto", description="one of auto (bf16 where the GPU supports it, else fp16; fp32 on the CPU), bf16, fp16, fp32")
+    valSize: Real = Field(default=0, ge=0, le=1_000_000,
+                          description="a share of the examples below 1 (e.g. 0.1), or a whole number of examples, held out for "
+                                      "the eval loss (0: none)")
     saveSteps: Integer = Field(default=50, ge=1, le=1_000_000, description="an integer from 1 to 1000000")
+    saveTotalLimit: Integer = Field(default=2, ge=1, le=1000, description="an integer from 1 to 1000 (checkpoints kept)")
     seed: Integer = Field(default=42, ge=0, le=2**32 - 1, description=f"an integer from 0 to {2**32 - 1}")
 
+    @field_validator("loraTarget")
+    @classmethod
+    def _modules(cls, value: str) -> str:
+        if value != "all" and not all(MODULE_NAME.match(name.strip()) for name in value.split(",")):
+            raise ValueError("not module names")
+        return ",".join(name.strip() for name in value.split(","))
 
-DEFAULTS: dict[str, int | float] = Hyperparameters().model_dump()
+    @field_validator("valSize")
+    @classmethod
+    def _share_or_count(cls, value: float) -> float | int:
+        if value >= 1:
+            if not float(value).is_integer():
+                raise ValueError("not a whole number of examples")
+            return int(value)
+        return value
+
+
+DEFAULTS: dict[str, Any] = Hyperparameters().model_dump()
 INTEGERS = frozenset(name for name, f in Hyperparameters.model_fields.items() if f.annotation is int)
-HYPERPARAMETERS_HELP = "name → number; unknown names are refused. " + "; ".join(
-    f"{name}: {f.description} (default {f.default})" for name, f in Hyperparameters.model_fields.items())
+SWITCHES = frozenset(name for name, f in Hyperparameters.model_fields.items() if f.annotation is bool)
+CHOICES: dict[str, tuple[str, ...]] = {"lrScheduler": SCHEDULERS, "precision": PRECISIONS}
+TEXTS = frozenset({"loraTarget"})
+_SHOWN_DEFAULTS = {"learningRate": "1e-4 for lora and qlora, 1e-5 for full"}
+HYPERPARAMETERS_HELP = "name → value; unknown names are refused. " + "; ".join(
+    f"{name}: {f.description} (default {_SHOWN_DEFAULTS.get(name, f.default)})" for name, f in Hyperparameters.model_fields.items())
 
 
 def _shown(value: Any) -> str:
@@ -60,25 +124,37 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 80 else text[:80] + "…"
 
 
-def validate(values: Mapping[str, Any] | Hyperparameters | None) -> dict[str, int | float]:
-    """Every hyperparameter (defaults for those not given), each of the type and in the range the trainer
-    needs; InvalidInput naming the first one that is not, and what it must be."""
+def default_learning_rate(method: str) -> float:
+    return LEARNING_RATES.get(method, LEARNING_RATES["lora"])
+
+
+def validate(values: Mapping[str, Any] | Hyperparameters | None, method: str = "lora") -> dict[str, Any]:
+    """Every hyperparameter (defaults for those not given; the learning rate by `method`), each of the type and
+    in the range the trainer needs; InvalidInput naming the first one that is not, and what it must be."""
     if isinstance(values, Hyperparameters):
-        return values.model_dump()
-    values = dict(values or {})
-    unknown = sorted(str(k) for k in values if k not in Hyperparameters.model_fields)
-    if unknown:
-        raise InvalidInput(f"unknown hyperparameter(s) {', '.join(unknown)}; known: {', '.join(Hyperparameters.model_fields)}")
-    try:
-        return Hyperparameters.model_validate(values).model_dump()
-    except ValidationError as exc:
-        name = str(exc.errors()[0]["loc"][0])
-        rule = Hyperparameters.model_fields[name].description
-        raise InvalidInput(f"hyperparameter {name} must be {rule}, got {_shown(values[name])}") from None
+        checked = values.model_dump()
+    else:
+        values = dict(values or {})
+        unknown = sorted(str(k) for k in values if k not in Hyperparameters.model_fields)
+        if unknown:
+            raise InvalidInput(f"unknown hyperparameter(s) {', '.join(unknown)}; known: {', '.join(Hyperparameters.model_fields)}")
+        if values.get("learningRate", 0) is None:  # null in JSON: "by method", as if not given
+            values.pop("learningRate")
+        try:
+            checked = Hyperparameters.model_validate(values).model_dump()
+        except ValidationError as exc:
+            name = str(exc.errors()[0]["loc"][0])
+            rule = Hyperparameters.model_fields[name].description
+            raise InvalidInput(f"hyperparameter {name} must be {rule}, got {_shown(values[name])}") from None
+    if checked["learningRate"] is None:
+        checked["learningRate"] = default_learning_rate(method)
+    return checked
 
 
-def for_trainer(values: Mapping[str, Any]) -> dict[str, Any]:
-    """A task's stored hyperparameters as the trainer uses them: defaults filled in, integers as `int` (a
-    task queued by an older Corral may hold `2.0`)."""
+def for_trainer(values: Mapping[str, Any], method: str | None = None) -> dict[str, Any]:
+    """A task's stored hyperparameters as the trainer uses them: defaults filled in (a task queued by an older
+    Corral lacks the newer ones), integers as `int` (it may also hold `2.0`)."""
     merged = {**DEFAULTS, **values}
+    if merged.get("learningRate") is None and method is not None:
+        merged["learningRate"] = default_learning_rate(method)
     return {k: int(v) if k in INTEGERS and isinstance(v, float) and v.is_integer() else v for k, v in merged.items()}

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import secrets
 import shutil
 import sys
@@ -33,13 +34,14 @@ from corral.domain.queue import Capacity, Demand, Priority, Strategy, WaitingTas
 from corral.domain.reclaim import free_units, plan_reclaim
 from corral.events import EventBus
 from corral.finetune import hyperparameters as hyperparameter_rules
-from corral.finetune.dataset import load_dataset
+from corral.finetune.checks import chat_template_problem, vllm_lora_args
+from corral.finetune.dataset import read_dataset
 from corral.finetune.runners import ProcessRunner, TrainerRunner
 from corral.finetune.store import ACTIVE, FINISHED, WAITING, TaskRecord, TaskStore
 from corral.gpus.inventory import GpuInventory
 from corral.paths import confine_dataset
 from corral.store.state import StateStore
-from corral.views import FinetuneTask
+from corral.views import FinetuneTask, PreviewResult
 
 if TYPE_CHECKING:
     from corral.controller import Controller
@@ -53,6 +55,7 @@ MAX_MEMORY_GB = 1_000_000.0
 # What the trainer imports (importable names; `corral[train]` installs the first three).
 TRAINER_PACKAGES = ("torch", "transformers", "peft")
 QLORA_PACKAGES = ("bitsandbytes",)
+PREVIEW_TIMEOUT_S = 120.0
 
 
 def _now() -> datetime:
@@ -76,6 +79,7 @@ class FinetuneManager:
         self.runner = runner or ProcessRunner(settings.stop_grace_s)
         self._offsets: dict[str, int] = {}
         self._loop: asyncio.Task | None = None
+        self._previews = asyncio.Semaphore(2)
 
     # lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -121,14 +125,18 @@ class FinetuneManager:
             Priority.parse(priority)
         except (KeyError, AttributeError, TypeError):
             raise InvalidInput(f"priority must be high, normal or low, got '{_short(priority)}'") from None
-        hp = hyperparameter_rules.validate(hyperparameters)  # the one check of the API, the CLI and the UI
+        hp = hyperparameter_rules.validate(hyperparameters, method)  # the one check of the API, the CLI and the UI
         _check_path_text(base_model, "baseModel")
         if not base_model or not (_is_dir(base_model) or "/" in base_model):
             raise InvalidInput(f"baseModel '{_short(base_model)}' is neither a local model directory nor a hub id (org/name)")
         _check_path_text(dataset_path, "datasetPath")
         dataset_path = str(confine_dataset(dataset_path, self.settings.dataset_roots))  # before the file is opened
-        examples = len(load_dataset(Path(dataset_path)))
-        has_gpu = self.inventory().available
+        dataset = read_dataset(Path(dataset_path))
+        examples = len(dataset.examples)
+        if dataset.chat and (problem := chat_template_problem(base_model, dataset.format)):
+            raise InvalidInput(problem)
+        inventory = self.inventory()
+        has_gpu = inventory.available
         count = (1 if has_gpu else 0) if gpus is None else gpus
         if isinstance(count, bool) or not isinstance(count, int) or count < 0 or count > 64:
             raise InvalidInput(f"gpus must be an integer from 0 to 64, got {_short(count)}")
@@ -142,11 +150,13 @@ class FinetuneManager:
         if not _finite(timeout) or timeout <= 0:
             raise InvalidInput(f"timeoutSeconds must be positive (a finite number of seconds), got {_short(timeout)}")
         self._check_trainer_installed(method)
+        need_gb = float(memory_gb) if memory_gb is not None else self._estimate_gb(base_model, method, hp, count)
+        if count:
+            _check_fits(need_gb, memory_gb is not None, inventory, base_model, method, hp, count)
         task = TaskRecord(
             id=f"ft-{secrets.token_hex(4)}", status="pending", base_model=base_model, dataset_path=str(Path(dataset_path).resolve()),
             method=method, priority=priority.lower(), hyperparameters=hp, gpus=count, timeout_s=float(timeout), examples=examples,
-            memory_gb=float(memory_gb) if memory_gb is not None else self._estimate_gb(base_model, method, hp, count),
-            created_at=_now(),
+            memory_gb=need_gb, created_at=_now(),
         )
         directory = self._dir(task.id)
         directory.mkdir(parents=True, exist_ok=True)
@@ -155,7 +165,7 @@ class FinetuneManager:
         except BaseException:  # nothing left behind: no directory without its task
             shutil.rmtree(directory, ignore_errors=True)
             raise
-        self._note(task.id, f"submitted: {method} of {base_model} on {examples} examples, priority {task.priority}")
+        self._note(task.id, f"submitted: {method} of {base_model} on {examples} examples ({dataset.format}), priority {task.priority}")
         self.bus.publish("finetune_task", self.view(self.tasks.get(task.id)))  # type: ignore[arg-type]
         self.tick()
         return self.view(self.tasks.get(task.id))  # type: ignore[arg-type]
@@ -191,34 +201,77 @@ class FinetuneManager:
         from corral.controller import DeploySpec
 
         assert self.controller is not None
-        model_id, engine_args = await self.deployable_model(task_id, engine, merge)
+        model_id, engine_args = await self.deployable_model(task_id, engine, merge, model_tag=model_tag)
         return await self.controller.deploy(DeploySpec(engine=engine, model_id=model_id, model_tag=model_tag, replicas=replicas,
                                                        deploy_as_pool=True, gpus_per_replica=gpus_per_replica,
                                                        engine_args=engine_args))
 
-    def loss_curve(self, task_id: str) -> list[tuple[int, float]]:
-        """(step, loss) of every logged step, from the trainer's progress file."""
+    def loss_curve(self, task_id: str, key: str = "loss") -> list[tuple[int, float]]:
+        """(step, loss) of every logged step, from the trainer's progress file; `key="evalLoss"` for the eval
+        loss, `"learningRate"` for the schedule. A step replayed after a resume from a checkpoint counts once
+        (its latest value)."""
         path = self._dir(self._get(task_id).id) / "progress.jsonl"
         if not path.exists():
             return []
-        points = []
+        kind = "eval" if key == "evalLoss" else "step"
+        points: dict[int, float] = {}
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 event = json.loads(line)
-                if event.get("event") == "step" and event.get("loss") is not None:
-                    points.append((int(event["step"]), float(event["loss"])))
-        return points
+                if event.get("event") == kind and event.get(key) is not None:
+                    points[int(event["step"])] = float(event[key])
+        return sorted(points.items())
 
-    async def deployable_model(self, task_id: str, engine: str, merge: bool) -> tuple[str, list[str]]:
-        """(modelId, engineArgs) that serve a completed task: vLLM loads the LoRA adapter on the base
-        model; any other engine (or `merge`) gets the adapter merged into the weights first."""
+    async def preview(self, *, base_model: str, dataset_path: str, max_seq_len: int | None = None,
+                      train_on_prompt: bool | None = None, examples: int = 5) -> PreviewResult:
+        """What the trainer would make of a dataset, before any GPU is spent: the format, the first examples with
+        the tokens the loss covers, and how many examples are truncated or dropped at `maxSeqLen`. The base
+        model's tokenizer runs in a child process (transformers stays out of the control plane)."""
+        hp = hyperparameter_rules.validate({k: v for k, v in (("maxSeqLen", max_seq_len), ("trainOnPrompt", train_on_prompt))
+                                            if v is not None})
+        _check_path_text(base_model, "baseModel")
+        if not (_is_dir(base_model) or "/" in base_model):
+            raise InvalidInput(f"baseModel '{_short(base_model)}' is neither a local model directory nor a hub id (org/name)")
+        _check_path_text(dataset_path, "datasetPath")
+        path = confine_dataset(dataset_path, self.settings.dataset_roots)  # before the file is opened (by the child)
+        if not _importable("transformers"):
+            raise InvalidInput(f"the preview needs transformers in Corral's environment ({sys.executable}): pip install 'corral[train]'")
+        request = {"baseModel": base_model, "datasetPath": str(path), "maxSeqLen": hp["maxSeqLen"],
+                   "trainOnPrompt": hp["trainOnPrompt"], "examples": max(0, min(int(examples), 50))}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1" if _is_dir(base_model) else os.environ.get("HF_HUB_OFFLINE", "0")}
+        async with self._previews:  # each child holds a tokenizer (and torch): a few at a time
+            child = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "corral.finetune.preview", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, env=env)
+            try:
+                out, err = await asyncio.wait_for(child.communicate(json.dumps(request).encode()), PREVIEW_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                raise InvalidInput(f"the preview took longer than {PREVIEW_TIMEOUT_S:.0f} s; try a smaller dataset") from None
+            finally:  # timed out, or the request went away: the child goes too
+                if child.returncode is None:
+                    child.kill()
+                    await child.wait()
+        try:
+            answer = json.loads(out.decode().strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise InvalidInput(f"the preview failed: {tail[0][-500:]}") from None
+        if "error" in answer:
+            raise InvalidInput(answer["error"])
+        return PreviewResult.model_validate(answer)
+
+    async def deployable_model(self, task_id: str, engine: str, merge: bool, model_tag: str | None = None) -> tuple[str, list[str]]:
+        """(modelId, engineArgs) that serve a completed task: vLLM loads the LoRA adapter on the base model under
+        the pool's tag (so requests for the tag get the adapter; the base model answers to `<tag>-base`), with
+        `--max-lora-rank` from the adapter's config; any other engine (or `merge`) gets the adapter merged into
+        the weights first."""
         task = self._get(task_id)
         if task.status != "completed" or not task.output:
             raise Conflict(f"task {task_id} is {task.status}; only a completed task can be deployed")
         if task.method == "full":
             return task.output, []
         if engine == "vllm" and not merge:
-            return task.base_model, ["--enable-lora", "--lora-modules", f"{task_id}={task.output}"]
+            return task.base_model, vllm_lora_args(model_tag or task_id, Path(task.output))
         merged = self._dir(task_id) / "merged"
         if not (merged / "config.json").exists():
             self._note(task_id, "merging the adapter into the base model for deployment")
@@ -407,7 +460,7 @@ class FinetuneManager:
             kind = event.get("event")
             if kind == "training" and task.status != "training":
                 task = self._set(task.id, "training", "training", progress=_progress(task.progress, event))
-            elif kind == "step":
+            elif kind in ("step", "dataset", "eval"):
                 task = self.tasks.update(task.id, progress=_progress(task.progress, event))
                 self.bus.publish("finetune_task", self.view(task))
             elif kind == "completed":
@@ -504,8 +557,30 @@ def training_estimate(base_model: str, method: str, hp: dict[str, Any]) -> tuple
     if spec is None:
         return None
     setup = TrainingSetup(method=method, seq_len=int(hp["maxSeqLen"]), batch_size=int(hp["batchSize"]),  # type: ignore[arg-type]
-                          lora_rank=int(hp["loraRank"]))
+                          lora_rank=int(hp["loraRank"]), gradient_checkpointing=bool(hp.get("gradientCheckpointing", True)))
     return spec, training_memory(spec, setup)
+
+
+def _check_fits(need_gb: float, given: bool, inventory: GpuInventory, base_model: str, method: str, hp: dict[str, Any],
+                gpus: int) -> None:
+    """Refuse a task whose memory per GPU exceeds the largest GPU here: it would wait forever (or OOM)."""
+    units = inventory.schedulable_units()
+    if not units or need_gb <= 0:
+        return
+    largest = max(units, key=lambda u: u.memory_total_bytes)
+    largest_gb = largest.memory_total_bytes / GIB
+    if need_gb <= largest_gb:
+        return
+    if given:
+        raise InvalidInput(f"gpus.memoryGb asks for {need_gb:.1f} GB per GPU, more than the largest GPU here ({largest.name}, "
+                           f"{largest_gb:.1f} GB)")
+    spec = training_estimate(base_model, method, hp)
+    what = f"{spec[0].display} {method}" if spec else method
+    raise InvalidInput(
+        f"{what} needs an estimated {need_gb:.1f} GB per GPU (maxSeqLen {hp['maxSeqLen']}, batchSize {hp['batchSize']}, "
+        f"{gpus} GPU{'s' if gpus > 1 else ''}), more than the largest GPU here ({largest.name}, {largest_gb:.1f} GB): use "
+        + ("" if method == "qlora" else "qlora, ") + "a smaller maxSeqLen or batchSize (with gradientAccumulation), or a smaller model"
+        + (", or keep gradientCheckpointing on" if not hp.get("gradientCheckpointing", True) else ""))
 
 
 def _importable(name: str) -> bool:
@@ -551,5 +626,11 @@ def _visible(ledger: GpuLedger, unit_id: str) -> str:
 
 
 def _progress(previous: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
-    keys = ("step", "totalSteps", "loss", "learningRate", "epoch", "eta")
-    return {**previous, **{k: event[k] for k in keys if k in event}}
+    keys = ("step", "totalSteps", "loss", "learningRate", "epoch", "eta", "evalLoss", "truncated", "dropped", "trainExamples",
+            "evalExamples")
+    update = {k: event[k] for k in keys if k in event}
+    if event.get("event") == "eval":  # an evaluation reports its loss, not the training step's progress
+        update = {"evalLoss": event.get("evalLoss")}
+    if "format" in event:
+        update["datasetFormat"] = event["format"]
+    return {**previous, **update}

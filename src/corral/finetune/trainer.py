@@ -2,17 +2,26 @@
 
     python -m corral.finetune.trainer TASK_DIR
 
-Reads TASK_DIR/task.json; appends progress as JSON lines to TASK_DIR/progress.jsonl (step, total
-steps, loss, learning rate, epoch, ETA), which the task manager follows; keeps checkpoints in
-TASK_DIR/checkpoints and resumes from the newest one when started again; writes the result to
-TASK_DIR/output (the adapter for LoRA/QLoRA, the model for full). A separate process so a crash or a
-kill never touches the control plane, and so it can outlive a control-plane restart.
+Reads TASK_DIR/task.json; appends progress as JSON lines to TASK_DIR/progress.jsonl (the dataset's
+counts, then step, total steps, loss, learning rate, epoch, ETA, eval loss), which the task manager
+follows; keeps the last `saveTotalLimit` checkpoints in TASK_DIR/checkpoints and resumes from the newest
+one when started again (they are removed once the task completes); writes the result to TASK_DIR/output
+(the adapter for LoRA/QLoRA, the model for full). A separate process so a crash or a kill never touches
+the control plane, and so it can outlive a control-plane restart.
+
+How it trains (LLaMA-Factory's defaults, all settable: `corral.finetune.hyperparameters`): the loss on
+the assistant's turns only (`corral.finetune.examples`), gradient checkpointing, a cosine schedule with
+warmup, gradient clipping, bf16 mixed precision where the GPU supports it (Ampere or newer), else fp16,
+fp32 on the CPU; a full finetune keeps fp32 master weights (the 16-bit type is for the computation).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,61 +37,129 @@ class ProgressFile:
             f.write(json.dumps({"time": time.time(), **event}) + "\n")
 
 
+def pick_precision(choice: str, cuda: bool, bf16_supported: bool) -> str:
+    """The computation's precision: `auto` is bf16 where the GPU has it, else fp16, and fp32 on the CPU."""
+    if not cuda:
+        return "fp32"
+    if choice == "auto":
+        return "bf16" if bf16_supported else "fp16"
+    if choice == "bf16" and not bf16_supported:
+        raise SystemExit("precision bf16 needs an Ampere or newer GPU (compute capability 8.0); this one has none: "
+                         "use precision auto or fp16")
+    return choice
+
+
+def split_for_eval(count: int, val_size: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, eval) indices: `val_size` below 1 is a share of the examples, otherwise a count; at least one
+    example always trains."""
+    if not val_size or count < 2:
+        return list(range(count)), []
+    held = round(count * val_size) if val_size < 1 else int(val_size)
+    held = max(1, min(held, count - 1))
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    return sorted(order[held:]), sorted(order[:held])
+
+
+def _arguments(cls: Any, **wanted: Any) -> Any:
+    """TrainingArguments across transformers versions: `warmup_ratio` became a float `warmup_steps`,
+    `gradient_checkpointing` became `activation_checkpointing`."""
+    known = inspect.signature(cls.__init__).parameters
+    if "warmup_ratio" in wanted and "warmup_ratio" not in known:
+        wanted["warmup_steps"] = wanted.pop("warmup_ratio")
+    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+        if old in wanted and new in known:
+            wanted[new] = wanted.pop(old)
+    return cls(**wanted)
+
+
 def train(task_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
-    from corral.finetune.dataset import load_dataset
+    from corral.finetune.dataset import read_dataset
+    from corral.finetune.examples import IGNORE, Encoder
     from corral.finetune.hyperparameters import for_trainer
 
     config = json.loads((task_dir / "task.json").read_text())
-    hp = for_trainer(config["hyperparameters"])  # integers as int (batch size, ranks, lengths, steps, seed)
+    method = config["method"]
+    hp = for_trainer(config["hyperparameters"], method)  # integers as int (batch size, ranks, lengths, steps, seed)
     progress = ProgressFile(task_dir / "progress.jsonl")
     checkpoints = task_dir / "checkpoints"
     resume = checkpoints.exists() and any(checkpoints.glob("checkpoint-*"))
     progress.write(event="preparing", resume=resume)
 
     cuda = torch.cuda.is_available()
+    precision = pick_precision(hp["precision"], cuda, cuda and torch.cuda.is_bf16_supported())
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    print(f"[trainer] {method} on {'CUDA' if cuda else 'the CPU'}, {precision} computation"
+          + (", fp32 master weights" if method == "full" else ""), flush=True)
+
     tokenizer = AutoTokenizer.from_pretrained(config["baseModel"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model_kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cuda else torch.float32}
-    if config["method"] == "qlora":
+    dataset = read_dataset(Path(config["datasetPath"]))
+    if dataset.chat and not getattr(tokenizer, "chat_template", None):
+        from corral.finetune.checks import no_chat_template
+
+        raise SystemExit(no_chat_template(config["baseModel"], dataset.format))
+    encoder = Encoder(tokenizer, hp["maxSeqLen"], hp["trainOnPrompt"])
+    encoding = encoder.encode_all(dataset.examples)
+    examples = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoding.encoded]
+    train_ids, eval_ids = split_for_eval(len(examples), hp["valSize"], hp["seed"])
+    reasons = "; ".join(f"{n} × {why}" for why, n in encoding.drop_reasons.items())
+    print(f"[trainer] dataset: {len(dataset.examples)} examples, format {dataset.format}; {encoding.truncated} truncated on the "
+          f"prompt side to maxSeqLen {hp['maxSeqLen']}; {encoding.dropped} dropped" + (f" ({reasons})" if reasons else "")
+          + f"; {len(train_ids)} train, {len(eval_ids)} eval; "
+          f"{sum(e.trained_tokens for e in encoding.encoded)} of {sum(len(e.input_ids) for e in encoding.encoded)} tokens trained",
+          flush=True)
+    progress.write(event="dataset", examples=len(dataset.examples), format=dataset.format, truncated=encoding.truncated,
+                   dropped=encoding.dropped, trainExamples=len(train_ids), evalExamples=len(eval_ids))
+    if not examples:
+        raise SystemExit(f"no example fits maxSeqLen {hp['maxSeqLen']} ({reasons}): raise maxSeqLen or shorten the answers")
+
+    model_kwargs: dict[str, Any] = {"dtype": torch.float32 if method == "full" else compute}
+    if method == "qlora":
         if not cuda:
             raise SystemExit("qlora needs a CUDA GPU (bitsandbytes 4-bit); use method 'lora' on CPU")
         from transformers import BitsAndBytesConfig
 
         model_kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
         )
     model = AutoModelForCausalLM.from_pretrained(config["baseModel"], **model_kwargs)
-    if config["method"] in ("lora", "qlora"):
+    checkpointing = bool(hp["gradientCheckpointing"])
+    if checkpointing:
+        model.config.use_cache = False
+    if method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-        if config["method"] == "qlora":
-            model = prepare_model_for_kbit_training(model)
-        model = get_peft_model(model, LoraConfig(
-            r=hp["loraRank"], lora_alpha=hp["loraAlpha"], lora_dropout=hp["loraDropout"], target_modules="all-linear",
-            task_type="CAUSAL_LM",
-        ))
-
-    examples = []
-    for messages in load_dataset(Path(config["datasetPath"])):
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-        ids = tokenizer(text, truncation=True, max_length=hp["maxSeqLen"])["input_ids"]
-        examples.append({"input_ids": ids, "labels": list(ids)})
+        if method == "qlora":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif checkpointing:
+            model.enable_input_require_grads()
+        target = "all-linear" if hp["loraTarget"] == "all" else hp["loraTarget"].split(",")
+        lora = {"r": hp["loraRank"], "lora_alpha": hp["loraAlpha"], "lora_dropout": hp["loraDropout"], "target_modules": target,
+                "task_type": "CAUSAL_LM", "use_rslora": hp["useRslora"]}
+        if hp["useDora"]:
+            lora["use_dora"] = True
+        model = get_peft_model(model, LoraConfig(**lora))
 
     def collate(batch: list[dict[str, list[int]]]) -> dict[str, Any]:
         width = max(len(b["input_ids"]) for b in batch)
         pad = tokenizer.pad_token_id
         return {
             "input_ids": torch.tensor([b["input_ids"] + [pad] * (width - len(b["input_ids"])) for b in batch]),
-            "labels": torch.tensor([b["labels"] + [-100] * (width - len(b["labels"])) for b in batch]),
+            "labels": torch.tensor([b["labels"] + [IGNORE] * (width - len(b["labels"])) for b in batch]),
             "attention_mask": torch.tensor([[1] * len(b["input_ids"]) + [0] * (width - len(b["input_ids"])) for b in batch]),
         }
 
     class Report(TrainerCallback):
         started = time.monotonic()
+        first_step = 0
+        evaluated_at: int | None = None
 
         def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
             self.started = time.monotonic()
@@ -96,20 +173,38 @@ def train(task_dir: Path) -> None:
             rate = (time.monotonic() - self.started) / done if done else None
             eta = rate * (state.max_steps - state.global_step) if rate else None
             progress.write(event="step", step=state.global_step, totalSteps=state.max_steps, loss=logs["loss"],
-                           learningRate=logs.get("learning_rate"), epoch=round(state.epoch or 0, 4), eta=eta)
+                           learningRate=logs.get("learning_rate"), gradNorm=logs.get("grad_norm"),
+                           epoch=round(state.epoch or 0, 4), eta=eta)
 
-    args = TrainingArguments(
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):  # noqa: ANN001, ANN201
+            if metrics and "eval_loss" in metrics:
+                self.evaluated_at = state.global_step
+                progress.write(event="eval", step=state.global_step, evalLoss=metrics["eval_loss"])
+
+    args = _arguments(
+        TrainingArguments,
         output_dir=str(checkpoints), num_train_epochs=hp["epochs"], per_device_train_batch_size=hp["batchSize"],
-        gradient_accumulation_steps=hp["gradientAccumulation"], learning_rate=hp["learningRate"],
-        logging_steps=1, save_strategy="steps", save_steps=hp["saveSteps"], save_total_limit=2, report_to=[],
-        use_cpu=not cuda, bf16=cuda, seed=hp["seed"], disable_tqdm=True, remove_unused_columns=False,
+        per_device_eval_batch_size=hp["batchSize"], gradient_accumulation_steps=hp["gradientAccumulation"],
+        learning_rate=hp["learningRate"], lr_scheduler_type=hp["lrScheduler"], warmup_ratio=hp["warmupRatio"],
+        max_grad_norm=hp["maxGradNorm"], weight_decay=hp["weightDecay"],
+        gradient_checkpointing=checkpointing and method != "qlora",  # prepare_model_for_kbit_training turned it on
+        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        logging_steps=1, save_strategy="steps", save_steps=hp["saveSteps"], save_total_limit=hp["saveTotalLimit"], report_to=[],
+        eval_strategy="steps" if eval_ids else "no", eval_steps=0.1 if eval_ids else None,
+        use_cpu=not cuda, bf16=precision == "bf16", fp16=precision == "fp16", seed=hp["seed"], disable_tqdm=True,
+        remove_unused_columns=False,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collate, callbacks=[Report()])
+    report = Report()
+    trainer = Trainer(model=model, args=args, train_dataset=[examples[i] for i in train_ids],
+                      eval_dataset=[examples[i] for i in eval_ids] or None, data_collator=collate, callbacks=[report])
     trainer.train(resume_from_checkpoint=bool(resume))
+    if eval_ids and report.evaluated_at != trainer.state.global_step:
+        trainer.evaluate()  # the final eval loss, whatever the steps between evaluations
     output = task_dir / "output"
     trainer.model.save_pretrained(output)
     tokenizer.save_pretrained(output)
     progress.write(event="completed", output=str(output), step=trainer.state.global_step, totalSteps=trainer.state.max_steps)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # after `completed`: a restart in between never finds neither
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import secrets
 from pathlib import Path
 from typing import Any
@@ -13,12 +14,13 @@ from corral.auth import token_accepted
 from corral.backends.local.process import tail_lines
 from corral.domain.errors import CorralError
 from corral.events import EventType
-from corral.finetune.dataset import load_dataset
+from corral.finetune.dataset import read_dataset
+from corral.finetune.hyperparameters import CHOICES, SWITCHES, TEXTS
 from corral.finetune.manager import DEFAULT_HYPERPARAMETERS, METHODS, training_estimate
 from corral.finetune.store import FINISHED, TaskState
 from corral.paths import confine_dataset
 from corral.ui.live import ClientEvents, act, live, notify, runtime
-from corral.views import FinetuneTask, GpuInfo, gpu_info
+from corral.views import FinetuneTask, GpuInfo, PreviewResult, gpu_info
 
 STATUS_COLORS = {TaskState.PENDING: "grey-6", TaskState.QUEUED: "warning", TaskState.PREPARING: "light-blue-6",
                  TaskState.TRAINING: "primary", TaskState.COMPLETED: "positive", TaskState.FAILED: "negative",
@@ -126,15 +128,15 @@ def _submit_form() -> None:
         gpus = ui.number("GPUs", value=1 if runtime().gpu_inventory.available else 0, min=0, max=64, precision=0).classes("w-20")
         timeout_h = ui.number("Timeout (h)", value=runtime().settings.finetune_timeout_s / 3600, min=0.01, precision=2).classes("w-28")
     with ui.expansion("Hyperparameters").classes("w-full").props('data-testid="hp"'):
-        with ui.row().classes("gap-2"):
-            fields = {key: ui.number(key, value=value).classes("w-36").props(f'data-testid="hp-{key}"') for key, value in hp.items()}
+        with ui.row().classes("gap-2 items-center"):
+            fields = {key: _hyperparameter_field(key, value) for key, value in hp.items()}
     estimate = ui.label().classes("text-sm text-grey-8").props('data-testid="ft-estimate"')
     error = ui.label().classes("text-negative").props('data-testid="ft-error"')
 
     def update_estimate() -> None:
         known = training_estimate(base_model.value or "", method.value, {
             "maxSeqLen": fields["maxSeqLen"].value or 1024, "batchSize": fields["batchSize"].value or 1,
-            "loraRank": fields["loraRank"].value or 8})
+            "loraRank": fields["loraRank"].value or 8, "gradientCheckpointing": bool(fields["gradientCheckpointing"].value)})
         if known is None:
             estimate.set_text("memory estimate: known for the catalogue models (e.g. Qwen/Qwen2.5-Coder-7B-Instruct's directory name)")
             return
@@ -148,7 +150,7 @@ def _submit_form() -> None:
             return
         try:  # only files under the dataset roots are opened: the note never tells what another file holds
             confined = confine_dataset(path, runtime().settings.dataset_roots)
-            count = len(await run.io_bound(load_dataset, confined))
+            count = len((await run.io_bound(read_dataset, confined)).examples)
             dataset_note.set_text(f"✓ {count} examples").classes(replace="text-xs text-positive")
         except CorralError as exc:
             dataset_note.set_text(exc.message).classes(replace="text-xs text-negative")
@@ -178,13 +180,76 @@ def _submit_form() -> None:
         if result:
             notify(f"{result.id}: {result.status}", "positive")
 
-    for element in (base_model, method, fields["maxSeqLen"], fields["batchSize"], fields["loraRank"]):
+    for element in (base_model, method, fields["maxSeqLen"], fields["batchSize"], fields["loraRank"], fields["gradientCheckpointing"]):
         element.on_value_change(update_estimate)
     dataset.on("blur", check_dataset)
     dataset.on_value_change(check_dataset)
     upload.on_upload(received)
     update_estimate()
-    ui.button("Submit", icon="play_arrow", on_click=submit).props('data-testid="ft-submit"')
+    preview_box = ui.column().classes("w-full gap-1").props('data-testid="ft-preview-box"')
+
+    async def show_preview() -> None:
+        preview_button.props("loading")
+        result, problem = await act(lambda: runtime().finetune.preview(
+            base_model=(base_model.value or "").strip(), dataset_path=(dataset.value or "").strip(),
+            max_seq_len=fields["maxSeqLen"].value, train_on_prompt=bool(fields["trainOnPrompt"].value), examples=3))
+        preview_button.props(remove="loading")
+        preview_box.clear()
+        with preview_box:
+            if problem:
+                ui.label(problem).classes("text-negative text-sm").props('data-testid="ft-preview-error"')
+            else:
+                _preview(result)
+
+    with ui.row().classes("gap-2"):
+        preview_button = ui.button("Preview", icon="visibility", on_click=show_preview).props('outline data-testid="ft-preview"')
+        ui.button("Submit", icon="play_arrow", on_click=submit).props('data-testid="ft-submit"')
+
+
+def _hyperparameter_field(key: str, value: Any) -> Any:
+    """The form's control for one hyperparameter, by its kind: a switch, a choice, text, or a number."""
+    if key in SWITCHES:
+        return ui.switch(key, value=bool(value)).props(f'dense data-testid="hp-{key}"')
+    if key in CHOICES:
+        return ui.select(list(CHOICES[key]), value=value, label=key).classes("w-48").props(f'data-testid="hp-{key}"')
+    if key in TEXTS:
+        return ui.input(key, value=value).classes("w-48").props(f'data-testid="hp-{key}"')
+    field = ui.number(key, value=value).classes("w-36").props(f'data-testid="hp-{key}"')
+    if value is None and key == "learningRate":
+        field.props('placeholder="1e-4 (LoRA), 1e-5 (full)"')
+    return field
+
+
+def _preview(result: PreviewResult) -> None:
+    """The dataset as the trainer sees it: counts, the first examples with the trained tokens highlighted, and the
+    length histogram with what `maxSeqLen` cuts."""
+    cut = f"{result.truncated} truncated on the prompt side, {result.dropped} dropped" + (
+        " (" + "; ".join(f"{n} × {why}" for why, n in result.dropReasons.items()) + ")" if result.dropReasons else "")
+    share = f"{100 * result.trainedTokens / result.totalTokens:.0f}%" if result.totalTokens else "0%"
+    ui.label(f"{result.format}: {result.count} examples; {cut} at maxSeqLen {result.maxSeqLen}; {share} of the tokens trained"
+             + ("" if result.analyzed == result.count else f" (first {result.analyzed} analysed)")) \
+        .classes("text-sm").props('data-testid="ft-preview-summary"')
+    ui.label("highlighted: what the loss covers").classes("text-xs text-grey-8")
+    for number, example in enumerate(result.examples):
+        parts, at = [], 0
+        for span in example.spans:
+            parts.append(html.escape(example.text[at:span.start]))
+            parts.append(f'<mark class="bg-green-2">{html.escape(example.text[span.start:span.end])}</mark>')
+            at = span.end
+        parts.append(html.escape(example.text[at:]))
+        note = f"{example.trainedTokens} of {example.totalTokens} tokens trained" + (
+            f", truncated from {example.originalTokens}" if example.truncated else "")
+        ui.label(note).classes("text-xs text-grey-8")
+        ui.html('<pre class="text-xs whitespace-pre-wrap m-0 p-2 bg-grey-2 rounded">' + "".join(parts) + "</pre>") \
+            .classes("w-full").props(f'data-testid="ft-preview-example-{number}"')
+    bins = result.lengthHistogram
+    ui.echart({
+        "title": {"text": "tokens per example", "textStyle": {"fontSize": 12}}, "tooltip": {"trigger": "axis"},
+        "grid": {"left": 40, "right": 10, "top": 30, "bottom": 30},
+        "xAxis": {"type": "category", "data": [f"{b.min}-{b.max}" for b in bins]}, "yAxis": {"type": "value", "minInterval": 1},
+        "series": [{"type": "bar", "data": [{"value": b.count, "itemStyle": {"color": "#c10015" if b.overMaxSeqLen else "#1976d2"}}
+                                            for b in bins]}],
+    }).classes("w-full h-40").props('data-testid="ft-preview-histogram"')
 
 
 def _upload_widget() -> ui.upload:
@@ -240,6 +305,10 @@ def task_row(task: FinetuneTask) -> dict[str, Any]:
     parts = [f"step {step}/{total}" if fraction is not None and step is not None else ""]
     if (loss := progress.get("loss")) is not None:
         parts.append(f"loss {loss:.3f}")
+    if (eval_loss := progress.get("evalLoss")) is not None:
+        parts.append(f"eval {eval_loss:.3f}")
+    if progress.get("truncated") or progress.get("dropped"):
+        parts.append(f"{progress.get('truncated', 0)} cut, {progress.get('dropped', 0)} dropped")
     if (eta := progress.get("eta")) is not None and task.status == TaskState.TRAINING:
         parts.append(f"ETA {int(eta)} s")
     return {
@@ -262,7 +331,9 @@ def _show_detail(container: ui.column, events: ClientEvents, task_id: str) -> No
             chart = ui.echart({
                 "title": {"text": "training loss", "textStyle": {"fontSize": 13}}, "tooltip": {"trigger": "axis"},
                 "xAxis": {"type": "value", "name": "step", "minInterval": 1}, "yAxis": {"type": "value", "name": "loss", "scale": True},
-                "series": [{"type": "line", "data": [], "showSymbol": False}],
+                "legend": {"data": ["train", "eval"], "right": 0},
+                "series": [{"name": "train", "type": "line", "data": [], "showSymbol": False},
+                           {"name": "eval", "type": "line", "data": [], "showSymbol": True}],
             }).classes("w-1/2 h-64").props('data-testid="loss-chart"')
             with ui.element("div").classes("w-1/2 h-64 overflow-auto flex flex-col-reverse"):  # reversed: stays scrolled to the end
                 log = ui.code("", language="text").classes("w-full text-xs").props('data-testid="task-log"')
@@ -277,9 +348,16 @@ def _show_detail(container: ui.column, events: ClientEvents, task_id: str) -> No
             container.clear()
             return
         points = manager.loss_curve(task_id)
+        evals = manager.loss_curve(task_id, "evalLoss")
         chart.options["series"][0]["data"] = [list(point) for point in points]
+        chart.options["series"][1]["data"] = [list(point) for point in evals]
         chart.update()
-        curve.set_text(f"{len(points)} logged steps, last loss {points[-1][1]:.4f}" if points else "no step logged yet")
+        text = f"{len(points)} logged steps, last loss {points[-1][1]:.4f}" if points else "no step logged yet"
+        if evals:
+            text += f"; eval loss {evals[-1][1]:.4f}"
+        if (dropped := task.progress.get("dropped")) is not None:
+            text += f"; dataset: {task.progress.get('truncated', 0)} truncated, {dropped} dropped at maxSeqLen"
+        curve.set_text(text)
         log.set_content(tail_lines(manager.log_path(task_id), 200))
         about.clear()
         with about:
