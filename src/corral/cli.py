@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, NamedTuple, NoReturn, Optional
 
 import httpx
 import typer
@@ -20,6 +23,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 app = typer.Typer(help="Corral: model pools assigned to business services, on your GPUs.", no_args_is_help=True)
 service_app = typer.Typer(help="Business services: stable endpoints selecting {model, business}.", no_args_is_help=True)
@@ -30,14 +34,64 @@ app.add_typer(finetune_app, name="finetune")
 console = Console()
 err = Console(stderr=True)
 
-URL_OPTION = typer.Option("http://127.0.0.1:8080", "--url", envvar="CORRAL_URL", help="Corral API address")
+DEFAULT_URL = "http://127.0.0.1:8080"
+URL_OPTION = typer.Option(None, "--url", envvar="CORRAL_URL", show_default=False,
+                          help="Corral API address (env CORRAL_URL; else http://CORRAL_HOST:CORRAL_PORT, the variables "
+                               "`corral serve` reads; else http://127.0.0.1:8080)")
 TOKEN_OPTION = typer.Option(None, "--token", envvar="CORRAL_API_TOKEN", help="API token, when one is configured")
+OUTPUT_FORMATS = ("table", "wide", "json", "yaml", "name")
+OUTPUT_OPTION = typer.Option("table", "--output", "-o", help="table | wide (more columns) | json | yaml (the API's objects, "
+                                                              "unchanged) | name (one name a line)")
+
+
+def client_url(host: str | None, port: str | int | None) -> str:
+    """The address a client on this machine reaches a server bound to host:port at (0.0.0.0 / :: → loopback)."""
+    host = (host or "").strip() or "127.0.0.1"
+    if host in ("0.0.0.0", "::", "[::]", "*"):
+        host = "127.0.0.1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port or 8080}"
+
+
+def server_url(url: str | None = None, environ: Any = None) -> str:
+    """--url / CORRAL_URL, else CORRAL_HOST / CORRAL_PORT (what `corral serve` binds to), else http://127.0.0.1:8080."""
+    env = os.environ if environ is None else environ
+    if url:
+        return url
+    host, port = env.get("CORRAL_HOST"), env.get("CORRAL_PORT")
+    if not host and not port:
+        return DEFAULT_URL
+    if port and not (port.strip().isdigit() and 1 <= int(port) <= 65535):
+        fail(f"CORRAL_PORT={port!r} is not a port number; set it (or CORRAL_URL, or --url) to the one `corral serve` uses")
+    return client_url(host, port.strip() if port else None)
+
+
+# API wording → CLI wording, for the messages the API words for its own clients (one place, tested).
+API_TO_CLI: list[tuple[str, str]] = [
+    (r"\(?\bPOST /api/deploy-service\)?", "`corral service create NAME --pool POOL --business BUSINESS`"),
+    (r"\bPOST /api/scale-deployment\b", "`corral scale NAME REPLICAS`"),
+    (r"\bGET /api/business-services\b", "`corral service list`"),
+    (r"\bGET /api/deployments\b", "`corral deployments`"),
+    (r"\bGET /api/finetune/tasks\b", "`corral finetune list`"),
+    (r"\bGET /api/pods\b", "`corral pods`"),
+    (r"\bGET /api/history\b", "`corral history`"),
+    (r"`?\??force=true`?", "`--force`"),
+    (r"send 'Authorization: Bearer <token>' \(CORRAL_API_TOKEN\)", "give it with --token or export CORRAL_API_TOKEN"),
+]
+
+
+def cli_message(message: str) -> str:
+    """An API error reworded for the command line: commands and flags instead of API paths and query parameters."""
+    for pattern, replacement in API_TO_CLI:
+        message = re.sub(pattern, replacement, message)
+    return message
 
 
 class Client:
-    def __init__(self, url: str, token: str | None) -> None:
+    def __init__(self, url: str | None, token: str | None) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.url = url.rstrip("/")
+        self.url = server_url(url).rstrip("/")
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=120)
 
     def send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -51,7 +105,8 @@ class Client:
                 body = response.json()
             except ValueError:
                 body = None
-            fail(body["error"] if isinstance(body, dict) and "error" in body else f"HTTP {response.status_code}: {response.text}")
+            fail(cli_message(body["error"]) if isinstance(body, dict) and isinstance(body.get("error"), str)
+                 else f"HTTP {response.status_code}: {response.text}")
         return response
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -115,13 +170,68 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(1)
 
 
+def _cell(value: Any) -> Text:
+    """Values from the API are text, never rich markup (a message with `[...]` is shown as it is)."""
+    if isinstance(value, Text):
+        return value
+    if isinstance(value, bool):
+        return Text("yes" if value else "no")
+    return Text("" if value is None else str(value))
+
+
 def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    """A table that never cuts a value: cells fold onto more lines in a narrow terminal; written to a pipe or a
+    file, the table takes the width it needs (no terminal to fit)."""
     table = Table(title=title, title_justify="left")
     for column in columns:
-        table.add_column(column)
+        table.add_column(column, overflow="fold", no_wrap=False)
     for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
-    console.print(table)
+        table.add_row(*(_cell(v) for v in row))
+    out = console if console.is_terminal else Console(width=100_000, soft_wrap=False)
+    out.print(table)
+
+
+class Column(NamedTuple):
+    header: str
+    value: Callable[[dict], Any]
+    wide: bool = False  # only with `-o wide`
+
+
+def _check_output(output: str) -> str:
+    if output not in OUTPUT_FORMATS:
+        fail(f"-o {output}: choose one of {', '.join(OUTPUT_FORMATS)}")
+    return output
+
+
+def _dump(output: str, data: Any) -> bool:
+    """json / yaml: the API's objects as they came (types kept) on stdout; True when done."""
+    if output == "json":
+        sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    elif output == "yaml":
+        import yaml
+
+        sys.stdout.write(yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False))
+    else:
+        return False
+    sys.stdout.flush()
+    return True
+
+
+def _listing(output: str, title: str, columns: list[Column], rows: list[dict], name: str = "name") -> None:
+    """A listing in the chosen format: table, wide (every column), json, yaml, or the names one a line."""
+    _check_output(output)
+    if _dump(output, rows):
+        return
+    if output == "name":
+        for row in rows:
+            sys.stdout.write(f"{row[name]}\n")
+        return
+    shown = [c for c in columns if output == "wide" or not c.wide]
+    _table(title, [c.header for c in shown], [[c.value(row) for c in shown] for row in rows])
+
+
+def _labels(labels: dict | None) -> str:
+    return ",".join(f"{k}={v}" for k, v in (labels or {}).items())
 
 
 # control plane ---------------------------------------------------------------------------------
@@ -151,10 +261,16 @@ def serve(
         fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health probe is noise
-    url = f"http://{settings.host}:{settings.port}"
-    console.print(f"Corral {settings.backend} backend, data in {settings.data_dir.resolve()}")
-    console.print(f"Corral is running at [bold]{url}[/bold]  (API docs: {url}/docs)", highlight=False)
-    console.print(f"Business services at http://{settings.host}:{settings.gateway_port}/s/<service>/v1", highlight=False)
+    url = client_url(settings.host, settings.port)
+    gateway = client_url(settings.host, settings.gateway_port)
+    console.print(f"Corral {settings.backend} backend, data in {settings.data_dir.resolve()}", highlight=False, soft_wrap=True)
+    bound = f" (bound to {settings.host})" if url.removeprefix("http://").rsplit(":", 1)[0].strip("[]") != settings.host else ""
+    console.print(f"Corral is running at [bold]{url}[/bold]{bound}  (API docs: {url}/docs)", highlight=False, soft_wrap=True)
+    console.print(f"Business services at {gateway}/s/<service>/v1", highlight=False, soft_wrap=True)
+    if url != DEFAULT_URL:
+        console.print("For the `corral` commands in another shell:", highlight=False)
+        console.print(f"export CORRAL_URL={url}", markup=False, highlight=False, soft_wrap=True)
+    sys.stdout.flush()
     run(settings, log_level)
 
 
@@ -173,7 +289,7 @@ def deploy(
                                          "VLLM_API_KEY; stored by Corral, never shown"),
     wait: bool = typer.Option(True, help="wait until every replica is ready, with progress"),
     timeout: float = typer.Option(900, help="seconds to wait for readiness"),
-    url: str = URL_OPTION,
+    url: Optional[str] = URL_OPTION,
     token: Optional[str] = TOKEN_OPTION,
 ) -> None:
     """Deploy a model pool or a standard deployment."""
@@ -208,32 +324,57 @@ def wait_ready(client: Client, name: str, replicas: int, timeout: float) -> None
 
 
 @app.command()
-def logs(pod: str, tail: int = typer.Option(200, "--tail", "-n"), url: str = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+def logs(pod: str, tail: int = typer.Option(200, "--tail", "-n"), url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
     """Print the last lines of a replica's engine output."""
     text = Client(url, token).send("GET", f"/api/pods/{pod}/logs", params={"tail": tail}).text
     console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
+DEPLOYMENT_COLUMNS = [
+    Column("Name", lambda d: d["name"]),
+    Column("Type", lambda d: "Model Pool" if d["isPool"] else "Standard"),
+    Column("Engine", lambda d: d["engine"] + (" (simulator)" if d["isSimulator"] else "")),
+    Column("Model", lambda d: d["modelName"]),
+    Column("Model id", lambda d: d["modelId"], wide=True),
+    Column("Replicas", lambda d: d["replicas"]),
+    Column("Ready", lambda d: d["readyReplicas"]),
+    Column("GPUs/replica", lambda d: d["gpusPerReplica"], wide=True),
+    Column("Assignment", lambda d: d.get("assignment", "N/A")),
+    Column("Scale-down available", lambda d: d.get("availableForScaleDown", "N/A")),
+    Column("Engine args", lambda d: " ".join(d.get("engineArgs") or []), wide=True),
+    Column("Base URL", lambda d: d.get("baseUrl") or "", wide=True),
+    Column("Created", lambda d: (d.get("createdAt") or "")[:19], wide=True),
+]
+
+POD_COLUMNS = [
+    Column("Name", lambda p: p["name"]),
+    Column("Deployment", lambda p: p["deployment"], wide=True),
+    Column("Status", lambda p: p["status"]),
+    Column("Ready", lambda p: p["ready"]),
+    Column("Model", lambda p: p["model"]),
+    Column("Business", lambda p: p["business"] or "N/A"),
+    Column("Endpoint", lambda p: p["endpoint"]),
+    Column("Restarts", lambda p: p["restarts"]),
+    Column("GPU ids", lambda p: ",".join(map(str, p.get("gpuIds") or [])), wide=True),
+    Column("Labels", lambda p: _labels(p.get("labels")), wide=True),
+    Column("Created", lambda p: (p.get("createdAt") or "")[:19], wide=True),
+]
+
+
 @app.command()
-def deployments(url: str = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+def deployments(output: str = OUTPUT_OPTION, url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
     """List deployments, pools included."""
-    rows = Client(url, token).call("GET", "/api/deployments")
-    _table("Deployments", ["Name", "Type", "Engine", "Model", "Replicas", "Ready", "Assignment", "Scale-down available"], [
-        [d["name"], "Model Pool" if d["isPool"] else "Standard", d["engine"] + (" (simulator)" if d["isSimulator"] else ""),
-         d["modelName"], d["replicas"], d["readyReplicas"], d.get("assignment", "N/A"), d.get("availableForScaleDown", "N/A")]
-        for d in rows
-    ])
+    _check_output(output)
+    _listing(output, "Deployments", DEPLOYMENT_COLUMNS, Client(url, token).call("GET", "/api/deployments"))
 
 
 @app.command()
-def pods(deployment: Optional[str] = typer.Option(None, "--deployment", "-d"), url: str = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
-    """List replicas (pods) with their status and business."""
+def pods(deployment: Optional[str] = typer.Option(None, "--deployment", "-d"), output: str = OUTPUT_OPTION,
+         url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+    """List replicas (pods) with their status and business (`-o name`: one pod name a line, for scripts)."""
+    _check_output(output)
     params = {"deployment": deployment} if deployment else {}
-    rows = Client(url, token).call("GET", "/api/pods", params=params)
-    _table("Pods", ["Name", "Status", "Ready", "Model", "Business", "Endpoint", "Restarts"], [
-        [p["name"], p["status"], "yes" if p["ready"] else "no", p["model"], p["business"] or "N/A", p["endpoint"], p["restarts"]]
-        for p in rows
-    ])
+    _listing(output, "Pods", POD_COLUMNS, Client(url, token).call("GET", "/api/pods", params=params))
 
 
 @app.command()
@@ -241,7 +382,7 @@ def delete(
     name: str,
     force: bool = typer.Option(False, help="delete a pool even while it serves businesses"),
     yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
-    url: str = URL_OPTION,
+    url: Optional[str] = URL_OPTION,
     token: Optional[str] = TOKEN_OPTION,
 ) -> None:
     """Delete a deployment and stop its replicas."""
@@ -252,7 +393,7 @@ def delete(
 
 
 @app.command()
-def scale(name: str, replicas: int, url: str = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+def scale(name: str, replicas: int, url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
     """Scale a deployment; a pool only ever loses unassigned replicas."""
     result = Client(url, token).call("POST", "/api/scale-deployment", json={"deploymentName": name, "targetReplicas": replicas})
     console.print(f"{name}: {result['currentReplicas']} → {result['targetReplicas']} replicas"
@@ -261,18 +402,28 @@ def scale(name: str, replicas: int, url: str = URL_OPTION, token: Optional[str] 
 
 
 @app.command()
-def status(pool: str, url: str = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
-    """Pool status: pods per business and how many may be scaled down."""
+def status(pool: str, output: str = OUTPUT_OPTION, url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+    """Pool status: pods per business and how many may be scaled down (`-o wide`: gateway traffic per replica)."""
+    _check_output(output)
     result = Client(url, token).call("GET", f"/api/pool-status/{pool}")
-    console.print(f"[bold]{pool}[/bold] (model {result['modelName']}): {result['totalPods']} pods, {result['readyPods']} ready")
+    if _dump(output, result):
+        return
+    if output == "name":
+        sys.stdout.write(f"{result['deploymentName']}\n")
+        return
+    console.print(f"[bold]{pool}[/bold] (model {result['modelName']}): {result['totalPods']} pods, {result['readyPods']} ready",
+                  highlight=False)
     _table("Assignment", ["Business", "Pods"], [[b, n] for b, n in result["podDistribution"].items()])
+    if output == "wide" and result.get("traffic"):
+        _table("Traffic", ["Replica", "Requests", "Errors", "In flight", "Mean latency ms"], [
+            [name, t["requests"], t["errors"], t["inFlight"], t["meanLatencyMs"]] for name, t in result["traffic"].items()])
     console.print(f"available for scale-down: {result['availableForScaleDown']}")
 
 
 # assignment ------------------------------------------------------------------------------------
 @app.command()
 def assign(pod: str, business: str, model: Optional[str] = typer.Option(None, help="check the pod serves this model"),
-           url: str = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+           url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
     """Assign a pool pod to a business (or `unassigned`)."""
     result = Client(url, token).call("POST", "/api/assign-pod", json={"podName": pod, "businessTag": business, "modelName": model})
     change = "unchanged" if not result["changed"] else f"{result['previousBusiness']} → {result['businessTag']}"
@@ -284,7 +435,7 @@ def distribute(
     pool: str,
     shares: list[str] = typer.Argument(..., help="business=N pairs, e.g. production=3 testing=1"),
     counts: bool = typer.Option(False, "--counts", help="N are exact pod counts, not ratios"),
-    url: str = URL_OPTION,
+    url: Optional[str] = URL_OPTION,
     token: Optional[str] = TOKEN_OPTION,
 ) -> None:
     """Distribute a pool's pods over businesses by ratio (or exact counts), with the fewest moves."""
@@ -303,7 +454,7 @@ def service_create(
     pool: str = typer.Option(..., "--pool", help="the model pool whose model it serves"),
     business: str = typer.Option(..., "--business", "-b"),
     external: bool = typer.Option(False, "--external/--internal"),
-    url: str = URL_OPTION,
+    url: Optional[str] = URL_OPTION,
     token: Optional[str] = TOKEN_OPTION,
 ) -> None:
     """Create a business service selecting {model, business}."""
@@ -312,18 +463,30 @@ def service_create(
     console.print(f"created {result['service']['name']} → {result['service']['selector']}; base URL {result['service']['baseUrl']}")
 
 
+SERVICE_COLUMNS = [
+    Column("Name", lambda s: s["name"]),
+    Column("Business", lambda s: s["businessTag"]),
+    Column("Model", lambda s: s["modelName"]),
+    Column("Pool", lambda s: s.get("modelPool"), wide=True),
+    Column("Type", lambda s: s["type"]),
+    Column("Replicas", lambda s: s["replicas"]),
+    Column("Ready", lambda s: s["readyReplicas"]),
+    Column("Base URL", lambda s: s["baseUrl"]),
+    Column("Selector", lambda s: _labels(s.get("selector")), wide=True),
+    Column("Created", lambda s: (s.get("createdAt") or "")[:19], wide=True),
+]
+
+
 @service_app.command("list")
-def service_list(url: str = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+def service_list(output: str = OUTPUT_OPTION, url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
     """List business services."""
-    rows = Client(url, token).call("GET", "/api/business-services")
-    _table("Business services", ["Name", "Business", "Model", "Type", "Replicas", "Ready", "Base URL"], [
-        [s["name"], s["businessTag"], s["modelName"], s["type"], s["replicas"], s["readyReplicas"], s["baseUrl"]] for s in rows
-    ])
+    _check_output(output)
+    _listing(output, "Business services", SERVICE_COLUMNS, Client(url, token).call("GET", "/api/business-services"))
 
 
 @service_app.command("delete")
 def service_delete(name: str, force: bool = typer.Option(False, help="unassign pods that would be left without a service"),
-                   url: str = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+                   url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
     """Delete a business service."""
     result = Client(url, token).call("DELETE", f"/api/business-services/{name}", params={"force": str(force).lower()})
     console.print(f"deleted {name}" + (f"; unassigned {', '.join(result['unassignedPods'])}" if result["unassignedPods"] else ""))
@@ -334,27 +497,49 @@ def history(
     action: Optional[str] = typer.Option(None, help="deploy, delete, deploy-service, delete-service, assign, distribute, scale"),
     target: Optional[str] = None,
     limit: int = 50,
-    url: str = URL_OPTION,
+    output: str = OUTPUT_OPTION,
+    url: Optional[str] = URL_OPTION,
     token: Optional[str] = TOKEN_OPTION,
 ) -> None:
     """Scheduling history, newest first."""
+    _check_output(output)
     params: dict[str, Any] = {"limit": limit} | ({"action": action} if action else {}) | ({"target": target} if target else {})
     rows = Client(url, token).call("GET", "/api/history", params=params)
-    _table("History", ["When", "Action", "Target", "Before", "After", "Outcome", "Message"], [
-        [h["timestamp"][:19], h["action"], h["target"], _compact(h["before"]), _compact(h["after"]), h["outcome"], h["message"]]
-        for h in rows
-    ])
+    _listing(output, "History", [
+        Column("Id", lambda h: h["id"], wide=True),
+        Column("When", lambda h: h["timestamp"] if output == "wide" else h["timestamp"][:19]),
+        Column("Action", lambda h: h["action"]),
+        Column("Target", lambda h: h["target"]),
+        Column("Before", lambda h: _compact(h["before"])),
+        Column("After", lambda h: _compact(h["after"])),
+        Column("Outcome", lambda h: h["outcome"]),
+        Column("Message", lambda h: h["message"]),
+    ], rows, name="id")
 
 
 @app.command()
-def gpus(url: str = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+def gpus(output: str = OUTPUT_OPTION, url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
     """Detected GPUs (NVML) and the finetune recommendation for them."""
+    _check_output(output)
     info = Client(url, token).call("GET", "/api/system/gpu-info")
+    if _dump(output, info):
+        return
+    if output == "name":
+        for d in info["devices"]:
+            sys.stdout.write(f"{d['id']}\n")
+        return
     if info["devices"]:
-        _table("GPUs", ["Id", "Name", "Memory GB", "Used GB", "Utilisation %", "Processes"], [
-            [d["id"], d["name"], d["memory_gb"], d["memory_used_gb"], d["utilization"], len(d["processes"])]
-            for d in info["devices"]
-        ])
+        _listing(output, "GPUs", [
+            Column("Id", lambda d: d["id"]),
+            Column("Name", lambda d: d["name"]),
+            Column("UUID", lambda d: d.get("uuid"), wide=True),
+            Column("Memory GB", lambda d: d["memory_gb"]),
+            Column("Used GB", lambda d: d["memory_used_gb"]),
+            Column("Free GB", lambda d: d.get("memory_free_gb"), wide=True),
+            Column("Utilisation %", lambda d: d["utilization"]),
+            Column("Processes", lambda d: len(d["processes"])),
+            Column("MIG", lambda d: d.get("mig"), wide=True),
+        ], info["devices"], name="id")
     style = "yellow" if info.get("warning") else "green"
     console.print(f"[{style}]{info['recommendation']}[/{style}]", highlight=False)
 
@@ -365,7 +550,7 @@ def estimate(
     method: str = typer.Option("lora", help="full | lora | qlora | freeze"),
     seq_len: int = typer.Option(2048, "--seq-len"),
     batch_size: int = typer.Option(1, "--batch-size"),
-    url: str = URL_OPTION,
+    url: Optional[str] = URL_OPTION,
     token: Optional[str] = TOKEN_OPTION,
 ) -> None:
     """GPU memory to finetune and to serve a model."""
@@ -386,6 +571,10 @@ def _status(task: dict) -> str:
     return f"[{STATUS_STYLE.get(task['status'], 'white')}]{task['status']}[/]"
 
 
+def _status_cell(task: dict) -> Text:
+    return Text(task["status"], style=STATUS_STYLE.get(task["status"], "white"))
+
+
 @finetune_app.command("submit")
 def finetune_submit(
     base_model: str = typer.Argument(..., help="local model directory or hub id"),
@@ -396,7 +585,7 @@ def finetune_submit(
     timeout_s: Optional[float] = typer.Option(None, "--timeout", help="seconds before the task is cancelled (default 6 h)"),
     hp: list[str] = typer.Option([], "--hp", help="hyperparameter, e.g. --hp epochs=3 --hp learningRate=1e-4 --hp trainOnPrompt=true"),
     follow: bool = typer.Option(False, "--follow", "-f", help="show a live progress bar until the task ends"),
-    url: str = URL_OPTION,
+    url: Optional[str] = URL_OPTION,
     token: Optional[str] = TOKEN_OPTION,
 ) -> None:
     """Validate and queue a finetune task."""
@@ -424,7 +613,7 @@ def finetune_preview(
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="default: the maxSeqLen default (1024)"),
     train_on_prompt: bool = typer.Option(False, "--train-on-prompt", help="the loss on every token, not only the answers"),
     examples: int = typer.Option(2, "--examples", "-n", help="how many examples to show"),
-    url: str = URL_OPTION,
+    url: Optional[str] = URL_OPTION,
     token: Optional[str] = TOKEN_OPTION,
 ) -> None:
     """What the trainer would make of a dataset: format, examples with the trained tokens, what maxSeqLen cuts."""
@@ -472,36 +661,63 @@ def _follow(client: Client, task_id: str) -> None:
         raise typer.Exit(1)
 
 
+TASK_COLUMNS = [
+    Column("Id", lambda t: t["id"]),
+    Column("Status", _status_cell),
+    Column("Base model", lambda t: t["baseModel"], wide=True),
+    Column("Method", lambda t: t["method"]),
+    Column("Priority", lambda t: t["priority"]),
+    Column("GPUs", lambda t: t["gpus"], wide=True),
+    Column("Units", lambda t: ",".join(t.get("units") or []), wide=True),
+    Column("Progress", lambda t: f"{t['progress'].get('step', 0)}/{t['progress'].get('totalSteps', '?')}"),
+    Column("Loss", lambda t: t["progress"].get("loss")),
+    Column("Reason", lambda t: t["reason"]),
+    Column("Output", lambda t: t.get("output"), wide=True),
+    Column("Created", lambda t: (t.get("createdAt") or "")[:19], wide=True),
+]
+
+
 @finetune_app.command("list")
-def finetune_list(url: str = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+def finetune_list(output: str = OUTPUT_OPTION, url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
     """Finetune tasks, oldest first, with the queue warning when more than 5 wait."""
+    _check_output(output)
     client = Client(url, token)
     rows = client.call("GET", "/api/finetune/tasks")
-    _table("Finetune tasks", ["Id", "Status", "Method", "Priority", "Progress", "Loss", "Reason"], [
-        [t["id"], _status(t), t["method"], t["priority"],
-         f"{t['progress'].get('step', 0)}/{t['progress'].get('totalSteps', '?')}", t["progress"].get("loss"), t["reason"]]
-        for t in rows
-    ])
-    warning = client.call("GET", "/api/finetune/queue")["warning"]
-    if warning:
-        console.print(f"[yellow]{warning}[/yellow]")
+    _listing(output, "Finetune tasks", TASK_COLUMNS, rows, name="id")
+    if output in ("table", "wide"):
+        warning = client.call("GET", "/api/finetune/queue")["warning"]
+        if warning:
+            console.print(f"[yellow]{warning}[/yellow]", highlight=False)
 
 
 @finetune_app.command("show")
-def finetune_show(task_id: str, follow: bool = typer.Option(False, "--follow", "-f"), url: str = URL_OPTION,
-                  token: Optional[str] = TOKEN_OPTION) -> None:
+def finetune_show(task_id: str, follow: bool = typer.Option(False, "--follow", "-f"),
+                  output: str = typer.Option("json", "--output", "-o", help="json (the API's object) | yaml | table | "
+                                                                             "wide (one field a row) | name"),
+                  url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
     """One task: status, reason, progress, parameters, output."""
+    _check_output(output)
     client = Client(url, token)
     task = client.call("GET", f"/api/finetune/tasks/{task_id}")
     if follow:
         _follow(client, task_id)
         return
-    console.print_json(data=task)
+    if _dump(output, task):
+        return
+    if output == "name":
+        sys.stdout.write(f"{task['id']}\n")
+        return
+    fields = task if output == "wide" else {k: task.get(k) for k in (
+        "id", "status", "reason", "baseModel", "datasetPath", "method", "priority", "gpus", "progress", "output")}
+    _table(f"Finetune task {task['id']}", ["Field", "Value"], [
+        [key, _status_cell(task) if key == "status" else
+         json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value]
+        for key, value in fields.items()])
 
 
 @finetune_app.command("logs")
 def finetune_logs(task_id: str, tail: int = typer.Option(200, "--tail", "-n"), follow: bool = typer.Option(False, "--follow", "-f"),
-                  url: str = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+                  url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
     """The task's log; --follow streams it until the task ends."""
     client = Client(url, token)
     params = {"tail": tail, "follow": str(follow).lower()}
@@ -509,7 +725,7 @@ def finetune_logs(task_id: str, tail: int = typer.Option(200, "--tail", "-n"), f
         with client.http.stream("GET", f"/api/finetune/tasks/{task_id}/logs", params=params, timeout=None) as response:
             if response.status_code >= 400:
                 response.read()
-                fail(response.json().get("error", response.text))
+                fail(cli_message(str(response.json().get("error", response.text))))
             for chunk in response.iter_text():
                 sys.stdout.write(chunk)
                 sys.stdout.flush()
@@ -518,7 +734,7 @@ def finetune_logs(task_id: str, tail: int = typer.Option(200, "--tail", "-n"), f
 
 
 @finetune_app.command("cancel")
-def finetune_cancel(task_id: str, url: str = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+def finetune_cancel(task_id: str, url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
     """Cancel a task in any state (a running trainer is stopped)."""
     task = Client(url, token).call("POST", f"/api/finetune/tasks/{task_id}/cancel")
     console.print(f"{task_id}: {_status(task)}", highlight=False)
@@ -533,7 +749,7 @@ def finetune_deploy(
     gpus: Optional[int] = typer.Option(None, "--gpus"),
     merge: bool = typer.Option(False, help="serve merged weights even with vLLM"),
     wait: bool = typer.Option(True, help="wait until every replica is ready"),
-    url: str = URL_OPTION,
+    url: Optional[str] = URL_OPTION,
     token: Optional[str] = TOKEN_OPTION,
 ) -> None:
     """Deploy a completed task's result as a model pool."""
