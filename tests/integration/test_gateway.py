@@ -95,9 +95,11 @@ def test_503_and_404_bodies(two_businesses: CorralServer) -> None:
         corral.ok("POST", "/api/assign-pod", json={"podName": pod, "businessTag": "unassigned"})
     empty = httpx.post(f"{corral.gateway_url}/s/b-nlb/v1/chat/completions", json=CHAT)
     assert empty.status_code == 503
-    assert empty.json() == {"error": "no replica assigned to business 'testing' of model 'qwen-06b'"}
+    assert empty.json() == {"error": {"message": "no replica assigned to business 'testing' of model 'qwen-06b'",
+                                      "type": "service_unavailable_error", "code": 503}}
     unknown = httpx.post(f"{corral.gateway_url}/s/nope-nlb/v1/chat/completions", json=CHAT)
-    assert unknown.status_code == 404 and unknown.json() == {"error": "service 'nope-nlb' not found"}
+    assert unknown.status_code == 404
+    assert unknown.json() == {"error": {"message": "service 'nope-nlb' not found", "type": "not_found_error", "code": 404}}
     assert httpx.get(f"{corral.gateway_url}/elsewhere").status_code == 404
 
 

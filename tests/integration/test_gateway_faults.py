@@ -65,7 +65,8 @@ def raw_request(port: int, method: str, target: str, body: bytes | None = None, 
 
 
 def error_of(body: bytes) -> str:
-    return json.loads(body)["error"]
+    """The message of a gateway error (OpenAI's shape: {"error": {"message", "type", "code"}})."""
+    return json.loads(body)["error"]["message"]
 
 
 def chat(gw: CorralServer, service: str = FAST, **extra: object) -> httpx.Response:
@@ -103,7 +104,7 @@ def test_request_bodies_are_capped_and_large_ones_stream(gw: CorralServer) -> No
     expected = too_large_message(MAX_BODY)
     # Declared too large: refused before it is read.
     response = httpx.post(url, content=b"x" * (MAX_BODY + 1), headers={"content-type": "application/json"}, timeout=30)
-    assert response.status_code == 413 and response.json() == {"error": expected}
+    assert response.status_code == 413 and response.json()["error"] == {"message": expected, "type": "invalid_request_error", "code": 413}
 
     # Chunked (no Content-Length): refused once it passes the limit.
     def chunks() -> Iterator[bytes]:
@@ -111,7 +112,7 @@ def test_request_bodies_are_capped_and_large_ones_stream(gw: CorralServer) -> No
             yield b" " * 65536
 
     response = httpx.post(url, content=chunks(), headers={"content-type": "application/json"}, timeout=30)
-    assert response.status_code == 413 and response.json() == {"error": expected}
+    assert response.status_code == 413 and response.json()["error"] == {"message": expected, "type": "invalid_request_error", "code": 413}
 
     # Under the limit but over the in-memory size: streamed to the replica, answered as usual.
     padding = "p" * (3 * 1024**2)

@@ -58,6 +58,9 @@ class Engine:
     needs_gpu: bool = False
     description: str = ""
     health_path: str = "/health"
+    # Whether the engine answers to the pool's tag (`--served-model-name`). One that cannot (`transformers
+    # serve` pins its model path) gets the gateway's rewrite of the `model` field (corral/gateway/routing.py).
+    serves_tag: bool = True
     # The flags Corral sets itself (flag → what it is, for the refusal): `engineArgs` may not set them.
     reserved_flags: Mapping[str, str] = field(default_factory=dict, hash=False)
 

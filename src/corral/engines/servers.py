@@ -95,6 +95,7 @@ register(SglangEngine("sglang", module="sglang.launch_server", needs_gpu=True, d
                       reserved_flags={"--host": HOST, "--port": PORT, "--model-path": MODEL, "--model": MODEL,
                                       "--served-model-name": SERVED_NAME}))
 register(TransformersEngine("transformers", module=None, executable="transformers", description="transformers serve (CPU-capable)",
+                            serves_tag=False,  # pinned to its model path: the gateway maps the tag (routing.py)
                             reserved_flags={"--host": HOST, "--port": PORT}))
 register(
     SimulatorEngine(

@@ -139,6 +139,7 @@ http {{
       proxy_send_timeout {int(read_timeout_s * 1000)}ms;
       proxy_read_timeout {int(read_timeout_s * 1000)}ms;
       header_filter_by_lua_block {{ corral.header() }}
+      body_filter_by_lua_block {{ corral.body() }}
       log_by_lua_block {{ corral.log() }}
       error_page 502 504 = @unavailable;
       error_page 400 494 =400 /.corral/400;  # error_page on this level replaces the server's, so repeated
@@ -219,8 +220,15 @@ def table_payload(table: RoutingTable) -> bytes:
         targets = []
         for t in route.targets:
             host, _, port = t.endpoint.removeprefix("http://").rpartition(":")
-            targets.append({"name": t.name, "host": host, "port": int(port)})
+            target = {"name": t.name, "host": host, "port": int(port)}
+            if t.rewrite_model:
+                target["rewrite"] = True
+            targets.append(target)
         routes[name] = {"message": route.no_replica_message(), "targets": targets}
+        if route.answers_models():
+            routes[name]["models"] = route.models_list()
+        if any(t.rewrite_model for t in route.targets):
+            routes[name]["model"] = route.model
     return json.dumps(routes).encode()
 
 

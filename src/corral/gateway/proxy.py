@@ -23,6 +23,13 @@ body, and a streaming upstream call. Behaviour (the nginx data plane does the sa
   cut, as with nginx).
 - The upstream client is aiohttp: profiled under load, httpx's pool spent 65% of the gateway's CPU
   scanning its connections on every request (bench/README.md).
+- Errors the gateway answers itself are OpenAI-shaped, so SDKs show the reason:
+  `{"error": {"message": "...", "type": "...", "code": <status>}}` (`error_body`; the same on nginx).
+- A replica whose engine does not answer to the pool's tag (`Target.rewrite_model`, see routing.py)
+  gets `"model": "<tag>"` as `"model": null` (bodies read whole only: one streamed beyond
+  `BUFFERED_BODY_BYTES`, 1 MiB, is sent as is), and its answer's `model` back as the tag: a JSON body
+  (buffered up to `max_body_bytes`) or each server-sent event. `GET /v1/models` on a route of only
+  such replicas is answered here with the tag.
 - In-flight counts per replica drive both least-outstanding balancing and draining: a removed
   replica leaves the table at once and is stopped only when its in-flight count reaches zero.
 """
@@ -78,6 +85,31 @@ def path_error(path: str) -> tuple[int, str] | None:
     if CONTROL_CHARS.search(path):
         return 400, MSG_CONTROL_CHARS
     return 404, MSG_NOT_API
+
+
+# An error's OpenAI `type` by status (vLLM and OpenAI use these names).
+ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 408: "invalid_request_error",
+               413: "invalid_request_error", 503: "service_unavailable_error", 504: "timeout_error"}
+
+
+def error_body(status: int, message: str) -> dict[str, Any]:
+    """A gateway error in the OpenAI shape (the OpenAI SDKs show `error.message`)."""
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "code": status}}
+
+
+# The `model` field rewrite for engines that do not answer to the tag (routing.py).
+_RESPONSE_MODEL = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
+
+
+def request_model_rewrite(body: bytes, tag: str) -> bytes | None:
+    """`body` with its `"model": "<tag>"` as `"model": null`; None when it names no such model."""
+    rewritten, count = re.subn(rb'"model"\s*:\s*"' + re.escape(tag.encode()) + rb'"', b'"model":null', body, count=1)
+    return rewritten if count else None
+
+
+def response_model_rewrite(data: bytes, tag: str, count: int = 0) -> bytes:
+    """Every (`count`: the first `count`) `"model": "..."` of a response as the tag."""
+    return _RESPONSE_MODEL.sub(b'"model":' + json.dumps(tag).encode(), data, count=count)
 
 
 def too_large_message(limit: int) -> str:
@@ -283,19 +315,23 @@ class Gateway:
         path: str = scope["path"]
         if not path.startswith(ROUTED_PREFIX):
             if CONTROL_CHARS.search(path):
-                await _json(send, 400, {"error": MSG_CONTROL_CHARS})
+                await _error(send, 400, MSG_CONTROL_CHARS)
             else:
-                await _json(send, 404, {"error": f"no route for '{path}'; business services live under /s/<service>/v1/..."})
+                await _error(send, 404, f"no route for '{path}'; business services live under /s/<service>/v1/...")
             return
         service = path[len(ROUTED_PREFIX):].partition("/")[0]
         route = self.table.get(service)
         if (refusal := path_error(path)) is not None:
             self.stats.rejected[(service if route else UNKNOWN_SERVICE, refusal[0])] += 1
-            await _json(send, refusal[0], {"error": refusal[1]})
+            await _error(send, refusal[0], refusal[1])
             return
         if route is None:
             self.stats.rejected[(UNKNOWN_SERVICE, 404)] += 1
-            await _json(send, 404, {"error": f"service '{service}' not found"})
+            await _error(send, 404, f"service '{service}' not found")
+            return
+        rest = path[len(ROUTED_PREFIX) + len(service):]
+        if rest == "/v1/models" and scope["method"] == "GET" and route.answers_models():
+            await _json(send, 200, route.models_list())
             return
         headers: list[tuple[str, str]] = []
         content_length: int | None = None
@@ -309,10 +345,10 @@ class Gateway:
             if content_length is not None and content_length > limit:
                 raise _BodyTooLarge()
             body = await _read_body(receive, limit, content_length)
-            await self._forward(route, scope, path[len(ROUTED_PREFIX) + len(service):], headers, body, send)
+            await self._forward(route, scope, rest, headers, body, send)
         except _BodyTooLarge:
             self.stats.rejected[(service, 413)] += 1
-            await _json(send, 413, {"error": too_large_message(limit)})
+            await _error(send, 413, too_large_message(limit))
         except _ClientGone:
             pass  # nobody to answer (after a body deadline, the HTTP server answered 408)
 
@@ -329,11 +365,11 @@ class Gateway:
                 return
             if isinstance(body, _BodyStream) and body.started:  # the body went to that replica: nothing to retry with
                 self.stats.rejected[(route.service, 504)] += 1
-                await _json(send, 504, {"error": f"replica '{target.name}' did not answer and the request body was "
-                                                 "streamed to it, so the request cannot be retried"})
+                await _error(send, 504, f"replica '{target.name}' did not answer and the request body was "
+                                        "streamed to it, so the request cannot be retried")
                 return
         self.stats.rejected[(route.service, 503)] += 1
-        await _json(send, 503, {"error": route.no_replica_message()})
+        await _error(send, 503, route.no_replica_message())
 
     async def _try(self, route: Route, target: Target, scope: dict[str, Any], path: str, headers: list[tuple[str, str]],
                    body: Body, send: Callable) -> bool:
@@ -345,6 +381,9 @@ class Gateway:
             query = quote_from_bytes(query, safe="/?&=%+:@!$'()*,;~").encode()
         url = URL(target.endpoint + path + ("?" + query.decode() if query else ""), encoded=True)
         data: Any = body
+        rewrite = False  # the answer's `model` goes back to the tag
+        if target.rewrite_model and isinstance(body, bytes) and (mapped := request_model_rewrite(body, route.model)):
+            data, rewrite = mapped, True
         if isinstance(body, _BodyStream):
             data = body.chunks()
             if body.content_length is not None:
@@ -372,11 +411,16 @@ class Gateway:
             finally:
                 watch.stop()
             async with upstream:
-                response_headers = [(k, v) for k, v in upstream.raw_headers if k.lower() not in RESPONSE_SKIP]
+                skip = RESPONSE_SKIP | {b"content-length"} if rewrite else RESPONSE_SKIP
+                response_headers = [(k, v) for k, v in upstream.raw_headers if k.lower() not in skip]
                 response_headers.append((b"x-corral-replica", target.name.encode()))
                 await send({"type": "http.response.start", "status": upstream.status, "headers": response_headers})
                 try:
-                    async for chunk in upstream.content.iter_any():
+                    chunks = upstream.content.iter_any()
+                    if rewrite:
+                        events = upstream.content_type == "text/event-stream"
+                        chunks = _rewritten(chunks, route.model, events, self.limits.max_body_bytes)
+                    async for chunk in chunks:
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                     # Died mid-response: nothing left to retry. Returning without ending the response makes
@@ -424,6 +468,31 @@ class Gateway:
                 if await self._healthy(target, 1.0):
                     log.info("replica %s is healthy again; back in rotation", name)
                     self.ejected.pop(name, None)
+
+
+async def _rewritten(chunks: AsyncIterator[bytes], tag: str, events: bool, limit: int) -> AsyncIterator[bytes]:
+    """A response whose `model` goes back to the tag: server-sent events line by line; a JSON body
+    whole (up to `limit`, beyond which the rest passes as is)."""
+    pending = b""
+    async for chunk in chunks:
+        pending += chunk
+        if events:
+            cut = pending.rfind(b"\n") + 1
+            if cut:
+                yield response_model_rewrite(pending[:cut], tag)
+                pending = pending[cut:]
+        elif len(pending) > limit:
+            yield pending
+            pending = b""
+            async for rest in chunks:
+                yield rest
+            return
+    if pending:
+        yield response_model_rewrite(pending, tag, count=0 if events else 1)
+
+
+async def _error(send: Callable, status: int, message: str) -> None:
+    await _json(send, status, error_body(status, message))
 
 
 async def _json(send: Callable, status: int, payload: dict[str, Any]) -> None:

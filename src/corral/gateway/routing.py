@@ -3,6 +3,14 @@
 Rebuilt from the backend's state on every change event, before the change's API call returns,
 so an assignment takes effect for the next request. A table is immutable; a rebuild swaps it whole,
 so a request never sees half of an update.
+
+Every engine answers to the pool's tag (`Route.model`) through a business service: vLLM, SGLang and
+the simulator serve it themselves (`--served-model-name`); a replica whose engine cannot
+(`Engine.serves_tag` false: `transformers serve` pins its model path) is a target with
+`rewrite_model`, and both data planes rewrite for it: a request's `"model": "<tag>"` becomes
+`"model": null` (the engine then uses the model it is pinned to), and the response's `model` (the
+JSON body's, or each server-sent event's) becomes the tag again. `GET /v1/models` on a route whose
+replicas all need the rewrite is answered by the gateway with the tag.
 """
 
 from __future__ import annotations
@@ -12,12 +20,14 @@ from dataclasses import dataclass
 
 from corral.domain import labels as L
 from corral.domain.models import Pod, Service
+from corral.engines import get_engine
 
 
 @dataclass(frozen=True)
 class Target:
     name: str
     endpoint: str
+    rewrite_model: bool = False  # the engine does not answer to the tag: the gateway maps it (see above)
 
 
 @dataclass(frozen=True)
@@ -33,6 +43,14 @@ class Route:
             return f"no replica assigned to business '{self.business}' of model '{self.model}'"
         return f"no ready replica of deployment '{self.deployment}'"
 
+    def answers_models(self) -> bool:
+        """Whether the gateway answers `GET /v1/models` itself (no replica would list the tag)."""
+        return bool(self.targets) and all(t.rewrite_model for t in self.targets)
+
+    def models_list(self) -> dict:
+        """`GET /v1/models` in OpenAI's list shape: the tag."""
+        return {"object": "list", "data": [{"id": self.model, "object": "model", "created": 0, "owned_by": "corral"}]}
+
 
 RoutingTable = dict[str, Route]
 
@@ -47,11 +65,25 @@ def build_routes(services: Iterable[Service], pods: Iterable[Pod]) -> RoutingTab
         for pair in pod.labels.items():
             by_pair.setdefault(pair, []).append(index)
     everyone = range(len(ready))
+    serves_tag: dict[str, bool] = {}
+
+    def rewrite(pod: Pod) -> bool:
+        engine = pod.labels.get(L.POOL_TYPE)
+        if engine is None:
+            return False
+        if engine not in serves_tag:
+            try:
+                serves_tag[engine] = get_engine(engine).serves_tag
+            except Exception:  # an engine this control plane does not know: assume it answers to the tag
+                serves_tag[engine] = True
+        return not serves_tag[engine]
+
     table: RoutingTable = {}
     for service in services:
         pairs = list(service.selector.items())
         candidates = min((by_pair.get(pair, []) for pair in pairs), key=len) if pairs else everyone
-        targets = tuple(Target(ready[i].name, ready[i].endpoint) for i in candidates  # type: ignore[arg-type]
+        targets = tuple(Target(ready[i].name, ready[i].endpoint, rewrite(ready[i]))  # type: ignore[arg-type]
+                        for i in candidates
                         if L.matches(service.selector, ready[i].labels))
         table[service.name] = Route(
             service=service.name,

@@ -162,7 +162,7 @@ def _test_panel(events: ClientEvents) -> None:
                     client.stream("POST", f"{view.baseUrl}/chat/completions", json=body) as response:
                 replica.set_text(f"answered by {response.headers.get('x-corral-replica', '?')} (HTTP {response.status_code})")
                 if response.status_code != 200:
-                    reply.set_content(f"`{(await response.aread()).decode(errors='replace')[:500]}`")
+                    reply.set_content(f"`{_error_text(await response.aread())[:500]}`")
                     return
                 async for line in response.aiter_lines():
                     if line.startswith("data: ") and line != "data: [DONE]":
@@ -175,6 +175,17 @@ def _test_panel(events: ClientEvents) -> None:
             button.props(remove="loading")
 
     button = ui.button("Send", icon="send", on_click=send).props('data-testid="test-send"')
+
+
+def _error_text(body: bytes) -> str:
+    """An error answer's reason: the gateway's (and engines') OpenAI shape `{"error": {"message": …}}`, else the body."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        error = None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error["message"]
+    return error if isinstance(error, str) else body.decode(errors="replace")
 
 
 # deployments ----------------------------------------------------------------------------------

@@ -27,17 +27,23 @@ local function routes()
   return cached_routes
 end
 
+-- OpenAI's error shape, as proxy.py's error_body (SDKs show error.message)
+local ERROR_TYPES = { [400] = "invalid_request_error", [404] = "not_found_error", [408] = "invalid_request_error",
+                      [413] = "invalid_request_error", [503] = "service_unavailable_error", [504] = "timeout_error" }
+
 local function json_exit(status, message)
   ngx.status = status
   ngx.header["content-type"] = "application/json"
-  ngx.say(cjson.encode({ error = message }))
+  ngx.say(cjson.encode({ error = { message = message, type = ERROR_TYPES[status] or "server_error", code = status } }))
   return ngx.exit(status)
 end
 
-local function pick(route, tried)
+-- `rewrite`: nil, or only targets whose `rewrite` flag is the same (a retry keeps the request's rewrite)
+local function pick(route, tried, rewrite)
   local best, fewest = {}, nil
   for _, target in ipairs(route.targets) do
-    if not tried[target.name] and not stats:get("ej:" .. target.name) then
+    if not tried[target.name] and not stats:get("ej:" .. target.name)
+        and (rewrite == nil or (target.rewrite == true) == rewrite) then
       local in_flight = stats:get("if:" .. target.name) or 0
       if fewest == nil or in_flight < fewest then
         best, fewest = { target }, in_flight
@@ -100,14 +106,64 @@ function _M.route()
     stats:incr("rj:|404", 1, 0)  -- the name is the client's: one counter per name would grow without bound
     return json_exit(404, "service '" .. service .. "' not found")
   end
+  if route.models and rest == "/v1/models" and ngx.req.get_method() == "GET" then
+    ngx.header["content-type"] = "application/json"
+    ngx.say(cjson.encode(route.models))
+    return ngx.exit(200)
+  end
   local target = pick(route, {})
   if not target then
     stats:incr("rj:" .. service .. "|503", 1, 0)
     return json_exit(503, route.message)
   end
   ngx.var.corral_service = service
-  ngx.ctx.service, ngx.ctx.route, ngx.ctx.target, ngx.ctx.tried = service, route, target, {}
+  local ctx = ngx.ctx
+  ctx.service, ctx.route, ctx.target, ctx.tried = service, route, target, {}
+  if target.rewrite then
+    -- the engine does not answer to the tag (see routing.py): `"model": "<tag>"` → `"model": null`. A body
+    -- spooled to a file (over client_body_buffer_size, 1 MiB) is sent as is.
+    ngx.req.read_body()
+    local body = ngx.req.get_body_data()
+    if body then
+      local tag = route.model:gsub("%p", "%%%0")
+      local mapped, count = body:gsub('"model"%s*:%s*"' .. tag .. '"', '"model":null', 1)
+      if count > 0 then
+        ngx.req.set_body_data(mapped)
+        ctx.rewrite = true
+      end
+    end
+  end
   ngx.req.set_uri(rest)
+end
+
+local RESPONSE_MODEL = '"model"%s*:%s*"[^"]*"'
+local MAX_BUFFERED = 32 * 1024 * 1024
+
+-- body filter: the answer's `model` back to the tag (each server-sent event, or a JSON body whole)
+function _M.body()
+  local ctx = ngx.ctx
+  if not ctx.rewrite then return end
+  local model = '"model":' .. cjson.encode(ctx.route.model)
+  local replace = function() return model end
+  local pending = (ctx.pending or "") .. (ngx.arg[1] or "")
+  if ngx.arg[2] then
+    ctx.pending = nil
+    ngx.arg[1] = pending:gsub(RESPONSE_MODEL, replace, (not ctx.events) and 1 or nil)
+    return
+  end
+  if ctx.events then
+    local cut = pending:match(".*\n()")
+    if cut then
+      ngx.arg[1] = pending:sub(1, cut - 1):gsub(RESPONSE_MODEL, replace)
+      ctx.pending = pending:sub(cut)
+    else
+      ngx.arg[1], ctx.pending = "", pending
+    end
+  elseif #pending > MAX_BUFFERED then
+    ngx.arg[1], ctx.pending, ctx.rewrite = pending, nil, false
+  else
+    ngx.arg[1], ctx.pending = "", pending
+  end
 end
 
 local function finish(ctx, failed)
@@ -127,7 +183,7 @@ function _M.balance()
   if balancer.get_last_failure() then
     stats:set("ej:" .. ctx.target.name, true, EJECT_SECONDS)
     finish(ctx, true)
-    local next_target = pick(ctx.route, ctx.tried)
+    local next_target = pick(ctx.route, ctx.tried, ctx.target.rewrite == true)
     if not next_target then return ngx.exit(502) end
     ctx.target = next_target
   else
@@ -141,8 +197,13 @@ function _M.balance()
 end
 
 function _M.header()
-  local target = ngx.ctx.target
+  local ctx = ngx.ctx
+  local target = ctx.target
   if target then ngx.header["x-corral-replica"] = target.name end
+  if ctx.rewrite then
+    ngx.header["content-length"] = nil
+    ctx.events = (ngx.header["content-type"] or ""):find("text/event-stream", 1, true) ~= nil
+  end
 end
 
 function _M.log()
