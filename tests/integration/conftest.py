@@ -133,9 +133,9 @@ class CorralServer:
 
 
 @contextlib.contextmanager
-def running_corral(data_dir: Path, env: dict[str, str] | None = None) -> Iterator[CorralServer]:
+def running_corral(data_dir: Path, env: dict[str, str] | None = None, token: str | None = None) -> Iterator[CorralServer]:
     """`corral serve` on a fresh data dir, stopped afterwards with every replica it left."""
-    server = CorralServer(data_dir, env=env)
+    server = CorralServer(data_dir, token=token, env=env)
     server.data_dir.mkdir()
     server.start()
     try:
@@ -143,6 +143,17 @@ def running_corral(data_dir: Path, env: dict[str, str] | None = None) -> Iterato
     finally:
         server.stop()
         server.kill_replicas()  # the safety net: replicas outlive the server by design
+
+
+@pytest.fixture(params=["python", "nginx"])
+def data_plane(request: pytest.FixtureRequest) -> str:
+    """Both gateway data planes, for modules that ask (`pytestmark = pytest.mark.usefixtures("data_plane")`):
+    the same behaviour is the contract."""
+    from corral.gateway.nginx_plane import missing_parts
+
+    if request.param == "nginx" and (missing := missing_parts()):
+        pytest.skip("nginx data plane needs " + ", ".join(missing))
+    return request.param
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import httpx
 import pytest
 
 from corral.backends.local.process import process_start_time
-from corral.gateway.nginx_plane import missing_parts
 from tests.conftest import wait_for
 from tests.integration.conftest import CorralServer, deploy_sim_pool
 
@@ -22,12 +21,6 @@ POOL = "simulator-qwen-06b-pool"
 pytestmark = pytest.mark.usefixtures("data_plane")
 
 
-@pytest.fixture(params=["python", "nginx"])
-def data_plane(request: pytest.FixtureRequest) -> str:
-    """Every test runs against both data planes: the same behaviour is the contract."""
-    if request.param == "nginx" and (missing := missing_parts()):
-        pytest.skip("nginx data plane needs " + ", ".join(missing))
-    return request.param
 CHAT = {"model": "qwen-06b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from corral.gateway.nginx_plane import missing_parts
 from tests.integration.conftest import CorralServer
 from tests.tiny_model import build_tiny_model
 
@@ -17,13 +16,6 @@ pytest.importorskip("transformers")
 
 TAG = "tiny"
 pytestmark = pytest.mark.usefixtures("data_plane")
-
-
-@pytest.fixture(params=["python", "nginx"])
-def data_plane(request: pytest.FixtureRequest) -> str:
-    if request.param == "nginx" and (missing := missing_parts()):
-        pytest.skip("nginx data plane needs " + ", ".join(missing))
-    return request.param
 
 
 @pytest.fixture(scope="module")

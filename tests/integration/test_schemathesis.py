@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import CorralServer
+from tests.integration.conftest import CorralServer, running_corral
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
@@ -35,14 +35,8 @@ CHECKS = [not_a_server_error, response_schema_conformance]
 
 @pytest.fixture(params=[None, TOKEN], ids=["no-token", "token"])
 def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CorralServer]:
-    server = CorralServer(tmp_path / "data", token=request.param, env={"CORRAL_GATEWAY_DATA_PLANE": "python"})
-    server.data_dir.mkdir()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        server.kill_replicas()
+    with running_corral(tmp_path / "data", {"CORRAL_GATEWAY_DATA_PLANE": "python"}, token=request.param) as corral:
+        yield corral
 
 
 def exercise(operation: schemathesis.APIOperation, mode: schemathesis.GenerationMode, headers: dict[str, str],
