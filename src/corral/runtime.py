@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from corral.aio import within
 from corral.backends.base import Backend
 from corral.config import Settings
 from corral.controller import Controller
@@ -109,13 +110,19 @@ class Runtime:
         gc.freeze()
 
     async def close(self) -> None:
+        """Stop every loop, each within a bound: a shutdown (SIGTERM) always ends, and says what was slow.
+        The gateway may take the drain timeout, so that in-flight requests finish."""
         if self._gpu_task:
             self._gpu_task.cancel()
-        await self.controller.close()
-        await self.finetune.close()
-        await self.routing.close()
-        await self.gateway.close()
-        await self.backend.close()
+        steps = [("controller", self.controller.close, 10.0), ("finetune manager", self.finetune.close, 10.0),
+                 ("routing reconciler", self.routing.close, 10.0),
+                 ("gateway", self.gateway.close, self.settings.drain_timeout_s + 10),
+                 ("backend", self.backend.close, 10.0)]
+        for what, close, bound in steps:
+            try:
+                await within(bound, close())
+            except TimeoutError:
+                log.error("closing the %s took more than %.0f s; going on with the shutdown", what, bound)
         self.store.close()
 
     async def _watch_gpus(self) -> None:

@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from corral.aio import within
 from corral.backends.local.process import tail_lines
 from corral.config import Settings
 from corral.domain.errors import Conflict, CorralError, InvalidInput, NotFound
@@ -244,7 +245,7 @@ class FinetuneManager:
                 sys.executable, "-m", "corral.finetune.preview", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, env=env)
             try:
-                out, err = await asyncio.wait_for(child.communicate(json.dumps(request).encode()), PREVIEW_TIMEOUT_S)
+                out, err = await within(PREVIEW_TIMEOUT_S, child.communicate(json.dumps(request).encode()))
             except asyncio.TimeoutError:
                 raise InvalidInput(f"the preview took longer than {PREVIEW_TIMEOUT_S:.0f} s; try a smaller dataset") from None
             finally:  # timed out, or the request went away: the child goes too

@@ -37,6 +37,7 @@ from typing import Any
 
 import aiohttp
 
+from corral.aio import within
 from corral.gateway.proxy import GatewayLimits, too_large_message
 from corral.gateway.routing import RoutingTable
 from corral.gateway.stats import TrafficStats
@@ -348,7 +349,7 @@ class NginxGateway:
         if self._process and self._process.poll() is None:
             self._process.send_signal(signal.SIGQUIT)  # graceful: in-flight requests finish
             try:
-                await asyncio.wait_for(asyncio.to_thread(self._process.wait), self._config["drain_timeout_s"] + 5)
+                await within(self._config["drain_timeout_s"] + 5, asyncio.to_thread(self._process.wait))
             except TimeoutError:
                 self._process.kill()
 

@@ -49,6 +49,7 @@ from urllib.parse import quote_from_bytes
 import aiohttp
 from yarl import URL
 
+from corral.aio import within
 from corral.gateway.policies import Policy
 from corral.gateway.routing import Route, RoutingTable, Target
 from corral.gateway.stats import TrafficStats
@@ -298,8 +299,8 @@ class Gateway:
         """Return once no request is in flight on `replica`, or after `timeout_s`."""
         try:
             async with self._drained:
-                await asyncio.wait_for(
-                    self._drained.wait_for(lambda: self.stats.in_flight_by_replica.get(replica, 0) == 0), timeout_s
+                await within(
+                    timeout_s, self._drained.wait_for(lambda: self.stats.in_flight_by_replica.get(replica, 0) == 0)
                 )
         except TimeoutError:
             log.warning("replica %s still had %d request(s) in flight after %.0f s of draining",

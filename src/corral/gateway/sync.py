@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from corral.aio import within
 from corral.domain.errors import Unavailable
 from corral.gateway.routing import RoutingTable
 
@@ -103,7 +104,7 @@ class RoutingSync:
         self._waiters.append((target, waiter))
         self._start_push()
         try:
-            return await asyncio.wait_for(waiter, self.timeout_s if timeout_s is None else timeout_s)
+            return await within(self.timeout_s if timeout_s is None else timeout_s, waiter)
         except TimeoutError:
             raise self._lagging(target) from None
         finally:
@@ -165,7 +166,7 @@ class RoutingSync:
             assert table is not None
             self.pushes += 1
             try:
-                served = await asyncio.wait_for(self.plane.push(table, version), self.push_timeout_s)
+                served = await within(self.push_timeout_s, self.plane.push(table, version))
             except Exception as exc:
                 self._failed(f"push of routing table version {version} failed: {exc.__class__.__name__}: {exc}")
                 return
@@ -214,7 +215,7 @@ class RoutingSync:
         """Does the data plane still serve the latest version? (An nginx restarted serves version 0.)"""
         applied = self._applied
         try:
-            served = await asyncio.wait_for(self.plane.served_version(), self.push_timeout_s)
+            served = await within(self.push_timeout_s, self.plane.served_version())
         except Exception as exc:
             self._failed(f"the gateway did not report its routing table version: {exc.__class__.__name__}: {exc}")
             return

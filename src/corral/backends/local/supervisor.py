@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 
 from corral import failpoints
+from corral.aio import within
 from corral.backends.base import Report
 from corral.backends.local import process
 from corral.config import Settings
@@ -158,7 +159,7 @@ class ReplicaSupervisor:
     async def _drain_and_stop(self, record: ReplicaRecord) -> None:
         if self.drain is not None:
             try:  # bounded: a data plane that cannot say whether requests are in flight must not keep a replica alive
-                await asyncio.wait_for(self.drain(record.name, self.settings.drain_timeout_s), self.settings.drain_timeout_s + 5)
+                await within(self.settings.drain_timeout_s + 5, self.drain(record.name, self.settings.drain_timeout_s))
             except Exception as exc:
                 log.warning("draining %s failed (%s); stopping it anyway", record.name, exc)
         await self.stop(record)
