@@ -216,15 +216,17 @@ async def serve(settings: Settings, log_level: str = "info") -> None:
     runtime = Runtime(settings)
     limits = runtime.gateway.limits
     protocol = deadline_protocol(limits)
+    # A shutdown waits for open connections only so long: API calls are short (a stuck one must not keep
+    # Corral from stopping); the Python gateway gives in-flight streams the drain timeout.
     api = uvicorn.Server(uvicorn.Config(create_app(runtime=runtime), host=settings.host, port=settings.port, log_level=log_level,
-                                        http=protocol, limit_concurrency=API_MAX_CONNECTIONS))
+                                        http=protocol, limit_concurrency=API_MAX_CONNECTIONS, timeout_graceful_shutdown=10))
     if runtime.data_plane == "nginx":  # nginx serves the gateway port itself
         await api.serve()
         return
     gateway = _GatewayServer(uvicorn.Config(
         runtime.gateway, host=settings.host, port=settings.gateway_port, log_level=log_level,
         access_log=False, lifespan="off", timeout_keep_alive=30, proxy_headers=False, server_header=False,
-        http=protocol, limit_concurrency=limits.max_connections,
+        http=protocol, limit_concurrency=limits.max_connections, timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
     ))
     gateway_task = asyncio.create_task(gateway.serve())
     try:
