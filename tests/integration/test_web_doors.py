@@ -19,6 +19,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
+from tests.conftest import wait_for
 from tests.integration.conftest import CorralServer, deploy_sim_pool
 
 TOKEN = "s3cret-token"
@@ -297,8 +298,10 @@ def test_upload_caps_size_count_and_origin(tmp_path: Path) -> None:
             assert not uploads.exists() or not list(uploads.iterdir())
             for _ in range(2):
                 assert http.post(url, files={"file": ("train.jsonl", TRAIN.encode())}).status_code == 200
-            stored = list(uploads.iterdir())
-            assert len(stored) == 2 and all(p.read_text() == TRAIN and stat.S_IMODE(p.stat().st_mode) == 0o600 for p in stored)
+            # The UI's upload handler stores the file after answering: wait for both, whole.
+            stored = wait_for(lambda: (files := list(uploads.iterdir())) and len(files) == 2
+                              and all(f.read_text() == TRAIN for f in files) and files, timeout=10, what="both uploads stored")
+            assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in stored)
             third = http.post(url, files={"file": ("train.jsonl", TRAIN.encode())})
             assert third.status_code == 409 and "CORRAL_UPLOAD_MAX_FILES=2" in error_of(third)
             assert len(list(uploads.iterdir())) == 2
