@@ -37,13 +37,14 @@ def wait_until(predicate, timeout: float, what: str):  # noqa: ANN001
 class Corral:
     """`corral serve` in a temporary data dir, driven over its API."""
 
-    def __init__(self, data_plane: str = "auto") -> None:
+    def __init__(self, data_plane: str = "auto", env: dict[str, str] | None = None) -> None:
+        """`env`: more environment for `corral serve` (settings; PYTHONPATH to run another tree's code)."""
         self.dir = Path(tempfile.mkdtemp(prefix="corral-bench-"))
         self.port, self.gateway_port = free_port(), free_port()
         self.url, self.gateway = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.gateway_port}"
         env = {**os.environ, "CORRAL_DATA_DIR": str(self.dir), "CORRAL_PORT": str(self.port),
                "CORRAL_GATEWAY_PORT": str(self.gateway_port), "CORRAL_STOP_GRACE_S": "3", "CORRAL_DRAIN_TIMEOUT_S": "30",
-               "CORRAL_GATEWAY_DATA_PLANE": data_plane}
+               "CORRAL_GATEWAY_DATA_PLANE": data_plane, **(env or {})}
         self.log = open(self.dir / "serve.log", "wb")  # noqa: SIM115
         self.process = subprocess.Popen([sys.executable, "-m", "corral.cli", "serve", "--log-level", "warning"],
                                         env=env, stdout=self.log, stderr=self.log)

@@ -23,6 +23,7 @@ import hashlib
 import http.client
 import json
 import logging
+import math
 import os
 import pwd
 import shutil
@@ -36,11 +37,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from prometheus_client import CollectorRegistry, generate_latest
 
 from corral.aio import within
+from corral.domain.load import BUCKETS, Sample
 from corral.gateway.proxy import GatewayLimits, too_large_message
 from corral.gateway.routing import RoutingTable
-from corral.gateway.stats import TrafficStats
+from corral.gateway.stats import TrafficCollector, TrafficStats
 
 log = logging.getLogger("corral.gateway.nginx")
 
@@ -93,6 +96,7 @@ def render_config(workdir: Path, host: str, port: int, control_socket: Path, con
     too_large = _lua_string(too_large_message(limits.max_body_bytes))
     temp = "\n".join(f"  {k}_temp_path {workdir}/tmp/{k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     modules = "\n".join(f"load_module {m};" for m in MODULES)
+    buckets = "{" + ", ".join("math.huge" if math.isinf(b) else repr(b) for b in BUCKETS) + "}"  # the same as Python's
     # As root, nginx would run its workers as an unprivileged user that cannot enter a private data dir
     # (e.g. under /root) to spool a large request body: they run as the control plane's user instead.
     user = f"user {pwd.getpwuid(0).pw_name} {grp.getgrgid(os.getegid()).gr_name};\n" if os.geteuid() == 0 else ""
@@ -111,7 +115,7 @@ http {{
   lua_package_cpath "{LUA_CPATH};;";
   lua_shared_dict corral_routes {ROUTES_DICT};
   lua_shared_dict corral_stats 16m;
-  init_by_lua_block {{ corral = require "corral_gateway" }}
+  init_by_lua_block {{ corral = require "corral_gateway"; corral.configure({buckets}) }}
   upstream corral_replicas {{
     server 0.0.0.1;  # placeholder: the Lua balancer sets the peer of every request
     balancer_by_lua_block {{ corral.balance() }}
@@ -234,46 +238,65 @@ def table_payload(table: RoutingTable) -> bytes:
 
 
 class NginxStats:
-    """The Lua counters in nginx's shared memory, as a `TrafficStats` snapshot.
+    """The Lua counters in nginx's shared memory, as a `TrafficStats` snapshot (the keys are listed at the
+    top of corral_gateway.lua).
 
     Callers are synchronous (`/api/metrics`, the pool status), so they never wait on nginx beyond a
     short bound: a read answers from the control socket while nginx is responsive (`STATS_READ_TIMEOUT_S`
-    at most), and from the snapshot a background task refreshes every `STATS_REFRESH_S` once nginx
-    stopped answering, until it answers again.
+    at most), and from the last snapshot (refreshed every `STATS_REFRESH_S` by the load monitor's
+    readings, or a background task) once nginx stopped answering, until it answers again.
     """
 
     def __init__(self, plane: NginxGateway) -> None:
         self._plane = plane
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(TrafficCollector(self.snapshot))
 
     def snapshot(self) -> TrafficStats:
-        view = TrafficStats()
-        ejected: set[str] = set()
-        view.ejected = ejected
-        for key, value in self._plane.stats_now().items():
-            kind, _, rest = key.partition(":")
-            if kind == "if" and value > 0:
-                view.in_flight_by_replica[rest] = int(value)
-            elif kind == "ej":
-                ejected.add(rest)
-            elif kind == "rj":
-                service, _, code = rest.rpartition("|")
-                view.rejected[(service, int(code))] = int(value)
-            elif kind in ("rq", "er", "lt"):
-                c = view.by_pair[tuple(rest.partition("|")[::2])]  # type: ignore[index]
-                c.buckets = []  # nginx keeps sums, not histograms
-                if kind == "rq":
-                    c.requests = int(value)
-                elif kind == "er":
-                    c.errors = int(value)
-                else:
-                    c.latency_sum = float(value)
-        return view
+        return parse_stats(self._plane.stats_now())
 
     def replica_summary(self, replicas: set[str]) -> dict[str, dict[str, float | int]]:
         return self.snapshot().replica_summary(replicas)
 
     def prometheus(self) -> str:
-        return self.snapshot().prometheus()
+        return generate_latest(self.registry).decode()
+
+
+def parse_stats(raw: dict[str, float]) -> TrafficStats:
+    """nginx's counters (`GET /stats` on the control socket) as a `TrafficStats`."""
+    view = TrafficStats()
+    ejected: set[str] = set()
+    view.ejected = ejected
+    buckets = len(BUCKETS)
+    for key, value in raw.items():
+        kind, _, rest = key.partition(":")
+        if kind == "if":
+            if value > 0:
+                view.in_flight_by_replica[rest] = int(value)
+        elif kind == "ip":
+            if value > 0:
+                service, _, replica = rest.partition("|")
+                view.in_flight_by_pair[(service, replica)] = int(value)
+        elif kind == "ej":
+            ejected.add(rest)
+        elif kind == "rj":
+            service, _, code = rest.rpartition("|")
+            view.rejected[(service, int(code))] = int(value)
+        elif kind in ("lb", "tb"):
+            pair, _, index = rest.rpartition("|")
+            service, _, replica = pair.partition("|")
+            if index.isdigit() and int(index) < buckets:
+                c = view.by_pair[(service, replica)]
+                (c.latency if kind == "lb" else c.ttfb)[int(index)] = int(value)
+        elif kind in COUNTER_FIELDS:
+            service, _, replica = rest.partition("|")
+            c = view.by_pair[(service, replica)]
+            field = COUNTER_FIELDS[kind]
+            setattr(c, field, float(value) if field.endswith("_sum") else int(value))
+    return view
+
+
+COUNTER_FIELDS = {"rq": "requests", "er": "errors", "lt": "latency_sum", "ts": "ttfb_sum", "tk": "tokens", "tu": "usage"}
 
 
 CONTROL_ERRORS = (aiohttp.ClientError, OSError, TimeoutError, RuntimeError, ValueError)
@@ -298,6 +321,7 @@ class NginxGateway:
         self._restart_lock = asyncio.Lock()
         self._stats_raw: dict[str, float] = {}
         self._stats_live = False  # nginx answered the last counters read
+        self._stats_read_at = 0.0  # monotonic time of the last successful read (the monitor's or the refresher's)
         self._stats_task: asyncio.Task | None = None
         self.table: RoutingTable = {}  # the last table pushed
         self.stats = NginxStats(self)
@@ -416,6 +440,17 @@ class NginxGateway:
         raw = await self._control("GET", "/stats", timeout_s=timeout_s)
         return raw if isinstance(raw, dict) else {}  # cjson encodes an empty table as {}
 
+    async def read_counters(self) -> Sample:
+        """The traffic counters now (the load monitor's once-a-second reading). It also serves as the
+        snapshot synchronous readers fall back to, so the background refresh skips its own read then."""
+        try:
+            raw = await self.read_stats(timeout_s=STATS_REFRESH_S)
+        except CONTROL_ERRORS:
+            self._stats_live = False
+            raise
+        self._stats_raw, self._stats_live, self._stats_read_at = raw, True, time.monotonic()
+        return parse_stats(raw).sample()
+
     def stats_now(self) -> dict[str, float]:
         """The counters for synchronous callers: fresh while nginx answers, else the last snapshot."""
         if self._stats_live and self._process is not None and self._process.poll() is None:
@@ -429,11 +464,12 @@ class NginxGateway:
 
     async def _refresh_stats(self) -> None:
         while True:
-            try:
-                self._stats_raw = await self.read_stats(timeout_s=STATS_REFRESH_S)
-                self._stats_live = True
-            except CONTROL_ERRORS:
-                self._stats_live = False
+            if time.monotonic() - self._stats_read_at >= STATS_REFRESH_S:  # else the load monitor just read them
+                try:
+                    self._stats_raw = await self.read_stats(timeout_s=STATS_REFRESH_S)
+                    self._stats_live, self._stats_read_at = True, time.monotonic()
+                except CONTROL_ERRORS:
+                    self._stats_live = False
             await asyncio.sleep(STATS_REFRESH_S)
 
     async def drain(self, replica: str, timeout_s: float) -> None:

@@ -20,7 +20,8 @@ body, and a streaming upstream call. Behaviour (the nginx data plane does the sa
   connection cap live in the HTTP server (corral/server.py).
 - The response streams chunk by chunk (server-sent events included), with `x-corral-replica`. A
   replica that dies mid-response aborts the client's connection (no clean end: the client sees the
-  cut, as with nginx).
+  cut, as with nginx). A client that leaves a stream closes the replica's connection at the next
+  chunk (as nginx does), so the engine stops generating for nobody.
 - The upstream client is aiohttp: profiled under load, httpx's pool spent 65% of the gateway's CPU
   scanning its connections on every request (bench/README.md).
 - Errors the gateway answers itself are OpenAI-shaped, so SDKs show the reason:
@@ -32,6 +33,9 @@ body, and a streaming upstream call. Behaviour (the nginx data plane does the sa
   such replicas is answered here with the tag.
 - In-flight counts per replica drive both least-outstanding balancing and draining: a removed
   replica leaves the table at once and is stopped only when its in-flight count reaches zero.
+- Each forwarded request adds to its (service, replica) counters: requests, errors, latency and, for a
+  streamed response, time to the first body byte (histograms), completion tokens when the response
+  reports usage (stats.py says exactly what counts; the Lua code counts the same).
 """
 
 from __future__ import annotations
@@ -50,9 +54,10 @@ import aiohttp
 from yarl import URL
 
 from corral.aio import within
+from corral.domain.load import Sample
 from corral.gateway.policies import Policy
 from corral.gateway.routing import Route, RoutingTable, Target
-from corral.gateway.stats import TrafficStats
+from corral.gateway.stats import TrafficStats, UsageScan
 
 if TYPE_CHECKING:
     from corral.config import Settings
@@ -289,6 +294,10 @@ class Gateway:
     async def served_version(self) -> int:
         return self.version
 
+    async def read_counters(self) -> Sample:
+        """The traffic counters now (the load monitor's once-a-second reading; see stats.py)."""
+        return self.stats.sample()
+
     def set_table(self, table: RoutingTable) -> None:
         self.table = table
         live = {t.name for route in table.values() for t in route.targets}
@@ -346,7 +355,7 @@ class Gateway:
             if content_length is not None and content_length > limit:
                 raise _BodyTooLarge()
             body = await _read_body(receive, limit, content_length)
-            await self._forward(route, scope, rest, headers, body, send)
+            await self._forward(route, scope, rest, headers, body, receive, send)
         except _BodyTooLarge:
             self.stats.rejected[(service, 413)] += 1
             await _error(send, 413, too_large_message(limit))
@@ -354,7 +363,7 @@ class Gateway:
             pass  # nobody to answer (after a body deadline, the HTTP server answered 408)
 
     async def _forward(self, route: Route, scope: dict[str, Any], path: str, headers: list[tuple[str, str]], body: Body,
-                       send: Callable) -> None:
+                       receive: Callable, send: Callable) -> None:
         tried: set[str] = set()
         for _attempt in range(2):  # the first try, and one retry on another replica
             candidates = [t for t in route.targets if t.name not in self.ejected and t.name not in tried]
@@ -362,7 +371,7 @@ class Gateway:
                 break
             target = self.policy.choose(candidates, self.stats.in_flight_by_replica)
             tried.add(target.name)
-            if await self._try(route, target, scope, path, headers, body, send):
+            if await self._try(route, target, scope, path, headers, body, receive, send):
                 return
             if isinstance(body, _BodyStream) and body.started:  # the body went to that replica: nothing to retry with
                 self.stats.rejected[(route.service, 504)] += 1
@@ -373,7 +382,7 @@ class Gateway:
         await _error(send, 503, route.no_replica_message())
 
     async def _try(self, route: Route, target: Target, scope: dict[str, Any], path: str, headers: list[tuple[str, str]],
-                   body: Body, send: Callable) -> bool:
+                   body: Body, receive: Callable, send: Callable) -> bool:
         """Forward once. True when answered (or cut mid-response); False when the replica could not
         take it (unreachable, or hung) and nothing was sent to the client: retry-able."""
         assert self._session is not None, "Gateway.start() was not called"
@@ -392,6 +401,9 @@ class Gateway:
         started = time.perf_counter()
         self.stats.start(route.service, target.name)
         error = True
+        first_byte: float | None = None  # a streamed response's first body byte (stats.py)
+        usage: UsageScan | None = None
+        gone: asyncio.Future | None = None  # a stream's client disconnected
         watch = _FirstByteWatch(self, target)
         try:
             try:
@@ -418,10 +430,24 @@ class Gateway:
                 await send({"type": "http.response.start", "status": upstream.status, "headers": response_headers})
                 try:
                     chunks = upstream.content.iter_any()
+                    events = upstream.content_type == "text/event-stream"
                     if rewrite:
-                        events = upstream.content_type == "text/event-stream"
                         chunks = _rewritten(chunks, route.model, events, self.limits.max_body_bytes)
+                    if events or upstream.content_type == "application/json":
+                        usage = UsageScan()
+                    if events and isinstance(body, bytes):  # a stream may outlive its client (body read: receive is free)
+                        gone = asyncio.ensure_future(_client_gone(receive))
                     async for chunk in chunks:
+                        if gone is not None and gone.done():
+                            # The client left: stop the replica's work as nginx does (it closes the upstream
+                            # connection; engines abort a request whose connection closed).
+                            upstream.close()
+                            error = False
+                            return True
+                        if usage is not None:
+                            if events and first_byte is None and chunk:
+                                first_byte = time.perf_counter() - started
+                            usage.feed(chunk)
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                     # Died mid-response: nothing left to retry. Returning without ending the response makes
@@ -430,11 +456,15 @@ class Gateway:
                     log.warning("replica %s failed mid-response (%s); the client's connection is aborted",
                                 target.name, exc.__class__.__name__)
                     return True
+                finally:
+                    if gone is not None:
+                        gone.cancel()
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 error = upstream.status >= 500
                 return True
         finally:
-            self.stats.finish(route.service, target.name, time.perf_counter() - started, error)
+            self.stats.finish(route.service, target.name, time.perf_counter() - started, error, first_byte,
+                              usage.tokens if usage is not None else None)
             async with self._drained:
                 self._drained.notify_all()
 
@@ -490,6 +520,12 @@ async def _rewritten(chunks: AsyncIterator[bytes], tag: str, events: bool, limit
             return
     if pending:
         yield response_model_rewrite(pending, tag, count=0 if events else 1)
+
+
+async def _client_gone(receive: Callable) -> None:
+    """Return once the client has disconnected (called after its request body was read whole)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _error(send: Callable, status: int, message: str) -> None:

@@ -1,88 +1,216 @@
-"""Traffic counters per service and replica, rendered as Prometheus text (no extra dependency)."""
+"""Traffic counters per service and replica, the same on both data planes, exposed through `prometheus_client`.
+
+What each forwarded request adds to its (service, replica) (the Lua code of the nginx data plane adds
+the same, under the keys `NginxStats` reads):
+- `requests`, and `errors` (a 5xx answer, a replica unreachable or cut mid-response);
+- its time from the gateway choosing the replica to the response's end, in the latency histogram;
+- a streamed response (`text/event-stream`): its time to the first byte of the body, in the
+  first-byte histogram (headers come at once; the first event is the first token);
+- `completion_tokens` when the response reports `usage` (a JSON body's `usage`; a stream's usage chunk,
+  which engines send when asked with `stream_options.include_usage`; with continuous usage stats, the
+  largest, i.e. final, count). Responses without usage add nothing, and `usage` counts those that had it.
+Requests in flight are counted per replica (balancing, draining) and per pair (the load view).
+
+The histograms' buckets are `corral.domain.load.BUCKETS`. The load monitor reads `sample()` once a
+second; `/api/metrics` renders `prometheus()` from a registry of this object's own (never the
+process-wide default one, which would mix the counters of every gateway a process or test creates).
+"""
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
-from collections.abc import Collection
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterator
+from functools import cached_property
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, float("inf"))
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from corral.domain.load import BUCKETS, Counts, Pair, Sample, bucket_index
+
+_LE = [floatToGoString(b) for b in BUCKETS]
+UNSERVED_CODES = frozenset({503, 504})  # the gateway's own answers for want of a (live) replica
 
 
-@dataclass
-class Counters:
-    requests: int = 0
-    errors: int = 0
-    in_flight: int = 0  # filled in by summaries: in-flight is tracked per replica
-    latency_sum: float = 0.0
-    buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
+class PairStats:
+    """The cumulative counters of one (service, replica). Histograms count per bucket (not cumulative):
+    one increment per observation on the hot path; the exposition sums them."""
 
-    def observe(self, seconds: float, error: bool) -> None:
-        self.requests += 1
-        self.errors += int(error)
-        self.latency_sum += seconds
-        for i, bound in enumerate(LATENCY_BUCKETS):
-            if seconds <= bound:
-                self.buckets[i] += 1
+    __slots__ = ("requests", "errors", "latency", "latency_sum", "ttfb", "ttfb_sum", "tokens", "usage")
 
-    def summary(self) -> dict[str, float | int]:
-        return {"requests": self.requests, "errors": self.errors, "inFlight": self.in_flight,
-                "meanLatencyMs": round(1000 * self.latency_sum / self.requests, 3) if self.requests else 0.0}
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.latency = [0] * len(BUCKETS)
+        self.latency_sum = 0.0
+        self.ttfb = [0] * len(BUCKETS)
+        self.ttfb_sum = 0.0
+        self.tokens = 0
+        self.usage = 0
+
+    def counts(self) -> Counts:
+        return Counts(self.requests, self.errors, {i: n for i, n in enumerate(self.latency) if n},
+                      {i: n for i, n in enumerate(self.ttfb) if n}, self.tokens, self.usage)
 
 
 class TrafficStats:
     def __init__(self) -> None:
-        self.by_pair: dict[tuple[str, str], Counters] = defaultdict(Counters)
+        self.by_pair: dict[Pair, PairStats] = defaultdict(PairStats)
         self.in_flight_by_replica: dict[str, int] = defaultdict(int)
+        self.in_flight_by_pair: dict[Pair, int] = defaultdict(int)
         # (service, status) of requests never forwarded; a service that does not exist counts as "" (the
         # name is the client's: one label per name would grow without bound)
         self.rejected: dict[tuple[str, int], int] = defaultdict(int)
         self.ejected: Collection[str] = ()  # replicas taken out of rotation by the data plane (failing or hung)
 
+    # the hot path ------------------------------------------------------------------------------
     def start(self, service: str, replica: str) -> None:
         self.in_flight_by_replica[replica] += 1
+        self.in_flight_by_pair[(service, replica)] += 1
 
-    def finish(self, service: str, replica: str, seconds: float, error: bool) -> None:
-        self.by_pair[(service, replica)].observe(seconds, error)
-        self.in_flight_by_replica[replica] -= 1
-        if self.in_flight_by_replica[replica] == 0:
-            del self.in_flight_by_replica[replica]
+    def finish(self, service: str, replica: str, seconds: float, error: bool, ttfb: float | None = None,
+               tokens: int | None = None) -> None:
+        """One forwarded request ended: `ttfb` for a streamed response that sent a byte, `tokens` when it
+        reported usage."""
+        pair = (service, replica)
+        c = self.by_pair[pair]
+        c.requests += 1
+        c.errors += error
+        c.latency[bucket_index(seconds)] += 1
+        c.latency_sum += seconds
+        if ttfb is not None:
+            c.ttfb[bucket_index(ttfb)] += 1
+            c.ttfb_sum += ttfb
+        if tokens is not None:
+            c.tokens += tokens
+            c.usage += 1
+        _decrement(self.in_flight_by_replica, replica)
+        _decrement(self.in_flight_by_pair, pair)
+
+    # readers -----------------------------------------------------------------------------------
+    def sample(self) -> Sample:
+        """The counters as they are now (the load monitor's reading)."""
+        unserved: dict[str, int] = {}
+        for (service, code), n in self.rejected.items():
+            if code in UNSERVED_CODES:
+                unserved[service] = unserved.get(service, 0) + n
+        return Sample({pair: c.counts() for pair, c in self.by_pair.items()}, dict(self.in_flight_by_pair), unserved)
 
     def replica_summary(self, replicas: set[str]) -> dict[str, dict[str, float | int]]:
-        merged: dict[str, Counters] = {}
+        """Counters since start per replica (all its services): the pool status' `traffic`."""
+        merged: dict[str, list[float]] = {}
         for (_, replica), c in self.by_pair.items():
             if replica in replicas:
-                m = merged.setdefault(replica, Counters())
-                m.requests += c.requests
-                m.errors += c.errors
-                m.latency_sum += c.latency_sum
-        for name, m in merged.items():
-            m.in_flight = self.in_flight_by_replica.get(name, 0)
-        return {name: c.summary() for name, c in sorted(merged.items())}
+                m = merged.setdefault(replica, [0, 0, 0.0])
+                m[0] += c.requests
+                m[1] += c.errors
+                m[2] += c.latency_sum
+        return {name: {"requests": int(requests), "errors": int(errors), "inFlight": self.in_flight_by_replica.get(name, 0),
+                       "meanLatencyMs": round(1000 * latency / requests, 3) if requests else 0.0}
+                for name, (requests, errors, latency) in sorted(merged.items())}
+
+    @cached_property
+    def registry(self) -> CollectorRegistry:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(TrafficCollector(lambda: self))
+        return registry
 
     def prometheus(self) -> str:
-        lines = [
-            "# HELP corral_gateway_requests_total Requests forwarded to a replica.",
-            "# TYPE corral_gateway_requests_total counter",
-        ]
-        pairs = sorted(self.by_pair.items())
-        lines += [f'corral_gateway_requests_total{{service="{s}",replica="{r}"}} {c.requests}' for (s, r), c in pairs]
-        lines += ["# HELP corral_gateway_errors_total Forwarded requests that failed.", "# TYPE corral_gateway_errors_total counter"]
-        lines += [f'corral_gateway_errors_total{{service="{s}",replica="{r}"}} {c.errors}' for (s, r), c in pairs]
-        lines += ["# HELP corral_gateway_in_flight Requests in flight on a replica.", "# TYPE corral_gateway_in_flight gauge"]
-        lines += [f'corral_gateway_in_flight{{replica="{r}"}} {n}' for r, n in sorted(self.in_flight_by_replica.items())]
-        lines += ["# HELP corral_gateway_request_seconds Time from request to the end of the response.",
-                  "# TYPE corral_gateway_request_seconds histogram"]
-        for (s, r), c in pairs:
-            for bound, count in zip(LATENCY_BUCKETS, c.buckets, strict=False):  # no buckets: sum and count only
-                le = "+Inf" if bound == float("inf") else repr(bound)
-                lines.append(f'corral_gateway_request_seconds_bucket{{service="{s}",replica="{r}",le="{le}"}} {count}')
-            lines.append(f'corral_gateway_request_seconds_sum{{service="{s}",replica="{r}"}} {c.latency_sum:.6f}')
-            lines.append(f'corral_gateway_request_seconds_count{{service="{s}",replica="{r}"}} {c.requests}')
-        lines += ["# HELP corral_gateway_ejected Replicas the data plane took out of rotation (unreachable or hung) until healthy.",
-                  "# TYPE corral_gateway_ejected gauge"]
-        lines += [f'corral_gateway_ejected{{replica="{r}"}} 1' for r in sorted(self.ejected)]
-        lines += ["# HELP corral_gateway_rejected_total Requests answered by the gateway itself (400, 404, 413, 503, 504).",
-                  "# TYPE corral_gateway_rejected_total counter"]
-        lines += [f'corral_gateway_rejected_total{{service="{s}",code="{code}"}} {n}' for (s, code), n in sorted(self.rejected.items())]
-        return "\n".join(lines) + "\n"
+        return generate_latest(self.registry).decode()
+
+
+def _decrement(counts: dict, key: object) -> None:
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]
+
+
+class TrafficCollector(Collector):
+    """The gateway's metric families, built at each scrape from a `TrafficStats` (the live counters of the
+    Python data plane, or a snapshot of nginx's shared memory)."""
+
+    def __init__(self, source: Callable[[], TrafficStats]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._source()
+        pairs = sorted(stats.by_pair.items())
+        labels = ["service", "replica"]
+        requests = CounterMetricFamily("corral_gateway_requests", "Requests forwarded to a replica.", labels=labels)
+        errors = CounterMetricFamily("corral_gateway_errors", "Forwarded requests that failed (5xx, unreachable, cut "
+                                                              "mid-response).", labels=labels)
+        tokens = CounterMetricFamily("corral_gateway_completion_tokens", "Completion tokens of the responses that "
+                                                                         "reported usage.", labels=labels)
+        latency = HistogramMetricFamily("corral_gateway_request_seconds", "Time from choosing the replica to the end of "
+                                                                          "the response.", labels=labels)
+        ttfb = HistogramMetricFamily("corral_gateway_ttfb_seconds", "Streamed responses: time from choosing the replica "
+                                                                    "to the first byte of the body.", labels=labels)
+        for (service, replica), c in pairs:
+            values = [service, replica]
+            requests.add_metric(values, c.requests)
+            errors.add_metric(values, c.errors)
+            tokens.add_metric(values, c.tokens)
+            latency.add_metric(values, _cumulative(c.latency), c.latency_sum)
+            if any(c.ttfb):
+                ttfb.add_metric(values, _cumulative(c.ttfb), c.ttfb_sum)
+        in_flight = GaugeMetricFamily("corral_gateway_in_flight", "Requests in flight on a replica.", labels=["replica"])
+        for replica, n in sorted(stats.in_flight_by_replica.items()):
+            in_flight.add_metric([replica], n)
+        ejected = GaugeMetricFamily("corral_gateway_ejected", "Replicas the data plane took out of rotation (unreachable "
+                                                              "or hung) until healthy.", labels=["replica"])
+        for replica in sorted(stats.ejected):
+            ejected.add_metric([replica], 1)
+        rejected = CounterMetricFamily("corral_gateway_rejected", "Requests answered by the gateway itself (400, 404, "
+                                                                  "413, 503, 504).", labels=["service", "code"])
+        for (service, code), n in sorted(stats.rejected.items()):
+            rejected.add_metric([service, str(code)], n)
+        yield from (requests, errors, in_flight, latency, ttfb, tokens, ejected, rejected)
+
+
+def _cumulative(per_bucket: list[int]) -> list[tuple[str, int]]:
+    out, running = [], 0
+    for le, n in zip(_LE, per_bucket, strict=True):
+        running += n
+        out.append((le, running))
+    return out
+
+
+# completion tokens in a response (JSON body or server-sent events) ---------------------------------
+_KEY = b'"completion_tokens"'
+_VALUE = re.compile(rb"\s*:\s*(\d{1,12})")
+_TAIL = 64  # a `"completion_tokens": N` split across two chunks is found in the last bytes + the next ones
+_JOIN = 4096  # chunks up to this are searched joined to the tail (one search); larger ones are not copied
+
+
+class UsageScan:
+    """The completion tokens a response reports, read from its chunks as they pass (nothing is buffered:
+    the last `_TAIL` bytes are kept to find a key split across two chunks). The largest count wins: a
+    stream with continuous usage stats repeats a growing count in every event. The Lua code does the same."""
+
+    __slots__ = ("tail", "tokens")
+
+    def __init__(self) -> None:
+        self.tail = b""
+        self.tokens: int | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        if len(chunk) <= _JOIN:  # the usual chunk (an event, a small JSON body): one search over tail + chunk
+            data = self.tail + chunk
+            self._scan(data)
+            self.tail = data[-_TAIL:]
+            return
+        self._scan(self.tail + chunk[:_TAIL])
+        self._scan(chunk)
+        self.tail = chunk[-_TAIL:]
+
+    def _scan(self, text: bytes) -> None:
+        at = text.find(_KEY)  # (a plain search first: most chunks of a stream hold no usage)
+        while at >= 0:
+            match = _VALUE.match(text, at + len(_KEY))
+            if match is not None:
+                value = int(match.group(1))
+                if self.tokens is None or value > self.tokens:
+                    self.tokens = value
+            at = text.find(_KEY, at + len(_KEY))

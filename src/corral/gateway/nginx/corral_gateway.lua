@@ -4,6 +4,11 @@
 -- random ties, one retry on another replica when nothing was sent, ejection of a failing replica,
 -- `x-corral-replica`, 400/404/413/503 JSON bodies, per-service/replica counters and in-flight
 -- counts, and the same rule for which paths go through (only the OpenAI API: `/s/<service>/v1/...`).
+-- The counters are those of corral/gateway/stats.py, in the `corral_stats` shared dict (read by
+-- NginxStats): per "<service>|<replica>" `rq:` requests, `er:` errors, `lt:` latency sum, `lb:…|<i>`
+-- latency bucket i, `ts:`/`tb:…|<i>` first-byte sum and buckets (streamed responses), `tk:` completion
+-- tokens and `tu:` responses with usage, `ip:` in flight; per replica `if:` in flight, `ej:` ejected;
+-- `rj:<service>|<code>` rejections. Bucket bounds come from Python (`configure`), so both planes agree.
 local balancer = require "ngx.balancer"
 local cjson = require "cjson.safe"
 
@@ -17,6 +22,44 @@ local NOT_API_CHAR = "[^%w%-%._~!%$&'%(%)%*%+,;=:@/]"
 
 local _M = {}
 local cached_version, cached_routes = -1, {}
+local BUCKETS = { math.huge }  -- upper bounds in seconds, +Inf last: corral.domain.load.BUCKETS via configure()
+
+function _M.configure(buckets)
+  BUCKETS = buckets
+end
+
+-- the 0-based index of the first bucket whose bound is >= seconds (Prometheus' `le`), as bucket_index()
+local function bucket(seconds)
+  local lo, hi = 1, #BUCKETS
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if BUCKETS[mid] >= seconds then hi = mid else lo = mid + 1 end
+  end
+  return lo - 1
+end
+
+-- completion tokens a response reports, read from its chunks as they pass (stats.py's UsageScan): the
+-- largest count wins; the last TAIL bytes are kept to find a key split across two chunks
+local USAGE_KEY = '"completion_tokens"'
+local USAGE_PATTERN = '"completion_tokens"%s*:%s*(%d+)'
+local TAIL = 64
+
+local function most_tokens(text, best)
+  if not text:find(USAGE_KEY, 1, true) then return best end
+  for digits in text:gmatch(USAGE_PATTERN) do
+    if #digits <= 12 then
+      local n = tonumber(digits)
+      if best == nil or n > best then best = n end
+    end
+  end
+  return best
+end
+
+local function scan_usage(ctx, chunk)
+  local tail = ctx.tail or ""
+  ctx.tokens = most_tokens(chunk, most_tokens(tail .. chunk:sub(1, TAIL), ctx.tokens))
+  if #chunk >= TAIL then ctx.tail = chunk:sub(-TAIL) else ctx.tail = (tail .. chunk):sub(-TAIL) end
+end
 
 local function routes()
   local version = routes_dict:get("version") or 0
@@ -139,9 +182,20 @@ end
 local RESPONSE_MODEL = '"model"%s*:%s*"[^"]*"'
 local MAX_BUFFERED = 32 * 1024 * 1024
 
--- body filter: the answer's `model` back to the tag (each server-sent event, or a JSON body whole)
+-- body filter: counts a stream's first byte and the usage a response reports; then the answer's `model`
+-- back to the tag (each server-sent event, or a JSON body whole)
 function _M.body()
   local ctx = ngx.ctx
+  if ctx.scan then
+    local chunk = ngx.arg[1]
+    if chunk and chunk ~= "" then
+      if ctx.events and not ctx.ttfb then
+        ngx.update_time()
+        ctx.ttfb = ngx.now() - ctx.started
+      end
+      scan_usage(ctx, chunk)
+    end
+  end
   if not ctx.rewrite then return end
   local model = '"model":' .. cjson.encode(ctx.route.model)
   local replace = function() return model end
@@ -170,11 +224,25 @@ local function finish(ctx, failed)
   local name = ctx.counted
   if not name then return end
   ctx.counted = nil
-  stats:incr("if:" .. name, -1, 0)
+  ngx.update_time()
   local key = ctx.service .. "|" .. name
+  local seconds = ngx.now() - ctx.started
+  stats:incr("if:" .. name, -1, 0)
+  stats:incr("ip:" .. key, -1, 0)
   stats:incr("rq:" .. key, 1, 0)
   if failed then stats:incr("er:" .. key, 1, 0) end
-  stats:incr("lt:" .. key, ngx.now() - ctx.started, 0)
+  stats:incr("lt:" .. key, seconds, 0)
+  stats:incr("lb:" .. key .. "|" .. bucket(seconds), 1, 0)
+  if ctx.ttfb then
+    stats:incr("ts:" .. key, ctx.ttfb, 0)
+    stats:incr("tb:" .. key .. "|" .. bucket(ctx.ttfb), 1, 0)
+    ctx.ttfb = nil
+  end
+  if ctx.tokens then
+    stats:incr("tk:" .. key, ctx.tokens, 0)
+    stats:incr("tu:" .. key, 1, 0)
+    ctx.tokens = nil
+  end
 end
 
 -- balancer phase: runs once per attempt; a second run is the retry after a failure
@@ -190,8 +258,10 @@ function _M.balance()
     balancer.set_more_tries(1)
   end
   ctx.tried[ctx.target.name] = true
+  ngx.update_time()
   ctx.counted, ctx.started = ctx.target.name, ngx.now()
   stats:incr("if:" .. ctx.target.name, 1, 0)
+  stats:incr("ip:" .. ctx.service .. "|" .. ctx.target.name, 1, 0)
   local ok, err = balancer.set_current_peer(ctx.target.host, ctx.target.port)
   if not ok then ngx.log(ngx.ERR, "set_current_peer: ", err) end
 end
@@ -199,11 +269,13 @@ end
 function _M.header()
   local ctx = ngx.ctx
   local target = ctx.target
-  if target then ngx.header["x-corral-replica"] = target.name end
-  if ctx.rewrite then
-    ngx.header["content-length"] = nil
-    ctx.events = (ngx.header["content-type"] or ""):find("text/event-stream", 1, true) ~= nil
-  end
+  if not target then return end
+  ngx.header["x-corral-replica"] = target.name
+  local content_type = ngx.header["content-type"]
+  if type(content_type) ~= "string" then content_type = "" end
+  ctx.events = content_type:find("text/event-stream", 1, true) ~= nil
+  ctx.scan = ctx.events or content_type:find("application/json", 1, true) ~= nil
+  if ctx.rewrite then ngx.header["content-length"] = nil end
 end
 
 function _M.log()
