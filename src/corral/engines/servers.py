@@ -36,6 +36,9 @@ def _lora_names(extra: list[str]) -> set[str]:
     return names
 
 
+CPU_KV_CACHE_BYTES = 1024**3  # vLLM on the CPU (no GPU given): each replica's KV cache
+
+
 @dataclass(frozen=True)
 class VllmEngine(Engine):
     def server_args(self, *, model_id, model_tag, port, host, gpus, extra):
@@ -45,7 +48,24 @@ class VllmEngine(Engine):
         args = ["--model", model_id, "--served-model-name", served, "--host", host, "--port", str(port)]
         if gpus > 1 and not _has_flag(extra, "--tensor-parallel-size", "-tp"):
             args += ["--tensor-parallel-size", str(gpus)]
+        if gpus == 0 and not _has_flag(extra, "--kv-cache-memory-bytes", "--gpu-memory-utilization"):
+            # vLLM's CPU build reserves 90% of the machine's memory by default (`--gpu-memory-utilization` means host
+            # memory there), so a second replica could not start: a fixed KV cache instead, settable in engineArgs.
+            args += ["--kv-cache-memory-bytes", str(CPU_KV_CACHE_BYTES)]
         return args + extra
+
+    def launch(self, *, model_id, model_tag, port, host, gpus, extra, replica):
+        spec = super().launch(
+            model_id=model_id, model_tag=model_tag, port=port, host=host, gpus=gpus, extra=extra, replica=replica
+        )
+        env = dict(spec.env)
+        if Path(model_id).is_dir():
+            env["HF_HUB_OFFLINE"] = "1"  # a local directory needs no hub; offline fails fast instead of hanging
+        if _has_flag(extra, "--enable-lora"):
+            # Adapters are added to a running pool (corral.adapters) through /v1/load_lora_adapter, which vLLM
+            # serves only with this set.
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+        return LaunchSpec(argv=spec.argv, env=env)
 
 
 @dataclass(frozen=True)
@@ -102,7 +122,7 @@ register(
         "simulator",
         module="corral.engines.simulator",
         is_simulator=True,
-        description="Corral's simulator: OpenAI-compatible, configurable TTFT and tokens/s; no model is run",
+        description="Corral's simulator: OpenAI-compatible, batch slots, queue, prefill and decode timing, vLLM's /metrics; no model is run",
         reserved_flags={"--host": HOST, "--port": PORT, "--model": SERVED_NAME},
     )
 )

@@ -8,6 +8,7 @@ so the process start time from `/proc/<pid>/stat` is stored beside it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -73,9 +74,10 @@ def identity_env(replica: str, home: Path) -> dict[str, str]:
 def find_replicas(home: Path) -> dict[str, list[Found]]:
     """Replica name → its running main processes (normally one), for the control plane of `home`.
 
-    A process counts when its environment names this home; its children inherit the same
-    environment, so only processes whose parent is not a process of the same replica are listed.
-    Processes of other users cannot be read and are never ours.
+    A process counts when its environment names this home and it leads its own session: Corral starts
+    every replica in a new session (`spawn`), and an engine's workers inherit the environment but not
+    the leadership, so an engine core orphaned by its dead API server is never taken for the replica
+    (it is a leftover, for `kill_leftovers`). Processes of other users cannot be read and are never ours.
     """
     marker = f"{REPLICA_HOME_ENV}={home}".encode()
     matched: dict[int, tuple[str, str, int]] = {}  # pid → (replica, start, ppid)
@@ -91,14 +93,34 @@ def find_replicas(home: Path) -> dict[str, list[Found]]:
             continue
         name = next((v.partition(b"=")[2].decode() for v in environ if v.startswith(REPLICA_NAME_ENV.encode() + b"=")), None)
         fields = stat[stat.rindex(")") + 2 :].split()
-        if name is None or fields[0] in ("Z", "X"):
+        if name is None or fields[0] in ("Z", "X") or int(fields[3]) != int(entry.name):  # fields[3]: the session id
             continue
-        matched[int(entry.name)] = (name, fields[19], int(fields[1]))
+        matched[int(entry.name)] = (name, fields[19])
     found: dict[str, list[Found]] = {}
-    for pid, (name, start, ppid) in sorted(matched.items(), key=lambda item: int(item[1][1])):  # oldest first
-        if matched.get(ppid, ("",))[0] != name:
-            found.setdefault(name, []).append(Found(pid, start))
+    for pid, (name, start) in sorted(matched.items(), key=lambda item: int(item[1][1])):  # oldest first
+        found.setdefault(name, []).append(Found(pid, start))
     return found
+
+
+def kill_leftovers(replica: str, home: Path) -> list[int]:
+    """SIGKILL every process still carrying the identity of a replica whose main process is dead: an engine's
+    workers outlive their parent (a SIGKILLed vLLM API server leaves its EngineCore and Worker running, holding
+    host memory and, on a GPU, its memory), and a restart would start beside them. Matched by the replica's
+    environment, never by pid alone (a pid may be reused). Returns the pids signalled."""
+    markers = {f"{REPLICA_NAME_ENV}={replica}".encode(), f"{REPLICA_HOME_ENV}={home}".encode()}
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = set((entry / "environ").read_bytes().split(b"\0"))
+        except OSError:
+            continue
+        if markers <= environ:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+    return killed
 
 
 def spawn(argv: list[str], env: dict[str, str], log_path: Path) -> Started:

@@ -80,6 +80,7 @@ class ReplicaSupervisor:
                 self.launch(record)
             else:
                 log.info("replica %s died while the control plane was down; restarting it", record.name)
+                process.kill_leftovers(record.name, self.settings.data_dir)
                 self.launch(record, restart=True)
 
     def start(self) -> None:
@@ -213,6 +214,8 @@ class ReplicaSupervisor:
             self._restart_at[record.name] = now + delay
             code = process.exit_code(self._handles.get(record.name))
             reason = f"process exited (code {code})" if code is not None else "process exited"
+            if leftovers := process.kill_leftovers(record.name, self.settings.data_dir):  # before a restart starts beside them
+                log.warning("replica %s: stopped %d process(es) it left behind: %s", record.name, len(leftovers), leftovers)
             log.warning("replica %s: %s; restarting in %.0f s", record.name, reason, delay)
             self.store.update_replica(record.name, phase=PodPhase.CRASH_LOOP, ready=False)
             self._publish(record.replace(phase=PodPhase.CRASH_LOOP, ready=False), history=HistoryDraft(
