@@ -2,7 +2,9 @@
 
 In-process tests pass a `FakeNVML` to `read_inventory`. A `corral serve` subprocess gets this
 directory first on PYTHONPATH, so its `import pynvml` finds this module, whose functions serve the
-devices in the CORRAL_TEST_NVML_DEVICES environment variable (JSON) — everything else is real.
+devices in the CORRAL_TEST_NVML_DEVICES environment variable (JSON) — everything else is real. With
+CORRAL_TEST_NVML_FILE instead, the devices are read from that JSON file at every `nvmlInit`, so a test
+can change a GPU's used memory while Corral runs (another program taking memory, then giving it back).
 """
 
 from __future__ import annotations
@@ -71,7 +73,20 @@ class FakeNVML:
         return h["migs"][slot]
 
 
-_machine = FakeNVML(json.loads(os.environ.get("CORRAL_TEST_NVML_DEVICES", "[]")))
+class FileNVML(FakeNVML):
+    """A machine whose devices are re-read from a JSON file at each init (what a test writes is what NVML says)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__([])
+        self.path = path
+
+    def nvmlInit(self) -> None:  # noqa: N802
+        with open(self.path, encoding="utf-8") as f:
+            self.devices = json.load(f)
+
+
+_machine = (FileNVML(os.environ["CORRAL_TEST_NVML_FILE"]) if os.environ.get("CORRAL_TEST_NVML_FILE")
+            else FakeNVML(json.loads(os.environ.get("CORRAL_TEST_NVML_DEVICES", "[]"))))
 NVMLError = FakeNVML.NVMLError
 
 

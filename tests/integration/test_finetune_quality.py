@@ -1,16 +1,21 @@
 """Finetuning that trains what it should, through the real queue and trainer on the CPU: a LoRA run on a dataset
-with one fixed answer lowers the assistant-only loss by a clear margin; the task reports what maxSeqLen cut; the
-preview shows the trained tokens before anything is queued; a chat dataset for a tokenizer without a chat template
-is refused at submit."""
+with one fixed answer lowers the assistant-only loss by a clear margin; the task reports what maxSeqLen cut; its result,
+deployed as a pool (transformers engine), answers through a business service the way the Test panel asks; merged
+weights can be exported; the preview shows the trained tokens before anything is queued; a chat dataset for a
+tokenizer without a chat template is refused at submit unless a built-in template is chosen.
+
+The LoRA run is done once for the module (CI time): the quality, deploy and export tests share it."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import CorralServer
+from tests.conftest import wait_for
+from tests.integration.conftest import CorralServer, running_corral
 from tests.integration.test_finetune import finished, submit, tiny_model  # noqa: F401 (fixtures)
 from tests.tiny_model import build_templateless_tokenizer
 
@@ -55,12 +60,25 @@ def assistant_loss(model_dir: Path, data: Path, adapter: Path | None = None) -> 
     return sum(losses) / len(losses)
 
 
-def test_lora_learns_the_fixed_answer_and_reports_what_was_cut(corral: CorralServer, tiny_model: Path,  # noqa: F811
-                                                               fixed_answer: Path) -> None:
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CorralServer]:
+    """One `corral serve` for the tests that share the module's LoRA run."""
+    with running_corral(tmp_path_factory.mktemp("quality-serve") / "data") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def trained(served: CorralServer, tiny_model: Path, fixed_answer: Path) -> dict:  # noqa: F811
+    """The module's LoRA run on the fixed answer, submitted as the API takes it; the finished task."""
     hp = {"epochs": 5, "learningRate": 5e-3, "loraRank": 16, "loraAlpha": 32, "maxSeqLen": 96, "valSize": 4}
-    task = submit(corral, tiny_model, fixed_answer, hyperparameters=hp)
+    task = submit(served, tiny_model, fixed_answer, hyperparameters=hp)
     assert task["hyperparameters"]["lrScheduler"] == "cosine" and task["hyperparameters"]["gradientCheckpointing"] is True
-    done = finished(corral, task["id"], timeout=120)
+    return finished(served, task["id"], timeout=120)
+
+
+def test_lora_learns_the_fixed_answer_and_reports_what_was_cut(served: CorralServer, trained: dict, tiny_model: Path,  # noqa: F811
+                                                               fixed_answer: Path) -> None:
+    corral, done, task = served, trained, trained
     assert done["status"] == "completed", done["reason"]
     progress = done["progress"]
     assert (progress["truncated"], progress["dropped"]) == (1, 1)
@@ -76,6 +94,51 @@ def test_lora_learns_the_fixed_answer_and_reports_what_was_cut(corral: CorralSer
     after = assistant_loss(tiny_model, fixed_answer, output)
     print(f"assistant-only loss: {before:.3f} before, {after:.3f} after")  # noqa: T201 (the figure the note reports)
     assert after < 0.75 * before, (before, after)
+
+
+@pytest.mark.slow
+def test_the_deployed_pool_answers_through_its_business_service(served: CorralServer, trained: dict) -> None:
+    """The Test panel's path: a business service on the pool (the gateway), asked for the pool's tag."""
+    import httpx
+
+    corral = served
+    deployed = corral.ok("POST", f"/api/finetune/tasks/{trained['id']}/deploy",
+                         json={"engine": "transformers", "modelTag": "tiny-fixed", "replicas": 1})
+    pool = deployed["deployment"]["name"]
+    assert deployed["deployment"]["modelId"].endswith("/merged")  # transformers serves plain weights: merged first
+    pod = corral.wait_ready(pool, 1, timeout=180)[0]
+    corral.ok("POST", "/api/deploy-service", json={"serviceName": "fixed", "modelPool": pool, "businessTag": "support"})
+    corral.ok("POST", "/api/assign-pod", json={"podName": pod["name"], "businessTag": "support"})
+    service = wait_for(lambda: next((s for s in corral.ok("GET", "/api/business-services") if s["readyReplicas"] == 1), None),
+                       timeout=30, what="the business service's replica")
+    body = {"model": service["modelName"], "messages": [{"role": "user", "content": "hello (0)"}], "max_tokens": 12,
+            "temperature": 0}
+    reply = httpx.post(f"{service['baseUrl']}/chat/completions", json=body, timeout=120)
+    assert reply.status_code == 200, reply.text
+    assert reply.headers.get("x-corral-replica") == pod["name"]
+    answer = reply.json()["choices"][0]["message"]
+    assert answer["role"] == "assistant" and answer["content"]
+    print(f"the tuned pool answered: {answer['content']!r}")  # noqa: T201 (random tiny weights: the first words of ANSWER)
+    # The export is the same merged directory (already written by the deploy): done at once.
+    export = corral.ok("POST", f"/api/finetune/tasks/{trained['id']}/export")
+    assert export["state"] == "done" and export["directory"] == deployed["deployment"]["modelId"]
+
+
+def test_export_writes_merged_weights(served: CorralServer, trained: dict) -> None:
+    """Export: merged weights (model + tokenizer with its chat template) in a directory, the state followed by GET."""
+    corral = served
+    first = corral.ok("POST", f"/api/finetune/tasks/{trained['id']}/export")
+    assert first["state"] in ("running", "done")
+    state = wait_for(lambda: (s := corral.ok("GET", f"/api/finetune/tasks/{trained['id']}/export"))["state"] != "running" and s,
+                     timeout=120, what="the export")
+    assert state["state"] == "done", state
+    merged = Path(state["directory"])
+    assert (merged / "model.safetensors").exists() and (merged / "chat_template.jinja").exists()
+    assert not merged.with_name("merged.partial").exists()
+    running = submit(corral, Path(trained["baseModel"]), Path(trained["datasetPath"]), hyperparameters={"epochs": 100})["id"]
+    refused = corral.http.post(f"/api/finetune/tasks/{running}/export")
+    assert refused.status_code == 409 and "only a completed task can be exported" in refused.json()["error"]
+    corral.ok("POST", f"/api/finetune/tasks/{running}/cancel")
 
 
 def test_preview_shows_what_the_loss_covers(corral: CorralServer, tiny_model: Path, fixed_answer: Path) -> None:  # noqa: F811
@@ -106,7 +169,21 @@ def test_chat_examples_need_a_chat_template(corral: CorralServer, tmp_path: Path
     response = corral.http.post("/api/finetune/tasks", json={"baseModel": str(base), "datasetPath": str(fixed_answer)})
     assert response.status_code == 400
     assert "has no chat template, and the dataset's examples are chat (mixed (messages 33, alpaca 1))" in response.json()["error"]
+    assert "choose a built-in one with the chatTemplate hyperparameter" in response.json()["error"]
     assert corral.ok("GET", "/api/finetune/tasks") == []
+    # A built-in template chosen: previewed with it, and accepted.
+    chosen = corral.ok("POST", "/api/finetune/preview", json={"baseModel": str(base), "datasetPath": str(fixed_answer),
+                                                              "chatTemplate": "chatml", "examples": 1})
+    example = chosen["examples"][0]
+    assert [example["text"][s["start"]:s["end"]] for s in example["spans"]] == [ANSWER + "<|im_end|>\n"]
+    bad = corral.http.post("/api/finetune/preview", json={"baseModel": str(base), "datasetPath": str(fixed_answer), "chatTemplate": "x" * 33})
+    assert bad.status_code == 400
+    unknown = corral.http.post("/api/finetune/preview", json={"baseModel": str(base), "datasetPath": str(fixed_answer), "chatTemplate": "vicuna"})
+    assert unknown.status_code == 400 and "chatTemplate must be one of model, chatml" in unknown.json()["error"]
+    accepted = corral.ok("POST", "/api/finetune/tasks", json={"baseModel": str(base), "datasetPath": str(fixed_answer),
+                                                              "hyperparameters": {"chatTemplate": "chatml", "epochs": 1}})
+    assert accepted["hyperparameters"]["chatTemplate"] == "chatml"
+    corral.ok("POST", f"/api/finetune/tasks/{accepted['id']}/cancel")
     # Plain text needs no template: it is previewed (and would train) as is.
     plain = tmp_path / "plain.jsonl"
     plain.write_text(json.dumps({"text": "hello world"}) + "\n" + json.dumps({"prompt": "hello", "completion": " world"}) + "\n")

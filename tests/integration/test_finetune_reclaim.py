@@ -45,7 +45,8 @@ def test_high_priority_task_reclaims_an_unassigned_replica_and_gives_it_back(
     # Both GPUs are held by replicas: a normal-priority task waits and takes nothing.
     normal = submit(corral, tiny_model, dataset, gpus=1)["id"]
     assert task(corral, normal)["status"] == "queued" and task(corral, normal)["reclaimed"] == {}
-    assert "waiting for GPU to be released: needs 1, 0 available" in task(corral, normal)["reason"]
+    # the tiny model is sized from its files now (corral.model_files), so the reason names its memory too
+    assert "waiting for GPU to be released: needs 1 with 1.0GB free, 0 available" in task(corral, normal)["reason"]
 
     # A high-priority one scales the unassigned replica in and trains on its GPU.
     high = submit(corral, tiny_model, dataset, gpus=1, priority="high")["id"]

@@ -83,3 +83,112 @@ def test_schedule_properties(specs, free, cpu_slots, strategy) -> None:
         assert started == order[: len(started)]
     # Deterministic.
     assert schedule(list(reversed(tasks)), capacity, strategy).starts == decision.starts
+
+
+# --- easy-backfill -------------------------------------------------------------------------------------------------
+
+import math  # noqa: E402
+
+from corral.domain.queue import Reservation, RunningTask, estimated_end, reserve  # noqa: E402
+
+
+def run(tid: str, units: tuple[str, ...], ends_at: float, free_gb: float = 80) -> RunningTask:
+    return RunningTask(tid, tuple(Unit(u, free_gb * GB) for u in units), ends_at)
+
+
+def timed(tid: str, gpus: int, estimated_s: float | None, at: float = 0, priority: Priority = Priority.NORMAL) -> WaitingTask:
+    return WaitingTask(tid, priority, at, Demand(gpus, 10 * GB), estimated_s=estimated_s)
+
+
+def test_easy_backfill_reserves_the_head_and_lets_only_harmless_tasks_pass() -> None:
+    """4 GPUs: 0 and 1 free; a 2-GPU task ends at t=100 (units 2, 3). The head wants 4: reserved at t=100 on all
+    four. A 1-GPU task of 50 s ends before then and starts; one of 500 s would delay the head and waits."""
+    capacity = Capacity(gpus(80, 80), running=(run("r", ("2", "3"), 100.0),), now=0.0)
+    waiting = [timed("head", 4, 1000), timed("short", 1, 50, at=1), timed("long", 1, 500, at=2)]
+    decision = schedule(waiting, capacity, Strategy.EASY_BACKFILL)
+    assert decision.reservations == {"head": Reservation(100.0, ("2", "3", "0", "1"))}
+    assert decision.starts == [("short", ("0",))]
+    assert decision.waiting["long"] == "waiting for GPU: starting now could delay head, which has GPUs reserved"
+    assert decision.waiting["head"].startswith("waiting for GPU: needs 4")
+    unknown = schedule([timed("head", 4, 1000), timed("no-estimate", 1, None, at=1)], capacity, Strategy.EASY_BACKFILL)
+    assert unknown.starts == []  # no bound on its run time: it may only use units the reservation leaves (none here)
+
+
+def test_easy_backfill_uses_units_the_head_will_not_need_for_as_long_as_it_likes() -> None:
+    """The head wants 3; units 2 and 3 free up at t=100, so one of the units free now is not reserved."""
+    capacity = Capacity(gpus(80, 80), running=(run("r", ("2", "3"), 100.0),), now=0.0)
+    decision = schedule([timed("head", 3, 10), timed("a", 1, 10_000, at=1), timed("b", 1, None, at=2)], capacity,
+                        Strategy.EASY_BACKFILL)
+    assert decision.reservations["head"] == Reservation(100.0, ("2", "3", "0"))
+    assert decision.starts == [("a", ("1",))] and "b" in decision.waiting  # one spare unit; b would need unit 0
+    three_free = Capacity(gpus(80, 80, 80), running=(run("r", ("3", "4"), 100.0),), now=0.0)
+    two = schedule([timed("head", 4, 10), timed("a", 1, None, at=1), timed("b", 1, None, at=2)], three_free,
+                   Strategy.EASY_BACKFILL)
+    assert two.reservations["head"].units == ("3", "4", "0", "1")  # released units first: free ones stay spare
+    assert two.starts == [("a", ("2",))] and "b" in two.waiting
+
+
+def test_easy_backfill_without_a_reservation_in_sight_behaves_like_best_effort() -> None:
+    """A head that cannot fit even when every running task has ended (units held by replicas) gets no reservation:
+    nothing could delay it, so what fits starts. CPU tasks are another resource: a GPU head never blocks them."""
+    capacity = Capacity(gpus(80), cpu_slots=1, running=(run("forever", ("1",), math.inf),), now=0.0)
+    decision = schedule([timed("head", 2, 10), timed("small", 1, 10_000, at=1), WaitingTask("cpu", Priority.LOW, 3, Demand())],
+                        capacity, Strategy.EASY_BACKFILL)
+    assert decision.reservations == {} and decision.starts == [("small", ("0",)), ("cpu", ())]
+
+
+def test_tasks_started_in_the_same_round_count_for_the_reservation() -> None:
+    """'first' starts now on both GPUs for 30 s; the head, behind it, is reserved at now + 30."""
+    decision = schedule([timed("first", 2, 30), timed("head", 2, 10, at=1)], Capacity(gpus(80, 80), now=1000.0),
+                        Strategy.EASY_BACKFILL)
+    assert decision.starts == [("first", ("0", "1"))] and decision.reservations["head"] == Reservation(1030.0, ("0", "1"))
+
+
+def test_reservation_and_estimated_end() -> None:
+    running = [run("a", ("1",), 50.0), run("b", ("2",), 20.0), run("c", ("3",), math.inf)]
+    assert reserve(Demand(2, 0), gpus(80)[:1], running, now=10.0) == Reservation(20.0, ("2", "0"))
+    assert reserve(Demand(3, 0), gpus(80)[:1], running, now=10.0) == Reservation(50.0, ("1", "2", "0"))  # freed last first
+    assert reserve(Demand(4, 0), gpus(80)[:1], running, now=10.0) is None  # needs c, whose end is unknown
+    assert reserve(Demand(1, 50 * GB), (), [run("small", ("1",), 5.0, free_gb=40)], 0.0) is None  # memory counts
+    assert estimated_end(100.0, 60.0, None, now=120.0) == 160.0  # start + timeout
+    assert estimated_end(100.0, 60.0, 130.0, now=120.0) == 130.0  # the trainer's ETA, sooner
+    assert estimated_end(100.0, 60.0, 110.0, now=120.0) == 120.0  # an ETA already past: now
+    assert estimated_end(None, 60.0, "soon", now=0.0) == 60.0  # not started (Kueue), a malformed ETA
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 4), st.integers(1, 200), st.booleans()), min_size=1, max_size=12),
+    st.lists(st.tuples(st.integers(1, 3), st.integers(1, 300)), max_size=4),
+    st.integers(0, 4),
+)
+def test_easy_backfill_never_delays_the_head_beyond_its_reservation(specs, running_specs, n_free) -> None:
+    """Simulate from the decision on, every task running exactly its estimate: whatever was backfilled, the
+    reserved head can start at its reservation time on its reserved units."""
+    unit_ids = iter(str(i) for i in range(100))
+    free = tuple(Unit(next(unit_ids), 80 * GB) for _ in range(n_free))
+    running = tuple(RunningTask(f"r{i}", tuple(Unit(next(unit_ids), 80 * GB) for _ in range(g)), float(end))
+                    for i, (g, end) in enumerate(running_specs))
+    tasks = [WaitingTask(f"t{i:02d}", Priority.NORMAL, i, Demand(g, 10 * GB), estimated_s=float(d) if known else None)
+             for i, (g, d, known) in enumerate(specs)]
+    decision = schedule(tasks, Capacity(free, running=running, now=0.0), Strategy.EASY_BACKFILL)
+    by_id = {t.id: t for t in tasks}
+    started = dict(decision.starts)
+    given_units = [u for units in started.values() for u in units]
+    assert len(given_units) == len(set(given_units)) and set(given_units) <= {u.id for u in free}
+    for head_id, held in decision.reservations.items():
+        assert head_id not in started
+        head_index = [t.id for t in queue_order(tasks)].index(head_id)
+        for tid, units in decision.starts:
+            if [t.id for t in queue_order(tasks)].index(tid) < head_index:
+                continue  # ahead of the head in the queue: counted in its reservation already
+            estimate = by_id[tid].estimated_s
+            if set(units) & set(held.units):  # a backfilled task on a reserved unit ends by the reservation time
+                assert estimate is not None and estimate <= held.at
+        # Every reserved unit is free at the reservation time: free now and untaken (or returned by then), or
+        # released by a running task (or a task started in this round) that ends by then.
+        ends = {u.id: r.ends_at for r in running for u in r.units}
+        ends |= {u: by_id[tid].estimated_s if by_id[tid].estimated_s is not None else math.inf
+                 for tid, units in decision.starts for u in units}
+        for unit in held.units:
+            assert ends.get(unit, 0.0) <= held.at

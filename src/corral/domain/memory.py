@@ -29,29 +29,57 @@ METHODS: tuple[Method, ...] = ("full", "lora", "qlora", "freeze")
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """What the estimator needs of a model. The catalogue below gives it by hand; `ModelShape.spec` builds it from
+    any decoder's config.json (`corral.model_files` reads the files). The fields after `vocab` default to a dense
+    decoder whose head dim is hidden ÷ heads, so the catalogue entries stay one line each."""
+
     name: str
     display: str
-    params: float
+    params: float  # all parameters (a mixture-of-experts model: every expert — all of them sit in GPU memory)
     hidden: int
     layers: int
-    ffn: int
+    ffn: int  # dense MLP width (intermediate_size)
     heads: int
     kv_heads: int
     vocab: int
+    explicit_head_dim: int = 0  # config.json's head_dim where it is not hidden ÷ heads (Gemma, Qwen3)
+    experts: int = 0  # routed experts per MoE layer; 0 for a dense model
+    experts_per_token: int = 0
+    expert_ffn: int = 0  # one routed expert's MLP width
+    shared_ffn: int = 0  # the always-on shared expert(s), their total width
+    moe_layers: int = 0  # layers whose MLP is the mixture (the others are dense, `ffn` wide)
+    active_params: float = 0.0  # parameters one token goes through (MoE); 0: all of them (dense)
+    dtype: str = ""  # the weights' storage dtype, where the files say it (information: training and serving use 16-bit)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.explicit_head_dim or self.hidden // self.heads
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
 
     @property
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
 
+    @property
+    def active_ffn(self) -> int:
+        """The MLP width one token's activations go through: k routed experts plus the shared one in an MoE layer."""
+        if not self.moe_layers:
+            return self.ffn
+        moe = self.experts_per_token * self.expert_ffn + self.shared_ffn
+        return max(moe, self.ffn) if self.moe_layers < self.layers else moe
+
     def lora_params(self, rank: int) -> int:
-        """Adapters on every linear projection (q, k, v, o, gate, up, down): rank × (in + out) each."""
-        h, kv, f = self.hidden, self.kv_dim, self.ffn
-        per_layer = (h + h) + 2 * (h + kv) + (h + h) + 3 * (h + f)
-        return rank * per_layer * self.layers
+        """Adapters on every linear projection (q, k, v, o, gate, up, down): rank × (in + out) each. In an MoE layer
+        every routed expert and the shared one get theirs: an upper bound (transformers ≥ 5 keeps routed experts in
+        fused tensors that peft's "all-linear" skips), and the preflight would rather over- than under-estimate."""
+        h, q, kv = self.hidden, self.q_dim, self.kv_dim
+        attention = (h + q) + 2 * (h + kv) + (q + h)
+        dense = 3 * (h + self.ffn)
+        moe = self.experts * 3 * (h + self.expert_ffn) + (3 * (h + self.shared_ffn) if self.shared_ffn else 0)
+        return rank * (attention * self.layers + dense * (self.layers - self.moe_layers) + moe * self.moe_layers)
 
 
 # Qwen2.5-Coder, from the models' config.json: the default catalogue for recommendations.
@@ -89,13 +117,16 @@ class TrainingSetup:
     lora_rank: int = 8
     gradient_checkpointing: bool = True
     freeze_trainable_layers: int = 2  # freeze: the last N layers train
+    # Data-parallel processes (one per GPU). Each holds the whole model, its optimizer state and the activations of
+    # its own batch (batch_size is per GPU), plus DDP's gradient buckets: the figure is per GPU, never total ÷ N.
+    processes: int = 1
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise InvalidInput(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
         if self.method == "qlora" and self.quant_bits not in (4, 8):
             raise InvalidInput(f"quant_bits must be 4 or 8 for qlora, got {self.quant_bits}")
-        for name in ("seq_len", "batch_size", "lora_rank", "freeze_trainable_layers"):
+        for name in ("seq_len", "batch_size", "lora_rank", "freeze_trainable_layers", "processes"):
             if getattr(self, name) < 1:
                 raise InvalidInput(f"{name} must be at least 1")
 
@@ -129,15 +160,17 @@ def training_memory(model: ModelSpec, setup: TrainingSetup = TrainingSetup()) ->
         frozen_bytes = p * per_param
     tokens = setup.seq_len * setup.batch_size
     if setup.gradient_checkpointing:
-        activations = tokens * model.hidden * model.layers * 2 + tokens * (16 * model.hidden + 4 * model.ffn) * 2
+        activations = tokens * model.hidden * model.layers * 2 + tokens * (16 * model.hidden + 4 * model.active_ffn) * 2
     else:
-        activations = tokens * (16 * model.hidden + 4 * model.ffn) * 2 * model.layers
+        activations = tokens * (16 * model.hidden + 4 * model.active_ffn) * 2 * model.layers
     parts = {
         "weights": frozen_bytes,
         "trainable": trainable * 16,  # 16-bit weight + 16-bit gradient + fp32 master + 2 fp32 Adam moments, rounded up
         "activations": float(activations),
         "logits": tokens * model.vocab * 4 * 2.0,  # fp32 logits and their gradient
     }
+    if setup.processes > 1:  # DistributedDataParallel all-reduces from a flat copy of the (fp32) trainable gradients
+        parts["ddp_buckets"] = trainable * 4.0
     return MemoryEstimate(parts | {"overhead": CONTEXT_OVERHEAD_BYTES + FRAGMENTATION * sum(parts.values())})
 
 

@@ -66,7 +66,8 @@ def chat_template_problem(base_model: str, dataset_format: str) -> str | None:
 def no_chat_template(base_model: str, dataset_format: str) -> str:
     return (f"the tokenizer of baseModel '{base_model}' has no chat template, and the dataset's examples are chat "
             f"({dataset_format}): use the instruct/chat version of the model, add a chat template to its tokenizer "
-            "(chat_template.jinja, or \"chat_template\" in tokenizer_config.json), or give the examples as plain text "
+            "(chat_template.jinja, or \"chat_template\" in tokenizer_config.json), choose a built-in one with the "
+            "chatTemplate hyperparameter (chatml, qwen, llama3, mistral, gemma), or give the examples as plain text "
             "('text', or 'prompt'/'completion' strings)")
 
 

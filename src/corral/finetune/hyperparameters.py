@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from corral.domain.errors import InvalidInput
+from corral.finetune.templates import NAMES as TEMPLATE_NAMES
 
 
 def _a_number(value: Any) -> Any:
@@ -49,6 +50,7 @@ Real = Annotated[float, BeforeValidator(_a_number)]
 Switch = Annotated[bool, BeforeValidator(_a_switch)]
 Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
+ChatTemplate = Literal[TEMPLATE_NAMES]  # type: ignore[valid-type]
 SCHEDULERS: tuple[str, ...] = Scheduler.__args__  # type: ignore[attr-defined]
 PRECISIONS: tuple[str, ...] = Precision.__args__  # type: ignore[attr-defined]
 LEARNING_RATES = {"lora": 1e-4, "qlora": 1e-4, "full": 1e-5}  # LLaMA-Factory's examples
@@ -80,6 +82,9 @@ class Hyperparameters(BaseModel):
     useRslora: Switch = Field(default=False, description="true or false (rank-stabilised LoRA scaling)")
     maxSeqLen: Integer = Field(default=1024, ge=16, le=1_048_576, description="an integer from 16 to 1048576")
     trainOnPrompt: Switch = Field(default=False, description="true or false (false: the loss covers the assistant's turns only)")
+    chatTemplate: Annotated[ChatTemplate, BeforeValidator(_a_name)] = Field(
+        default="model", description=f"one of {', '.join(TEMPLATE_NAMES)} (model: the tokenizer's own chat template; a name: "
+                                     "that built-in template instead, e.g. for a base model's tokenizer that has none)")
     gradientCheckpointing: Switch = Field(default=True, description="true or false")
     precision: Annotated[Precision, BeforeValidator(_a_name)] = Field(
         default="auto", description="one of auto (bf16 where the GPU supports it, else fp16; fp32 on the CPU), bf16, fp16, fp32")
@@ -110,7 +115,7 @@ class Hyperparameters(BaseModel):
 DEFAULTS: dict[str, Any] = Hyperparameters().model_dump()
 INTEGERS = frozenset(name for name, f in Hyperparameters.model_fields.items() if f.annotation is int)
 SWITCHES = frozenset(name for name, f in Hyperparameters.model_fields.items() if f.annotation is bool)
-CHOICES: dict[str, tuple[str, ...]] = {"lrScheduler": SCHEDULERS, "precision": PRECISIONS}
+CHOICES: dict[str, tuple[str, ...]] = {"lrScheduler": SCHEDULERS, "precision": PRECISIONS, "chatTemplate": TEMPLATE_NAMES}
 TEXTS = frozenset({"loraTarget"})
 _SHOWN_DEFAULTS = {"learningRate": "1e-4 for lora and qlora, 1e-5 for full"}
 HYPERPARAMETERS_HELP = "name → value; unknown names are refused. " + "; ".join(

@@ -11,6 +11,7 @@ the reason — never silently lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import logging
@@ -20,7 +21,7 @@ import secrets
 import shutil
 import sys
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,21 +29,45 @@ from typing import TYPE_CHECKING, Any
 from corral.aio import within
 from corral.backends.local.process import tail_lines
 from corral.config import Settings
+from corral.domain import preflight
 from corral.domain.errors import Conflict, CorralError, InvalidInput, NotFound
 from corral.domain.gpu_ledger import GpuClaim, GpuLedger, Holder
-from corral.domain.memory import GIB, KNOWN_MODELS, MemoryEstimate, ModelSpec, TrainingSetup, training_memory
-from corral.domain.queue import Capacity, Demand, Priority, Strategy, WaitingTask, schedule
-from corral.domain.reclaim import free_units, plan_reclaim
+from corral.domain.history import Action, HistoryDraft, Intent, Outcome
+from corral.domain.memory import GIB, MemoryEstimate, ModelSpec, TrainingSetup, training_memory
+from corral.domain.preemption import (
+    PreemptionOutcome,
+    PreemptionPlan,
+    PreemptionRequest,
+    TaskOnGpu,
+    may_reclaim,
+    plan_preemption,
+    steps_since,
+)
+from corral.domain.queue import (
+    Capacity,
+    Demand,
+    Priority,
+    RunningTask,
+    Strategy,
+    Unit,
+    WaitingTask,
+    estimated_end,
+    released_units,
+    schedule,
+)
+from corral.domain.reclaim import plan_reclaim
 from corral.events import EventBus
 from corral.finetune import hyperparameters as hyperparameter_rules
 from corral.finetune.checks import chat_template_problem, vllm_lora_args
 from corral.finetune.dataset import read_dataset
 from corral.finetune.runners import ProcessRunner, TrainerRunner
 from corral.finetune.store import ACTIVE, FINISHED, WAITING, TaskRecord, TaskStore
+from corral.finetune.trainer import newest_checkpoint
 from corral.gpus.inventory import GpuInventory
+from corral.model_files import size_model, size_model_or_none
 from corral.paths import confine_dataset
 from corral.store.state import StateStore
-from corral.views import FinetuneTask, PreviewResult
+from corral.views import ExportState, FinetuneTask, PreviewResult
 
 if TYPE_CHECKING:
     from corral.controller import Controller
@@ -81,18 +106,26 @@ class FinetuneManager:
         self._offsets: dict[str, int] = {}
         self._loop: asyncio.Task | None = None
         self._previews = asyncio.Semaphore(2)
+        self._merges: dict[str, asyncio.Task[str | None]] = {}  # task id → its merge in flight (export or deploy)
+        self._export_errors: dict[str, str] = {}  # task id → why its last merge failed
+        # GPUs freed by a preemption, kept out of the queue's reach until the replicas they were freed for hold them.
+        self._kept_for_replicas: dict[int, tuple[str, ...]] = {}
+        self._preemptions = asyncio.Lock()  # one at a time: two scale-outs never pick the same victims
 
     # lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
         for task in self._launched():
             if self.runner.alive(task):
                 self._note(task.id, f"re-adopted trainer process {task.pid} after a control-plane restart")
+            elif task.preempted_by:  # it was giving its GPUs to a replica: back to the queue, not onto those GPUs
+                self._note(task.id, "the preempted trainer exited while Corral was down")
+                self._follow(task)
             elif self._finished_while_down(task):
                 self._note(task.id, "the trainer finished while Corral was down")
                 self._follow(task)  # reads its result: completed, never launched again
-            elif any((self._dir(task.id) / "checkpoints").glob("checkpoint-*")):
+            elif newest_checkpoint(self._dir(task.id) / "checkpoints"):
                 self._note(task.id, "the trainer died while Corral was down; resuming from its last checkpoint")
-                self._spawn(task, resume=True)
+                self._spawn(task)
             else:
                 self._set(task.id, "failed", "the trainer died while Corral was down and had no checkpoint to resume from",
                           finished_at=_now())
@@ -117,7 +150,7 @@ class FinetuneManager:
     # API ---------------------------------------------------------------------------------------
     def submit(self, *, base_model: str, dataset_path: str, method: str = "lora", priority: str = "normal",
                gpus: int | None = None, memory_gb: float | None = None, timeout_s: float | None = None,
-               hyperparameters: Mapping[str, Any] | None = None) -> dict[str, Any]:
+               hyperparameters: Mapping[str, Any] | None = None, preemptible: bool | None = None) -> dict[str, Any]:
         """Validate everything, then queue: a task that cannot start now is `queued`, never refused. A refusal
         (InvalidInput: 400) creates nothing: no row, no task directory."""
         if not isinstance(method, str) or method not in METHODS:
@@ -126,6 +159,9 @@ class FinetuneManager:
             Priority.parse(priority)
         except (KeyError, AttributeError, TypeError):
             raise InvalidInput(f"priority must be high, normal or low, got '{_short(priority)}'") from None
+        if preemptible is not None and not isinstance(preemptible, bool):
+            raise InvalidInput(f"preemptible must be true or false, got {_short(preemptible)}")
+        preemptible = priority.lower() != "high" if preemptible is None else preemptible  # default: true below high
         hp = hyperparameter_rules.validate(hyperparameters, method)  # the one check of the API, the CLI and the UI
         _check_path_text(base_model, "baseModel")
         if not base_model or not (_is_dir(base_model) or "/" in base_model):
@@ -134,8 +170,8 @@ class FinetuneManager:
         dataset_path = str(confine_dataset(dataset_path, self.settings.dataset_roots))  # before the file is opened
         dataset = read_dataset(Path(dataset_path))
         examples = len(dataset.examples)
-        if dataset.chat and (problem := chat_template_problem(base_model, dataset.format)):
-            raise InvalidInput(problem)
+        if dataset.chat and hp["chatTemplate"] == "model" and (problem := chat_template_problem(base_model, dataset.format)):
+            raise InvalidInput(problem)  # a built-in chatTemplate needs nothing from the tokenizer
         inventory = self.inventory()
         has_gpu = inventory.available
         count = (1 if has_gpu else 0) if gpus is None else gpus
@@ -145,6 +181,10 @@ class FinetuneManager:
             raise InvalidInput("this machine has no GPU: submit with gpus 0 to train on the CPU")
         if method == "qlora" and not count:
             raise InvalidInput("qlora needs a GPU (bitsandbytes 4-bit); use method 'lora' on the CPU")
+        if method == "qlora" and count > 1:
+            raise InvalidInput(f"qlora trains on one GPU (its 4-bit weights are not spread over data-parallel processes "
+                               f"here), got gpus {count}: submit it with gpus 1, or use lora or full on {count} GPUs "
+                               "(distributed data parallel, one process per GPU)")
         if memory_gb is not None and (not _finite(memory_gb) or not 0 <= memory_gb <= MAX_MEMORY_GB):
             raise InvalidInput(f"gpus.memoryGb must be a number of GB from 0 to {MAX_MEMORY_GB:.0f}, got {_short(memory_gb)}")
         timeout = self.settings.finetune_timeout_s if timeout_s is None else timeout_s
@@ -157,7 +197,7 @@ class FinetuneManager:
         task = TaskRecord(
             id=f"ft-{secrets.token_hex(4)}", status="pending", base_model=base_model, dataset_path=str(Path(dataset_path).resolve()),
             method=method, priority=priority.lower(), hyperparameters=hp, gpus=count, timeout_s=float(timeout), examples=examples,
-            memory_gb=need_gb, created_at=_now(),
+            memory_gb=need_gb, created_at=_now(), preemptible=preemptible,
         )
         directory = self._dir(task.id)
         directory.mkdir(parents=True, exist_ok=True)
@@ -166,7 +206,12 @@ class FinetuneManager:
         except BaseException:  # nothing left behind: no directory without its task
             shutil.rmtree(directory, ignore_errors=True)
             raise
-        self._note(task.id, f"submitted: {method} of {base_model} on {examples} examples ({dataset.format}), priority {task.priority}")
+        self._note(task.id, f"submitted: {method} of {base_model} on {examples} examples ({dataset.format}), priority {task.priority} "
+                            f"({Priority.parse(task.priority).level} on the business scale), "
+                            + ("preemptible" if preemptible else "not preemptible"))
+        self.tasks.state.record(Action.FINETUNE, task.id, after={"status": "pending", "method": method, "priority": task.priority,
+                                                                 "preemptible": preemptible},
+                                message=f"submitted: {method} of {base_model} on {examples} examples")
         self.bus.publish("finetune_task", self.view(self.tasks.get(task.id)))  # type: ignore[arg-type]
         self.tick()
         return self.view(self.tasks.get(task.id))  # type: ignore[arg-type]
@@ -196,6 +241,44 @@ class FinetuneManager:
         self.tick()
         return self.view(self._get(task_id))
 
+    async def resume(self, task_id: str) -> dict[str, Any]:
+        """A cancelled, timed-out or failed task back in the queue; when it starts, the trainer continues from its newest
+        checkpoint (the Trainer's `resume_from_checkpoint`: weights, optimizer, schedule, RNG and data position).
+        Conflict when its state does not allow it or it has no checkpoint. Its timeout counts again from the new start,
+        and the steps replayed since that checkpoint replace their first values in the curves (`curves`)."""
+        task = self._get(task_id)
+        if task.status not in ("cancelled", "failed"):
+            hint = ("it is still queued or running" if task.status not in FINISHED else "it completed; its checkpoints were "
+                    "removed with its result")
+            raise Conflict(f"task {task_id} is {task.status}: only a cancelled, timed-out or failed task can be resumed ({hint})")
+        checkpoint = newest_checkpoint(self._dir(task_id) / "checkpoints")
+        if checkpoint is None:
+            raise Conflict(f"task {task_id} has no checkpoint to resume from (it saves one every saveSteps "
+                           f"{task.hyperparameters.get('saveSteps', DEFAULT_HYPERPARAMETERS['saveSteps'])} steps, and stopped "
+                           "before the first): submit it again instead")
+        if task.reclaimed:
+            raise Conflict(f"task {task_id} is still giving back the replicas it reclaimed "
+                           f"({', '.join(f'{p} ({n})' for p, n in task.reclaimed.items())}); resume it once they are restored")
+        # A Job that failed on its own is kept by the cluster (ttlSecondsAfterFinished): it goes before a new one takes its
+        # name. A local trainer is gone already (a no-op then).
+        await self.runner.stop(task)
+        self._note(task_id, f"resume requested: from {checkpoint} (status was {task.status}: {task.reason})")
+        self._set(task_id, "queued", f"resumed from {checkpoint}; waiting for its turn", started_at=None, finished_at=None,
+                  pid=None, pid_start=None, units=[], output=None, bypassed=0, preempted_by=None)
+        self.tick()
+        return self.view(self._get(task_id))
+
+    def resumable(self, task_id: str) -> bool:
+        """Whether `resume` would accept the task now (for the UI's button)."""
+        task = self.tasks.get(task_id)
+        return (task is not None and task.status in ("cancelled", "failed") and not task.reclaimed
+                and newest_checkpoint(self._dir(task_id) / "checkpoints") is not None)
+
+    def curves(self, task_id: str) -> dict[str, list[tuple[int, float]]]:
+        """The training loss, eval loss and learning rate by step, each step once (see `loss_curve`)."""
+        return {"loss": self.loss_curve(task_id), "evalLoss": self.loss_curve(task_id, "evalLoss"),
+                "learningRate": self.loss_curve(task_id, "learningRate")}
+
     async def deploy(self, task_id: str, *, engine: str, model_tag: str, replicas: int = 1, gpus_per_replica: int | None = None,
                      merge: bool = False) -> dict[str, Any]:
         """A completed task's result as a model pool, through the controller like any other deployment."""
@@ -224,12 +307,12 @@ class FinetuneManager:
         return sorted(points.items())
 
     async def preview(self, *, base_model: str, dataset_path: str, max_seq_len: int | None = None,
-                      train_on_prompt: bool | None = None, examples: int = 5) -> PreviewResult:
+                      train_on_prompt: bool | None = None, examples: int = 5, chat_template: str | None = None) -> PreviewResult:
         """What the trainer would make of a dataset, before any GPU is spent: the format, the first examples with
         the tokens the loss covers, and how many examples are truncated or dropped at `maxSeqLen`. The base
         model's tokenizer runs in a child process (transformers stays out of the control plane)."""
-        hp = hyperparameter_rules.validate({k: v for k, v in (("maxSeqLen", max_seq_len), ("trainOnPrompt", train_on_prompt))
-                                            if v is not None})
+        hp = hyperparameter_rules.validate({k: v for k, v in (("maxSeqLen", max_seq_len), ("trainOnPrompt", train_on_prompt),
+                                                              ("chatTemplate", chat_template)) if v is not None})
         _check_path_text(base_model, "baseModel")
         if not (_is_dir(base_model) or "/" in base_model):
             raise InvalidInput(f"baseModel '{_short(base_model)}' is neither a local model directory nor a hub id (org/name)")
@@ -238,7 +321,7 @@ class FinetuneManager:
         if not _importable("transformers"):
             raise InvalidInput(f"the preview needs transformers in Corral's environment ({sys.executable}): pip install 'corral[train]'")
         request = {"baseModel": base_model, "datasetPath": str(path), "maxSeqLen": hp["maxSeqLen"],
-                   "trainOnPrompt": hp["trainOnPrompt"], "examples": max(0, min(int(examples), 50))}
+                   "trainOnPrompt": hp["trainOnPrompt"], "chatTemplate": hp["chatTemplate"], "examples": max(0, min(int(examples), 50))}
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1" if _is_dir(base_model) else os.environ.get("HF_HUB_OFFLINE", "0")}
         async with self._previews:  # each child holds a tokenizer (and torch): a few at a time
             child = await asyncio.create_subprocess_exec(
@@ -275,15 +358,72 @@ class FinetuneManager:
             return task.base_model, vllm_lora_args(model_tag or task_id, Path(task.output))
         merged = self._dir(task_id) / "merged"
         if not (merged / "config.json").exists():
-            self._note(task_id, "merging the adapter into the base model for deployment")
+            error = await asyncio.shield(self._merge(task_id, "for deployment"))  # the same merge as an export's, at most one
+            if error:
+                raise Conflict(f"merging the adapter failed: {error}")
+        return str(merged), []
+
+    def export(self, task_id: str) -> ExportState:
+        """Start producing the merged weights of a completed task (TASK_DIR/merged: model + tokenizer, servable by any
+        engine); answered at once, the state follows (`export_state`). A full finetune's result is already plain weights."""
+        task = self._get(task_id)
+        if task.status != "completed" or not task.output:
+            raise Conflict(f"task {task_id} is {task.status}; only a completed task can be exported")
+        state = self.export_state(task_id)
+        if state.state in ("none", "failed"):
+            self._export_errors.pop(task_id, None)
+            self._merge(task_id, "on request (export)")
+            state = self.export_state(task_id)
+        return state
+
+    def export_state(self, task_id: str) -> ExportState:
+        task = self._get(task_id)
+        merged = self._dir(task_id) / "merged"
+        if task.method == "full" and task.output:
+            return ExportState(taskId=task_id, state="done", directory=task.output, reason="a full finetune's result is the whole model")
+        if (merged / "config.json").exists():
+            return ExportState(taskId=task_id, state="done", directory=str(merged), reason="the adapter merged into the base model")
+        if task_id in self._merges:
+            return ExportState(taskId=task_id, state="running", directory=None, reason="merging the adapter into the base model")
+        if error := self._export_errors.get(task_id):
+            return ExportState(taskId=task_id, state="failed", directory=None, reason=error)
+        return ExportState(taskId=task_id, state="none", directory=None, reason="not exported yet")
+
+    def _merge(self, task_id: str, why: str) -> asyncio.Task[str | None]:
+        """The one merge of a task's adapter in flight (a child process: merging loads the whole model), started if
+        none is; its result is None or why it failed. It writes beside TASK_DIR/merged and renames when done, so
+        `merged` is either complete or absent."""
+        if (running := self._merges.get(task_id)) is not None:
+            return running
+
+        async def merge() -> str | None:
+            self._note(task_id, f"merging the adapter into the base model {why}")
             child = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "corral.finetune.merge", str(self._dir(task_id)),
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             )
-            output, _ = await child.communicate()
-            if child.returncode != 0:
-                raise Conflict(f"merging the adapter failed: {output.decode(errors='replace')[-500:]}")
-        return str(merged), []
+            try:
+                output, _ = await child.communicate()
+            finally:
+                if child.returncode is None:  # Corral is closing: the child goes too
+                    child.kill()
+                    await child.wait()
+            error = None if child.returncode == 0 else (output.decode(errors="replace").strip()[-500:] or f"exit code {child.returncode}")
+            if error:
+                self._export_errors[task_id] = error
+            self._note(task_id, f"merge failed: {error}" if error else f"merged weights in {self._dir(task_id) / 'merged'}")
+            return error
+
+        job = asyncio.get_running_loop().create_task(merge(), name=f"merge-{task_id}")
+        self._merges[task_id] = job
+
+        def done(_: asyncio.Task) -> None:
+            self._merges.pop(task_id, None)
+            if (task := self.tasks.get(task_id)) is not None:
+                self.bus.publish("finetune_task", self.view(task))  # pages showing the task redraw its export state
+
+        job.add_done_callback(done)
+        return job
 
     def get(self, task_id: str) -> dict[str, Any]:
         return self.view(self._get(task_id))
@@ -334,11 +474,22 @@ class FinetuneManager:
             restoring = Holder.replica("(pools being restored)")
             kept = tuple(u.id for u in ledger.free_units(whole_only=True))[:owed]  # where the restored replicas will go
             ledger = ledger.hold(restoring, kept)
+        ledger = self._keep_for_replicas(ledger)
+        # Preflight (domain.preflight): a unit's room is NVML's free memory now less what replicas starting there will
+        # take; a task fits only if its estimate plus the margin fits that room.
+        margin = self.settings.finetune_memory_margin_gb * GIB
+        room = preflight.rooms([(u.id, u.memory_free_bytes) for u in ledger.free_units()], self._starting_replicas(ledger))
         cpu_slots = max(0, self.settings.cpu_training_slots - sum(1 for t in running if not t.units))
+        now = time.time()  # easy-backfill: running tasks' estimated ends (timeout, or the trainer's ETA) and bounds
         decision = schedule(
             [WaitingTask(t.id, Priority.parse(t.priority), t.created_at.timestamp() if t.created_at else 0.0,
-                         Demand(t.gpus, t.memory_gb * GIB), t.bypassed) for t in waiting],
-            Capacity(free_units(ledger), cpu_slots), Strategy(self.settings.queue_strategy), self.settings.max_bypass,
+                         Demand(t.gpus, t.memory_gb * GIB), t.bypassed, estimated_s=t.timeout_s) for t in waiting],
+            Capacity(preflight.admissible(room, margin), cpu_slots, now=now, running=tuple(
+                RunningTask(t.id, tuple(Unit(u.id, max(0.0, u.free_bytes - margin)) for u in released_units(ledger, t.units)),
+                            estimated_end(t.started_at.timestamp() if t.started_at else None, t.timeout_s,
+                                          t.progress.get("etaAt"), now))
+                for t in running if t.units)),
+            Strategy(self.settings.queue_strategy), self.settings.max_bypass,
         )
         for task_id, chosen in decision.starts:  # the ledger refuses a unit that is not free: check all before starting any
             ledger = ledger.hold(Holder.task(task_id), chosen)
@@ -354,7 +505,11 @@ class FinetuneManager:
         running_ids = [t.id for t in running] + started
         self._maybe_reclaim([by_id[t] for t in decision.waiting], ledger)
         for task_id, why in decision.waiting.items():
+            if why.startswith("waiting for GPU: needs"):  # too few units with the memory: the numbers when memory is why
+                why = preflight.shortfall(Demand(by_id[task_id].gpus, by_id[task_id].memory_gb * GIB), room, margin) or why
             reason = f"queued, {why.replace('waiting for GPU:', 'waiting for GPU to be released:')} (currently running: {', '.join(running_ids) or 'none'})"
+            if by := by_id[task_id].preempted_by:
+                reason = f"{_preempted_reason(by)}; {reason}"
             if reclaimed := self._get(task_id).reclaimed:
                 reason += f"; reclaiming unassigned replicas of {', '.join(f'{p} ({n})' for p, n in reclaimed.items())}"
             if by_id[task_id].status != "queued" or by_id[task_id].reason != reason:
@@ -362,21 +517,29 @@ class FinetuneManager:
 
     # reclaim (spec 02's optional policy) -------------------------------------------------------
     def _maybe_reclaim(self, waiting: list[TaskRecord], ledger: GpuLedger) -> None:
-        """Scale in unassigned pool replicas for the first waiting high-priority GPU task they would let
-        start — one reclaim at a time, through the pool-safe scale-down; restored when the task ends."""
+        """Scale in unassigned pool replicas for the first waiting GPU task they would let start — one reclaim at a
+        time, through the pool-safe scale-down; restored when the task ends. On the one priority scale: a task takes
+        only replicas of pools whose businesses all rank below it (`domain.preemption.may_reclaim`), so a high task
+        (10) reclaims from pools at the default 0, and nothing reclaims from a business above it."""
         if not self.settings.reclaim_unassigned_replicas or self.controller is None or self._pool_changes:
             return
         backend = self.controller.backend
         pools = {d.name: backend.list_pods(d.name) for d in backend.list_deployments() if d.is_pool}
+        levels = {pool: self.controller.pool_priority(pool)[0] for pool in pools} if any(t.gpus for t in waiting) else {}
         for task in waiting:
-            if task.priority != "high" or not task.gpus or task.reclaimed:
+            if not task.gpus or task.reclaimed:
                 continue
-            plan = plan_reclaim(Demand(task.gpus, task.memory_gb * GIB), ledger, pools)
+            level = Priority.parse(task.priority).level
+            below = {pool: pods for pool, pods in pools.items() if may_reclaim(level, levels[pool])}
+            if not below:
+                continue
+            plan = plan_reclaim(Demand(task.gpus, task.memory_gb * GIB), ledger, below)
             if plan is None:
                 continue
             self.tasks.update(task.id, reclaimed=dict(plan.replicas))  # first: a restart still restores them
-            self._note(task.id, "high priority: reclaiming GPU " + ", ".join(plan.units) + " from unassigned replicas of "
-                       + ", ".join(f"{p} ({n})" for p, n in plan.replicas.items()))
+            self._note(task.id, f"priority {task.priority} ({level}), above the pools' businesses: reclaiming GPU "
+                       + ", ".join(plan.units) + " from unassigned replicas of "
+                       + ", ".join(f"{p} ({n}, priority {levels[p]})" for p, n in plan.replicas.items()))
             self._change_pools(task.id, self._reclaim(task.id, dict(plan.replicas)))
             return
 
@@ -442,8 +605,104 @@ class FinetuneManager:
 
         asyncio.get_running_loop().create_task(run(), name=f"pools-{task_id}")
 
+    # preemption (a business above a running task needs its GPUs) ----------------------------------
+    @contextlib.asynccontextmanager
+    async def preempting(self, request: PreemptionRequest) -> AsyncIterator[PreemptionOutcome]:
+        """Free `request.gpus` whole GPUs for new replicas of `request.pool`, then let the caller scale inside the
+        block. If too few GPUs are free, the tasks `domain.preemption.plan_preemption` picks are asked to checkpoint
+        and stop (intent first: a pending history row and `preempted_by` on the task before the signal), wait in the
+        queue with the reason, and resume from that checkpoint once GPUs free up. The GPUs they leave are kept from
+        the queue (which would otherwise start the task again on them) until the block ends, by which time the new
+        replicas hold them. A trainer that has not saved within `preempt_timeout_s` is stopped (it loses the steps
+        since its last checkpoint). Nothing is stopped when stopping all candidates would still not be enough."""
+        async with self._preemptions:
+            plan = self._plan_preemption(request)
+            if not plan.needed:
+                yield PreemptionOutcome(freed=plan.freed, why_not=plan.why_not)
+                return
+            key = id(plan)
+            self._kept_for_replicas[key] = plan.freed
+            try:
+                intents = {task_id: self._ask_to_checkpoint(self._get(task_id), request) for task_id in plan.victims}
+                await self._wait_preempted(intents)
+                yield PreemptionOutcome(tasks=plan.victims, freed=plan.freed)
+            finally:
+                self._kept_for_replicas.pop(key, None)
+
+    def _plan_preemption(self, request: PreemptionRequest) -> PreemptionPlan:
+        candidates = []
+        for task in self._launched():
+            if task.status not in ACTIVE or not task.units or task.preempted_by or not self.runner.can_preempt(task):
+                continue
+            checkpoint = newest_checkpoint(self._dir(task.id) / "checkpoints")
+            candidates.append(TaskOnGpu(
+                task.id, Priority.parse(task.priority).level, task.preemptible, tuple(task.units),
+                steps_since(task.progress.get("step"), int(checkpoint.rsplit("-", 1)[1]) if checkpoint else None),
+                task.started_at.timestamp() if task.started_at else 0.0))
+        return plan_preemption(request.gpus, request.priority, candidates, self.ledger())
+
+    def _ask_to_checkpoint(self, task: TaskRecord, request: PreemptionRequest) -> Intent:
+        by = {"business": request.business, "priority": request.priority, "pool": request.pool}
+        message = (f"preempting for {request.describe()}, which needs {request.gpus} GPU(s) for pool {request.pool}: "
+                   f"asked the trainer to save a checkpoint at its next step and stop (step {task.progress.get('step', 0)})")
+        intent = Intent([HistoryDraft(Action.FINETUNE, task.id, before={"status": task.status, "units": list(task.units)},
+                                      after={"status": "queued", "preemptedBy": by}, message=message[:500])])
+        self.tasks.state.begin(intent)  # the intent, then the desired state, then the signal
+        self.tasks.update(task.id, preempted_by=by)
+        self._note(task.id, message)
+        log.info("finetune task %s: %s", task.id, message)
+        if not self.runner.preempt(task):
+            self._note(task.id, "the trainer could not be signalled; it is stopped instead")
+        return intent
+
+    async def _wait_preempted(self, intents: dict[str, Intent]) -> None:
+        """Until every preempted trainer has exited and its task is back in the queue (at most `preempt_timeout_s`,
+        then it is stopped). Follows them itself, so the caller need not wait for the next round."""
+        deadline = time.monotonic() + self.settings.preempt_timeout_s
+        left = dict(intents)
+        while left:
+            for task_id in list(left):
+                task = self._get(task_id)
+                if task.status in ACTIVE and not self.runner.alive(task):
+                    self._follow(task)  # reads the `preempted` event and the exit: back to `queued`
+                    task = self._get(task_id)
+                elif task.status in ACTIVE and (time.monotonic() > deadline or not self.runner.can_preempt(task)):
+                    self._note(task_id, f"the trainer did not save within {self.settings.preempt_timeout_s:.0f} s "
+                                        "(preempt_timeout_s): stopping it; it resumes from its last checkpoint")
+                    await self.runner.stop(task)
+                    continue
+                if task.status not in ACTIVE:  # the intent row keeps its message; `_set` wrote the "preempted:" row
+                    self.tasks.state.complete(left.pop(task_id), Outcome.SUCCESS,
+                                              after={"status": task.status, "preemptedBy": task.preempted_by})
+            if left:
+                await asyncio.sleep(0.1)
+
+    def _keep_for_replicas(self, ledger: GpuLedger) -> GpuLedger:
+        """The ledger the queue reads, with the GPUs a preemption freed held for the replicas it freed them for."""
+        for key, units in self._kept_for_replicas.items():
+            free = [u for u in units if ledger.is_free(u)]
+            if free:
+                ledger = ledger.hold(Holder.replica(f"(replica starting after preemption {key})"), free)
+        return ledger
+
+    def _starting_replicas(self, ledger: GpuLedger) -> list[preflight.StartingReplica]:
+        """Replicas that hold GPUs and are not ready yet, with what each will take per unit (`domain.preflight`)."""
+        if self.controller is None:
+            return []
+        backend = self.controller.backend
+        deployments = {d.name: d for d in backend.list_deployments()}
+        starting = []
+        for pod in backend.list_pods():
+            held = ledger.units_of(Holder.replica(pod.name))
+            if pod.ready or not held or (deployment := deployments.get(pod.deployment)) is None:
+                continue
+            total = max((unit.memory_total_bytes for u in held if (unit := ledger.unit(u)) is not None), default=0.0)
+            starting.append(preflight.StartingReplica(pod.name, held, preflight.expected_replica_bytes(
+                deployment.engine, deployment.engine_args, total)))
+        return starting
+
     # processes ---------------------------------------------------------------------------------
-    def _spawn(self, task: TaskRecord, units: list[str] | None = None, visible: list[str] | None = None, resume: bool = False) -> None:
+    def _spawn(self, task: TaskRecord, units: list[str] | None = None, visible: list[str] | None = None) -> None:
         directory = self._dir(task.id)
         (directory / "task.json").write_text(json.dumps({
             "baseModel": task.base_model, "datasetPath": task.dataset_path, "method": task.method,
@@ -452,8 +711,12 @@ class FinetuneManager:
         units = task.units if units is None else units
         visible = units if visible is None else visible
         started = self.runner.launch(task, directory, visible)
-        self._set(task.id, "preparing", "resuming from the last checkpoint" if resume else "loading the model and dataset",
-                  units=units, started_at=task.started_at or _now(), **started)
+        checkpoint = newest_checkpoint(directory / "checkpoints")  # the trainer resumes from it by itself
+        if task.preempted_by:
+            self._note(task.id, f"GPUs free again after its preemption by {_preempted_by(task.preempted_by)}: "
+                                + (f"resuming from {checkpoint}" if checkpoint else "no checkpoint was saved; starting over"))
+        self._set(task.id, "preparing", f"resuming from {checkpoint}" if checkpoint else "loading the model and dataset",
+                  units=units, started_at=task.started_at or _now(), preempted_by=None, **started)
 
     def _follow(self, task: TaskRecord) -> None:
         events = self._read_progress(task.id)
@@ -461,7 +724,7 @@ class FinetuneManager:
             kind = event.get("event")
             if kind == "training" and task.status != "training":
                 task = self._set(task.id, "training", "training", progress=_progress(task.progress, event))
-            elif kind in ("step", "dataset", "eval"):
+            elif kind in ("step", "dataset", "eval", "preempted"):
                 task = self.tasks.update(task.id, progress=_progress(task.progress, event))
                 self.bus.publish("finetune_task", self.view(task))
             elif kind == "completed":
@@ -479,6 +742,12 @@ class FinetuneManager:
             return
         if task.output:  # the trainer reported its result before exiting
             self._set(task.id, "completed", f"completed; output in {task.output}", finished_at=_now(), pid=None, pid_start=None)
+        elif task.preempted_by or '"event": "preempted"' in tail_lines(self._dir(task.id) / "progress.jsonl", 1):
+            self.runner.failure(task)  # reaps the process
+            checkpoint = newest_checkpoint(self._dir(task.id) / "checkpoints")
+            saved = f"{checkpoint} saved at step {task.progress.get('step', 0)}" if checkpoint else "no checkpoint saved"
+            self._set(task.id, "queued", f"{_preempted_reason(task.preempted_by)}; {saved}, resumes from it when GPUs free up",
+                      pid=None, pid_start=None, units=[], started_at=None, bypassed=0)
         else:
             failure = self.runner.failure(task)
             last = tail_lines(self._dir(task.id) / "train.log", 1).strip()
@@ -512,7 +781,12 @@ class FinetuneManager:
 
     # helpers -----------------------------------------------------------------------------------
     def _set(self, task_id: str, status: str, reason: str, **columns: Any) -> TaskRecord:
+        before = self._get(task_id).status
         task = self.tasks.update(task_id, status=status, reason=reason, **columns)
+        if (event := _history_event(before, status, reason, self.runner.admits_itself)) is not None:  # the History page's row
+            said = (f"on {', '.join(task.units)}" if task.units else "on the CPU") if event[0] == "started" else reason
+            self.tasks.state.record(Action.FINETUNE, task_id, before={"status": before}, after={"status": status},
+                                    outcome=event[1], message=f"{event[0]} {said}"[:500])
         self._note(task_id, f"{status}: {reason}")
         log.info("finetune task %s: %s (%s)", task_id, status, reason)
         self.bus.publish("finetune_task", self.view(task))
@@ -535,9 +809,11 @@ class FinetuneManager:
 
     @staticmethod
     def _estimate_gb(base_model: str, method: str, hp: dict[str, Any], gpus: int) -> float:
-        """Memory per GPU from the estimator when the base model is a known architecture, else 0 (any free GPU)."""
-        estimate = training_estimate(base_model, method, hp)
-        return round(estimate[1].total_gb / gpus, 2) if estimate and gpus else 0.0
+        """Memory per GPU from the estimator (`corral.model_files` sizes any model on disk or in the catalogue; a GPU
+        task whose model it cannot size is refused, saying to give memoryGb). With several GPUs each runs a
+        data-parallel process holding a whole copy: the per-process figure, not total ÷ N."""
+        estimate = training_estimate(base_model, method, hp, gpus, strict=bool(gpus))
+        return round(estimate[1].total_gb, 2) if estimate and gpus else 0.0
 
     def view(self, task: TaskRecord) -> FinetuneTask:
         return FinetuneTask(
@@ -545,20 +821,24 @@ class FinetuneManager:
             datasetPath=task.dataset_path, method=task.method, priority=task.priority, gpus=task.gpus,
             memoryGb=task.memory_gb, timeoutSeconds=task.timeout_s, hyperparameters=task.hyperparameters,
             examples=task.examples, progress=task.progress, units=task.units, output=task.output,  # type: ignore[arg-type]
-            reclaimed=task.reclaimed or {},
+            reclaimed=task.reclaimed or {}, preemptible=task.preemptible,
             createdAt=task.created_at.isoformat() if task.created_at else None,
             startedAt=task.started_at.isoformat() if task.started_at else None,
             finishedAt=task.finished_at.isoformat() if task.finished_at else None,
         )
 
 
-def training_estimate(base_model: str, method: str, hp: dict[str, Any]) -> tuple[ModelSpec, MemoryEstimate] | None:
-    """The estimator's figures for a task, when its base model (a hub id or directory named like one) is known."""
-    spec = KNOWN_MODELS.get(Path(base_model).name.lower())
-    if spec is None:
+def training_estimate(base_model: str, method: str, hp: dict[str, Any], gpus: int = 1,
+                      strict: bool = False) -> tuple[ModelSpec, MemoryEstimate] | None:
+    """The estimator's figures for a task (per GPU) when its base model can be sized (`corral.model_files`: a local
+    directory, the Hugging Face cache, the catalogue by name); else None, or with `strict` the 400 saying what to give."""
+    sized = size_model(base_model) if strict else size_model_or_none(base_model)
+    if sized is None:
         return None
+    spec = sized.spec
     setup = TrainingSetup(method=method, seq_len=int(hp["maxSeqLen"]), batch_size=int(hp["batchSize"]),  # type: ignore[arg-type]
-                          lora_rank=int(hp["loraRank"]), gradient_checkpointing=bool(hp.get("gradientCheckpointing", True)))
+                          lora_rank=int(hp["loraRank"]), gradient_checkpointing=bool(hp.get("gradientCheckpointing", True)),
+                          processes=max(1, gpus))
     return spec, training_memory(spec, setup)
 
 
@@ -575,13 +855,45 @@ def _check_fits(need_gb: float, given: bool, inventory: GpuInventory, base_model
     if given:
         raise InvalidInput(f"gpus.memoryGb asks for {need_gb:.1f} GB per GPU, more than the largest GPU here ({largest.name}, "
                            f"{largest_gb:.1f} GB)")
-    spec = training_estimate(base_model, method, hp)
+    spec = training_estimate(base_model, method, hp, gpus)
     what = f"{spec[0].display} {method}" if spec else method
     raise InvalidInput(
         f"{what} needs an estimated {need_gb:.1f} GB per GPU (maxSeqLen {hp['maxSeqLen']}, batchSize {hp['batchSize']}, "
         f"{gpus} GPU{'s' if gpus > 1 else ''}), more than the largest GPU here ({largest.name}, {largest_gb:.1f} GB): use "
         + ("" if method == "qlora" else "qlora, ") + "a smaller maxSeqLen or batchSize (with gradientAccumulation), or a smaller model"
         + (", or keep gradientCheckpointing on" if not hp.get("gradientCheckpointing", True) else ""))
+
+
+def _history_event(before: str, after: str, reason: str, admission: bool) -> tuple[str, Outcome] | None:
+    """The lifecycle steps History records (what happened, its outcome); queue-reason updates are not steps.
+    `admission`: the runner's Jobs wait for Kueue and a task passes `preparing` before it is admitted, so it has
+    started when it trains; otherwise when its trainer is launched."""
+    if before == after:
+        return None
+    if (after, before) == ("training", "preparing") if admission else (after == "preparing" and before in WAITING):
+        return "started", Outcome.SUCCESS
+    if after == "queued" and before == "training":  # e.g. Kueue suspended its Job again
+        return "preempted:", Outcome.RESTARTING
+    if after == "queued" and before in ("cancelled", "failed"):  # POST .../resume
+        return "queued again:", Outcome.SUCCESS
+    if after == "completed":
+        return "completed:", Outcome.SUCCESS
+    if after == "failed":
+        return "failed:", Outcome.FAILED
+    if after == "cancelled":
+        return "cancelled:", Outcome.TIMEOUT if reason.startswith("timed out") else Outcome.SUCCESS
+    return None
+
+
+def _preempted_by(by: Mapping[str, Any] | None) -> str:
+    if not by:
+        return "a higher-priority business"
+    return PreemptionRequest(str(by.get("pool") or ""), by.get("business"), int(by.get("priority") or 0), 0).describe()
+
+
+def _preempted_reason(by: Mapping[str, Any] | None) -> str:
+    """The queued task's reason: "preempted by business '<b>' (priority P)"."""
+    return f"preempted by {_preempted_by(by)}"
 
 
 def _importable(name: str) -> bool:
@@ -630,6 +942,8 @@ def _progress(previous: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]
     keys = ("step", "totalSteps", "loss", "learningRate", "epoch", "eta", "evalLoss", "truncated", "dropped", "trainExamples",
             "evalExamples")
     update = {k: event[k] for k in keys if k in event}
+    if "eta" in event:  # a time, not a duration: it stays right however late it is read
+        update["etaAt"] = event["time"] + event["eta"] if event["eta"] is not None and "time" in event else None
     if event.get("event") == "eval":  # an evaluation reports its loss, not the training step's progress
         update = {"evalLoss": event.get("evalLoss")}
     if "format" in event:

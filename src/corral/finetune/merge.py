@@ -2,12 +2,17 @@
 
     python -m corral.finetune.merge TASK_DIR
 
-Writes TASK_DIR/merged (model + tokenizer). A separate process: merging loads the whole model.
+Writes TASK_DIR/merged (model + tokenizer). A separate process: merging loads the whole model. The weights are
+written to TASK_DIR/merged.partial and renamed when complete, so `merged` is never half-written. The tokenizer is
+the one saved with the adapter (it carries the chat template the model was trained with, a built-in one when
+`chatTemplate` chose it), else the base model's.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,9 +24,14 @@ def merge(task_dir: Path) -> Path:
     config = json.loads((task_dir / "task.json").read_text())
     adapter = task_dir / "output"
     target = task_dir / "merged"
+    partial = task_dir / "merged.partial"
+    shutil.rmtree(partial, ignore_errors=True)  # a merge killed half-way
     model = AutoPeftModelForCausalLM.from_pretrained(adapter)
-    model.merge_and_unload().save_pretrained(target)
-    AutoTokenizer.from_pretrained(config["baseModel"]).save_pretrained(target)
+    model.merge_and_unload().save_pretrained(partial)
+    tokenizer_source = adapter if (adapter / "tokenizer_config.json").is_file() else config["baseModel"]
+    AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(partial)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(partial, target)
     return target
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.domain.errors import CorralError
+from corral.finetune import templates
 from corral.finetune.checks import no_chat_template
 from corral.finetune.dataset import read_dataset
 from corral.finetune.examples import Encoded, Encoder, TemplateError, length_histogram
@@ -23,13 +24,13 @@ MAX_ANALYZED = 20_000  # examples tokenized for the counts and the histogram (`a
 
 
 def preview(base_model: str, dataset_path: Path, max_seq_len: int, train_on_prompt: bool, shown: int = 5,
-            tokenizer: Any = None) -> dict[str, Any]:
+            tokenizer: Any = None, chat_template: str = templates.MODEL) -> dict[str, Any]:
     dataset = read_dataset(dataset_path)  # first: a bad line is reported without loading anything
     if tokenizer is None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(base_model)
-    if dataset.chat and not getattr(tokenizer, "chat_template", None):
+    if not templates.apply(tokenizer, chat_template) and dataset.chat:  # the chosen template, as the trainer does
         raise CorralError(no_chat_template(base_model, dataset.format))
     encoder = Encoder(tokenizer, max_seq_len, train_on_prompt)
     analyzed = dataset.examples[:MAX_ANALYZED]
@@ -61,7 +62,7 @@ def main() -> None:
     request = json.loads(sys.stdin.read())
     try:
         answer = preview(request["baseModel"], Path(request["datasetPath"]), int(request["maxSeqLen"]), bool(request["trainOnPrompt"]),
-                         int(request.get("examples", 5)))
+                         int(request.get("examples", 5)), chat_template=request.get("chatTemplate", templates.MODEL))
     except CorralError as exc:
         answer = {"error": exc.message}
     except (OSError, ValueError) as exc:  # the tokenizer cannot be loaded (a hub id offline, a broken directory)

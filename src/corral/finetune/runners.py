@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import subprocess
 import sys
 from abc import ABC, abstractmethod
@@ -30,12 +31,23 @@ from lightkube.types import CascadeType
 from corral.backends.local import process
 from corral.domain.manifests import CORRAL, FINETUNE_TASK, MANAGED_BY
 from corral.finetune.store import TaskRecord
+from corral.finetune.trainer import PREEMPT_SIGNAL
 
 if TYPE_CHECKING:
     from corral.backends.kubernetes import KubernetesBackend
 
 log = logging.getLogger("corral.finetune")
 TRAINER = ["-m", "corral.finetune.trainer"]
+
+
+def trainer_command(python: str, directory: Path, processes: int, *extra: str) -> list[str]:
+    """The trainer's command line: one process, or (several GPUs) `torch.distributed.run` starting one per GPU for
+    distributed data parallel. `--standalone` gives each task its own rendezvous on a free local port, so two
+    multi-GPU tasks on one machine never meet. Pure."""
+    if processes <= 1:
+        return [python, *TRAINER, str(directory), *extra]
+    return [python, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", str(processes),
+            *TRAINER, str(directory), *extra]
 
 
 class TrainerRunner(ABC):
@@ -60,6 +72,15 @@ class TrainerRunner(ABC):
         """Why a launched trainer has not started yet (e.g. Kueue admission), or None."""
         return None
 
+    def preempt(self, task: TaskRecord) -> bool:
+        """Ask the running trainer to save a checkpoint at its next step end and exit (the trainer's
+        `PREEMPT_SIGNAL`); False when this runner cannot (then the task is not a preemption candidate).
+        Not supported for Jobs: on a cluster, Kueue preempts workloads itself."""
+        return False
+
+    def can_preempt(self, task: TaskRecord) -> bool:
+        return False
+
 
 class ProcessRunner(TrainerRunner):
     """A detached process in its own session: it outlives a control-plane restart and is re-adopted."""
@@ -71,7 +92,7 @@ class ProcessRunner(TrainerRunner):
     def launch(self, task: TaskRecord, directory: Path, visible: list[str]) -> dict[str, Any]:
         env = {"CUDA_VISIBLE_DEVICES": ",".join(visible), "PYTHONUNBUFFERED": "1",
                "HF_HUB_OFFLINE": "1" if Path(task.base_model).is_dir() else "0"}
-        started = process.spawn([sys.executable, *TRAINER, str(directory)], env, directory / "train.log")
+        started = process.spawn(trainer_command(sys.executable, directory, task.gpus), env, directory / "train.log")
         self._handles[task.id] = started.handle  # type: ignore[assignment]
         return {"pid": started.pid, "pid_start": started.pid_start}
 
@@ -79,10 +100,48 @@ class ProcessRunner(TrainerRunner):
         return process.is_alive(task.pid, task.pid_start, self._handles.get(task.id))
 
     def failure(self, task: TaskRecord) -> str:
-        return f"trainer exited (code {process.exit_code(self._handles.pop(task.id, None))})"
+        handle = self._handles.pop(task.id, None)
+        code = None
+        if handle is not None:  # gone from /proc's point of view (a zombie counts as gone): reaped at once
+            try:
+                code = handle.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                code = None
+        return f"trainer exited (code {code})" if code is not None else "trainer exited"
 
     async def stop(self, task: TaskRecord) -> None:
         await process.stop_group(task.pid, task.pid_start, self._handles.pop(task.id, None), self.stop_grace_s)
+
+    def can_preempt(self, task: TaskRecord) -> bool:
+        return self.alive(task)
+
+    def preempt(self, task: TaskRecord) -> bool:
+        """The signal goes to the trainer itself, or with several GPUs to each rank: `torch.distributed.run` does not
+        forward SIGUSR1 (its default action would kill the launcher, and with it the ranks, unsaved)."""
+        if not self.alive(task) or task.pid is None:
+            return False
+        targets = _children(task.pid) if task.gpus > 1 else [task.pid]
+        sent = False
+        for pid in targets:
+            try:
+                os.kill(pid, PREEMPT_SIGNAL)
+                sent = True
+            except ProcessLookupError:
+                continue
+        return sent
+
+
+def _children(pid: int) -> list[int]:
+    """The direct children of `pid` (the ranks of a torch.distributed.run launcher), from /proc."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 1 and fields[1] == str(pid):
+            children.append(int(stat.parent.name))
+    return sorted(children)
 
 
 class JobRunner(TrainerRunner):
@@ -214,7 +273,8 @@ def job_manifest(task: TaskRecord, directory: Path, namespace: str, image: str, 
         "restartPolicy": "Never",
         "containers": [{
             # The trainer writes its output into the task's log on the shared volume, where Corral reads it.
-            "name": "trainer", "image": image, "command": ["python", *TRAINER, str(directory), "--log-to", str(directory / "train.log")],
+            "name": "trainer", "image": image,
+            "command": trainer_command("python", directory, task.gpus, "--log-to", str(directory / "train.log")),
             "env": [{"name": "PYTHONUNBUFFERED", "value": "1"},
                     {"name": "HF_HUB_OFFLINE", "value": "1" if Path(task.base_model).is_absolute() else "0"}],
             "resources": resources,
@@ -222,6 +282,9 @@ def job_manifest(task: TaskRecord, directory: Path, namespace: str, image: str, 
         }],
         "volumes": [{"name": "data", **volume}],
     }
+    if task.gpus > 1:  # one process per GPU: NCCL passes data through shared memory, and a container's /dev/shm is 64 MiB
+        pod_spec["containers"][0]["volumeMounts"].append({"name": "shm", "mountPath": "/dev/shm"})
+        pod_spec["volumes"].append({"name": "shm", "emptyDir": {"medium": "Memory"}})
     if task.gpus and tolerations:
         pod_spec["tolerations"] = [dict(t) for t in tolerations]
     return {

@@ -52,6 +52,8 @@ class TaskRecord:
     bypassed: int = 0
     output: str | None = None
     reclaimed: dict[str, int] | None = None  # pool → replicas scaled in for this task, restored when it ends
+    preemptible: bool = True  # a higher-priority business may take its GPUs (it checkpoints, re-queues, resumes)
+    preempted_by: dict[str, Any] | None = None  # {"business", "priority", "pool"} from the preemption request until it restarts
     created_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None

@@ -1,6 +1,7 @@
 """The trainer process: one finetune task, LoRA / QLoRA / full, with transformers + peft.
 
     python -m corral.finetune.trainer TASK_DIR
+    python -m torch.distributed.run --standalone --nproc_per_node N -m corral.finetune.trainer TASK_DIR   (N GPUs)
 
 Reads TASK_DIR/task.json; appends progress as JSON lines to TASK_DIR/progress.jsonl (the dataset's
 counts, then step, total steps, loss, learning rate, epoch, ETA, eval loss), which the task manager
@@ -9,10 +10,25 @@ one when started again (they are removed once the task completes); writes the re
 (the adapter for LoRA/QLoRA, the model for full). A separate process so a crash or a kill never touches
 the control plane, and so it can outlive a control-plane restart.
 
+Preemption: on SIGUSR1 (sent by the task manager when a higher-priority business needs the GPUs) the trainer
+finishes the step it is in, saves a checkpoint, writes a `preempted` progress event and exits with
+`PREEMPTED_EXIT` (75, EX_TEMPFAIL: "try again"); started again, it resumes from that checkpoint like after any
+stop, so nothing is lost but the seconds of the step in flight. A flag, not work in the handler: a signal lands
+between two Python instructions anywhere in the Trainer, and only the step boundary is a safe place to save.
+Under data parallelism the ranks agree on the flag at every step end (one all-reduce of one number), so they all
+save the same step and none waits forever in a collective the others skipped.
+
 How it trains (LLaMA-Factory's defaults, all settable: `corral.finetune.hyperparameters`): the loss on
 the assistant's turns only (`corral.finetune.examples`), gradient checkpointing, a cosine schedule with
 warmup, gradient clipping, bf16 mixed precision where the GPU supports it (Ampere or newer), else fp16,
 fp32 on the CPU; a full finetune keeps fp32 master weights (the 16-bit type is for the computation).
+
+Several GPUs: distributed data parallel, one process per GPU (launched by `torch.distributed.run`, which sets
+RANK / LOCAL_RANK / WORLD_SIZE; the Trainer wraps the model in DistributedDataParallel and gives each process its
+share of every batch). Each process holds a whole copy of the model, so the queue reserves the single-process
+memory on every GPU. Only rank 0 writes progress, the model in each checkpoint and the result (each rank adds
+its own RNG state to a checkpoint, which the Trainer needs to resume exactly). Without CUDA the processes talk
+through gloo, which is how the launch path is tested on a machine without GPU. QLoRA trains on one GPU.
 """
 
 from __future__ import annotations
@@ -22,17 +38,46 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: a checkpoint was saved on request; start the trainer again to continue
+PREEMPT_SIGNAL = signal.SIGUSR1
+
+
+class PreemptRequest:
+    """Set by the signal handler; read at the next step end (see the module doc)."""
+
+    requested = False
+
+    @classmethod
+    def handle(cls, signum: int, frame: Any) -> None:  # noqa: ARG003
+        cls.requested = True
+
+    @classmethod
+    def install(cls) -> None:
+        signal.signal(PREEMPT_SIGNAL, cls.handle)
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) unless started by torch.distributed.run."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
 
 class ProgressFile:
-    def __init__(self, path: Path) -> None:
+    """The task's progress lines. Under data parallelism every rank sees the same steps: only rank 0 writes, so a
+    step is never reported once per GPU."""
+
+    def __init__(self, path: Path, rank: int = 0) -> None:
         self.path = path
+        self.rank = rank
 
     def write(self, **event: Any) -> None:
+        if self.rank != 0:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"time": time.time(), **event}) + "\n")
 
@@ -47,6 +92,15 @@ def pick_precision(choice: str, cuda: bool, bf16_supported: bool) -> str:
         raise SystemExit("precision bf16 needs an Ampere or newer GPU (compute capability 8.0); this one has none: "
                          "use precision auto or fp16")
     return choice
+
+
+def newest_checkpoint(checkpoints: Path) -> str | None:
+    """The name of the newest complete `checkpoint-<step>`, the one to resume from, or None. Complete: its
+    `trainer_state.json` is there, which the Trainer writes last — a trainer stopped while saving leaves a partial
+    newer directory, which is passed over."""
+    steps = [(int(p.name.split("-")[-1]), p.name) for p in checkpoints.glob("checkpoint-*")
+             if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    return max(steps)[1] if steps else None
 
 
 def split_for_eval(count: int, val_size: float, seed: int) -> tuple[list[int], list[int]]:
@@ -78,6 +132,7 @@ def train(task_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
+    from corral.finetune import templates
     from corral.finetune.dataset import read_dataset
     from corral.finetune.examples import IGNORE, Encoder
     from corral.finetune.hyperparameters import for_trainer
@@ -85,35 +140,50 @@ def train(task_dir: Path) -> None:
     config = json.loads((task_dir / "task.json").read_text())
     method = config["method"]
     hp = for_trainer(config["hyperparameters"], method)  # integers as int (batch size, ranks, lengths, steps, seed)
-    progress = ProgressFile(task_dir / "progress.jsonl")
+    rank, size = world()
+    progress = ProgressFile(task_dir / "progress.jsonl", rank)
     checkpoints = task_dir / "checkpoints"
-    resume = checkpoints.exists() and any(checkpoints.glob("checkpoint-*"))
-    progress.write(event="preparing", resume=resume)
+    resume = newest_checkpoint(checkpoints)
+    progress.write(event="preparing", resume=resume is not None)
+    if method == "qlora" and size > 1:
+        raise SystemExit("qlora trains on one GPU (bitsandbytes 4-bit weights are not replicated across processes here)")
 
     cuda = torch.cuda.is_available()
     precision = pick_precision(hp["precision"], cuda, cuda and torch.cuda.is_bf16_supported())
     compute = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    print(f"[trainer] {method} on {'CUDA' if cuda else 'the CPU'}, {precision} computation"
-          + (", fp32 master weights" if method == "full" else ""), flush=True)
+    if rank == 0:
+        print(f"[trainer] {method} on {'CUDA' if cuda else 'the CPU'}, {precision} computation"
+              + (", fp32 master weights" if method == "full" else "")
+              + (f", data parallel over {size} processes ({'nccl' if cuda else 'gloo'})" if size > 1 else ""), flush=True)
+    if size > 1:
+        print(f"[trainer] rank {rank} of {size} started (pid {os.getpid()})", flush=True)
+    if resume and rank == 0:
+        print(f"[trainer] resuming from {resume}", flush=True)
 
     tokenizer = AutoTokenizer.from_pretrained(config["baseModel"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dataset = read_dataset(Path(config["datasetPath"]))
-    if dataset.chat and not getattr(tokenizer, "chat_template", None):
+    has_template = templates.apply(tokenizer, hp["chatTemplate"])
+    if dataset.chat and not has_template:
         from corral.finetune.checks import no_chat_template
 
         raise SystemExit(no_chat_template(config["baseModel"], dataset.format))
+    if dataset.chat and (missing := templates.missing_markers(tokenizer, hp["chatTemplate"])) and rank == 0:
+        print(f"[trainer] warning: chat template {hp['chatTemplate']}: {', '.join(missing)} "
+              f"{'is' if len(missing) == 1 else 'are'} not a token of this tokenizer; learned as text, and an engine will not "
+              "stop at the end of a turn by itself: prefer a template whose markers the tokenizer has", flush=True)
     encoder = Encoder(tokenizer, hp["maxSeqLen"], hp["trainOnPrompt"])
     encoding = encoder.encode_all(dataset.examples)
     examples = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoding.encoded]
     train_ids, eval_ids = split_for_eval(len(examples), hp["valSize"], hp["seed"])
     reasons = "; ".join(f"{n} × {why}" for why, n in encoding.drop_reasons.items())
-    print(f"[trainer] dataset: {len(dataset.examples)} examples, format {dataset.format}; {encoding.truncated} truncated on the "
-          f"prompt side to maxSeqLen {hp['maxSeqLen']}; {encoding.dropped} dropped" + (f" ({reasons})" if reasons else "")
-          + f"; {len(train_ids)} train, {len(eval_ids)} eval; "
-          f"{sum(e.trained_tokens for e in encoding.encoded)} of {sum(len(e.input_ids) for e in encoding.encoded)} tokens trained",
-          flush=True)
+    if rank == 0:
+        print(f"[trainer] dataset: {len(dataset.examples)} examples, format {dataset.format}; {encoding.truncated} truncated on the "
+              f"prompt side to maxSeqLen {hp['maxSeqLen']}; {encoding.dropped} dropped" + (f" ({reasons})" if reasons else "")
+              + f"; {len(train_ids)} train, {len(eval_ids)} eval; "
+              f"{sum(e.trained_tokens for e in encoding.encoded)} of {sum(len(e.input_ids) for e in encoding.encoded)} tokens trained",
+              flush=True)
     progress.write(event="dataset", examples=len(dataset.examples), format=dataset.format, truncated=encoding.truncated,
                    dropped=encoding.dropped, trainExamples=len(train_ids), evalExamples=len(eval_ids))
     if not examples:
@@ -181,6 +251,24 @@ def train(task_dir: Path) -> None:
                 self.evaluated_at = state.global_step
                 progress.write(event="eval", step=state.global_step, evalLoss=metrics["eval_loss"])
 
+    class Preempt(TrainerCallback):
+        """Checkpoint and stop at the step end after a preemption request (all ranks at the same step)."""
+
+        stopped_at: int | None = None
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+            requested = PreemptRequest.requested
+            if size > 1 and torch.distributed.is_initialized():
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+                flag = torch.tensor([1 if requested else 0], device=device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                requested = bool(flag.item())
+            if requested and state.global_step < state.max_steps:
+                control.should_save = True
+                control.should_training_stop = True
+                self.stopped_at = state.global_step
+            return control
+
     args = _arguments(
         TrainingArguments,
         output_dir=str(checkpoints), num_train_epochs=hp["epochs"], per_device_train_batch_size=hp["batchSize"],
@@ -192,22 +280,55 @@ def train(task_dir: Path) -> None:
         logging_steps=1, save_strategy="steps", save_steps=hp["saveSteps"], save_total_limit=hp["saveTotalLimit"], report_to=[],
         eval_strategy="steps" if eval_ids else "no", eval_steps=0.1 if eval_ids else None,
         use_cpu=not cuda, bf16=precision == "bf16", fp16=precision == "fp16", seed=hp["seed"], disable_tqdm=True,
-        remove_unused_columns=False,
+        remove_unused_columns=False, ddp_backend=None if size == 1 else ("nccl" if cuda else "gloo"),
+        ddp_find_unused_parameters=False,  # every trainable parameter takes part in each step (LoRA and full alike)
     )
     report = Report()
+    preempt = Preempt()
     trainer = Trainer(model=model, args=args, train_dataset=[examples[i] for i in train_ids],
-                      eval_dataset=[examples[i] for i in eval_ids] or None, data_collator=collate, callbacks=[report])
-    trainer.train(resume_from_checkpoint=bool(resume))
+                      eval_dataset=[examples[i] for i in eval_ids] or None, data_collator=collate, callbacks=[report, preempt])
+    trainer.train(resume_from_checkpoint=str(checkpoints / resume) if resume else None)
+    if preempt.stopped_at is not None:
+        saved = newest_checkpoint(checkpoints)
+        progress.write(event="preempted", step=trainer.state.global_step, totalSteps=trainer.state.max_steps, checkpoint=saved)
+        if rank == 0:
+            print(f"[trainer] preempted: saved {saved} at step {trainer.state.global_step} of {trainer.state.max_steps}; "
+                  f"exiting (code {PREEMPTED_EXIT}) to be resumed from it", flush=True)
+        if size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        raise SystemExit(PREEMPTED_EXIT)
     if eval_ids and report.evaluated_at != trainer.state.global_step:
         trainer.evaluate()  # the final eval loss, whatever the steps between evaluations
-    output = task_dir / "output"
-    trainer.model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
-    progress.write(event="completed", output=str(output), step=trainer.state.global_step, totalSteps=trainer.state.max_steps)
-    shutil.rmtree(checkpoints, ignore_errors=True)  # after `completed`: a restart in between never finds neither
+    if trainer.is_world_process_zero():
+        output = task_dir / "output"
+        trainer.model.save_pretrained(output)
+        tokenizer.save_pretrained(output)  # with the chat template trained on (a built-in one, when chosen)
+        progress.write(event="completed", output=str(output), step=trainer.state.global_step, totalSteps=trainer.state.max_steps)
+        shutil.rmtree(checkpoints, ignore_errors=True)  # after `completed`: a restart in between never finds neither
+    if size > 1 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def die_with_launcher() -> None:
+    """A rank started by torch.distributed.run runs in its own session, so stopping the task's process group (the
+    launcher's) does not reach it: ask Linux to kill it when its launcher dies, however the launcher ends (a
+    SIGKILL included), so no rank is left holding a GPU."""
+    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        return
+    if os.getppid() == 1:  # the launcher died before the line above
+        raise SystemExit("the launcher (torch.distributed.run) is gone")
 
 
 def main() -> None:
+    PreemptRequest.install()  # first: a request that comes while the model loads is kept for the first step end
+    die_with_launcher()
     args = sys.argv[1:]
     if len(args) not in (1, 3) or (len(args) == 3 and args[1] != "--log-to"):
         raise SystemExit("usage: python -m corral.finetune.trainer TASK_DIR [--log-to FILE]")

@@ -1,0 +1,120 @@
+"""GPUs shared both ways on a simulated 1-GPU machine (tests/fake_nvml, its memory read from a file the test
+rewrites): the preflight keeps a task waiting while another program holds the GPU's memory, with the numbers in
+its reason; then a running low-priority task is preempted by a scale-up for a high-priority business — the real
+trainer saves a real checkpoint on the signal and exits, the replica gets the GPU — and once the replica is gone
+the task resumes from that checkpoint and completes with exactly the configured steps."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import wait_for
+from tests.integration.conftest import SIM_ARGS, CorralServer, running_corral
+from tests.integration.test_finetune import dataset, finished, submit, task, tiny_model  # noqa: F401 (fixtures)
+from tests.integration.test_finetune_resume import progress_events
+
+pytest.importorskip("peft")
+
+FAKE_NVML = Path(__file__).parents[1] / "fake_nvml"
+GIB = 1024**3
+
+
+def set_used(path: Path, used_gib: float) -> None:
+    """What NVML reports from now on: one 80 GiB GPU with `used_gib` held by another program (written atomically)."""
+    staged = path.with_suffix(".tmp")
+    staged.write_text(json.dumps([{"name": "NVIDIA H100 80GB HBM3", "total": 80 * GIB, "used": int(used_gib * GIB),
+                                   "uuid": "GPU-0"}]))
+    os.replace(staged, path)
+
+
+@pytest.fixture
+def one_gpu(tmp_path: Path) -> Iterator[tuple[CorralServer, Path]]:
+    nvml = tmp_path / "nvml.json"
+    set_used(nvml, 0)
+    with running_corral(tmp_path / "data", {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(FAKE_NVML), os.environ.get("PYTHONPATH")])),
+        "CORRAL_TEST_NVML_FILE": str(nvml), "CORRAL_FINETUNE_MEMORY_MARGIN_GB": "1.0",
+    }) as server:
+        yield server, nvml
+
+
+def test_preflight_then_preemption_by_a_high_priority_business_and_resume(
+        one_gpu: tuple[CorralServer, Path], tiny_model: Path, dataset: Path) -> None:  # noqa: F811
+    corral, nvml = one_gpu
+    # A pool for business "chat" at priority 10, with no replica yet (its replica left again: the GPU is free).
+    pool = corral.ok("POST", "/api/deploy", json={
+        "engine": "simulator", "modelId": "sim", "modelTag": "qwen-06b", "replicas": 1, "deployAsPool": True,
+        "gpusPerReplica": 1, "engineArgs": SIM_ARGS})["deployment"]["name"]
+    corral.wait_ready(pool, 1)
+    corral.ok("POST", "/api/deploy-service", json={"serviceName": "chat", "modelPool": pool, "businessTag": "chat"})
+    corral.ok("PUT", "/api/business-services/chat-nlb/policy", json={"priority": 10})
+    corral.ok("POST", "/api/scale-pool-deployment", json={"deploymentName": pool, "targetReplicas": 0})
+    wait_for(lambda: not corral.pods(pool), what="the replica to leave")
+
+    # Preflight: another program holds 79.5 GiB; the task waits with the GPU and the numbers.
+    set_used(nvml, 79.5)
+    hp = {"epochs": 4, "saveSteps": 2}  # 50 examples, batch 4: 13 steps an epoch, 52 in all
+    created = submit(corral, tiny_model, dataset, gpus=1, priority="low", hyperparameters=hp)
+    task_id = created["id"]
+    assert created["preemptible"] is True and created["status"] == "queued"
+    need = created["memoryGb"]
+    assert 0 < need < 78
+    expected = (f"waiting for GPU 0: 0.5 GiB free now, 0.0 GiB reserved by starting replicas, needs {need:.1f} GiB + 1.0 GiB "
+                "margin")
+    # (until the leaving replica's process has exited, GPU 0 is still its own: the reason says 0 available then)
+    wait_for(lambda: expected in (t := task(corral, task_id))["reason"] and t, what="the preflight's reason")
+    assert task(corral, task_id)["status"] == "queued"
+    # The memory comes back: it starts on GPU 0.
+    set_used(nvml, 0)
+    checkpoints = corral.data_dir / "finetune" / task_id / "checkpoints"
+    wait_for(lambda: (checkpoints / "checkpoint-2" / "trainer_state.json").exists(), timeout=120, what="checkpoint 2")
+    assert task(corral, task_id)["units"] == ["0"]
+
+    # The business needs a replica: the task checkpoints and gives GPU 0 to it.
+    scaled = corral.ok("POST", "/api/scale-pool-deployment", json={"deploymentName": pool, "targetReplicas": 1, "preempt": True})
+    assert scaled["preempted"] == [task_id] and len(scaled["added"]) == 1
+    waiting = task(corral, task_id)
+    assert waiting["status"] == "queued" and waiting["units"] == []
+    assert "preempted by business 'chat' (priority 10)" in waiting["reason"]
+    preempted = next(e for e in progress_events(corral, task_id) if e["event"] == "preempted")
+    stopped_at = preempted["step"]
+    assert preempted["checkpoint"] == f"checkpoint-{stopped_at}" and 2 <= stopped_at < 52
+    assert (checkpoints / f"checkpoint-{stopped_at}" / "trainer_state.json").exists()  # saved on the signal: nothing lost
+    replica = corral.wait_ready(pool, 1)[0]
+    assert replica["gpuIds"] == [0]
+    assert task(corral, task_id)["status"] == "queued"  # the GPU is the replica's: no resume under it
+    # Nothing left to preempt: a further scale is refused with why; a high task is not preemptible by default.
+    refused = corral.http.post("/api/scale-pool-deployment", json={"deploymentName": pool, "targetReplicas": 2, "preempt": True})
+    assert refused.status_code == 409 and "preempt: no preemptible finetune task below priority 10 holds a GPU" in refused.text
+    high = submit(corral, tiny_model, dataset, gpus=1, priority="high")
+    assert high["preemptible"] is False and high["status"] == "queued"
+    corral.ok("POST", f"/api/finetune/tasks/{high['id']}/cancel")
+    bad = corral.http.post("/api/finetune/tasks", json={"baseModel": str(tiny_model), "datasetPath": str(dataset),
+                                                        "preemptible": "sometimes"})
+    assert bad.status_code == 400 and "preemptible" in bad.text
+
+    # The replica leaves: the task resumes from its checkpoint by itself and completes.
+    corral.ok("POST", "/api/scale-pool-deployment", json={"deploymentName": pool, "targetReplicas": 0})
+    done = finished(corral, task_id, timeout=180)
+    assert done["status"] == "completed", done["reason"]
+    assert done["progress"]["step"] == done["progress"]["totalSteps"] == 52
+    events = progress_events(corral, task_id)
+    second_run = events[next(i for i, e in enumerate(events) if e["event"] == "preparing" and e["resume"]):]
+    assert [e["step"] for e in second_run if e["event"] == "step"][0] == stopped_at + 1
+    assert sum(1 for e in events if e["event"] == "step") == 52  # no step ran twice
+    assert [step for step, _ in corral.ok("GET", f"/api/finetune/tasks/{task_id}/curves")["loss"]] == list(range(1, 53))
+
+    log = corral.http.get(f"/api/finetune/tasks/{task_id}/logs", params={"tail": 5000}).text
+    assert "preempting for business 'chat' (priority 10)" in log and f"[trainer] preempted: saved checkpoint-{stopped_at}" in log
+    assert f"resuming from checkpoint-{stopped_at}" in log
+    messages = [(h["message"], h["outcome"]) for h in corral.ok("GET", "/api/history", params={"target": task_id})]
+    assert any(m.startswith("preempting for business 'chat'") and o == "success" for m, o in messages), messages
+    assert any(m.startswith("preempted: preempted by business 'chat' (priority 10)") for m, _ in messages), messages
+    assert sum(1 for m, _ in messages if m.startswith("started on 0")) == 2, messages
+    scale_rows = [h["message"] for h in corral.ok("GET", "/api/history", params={"action": "scale", "target": pool})]
+    assert any(f"GPUs of {task_id} preempted for business 'chat' (priority 10)" in m for m in scale_rows), scale_rows
