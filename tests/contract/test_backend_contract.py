@@ -52,7 +52,7 @@ async def test_assign_relabels_one_pod(plane: Plane) -> None:
     pods = await plane.deploy_pool()
     result = await plane.controller.assign_pod(pods[0], "production", MODEL)
     assert result == {"success": True, "podName": pods[0], "modelName": MODEL, "previousBusiness": L.UNASSIGNED,
-                      "businessTag": "production", "changed": True}
+                      "businessTag": "production", "changed": True, "pinned": False}
     plane.assert_settled()
     pod = plane.backend.get_pod(pods[0])
     assert pod is not None and pod.business == "production"
@@ -140,6 +140,42 @@ async def test_safe_scale_down_removes_exactly_the_unassigned_pods(plane: Plane)
     assert plane.distribution() == {"production": 1, "testing": 1, L.UNASSIGNED: 1}
     plane.assert_settled()
     assert [data["removed"] for kind, data in plane.events if kind == "scale"][0] == result["removed"]
+    plane.assert_event_shapes()
+
+
+async def test_autopilot_moves_and_spares_removal_hold_to_what_is_there(plane: Plane) -> None:
+    """The autopilot's actions through the controller: moves re-checked under the pool's lock (a pinned
+    or meanwhile moved replica is left alone), one intent with a reason per replica and a summary row;
+    a scale-in removes exactly the named spares, never an assigned replica."""
+    from corral.domain.autopilot import PlannedMove
+
+    await plane.deploy_pool()
+    await plane.controller.distribute(plane.pool, None, {"production": 1, "testing": 2})
+    by_business: dict[str, list[str]] = {}
+    for pod in plane.backend.list_pods(plane.pool):
+        by_business.setdefault(pod.business or "", []).append(pod.name)
+    [spare], testing = by_business[L.UNASSIGNED], sorted(by_business["testing"])
+    plane.store.set_pins(plane.pool, [testing[1]], True)
+    moves = [PlannedMove(spare, L.UNASSIGNED, "production", "production waiting per replica 4.0 > 1.0"),
+             PlannedMove(testing[0], "testing", "production", "production waiting per replica 4.0 > 1.0"),
+             PlannedMove(testing[1], "testing", "production", "pinned: must not move"),
+             PlannedMove(by_business["production"][0], "testing", "production", "stale: it is not in testing")]
+    done = await plane.controller.autopilot_moves(plane.pool, moves, "burst on production")
+    assert [m.pod for m in done] == [spare, testing[0]]
+    assert plane.distribution() == {"production": 3, "testing": 1}
+    plane.assert_settled()
+    rows = plane.history("assign")[:2]
+    assert all(r["message"].startswith("autopilot: production waiting per replica") for r in rows)
+    [summary] = plane.history("autopilot")
+    assert summary["outcome"] == "success" and summary["message"] == "burst on production"
+
+    back = await plane.controller.autopilot_moves(plane.pool, [PlannedMove(spare, "production", L.UNASSIGNED, "released")], "r")
+    assert [m.pod for m in back] == [spare]
+    removed = await plane.controller.remove_spares(plane.pool, [spare, testing[0]], "autopilot: idle spare")
+    assert removed == [spare]  # testing[0] is assigned (production): never removed
+    await wait_for_async(lambda: spare not in plane.pods(), timeout=30, what="the spare removed")
+    assert plane.distribution() == {"production": 2, "testing": 1}
+    plane.assert_settled()
     plane.assert_event_shapes()
 
 

@@ -1,0 +1,195 @@
+"""The autopilot's pure decision: the rules one by one, then properties over random pools."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from corral.domain import labels as L
+from corral.domain.autopilot import (
+    AutopilotMemory,
+    BusinessDemand,
+    BusinessPolicy,
+    Decision,
+    PoolAutopilot,
+    ReplicaState,
+    decide,
+)
+
+U = L.UNASSIGNED
+ON = PoolAutopilot(enabled=True, warm_spares=0, cooldown_seconds=10, stabilization_seconds=1, release_after_seconds=5)
+
+
+def replicas(**by_business: int) -> list[ReplicaState]:
+    out = []
+    for business, n in by_business.items():
+        name = U if business == "spare" else business
+        out += [ReplicaState(f"{business}-{i}", name, ready=True) for i in range(n)]
+    return out
+
+
+def loaded(rs: list[ReplicaState], business: str, running: float, waiting: float) -> list[ReplicaState]:
+    return [replace(r, running=running, waiting=waiting) if r.business == business else r for r in rs]
+
+
+def run(rs, demands, memory=AutopilotMemory(), now=100.0, pool=ON, free=None, gpus=0) -> Decision:
+    return decide(rs, demands, pool, memory, now, free_gpu_units=free, gpus_per_replica=gpus)
+
+
+def apply(rs: list[ReplicaState], decision: Decision, now: float) -> list[ReplicaState]:
+    targets = {m.pod: m.target for m in decision.moves}
+    out = [replace(r, business=targets[r.name], moved_at=now) if r.name in targets else r for r in rs
+           if r.name not in decision.remove]
+    if decision.scale_to is not None:
+        out += [ReplicaState(f"new-{now}-{i}", U, ready=False) for i in range(decision.scale_to - len(rs))]
+    return out
+
+
+def test_pressure_must_hold_for_the_stabilization_window_before_a_spare_moves():
+    rs = loaded(replicas(prod=1, spare=1), "prod", running=8, waiting=5)
+    demands = {"prod": BusinessDemand(requests_per_second=10)}
+    first = run(rs, demands, now=100.0)
+    assert not first.moves and first.memory.pressure_since == {"prod": 100.0}
+    second = run(rs, demands, memory=first.memory, now=101.0)
+    assert [(m.pod, m.source, m.target) for m in second.moves] == [("spare-0", U, "prod")]
+    assert "waiting per replica 5.0 > 1.0" in second.moves[0].reason and "warm spare" in second.moves[0].reason
+
+
+def test_spares_first_then_calm_businesses_lowest_priority_first():
+    rs = loaded(replicas(prod=1, a=3, b=3, spare=1), "prod", running=8, waiting=30)
+    demands = {"prod": BusinessDemand(BusinessPolicy(priority=5), requests_per_second=50),
+               "a": BusinessDemand(BusinessPolicy(priority=2)), "b": BusinessDemand(BusinessPolicy(priority=1))}
+    d = run(rs, demands, memory=AutopilotMemory({"prod": 0.0}))
+    sources = [m.source for m in d.moves]
+    assert sources[0] == U
+    assert sources[1:4] == ["b", "b", "b"]  # idle, lowest priority first: b gives all it does not need
+    assert all(m.target == "prod" for m in d.moves)
+
+
+def test_a_calm_business_keeps_what_its_own_load_needs():
+    rs = loaded(loaded(replicas(prod=1, other=3), "prod", 8, 20), "other", running=10, waiting=0)
+    demands = {"prod": BusinessDemand(requests_per_second=9), "other": BusinessDemand(requests_per_second=3)}
+    d = run(rs, demands, memory=AutopilotMemory({"prod": 0.0}))
+    # other runs 30 sequences; at 80 % of 8 slots it keeps ceil(30 / 6.4) = 5 > 3: gives nothing (equal priority)
+    assert not d.moves and d.waiting_for
+
+
+def test_min_and_max_replicas():
+    rs = replicas(prod=0, other=2, spare=0)
+    demands = {"prod": BusinessDemand(BusinessPolicy(min_replicas=1)), "other": BusinessDemand(BusinessPolicy(max_replicas=1))}
+    d = run(rs, demands)
+    assert ("other", "prod") in [(m.source, m.target) for m in d.moves]  # min at once, no stabilization
+    assert len([r for r in apply(rs, d, 100.0) if r.business == "other"]) <= 1
+
+
+def test_pinned_and_cooling_replicas_never_move():
+    rs = loaded(replicas(prod=1, idle=2), "prod", 8, 9)
+    rs = [replace(r, pinned=True) if r.name == "idle-0" else r for r in rs]
+    rs = [replace(r, moved_at=95.0) if r.name == "idle-1" else r for r in rs]
+    demands = {"prod": BusinessDemand(), "idle": BusinessDemand()}
+    d = run(rs, demands, memory=AutopilotMemory({"prod": 0.0}), now=100.0)
+    assert not d.moves  # idle-0 pinned, idle-1 moved 5 s ago (cooldown 10 s)
+    later = run(rs, demands, memory=AutopilotMemory({"prod": 0.0}), now=106.0)
+    assert [m.pod for m in later.moves] == ["idle-1"]
+
+
+def test_scarcity_takes_from_lower_priority_down_to_its_min_never_from_equal():
+    rs = loaded(loaded(replicas(hi=1, lo=3, eq=2), "hi", 8, 10), "lo", 8, 10)
+    rs = loaded(rs, "eq", 8, 10)
+    demands = {"hi": BusinessDemand(BusinessPolicy(priority=10)), "lo": BusinessDemand(BusinessPolicy(priority=0, min_replicas=2)),
+               "eq": BusinessDemand(BusinessPolicy(priority=10))}
+    d = run(rs, demands, memory=AutopilotMemory({"hi": 0.0, "lo": 0.0, "eq": 0.0}))
+    assert [(m.source, m.target) for m in d.moves] == [("lo", "eq")] or [(m.source, m.target) for m in d.moves] == [("lo", "hi")]
+    assert "priority 0 < 10" in d.moves[0].reason
+
+
+def test_surplus_goes_back_to_the_spares_after_the_release_window():
+    rs = replicas(prod=4, spare=0)
+    demands = {"prod": BusinessDemand(requests_per_second=1)}
+    first = run(rs, demands, now=100.0)
+    assert not first.moves and "prod" in first.memory.surplus_since
+    later = run(rs, demands, memory=first.memory, now=105.0)
+    assert [m.target for m in later.moves] == [U, U, U]  # keeps one while it has traffic
+    assert "released" in later.moves[0].reason
+
+
+def test_scale_out_when_moves_cannot_help_and_gpus_are_free():
+    rs = loaded(replicas(prod=2), "prod", 8, 40)
+    demands = {"prod": BusinessDemand()}
+    pool = replace(ON, scale_out=True, max_replicas=4)
+    d = run(rs, demands, memory=AutopilotMemory({"prod": 0.0}), pool=pool, free=8, gpus=1)
+    assert d.scale_to == 4 and "scale out 2 → 4" in d.scale_reason
+    no_gpu = run(rs, demands, memory=AutopilotMemory({"prod": 0.0}), pool=pool, free=0, gpus=1)
+    assert no_gpu.scale_to is None and any("no free GPU" in w for w in no_gpu.waiting_for)
+    starting = rs + [ReplicaState("s0", U, ready=False), ReplicaState("s1", U, ready=False)]
+    assert run(starting, demands, memory=AutopilotMemory({"prod": 0.0}), pool=pool, free=8, gpus=1).scale_to is None
+
+
+def test_idle_spares_scale_in_after_the_quiet_period_only_unassigned():
+    rs = replicas(prod=1, spare=3)
+    pool = replace(ON, scale_in=True, warm_spares=1, scale_in_after_seconds=60)
+    demands = {"prod": BusinessDemand(requests_per_second=1)}
+    first = run(rs, demands, pool=pool, now=0.0)
+    assert not first.remove and first.memory.spares_surplus_since == 0.0
+    later = run(rs, demands, memory=first.memory, pool=pool, now=61.0)
+    assert len(later.remove) == 2 and all(name.startswith("spare") for name in later.remove)
+
+
+# --- properties -----------------------------------------------------------------------------------
+
+BUSINESSES = ["a", "b", "c"]
+
+
+@st.composite
+def pools(draw):
+    rs = []
+    for i in range(draw(st.integers(0, 12))):
+        business = draw(st.sampled_from([*BUSINESSES, U]))
+        rs.append(ReplicaState(f"r{i}", business, ready=draw(st.booleans()) or business != U,
+                               pinned=draw(st.booleans()) and draw(st.booleans()),
+                               running=draw(st.integers(0, 8)), waiting=draw(st.integers(0, 12))))
+    demands = {}
+    for b in BUSINESSES:
+        lo = draw(st.integers(0, 3))
+        hi = draw(st.one_of(st.none(), st.integers(lo, 8)))
+        demands[b] = BusinessDemand(BusinessPolicy(min_replicas=lo, max_replicas=hi, priority=draw(st.integers(0, 3))),
+                                    requests_per_second=draw(st.sampled_from([0.0, 1.0, 20.0])))
+    pool = PoolAutopilot(enabled=True, warm_spares=draw(st.integers(0, 2)), cooldown_seconds=draw(st.sampled_from([0.0, 5.0])),
+                         scale_out=draw(st.booleans()), scale_in=draw(st.booleans()), max_replicas=16,
+                         stabilization_seconds=1.0, release_after_seconds=3.0, scale_in_after_seconds=5.0)
+    return rs, demands, pool
+
+
+@settings(max_examples=300, deadline=None)
+@given(pools())
+def test_properties_hold_and_constant_load_converges(case):
+    rs, demands, pool = case
+    memory = AutopilotMemory()
+    quiet = 0
+    for tick in range(60):
+        now = float(tick)
+        before = {r.name: r for r in rs}
+        d = decide(rs, demands, pool, memory, now, free_gpu_units=4, gpus_per_replica=1)
+        for m in d.moves:
+            r = before[m.pod]
+            assert not r.pinned, "a pinned replica moved"
+            assert r.business == m.source
+        for name in d.remove:
+            assert before[name].business == U, "an assigned replica was removed"
+        after = apply(rs, d, now)
+        for b, demand in demands.items():
+            had = sum(1 for r in rs if r.business == b)
+            has = sum(1 for r in after if r.business == b)
+            lo, hi = demand.policy.min_replicas, demand.policy.max_replicas
+            pinned_here = sum(1 for r in rs if r.business == b and r.pinned)
+            if had >= lo:
+                assert has >= lo, f"{b} dropped below its min"
+            if hi is not None and has > hi:
+                assert has <= max(had, pinned_here), f"{b} grew above its max"
+        # starting replicas become ready (same constant load signals: their own counters stay 0)
+        rs = [replace(r, ready=True) for r in after]
+        memory = d.memory
+        quiet = quiet + 1 if not d.acts else 0
+    assert quiet >= 5, "decisions did not settle on constant load"
