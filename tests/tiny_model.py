@@ -1,63 +1,16 @@
-"""Build a tiny Qwen2 chat model offline (no model hub), as DESIGN.md measured.
+"""Tiny models and tokenizers for the tests, built offline (no model hub), as DESIGN.md measured.
 
-2 layers, hidden 128, 2 heads (head_dim 64, which vLLM's CPU build also supports), with a
-byte-level BPE tokenizer trained on a few sentences. ~1.4 MB on disk, a few seconds to build.
+The model itself is `corral.devtools.build_tiny_model` (what `corral dev tiny-model` runs): one way to
+build it. The tokenizer variants below exist only for finetuning edge cases.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from corral.devtools import CHAT_TEMPLATE, SENTENCES, build_tiny_model
 
-SENTENCES = [
-    "Corral moves GPU capacity between business services in milliseconds.",
-    "A model pool is a set of identical inference replicas.",
-    "Each replica is assigned to one business or left unassigned.",
-    "Finetune tasks queue for GPUs with priorities and timeouts.",
-    "hello world, the quick brown fox jumps over the lazy dog.",
-]
-
-
-def build_tiny_model(target: Path) -> Path:
-    """Write a tiny causal LM with tokenizer and chat template to `target`; return it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-
-    target.mkdir(parents=True, exist_ok=True)
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    raw.train_from_iterator(
-        SENTENCES * 4,
-        trainers.BpeTrainer(
-            vocab_size=400, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        ),
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(target)
-
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    Qwen2ForCausalLM(config).save_pretrained(target)
-    return target
+__all__ = ["CHAT_TEMPLATE", "SENTENCES", "build_tiny_model", "build_bos_tokenizer", "build_templateless_tokenizer"]
 
 
 if __name__ == "__main__":

@@ -30,6 +30,11 @@ service_app = typer.Typer(help="Business services: stable endpoints selecting {m
 app.add_typer(service_app, name="service")
 finetune_app = typer.Typer(help="Finetune tasks: a queue on the same GPUs as the model pools.", no_args_is_help=True)
 app.add_typer(finetune_app, name="finetune")
+dev_app = typer.Typer(help="Developer tools: try Corral without a model hub.", no_args_is_help=True)
+app.add_typer(dev_app, name="dev")
+autopilot_app = typer.Typer(help="The autopilot: warm replicas follow demand across a pool's businesses.",
+                            no_args_is_help=True)
+app.add_typer(autopilot_app, name="autopilot")
 
 console = Console()
 err = Console(stderr=True)
@@ -420,14 +425,87 @@ def status(pool: str, output: str = OUTPUT_OPTION, url: Optional[str] = URL_OPTI
     console.print(f"available for scale-down: {result['availableForScaleDown']}")
 
 
+# live load -------------------------------------------------------------------------------------
+LOAD_COLUMNS = ["Service / replica", "Pool", "Ready", "Req/s", "In flight", "Err/s", "p50 ms", "p95 ms", "p99 ms",
+                "TTFB p50", "TTFB p95", "Tok/s"]
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _load_cells(load: dict) -> list[str]:
+    latency, ttfb = load["latencyMs"], load["ttfbMs"]
+    return [_figure(load["requestsPerSecond"]), str(load["inFlight"]), _figure(load["errorsPerSecond"]),
+            _figure(latency["p50"]), _figure(latency["p95"]), _figure(latency["p99"]), _figure(ttfb["p50"]),
+            _figure(ttfb["p95"]), _figure(load["tokensPerSecond"])]
+
+
+def _load_table(load: dict) -> Table:
+    """`GET /api/load` as one table: each business service (bold), then its replicas (indented)."""
+    table = Table(title=f"Load over the last {load['windowSeconds']} s, {time.strftime('%H:%M:%S')}", title_justify="left")
+    for column in LOAD_COLUMNS:
+        table.add_column(column, justify="left" if column in ("Service / replica", "Pool") else "right", overflow="fold")
+    for service in load["services"]:
+        table.add_row(Text(service["service"], style="bold"), _cell(service["pool"]), str(service["readyReplicas"]),
+                      *_load_cells(service))
+        for replica in service["replicas"]:
+            table.add_row(Text("  " + replica["pod"]), "", "", *_load_cells(replica))
+    if not load["services"]:
+        table.add_row("(no business services)", *[""] * (len(LOAD_COLUMNS) - 1))
+    return table
+
+
+@app.command()
+def top(
+    window: int = typer.Option(30, "--window", "-w", min=5, max=300, help="seconds of the sliding window (5..300)"),
+    once: bool = typer.Option(False, "--once", help="print one frame and exit (so does a pipe or -o json|yaml|name)"),
+    output: str = OUTPUT_OPTION,
+    url: Optional[str] = URL_OPTION,
+    token: Optional[str] = TOKEN_OPTION,
+) -> None:
+    """Live load of every business service and its replicas: requests/s, in flight, errors/s, latency and
+    time-to-first-byte percentiles (ms), tokens/s; refreshed every second until Ctrl+C."""
+    _check_output(output)
+    client = Client(url, token)
+
+    def fetch() -> dict:
+        return client.call("GET", "/api/load", params={"window": window})
+
+    load = fetch()
+    if _dump(output, load):
+        return
+    if output == "name":
+        for service in load["services"]:
+            sys.stdout.write(f"{service['service']}\n")
+        return
+    if once or not console.is_terminal:
+        (console if console.is_terminal else Console(width=100_000, soft_wrap=False)).print(_load_table(load))
+        return
+    from rich.live import Live
+
+    try:
+        with Live(_load_table(load), console=console, refresh_per_second=4) as live:
+            while True:
+                time.sleep(1)  # the refresh period (the API keeps the window; nothing to wait for)
+                live.update(_load_table(fetch()))
+    except KeyboardInterrupt:
+        pass
+
+
 # assignment ------------------------------------------------------------------------------------
 @app.command()
 def assign(pod: str, business: str, model: Optional[str] = typer.Option(None, help="check the pod serves this model"),
+           pin: Optional[bool] = typer.Option(None, "--pin/--no-pin", show_default=False,
+                                              help="while the pool's autopilot is on, the pod is pinned (the autopilot "
+                                                   "leaves it there) unless --no-pin"),
            url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
     """Assign a pool pod to a business (or `unassigned`)."""
-    result = Client(url, token).call("POST", "/api/assign-pod", json={"podName": pod, "businessTag": business, "modelName": model})
+    result = Client(url, token).call("POST", "/api/assign-pod", json={"podName": pod, "businessTag": business, "modelName": model,
+                                                                      "pin": pin})
     change = "unchanged" if not result["changed"] else f"{result['previousBusiness']} → {result['businessTag']}"
-    console.print(f"✓ {pod}: {change}")
+    console.print(f"✓ {pod}: {change}" + (" (pinned: the autopilot leaves it there; `corral autopilot unpin POD`)"
+                                          if result.get("pinned") else ""))
 
 
 @app.command()
@@ -445,6 +523,117 @@ def distribute(
     for move in result["moves"]:
         console.print(f"  {move['podName']}: {move['from']} → {move['to']}")
     console.print(f"✓ {len(result['moves'])} move(s); now " + ", ".join(f"{b}={n}" for b, n in result["podDistribution"].items()))
+
+
+# autopilot -------------------------------------------------------------------------------------
+def _fmt_number(value: Any, unit: str = "") -> str:
+    return "-" if value is None else f"{value:.1f}{unit}" if isinstance(value, float) else f"{value}{unit}"
+
+
+@autopilot_app.command("status")
+def autopilot_status(pool: Optional[str] = typer.Argument(None, help="one pool (default: every pool)"),
+                     output: str = OUTPUT_OPTION, url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+    """Settings, the signals per business, and the last decisions of a pool's autopilot."""
+    _check_output(output)
+    client = Client(url, token)
+    statuses = [client.call("GET", f"/api/autopilot/{pool}")] if pool else client.call("GET", "/api/autopilot")
+    if _dump(output, statuses if not pool else statuses[0]):
+        return
+    if output == "name":
+        for status in statuses:
+            sys.stdout.write(f"{status['pool']}\n")
+        return
+    for status in statuses:
+        settings = status["settings"]
+        state = "on" if settings["enabled"] else "off"
+        console.print(f"[bold]{status['pool']}[/bold]: autopilot {state} · warm spares {settings['warmSpares']} · "
+                      f"cooldown {settings['cooldownSeconds']:g} s · scale out {'on' if settings['scaleOut'] else 'off'} · "
+                      f"scale in {'on' if settings['scaleIn'] else 'off'}", highlight=False)
+        rows = [[b["business"], b["policy"]["priority"], f"{b['policy']['minReplicas']}..{b['policy']['maxReplicas'] or '∞'}",
+                 f"{b['readyReplicas']}/{b['replicas']}", b["pinned"], _fmt_number(b["running"]), _fmt_number(b["waiting"]),
+                 _fmt_number(b["ttftP90Ms"], " ms"), _fmt_number(b["requestsPerSecond"]), b["pressure"] or ""]
+                for b in status["businesses"]]
+        _table("businesses", ["BUSINESS", "PRIORITY", "MIN..MAX", "READY", "PINNED", "RUNNING", "WAITING", "TTFT P90",
+                              "REQ/S", "PRESSURE"], rows)
+        if output == "wide":
+            _table("replicas", ["POD", "BUSINESS", "READY", "PINNED", "RUNNING", "WAITING", "KV CACHE", "MOVED AT"],
+                   [[r["pod"], r["business"], r["ready"], r["pinned"], _fmt_number(r["running"]), _fmt_number(r["waiting"]),
+                     _fmt_number(r["kvCacheUsage"]), r["movedAt"] or ""] for r in status["replicas"]])
+        for decision in status["decisions"][:10]:
+            what = ", ".join(f"{m['podName']}: {m['from']} → {m['to']}" for m in decision["moves"])
+            if decision["scaledTo"] is not None:
+                what = (what + "; " if what else "") + f"scaled to {decision['scaledTo']}"
+            if decision["removed"]:
+                what = (what + "; " if what else "") + f"removed {', '.join(decision['removed'])}"
+            console.print(Text(f"  {decision['at']}  {what}  ({decision['error'] or decision['reason']})"))
+        for note in status["waitingFor"]:
+            console.print(Text(f"  waiting: {note}"))
+
+
+def _set_autopilot(pool: str, client: Client, **changes: Any) -> dict:
+    settings = client.call("GET", f"/api/autopilot/{pool}")["settings"] | {k: v for k, v in changes.items() if v is not None}
+    return client.call("PUT", f"/api/autopilot/{pool}", json=settings)
+
+
+@autopilot_app.command("enable")
+def autopilot_enable(
+    pool: str,
+    warm_spares: Optional[int] = typer.Option(None, "--warm-spares", help="unassigned ready replicas to keep"),
+    cooldown: Optional[float] = typer.Option(None, "--cooldown", help="seconds a moved replica stays"),
+    scale_out: Optional[bool] = typer.Option(None, "--scale-out/--no-scale-out", show_default=False,
+                                             help="add replicas when moves cannot meet demand"),
+    scale_in: Optional[bool] = typer.Option(None, "--scale-in/--no-scale-in", show_default=False, help="remove idle spares"),
+    max_replicas: Optional[int] = typer.Option(None, "--max-replicas", help="the pool's ceiling for scale-out"),
+    url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION,
+) -> None:
+    """Turn a pool's autopilot on (other settings kept unless given)."""
+    _set_autopilot(pool, Client(url, token), enabled=True, warmSpares=warm_spares, cooldownSeconds=cooldown, scaleOut=scale_out,
+                   scaleIn=scale_in, maxReplicas=max_replicas)
+    console.print(f"✓ autopilot on for {pool}; watch it with `corral autopilot status {pool}`")
+
+
+@autopilot_app.command("disable")
+def autopilot_disable(pool: str, url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+    """Turn a pool's autopilot off (replicas stay where they are)."""
+    _set_autopilot(pool, Client(url, token), enabled=False)
+    console.print(f"✓ autopilot off for {pool}")
+
+
+@autopilot_app.command("policy")
+def autopilot_policy(
+    service: str = typer.Argument(..., help="the business service (e.g. production-nlb)"),
+    min_replicas: Optional[int] = typer.Option(None, "--min", help="never fewer replicas (while the pool has them)"),
+    max_replicas: Optional[int] = typer.Option(None, "--max", help="never more replicas"),
+    no_max: bool = typer.Option(False, "--no-max", help="remove the maximum"),
+    priority: Optional[int] = typer.Option(None, "--priority", help="higher wins under scarcity"),
+    ttft_p90_ms: Optional[float] = typer.Option(None, "--ttft-p90-ms", help="target time to first token, p90"),
+    waiting_per_replica: Optional[float] = typer.Option(None, "--waiting-per-replica", help="target queued requests per replica"),
+    output: str = OUTPUT_OPTION, url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION,
+) -> None:
+    """Show a business's autopilot policy, or change the fields given (the rest kept)."""
+    _check_output(output)
+    client = Client(url, token)
+    policy = client.call("GET", f"/api/business-services/{service}/policy")
+    changes = {"minReplicas": min_replicas, "maxReplicas": max_replicas, "priority": priority}
+    target = {"ttftP90Ms": ttft_p90_ms, "waitingPerReplica": waiting_per_replica}
+    if any(v is not None for v in [*changes.values(), *target.values()]) or no_max:
+        policy |= {k: v for k, v in changes.items() if v is not None}
+        if no_max:
+            policy["maxReplicas"] = None
+        policy["target"] = policy["target"] | {k: v for k, v in target.items() if v is not None}
+        policy = client.call("PUT", f"/api/business-services/{service}/policy", json=policy)
+    if _dump(output, policy):
+        return
+    _table(f"policy of {service}", ["MIN", "MAX", "PRIORITY", "TTFT P90 TARGET", "WAITING/REPLICA TARGET"],
+           [[policy["minReplicas"], policy["maxReplicas"] if policy["maxReplicas"] is not None else "none", policy["priority"],
+             _fmt_number(policy["target"]["ttftP90Ms"], " ms"), _fmt_number(policy["target"]["waitingPerReplica"])]])
+
+
+@autopilot_app.command("unpin")
+def autopilot_unpin(pod: str, url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+    """Let the autopilot move a replica that a manual assignment pinned."""
+    result = Client(url, token).call("POST", f"/api/pods/{pod}/unpin")
+    console.print(f"✓ {pod} unpinned" if result["changed"] else f"✓ {pod} was not pinned")
 
 
 # services --------------------------------------------------------------------------------------
@@ -494,7 +683,8 @@ def service_delete(name: str, force: bool = typer.Option(False, help="unassign p
 
 @app.command()
 def history(
-    action: Optional[str] = typer.Option(None, help="deploy, delete, deploy-service, delete-service, assign, distribute, scale"),
+    action: Optional[str] = typer.Option(None, help="deploy, delete, deploy-service, delete-service, assign, distribute, scale, "
+                                                    "autopilot, policy, pin, finetune, crash, ..."),
     target: Optional[str] = None,
     limit: int = 50,
     output: str = OUTPUT_OPTION,
@@ -612,6 +802,8 @@ def finetune_preview(
     dataset: Path = typer.Argument(..., help="the dataset, as for submit"),
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="default: the maxSeqLen default (1024)"),
     train_on_prompt: bool = typer.Option(False, "--train-on-prompt", help="the loss on every token, not only the answers"),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help="model (the tokenizer's own) or a built-in "
+                                                "template: chatml, qwen, llama3, mistral, gemma"),
     examples: int = typer.Option(2, "--examples", "-n", help="how many examples to show"),
     url: Optional[str] = URL_OPTION,
     token: Optional[str] = TOKEN_OPTION,
@@ -620,7 +812,7 @@ def finetune_preview(
     from rich.text import Text
 
     body = {"baseModel": base_model, "datasetPath": str(dataset.resolve()), "maxSeqLen": max_seq_len,
-            "trainOnPrompt": train_on_prompt, "examples": examples}
+            "trainOnPrompt": train_on_prompt, "chatTemplate": chat_template, "examples": examples}
     result = Client(url, token).call("POST", "/api/finetune/preview", json=body)
     share = f"{100 * result['trainedTokens'] / result['totalTokens']:.0f}%" if result["totalTokens"] else "0%"
     console.print(f"{result['format']}: {result['count']} examples; {result['truncated']} truncated on the prompt side, "
@@ -740,6 +932,32 @@ def finetune_cancel(task_id: str, url: Optional[str] = URL_OPTION, token: Option
     console.print(f"{task_id}: {_status(task)}", highlight=False)
 
 
+@finetune_app.command("resume")
+def finetune_resume(task_id: str, follow: bool = typer.Option(False, "--follow", "-f", help="show a live progress bar until it ends"),
+                    url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+    """Queue a cancelled, timed-out or failed task again; it continues from its last checkpoint."""
+    client = Client(url, token)
+    task = client.call("POST", f"/api/finetune/tasks/{task_id}/resume")
+    console.print(f"{task_id}: {_status(task)} — {task['reason']}", highlight=False)
+    if follow:
+        _follow(client, task_id)
+
+
+@finetune_app.command("export")
+def finetune_export(task_id: str, wait: bool = typer.Option(True, help="wait until the merged weights are written"),
+                    url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+    """Write a completed task's merged weights (adapter merged into the base model) and print their directory."""
+    client = Client(url, token)
+    state = client.call("POST", f"/api/finetune/tasks/{task_id}/export")
+    while wait and state["state"] == "running":
+        time.sleep(1)
+        state = client.call("GET", f"/api/finetune/tasks/{task_id}/export")
+    if state["state"] == "failed":
+        fail(f"export of {task_id} failed: {state['reason']}")
+    console.print(state["directory"] if state["state"] == "done" else f"{task_id}: export {state['state']} — {state['reason']}",
+                  highlight=False, soft_wrap=True)
+
+
 @finetune_app.command("deploy")
 def finetune_deploy(
     task_id: str,
@@ -760,6 +978,80 @@ def finetune_deploy(
     console.print(f"deployed {name} from {task_id} ({result['deployment']['modelId']})")
     if wait and replicas:
         wait_ready(client, name, replicas, 900)
+
+
+adapters_app = typer.Typer(help="LoRA adapters on running vLLM pools (multi-LoRA): clients send the adapter's name as "
+                           "`model` to the pool's business services.", no_args_is_help=True)
+app.add_typer(adapters_app, name="adapters")
+ADAPTER_COLUMNS = [
+    Column("Name", lambda a: a["name"]),
+    Column("Task", lambda a: a["taskId"]),
+    Column("Loaded", lambda a: f"{a['loadedOn']}/{a['readyReplicas']}"),
+    Column("Rank", lambda a: a["rank"], wide=True),
+    Column("Path", lambda a: a["path"], wide=True),
+]
+
+
+@adapters_app.command("add")
+def adapters_add(pool: str, task_id: str = typer.Argument(..., help="a completed LoRA/QLoRA finetune task"),
+                 name: str = typer.Option(..., "--name", help="the `model` name clients will send"),
+                 url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+    """Add a finished task's LoRA adapter to a running vLLM pool (started with --enable-lora): loaded on every replica,
+    and on every replica that starts later."""
+    result = Client(url, token).call("POST", f"/api/finetune/tasks/{task_id}/deploy", json={"pool": pool, "adapterName": name})
+    console.print(result["message"], highlight=False, soft_wrap=True)
+
+
+@adapters_app.command("list")
+def adapters_list(pool: str, output: str = OUTPUT_OPTION, url: Optional[str] = URL_OPTION,
+                  token: Optional[str] = TOKEN_OPTION) -> None:
+    """A pool's adapters and on how many of its ready replicas each is loaded."""
+    _listing(output, f"Adapters of {pool}", ADAPTER_COLUMNS, Client(url, token).call("GET", f"/api/deployments/{pool}/adapters"))
+
+
+@adapters_app.command("remove")
+def adapters_remove(pool: str, name: str, url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+    """Remove an adapter from a pool: unloaded from every replica."""
+    Client(url, token).call("DELETE", f"/api/deployments/{pool}/adapters/{name}")
+    console.print(f"removed adapter {name} from {pool}", highlight=False)
+
+
+@dev_app.command("tiny-model")
+def dev_tiny_model(
+    directory: Path = typer.Argument(..., help="where to write it (created; an existing tiny model there is replaced)"),
+) -> None:
+    """Build a tiny chat model with RANDOM weights (~1.4 MB, offline): for trying engines, services and
+    finetuning without a model hub. Its answers are noise. Needs `pip install 'corral[train]'`."""
+    from rich.markup import escape
+
+    from corral import devtools
+
+    if directory.exists() and (not directory.is_dir() or (any(directory.iterdir()) and not devtools.is_tiny_model(directory))):
+        fail(f"{directory} exists and is not an empty directory or a tiny model built before; choose another directory")
+    if missing := devtools.missing_packages():
+        fail(escape(f"the tiny model needs {', '.join(missing)}: pip install 'corral[train]' (the same packages finetuning needs)"))
+    current = ["importing torch and transformers", time.monotonic()]  # the step under way, and since when
+    with console.status(f"{current[0]}…") as status:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # its own bars would interleave with this status
+
+        def step(name: str) -> None:  # the previous step is done: ✓ with its time; the status shows the next
+            console.print(f"[green]✓[/] {current[0]} ({time.monotonic() - float(current[1]):.1f} s)", highlight=False)
+            current[:] = [name, time.monotonic()]
+            status.update(f"{name}…")
+
+        try:
+            devtools.build_tiny_model(directory, step)
+        except devtools.MissingPackages as exc:
+            fail(escape(str(exc)))
+        step("done")
+    size = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+    console.print(f"[bold yellow]RANDOM WEIGHTS[/]: a tiny test model in {directory} ({size / 1e6:.1f} MB) that answers with noise; "
+                  f"see {directory / devtools.MARKER}", soft_wrap=True)
+    console.print(f"serve it:    corral deploy transformers {directory.resolve()} --tag tiny --pool", soft_wrap=True, highlight=False)
+    console.print(f"finetune it: corral finetune submit {directory.resolve()} DATASET.jsonl   (chat, ShareGPT or Alpaca JSONL)",
+                  soft_wrap=True, highlight=False)
 
 
 def _compact(value: Any) -> str:

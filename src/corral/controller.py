@@ -25,7 +25,7 @@ import logging
 import re
 import shlex
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,12 +39,19 @@ from corral.domain.assignment import (
     plan_restore,
     validate_assignment,
 )
+from corral.domain.autopilot import PlannedMove
 from corral.domain.distribution import plan_moves, targets_from_counts, targets_from_ratios
 from corral.domain.errors import Conflict, CorralError, InvalidInput, NotFound, Unavailable
 from corral.domain.history import Action, HistoryDraft, Intent, Observed, Outcome, judge_interrupted
 from corral.domain.manifests import service_manifest
 from corral.domain.models import Deployment, Pod, Service
-from corral.domain.scaling import MAX_REPLICAS, plan_pool_scale, plan_standard_scale
+from corral.domain.preemption import (
+    DEFAULT_BUSINESS_PRIORITY,
+    PreemptionOutcome,
+    PreemptionRequest,
+    business_priority,
+)
+from corral.domain.scaling import MAX_REPLICAS, ScalePlan, plan_pool_scale, plan_standard_scale
 from corral.domain.status import assignment_summary, pod_distribution, pool_status
 from corral.engines import Engine, get_engine, redact_args
 from corral.events import EventBus
@@ -86,6 +93,7 @@ class Controller:
         base_url: Callable[[str], str | None] = lambda service: None,
         traffic: Callable[[set[str]], dict[str, Any]] = lambda replicas: {},
         routes_applied: Callable[[], Awaitable[Any]] = _nothing_to_apply,
+        adapters: Callable[[str, list[Pod]], list[Any]] = lambda pool, pods: [],
     ) -> None:
         self.backend = backend
         self.store = store
@@ -93,6 +101,7 @@ class Controller:
         self.base_url = base_url  # where a service's traffic goes (the gateway's URL for it)
         self.traffic = traffic  # per-replica request counters from the data plane
         self.routes_applied = routes_applied  # waits until the data plane serves the current state
+        self.adapters = adapters  # a pool's LoRA adapters with their loaded counts (corral.adapters)
         self._locks: dict[str, asyncio.Lock] = {}
         self._completed_after: dict[int, Any] = {}
         self._background: set[asyncio.Task] = set()
@@ -100,6 +109,9 @@ class Controller:
         self._wake = asyncio.Event()
         self._reconciler: asyncio.Task | None = None
         self._restore_after: dict[str, float] = {}  # pool → monotonic time of its next restore attempt after a failure
+        # Frees GPUs held by lower-priority finetune tasks for a scale-out (the finetune manager's `preempting`, set by
+        # the runtime): a scale with `preempt` and the autopilot go through it. None: nothing to preempt.
+        self.preemptor: Callable[[PreemptionRequest], AbstractAsyncContextManager[PreemptionOutcome]] | None = None
         backend.set_report(self.observe)
 
     # views (typed: corral.views; the API answers their wire form, the UI reads them) --------------
@@ -128,7 +140,8 @@ class Controller:
         if deployment.is_pool:
             distribution = pod_distribution(pods, businesses_of_model(services, deployment.model_tag))
             return PoolDeploymentView(**common, podDistribution=distribution, assignment=assignment_summary(distribution),
-                                      availableForScaleDown=distribution[L.UNASSIGNED])
+                                      availableForScaleDown=distribution[L.UNASSIGNED],
+                                      adapters=self.adapters(deployment.name, pods))
         service = next((s.name for s in services if s.deployment == deployment.name), None)
         return StandardDeploymentView(**common, service=service, baseUrl=self.base_url(service) if service else None)
 
@@ -259,6 +272,7 @@ class Controller:
             intent = Intent([HistoryDraft(Action.DELETE, name, before=_brief(view), message="deployment deleted")])
             async with self._carrying_out(intent):
                 await self.backend.delete_deployment(name, intent)  # out of service now; replicas drain in the background
+                self.store.forget_autopilot(pool=name)  # its autopilot settings and pins go with it
                 failpoints.reached("delete.intent-recorded")
                 self.bus.publish("deployment", {"action": "deleted", "name": name})
                 await self._apply_routes(intent)
@@ -313,6 +327,7 @@ class Controller:
                                             message=f"unassigned {len(stranded)} pod(s)" if stranded else "service deleted")])
             async with self._carrying_out(intent):
                 await self.backend.delete_service(name, {p.name: L.UNASSIGNED for p in stranded}, intent)
+                self.store.forget_autopilot(service=name)
                 for pod in stranded:
                     self._announce_assignment(pod, L.UNASSIGNED, reason=reason)
                 for pool in sorted({p.deployment for p in stranded}):
@@ -322,12 +337,16 @@ class Controller:
         return {"success": True, "deleted": name, "unassignedPods": [p.name for p in stranded]}
 
     # assignment ------------------------------------------------------------------------------
-    async def assign_pod(self, pod_name: str, business_tag: str, model_name: str | None) -> dict[str, Any]:
+    async def assign_pod(self, pod_name: str, business_tag: str, model_name: str | None,
+                         pin: bool | None = None) -> dict[str, Any]:
+        """Assign by hand. While the pool's autopilot is on, the replica is pinned there first (the
+        autopilot never moves a pinned replica) unless `pin` is False, which unpins it instead."""
         found = self.backend.get_pod(pod_name)
         async with self._locked(*([found.deployment] if found else [])):
             pod = validate_assignment(pod_name, self.backend.get_pod(pod_name), business_tag, model_name, self.backend.list_services())
             previous = pod.business or L.UNASSIGNED
             changed = previous != business_tag
+            pinned = self._pin_by_hand(pod.deployment, [pod.name], pin)
             if changed:
                 intent = Intent([_assign_draft(pod, business_tag)])
                 async with self._carrying_out(intent):
@@ -336,7 +355,35 @@ class Controller:
                     await self._remember_assignment(pod.deployment)
                     await self._apply_routes(intent)
         return {"success": True, "podName": pod.name, "modelName": pod.model, "previousBusiness": previous,
-                "businessTag": business_tag, "changed": changed}
+                "businessTag": business_tag, "changed": changed, "pinned": pinned}
+
+    def autopilot_enabled(self, pool: str) -> bool:
+        return bool(self.store.autopilots().get(pool, {}).get("enabled"))
+
+    def _pin_by_hand(self, pool: str, pods: Sequence[str], pin: bool | None) -> bool:
+        """Pin replicas a person placed while the autopilot runs (recorded before the move is carried
+        out, so the autopilot cannot take them back in between); `pin=False` unpins. Whether pinned."""
+        if pin is False:
+            if self.store.pins() & set(pods):
+                self.store.set_pins(pool, pods, False, HistoryDraft(Action.PIN, pool, after={"unpinned": list(pods)},
+                                                                    message="unpinned by a manual assignment (pin: false)"))
+            return False
+        if not (pin or self.autopilot_enabled(pool)):
+            return False
+        self.store.set_pins(pool, pods, True, HistoryDraft(Action.PIN, pool, after={"pinned": list(pods)},
+                                                           message="placed by hand while the autopilot is on: "
+                                                                   "the autopilot leaves it there until unpinned"))
+        return True
+
+    async def unpin(self, pod_name: str) -> dict[str, Any]:
+        pod = self.backend.get_pod(pod_name)
+        if pod is None:
+            raise NotFound(f"pod '{pod_name}' not found; list them with GET /api/pods")
+        was = pod_name in self.store.pins()
+        if was:
+            self.store.set_pins(pod.deployment, [pod_name], False,
+                                HistoryDraft(Action.PIN, pod.deployment, after={"unpinned": [pod_name]}, message="unpinned"))
+        return {"success": True, "podName": pod_name, "pinned": False, "changed": was}
 
     async def _remember_assignment(self, pool: str) -> None:
         """Tell the backend what each business should keep, so replaced replicas get reassigned."""
@@ -401,10 +448,47 @@ class Controller:
         return result
 
     # scaling ---------------------------------------------------------------------------------
-    async def scale(self, name: str, target: int, *, pool_endpoint: bool, reason: str = "") -> dict[str, Any]:
-        """Scale any deployment; a pool always goes through the pool-safe plan, whichever endpoint asked."""
+    async def scale(self, name: str, target: int, *, pool_endpoint: bool, reason: str = "", preempt: bool = False,
+                    business: tuple[str | None, int] | None = None) -> dict[str, Any]:
+        """Scale any deployment; a pool always goes through the pool-safe plan, whichever endpoint asked.
+
+        `preempt`: when the new replicas need more GPUs than are free, preemptible finetune tasks below the scale's
+        priority checkpoint and give theirs first (`domain.preemption`). The priority is `business` (name, priority)
+        when the caller knows who needs the capacity (the autopilot), else the pool's (`pool_priority`: its
+        businesses' highest policy priority, 0 without any)."""
+        if preempt and self.preemptor is not None:
+            deployment = self._deployment(name, field="deploymentName")
+            gpus = max(0, target - len(self.backend.list_pods(name))) * deployment.gpus_per_replica
+            if gpus:
+                who, priority = business if business is not None else self.pool_priority(name)[::-1]
+                request = PreemptionRequest(pool=name, business=who, priority=priority, gpus=gpus)
+                async with self.preemptor(request) as outcome:
+                    note = f"; GPUs of {', '.join(outcome.tasks)} preempted for {request.describe()}" if outcome.tasks else ""
+                    try:
+                        async with self._locked(name):
+                            result = await self._scale(name, target, pool_endpoint=pool_endpoint, reason=reason + note)
+                    except Conflict as refusal:
+                        if outcome.why_not:
+                            refusal.message += f" (preempt: {outcome.why_not})"
+                            refusal.args = (refusal.message,)
+                        raise
+                return {**result, "preempted": list(outcome.tasks)}
         async with self._locked(name):
             return await self._scale(name, target, pool_endpoint=pool_endpoint, reason=reason)
+
+    def pool_priority(self, pool: str) -> tuple[int, str | None]:
+        """The pool's place on the one priority scale of businesses and finetune tasks (`domain.preemption`): the
+        highest autopilot policy priority among its business services (0 for one without a policy), and whose."""
+        deployment = self.backend.get_deployment(pool)
+        if deployment is None or not deployment.is_pool:
+            return business_priority({})
+        stored = self.store.policies()
+        priorities: dict[str, int] = {}
+        for service in self.backend.list_services():
+            if service.is_business_service and service.model == deployment.model_tag and service.business:
+                value = int((stored.get(service.name) or {}).get("priority", DEFAULT_BUSINESS_PRIORITY))
+                priorities[service.business] = max(priorities.get(service.business, value), value)
+        return business_priority(priorities)
 
     async def scale_by(self, name: str, delta: int, *, reason: str) -> dict[str, Any]:
         """Scale relative to the replicas there are now (read under the lock): for the finetune reclaim."""
@@ -425,6 +509,10 @@ class Controller:
                               outcome=Outcome.REFUSED, message=refusal.message)
             refusal.details.update(success=False, currentReplicas=len(pods), targetReplicas=target, unassignedPods=unassigned)
             raise
+        return await self._carry_out_scale(deployment, plan, reason)
+
+    async def _carry_out_scale(self, deployment: Deployment, plan: ScalePlan, reason: str) -> dict[str, Any]:
+        name = deployment.name
         message = (f"added {plan.add}, removed {len(plan.remove)}" + (f": {', '.join(plan.remove)}" if plan.remove else "")
                    + (f" ({reason})" if reason else ""))
         intent = Intent([HistoryDraft(Action.SCALE, name, before={"replicas": plan.current}, after={"replicas": plan.target},
@@ -491,10 +579,11 @@ class Controller:
     async def restore_assignment(self, pool: str) -> dict[str, str]:
         """Give each business back the replicas it should have, from unassigned ones, after replicas
         were replaced behind Corral's back (a crash, a node lost, a rollout on Kubernetes)."""
-        desired = self.backend.desired_assignment(pool)
-        if not desired:
+        if not self.backend.desired_assignment(pool):
             return {}
         async with self._locked(pool):
+            # Read again under the lock: a change that held it has just rewritten what each business keeps.
+            desired = self.backend.desired_assignment(pool)
             pods = self.backend.list_pods(pool)
             plan = plan_restore(pods, desired)
             if not plan:
@@ -509,6 +598,46 @@ class Controller:
                                                         "from": L.UNASSIGNED, "to": business, "reason": "restore"})
                 await self._apply_routes(intent)
         return plan
+
+    # the autopilot ---------------------------------------------------------------------------
+    async def autopilot_moves(self, pool: str, moves: Sequence[PlannedMove], summary: str) -> list[PlannedMove]:
+        """Carry out an autopilot decision's moves, re-checked under the pool's lock against what is there
+        now (a person may have moved, pinned or deleted something since the decision was taken): the
+        moves that still hold are one intent — a row per replica with its reason, then the decision's
+        summary row — and one routing push."""
+        async with self._locked(pool):
+            pods = {p.name: p for p in self.backend.list_pods(pool)}
+            deployment = self._pool(pool)
+            served = set(businesses_of_model(self.backend.list_services(), deployment.model_tag)) | {L.UNASSIGNED}
+            pinned = self.store.pins()
+            valid = [m for m in moves if m.pod in pods and (pods[m.pod].business or L.UNASSIGNED) == m.source
+                     and m.target in served and m.pod not in pinned]
+            if not valid:
+                return []
+            intent = Intent([_assign_draft(pods[m.pod], m.target, f"autopilot: {m.reason}") for m in valid]
+                            + [HistoryDraft(Action.AUTOPILOT, pool, before=pod_distribution(list(pods.values())),
+                                            after={m.pod: m.target for m in valid}, message=summary)])
+            async with self._carrying_out(intent):
+                await self.backend.set_businesses({m.pod: m.target for m in valid}, intent)
+                for move in valid:
+                    self._announce_assignment(pods[move.pod], move.target, reason=f"autopilot: {move.reason}")
+                await self._remember_assignment(pool)
+                await self._apply_routes(intent, after=pod_distribution(self.backend.list_pods(pool)))
+        return valid
+
+    async def remove_spares(self, pool: str, names: Sequence[str], reason: str) -> list[str]:
+        """Scale a pool in by exactly these replicas, if they are still unassigned and unpinned (the
+        autopilot's scale-in: it chose idle spares, and an assigned replica is never removed)."""
+        async with self._locked(pool):
+            deployment = self._pool(pool)
+            pods = self.backend.list_pods(pool)
+            pinned = self.store.pins()
+            victims = tuple(p.name for p in pods if p.name in set(names) and p.business == L.UNASSIGNED
+                            and p.name not in pinned)
+            if not victims:
+                return []
+            await self._carry_out_scale(deployment, ScalePlan(len(pods), len(pods) - len(victims), remove=victims), reason)
+        return list(victims)
 
     # intents -----------------------------------------------------------------
     def _locked(self, *pools: str) -> AbstractAsyncContextManager[None]:

@@ -32,7 +32,9 @@ class EventType(StrEnum):
     HISTORY = "history"  # a history row was written or completed (its HistoryEntry)
     FINETUNE_TASK = "finetune_task"  # a task changed (its FinetuneTask view)
     GPU_INVENTORY = "gpu_inventory"  # the detected GPUs changed (GpuInfo)
-    LOAD = "load"  # load samples per business service (no publisher in this tree yet)
+    ADAPTERS = "adapters"  # a pool's LoRA adapters changed or were loaded somewhere {pool, adapters: [AdapterView]}
+    LOAD = "load"  # once a second while watched: the load of every business service (LoadOverview, window 30 s)
+    AUTOPILOT = "autopilot"  # an autopilot decision carried out {pool, moves, scale, reason}
 
 
 def _plain(value: Any) -> Any:

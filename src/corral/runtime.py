@@ -15,16 +15,20 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from corral.adapters import AdapterManager
 from corral.aio import within
+from corral.autopilot import Autopilot, ServiceTraffic
 from corral.backends.base import Backend
 from corral.config import Settings
 from corral.controller import Controller
 from corral.domain.gpu_ledger import GpuLedger, units_from_devices
+from corral.domain.load import WINDOW_MIN_S
 from corral.domain.memory import find_model
-from corral.engines import get_engine
+from corral.engines import get_engine, set_interpreter
 from corral.events import EventBus
 from corral.finetune.manager import FinetuneManager
 from corral.gateway import nginx_plane
+from corral.gateway.monitor import LoadMonitor
 from corral.gateway.nginx_plane import NginxGateway
 from corral.gateway.policies import make_policy
 from corral.gateway.proxy import Gateway, GatewayLimits
@@ -37,7 +41,7 @@ from corral.store.state import StateStore
 from corral.views import gpu_info
 
 log = logging.getLogger("corral.runtime")
-NOT_ROUTING_EVENTS = frozenset({"history", "finetune_task", "gpu_inventory"})
+NOT_ROUTING_EVENTS = frozenset({"history", "finetune_task", "gpu_inventory", "load", "adapters"})
 
 
 class Runtime:
@@ -50,19 +54,32 @@ class Runtime:
         self.store.on_record = lambda entry: self.bus.publish("history", entry)
         self.catalogue = [find_model(name) for name in settings.recommend_catalogue]
         self._gpu_task: asyncio.Task | None = None
+        set_interpreter("vllm", str(settings.vllm_python) if settings.vllm_python else None)  # CORRAL_VLLM_PYTHON
         self.platform = build_platform(settings, self.store, self.gpu_ledger, backend)
         self.backend = self.platform.backend
         self.gateway = self._make_gateway(settings)
         # The data plane's reconciler: events mark the table dirty; mutations await `sync` (one push each).
         self.routing = RoutingSync(self._build_routes, self.gateway, timeout_s=settings.gateway_apply_timeout_s)
         self.backend.set_drain(self.gateway.drain)
+        # LoRA adapters of running vLLM pools: desired state, loaded on every ready replica (corral.adapters).
+        self.adapters = AdapterManager(self.backend, self.store, self.bus)
         self.controller = Controller(self.backend, self.store, self.bus, base_url=self.service_base_url,
-                                     traffic=self.gateway.stats.replica_summary, routes_applied=self.routing.sync)
+                                     traffic=self.gateway.stats.replica_summary, routes_applied=self.routing.sync,
+                                     adapters=self.adapters.views)
         self.bus.listen(self._on_event)
+        # Live load per business service and replica: `self.load.snapshot(window)` / `.service(name, window)`
+        # (views), `.watch()` for a `load` bus event once a second (corral.gateway.monitor).
+        self.load = LoadMonitor(self.gateway.read_counters, lambda: self.gateway.table, self.controller.list_business_services,
+                                self.bus, enabled=settings.load_sampling)
         self.finetune = FinetuneManager(
             settings, self.store, self.bus, inventory=self.platform.fresh_inventory,
             ledger=self.gpu_ledger, controller=self.controller, runner=self.platform.runner,
         )
+        self.controller.preemptor = self.finetune.preempting  # scale-outs for higher-priority businesses (domain.preemption)
+        # Warm capacity following demand (corral.autopilot): reads the load above and the engines' /metrics.
+        self.autopilot = Autopilot(self.controller, self.store, self.bus, traffic=self._service_traffic,
+                                   free_gpu_units=lambda: len(self.gpu_ledger().free_units()),
+                                   interval_s=settings.autopilot_interval_s)
 
     @property
     def gpu_inventory(self) -> GpuInventory:
@@ -101,8 +118,11 @@ class Runtime:
             await self.routing.sync()
         except DataPlaneLagging as exc:  # the reconciler keeps pushing
             log.warning("%s", exc.message)
+        self.load.start()
         await self.finetune.start()
         await self.controller.start()  # after recovery: closes the history rows a stopped control plane left pending
+        await self.adapters.start()
+        await self.autopilot.start()
         if self.platform.watches_inventory:
             self._gpu_task = asyncio.create_task(self._watch_gpus(), name="gpu-inventory")
         # What is alive after start-up (modules, settings, caches) is never garbage: frozen, it is no longer
@@ -114,7 +134,8 @@ class Runtime:
         The gateway may take the drain timeout, so that in-flight requests finish."""
         if self._gpu_task:
             self._gpu_task.cancel()
-        steps = [("controller", self.controller.close, 10.0), ("finetune manager", self.finetune.close, 10.0),
+        steps = [("autopilot", self.autopilot.close, 5.0), ("adapter reconciler", self.adapters.close, 5.0), ("load monitor", self.load.close, 5.0),
+                 ("controller", self.controller.close, 10.0), ("finetune manager", self.finetune.close, 10.0),
                  ("routing reconciler", self.routing.close, 10.0),
                  ("gateway", self.gateway.close, self.settings.drain_timeout_s + 10),
                  ("backend", self.backend.close, 10.0)]
@@ -133,6 +154,14 @@ class Runtime:
             if inventory != self.platform.inventory:
                 self.platform.inventory = inventory
                 self.bus.publish("gpu_inventory", gpu_info(inventory, self.catalogue))
+
+    def _service_traffic(self) -> dict[str, ServiceTraffic]:
+        """The gateway's view of each business service over the shortest window, for the autopilot."""
+        unserved = self.load.unserved(WINDOW_MIN_S)
+        return {load.service: ServiceTraffic(requests_per_second=load.requestsPerSecond,
+                                             rejected_per_second=unserved.get(load.service, 0.0),
+                                             ttfb_p90_ms=load.ttfbMs.p95)  # p95: the gateway's nearest figure
+                for load in self.load.snapshot(WINDOW_MIN_S).services}
 
     def service_base_url(self, service: str) -> str:
         host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "::") else self.settings.host

@@ -177,11 +177,37 @@ class _DeploymentFields(OmittingContract):
         return redact_args(value)
 
 
+class AdapterView(Contract):
+    """A LoRA adapter of a running vLLM pool: desired on every replica, loaded by Corral's adapter reconciler."""
+
+    name: str = Field(description="the `model` name clients send to the pool's business services")
+    taskId: str | None = Field(description="the finetune task it came from")
+    path: str = Field(description="the adapter directory the replicas load")
+    rank: int = Field(description="its LoRA rank")
+    loadedOn: int = Field(description="ready replicas that have it loaded now")
+    readyReplicas: int = Field(description="ready replicas of the pool (all of them load it)")
+
+
+class AdapterResult(Contract):
+    success: bool
+    pool: str
+    adapter: AdapterView
+    message: str
+
+
+class AdapterRemoveResult(Contract):
+    success: bool
+    pool: str
+    removed: str
+
+
 class PoolDeploymentView(_DeploymentFields):
     type: Literal["pool"] = "pool"
     podDistribution: dict[str, int] = Field(description="pods per business, `unassigned` first, every business even at 0")
     assignment: str = Field(description="`production(2) | testing(1) | unassigned(1)`")
     availableForScaleDown: int = Field(description="unassigned pods: the most a scale-down may remove")
+    adapters: list[AdapterView] = Field(default_factory=list, description="LoRA adapters added to the running pool "
+                                        "(vLLM, multi-LoRA): requests with `model: <name>` get them")
 
 
 class StandardDeploymentView(_DeploymentFields):
@@ -227,6 +253,59 @@ class PoolStatus(Contract):
     traffic: dict[str, ReplicaTraffic] = Field(description="gateway counters per replica")
 
 
+# serving: load (GET /api/business-services/{name}/load, GET /api/load, `load` on /ws) ---------------
+class LatencyMs(Contract):
+    """Percentiles interpolated in the gateway's latency histogram (corral.domain.load); null without requests."""
+
+    p50: float | None
+    p95: float | None
+    p99: float | None
+
+
+class TtfbMs(Contract):
+    """Time to the first byte of streamed responses; null without streamed responses in the window."""
+
+    p50: float | None
+    p95: float | None
+
+
+class ReplicaLoad(Contract):
+    pod: str
+    requestsPerSecond: float
+    inFlight: int
+    errorsPerSecond: float
+    latencyMs: LatencyMs
+    ttfbMs: TtfbMs
+    tokensPerSecond: float | None = Field(description="completion tokens per second; null when no response reported usage")
+
+
+class LoadPoint(Contract):
+    t: int = Field(description="unix seconds: the end of the 5 s this point covers")
+    requestsPerSecond: float
+    p95Ms: float | None
+    capacity: int = Field(description="ready replicas assigned (routed to) at t")
+
+
+class ServiceLoad(Contract):
+    service: str
+    pool: str | None
+    windowSeconds: int
+    requestsPerSecond: float
+    inFlight: int
+    errorsPerSecond: float
+    latencyMs: LatencyMs
+    ttfbMs: TtfbMs
+    tokensPerSecond: float | None = Field(description="completion tokens per second; null when no response reported usage")
+    readyReplicas: int
+    replicas: list[ReplicaLoad] = Field(description="the replicas it routes to, and any that served it in the window")
+    series: list[LoadPoint] = Field(description="the last 5 minutes, one point per 5 s")
+
+
+class LoadOverview(Contract):
+    windowSeconds: int
+    services: list[ServiceLoad]
+
+
 class HistoryEntry(Contract):
     id: int
     timestamp: str
@@ -270,6 +349,7 @@ class AssignResult(Contract):
     previousBusiness: str
     businessTag: str
     changed: bool
+    pinned: bool = False  # the autopilot leaves it where it was put (POST /api/pods/{name}/unpin)
 
 
 class Move(Contract):
@@ -296,7 +376,7 @@ class DistributeDryRun(Contract):
 
 
 class ScaleResult(OmittingContract):
-    omitted_when_none = frozenset({"unassignedPods"})
+    omitted_when_none = frozenset({"unassignedPods", "preempted"})
     success: bool
     deploymentName: str
     currentReplicas: int
@@ -304,6 +384,8 @@ class ScaleResult(OmittingContract):
     added: list[str]
     removed: list[str]
     unassignedPods: int | None = Field(default=None, description="pools only")
+    preempted: list[str] | None = Field(default=None, description='`"preempt": true` only: the finetune tasks that gave '
+                                        "their GPUs (they checkpointed and wait in the queue to resume)")
 
 
 # finetune --------------------------------------------------------------------------------------
@@ -316,6 +398,7 @@ class TaskProgress(TypedDict, total=False):
     learningRate: Number | None
     epoch: Number
     eta: Number | None
+    etaAt: Number | None  # when the trainer expects to finish (Unix seconds): the report's time + eta
     evalLoss: Number | None
     datasetFormat: str
     truncated: int
@@ -341,6 +424,8 @@ class FinetuneTask(Contract):
     units: list[str] = Field(description="the GPU units it holds while running")
     output: str | None
     reclaimed: dict[str, int] = Field(description="pool → replicas scaled in for it, restored when it ends")
+    preemptible: bool = Field(default=True, description="a business of higher priority may take its GPUs: it saves a "
+                              "checkpoint, waits in the queue and resumes from it")
     createdAt: str | None
     startedAt: str | None
     finishedAt: str | None
@@ -381,6 +466,23 @@ class PreviewResult(Contract):
     maxSeqLen: int
     trainOnPrompt: bool
     lengthHistogram: list[LengthBin] = Field(description="examples by token length before truncation")
+
+
+class TaskCurves(Contract):
+    """A task's curves for charts, as [step, value] pairs; a step replayed after a resume appears once (its latest value)."""
+
+    loss: list[tuple[int, float]]
+    evalLoss: list[tuple[int, float]]
+    learningRate: list[tuple[int, float]]
+
+
+class ExportState(Contract):
+    """Merged weights of a completed task (the LoRA adapter merged into its base model, or a full finetune's model as is)."""
+
+    taskId: str
+    state: Literal["none", "running", "done", "failed"]
+    directory: str | None = Field(description="where the merged model (weights + tokenizer) is, once done")
+    reason: str
 
 
 class QueueSummary(Contract):
@@ -459,6 +561,11 @@ class Estimate(Contract):
     displayName: str
     parameters: Number
     method: str
+    activeParameters: Number | None = Field(default=None, description="mixture-of-experts: parameters one token uses")
+    source: str = Field(default="catalogue", description="catalogue | directory | hf-cache: where the model was found")
+    countedFrom: str = Field(default="catalogue", description="catalogue | safetensors (exact) | index | config")
+    dtype: str = Field(default="", description="the weights' storage dtype, where the files say it")
+    note: str = Field(default="", description="why the figures may be approximate")
     training: MemoryFigures
     serving: ServingMemory
 
@@ -490,7 +597,111 @@ __all__ = [
     "AssignResult", "BusinessServiceView", "Contract", "DataPlaneStatus", "DeleteResult", "DeleteServiceResult",
     "DeployResult", "DeployServiceResult", "DeploymentView", "DistributeDryRun", "DistributeResult", "EngineInfo",
     "ErrorBody", "Estimate", "FinetuneTask", "GpuDeviceView", "GpuInfo", "GpuProcessView", "Health", "HistoryEntry",
-    "LengthBin", "MemoryFigures", "Move", "Number", "OmittingContract", "PodView", "PoolDeploymentView", "PoolStatus",
+    "LatencyMs", "LengthBin", "LoadOverview", "LoadPoint", "MemoryFigures", "Move", "Number", "OmittingContract", "PodView", "PoolDeploymentView", "PoolStatus",
     "PreviewExample", "PreviewResult", "PreviewSpan", "QueueSummary",
-    "ReplicaTraffic", "ScaleRefusal", "ScaleResult", "ServingMemory", "StandardDeploymentView", "TaskProgress", "gpu_info",
+    "ReplicaLoad", "ReplicaTraffic", "ScaleRefusal", "ScaleResult", "ServiceLoad", "ServingMemory", "StandardDeploymentView", "TaskProgress", "TtfbMs", "gpu_info",
 ]
+
+
+# the autopilot -----------------------------------------------------------------------------------
+class PolicyTarget(Contract):
+    """The load a business wants to stay under; above it, it is *pressured* and gets replicas."""
+
+    ttftP90Ms: float | None = Field(default=None, ge=1, le=600_000, description="time to first token, p90, ms")
+    waitingPerReplica: float | None = Field(default=1.0, ge=0, le=100_000,
+                                            description="requests waiting for a batch slot, per ready replica")
+
+
+class BusinessPolicySpec(Contract):
+    """`PUT/GET /api/business-services/{name}/policy` (the body and the answer)."""
+
+    minReplicas: int = Field(default=0, ge=0, le=256)
+    maxReplicas: int | None = Field(default=None, ge=0, le=256, description="null: no maximum")
+    priority: int = Field(default=0, ge=-1000, le=1000, description="higher wins under scarcity")
+    target: PolicyTarget = Field(default_factory=PolicyTarget)
+
+    @field_validator("maxReplicas")
+    @classmethod
+    def _max_not_below_min(cls, value: int | None, info: Any) -> int | None:
+        low = info.data.get("minReplicas", 0)
+        if value is not None and value < low:
+            raise ValueError(f"maxReplicas ({value}) must be >= minReplicas ({low})")
+        return value
+
+
+class AutopilotSpec(Contract):
+    """`PUT/GET /api/autopilot/{pool}` settings (the body, and `settings` in the answer)."""
+
+    enabled: bool = False
+    warmSpares: int = Field(default=1, ge=0, le=64, description="unassigned ready replicas to keep when possible")
+    cooldownSeconds: float = Field(default=30.0, ge=0, le=86_400, description="a moved replica stays at least this long")
+    scaleOut: bool = Field(default=False, description="add replicas when moves cannot meet demand and GPUs are free")
+    scaleIn: bool = Field(default=False, description="remove idle spares above warmSpares after scaleInAfterSeconds")
+    maxReplicas: int | None = Field(default=None, ge=0, le=256, description="the pool's ceiling for scale-out")
+    stabilizationSeconds: float = Field(default=1.0, ge=0, le=3600, description="how long pressure must hold before a move")
+    releaseAfterSeconds: float = Field(default=30.0, ge=0, le=86_400,
+                                       description="how long a surplus must hold before it goes back to the spares")
+    scaleInAfterSeconds: float = Field(default=300.0, ge=0, le=86_400)
+    replicaConcurrency: int = Field(default=8, ge=1, le=65_536,
+                                    description="sequences one replica runs at once (the engine's --max-num-seqs)")
+
+
+class AutopilotBusiness(Contract):
+    business: str
+    services: list[str]
+    policy: BusinessPolicySpec
+    replicas: int
+    readyReplicas: int
+    pinned: int
+    running: float | None
+    waiting: float | None
+    ttftP90Ms: float | None
+    requestsPerSecond: float
+    rejectedPerSecond: float
+    pressure: str | None  # why it needs more capacity now, or null
+
+
+class AutopilotReplica(Contract):
+    pod: str
+    business: str
+    ready: bool
+    pinned: bool
+    running: float | None
+    waiting: float | None
+    kvCacheUsage: float | None
+    ttftP90Ms: float | None
+    movedAt: str | None  # when the autopilot last moved it (ISO 8601)
+
+
+class AutopilotMoveView(Contract):
+    podName: str
+    source: str = Field(alias="from")
+    target: str = Field(alias="to")
+    reason: str
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class AutopilotDecisionView(Contract):
+    at: str  # ISO 8601
+    moves: list[AutopilotMoveView]
+    scaledTo: int | None
+    removed: list[str]
+    reason: str
+    error: str | None = None
+
+
+class UnpinResult(Contract):
+    success: bool
+    podName: str
+    pinned: bool
+    changed: bool
+
+
+class AutopilotStatus(Contract):
+    pool: str
+    settings: AutopilotSpec
+    businesses: list[AutopilotBusiness]
+    replicas: list[AutopilotReplica]
+    decisions: list[AutopilotDecisionView]  # newest first
+    waitingFor: list[str]  # what the last decision could not do, and why

@@ -57,3 +57,50 @@ def test_three_tasks_from_the_form(corral: CorralServer, page: Page, tiny_model:
     expect(page.get_by_test_id("loss-summary")).to_contain_text(f"{steps} logged steps, last loss")
     expect(page.get_by_test_id("loss-chart").locator("canvas")).to_be_visible()
     expect(page.get_by_test_id("deploy-as-pool")).to_be_visible()
+
+
+def test_failed_reason_curves_and_export_at_1280_px(corral: CorralServer, browser: object, tiny_model: Path,  # noqa: F811
+                                                    dataset: Path) -> None:  # noqa: F811
+    """Issue 13 and 16's UI: a failed task says why in its row; the table fits its card at 1280 px (no sideways
+    scroll); a finished task shows its loss, eval-loss and learning-rate curves, and exports merged weights."""
+    failing = corral.ok("POST", "/api/finetune/tasks", json={"baseModel": str(tiny_model), "datasetPath": str(dataset),
+                                                             "hyperparameters": {"epochs": 1, "loraTarget": "no_such_proj"}})["id"]
+    good = corral.ok("POST", "/api/finetune/tasks", json={"baseModel": str(tiny_model), "datasetPath": str(dataset),
+                                                          "hyperparameters": {"epochs": 1, "valSize": 5}})["id"]
+    wait_for(lambda: [corral.ok("GET", f"/api/finetune/tasks/{i}")["status"] for i in (failing, good)] == ["failed", "completed"],
+             timeout=180, what="one task to fail and one to complete")
+
+    context = browser.new_context(viewport={"width": 1280, "height": 900})  # type: ignore[attr-defined]
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    try:
+        page.goto(corral.url + "/finetune")
+        reason = page.get_by_test_id(f"reason-{failing}")
+        expect(reason).to_contain_text("trainer exited")
+        expect(reason).to_contain_text("no_such_proj")  # the log's last line: what was wrong
+        expect(page.get_by_test_id(f"status-{good}")).to_have_text("completed")
+        card = page.get_by_test_id("tasks-card")
+        for element in (card, card.locator(".q-table__middle")):
+            sizes = element.evaluate("e => [e.scrollWidth, e.clientWidth]")
+            assert sizes[0] <= sizes[1], f"the finetune card scrolls sideways: {sizes}"
+        assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+        box = card.bounding_box()
+        assert box is not None and box["x"] + box["width"] <= 1280
+
+        page.get_by_test_id(f"detail-{good}").click()
+        expect(page.get_by_test_id("loss-chart").locator("canvas")).to_be_visible()
+        expect(page.get_by_test_id("lr-chart").locator("canvas")).to_be_visible()
+        summary = page.get_by_test_id("loss-summary")
+        expect(summary).to_contain_text("logged steps, last loss")
+        expect(summary).to_contain_text("eval loss")
+        expect(summary).to_contain_text("learning rate")
+        curves = corral.ok("GET", f"/api/finetune/tasks/{good}/curves")
+        assert curves["loss"] and curves["evalLoss"] and len(curves["learningRate"]) == len(curves["loss"])
+        assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+        screenshot(page, "finetune-detail")
+
+        page.get_by_test_id("export").click()
+        expect(page.get_by_test_id("export-state")).to_contain_text("merged weights in", timeout=120_000)
+        assert corral.ok("GET", f"/api/finetune/tasks/{good}/export")["state"] == "done"
+    finally:
+        context.close()

@@ -35,6 +35,7 @@ def test_deploy_assign_refuse_and_drag(corral: CorralServer, page: Page) -> None
     row = page.get_by_test_id(f"deployment-{POOL}")
     expect(row.get_by_test_id("replicas")).to_have_text("replicas 3, ready 3", timeout=60_000)  # live, no reload
     expect(row.get_by_test_id("assignment")).to_have_text("Assignment: unassigned(3)")
+    expect(row.get_by_test_id("scale-warning")).to_have_count(0)  # all unassigned: any scale-down is allowed
 
     # Two business services from the Service Configuration tab; the test panel keeps its state.
     page.get_by_test_id("test-panel").get_by_role("textbox").fill("kept across tab switches")
@@ -57,7 +58,7 @@ def test_deploy_assign_refuse_and_drag(corral: CorralServer, page: Page) -> None
     pick(page, f"business-{pods[1]}", "testing")
     expect(page.get_by_test_id(f"result-{pods[1]}")).to_have_text("✓")
     expect(row).to_contain_text("available for scale-down: 1")
-    expect(row).to_contain_text("Can only scale down unassigned pods")
+    expect(row.get_by_test_id("scale-warning")).to_have_text("Can only scale down unassigned pods")
 
     # The test panel: a streamed reply, and which replica answered (the production one).
     pick(page, "test-service", "production-chat → qwen-06b (1 ready)")
@@ -97,4 +98,4 @@ def test_deploy_assign_refuse_and_drag(corral: CorralServer, page: Page) -> None
     page.get_by_role("link", name="History").click()
     expect(page.get_by_test_id("history")).to_contain_text("distribute")
     expect(page.get_by_test_id("history")).to_contain_text("Cannot scale down: need 3 unassigned pods, but only 1 available")
-    screenshot(page, "history")
+    # (the history screenshot: test_load_and_history.py, at 1280 px)

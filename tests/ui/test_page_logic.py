@@ -109,3 +109,43 @@ def test_pods_table_pages_filters_and_sorts_on_the_server() -> None:
     assert [r["name"] for r in page] == ["pool-0999", "pool-0998", "pool-0997"]  # youngest first
     page, pagination = page_of(rows, "", {"rowsPerPage": 0, "sortBy": "name", "descending": True})
     assert len(page) == 1000 and page[0]["name"] == "pool-0999" and pagination["rowsPerPage"] == 0
+
+
+def test_history_rows_summarise_what_changed() -> None:
+    from corral.ui.history import history_row
+
+    def row(before: object, after: object, outcome: str = "success") -> dict:
+        return history_row({"id": 1, "timestamp": "2026-01-01T10:00:00.123+00:00", "action": "assign", "target": "p",
+                            "before": before, "after": after, "outcome": outcome, "message": None})
+
+    assigned = row({"business": "unassigned"}, {"business": "production"})
+    assert assigned["change"] == "business: unassigned → production" and assigned["timestamp"] == "2026-01-01 10:00:00"
+    assert '"business": "production"' in assigned["full"] and assigned["colour"] == "positive" and assigned["message"] == ""
+    moved = row({"unassigned": 3, "production": 1}, {"unassigned": 0, "production": 1, "testing": 3})
+    assert moved["change"] == "unassigned: 3 → 0, testing: – → 3"  # unchanged keys left out
+    assert row(None, {"model": "m", "business": "b"})["change"] == "created model: m, business: b"
+    assert row({"model": "m"}, None)["change"] == "removed model: m"
+    assert row(None, None)["change"] == "–" and row(None, None)["full"] == ""  # no tooltip for nothing
+    wide = row(None, {f"k{i}": i for i in range(9)})
+    assert wide["change"].endswith("k5: 5 (+3 more)")
+    assert row({"replicas": 3}, {"replicas": 0}, "refused")["colour"] == "warning"
+    assert row({"phase": "Running"}, {"phase": "Failed"}, "failed")["colour"] == "negative"
+
+
+def test_engine_choices_default_to_an_installed_engine() -> None:
+    from corral.ui.inference import engine_choices
+
+    labels, default = engine_choices("local")
+    assert labels["simulator"] == "simulator (simulator)" and "not installed" not in labels[default]
+    assert default == next(n for n in ("vllm", "sglang", "transformers", "simulator") if "not installed" not in labels[n])
+    labels, default = engine_choices("kubernetes")  # engines run in their images: all available, vLLM first
+    assert default == "vllm" and not any("not installed" in label for label in labels.values())
+
+
+async def test_the_inference_page_watches_the_load_only_while_open(user: User, runtime: Runtime) -> None:
+    await user.open("/")
+    await user.should_see("Business services")
+    assert runtime.load.watchers == 1  # the monitor publishes `load` events once a second for this page
+    user.find(marker="nav-history").click()  # client-side navigation: the inference page is removed
+    await user.should_see(kind=ui.table)
+    await wait_for_async(lambda: runtime.load.watchers == 0, timeout=5, what="the page's watch released")

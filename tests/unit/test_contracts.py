@@ -56,7 +56,7 @@ def legacy_deployment_view(controller: Controller, deployment: Deployment, pods:
     if deployment.is_pool:
         distribution = pod_distribution(pods, businesses_of_model(services, deployment.model_tag))
         view |= {"podDistribution": distribution, "assignment": assignment_summary(distribution),
-                 "availableForScaleDown": distribution[L.UNASSIGNED]}
+                 "availableForScaleDown": distribution[L.UNASSIGNED], "adapters": []}  # LoRA adapters: none here
     else:
         view["service"] = next((s.name for s in services if s.deployment == deployment.name), None)
         view["baseUrl"] = controller.base_url(view["service"]) if view["service"] else None
@@ -88,7 +88,7 @@ def legacy_task_view(task: TaskRecord) -> dict:
         "datasetPath": task.dataset_path, "method": task.method, "priority": task.priority, "gpus": task.gpus,
         "memoryGb": task.memory_gb, "timeoutSeconds": task.timeout_s, "hyperparameters": task.hyperparameters,
         "examples": task.examples, "progress": task.progress, "units": task.units, "output": task.output,
-        "reclaimed": task.reclaimed or {},
+        "reclaimed": task.reclaimed or {}, "preemptible": task.preemptible,  # added with preemption (issue 15)
         "createdAt": task.created_at.isoformat() if task.created_at else None,
         "startedAt": task.started_at.isoformat() if task.started_at else None,
         "finishedAt": task.finished_at.isoformat() if task.finished_at else None,

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import corral
-from corral.api import events, finetune, serving, system
+from corral.api import autopilot, events, finetune, load, serving, system
 from corral.api.doors import (
     API_CATCH_ALL,
     DOOR_REFUSALS,
@@ -67,8 +67,10 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         lifespan=lifespan,
     )
     app.include_router(serving.router)
+    app.include_router(load.router)
     app.include_router(system.router)
     app.include_router(finetune.router)
+    app.include_router(autopilot.router)
     app.include_router(events.router)
     app.add_middleware(WebDoors)  # host, origin, content type and body size, before any route (corral.api.doors)
 
@@ -98,6 +100,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         lines += [f'corral_pool_pods{{deployment="{d}",business="{b}",ready="{str(r).lower()}"}} {n}'
                   for (d, b, r), n in sorted(counts.items())]
         lines += rt.backend.metrics()
+        lines += rt.autopilot.metrics()
         return "\n".join(lines) + "\n" + rt.gateway.stats.prometheus()
 
     @app.exception_handler(CorralError)

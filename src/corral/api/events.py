@@ -2,8 +2,9 @@
 
 Messages are `{"type", "data", "timestamp"}`; `type` is one of `corral.events.EventType` (`deployment`,
 `service_deployment`, `pod_assignment`, `distribution`, `scale`, `replica_status`, `history`,
-`finetune_task`, `gpu_inventory`, ...), and `data` the wire form of the matching view in `corral.views`
-where there is one. The first message is `{"type": "hello", "data": {"version"}}`.
+`finetune_task`, `gpu_inventory`, `load`, ...), and `data` the wire form of the matching view in `corral.views`
+where there is one. The first message is `{"type": "hello", "data": {"version"}}`. While a client is
+connected, `load` comes once a second: `data` is `GET /api/load`'s body (window 30 s).
 
 Who may listen (the stream carries every change, history included):
 - a browser page only of this Corral's origin or of `CORRAL_ALLOWED_ORIGINS` (browsers always send
@@ -59,7 +60,7 @@ async def events(websocket: WebSocket) -> None:
             await websocket.close(code=1008, reason=(detail or "")[:120])
         return
     await websocket.accept(subprotocol=detail)
-    with websocket.app.state.bus.subscribe() as queue:
+    with websocket.app.state.bus.subscribe() as queue, websocket.app.state.runtime.load.watching():
         await websocket.send_json({"type": "hello", "data": {"version": websocket.app.version}})
         # Listen for the close as well, so a quiet bus does not keep a dead subscription alive.
         closed = asyncio.create_task(_until_closed(websocket))

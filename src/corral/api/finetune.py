@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Union
 
 from fastapi import APIRouter, Depends, Query, Request, status
 from fastapi.responses import PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from corral.api.auth import require_token
 from corral.api.schemas import ENGINE_LENGTH, PATH_LENGTH, Body, Name, errors, plain_text
@@ -16,7 +16,15 @@ from corral.backends.local.process import tail_lines
 from corral.finetune.hyperparameters import HYPERPARAMETERS_HELP
 from corral.finetune.manager import FinetuneManager
 from corral.finetune.store import FINISHED
-from corral.views import DeployResult, FinetuneTask, PreviewResult, QueueSummary
+from corral.views import (
+    AdapterResult,
+    DeployResult,
+    ExportState,
+    FinetuneTask,
+    PreviewResult,
+    QueueSummary,
+    TaskCurves,
+)
 
 router = APIRouter(prefix="/api/finetune", tags=["finetune"])
 mutating = [Depends(require_token)]
@@ -33,7 +41,10 @@ class SubmitRequest(Body):
     datasetPath: str = Field(max_length=PATH_LENGTH, description="JSONL or a JSON array: OpenAI `messages`, ShareGPT "
                              "`conversations`, Alpaca `instruction`/`input`/`output`, `prompt`/`completion`, or `text`")
     method: str = Field(default="lora", max_length=16, description="lora | qlora | full")
-    priority: str = Field(default="normal", max_length=16, description="high | normal | low")
+    priority: str = Field(default="normal", max_length=16, description="high | normal | low (10 / 0 / -10 on the scale of "
+                          "business policy priorities)")
+    preemptible: bool | None = Field(default=None, description="a business of higher priority may take its GPUs (it saves a "
+                                     "checkpoint, waits, resumes); default true below high")
     gpus: int | GpuRequest | None = Field(default=None, description="a count, or {count, memoryGb}; default 1, or 0 without GPU")
     timeoutSeconds: float | None = Field(default=None, description="default 6 h; the task is cancelled when it runs longer")
     # Checked by the one validator the CLI and the UI use too (corral.finetune.hyperparameters), so that its
@@ -53,7 +64,7 @@ async def submit(body: SubmitRequest, request: Request) -> Any:
     gpus, memory = (body.gpus.count, body.gpus.memoryGb) if isinstance(body.gpus, GpuRequest) else (body.gpus, None)
     return manager(request).submit(base_model=body.baseModel, dataset_path=body.datasetPath, method=body.method,
                                    priority=body.priority, gpus=gpus, memory_gb=memory, timeout_s=body.timeoutSeconds,
-                                   hyperparameters=body.hyperparameters)
+                                   hyperparameters=body.hyperparameters, preemptible=body.preemptible)
 
 
 class PreviewRequest(Body):
@@ -61,6 +72,8 @@ class PreviewRequest(Body):
     datasetPath: str = Field(max_length=PATH_LENGTH, description="as for a task: under the dataset folders")
     maxSeqLen: int | None = Field(default=None, description="default: the maxSeqLen hyperparameter's default")
     trainOnPrompt: bool | None = Field(default=None, description="default false: the loss covers the assistant's turns only")
+    chatTemplate: str | None = Field(default=None, max_length=32, description="as the chatTemplate hyperparameter: model (the "
+                                     "tokenizer's own, the default) or a built-in template's name")
     examples: int = Field(default=5, ge=0, le=50, description="how many examples to show")
 
 
@@ -69,7 +82,7 @@ async def preview(body: PreviewRequest, request: Request) -> Any:
     """What the trainer would make of a dataset before any GPU is spent: its format, the first examples with the
     tokens the loss covers (`spans`), how many are truncated or dropped at `maxSeqLen`, and their lengths."""
     return await manager(request).preview(base_model=body.baseModel, dataset_path=body.datasetPath, max_seq_len=body.maxSeqLen,
-                                          train_on_prompt=body.trainOnPrompt, examples=body.examples)
+                                          train_on_prompt=body.trainOnPrompt, examples=body.examples, chat_template=body.chatTemplate)
 
 
 @router.get("/tasks", response_model=list[FinetuneTask])
@@ -94,6 +107,33 @@ async def cancel(task_id: str, request: Request) -> Any:
     return await manager(request).cancel(task_id)
 
 
+@router.post("/tasks/{task_id}/resume", dependencies=mutating, response_model=FinetuneTask, responses=errors(400, 401, 404, 409))
+async def resume(task_id: str, request: Request) -> Any:
+    """Put a cancelled, timed-out or failed task back in the queue; its trainer continues from its newest checkpoint.
+    409 when the task is in another state or has no checkpoint."""
+    return await manager(request).resume(task_id)
+
+
+@router.get("/tasks/{task_id}/curves", response_model=TaskCurves, responses=errors(404))
+async def curves(task_id: str, request: Request) -> Any:
+    """Training loss, eval loss and learning rate by step, for charts; a step replayed after a resume counts once."""
+    return manager(request).curves(task_id)
+
+
+@router.post("/tasks/{task_id}/export", dependencies=mutating, status_code=status.HTTP_202_ACCEPTED, response_model=ExportState,
+             responses=errors(400, 401, 404, 409))
+async def export(task_id: str, request: Request) -> Any:
+    """Start writing a completed task's merged weights (the adapter merged into its base model) to a directory; the
+    answer is the state (`running`, or `done` with the directory); follow it with GET."""
+    return manager(request).export(task_id)
+
+
+@router.get("/tasks/{task_id}/export", response_model=ExportState, responses=errors(404))
+async def export_state(task_id: str, request: Request) -> Any:
+    """`none`, `running`, `done` (with the directory) or `failed` (with the reason)."""
+    return manager(request).export_state(task_id)
+
+
 class TaskDeployRequest(Body):
     engine: str = Field(default="vllm", max_length=ENGINE_LENGTH,
                         description="vllm serves the adapter on the base model; others get merged weights")
@@ -103,10 +143,32 @@ class TaskDeployRequest(Body):
     merge: bool = Field(default=False, description="serve merged weights even with vLLM")
 
 
-@router.post("/tasks/{task_id}/deploy", dependencies=mutating, status_code=status.HTTP_201_CREATED, response_model=DeployResult,
-             responses=errors(400, 401, 404, 409, 503))
-async def deploy(task_id: str, body: TaskDeployRequest, request: Request) -> Any:
-    """Deploy a completed task's result as a model pool, in one call."""
+class AdapterDeployRequest(Body):
+    pool: Name = Field(description="a running vLLM pool started with --enable-lora")
+    adapterName: str = Field(max_length=63, description="the `model` name clients send for this adapter: letters, digits, "
+                             "'.', '_', '-'")
+
+
+# `{modelTag, ...}` deploys the task as a new pool; `{pool, adapterName}` adds its adapter to a running one.
+TaskDeployBody = Annotated[
+    Union[Annotated[TaskDeployRequest, Tag("pool")], Annotated[AdapterDeployRequest, Tag("adapter")]],
+    Discriminator(lambda value: "adapter" if isinstance(value, dict) and "pool" in value else "pool"),
+]
+
+
+@router.post("/tasks/{task_id}/deploy", dependencies=mutating, status_code=status.HTTP_201_CREATED,
+             response_model=Union[DeployResult, AdapterResult], responses=errors(400, 401, 404, 409, 503))
+async def deploy(task_id: str, body: TaskDeployBody, request: Request) -> Any:
+    """Deploy a completed task's result as a new model pool (`{modelTag, engine?, replicas?, ...}`), or add its LoRA
+    adapter to a running vLLM pool (`{pool, adapterName}`, multi-LoRA): loaded on every ready replica before this
+    answers, and on every replica that starts later; requests with `model: <adapterName>` to the pool's business
+    services get it. Remove it with DELETE /api/deployments/{pool}/adapters/{adapterName}."""
+    if isinstance(body, AdapterDeployRequest):
+        from corral.adapters import task_adapter
+
+        path, rank = task_adapter(manager(request).get(task_id))
+        return await request.app.state.runtime.adapters.add(body.pool, body.adapterName, path=path, task_id=task_id,
+                                                            rank=rank)
     return await manager(request).deploy(task_id, engine=body.engine, model_tag=body.modelTag, replicas=body.replicas,
                                          gpus_per_replica=body.gpusPerReplica, merge=body.merge)
 

@@ -73,6 +73,8 @@ class AssignPodRequest(Body):
     podName: str = Field(max_length=POD_NAME_LENGTH)
     businessTag: Name
     modelName: Name | None = None
+    pin: bool | None = Field(default=None, description="while the pool's autopilot is on, a manual assignment pins the "
+                                                       "replica (the autopilot never moves it); false: do not pin (and unpin)")
 
 
 class DistributePodsRequest(Body):
@@ -85,6 +87,9 @@ class DistributePodsRequest(Body):
 class ScaleRequest(Body):
     deploymentName: Name
     targetReplicas: int
+    preempt: bool = Field(default=False, description="when the new replicas need GPUs that are not free, preemptible "
+                          "finetune tasks below the pool's priority (its businesses' highest policy priority; low/normal/"
+                          "high tasks are -10/0/10) save a checkpoint and give theirs; they resume when GPUs free up")
 
 
 # Error responses, declared on each route (`responses=errors(...)`) so /openapi.json documents them. -------

@@ -21,6 +21,8 @@ from corral.controller import Controller, DeploySpec
 from corral.domain.errors import NotFound
 from corral.domain.history import Action
 from corral.views import (
+    AdapterRemoveResult,
+    AdapterView,
     AssignResult,
     BusinessServiceView,
     DeleteResult,
@@ -78,6 +80,20 @@ async def delete_deployment(name: str, request: Request, force: bool = False) ->
     return await controller(request).delete_deployment(name, force=force)
 
 
+@router.get("/deployments/{name}/adapters", response_model=list[AdapterView], responses=errors(404))
+async def adapters(name: str, request: Request) -> Any:
+    """A pool's LoRA adapters, with how many ready replicas have each loaded now."""
+    return request.app.state.runtime.adapters.list(name)
+
+
+@router.delete("/deployments/{name}/adapters/{adapter}", dependencies=mutating, response_model=AdapterRemoveResult,
+               responses=errors(400, 401, 404))
+async def remove_adapter(name: str, adapter: str, request: Request) -> Any:
+    """Remove a LoRA adapter from a pool: unloaded from every replica (add one with POST /api/finetune/tasks/{id}/deploy
+    and `{pool, adapterName}`)."""
+    return await request.app.state.runtime.adapters.remove(name, adapter)
+
+
 @router.get("/pods", response_model=list[PodView], responses=errors(404))
 async def pods(request: Request, deployment: str | None = None) -> Any:
     return controller(request).list_pods(deployment)
@@ -116,7 +132,7 @@ async def delete_business_service(name: str, request: Request, force: bool = Fal
 
 @router.post("/assign-pod", dependencies=mutating, response_model=AssignResult, responses=errors(400, 401, 404, 409, 503))
 async def assign_pod(body: AssignPodRequest, request: Request) -> Any:
-    return await controller(request).assign_pod(body.podName, body.businessTag, body.modelName)
+    return await controller(request).assign_pod(body.podName, body.businessTag, body.modelName, pin=body.pin)
 
 
 @router.post("/distribute-pods", dependencies=mutating, response_model=Union[DistributeResult, DistributeDryRun],
@@ -130,13 +146,15 @@ async def distribute_pods(body: DistributePodsRequest, request: Request) -> Any:
 @router.post("/scale-deployment", dependencies=mutating, response_model=ScaleResult, responses=SCALE_ERRORS)
 async def scale_deployment(body: ScaleRequest, request: Request) -> Any:
     """Scale any deployment. A pool is scaled pool-safely here too: only unassigned replicas are removed."""
-    return await controller(request).scale(body.deploymentName, body.targetReplicas, pool_endpoint=False)
+    return await controller(request).scale(body.deploymentName, body.targetReplicas, pool_endpoint=False,
+                                              preempt=body.preempt)
 
 
 @router.post("/scale-pool-deployment", dependencies=mutating, response_model=ScaleResult, responses=SCALE_ERRORS)
 async def scale_pool_deployment(body: ScaleRequest, request: Request) -> Any:
     """Pool-safe scaling: `{success, currentReplicas, targetReplicas, unassignedPods, error?}`."""
-    return await controller(request).scale(body.deploymentName, body.targetReplicas, pool_endpoint=True)
+    return await controller(request).scale(body.deploymentName, body.targetReplicas, pool_endpoint=True,
+                                              preempt=body.preempt)
 
 
 @router.get("/pool-status/{deploymentName}", response_model=PoolStatus, responses=errors(400, 404))

@@ -7,7 +7,8 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 
 from corral.api.schemas import errors
-from corral.domain.memory import METHODS, TrainingSetup, find_model, serving_memory, training_memory
+from corral.domain.memory import METHODS, TrainingSetup, serving_memory, training_memory
+from corral.model_files import size_model
 from corral.views import DataPlaneStatus, Estimate, GpuInfo, gpu_info
 
 router = APIRouter(prefix="/api/system", tags=["system"])
@@ -22,8 +23,9 @@ async def get_gpu_info(request: Request) -> Any:
 
 
 @router.get("/estimate", response_model=Estimate, responses=errors(400))
-async def estimate(
-    model: str = Query(description="a catalogue model, e.g. qwen2.5-coder-7b"),
+def estimate(  # sync: FastAPI runs it in a worker thread, since sizing reads config.json and safetensors headers
+    model: str = Query(max_length=4096, description="a catalogue model (qwen2.5-coder-7b), a local model directory, "
+                       "or a hub id (Org/Name) found in the Hugging Face cache or, by name, in the catalogue"),
     method: str = Query(default="lora", description=" | ".join(METHODS)),
     quantBits: int = Query(default=4, description="qlora: 4 or 8"),  # noqa: N803 (API field names are camelCase)
     seqLen: int = Query(default=2048, ge=1, le=1_048_576),  # noqa: N803
@@ -32,11 +34,16 @@ async def estimate(
     contextTokens: int = Query(default=4096, ge=1, le=10_000_000),  # noqa: N803
     concurrency: int = Query(default=8, ge=1, le=100_000),
 ) -> Any:
-    """GPU memory to finetune `model` with `method`, and to serve it (weights + KV cache)."""
-    spec = find_model(model)
+    """GPU memory to finetune `model` with `method`, and to serve it (weights + KV cache). Any decoder is sized from its
+    config.json and safetensors headers without loading weights (`corral.model_files`); 400 says what to give when
+    nothing on this machine tells the model's size."""
+    sized = size_model(model)
+    spec = sized.spec
     setup = TrainingSetup(method=method, quant_bits=quantBits, seq_len=seqLen, batch_size=batchSize, lora_rank=loraRank)  # type: ignore[arg-type]
     return Estimate(
         model=spec.name, displayName=spec.display, parameters=spec.params, method=method,
+        activeParameters=spec.active_params or None, source=sized.source, countedFrom=sized.counted_from,
+        dtype=spec.dtype, note=sized.note,
         training=training_memory(spec, setup).as_dict(),  # type: ignore[arg-type]
         serving=serving_memory(spec, contextTokens, concurrency).as_dict() | {"contextTokens": contextTokens, "concurrency": concurrency},  # type: ignore[arg-type]
     )

@@ -30,6 +30,12 @@ class Action(StrEnum):
     STRAY = "stray"  # a replica process that the desired state does not list, found and stopped
     CUTOVER = "cutover"
     SCALE_VERIFY = "scale-verify"
+    AUTOPILOT = "autopilot"  # one decision of a pool's autopilot (its moves are `assign` rows before it)
+    POLICY = "policy"  # a business's autopilot policy or a pool's autopilot settings changed
+    PIN = "pin"  # a replica pinned where a person put it, or unpinned
+    FINETUNE = "finetune"  # a finetune task submitted, started, preempted, completed, failed or cancelled
+    ADAPTER_ADD = "adapter-add"  # a LoRA adapter added to a running vLLM pool (corral.adapters)
+    ADAPTER_REMOVE = "adapter-remove"
 
 
 class Outcome(StrEnum):

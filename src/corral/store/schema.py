@@ -68,6 +68,19 @@ class ServiceRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class PoolAdapterRow(Base):
+    """A LoRA adapter a running vLLM pool should serve (desired state; `corral.adapters` loads it on every ready
+    replica). Deleted with its pool."""
+
+    __tablename__ = "pool_adapters"
+    deployment: Mapped[str] = mapped_column(String(63), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    task_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    rank: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class HistoryRow(Base):
     __tablename__ = "history"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -102,6 +115,37 @@ class FinetuneTaskRow(Base):
     output: Mapped[str | None] = mapped_column(Text, nullable=True)
     # pool → unassigned replicas scaled in for this task, to be restored when it ends (NULL: none)
     reclaimed: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    # May a higher-priority business's replica take its GPUs (it checkpoints, waits, resumes)?
+    preemptible: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Set before the trainer is signalled (the intent): {"business", "priority", "pool"}; cleared when it starts again.
+    preempted_by: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class BusinessPolicyRow(Base):
+    """A business service's autopilot policy, in its wire form (`corral.api.schemas.BusinessPolicyBody`)."""
+
+    __tablename__ = "business_policies"
+    service: Mapped[str] = mapped_column(String(63), primary_key=True)
+    policy: Mapped[dict] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class AutopilotRow(Base):
+    """A pool's autopilot settings, in their wire form (`corral.api.schemas.AutopilotSettingsBody`)."""
+
+    __tablename__ = "autopilot_settings"
+    pool: Mapped[str] = mapped_column(String(63), primary_key=True)
+    settings: Mapped[dict] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class PinRow(Base):
+    """A replica a person placed by hand while the autopilot was on: the autopilot leaves it there."""
+
+    __tablename__ = "pins"
+    pod: Mapped[str] = mapped_column(String(80), primary_key=True)
+    pool: Mapped[str] = mapped_column(String(63), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

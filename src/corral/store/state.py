@@ -19,10 +19,22 @@ from sqlalchemy import Engine, create_engine, event, inspect, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from corral.domain import labels as L
-from corral.domain.history import Intent, Outcome
+from corral.domain.adapters import Adapter
+from corral.domain.history import HistoryDraft, Intent, Outcome
 from corral.domain.models import Deployment, Pod, PodPhase, Service
 from corral.paths import private_file
-from corral.store.schema import Base, DeploymentRow, DeploymentSecretRow, HistoryRow, ReplicaRow, ServiceRow
+from corral.store.schema import (
+    AutopilotRow,
+    Base,
+    BusinessPolicyRow,
+    DeploymentRow,
+    DeploymentSecretRow,
+    HistoryRow,
+    PinRow,
+    PoolAdapterRow,
+    ReplicaRow,
+    ServiceRow,
+)
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -180,6 +192,8 @@ class StateStore:
         with self.session() as s:
             if (secrets := s.get(DeploymentSecretRow, name)) is not None:
                 s.delete(secrets)
+            for adapter in s.scalars(select(PoolAdapterRow).where(PoolAdapterRow.deployment == name)):
+                s.delete(adapter)  # a pool re-created under this name starts without them
             for row in s.scalars(select(ReplicaRow).where(ReplicaRow.deployment == name)):
                 s.delete(row)
             for row in s.scalars(select(ServiceRow).where(ServiceRow.deployment == name)):
@@ -209,6 +223,27 @@ class StateStore:
         """deployment → the names (never the values) of its secret environment variables."""
         with self.session() as s:
             return {row.deployment: sorted(row.env) for row in s.scalars(select(DeploymentSecretRow))}
+
+    # LoRA adapters of pools (desired state; corral.adapters loads them) ------------------------------
+    def add_adapter(self, adapter: Adapter, intent: Intent | None = None) -> None:
+        """The adapter and its pending history row, in one transaction."""
+        with self._intent(intent) as s:
+            s.add(PoolAdapterRow(deployment=adapter.pool, name=adapter.name, path=adapter.path, task_id=adapter.task_id,
+                                 rank=adapter.rank))
+
+    def remove_adapter(self, pool: str, name: str, intent: Intent | None = None) -> None:
+        with self._intent(intent) as s:
+            row = s.get(PoolAdapterRow, (pool, name))
+            if row is not None:
+                s.delete(row)
+
+    def list_adapters(self, pool: str | None = None) -> list[Adapter]:
+        query = select(PoolAdapterRow).order_by(PoolAdapterRow.deployment, PoolAdapterRow.name)
+        if pool is not None:
+            query = query.where(PoolAdapterRow.deployment == pool)
+        with self.session() as s:
+            return [Adapter(pool=r.deployment, name=r.name, path=r.path, task_id=r.task_id, rank=r.rank or 0)
+                    for r in s.scalars(query)]
 
     # replicas ----------------------------------------------------------------------------------
     def add_replicas(self, deployment: str, records: Iterable[ReplicaRecord], intent: Intent | None = None) -> None:
@@ -286,6 +321,70 @@ class StateStore:
         with self._intent(intent) as s:
             _relabel(s, unassign or {})
             s.delete(s.get_one(ServiceRow, name))
+
+    # autopilot: policies, pool settings, pins -----------------------------------------------------
+    def set_policy(self, service: str, policy: Mapping[str, Any], history: HistoryDraft) -> None:
+        """A business's policy and its history row, in one transaction (the desired state of the autopilot)."""
+        with self._recorded(history) as s:
+            s.merge(BusinessPolicyRow(service=service, policy=dict(policy)))
+
+    def policies(self) -> dict[str, dict[str, Any]]:
+        with self.session() as s:
+            return {r.service: dict(r.policy) for r in s.scalars(select(BusinessPolicyRow))}
+
+    def set_autopilot(self, pool: str, settings: Mapping[str, Any], history: HistoryDraft) -> None:
+        with self._recorded(history) as s:
+            s.merge(AutopilotRow(pool=pool, settings=dict(settings)))
+
+    def autopilots(self) -> dict[str, dict[str, Any]]:
+        with self.session() as s:
+            return {r.pool: dict(r.settings) for r in s.scalars(select(AutopilotRow))}
+
+    def set_pins(self, pool: str, pods: Iterable[str], pinned: bool, history: HistoryDraft | None = None) -> None:
+        with self._recorded(history) as s:
+            for pod in pods:
+                if pinned:
+                    s.merge(PinRow(pod=pod, pool=pool))
+                elif (row := s.get(PinRow, pod)) is not None:
+                    s.delete(row)
+
+    def pins(self) -> set[str]:
+        with self.session() as s:
+            return set(s.scalars(select(PinRow.pod)))
+
+    def forget_pins(self, keep: Iterable[str]) -> None:
+        """Pins of replicas that no longer exist (replaced, scaled away) are dropped."""
+        alive = set(keep)
+        with self.session() as s:
+            for row in s.scalars(select(PinRow)):
+                if row.pod not in alive:
+                    s.delete(row)
+
+    def forget_autopilot(self, *, pool: str | None = None, service: str | None = None) -> None:
+        """A deleted pool's settings and pins, or a deleted service's policy."""
+        with self.session() as s:
+            if pool is not None:
+                if (row := s.get(AutopilotRow, pool)) is not None:
+                    s.delete(row)
+                for pin in s.scalars(select(PinRow).where(PinRow.pool == pool)):
+                    s.delete(pin)
+            if service is not None and (policy := s.get(BusinessPolicyRow, service)) is not None:
+                s.delete(policy)
+
+    @contextmanager
+    def _recorded(self, history: HistoryDraft | None) -> Iterator[Session]:
+        """A change applied at once (a setting, not a process to drive): its row is written `success` in
+        the same transaction, so the setting and its record never disagree."""
+        with self.session() as s:
+            row = None
+            if history is not None:
+                row = HistoryRow(action=str(history.action), target=history.target, before=history.before,
+                                 after=history.after, outcome=Outcome.SUCCESS.value, message=history.message)
+                s.add(row)
+            yield s
+            s.flush()
+            entries = [_history(row)] if row is not None else []
+        self._announce(entries)
 
     # history -----------------------------------------------------------------------------------
     def record(

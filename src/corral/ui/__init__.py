@@ -7,7 +7,9 @@ it is showing, so a page is never staler than the last event.
 
     shell.py      the frame (header, navigation, token) and client-side routing between pages
     live.py       per-browser event counters and the `live` redraw helper; `act` for mutations
-    inference.py  configuration, test panel, deployments, pods and the assignment board  (/)
+    inference.py  configuration, test panel, deployments, business services with their load, pods and
+                  the assignment board                                                   (/)
+    load.py       live load (per service and replica) from the monitor's `load` events: figures and charts
     finetune.py   GPU banner, submit form, task table and task detail                   (/finetune)
     history.py    every scheduling action, filterable                                    (/history)
 """

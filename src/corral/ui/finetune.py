@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import html
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 from nicegui import app, run, ui
 from nicegui import events as ui_events
 
@@ -20,42 +22,15 @@ from corral.finetune.manager import DEFAULT_HYPERPARAMETERS, METHODS, training_e
 from corral.finetune.store import FINISHED, TaskState
 from corral.paths import confine_dataset
 from corral.ui.live import ClientEvents, act, live, notify, runtime
-from corral.views import FinetuneTask, GpuInfo, PreviewResult, gpu_info
+from corral.views import ExportState, FinetuneTask, GpuInfo, PreviewResult, gpu_info
 
 STATUS_COLORS = {TaskState.PENDING: "grey-6", TaskState.QUEUED: "warning", TaskState.PREPARING: "light-blue-6",
                  TaskState.TRAINING: "primary", TaskState.COMPLETED: "positive", TaskState.FAILED: "negative",
                  TaskState.CANCELLED: "grey-8"}
 TASK_EVENTS = (EventType.FINETUNE_TASK,)
-TASK_COLUMNS = [
-    {"name": "id", "label": "Task", "field": "id", "sortable": True, "align": "left"},
-    {"name": "status", "label": "Status", "field": "status", "sortable": True, "align": "left"},
-    {"name": "model", "label": "Base model", "field": "model", "align": "left"},
-    {"name": "method", "label": "Method", "field": "method", "align": "left"},
-    {"name": "priority", "label": "Priority", "field": "priority", "sortable": True, "align": "left"},
-    {"name": "progress", "label": "Progress", "field": "fraction", "align": "left"},
-    {"name": "created", "label": "Submitted", "field": "created", "sortable": True, "align": "left"},
-    {"name": "actions", "label": "", "field": "id", "align": "right"},
-]
-STATUS_CELL = r"""
-<q-td :props="props">
-  <q-badge :color="props.row.color" :label="props.row.status" :data-testid="'status-' + props.row.id">
-    <q-tooltip v-if="props.row.reason">{{ props.row.reason }}</q-tooltip>
-  </q-badge>
-</q-td>
-"""
-PROGRESS_CELL = r"""
-<q-td :props="props" style="min-width: 12rem">
-  <q-linear-progress v-if="props.row.fraction !== null" :value="props.row.fraction" size="10px" rounded class="q-mb-xs" />
-  <span class="text-xs">{{ props.row.progressText }}</span>
-</q-td>
-"""
-ACTIONS_CELL = r"""
-<q-td :props="props">
-  <q-btn flat dense icon="visibility" @click="() => $parent.$emit('detail', props.row.id)" :data-testid="'detail-' + props.row.id" />
-  <q-btn v-if="props.row.cancellable" flat dense color="negative" icon="cancel"
-         @click="() => $parent.$emit('cancel', props.row.id)" :data-testid="'cancel-' + props.row.id" />
-</q-td>
-"""
+# A task's detail also follows the pools and services deployed from it (its chat box).
+DETAIL_EVENTS = (EventType.FINETUNE_TASK, EventType.DEPLOYMENT, EventType.SERVICE_DEPLOYMENT, EventType.POD_ASSIGNMENT,
+                 EventType.REPLICA_STATUS, EventType.ADAPTERS)
 
 
 def page(events: ClientEvents) -> None:
@@ -71,11 +46,13 @@ def page(events: ClientEvents) -> None:
     show_warning()
     live(events, TASK_EVENTS, show_warning)
     detail = ui.column().classes("w-full")
+    # min-w-0: a flex item may shrink below its content's width, so the table wraps its cells instead of pushing the
+    # row wider than the page (and scrolling sideways) at 1280 px.
     with ui.row().classes("w-full gap-4 items-start no-wrap"):
-        with ui.card().classes("w-5/12").props('data-testid="submit-form"'):
+        with ui.card().classes("w-5/12 min-w-0").props('data-testid="submit-form"'):
             ui.label("New finetune task").classes("text-lg font-medium")
             _submit_form()
-        with ui.card().classes("w-7/12"):
+        with ui.card().classes("w-7/12 min-w-0").props('data-testid="tasks-card"'):
             ui.label("Tasks").classes("text-lg font-medium")
             _task_table(events, lambda task_id: _show_detail(detail, events, task_id))
 
@@ -134,14 +111,16 @@ def _submit_form() -> None:
     error = ui.label().classes("text-negative").props('data-testid="ft-error"')
 
     def update_estimate() -> None:
+        count = max(1, int(gpus.value or 1))
         known = training_estimate(base_model.value or "", method.value, {
             "maxSeqLen": fields["maxSeqLen"].value or 1024, "batchSize": fields["batchSize"].value or 1,
-            "loraRank": fields["loraRank"].value or 8, "gradientCheckpointing": bool(fields["gradientCheckpointing"].value)})
+            "loraRank": fields["loraRank"].value or 8, "gradientCheckpointing": bool(fields["gradientCheckpointing"].value)}, count)
         if known is None:
             estimate.set_text("memory estimate: known for the catalogue models (e.g. Qwen/Qwen2.5-Coder-7B-Instruct's directory name)")
             return
         spec, memory = known
-        estimate.set_text(f"estimated GPU memory for {spec.display} {method.value}: {memory.total_gb:.1f} GB")
+        estimate.set_text(f"estimated GPU memory for {spec.display} {method.value}: {memory.total_gb:.1f} GB"
+                          + (f" on each of {count} GPUs (one data-parallel process per GPU, each with a whole copy)" if count > 1 else ""))
 
     async def check_dataset() -> None:
         path = (dataset.value or "").strip()
@@ -180,7 +159,7 @@ def _submit_form() -> None:
         if result:
             notify(f"{result.id}: {result.status}", "positive")
 
-    for element in (base_model, method, fields["maxSeqLen"], fields["batchSize"], fields["loraRank"], fields["gradientCheckpointing"]):
+    for element in (base_model, method, gpus, fields["maxSeqLen"], fields["batchSize"], fields["loraRank"], fields["gradientCheckpointing"]):
         element.on_value_change(update_estimate)
     dataset.on("blur", check_dataset)
     dataset.on_value_change(check_dataset)
@@ -192,7 +171,8 @@ def _submit_form() -> None:
         preview_button.props("loading")
         result, problem = await act(lambda: runtime().finetune.preview(
             base_model=(base_model.value or "").strip(), dataset_path=(dataset.value or "").strip(),
-            max_seq_len=fields["maxSeqLen"].value, train_on_prompt=bool(fields["trainOnPrompt"].value), examples=3))
+            max_seq_len=fields["maxSeqLen"].value, train_on_prompt=bool(fields["trainOnPrompt"].value), examples=3,
+            chat_template=fields["chatTemplate"].value))
         preview_button.props(remove="loading")
         preview_box.clear()
         with preview_box:
@@ -276,27 +256,54 @@ async def _submit(base_model: str, dataset: str, method: str, priority: str, gpu
 
 # task table -----------------------------------------------------------------------------------
 def _task_table(events: ClientEvents, open_detail: Any) -> None:
+    """The tasks, sized for the card at 1280 px: cells wrap instead of scrolling sideways (model and submit time
+    under the id, method over priority, a failed or cancelled task's reason under its status)."""
     table = ui.table(columns=TASK_COLUMNS, rows=[], row_key="id", pagination={"rowsPerPage": 15, "sortBy": "created", "descending": True}) \
-        .classes("w-full").props('dense flat data-testid="tasks"')
+        .classes("w-full").props(f'dense flat wrap-cells data-testid="tasks" :visible-columns="{VISIBLE_COLUMNS!r}"')
+    table.add_slot("body-cell-id", ID_CELL)
     table.add_slot("body-cell-status", STATUS_CELL)
+    table.add_slot("body-cell-method", METHOD_CELL)
     table.add_slot("body-cell-progress", PROGRESS_CELL)
     table.add_slot("body-cell-actions", ACTIONS_CELL)
 
     def redraw() -> None:
-        table.rows = [task_row(t) for t in runtime().finetune.list()]
+        manager = runtime().finetune
+        table.rows = [task_row(t, manager.resumable(t.id)) for t in manager.list()]
         table.update()
 
     async def cancel(event: Any) -> None:
         _, problem = await act(lambda: runtime().finetune.cancel(event.args))
         notify(problem or f"{event.args} cancelled", "negative" if problem else "positive")
 
+    async def resume(event: Any) -> None:
+        _, problem = await act(lambda: runtime().finetune.resume(event.args))
+        notify(problem or f"{event.args} resumed from its last checkpoint", "negative" if problem else "positive")
+
     table.on("cancel", cancel)
+    table.on("resume", resume)
     table.on("detail", lambda event: open_detail(event.args))
     redraw()
     live(events, TASK_EVENTS, redraw)
+    ui.timer(30, redraw)  # "ETA … (in 5 min)" stays true between progress reports
 
 
-def task_row(task: FinetuneTask) -> dict[str, Any]:
+def eta_text(eta_at: float | None, now: float | None = None) -> str | None:
+    """`ETA 14:32 (in 5 min)`: the expected end as a clock time (this server's time zone), and how far off it is."""
+    if eta_at is None:
+        return None
+    now = time.time() if now is None else now
+    left = max(0.0, eta_at - now)
+    if left < 60:
+        distance = f"in {left:.0f} s"
+    elif left < 3600:
+        distance = f"in {left / 60:.0f} min"
+    else:
+        distance = f"in {int(left // 3600)} h {int(left % 3600 // 60)} min"
+    clock = time.strftime("%H:%M" if left < 20 * 3600 else "%a %H:%M", time.localtime(eta_at))
+    return f"ETA {clock} ({distance})"
+
+
+def task_row(task: FinetuneTask, resumable: bool = False) -> dict[str, Any]:
     progress = task.progress
     step, total = progress.get("step"), progress.get("totalSteps")
     fraction = step / total if step is not None and total else None
@@ -309,36 +316,106 @@ def task_row(task: FinetuneTask) -> dict[str, Any]:
         parts.append(f"eval {eval_loss:.3f}")
     if progress.get("truncated") or progress.get("dropped"):
         parts.append(f"{progress.get('truncated', 0)} cut, {progress.get('dropped', 0)} dropped")
-    if (eta := progress.get("eta")) is not None and task.status == TaskState.TRAINING:
-        parts.append(f"ETA {int(eta)} s")
+    if task.status == TaskState.TRAINING:
+        eta_at = progress.get("etaAt")
+        if eta_at is None and (eta := progress.get("eta")) is not None:  # reported by an older trainer: a duration only
+            parts.append(f"ETA in {int(eta)} s")
+        elif text := eta_text(eta_at):
+            parts.append(text)
+    created = (task.createdAt or "")[:19].replace("T", " ")
     return {
         "id": task.id, "status": task.status.value, "color": STATUS_COLORS.get(task.status, "grey"), "reason": task.reason,
+        # The reason is the point of a failed or cancelled row: shown in it, not only on hover.
+        "shownReason": task.reason if task.status in (TaskState.FAILED, TaskState.CANCELLED) else "",
         "model": Path(task.baseModel).name, "method": task.method, "priority": task.priority, "fraction": fraction,
-        "progressText": " · ".join(p for p in parts if p), "created": (task.createdAt or "")[:19].replace("T", " "),
-        "cancellable": task.status not in FINISHED,
+        "progressText": " · ".join(p for p in parts if p), "created": created, "createdShort": created[5:16],
+        "cancellable": task.status not in FINISHED, "resumable": resumable,
     }
 
 
+TASK_COLUMNS = [
+    {"name": "id", "label": "Task", "field": "id", "sortable": True, "align": "left"},
+    {"name": "status", "label": "Status", "field": "status", "sortable": True, "align": "left"},
+    {"name": "method", "label": "Method", "field": "method", "align": "left"},
+    {"name": "progress", "label": "Progress", "field": "fraction", "align": "left"},
+    {"name": "created", "label": "Submitted", "field": "created", "sortable": True, "align": "left"},  # sorts; shown under the id
+    {"name": "actions", "label": "", "field": "id", "align": "right"},
+]
+VISIBLE_COLUMNS = ["id", "status", "method", "progress", "actions"]
+ID_CELL = r"""
+<q-td :props="props">
+  <div class="font-mono text-xs">{{ props.row.id }}</div>
+  <div class="text-xs text-grey-7" style="word-break: break-all">{{ props.row.model }}
+    <q-tooltip>{{ props.row.model }}, submitted {{ props.row.created }} UTC</q-tooltip>
+  </div>
+  <div class="text-xs text-grey-7" style="white-space: nowrap">{{ props.row.createdShort }}</div>
+</q-td>
+"""
+STATUS_CELL = r"""
+<q-td :props="props" style="max-width: 15rem">
+  <q-badge :color="props.row.color" :label="props.row.status" :data-testid="'status-' + props.row.id">
+    <q-tooltip v-if="props.row.reason">{{ props.row.reason }}</q-tooltip>
+  </q-badge>
+  <div v-if="props.row.shownReason" class="text-xs q-mt-xs" style="white-space: normal; word-break: break-word"
+       :class="props.row.status === 'failed' ? 'text-negative' : 'text-grey-8'" :data-testid="'reason-' + props.row.id">
+    {{ props.row.shownReason.length > 160 ? props.row.shownReason.slice(0, 160) + '…' : props.row.shownReason }}
+  </div>
+</q-td>
+"""
+METHOD_CELL = r"""
+<q-td :props="props">
+  <div>{{ props.row.method }}</div>
+  <div class="text-xs text-grey-7">{{ props.row.priority }}</div>
+</q-td>
+"""
+PROGRESS_CELL = r"""
+<q-td :props="props" style="min-width: 8rem">
+  <q-linear-progress v-if="props.row.fraction !== null" :value="props.row.fraction" size="8px" rounded class="q-mb-xs" />
+  <span class="text-xs" :data-testid="'progress-' + props.row.id">{{ props.row.progressText }}</span>
+</q-td>
+"""
+ACTIONS_CELL = r"""
+<q-td :props="props" style="white-space: nowrap">
+  <q-btn flat dense icon="visibility" @click="() => $parent.$emit('detail', props.row.id)" :data-testid="'detail-' + props.row.id" />
+  <q-btn v-if="props.row.cancellable" flat dense color="negative" icon="cancel"
+         @click="() => $parent.$emit('cancel', props.row.id)" :data-testid="'cancel-' + props.row.id" />
+  <q-btn v-if="props.row.resumable" flat dense color="primary" icon="replay"
+         @click="() => $parent.$emit('resume', props.row.id)" :data-testid="'resume-' + props.row.id">
+    <q-tooltip>resume from its last checkpoint</q-tooltip>
+  </q-btn>
+</q-td>
+"""
+
+
 # task detail ----------------------------------------------------------------------------------
+def _curve_chart(title: str, names: list[str], y_name: str, test_id: str) -> ui.echart:
+    return ui.echart({
+        "title": {"text": title, "textStyle": {"fontSize": 13}}, "tooltip": {"trigger": "axis"}, "animation": False,
+        "grid": {"left": 60, "right": 15, "top": 35, "bottom": 40},
+        "xAxis": {"type": "value", "name": "step", "nameLocation": "middle", "nameGap": 24, "minInterval": 1},
+        "yAxis": {"type": "value", "name": y_name, "scale": True},
+        "legend": {"data": names, "top": 0, "right": 0, "show": len(names) > 1},
+        "series": [{"name": name, "type": "line", "data": [], "showSymbol": name == "eval"} for name in names],
+    }).classes("w-1/2 h-56").props(f'data-testid="{test_id}"')
+
+
 def _show_detail(container: ui.column, events: ClientEvents, task_id: str) -> None:
+    """One task as LlamaBoard shows it: loss (train and eval) and learning-rate curves, ETA, the log, and for a result:
+    export (merged weights), deploy as a pool, and a chat with the deployed pool through its business service."""
     container.clear()
     with container, ui.card().classes("w-full").props('data-testid="task-detail"'):
         with ui.row().classes("w-full items-center"):
             ui.label(f"Task {task_id}").classes("text-lg font-medium")
             ui.space()
             ui.button(icon="close", on_click=container.clear).props("flat round dense")
-        with ui.row().classes("w-full gap-4 no-wrap items-start"):
-            chart = ui.echart({
-                "title": {"text": "training loss", "textStyle": {"fontSize": 13}}, "tooltip": {"trigger": "axis"},
-                "xAxis": {"type": "value", "name": "step", "minInterval": 1}, "yAxis": {"type": "value", "name": "loss", "scale": True},
-                "legend": {"data": ["train", "eval"], "right": 0},
-                "series": [{"name": "train", "type": "line", "data": [], "showSymbol": False},
-                           {"name": "eval", "type": "line", "data": [], "showSymbol": True}],
-            }).classes("w-1/2 h-64").props('data-testid="loss-chart"')
-            with ui.element("div").classes("w-1/2 h-64 overflow-auto flex flex-col-reverse"):  # reversed: stays scrolled to the end
-                log = ui.code("", language="text").classes("w-full text-xs").props('data-testid="task-log"')
+        with ui.row().classes("w-full gap-0 no-wrap items-start"):
+            loss_chart = _curve_chart("loss", ["train", "eval"], "loss", "loss-chart")
+            lr_chart = _curve_chart("learning rate", ["lr"], "lr", "lr-chart")
         curve = ui.label().classes("text-xs text-grey-8").props('data-testid="loss-summary"')
+        with ui.element("div").classes("w-full h-48 overflow-auto flex flex-col-reverse"):  # reversed: stays scrolled to the end
+            log = ui.code("", language="text").classes("w-full text-xs").props('data-testid="task-log"')
         about = ui.column().classes("w-full gap-1")
+        results = _Results(ui.column().classes("w-full gap-2"), task_id)
 
     def redraw() -> None:
         manager = runtime().finetune
@@ -347,29 +424,152 @@ def _show_detail(container: ui.column, events: ClientEvents, task_id: str) -> No
         except CorralError:
             container.clear()
             return
-        points = manager.loss_curve(task_id)
-        evals = manager.loss_curve(task_id, "evalLoss")
-        chart.options["series"][0]["data"] = [list(point) for point in points]
-        chart.options["series"][1]["data"] = [list(point) for point in evals]
-        chart.update()
+        curves = manager.curves(task_id)
+        points, evals, rates = curves["loss"], curves["evalLoss"], curves["learningRate"]
+        loss_chart.options["series"][0]["data"] = [list(point) for point in points]
+        loss_chart.options["series"][1]["data"] = [list(point) for point in evals]
+        lr_chart.options["series"][0]["data"] = [list(point) for point in rates]
+        loss_chart.update()
+        lr_chart.update()
         text = f"{len(points)} logged steps, last loss {points[-1][1]:.4f}" if points else "no step logged yet"
         if evals:
             text += f"; eval loss {evals[-1][1]:.4f}"
+        if rates:
+            text += f"; learning rate {rates[-1][1]:.2e}"
         if (dropped := task.progress.get("dropped")) is not None:
             text += f"; dataset: {task.progress.get('truncated', 0)} truncated, {dropped} dropped at maxSeqLen"
+        if task.status == TaskState.TRAINING and (eta := eta_text(task.progress.get("etaAt"))):
+            text += f"; {eta}"
         curve.set_text(text)
         log.set_content(tail_lines(manager.log_path(task_id), 200))
         about.clear()
         with about:
-            ui.label(f"{task.status}: {task.reason}").classes("text-sm")
-            ui.label("parameters: " + ", ".join(f"{k}={v}" for k, v in task.hyperparameters.items())).classes("text-xs font-mono")
+            ui.label(f"{task.status.value}: {task.reason}").classes("text-sm").style("word-break: break-word") \
+                .props('data-testid="task-status-line"')
+            ui.label("parameters: " + ", ".join(f"{k}={v}" for k, v in task.hyperparameters.items())) \
+                .classes("text-xs font-mono").style("word-break: break-word")
             if task.output:
                 ui.label(f"output: {task.output}").classes("text-xs font-mono")
-            if task.status == TaskState.COMPLETED:
-                _deploy_control(task)
+            if manager.resumable(task_id):
+                async def resume() -> None:
+                    _, problem = await act(lambda: manager.resume(task_id))
+                    notify(problem or f"{task_id} resumed from its last checkpoint", "negative" if problem else "positive")
+
+                ui.button("Resume from checkpoint", icon="replay", on_click=resume).props('outline dense data-testid="resume"')
+        results.refresh(task)
 
     redraw()
-    live(events, TASK_EVENTS, redraw)
+    live(events, DETAIL_EVENTS, redraw)
+
+
+class _Results:
+    """Export, deploy and chat for a completed task. The controls are drawn once (what is typed in them survives the
+    redraws that progress and pod events cause); the export line and the chat targets follow every redraw."""
+
+    def __init__(self, container: ui.column, task_id: str) -> None:
+        self.container = container
+        self.task_id = task_id
+        self.state_label: ui.label | None = None
+        self.chat: ui.column | None = None
+        self.chat_key = ""
+
+    def refresh(self, task: FinetuneTask) -> None:
+        manager = runtime().finetune
+        if task.status != TaskState.COMPLETED:
+            if self.state_label is not None:
+                self.container.clear()
+                self.state_label = self.chat = None
+            return
+        if self.state_label is None:
+            with self.container:
+                with ui.row().classes("items-center gap-2"):
+                    ui.button("Export merged weights", icon="download", on_click=self.export) \
+                        .props('outline dense data-testid="export"')
+                    self.state_label = ui.label().classes("text-xs font-mono").props('data-testid="export-state"')
+                _deploy_control(task)
+                self.chat = ui.column().classes("w-full gap-1").props('data-testid="chat-box"')
+            self.chat_key = ""
+        self.show(manager.export_state(self.task_id))
+        targets = chat_targets(task)
+        if repr(targets) != self.chat_key:  # redrawn only when a pool or service changed: a typed message stays
+            self.chat_key = repr(targets)
+            assert self.chat is not None
+            self.chat.clear()
+            with self.chat:
+                _chat_box(*targets)
+
+    def show(self, state: ExportState) -> None:
+        assert self.state_label is not None
+        self.state_label.set_text({"done": f"merged weights in {state.directory}", "running": "merging…",
+                                   "failed": f"export failed: {state.reason}", "none": ""}[state.state])
+
+    async def export(self) -> None:
+        async def start() -> ExportState:
+            return runtime().finetune.export(self.task_id)
+
+        state, problem = await act(start)
+        notify(problem or f"export {state.state}: " + (state.directory or state.reason), "negative" if problem else "positive")
+        if state is not None:
+            self.show(state)
+
+
+def chat_targets(task: FinetuneTask) -> tuple[list[dict[str, str]], list[str]]:
+    """Where to chat with a task's result: ([{service, url, model}] of business services on pools deployed from it,
+    [pools deployed from it that no business service serves yet])."""
+    controller = runtime().controller
+    output = task.output or ""
+    merged = str(Path(output).parent / "merged") if output else ""
+    pools: dict[str, str] = {}  # pool → the model name requests must carry
+    for deployment in controller.list_deployments():
+        if not deployment.isPool:
+            continue
+        if output and (deployment.modelId in (output, merged) or any(output in arg for arg in deployment.engineArgs)):
+            pools[deployment.name] = deployment.modelName
+        for adapter in getattr(deployment, "adapters", None) or []:  # added to a running vLLM pool
+            if adapter.taskId == task.id:
+                pools[deployment.name] = adapter.name
+    targets, served = [], set()
+    for service in controller.list_business_services():
+        if service.modelPool in pools and service.baseUrl:
+            targets.append({"service": service.name, "url": service.baseUrl, "model": pools[service.modelPool],
+                            "ready": str(service.readyReplicas)})
+            served.add(service.modelPool)
+    return targets, [pool for pool in pools if pool not in served]
+
+
+def _chat_box(targets: list[dict[str, str]], unserved: list[str]) -> None:
+    """Chat with the result the way the Test panel does: through a business service of a pool deployed from it."""
+    if not targets:
+        if unserved:
+            ui.label(f"deployed as {', '.join(unserved)}: create a business service for it and assign replicas on the "
+                     "Inference page to chat with it").classes("text-xs text-grey-8").props('data-testid="chat-hint"')
+            ui.link("open the Inference page (Test panel)", "/").classes("text-xs")
+        return
+    ui.label("Chat with the result").classes("text-sm font-medium")
+    options = {t["service"]: f"{t['service']} ({t['ready']} ready) → {t['model']}" for t in targets}
+    service = ui.select(options, value=targets[0]["service"], label="Business service").classes("w-72") \
+        .props('dense data-testid="chat-service"')
+    message = ui.input("Message", value="Hello! Who are you?").classes("w-full").props('dense data-testid="chat-message"')
+    reply = ui.label().classes("text-sm bg-grey-2 rounded p-2 w-full").style("white-space: pre-wrap").props('data-testid="chat-reply"')
+
+    async def send() -> None:
+        target = next(t for t in targets if t["service"] == service.value)
+        body = {"model": target["model"], "messages": [{"role": "user", "content": message.value or ""}], "max_tokens": 256}
+        button.props("loading")
+        try:
+            async with httpx.AsyncClient(timeout=120) as client:
+                response = await client.post(f"{target['url']}/chat/completions", json=body)
+            if response.status_code == 200:
+                choices = response.json().get("choices") or [{}]
+                reply.set_text((choices[0].get("message") or {}).get("content") or "(empty answer)")
+            else:
+                reply.set_text(f"HTTP {response.status_code}: {response.text[:500]}")
+        except httpx.HTTPError as exc:
+            reply.set_text(f"request failed: {exc}")
+        finally:
+            button.props(remove="loading")
+
+    button = ui.button("Send", icon="send", on_click=send).props('dense data-testid="chat-send"')
 
 
 def _deploy_control(task: FinetuneTask) -> None:
@@ -387,3 +587,35 @@ def _deploy_control(task: FinetuneTask) -> None:
             notify(problem or f"deployed as {result['deployment']['name']}", "negative" if problem else "positive")
 
         button = ui.button("Deploy as pool", icon="rocket_launch", on_click=deploy).props('data-testid="deploy-as-pool"')
+    if task.method in ("lora", "qlora"):
+        _adapter_control(task)
+
+
+def lora_pools() -> dict[str, str]:
+    """Running vLLM pools that can take an adapter at run time (started with --enable-lora)."""
+    return {d.name: f"{d.name} ({d.modelName})" for d in runtime().controller.list_deployments()
+            if d.isPool and d.engine == "vllm" and "--enable-lora" in d.engineArgs}
+
+
+def _adapter_control(task: FinetuneTask) -> None:
+    """Deploy as adapter on pool…: the task's LoRA adapter loaded on every replica of a running vLLM pool (multi-LoRA);
+    clients then send `model: <adapter name>` to the pool's business services."""
+    pools = lora_pools()
+    with ui.row().classes("items-center gap-2").props('data-testid="adapter-control"'):
+        if not pools:
+            ui.label("Deploy as adapter: no running vLLM pool started with --enable-lora").classes("text-xs text-grey-7")
+            return
+        pool = ui.select(pools, value=next(iter(pools)), label="Pool").classes("w-64").props('data-testid="adapter-pool"')
+        name = ui.input("Adapter name", value=task.id).classes("w-48").props('data-testid="adapter-name"')
+
+        async def add() -> None:
+            from corral.adapters import task_adapter
+
+            async def run() -> Any:
+                path, rank = task_adapter(runtime().finetune.get(task.id))
+                return await runtime().adapters.add(pool.value, (name.value or "").strip(), path=path, task_id=task.id, rank=rank)
+
+            result, problem = await act(run)
+            notify(problem or result.message, "negative" if problem else "positive")
+
+        ui.button("Deploy as adapter on pool…", icon="extension", on_click=add).props('outline dense data-testid="deploy-as-adapter"')

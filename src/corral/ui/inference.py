@@ -1,6 +1,9 @@
-"""The inference page (`/`): configuration, test panel, deployment manager, pods and assignment board.
+"""The inference page (`/`): configuration, test panel, deployment manager, business services with their live
+load, pods and assignment board.
 
-Each section is a refreshable redrawn from the events that concern it (`live`). The pods table is a
+Each section is a refreshable redrawn from the events that concern it (`live`); load (figures, charts, the
+pods' in-flight and requests/s, the board's per-business load) is set in place from the monitor's `load`
+event once a second while the page is open (`corral.ui.load`). The pods table is a
 Quasar table with client-side paging, sorting and filtering, so 1,000 pods cost one row list per
 redraw and only one page of rows in the DOM; the business drop-down lives in a cell slot and emits
 one `assign` event back to Python.
@@ -18,20 +21,25 @@ from nicegui import ui
 from corral.controller import DeploySpec
 from corral.domain import labels as L
 from corral.domain.assignment import businesses_of_model
+from corral.domain.errors import CorralError
 from corral.domain.models import PodPhase
 from corral.engines import engine_names, get_engine
 from corral.events import EventType
+from corral.ui import autopilot as autopilot_ui
+from corral.ui import load as loadview
 from corral.ui.live import ClientEvents, act, live, notify, runtime
 from corral.views import PoolDeploymentView, StandardDeploymentView
 
 POD_EVENTS = (EventType.REPLICA_STATUS, EventType.POD_ASSIGNMENT, EventType.DISTRIBUTION, EventType.SCALE,
               EventType.DEPLOYMENT, EventType.SERVICE_DEPLOYMENT)
+DEPLOYMENT_EVENTS = (*POD_EVENTS, EventType.ADAPTERS)
 POOL_TOOLTIP = ("A model pool gets no service of its own: its replicas start unassigned and are assigned, one by one, "
                 "to business services (a label change, effective in milliseconds). Scale-down only removes unassigned replicas.")
 
 
 def page(events: ClientEvents) -> None:
     ui.page_title("Corral · Inference")
+    loadview.LoadWatch()  # load events once a second while this page is open
     with ui.row().classes("w-full gap-4 items-stretch no-wrap"):
         with ui.card().classes("w-1/2").props('data-testid="configuration"'):
             ui.label("Configuration").classes("text-lg font-medium")
@@ -48,7 +56,17 @@ def page(events: ClientEvents) -> None:
             _deployments(refusals, deployments.refresh)
 
         deployments()
-        live(events, POD_EVENTS, deployments.refresh)
+        live(events, DEPLOYMENT_EVENTS, deployments.refresh)
+    with ui.card().classes("w-full").props('data-testid="business-services"'):
+        with ui.row().classes("w-full items-baseline gap-2"):
+            ui.label("Business services").classes("text-lg font-medium")
+            ui.label(f"load over the last {loadview.WINDOW_S} s; chart: the last 5 minutes").classes("text-xs text-grey-7")
+        _services(events)
+    with ui.card().classes("w-full").props('data-testid="autopilot"'):
+        with ui.row().classes("w-full items-baseline gap-2"):
+            ui.label("Autopilot").classes("text-lg font-medium")
+            ui.label("warm replicas follow demand: recent decisions and why").classes("text-xs text-grey-7")
+        autopilot_ui.decisions(events)
     with ui.card().classes("w-full").props('data-testid="status-monitor"'):
         with ui.tabs().classes("w-full justify-start") as tabs:
             pods_tab = ui.tab("Pods")
@@ -72,10 +90,36 @@ def _configuration(events: ClientEvents) -> None:
             _service_form(events)
 
 
+ENGINE_PREFERENCE = ("vllm", "sglang", "transformers", "simulator")  # the default: the first one that can run here
+
+
+def engine_choices(backend: str) -> tuple[dict[str, str], str]:
+    """The engine drop-down's options (label says which cannot run here) and its default: the first installed
+    engine in ENGINE_PREFERENCE. Locally an engine runs in Corral's environment, so it must be installed here;
+    in a cluster it runs in its container image, so every engine is available."""
+    labels: dict[str, str] = {}
+    installed: list[str] = []
+    for name in engine_names():
+        engine = get_engine(name)
+        label = f"{name} (simulator)" if engine.is_simulator else name
+        if backend == "local":
+            try:
+                engine.check_installed()
+            except CorralError:
+                label += " · not installed here"
+            else:
+                installed.append(name)
+        else:
+            installed.append(name)
+        labels[name] = label
+    ranked = [n for n in ENGINE_PREFERENCE if n in installed] + installed
+    return labels, (ranked or list(labels))[0]
+
+
 def _model_form() -> None:
-    engines = {n: f"{n} (simulator)" if get_engine(n).is_simulator else n for n in engine_names()}
+    engines, default = engine_choices(runtime().settings.backend)
     with ui.row().classes("w-full gap-2 no-wrap"):
-        engine = ui.select(engines, value="vllm" if "vllm" in engines else next(iter(engines)), label="Engine").classes("w-40").props('data-testid="engine"')
+        engine = ui.select(engines, value=default, label="Engine").classes("w-60").props('data-testid="engine"')
         model_id = ui.input("Model", placeholder="Qwen/Qwen2.5-Coder-7B-Instruct or a local directory").classes("grow").props('data-testid="model"')
     with ui.row().classes("w-full gap-2 no-wrap"):
         tag = ui.input("Model tag", placeholder="qwen-coder-7b").classes("grow").props('data-testid="model-tag"')
@@ -207,7 +251,11 @@ def _deployments(refusals: dict[str, str], redraw: Any) -> None:
                 if isinstance(view, PoolDeploymentView):
                     ui.label(f"Assignment: {view.assignment}").props('data-testid="assignment"')
                     ui.label(f"available for scale-down: {view.availableForScaleDown}").classes("text-sm")
-                    ui.label("Can only scale down unassigned pods").classes("text-xs text-warning")
+                    if view.availableForScaleDown < view.currentReplicas:  # else any scale-down is allowed: no warning
+                        ui.label("Can only scale down unassigned pods").classes("text-xs text-warning").props('data-testid="scale-warning"')
+                    with ui.row().classes("items-center gap-1"):
+                        autopilot_ui.pool_badge(view.name)
+                    _adapters(view)
                 elif view.baseUrl:
                     ui.label(view.baseUrl).classes("text-xs font-mono")
                 if view.name in refusals:
@@ -242,6 +290,23 @@ def _scale_control(view: PoolDeploymentView | StandardDeploymentView, refusals: 
     ui.button(icon="delete", on_click=delete).props("flat dense color=negative").tooltip("delete")
 
 
+def _adapters(view: PoolDeploymentView) -> None:
+    """A vLLM pool's LoRA adapters (multi-LoRA): each answers to its own `model` name on the pool's business
+    services; how many ready replicas have it loaded; removed here (unloaded from every replica)."""
+    for adapter in view.adapters:
+        with ui.row().classes("items-center gap-1 text-sm").props(f'data-testid="adapter-{view.name}-{adapter.name}"'):
+            ui.icon("extension", size="xs").classes("text-grey-7")
+            ui.label(f"{adapter.name} ({adapter.loadedOn}/{adapter.readyReplicas} loaded)").tooltip(
+                f"LoRA rank {adapter.rank} from {adapter.taskId or adapter.path}: send model: {adapter.name}")
+
+            async def remove(_: Any, name: str = adapter.name) -> None:
+                if await confirm(f"Unload adapter {name} from every replica of {view.name}?"):
+                    _, problem = await act(lambda: runtime().adapters.remove(view.name, name))
+                    notify(problem or f"adapter {name} removed", "negative" if problem else "positive")
+
+            ui.button(icon="close", on_click=remove).props("flat dense size=sm color=negative").tooltip("remove this adapter")
+
+
 async def confirm(question: str) -> bool:
     with ui.dialog() as dialog, ui.card():
         ui.label(question)
@@ -253,6 +318,68 @@ async def confirm(question: str) -> bool:
     return bool(answer)
 
 
+# business services and their load --------------------------------------------------------------
+def _services(events: ClientEvents) -> None:
+    """One block per business service: what it selects, its endpoint, its load figures and chart. Rebuilt only
+    when the set of services changes; readiness and load are set in place (see `corral.ui.load`)."""
+    shown: dict[str, loadview.ServiceFigures] = {}
+    ready: dict[str, ui.label] = {}
+    built: list[Any] = [None]  # the services' identities the blocks were built for
+
+    def identity(views: list[Any]) -> list[tuple[str, ...]]:
+        return [(v.name, v.displayName, v.businessTag or "", v.modelName, v.baseUrl or "") for v in views]
+
+    @ui.refreshable
+    def blocks() -> None:
+        shown.clear()
+        ready.clear()
+        views = runtime().controller.list_business_services()
+        built[0] = identity(views)
+        if not views:
+            ui.label("No business service yet: create one in the Service Configuration tab.").classes("text-grey-7")
+        for view in views:
+            with ui.column().classes("w-full border-b border-gray-200 pb-2 gap-1").props(f'data-testid="service-{view.name}"'):
+                with ui.row().classes("w-full items-center gap-3"):
+                    ui.label(view.name).classes("font-medium")
+                    ui.badge(view.businessTag or "", color="primary").props("outline")
+                    ui.label(f"→ {view.modelName}").classes("text-sm")
+                    ready[view.name] = ui.label().classes("text-sm").props(f'data-testid="service-ready-{view.name}"')
+                    ui.label(view.baseUrl or "").classes("text-xs font-mono text-grey-7")
+                    ui.space()
+                    autopilot_ui.policy_button(view.name)
+                    ui.button(icon="delete", on_click=lambda _, v=view: delete(v)) \
+                        .props(f'flat dense color=negative data-testid="delete-service-{view.name}"') \
+                        .tooltip("delete this business service")
+                shown[view.name] = loadview.ServiceFigures(view.name)
+        follow()
+
+    def follow() -> None:  # on events: the structure if it changed, else the ready counts
+        views = runtime().controller.list_business_services()
+        if identity(views) != built[0]:
+            blocks.refresh()
+            return
+        for view in views:
+            text = f"{view.readyReplicas} ready of {view.replicas} assigned"
+            if view.name in ready and ready[view.name].text != text:
+                ready[view.name].set_text(text)
+        redraw_load()
+
+    def redraw_load() -> None:
+        loads = loadview.by_service(loadview.overview(events))
+        for name, figures in shown.items():
+            figures.show(loads.get(name))
+
+    async def delete(view: Any) -> None:
+        stranded = f" Its {view.replicas} replica(s) go back to unassigned." if view.replicas else ""
+        if await confirm(f"Delete business service {view.name}?{stranded}"):
+            _, problem = await act(lambda: runtime().controller.delete_service(view.name, force=True))
+            notify(problem or f"service {view.name} deleted", "negative" if problem else "positive")
+
+    blocks()
+    live(events, POD_EVENTS, follow)
+    live(events, loadview.EVENTS, redraw_load)
+
+
 # pods -----------------------------------------------------------------------------------------
 POD_COLUMNS = [
     {"name": "name", "label": "Pod name", "field": "name", "sortable": True, "align": "left"},
@@ -260,6 +387,8 @@ POD_COLUMNS = [
     {"name": "model", "label": "Model", "field": "model", "sortable": True, "align": "left"},
     {"name": "business", "label": "Business", "field": "business", "sortable": True, "align": "left"},
     {"name": "placement", "label": "Node / GPU", "field": "placement", "align": "left"},
+    {"name": "inFlight", "label": "In flight", "field": "inFlight", "sortable": True, "align": "right"},
+    {"name": "rps", "label": "Req/s", "field": "rps", "sortable": True, "align": "right"},
     {"name": "age", "label": "Age", "field": "age", "sortable": True, "align": "left"},  # sorted by creation time
     {"name": "action", "label": "Action", "field": "result", "align": "left"},
 ]
@@ -289,8 +418,10 @@ def _pods(events: ClientEvents) -> None:
     table.add_slot("body-cell-business", BUSINESS_CELL)
     table.add_slot("body-cell-action", ACTION_CELL)
 
+    load: list[dict[str, loadview.PodLoad]] = [{}]  # the replicas' load the rows were built with
+
     def redraw() -> None:
-        rows, pagination = page_of(pod_rows(results), search.value or "", wanted)
+        rows, pagination = page_of(pod_rows(results, load[0]), search.value or "", wanted)
         if rows != table.rows or pagination != table.pagination:  # an event that changed nothing here sends nothing
             table.rows = rows
             table.pagination = pagination
@@ -306,11 +437,19 @@ def _pods(events: ClientEvents) -> None:
         results[pod] = problem or "✓"
         redraw()
 
+    def follow_load() -> None:  # on each load event (once a second): rows are rebuilt only when some replica's load moved
+        current = loadview.by_pod(loadview.overview(events))
+        if current != load[0]:
+            load[0] = current
+            redraw()
+
     table.on("request", request)
     table.on("assign", assign)
     search.on_value_change(lambda: (wanted.update(page=1), redraw()))
+    follow_load()
     redraw()
     live(events, POD_EVENTS, redraw)
+    live(events, loadview.EVENTS, follow_load)
 
 
 def page_of(rows: list[dict[str, Any]], text: str, wanted: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -319,7 +458,12 @@ def page_of(rows: list[dict[str, Any]], text: str, wanted: dict[str, Any]) -> tu
         rows = [r for r in rows if any(needle in str(r[k]).lower() for k in ("name", "status", "model", "business", "placement"))]
     key = wanted.get("sortBy") or "name"
     by_age = key == "age"  # youngest first: newest creation time first
-    rows = sorted(rows, key=lambda r: r["createdAt"] if by_age else str(r.get(key, "")), reverse=bool(wanted.get("descending")) != by_age)
+
+    def order(row: dict[str, Any]) -> Any:
+        value = row["createdAt"] if by_age else row.get(key, "")
+        return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))  # numbers as numbers
+
+    rows = sorted(rows, key=order, reverse=bool(wanted.get("descending")) != by_age)
     per_page = int(wanted.get("rowsPerPage") or 0) or max(1, len(rows))  # 0: all rows
     pages = max(1, -(-len(rows) // per_page))
     page = min(max(1, int(wanted.get("page") or 1)), pages)
@@ -328,7 +472,8 @@ def page_of(rows: list[dict[str, Any]], text: str, wanted: dict[str, Any]) -> tu
     return rows[(page - 1) * per_page: page * per_page], pagination
 
 
-def pod_rows(results: dict[str, str]) -> list[dict[str, Any]]:
+def pod_rows(results: dict[str, str], load: dict[str, loadview.PodLoad] | None = None) -> list[dict[str, Any]]:
+    load = load or {}
     controller = runtime().controller
     pods = controller.list_pods()
     services = controller.backend.list_services()
@@ -343,8 +488,12 @@ def pod_rows(results: dict[str, str]) -> list[dict[str, Any]]:
             "options": options.get(pod.model or "", [L.UNASSIGNED]),
             "placement": f"{runtime().settings.backend} · " + (f"GPU {','.join(map(str, pod.gpuIds))}" if pod.gpuIds else "CPU"),
             "age": _age(now, pod.createdAt), "createdAt": pod.createdAt or "", "result": results.get(pod.name, ""),
+            "inFlight": load.get(pod.name, IDLE).in_flight, "rps": load.get(pod.name, IDLE).requests_per_s,
         })
     return rows
+
+
+IDLE = loadview.PodLoad()
 
 
 def _age(now: datetime, created: str | None) -> str:
@@ -365,29 +514,57 @@ def _board(events: ClientEvents) -> None:
         ui.button("Distribute by ratio…", icon="balance", on_click=lambda: _distribute_dialog(chosen.value)) \
             .props('outline data-testid="distribute"')
     dragged: dict[str, str] = {}
+    # Load, set in place once a second: business → (its label, its pods, its services); pod → its label.
+    business_load: dict[str, tuple[ui.label, list[str], list[str]]] = {}
+    pod_load: dict[str, ui.label] = {}
 
     @ui.refreshable
     def columns() -> None:
+        business_load.clear()
+        pod_load.clear()
         if not chosen.value:
             ui.label("No model pool yet.").classes("text-grey-7")
             return
         status = runtime().controller.pool_status(chosen.value)
         pods = runtime().controller.list_pods(chosen.value)
+        services = [s for s in runtime().backend.list_services() if s.is_business_service and s.model == status.modelName]
         businesses = [b for b in status.podDistribution if b != L.UNASSIGNED] + [L.UNASSIGNED]
         with ui.row().classes("w-full gap-3 items-start"):
             for business in businesses:
                 mine = [p for p in pods if p.business == business]
-                column = ui.column().classes("w-56 min-h-40 bg-grey-2 rounded p-2 gap-2").props(f'data-testid="board-column-{business}"')
+                column = ui.column().classes("w-60 min-h-40 bg-grey-2 rounded p-2 gap-2").props(f'data-testid="board-column-{business}"')
                 column.on("dragover.prevent", lambda: None)
                 column.on("drop", lambda _, target=business: move(target))
                 with column:
                     ui.label(f"{business} ({len(mine)})").classes("font-medium")
+                    label = ui.label().classes("text-xs text-grey-8 -mt-2").props(f'data-testid="board-load-{business}"')
+                    business_load[business] = (label, [p.name for p in mine], [s.name for s in services if s.business == business])
                     for pod in mine:
-                        card = ui.card().classes("w-full p-2 cursor-grab").props(f'draggable data-testid="card-{pod.name}"')
+                        card = ui.card().classes("w-full p-2 cursor-grab gap-0").props(f'draggable data-testid="card-{pod.name}"')
                         card.on("dragstart", lambda _, name=pod.name: dragged.update(pod=name))
                         with card:
                             ui.label(pod.name).classes("text-sm font-mono")
                             ui.label(pod.status.value + (" · ready" if pod.ready else "")).classes("text-xs text-grey-7")
+                            pod_load[pod.name] = ui.label().classes("text-xs text-grey-8")
+        show_load()
+
+    def show_load() -> None:
+        """Each business's load next to its replicas: the requests/s and in-flight of its replicas in this pool, the
+        p95 latency of its services; each card its replica's."""
+        load = loadview.overview(events)
+        pods, services = loadview.by_pod(load), loadview.by_service(load)
+        for label, names, service_names in business_load.values():
+            mine = [pods.get(n, IDLE) for n in names]
+            p95s = [v for n in service_names if n in services and (v := services[n].latencyMs.p95) is not None]
+            text = (f"{loadview.rate(sum(m.requests_per_s for m in mine))} · {sum(m.in_flight for m in mine)} in flight"
+                    + (f" · p95 {loadview.ms(max(p95s))}" if p95s else ""))
+            if label.text != text:
+                label.set_text(text)
+        for name, label in pod_load.items():
+            mine = pods.get(name, IDLE)
+            text = f"{loadview.rate(mine.requests_per_s)} · {mine.in_flight} in flight"
+            if label.text != text:
+                label.set_text(text)
 
     async def move(target: str) -> None:
         pod = dragged.pop("pod", None)
@@ -403,6 +580,7 @@ def _board(events: ClientEvents) -> None:
     chosen.on_value_change(columns.refresh)
     columns()
     live(events, POD_EVENTS, redraw)
+    live(events, loadview.EVENTS, show_load)
 
 
 def keep_pool_choice(select: ui.select, pools: dict[str, str]) -> None:

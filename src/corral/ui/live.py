@@ -3,7 +3,9 @@
 Live: each browser gets one bus listener that only counts events by type. A page section declares
 which event types concern it; a short timer redraws it when those counts moved. A burst of events
 (a distribution moving 500 pods) therefore costs one redraw, never one per event, and nothing is
-redrawn while nothing happens.
+redrawn while nothing happens. The listener also keeps the newest data of the types in KEPT (the
+`load` event: the load monitor's snapshot, built once a second for every watcher), so a section that
+shows load redraws from the data the event carried instead of building it again (corral.ui.load).
 
 Act: every mutation goes through `act`, which enforces the API token when one is configured (the UI
 never bypasses what the REST API enforces) and turns a refusal into its message, for the page to show
@@ -20,12 +22,14 @@ from nicegui import app, ui
 
 from corral.auth import token_accepted
 from corral.domain.errors import CorralError
+from corral.events import EventType
 
 if TYPE_CHECKING:
     from corral.runtime import Runtime
 
 _runtime: Runtime | None = None
 REDRAW_INTERVAL_S = 0.1
+KEPT = frozenset({EventType.LOAD.value})  # event types whose newest data the listener keeps (a reference, no copy)
 
 
 def bind(runtime: Runtime) -> None:
@@ -44,12 +48,15 @@ class ClientEvents:
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
+        self.latest: dict[str, dict[str, Any]] = {}  # type → the newest data, for the types in KEPT
         bus = runtime().bus
         bus.listen(self._on_event)
         ui.context.client.on_delete(lambda: bus.unlisten(self._on_event))
 
     def _on_event(self, type_: str, data: dict[str, Any]) -> None:
         self.counts[type_] += 1
+        if type_ in KEPT:
+            self.latest[type_] = data
 
     def version(self, types: Iterable[str]) -> int:
         return sum(self.counts[t] for t in types)

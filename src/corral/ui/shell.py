@@ -25,7 +25,7 @@ def root() -> None:
     with ui.header().classes("items-center gap-6 py-2 px-4"):
         ui.label("Corral").classes("text-xl font-bold")
         for path, (label, icon) in PAGES.items():
-            with ui.link(target=path).classes("text-white no-underline flex items-center gap-1"):
+            with ui.link(target=path).classes("text-white no-underline flex items-center gap-1").mark(f"nav-{label.lower()}"):
                 ui.icon(icon)
                 ui.label(label)
         ui.space()
