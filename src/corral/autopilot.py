@@ -309,7 +309,7 @@ class Autopilot:
                 waiting=sum(s.waiting or 0.0 for s in scraped) if scraped else None,
                 ttftP90Ms=demand.ttft_p90_ms, requestsPerSecond=round(demand.requests_per_second, 3),
                 rejectedPerSecond=round(demand.rejected_per_second, 3),
-                pressure=pressure(BusinessLoad(business, demand, members)),
+                pressure=pressure(BusinessLoad(business, demand, members), settings.replicaConcurrency),
             ))
         return AutopilotStatus(
             pool=pool, settings=settings, businesses=businesses,

@@ -137,6 +137,48 @@ def test_idle_spares_scale_in_after_the_quiet_period_only_unassigned():
     assert len(later.remove) == 2 and all(name.startswith("spare") for name in later.remove)
 
 
+def test_a_stale_ttft_without_a_queue_takes_nothing():
+    """bench/autopilot.py: a business running 1 sequence whose TTFT p90 (a window of history) was over its
+    target took every spare in 2 s; latency counts only while the business queues or fills its batches."""
+    pool = replace(ON, replica_concurrency=4)
+    rs = loaded(replicas(chat=1, spare=5), "chat", running=1, waiting=0)
+    demands = {"chat": BusinessDemand(BusinessPolicy(ttft_p90_ms=500), requests_per_second=1, ttft_p90_ms=900)}
+    assert not run(rs, demands, memory=AutopilotMemory({"chat": 0.0}), pool=pool).moves
+    busy = loaded(rs, "chat", running=4, waiting=0)  # its batch is full: the latency is real
+    assert run(busy, demands, memory=AutopilotMemory({"chat": 0.0}), pool=pool).moves
+
+
+def test_after_an_acquisition_pressure_must_hold_a_new_window_before_more():
+    pool = replace(ON, replica_concurrency=4)
+    rs = loaded(replicas(chat=1, spare=5), "chat", running=4, waiting=3)
+    demands = {"chat": BusinessDemand(requests_per_second=5)}
+    first = run(rs, demands, memory=AutopilotMemory({"chat": 0.0}), pool=pool, now=10.0)
+    assert len(first.moves) == 1  # ceil(7 / 4) = 2 replicas: one more
+    after = apply(rs, first, 10.0)
+    assert not run(after, demands, memory=first.memory, pool=pool, now=10.5).moves  # the same queue, seen 0.5 s later
+    assert run(after, demands, memory=first.memory, pool=pool, now=11.0).moves  # still there a window later
+
+
+def test_a_release_keeps_the_most_the_business_needed_during_the_window():
+    """bench/autopilot.py: releasing down to the need of the moment (a dip between peaks) made chat
+    oscillate 1 → 6 → 1 replicas on a steady Poisson load."""
+    pool = replace(ON, replica_concurrency=4, release_after_seconds=10)
+    rs = replicas(chat=6)
+    demands = {"chat": BusinessDemand(requests_per_second=2)}
+    memory = AutopilotMemory()
+    for t, running in [(0.0, 1), (5.0, 2), (9.0, 1)]:  # per replica: 6 sequences, a peak of 12, 6 again
+        d = run(loaded(rs, "chat", running=running, waiting=0), demands, memory=memory, pool=pool, now=t)
+        assert not d.moves
+        memory = d.memory
+    d = run(loaded(rs, "chat", running=1, waiting=0), demands, memory=memory, pool=pool, now=10.0)
+    assert len(d.moves) == 2  # keeps ceil(12 / 3.2) = 4, not the ceil(6 / 3.2) = 2 of this moment
+    assert "needed at most 4" in d.moves[0].reason
+    # A need that reaches what it has ends the surplus: the window starts again.
+    memory = run(loaded(rs, "chat", running=4, waiting=0), demands, memory=AutopilotMemory({}, {"chat": 0.0}, {"chat": 1}),
+                 pool=pool, now=5.0).memory
+    assert "chat" not in memory.surplus_since
+
+
 # --- properties -----------------------------------------------------------------------------------
 
 BUSINESSES = ["a", "b", "c"]

@@ -10,10 +10,12 @@ The rules, in order (each action carries its reason, for the history row):
 1. A business below its `minReplicas` gets replicas at once; one above its `maxReplicas` gives the
    surplus back to the spares at once.
 2. A business is *pressured* when its waiting requests per ready replica exceed its target
-   (`waitingPerReplica`, default 1), when its TTFT p90 exceeds `ttftP90Ms`, or when it has traffic
-   and no ready replica. Pressure must hold for `stabilizationSeconds` before anything moves
-   (hysteresis), then the business wants enough replicas to hold its running + waiting sequences
-   at `replicaConcurrency` each, and at least one more than it has (capped by its max).
+   (`waitingPerReplica`, default 1), when its TTFT p90 exceeds `ttftP90Ms` while it queues or fills
+   its batches, or when it has traffic and no ready replica. Pressure must hold for
+   `stabilizationSeconds` before anything moves (hysteresis), then the business wants enough replicas
+   to hold its running + waiting sequences at `replicaConcurrency` each, and at least one more than it
+   has (capped by its max). After it receives replicas, its pressure must hold a new window before it
+   takes more: what it got has to show in its queue first.
 3. Pressured businesses are served highest `priority` first, taking (a) warm spares (unassigned,
    ready), then (b) replicas of unpressured businesses above what they need to keep (their min; their
    load at 80% of `replicaConcurrency`; half their waiting and TTFT targets; one replica while they
@@ -24,7 +26,8 @@ The rules, in order (each action carries its reason, for the history row):
 4. A moved replica stays where it was put for `cooldownSeconds`; a pinned replica (a person's
    manual assignment) never moves.
 5. When no business wants more, a business with more than it needs for `releaseAfterSeconds` gives
-   the surplus back to the spares (replicas with no running requests first).
+   back to the spares what it did not need at any point of that window (the most it needed is kept,
+   as HPA's scale-down stabilisation does; replicas with no running requests go first).
 6. Demand that moves cannot meet, and spares below `warmSpares`, scale the pool out when
    `scaleOut` is on, the pool is below its `maxReplicas` and the GPU ledger has free units (starting
    replicas count as spares-to-be, so one shortage does not scale out twice). Spares above
@@ -102,6 +105,7 @@ class AutopilotMemory:
 
     pressure_since: Mapping[str, float] = field(default_factory=dict)
     surplus_since: Mapping[str, float] = field(default_factory=dict)
+    surplus_peak: Mapping[str, int] = field(default_factory=dict)  # the most it needed since its surplus began
     spares_surplus_since: float | None = None
 
 
@@ -164,8 +168,12 @@ def _fmt(x: float) -> str:
     return f"{x:.1f}"
 
 
-def pressure(business: BusinessLoad) -> str | None:
-    """Why the business needs more capacity now, or None."""
+def pressure(business: BusinessLoad, replica_concurrency: int) -> str | None:
+    """Why the business needs more capacity now, or None.
+
+    A TTFT over its target counts only while the business queues or fills its batches: the p90 comes
+    from a histogram over the last seconds, and still shows a queue that is already gone; acting on it
+    would take replicas for a demand that has passed."""
     policy, ready = business.policy, business.ready
     if not ready:
         return "has traffic and no ready replica" if business.has_traffic else None
@@ -173,7 +181,8 @@ def pressure(business: BusinessLoad) -> str | None:
     if policy.waiting_per_replica is not None and per_replica > policy.waiting_per_replica:
         return f"waiting per replica {_fmt(per_replica)} > {_fmt(policy.waiting_per_replica)}"
     ttft = business.demand.ttft_p90_ms
-    if policy.ttft_p90_ms is not None and ttft is not None and ttft > policy.ttft_p90_ms:
+    busy = business.waiting > 0 or business.running >= len(ready) * max(1, replica_concurrency) * UTILISATION_TO_KEEP
+    if policy.ttft_p90_ms is not None and ttft is not None and ttft > policy.ttft_p90_ms and busy:
         return f"TTFT p90 {ttft:.0f} ms > {policy.ttft_p90_ms:.0f} ms"
     return None
 
@@ -233,9 +242,10 @@ def decide(
     }
     pressure_since = dict(memory.pressure_since)
     surplus_since = dict(memory.surplus_since)
+    surplus_peak = dict(memory.surplus_peak)
     pressured: dict[str, str] = {}  # business → why it needs more capacity now
     for name, business in businesses.items():
-        why = pressure(business)
+        why = pressure(business, settings.replica_concurrency)
         if why is None:
             pressure_since.pop(name, None)
         else:
@@ -295,10 +305,15 @@ def decide(
             take(receiver, donor, donor.policy.min_replicas, f"priority {donor.policy.priority} < {priority}")
         if want[receiver] > 0:
             waiting_for.append(f"{receiver} wants {want[receiver]} more replica(s) ({reasons[receiver]}); none movable")
+        if any(m.target == receiver for m in moves) and receiver in pressure_since:
+            # What it got must show in its queue before it takes more: the pressure has to hold a new window.
+            pressure_since[receiver] = now
 
     unmet = sum(max(0, n) for n in want.values())
 
-    # Release: over max at once; surplus after the release window, only when nobody wants more.
+    # Release: over max at once; a surplus once it has held the release window, only when nobody wants
+    # more, and only down to the most the business needed during that window (the scale-down
+    # stabilisation of Kubernetes' HPA): a load that dips between peaks keeps its replicas.
     for name, business in businesses.items():
         top = business.policy.max_replicas
         keep = needed(business, settings, pressured=False)
@@ -306,16 +321,20 @@ def decide(
         surplus = name not in pressured and len(business.replicas) > keep
         if not surplus:
             surplus_since.pop(name, None)
+            surplus_peak.pop(name, None)
         else:
             surplus_since.setdefault(name, now)
+            surplus_peak[name] = max(surplus_peak.get(name, 0), keep)
         release_to = None
         if over_max:
             release_to, note = top, f"{len(business.replicas)} replica(s) > maxReplicas {top}"
         elif surplus and not unmet and now - surplus_since[name] >= settings.release_after_seconds:
-            release_to = keep
-            note = (f"needs {keep} (running {_fmt(business.running)}, waiting {_fmt(business.waiting)}) "
-                    f"for {now - surplus_since[name]:.0f} s")
-        if release_to is None:
+            release_to = surplus_peak[name]
+            note = (f"needed at most {release_to} for {now - surplus_since[name]:.0f} s (now running "
+                    f"{_fmt(business.running)}, waiting {_fmt(business.waiting)})")
+            surplus_since.pop(name, None)  # a further release waits a whole window again
+            surplus_peak.pop(name, None)
+        if release_to is None or len(business.replicas) <= release_to:
             continue
         for replica in _idle_first([r for r in business.replicas if _movable(r, settings, now) and r.name not in moved]):
             if len(business.replicas) <= release_to:
@@ -362,6 +381,6 @@ def decide(
 
     return Decision(
         moves=tuple(moves), scale_to=scale_to, remove=remove, scale_reason=scale_reason, waiting_for=tuple(waiting_for),
-        memory=AutopilotMemory(pressure_since, surplus_since, spares_surplus_since),
+        memory=AutopilotMemory(pressure_since, surplus_since, surplus_peak, spares_surplus_since),
         short_of_gpus=short_of_gpus, wanting={name: n for name, n in want.items() if n > 0},
     )
