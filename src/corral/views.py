@@ -639,7 +639,7 @@ class AutopilotSpec(Contract):
     scaleIn: bool = Field(default=False, description="remove idle spares above warmSpares after scaleInAfterSeconds")
     maxReplicas: int | None = Field(default=None, ge=0, le=256, description="the pool's ceiling for scale-out")
     stabilizationSeconds: float = Field(default=1.0, ge=0, le=3600, description="how long pressure must hold before a move")
-    releaseAfterSeconds: float = Field(default=30.0, ge=0, le=86_400,
+    releaseAfterSeconds: float = Field(default=300.0, ge=0, le=86_400,
                                        description="how long a surplus must hold before it goes back to the spares")
     scaleInAfterSeconds: float = Field(default=300.0, ge=0, le=86_400)
     replicaConcurrency: int = Field(default=8, ge=1, le=65_536,

@@ -118,3 +118,28 @@ def test_preflight_then_preemption_by_a_high_priority_business_and_resume(
     assert sum(1 for m, _ in messages if m.startswith("started on 0")) == 2, messages
     scale_rows = [h["message"] for h in corral.ok("GET", "/api/history", params={"action": "scale", "target": pool})]
     assert any(f"GPUs of {task_id} preempted for business 'chat' (priority 10)" in m for m in scale_rows), scale_rows
+
+
+def test_the_autopilot_preempts_a_low_priority_task_for_a_business_below_its_min(
+        one_gpu: tuple[CorralServer, Path], tiny_model: Path, dataset: Path) -> None:  # noqa: F811
+    """The same preemption, asked by the autopilot: a priority-10 business below its min, no spare, no free GPU
+    (a low task holds the only one), scale-out on: the task checkpoints, the pool grows onto its GPU and the new
+    replica is assigned to the business."""
+    corral, _ = one_gpu
+    pool = corral.ok("POST", "/api/deploy", json={
+        "engine": "simulator", "modelId": "sim", "modelTag": "qwen-06b", "replicas": 0, "deployAsPool": True,
+        "gpusPerReplica": 1, "engineArgs": SIM_ARGS})["deployment"]["name"]
+    corral.ok("POST", "/api/deploy-service", json={"serviceName": "chat", "modelPool": pool, "businessTag": "chat"})
+    task_id = submit(corral, tiny_model, dataset, gpus=1, priority="low", hyperparameters={"epochs": 4, "saveSteps": 2})["id"]
+    checkpoints = corral.data_dir / "finetune" / task_id / "checkpoints"
+    wait_for(lambda: (checkpoints / "checkpoint-2" / "trainer_state.json").exists(), timeout=120, what="checkpoint 2")
+
+    corral.ok("PUT", "/api/business-services/chat-nlb/policy", json={"minReplicas": 1, "priority": 10})
+    corral.ok("PUT", f"/api/autopilot/{pool}", json={"enabled": True, "warmSpares": 0, "scaleOut": True, "maxReplicas": 1})
+    preempted = wait_for(lambda: "preempted by business 'chat' (priority 10)" in (t := task(corral, task_id))["reason"] and t,
+                         timeout=60, what="the autopilot to preempt the task")
+    assert preempted["status"] == "queued"
+    wait_for(lambda: [p for p in corral.pods(pool) if p["ready"] and p["labels"]["business"] == "chat"], timeout=60,
+             what="the new replica on the task's GPU, assigned to chat")
+    decisions = corral.ok("GET", f"/api/autopilot/{pool}")["decisions"]
+    assert any(f"preempted finetune task(s) {task_id}" in d["reason"] for d in decisions), decisions

@@ -73,7 +73,7 @@ class PoolAutopilot:
     scale_in: bool = False
     max_replicas: int | None = None
     stabilization_seconds: float = 1.0
-    release_after_seconds: float = 30.0
+    release_after_seconds: float = 300.0  # as HPA's scale-down stabilisation: a surplus costs nothing while warm
     scale_in_after_seconds: float = 300.0
     replica_concurrency: int = 8  # sequences one replica runs at once (the engine's --max-num-seqs)
 
