@@ -63,6 +63,16 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import Corral, wait_until  # noqa: E402
 
+from corral.domain import labels as L  # noqa: E402
+from corral.domain.autopilot import (  # noqa: E402
+    AutopilotMemory,
+    BusinessDemand,
+    BusinessPolicy,
+    PoolAutopilot,
+    ReplicaState,
+    decide,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # The replicas: 4 batch slots, 10 tokens/s per sequence, 20 tokens, 20 ms fixed TTFT part, 3% ITL growth
@@ -194,6 +204,89 @@ def best_static_split(trace: list[Arrival]) -> tuple[dict[str, int], list[tuple[
         scored.append((sum(b.weight * att[b.name] for b in BUSINESSES) / total_weight, counts, att))
     scored.sort(key=lambda s: (-s[0], tuple(-s[1][b.name] for b in BUSINESSES)))
     return scored[0][1], scored
+
+
+def offline_autopilot(trace: list[Arrival], split: dict[str, int], policies: dict[str, BusinessPolicy],
+                      settings: PoolAutopilot, interval_s: float = 0.5, act_s: float = 0.1,
+                      seed: int = 0) -> tuple[dict[str, list[float]], int]:
+    """The autopilot on the offline model: the same replicas (SLOTS slots, FIFO queue, least-outstanding routing
+    within a business) with Corral's real decision (`corral.domain.autopilot.decide`) called every `interval_s` on
+    what the engines would report (running and waiting per replica; TTFT p90 over the last 10 s per business);
+    a move routes new requests `act_s` after the tick (the scrape, the intent and the routing push live); a
+    moved replica finishes what it holds. Returns each business's TTFTs (seconds, inf: no replica to take it)
+    and the number of moves. It lets a decision rule be tried on the whole trace in a second before a live run."""
+    rng = random.Random(seed)
+    names = [f"r{i}" for i in range(POOL_SIZE)]
+    owner = {n: b for n, b in zip(names, (b for b in BUSINESSES for _ in range(split[b.name])), strict=False)}
+    owner = {n: owner[n].name if n in owner else L.UNASSIGNED for n in names}
+    running: dict[str, list[float]] = {n: [] for n in names}  # end times (heaps)
+    queued: dict[str, list[tuple[float, str]]] = {n: [] for n in names}  # (arrival, business), FIFO
+    ttfts: dict[str, list[float]] = {b.name: [] for b in BUSINESSES}
+    seen: list[tuple[float, str, float]] = []  # (first token at, business, ttft) for the engines' TTFT histogram
+    arrivals_seen: list[tuple[float, str]] = []
+    completions: list[tuple[float, str]] = []  # (end, replica)
+    memory, moved_at, moves = AutopilotMemory(), {}, 0
+    pending: list[tuple[float, str, str]] = []  # (routes at, replica, business): moves decided, not yet routed
+
+    def start(replica: str, arrived: float, business: str, now: float) -> None:
+        end = now + service_time_s(len(running[replica]) + 1)
+        heapq.heappush(running[replica], end)
+        heapq.heappush(completions, (end, replica))
+        ttft = now - arrived + TTFT_BASE_S
+        ttfts[business].append(ttft)
+        seen.append((now + TTFT_BASE_S, business, ttft))
+
+    def advance(until: float) -> None:
+        for move in [m for m in pending if m[0] <= until]:
+            owner[move[1]] = move[2]
+            pending.remove(move)
+        while completions and completions[0][0] <= until:
+            end, replica = heapq.heappop(completions)
+            heapq.heappop(running[replica])
+            if queued[replica]:
+                arrived, business = queued[replica].pop(0)
+                start(replica, arrived, business, end)
+
+    def tick(now: float) -> None:
+        nonlocal memory, moves
+        replicas = [ReplicaState(n, owner[n], ready=True, moved_at=moved_at.get(n), running=float(len(running[n])),
+                                 waiting=float(len(queued[n]))) for n in names]
+        demands = {}
+        for b in BUSINESSES:
+            recent = sorted(t for at, who, t in seen if who == b.name and now - 10 <= at <= now)
+            p90 = recent[min(len(recent) - 1, math.ceil(0.9 * len(recent)) - 1)] * 1000 if recent else None
+            rps = sum(1 for at, who in arrivals_seen if who == b.name and now - 5 <= at <= now) / 5
+            demands[b.name] = BusinessDemand(policy=policies[b.name], requests_per_second=rps, ttft_p90_ms=p90)
+        decision = decide(replicas, demands, settings, memory, now, free_gpu_units=None, gpus_per_replica=0)
+        memory = decision.memory
+        for move in decision.moves:
+            pending.append((now + act_s, move.pod, move.target))
+            moved_at[move.pod] = now
+            moves += 1
+        cutoff = now - 10
+        seen[:] = [s for s in seen if s[0] >= cutoff]
+        arrivals_seen[:] = [a for a in arrivals_seen if a[0] >= cutoff]
+
+    next_tick = interval_s
+    for arrival in trace:
+        while next_tick <= arrival.at:
+            advance(next_tick)
+            tick(next_tick)
+            next_tick += interval_s
+        advance(arrival.at)
+        arrivals_seen.append((arrival.at, arrival.business))
+        mine = [n for n in names if owner[n] == arrival.business]
+        if not mine:
+            ttfts[arrival.business].append(math.inf)
+            continue
+        fewest = min(len(running[n]) + len(queued[n]) for n in mine)
+        replica = rng.choice([n for n in mine if len(running[n]) + len(queued[n]) == fewest])
+        if len(running[replica]) < SLOTS:
+            start(replica, arrival.at, arrival.business, arrival.at)
+        else:
+            queued[replica].append((arrival.at, arrival.business))
+    advance(math.inf)
+    return ttfts, moves
 
 
 def demand_replicas(business: str, x: float) -> float:
@@ -346,6 +439,22 @@ class Bench:
             await ctl
 
     # strategies -------------------------------------------------------------------------------------------------
+    def target(self, business: Business) -> dict[str, float | None]:
+        return {"ttftP90Ms": business.slo_ms if self.args.ttft_target else None,
+                "waitingPerReplica": self.args.waiting_per_replica,
+                "concurrencyPerReplica": self.args.concurrency_per_replica or None}
+
+    def policies(self) -> dict[str, BusinessPolicy]:
+        """The policies `run_pool` sets, for the offline model."""
+        return {b.name: BusinessPolicy(min_replicas=1, priority=b.priority, ttft_p90_ms=self.target(b)["ttftP90Ms"],
+                                       waiting_per_replica=self.args.waiting_per_replica,
+                                       concurrency_per_replica=self.target(b)["concurrencyPerReplica"]) for b in BUSINESSES}
+
+    def settings(self) -> PoolAutopilot:
+        return PoolAutopilot(enabled=True, warm_spares=0, cooldown_seconds=self.args.cooldown,
+                             release_after_seconds=self.args.release_after,
+                             stabilization_seconds=self.args.stabilization, replica_concurrency=SLOTS)
+
     def run_pool(self, split: dict[str, int], autopilot: bool) -> Run:
         run = Run("autopilot" if autopilot else "static")
         corral = self.start_corral()
@@ -359,7 +468,7 @@ class Bench:
                 for b in BUSINESSES:
                     corral.api("PUT", f"/api/business-services/{b.name}-nlb/policy", json={
                         "minReplicas": 1, "priority": b.priority,
-                        "target": {"ttftP90Ms": b.slo_ms if self.args.ttft_target else None, "waitingPerReplica": self.args.waiting_per_replica}})
+                        "target": self.target(b)})
                 settings = {"enabled": True, "warmSpares": 0, "scaleOut": False, "scaleIn": False,
                             "cooldownSeconds": self.args.cooldown, "releaseAfterSeconds": self.args.release_after,
                             "stabilizationSeconds": self.args.stabilization, "replicaConcurrency": SLOTS}
@@ -627,6 +736,8 @@ def main() -> None:
     parser.add_argument("--cooldown", type=float, help="autopilot cooldownSeconds (default 30, quick 10)")
     parser.add_argument("--release-after", type=float, help="autopilot releaseAfterSeconds (default 30, quick 10)")
     parser.add_argument("--waiting-per-replica", type=float, default=1.0, help="policy target waitingPerReplica")
+    parser.add_argument("--concurrency-per-replica", type=float, default=SLOTS * 0.7,
+                        help="policy target concurrencyPerReplica (default 70%% of the slots, KPA's target; 0: none)")
     parser.add_argument("--ttft-target", action=argparse.BooleanOptionalAction, default=True,
                         help="policy target ttftP90Ms = the business's SLO (--no-ttft-target: waiting per replica only)")
     parser.add_argument("--kpa-stable-window", type=float, help="KPA stable window s (default 60, Knative's; panic: 10%%)")
@@ -650,6 +761,14 @@ def main() -> None:
     for score, c, att in scored[:5]:
         print(f"  {c}  weighted {100 * score:.1f}%  " + ", ".join(f"{b} {100 * a:.1f}%" for b, a in att.items()))
     print(f"starting split (all strategies): {split}")
+    offline = {}
+    for seed in range(3):
+        ttfts, moves = offline_autopilot(bench.trace, split, bench.policies(), bench.settings(), args.autopilot_interval,
+                                         seed=seed)
+        offline[seed] = moves, {b.name: sum(1 for x in ttfts[b.name] if x * 1000 <= b.slo_ms) / len(ttfts[b.name])
+                                for b in BUSINESSES}
+    print("autopilot, offline model (routing seeds 0-2): " + "; ".join(
+        ", ".join(f"{b} {100 * a:.1f}%" for b, a in att.items()) + f" ({moves} moves)" for moves, att in offline.values()))
 
     runs: dict[str, Run] = {}
     for strategy in args.strategies:

@@ -72,7 +72,8 @@ class ServiceTraffic:
 
 def policy_of(spec: BusinessPolicySpec) -> BusinessPolicy:
     return BusinessPolicy(min_replicas=spec.minReplicas, max_replicas=spec.maxReplicas, priority=spec.priority,
-                          ttft_p90_ms=spec.target.ttftP90Ms, waiting_per_replica=spec.target.waitingPerReplica)
+                          ttft_p90_ms=spec.target.ttftP90Ms, waiting_per_replica=spec.target.waitingPerReplica,
+                          concurrency_per_replica=spec.target.concurrencyPerReplica)
 
 
 def settings_of(spec: AutopilotSpec) -> PoolAutopilot:

@@ -608,6 +608,8 @@ def autopilot_policy(
     priority: Optional[int] = typer.Option(None, "--priority", help="higher wins under scarcity"),
     ttft_p90_ms: Optional[float] = typer.Option(None, "--ttft-p90-ms", help="target time to first token, p90"),
     waiting_per_replica: Optional[float] = typer.Option(None, "--waiting-per-replica", help="target queued requests per replica"),
+    concurrency_per_replica: Optional[float] = typer.Option(
+        None, "--concurrency-per-replica", help="target running + waiting requests per replica (e.g. 70%% of --max-num-seqs)"),
     output: str = OUTPUT_OPTION, url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION,
 ) -> None:
     """Show a business's autopilot policy, or change the fields given (the rest kept)."""
@@ -615,7 +617,7 @@ def autopilot_policy(
     client = Client(url, token)
     policy = client.call("GET", f"/api/business-services/{service}/policy")
     changes = {"minReplicas": min_replicas, "maxReplicas": max_replicas, "priority": priority}
-    target = {"ttftP90Ms": ttft_p90_ms, "waitingPerReplica": waiting_per_replica}
+    target = {"ttftP90Ms": ttft_p90_ms, "waitingPerReplica": waiting_per_replica, "concurrencyPerReplica": concurrency_per_replica}
     if any(v is not None for v in [*changes.values(), *target.values()]) or no_max:
         policy |= {k: v for k, v in changes.items() if v is not None}
         if no_max:
@@ -624,9 +626,11 @@ def autopilot_policy(
         policy = client.call("PUT", f"/api/business-services/{service}/policy", json=policy)
     if _dump(output, policy):
         return
-    _table(f"policy of {service}", ["MIN", "MAX", "PRIORITY", "TTFT P90 TARGET", "WAITING/REPLICA TARGET"],
+    _table(f"policy of {service}", ["MIN", "MAX", "PRIORITY", "TTFT P90 TARGET", "WAITING/REPLICA TARGET",
+                                    "CONCURRENCY/REPLICA TARGET"],
            [[policy["minReplicas"], policy["maxReplicas"] if policy["maxReplicas"] is not None else "none", policy["priority"],
-             _fmt_number(policy["target"]["ttftP90Ms"], " ms"), _fmt_number(policy["target"]["waitingPerReplica"])]])
+             _fmt_number(policy["target"]["ttftP90Ms"], " ms"), _fmt_number(policy["target"]["waitingPerReplica"]),
+             _fmt_number(policy["target"].get("concurrencyPerReplica"))]])
 
 
 @autopilot_app.command("unpin")

@@ -127,15 +127,38 @@ def test_a_burst_gets_warm_replicas_within_seconds_and_gives_them_back(corral: C
     assert f'corral_autopilot_actions_total{{pool="{pool}",kind="moves"}}' in metrics
 
 
+def test_a_concurrency_target_moves_a_replica_before_anything_queues(corral: CorralServer) -> None:
+    """Two clients keep production's one replica's two batch slots busy: nothing ever waits, so a waiting target
+    sees no pressure; `concurrencyPerReplica` 1 sees 2 running on 1 replica and brings a second one."""
+    pool = corral.ok("POST", "/api/deploy", json={"engine": "simulator", "modelId": "sim", "modelTag": "qwen-06b",
+                                                  "replicas": 2, "deployAsPool": True, "engineArgs": ENGINE_ARGS})["deployment"]["name"]
+    corral.wait_ready(pool, 2)
+    corral.ok("POST", "/api/deploy-service", json={"serviceName": "production", "modelPool": pool, "businessTag": "production"})
+    corral.ok("POST", "/api/distribute-pods", json={"deploymentName": pool, "counts": {"production": 1}})
+    corral.ok("PUT", "/api/business-services/production-nlb/policy",
+              json={"minReplicas": 1, "target": {"waitingPerReplica": 1, "concurrencyPerReplica": 1}})
+    url = corral.ok("GET", "/api/business-services")[0]["baseUrl"]
+    with Burst(url, clients=2) as load:
+        wait_for(lambda: load.ok >= 4, timeout=20, what="the load flowing")
+        corral.ok("PUT", f"/api/autopilot/{pool}", json={"enabled": True, "warmSpares": 0, "replicaConcurrency": 2,
+                                                          "stabilizationSeconds": 0.5, "releaseAfterSeconds": 600})
+        wait_for(lambda: businesses(corral, pool)["production"] == 2, timeout=15, interval=0.05,
+                 what="a second replica for production")
+    assert not load.failures, load.failures[:5]
+    moved = [h for h in corral.ok("GET", "/api/history", params={"action": "assign"}) if h["message"].startswith("autopilot:")]
+    assert len(moved) == 1 and "production concurrency per replica" in moved[0]["message"], moved
+
+
 def test_policy_and_settings_are_validated_and_recorded(corral: CorralServer) -> None:
     pool = corral.ok("POST", "/api/deploy", json={"engine": "simulator", "modelId": "sim", "modelTag": "qwen-06b",
                                                   "replicas": 1, "deployAsPool": True})["deployment"]["name"]
     corral.ok("POST", "/api/deploy-service", json={"serviceName": "production", "modelPool": pool, "businessTag": "production"})
     assert corral.ok("GET", "/api/business-services/production-nlb/policy") == {
-        "minReplicas": 0, "maxReplicas": None, "priority": 0, "target": {"ttftP90Ms": None, "waitingPerReplica": 1.0}}
+        "minReplicas": 0, "maxReplicas": None, "priority": 0, "target": {"ttftP90Ms": None, "waitingPerReplica": 1.0, "concurrencyPerReplica": None}}
     for body, words in [({"minReplicas": 3, "maxReplicas": 1}, "maxReplicas (1) must be >= minReplicas (3)"),
                         ({"minReplicas": -1}, "minReplicas"), ({"priority": 10**9}, "priority"),
                         ({"minReplicas": 1.5}, "minReplicas"), ({"target": {"ttftP90Ms": 0}}, "ttftP90Ms"),
+                        ({"target": {"concurrencyPerReplica": 0}}, "concurrencyPerReplica"),
                         ({"bogus": 1}, "bogus")]:
         answer = corral.http.put("/api/business-services/production-nlb/policy", json=body)
         assert answer.status_code == 400 and words in answer.text, (body, answer.text)
@@ -145,7 +168,8 @@ def test_policy_and_settings_are_validated_and_recorded(corral: CorralServer) ->
     assert corral.http.post("/api/pods/nope/unpin").status_code == 404
     assert corral.ok("GET", "/api/history", params={"action": "policy"}) == []  # refusals changed nothing
 
-    spec = {"minReplicas": 1, "maxReplicas": 4, "priority": 7, "target": {"ttftP90Ms": 800, "waitingPerReplica": 2}}
+    spec = {"minReplicas": 1, "maxReplicas": 4, "priority": 7,
+            "target": {"ttftP90Ms": 800, "waitingPerReplica": 2, "concurrencyPerReplica": 2.8}}
     assert corral.ok("PUT", "/api/business-services/production-nlb/policy", json=spec) == spec
     corral.restart()
     assert corral.ok("GET", "/api/business-services/production-nlb/policy") == spec  # desired state: it survives
@@ -160,10 +184,11 @@ def test_cli_sets_policies_and_settings_and_shows_the_status(corral: CorralServe
                                                   "replicas": 2, "deployAsPool": True})["deployment"]["name"]
     corral.ok("POST", "/api/deploy-service", json={"serviceName": "production", "modelPool": pool, "businessTag": "production"})
     done = cli(corral.url, "autopilot", "policy", "production-nlb", "--min", "1", "--priority", "5", "--ttft-p90-ms", "900",
-               "-o", "json")
+               "--concurrency-per-replica", "3", "-o", "json")
     assert done.returncode == 0, done.stderr
     policy = json.loads(done.stdout)
     assert policy["minReplicas"] == 1 and policy["priority"] == 5 and policy["target"]["ttftP90Ms"] == 900.0
+    assert policy["target"]["concurrencyPerReplica"] == 3.0
     refused = cli(corral.url, "autopilot", "policy", "production-nlb", "--min", "5", "--max", "2")
     assert refused.returncode != 0 and "maxReplicas (2) must be >= minReplicas (5)" in refused.stderr
     enabled = cli(corral.url, "autopilot", "enable", pool, "--warm-spares", "1")

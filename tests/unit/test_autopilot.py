@@ -179,6 +179,44 @@ def test_a_release_keeps_the_most_the_business_needed_during_the_window():
     assert "chat" not in memory.surplus_since
 
 
+def test_a_concurrency_target_brings_replicas_before_requests_queue():
+    """bench/autopilot.py: with 4 batch slots a request that queues misses a 500 ms TTFT target, so a business that
+    waits for its queue to grow reacts too late; `concurrencyPerReplica` (KPA's target) acts on running sequences."""
+    pool = replace(ON, replica_concurrency=4)
+    rs = loaded(replicas(chat=2, spare=4), "chat", running=3, waiting=0)  # 6 sequences on 8 slots, nothing queued
+    without = {"chat": BusinessDemand(BusinessPolicy(), requests_per_second=3)}
+    assert not run(rs, without, memory=AutopilotMemory({"chat": 0.0}), pool=pool).moves
+    demands = {"chat": BusinessDemand(BusinessPolicy(concurrency_per_replica=2.8), requests_per_second=3)}
+    d = run(rs, demands, memory=AutopilotMemory({"chat": 0.0}), pool=pool)
+    assert [m.target for m in d.moves] == ["chat"]  # ceil(6 / 2.8) = 3 replicas
+    assert "concurrency per replica 3.0 > 2.8" in d.moves[0].reason
+
+
+def test_a_growing_load_gets_its_level_every_tick_but_one_more_only_after_a_window():
+    """A burst: the replicas the load needs arrive tick after tick while it grows (a level: it cannot overshoot);
+    the '+1 while pressured' waits until what it got shows (no +1 every tick on a stale signal)."""
+    pool = replace(ON, replica_concurrency=4)
+    demands = {"chat": BusinessDemand(BusinessPolicy(concurrency_per_replica=2.8), requests_per_second=6)}
+    rs = loaded(replicas(chat=2, spare=6), "chat", running=3, waiting=0)
+    first = run(rs, demands, memory=AutopilotMemory({"chat": 0.0}), pool=pool, now=10.0)
+    assert len(first.moves) == 1
+    grown = loaded(apply(rs, first, 10.0), "chat", running=4, waiting=0)  # 12 sequences on 3 replicas
+    second = run(grown, demands, memory=first.memory, pool=pool, now=10.5)
+    assert len(second.moves) == 2  # ceil(12 / 2.8) = 5, at once, though it received a replica 0.5 s ago
+    steady = loaded(apply(grown, second, 10.5), "chat", running=12 / 5, waiting=0)  # the same 12 on 5: at target
+    assert not run(steady, demands, memory=second.memory, pool=pool, now=11.0).moves
+
+
+def test_a_donor_keeps_what_its_concurrency_target_needs():
+    pool = replace(ON, replica_concurrency=8)
+    rs = loaded(loaded(replicas(hi=1, lo=4), "hi", running=8, waiting=4), "lo", running=1.5, waiting=0)
+    demands = {"hi": BusinessDemand(BusinessPolicy(priority=5), requests_per_second=10),
+               "lo": BusinessDemand(BusinessPolicy(concurrency_per_replica=2), requests_per_second=1)}
+    d = run(rs, demands, memory=AutopilotMemory({"hi": 0.0}), pool=pool)
+    # lo runs 6 sequences: 80% of 8 slots would keep 1 replica, its target of 2 per replica keeps 3.
+    assert [m.source for m in d.moves] == ["lo"]
+
+
 # --- properties -----------------------------------------------------------------------------------
 
 BUSINESSES = ["a", "b", "c"]
@@ -196,7 +234,8 @@ def pools(draw):
     for b in BUSINESSES:
         lo = draw(st.integers(0, 3))
         hi = draw(st.one_of(st.none(), st.integers(lo, 8)))
-        demands[b] = BusinessDemand(BusinessPolicy(min_replicas=lo, max_replicas=hi, priority=draw(st.integers(0, 3))),
+        demands[b] = BusinessDemand(BusinessPolicy(min_replicas=lo, max_replicas=hi, priority=draw(st.integers(0, 3)),
+                                                   concurrency_per_replica=draw(st.sampled_from([None, 0.5, 2.8, 6.0]))),
                                     requests_per_second=draw(st.sampled_from([0.0, 1.0, 20.0])))
     pool = PoolAutopilot(enabled=True, warm_spares=draw(st.integers(0, 2)), cooldown_seconds=draw(st.sampled_from([0.0, 5.0])),
                          scale_out=draw(st.booleans()), scale_in=draw(st.booleans()), max_replicas=16,

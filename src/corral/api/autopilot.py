@@ -24,14 +24,14 @@ def autopilot(request: Request) -> Autopilot:
 
 @router.get("/business-services/{name}/policy", response_model=BusinessPolicySpec, responses=errors(400, 404))
 async def get_policy(request: Request, name: str = ServiceName) -> Any:
-    """The business's autopilot policy (defaults: min 0, no max, priority 0, waitingPerReplica 1)."""
+    """The business's autopilot policy (defaults: min 0, no max, priority 0, waitingPerReplica 1, no concurrency target)."""
     return autopilot(request).policy(name)
 
 
 @router.put("/business-services/{name}/policy", dependencies=mutating, response_model=BusinessPolicySpec,
             responses=errors(400, 401, 404))
 async def put_policy(body: BusinessPolicySpec, request: Request, name: str = ServiceName) -> Any:
-    """Replace the policy: `{minReplicas, maxReplicas, priority, target: {ttftP90Ms?, waitingPerReplica?}}`.
+    """Replace the policy: `{minReplicas, maxReplicas, priority, target: {ttftP90Ms?, waitingPerReplica?, concurrencyPerReplica?}}`.
     The autopilot of the business's pool honours it from its next tick."""
     return autopilot(request).set_policy(name, body)
 

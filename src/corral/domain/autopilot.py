@@ -10,16 +10,19 @@ The rules, in order (each action carries its reason, for the history row):
 1. A business below its `minReplicas` gets replicas at once; one above its `maxReplicas` gives the
    surplus back to the spares at once.
 2. A business is *pressured* when its waiting requests per ready replica exceed its target
-   (`waitingPerReplica`, default 1), when its TTFT p90 exceeds `ttftP90Ms` while it queues or fills
-   its batches, or when it has traffic and no ready replica. Pressure must hold for
+   (`waitingPerReplica`, default 1), when its running + waiting requests per ready replica exceed
+   `concurrencyPerReplica` (Knative KPA's target: capacity before requests queue, for a business whose
+   latency target one queued request misses), when its TTFT p90 exceeds `ttftP90Ms` while it queues or
+   fills its batches, or when it has traffic and no ready replica. Pressure must hold for
    `stabilizationSeconds` before anything moves (hysteresis), then the business wants enough replicas
-   to hold its running + waiting sequences at `replicaConcurrency` each, and at least one more than it
-   has (capped by its max). After it receives replicas, its pressure must hold a new window before it
-   takes more: what it got has to show in its queue first.
+   to hold its running + waiting sequences at `replicaConcurrency` and at `concurrencyPerReplica` each
+   (a level: taken every tick while the load grows, since a level cannot overshoot), and one more than
+   it has (capped by its max) once its last acquisition is a window old: what it got has to show in its
+   queue before a stale signal (a latency histogram) takes another.
 3. Pressured businesses are served highest `priority` first, taking (a) warm spares (unassigned,
    ready), then (b) replicas of unpressured businesses above what they need to keep (their min; their
-   load at 80% of `replicaConcurrency`; half their waiting and TTFT targets; one replica while they
-   have traffic), lowest
+   load at 80% of `replicaConcurrency` and at their concurrency target; half their waiting and TTFT
+   targets; one replica while they have traffic), lowest
    priority first, then (c) under scarcity, replicas of *lower-priority* pressured businesses, down
    to their min. Equal priorities never take from each other, so two pressured businesses cannot
    trade a replica back and forth.
@@ -60,6 +63,9 @@ class BusinessPolicy:
     priority: int = 0  # higher wins under scarcity
     ttft_p90_ms: float | None = None
     waiting_per_replica: float | None = 1.0
+    # Running + waiting sequences per ready replica to stay under (Knative KPA's target concurrency): capacity
+    # *before* requests queue, for a business whose latency target a single queued request already misses.
+    concurrency_per_replica: float | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,7 @@ class AutopilotMemory:
     surplus_since: Mapping[str, float] = field(default_factory=dict)
     surplus_peak: Mapping[str, int] = field(default_factory=dict)  # the most it needed since its surplus began
     spares_surplus_since: float | None = None
+    acquired_at: Mapping[str, float] = field(default_factory=dict)  # when it last received replicas
 
 
 @dataclass(frozen=True)
@@ -180,6 +187,9 @@ def pressure(business: BusinessLoad, replica_concurrency: int) -> str | None:
     per_replica = business.waiting / len(ready)
     if policy.waiting_per_replica is not None and per_replica > policy.waiting_per_replica:
         return f"waiting per replica {_fmt(per_replica)} > {_fmt(policy.waiting_per_replica)}"
+    concurrency = (business.running + business.waiting) / len(ready)
+    if policy.concurrency_per_replica is not None and concurrency > policy.concurrency_per_replica:
+        return f"concurrency per replica {_fmt(concurrency)} > {_fmt(policy.concurrency_per_replica)}"
     ttft = business.demand.ttft_p90_ms
     busy = business.waiting > 0 or business.running >= len(ready) * max(1, replica_concurrency) * UTILISATION_TO_KEEP
     if policy.ttft_p90_ms is not None and ttft is not None and ttft > policy.ttft_p90_ms and busy:
@@ -187,15 +197,23 @@ def pressure(business: BusinessLoad, replica_concurrency: int) -> str | None:
     return None
 
 
-def needed(business: BusinessLoad, settings: PoolAutopilot, *, pressured: bool) -> int:
-    """Replicas the business should have for its load (before its max)."""
-    slots = max(1, settings.replica_concurrency)
+def for_load(business: BusinessLoad, slots: int, utilisation: float = 1.0) -> int:
+    """Replicas that run the business's running + waiting sequences at `utilisation` of their slots, and
+    under its `concurrencyPerReplica` target: a level, what the load needs whatever it has now."""
     load = business.running + business.waiting
+    count = math.ceil(load / (max(1, slots) * utilisation))
+    target = business.policy.concurrency_per_replica
+    return count if target is None else max(count, math.ceil(load / target))
+
+
+def needed(business: BusinessLoad, settings: PoolAutopilot, *, pressured: bool) -> int:
+    """Replicas the business should have for its load (before its max); pressured: at least one more."""
     if pressured:
-        return max(business.policy.min_replicas, len(business.replicas) + 1, math.ceil(load / slots))
+        return max(business.policy.min_replicas, len(business.replicas) + 1,
+                   for_load(business, settings.replica_concurrency))
     # What it keeps stays clear of its own pressure by a margin (HYSTERESIS_BAND), so that giving a
     # replica away never makes it pressured again: give → want → give would be an oscillation.
-    keep = math.ceil(load / (slots * UTILISATION_TO_KEEP))
+    keep = for_load(business, settings.replica_concurrency, UTILISATION_TO_KEEP)
     have = len(business.replicas)
     policy = business.policy
     if policy.waiting_per_replica is not None and business.waiting > 0:
@@ -252,16 +270,21 @@ def decide(
             pressure_since.setdefault(name, now)
             pressured[name] = why
 
-    # What each business wants now: its min at once; more once its pressure has held.
+    # What each business wants now: its min at once; more once its pressure has held: what its load needs
+    # (a level: taken at once, tick after tick while the load grows), and one more than it has only if its
+    # last acquisition is a window old (what it got has to show in its queue first: no +1 every tick).
     want: dict[str, int] = {}
     reasons: dict[str, str] = {}
+    acquired_at = dict(memory.acquired_at)
     for name, business in businesses.items():
         have = len(business.replicas)
         if have < business.policy.min_replicas:
             want[name] = business.policy.min_replicas - have
             reasons[name] = f"{have} replica(s) < minReplicas {business.policy.min_replicas}"
         if name in pressured and now - pressure_since[name] >= settings.stabilization_seconds:
-            target = _cap(business, needed(business, settings, pressured=True))
+            settled = now - acquired_at.get(name, -math.inf) >= settings.stabilization_seconds
+            target = _cap(business, needed(business, settings, pressured=True) if settled
+                          else max(business.policy.min_replicas, for_load(business, settings.replica_concurrency)))
             if target > have:
                 want[name] = max(want.get(name, 0), target - have)
                 reasons[name] = f"{pressured[name]} for {now - pressure_since[name]:.0f} s"
@@ -305,9 +328,8 @@ def decide(
             take(receiver, donor, donor.policy.min_replicas, f"priority {donor.policy.priority} < {priority}")
         if want[receiver] > 0:
             waiting_for.append(f"{receiver} wants {want[receiver]} more replica(s) ({reasons[receiver]}); none movable")
-        if any(m.target == receiver for m in moves) and receiver in pressure_since:
-            # What it got must show in its queue before it takes more: the pressure has to hold a new window.
-            pressure_since[receiver] = now
+        if any(m.target == receiver for m in moves):
+            acquired_at[receiver] = now
 
     unmet = sum(max(0, n) for n in want.values())
 
@@ -381,6 +403,7 @@ def decide(
 
     return Decision(
         moves=tuple(moves), scale_to=scale_to, remove=remove, scale_reason=scale_reason, waiting_for=tuple(waiting_for),
-        memory=AutopilotMemory(pressure_since, surplus_since, surplus_peak, spares_surplus_since),
+        memory=AutopilotMemory(pressure_since, surplus_since, surplus_peak, spares_surplus_since,
+                               {name: at for name, at in acquired_at.items() if now - at < settings.stabilization_seconds}),
         short_of_gpus=short_of_gpus, wanting={name: n for name, n in want.items() if n > 0},
     )

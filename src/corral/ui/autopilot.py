@@ -83,6 +83,8 @@ def policy_label(service: str) -> str:
     top = "∞" if spec.maxReplicas is None else spec.maxReplicas
     targets = [f"waiting/replica ≤ {spec.target.waitingPerReplica:g}"] if spec.target.waitingPerReplica is not None else []
     targets += [f"TTFT p90 ≤ {spec.target.ttftP90Ms:g} ms"] if spec.target.ttftP90Ms is not None else []
+    targets += ([f"concurrency/replica ≤ {spec.target.concurrencyPerReplica:g}"]
+                if spec.target.concurrencyPerReplica is not None else [])
     return f"priority {spec.priority} · replicas {spec.minReplicas}..{top}" + (f" · {', '.join(targets)}" if targets else "")
 
 
@@ -101,6 +103,8 @@ def policy_dialog(service: str, saved: Any = None) -> None:
         priority = ui.number("priority (higher wins under scarcity)", value=now.priority, min=-1000, max=1000, precision=0)
         waiting = ui.number("target: waiting requests per replica", value=now.target.waitingPerReplica, min=0)
         ttft = ui.number("target: TTFT p90, ms (empty: none)", value=now.target.ttftP90Ms, min=1)
+        concurrency = ui.number("target: running + waiting per replica (empty: none)",
+                                value=now.target.concurrencyPerReplica, min=0).props('data-testid="policy-concurrency"')
         problem = ui.label().classes("text-negative text-sm").props('data-testid="policy-problem"')
 
         async def save() -> None:
@@ -108,7 +112,8 @@ def policy_dialog(service: str, saved: Any = None) -> None:
                 spec = BusinessPolicySpec.model_validate({
                     "minReplicas": int(low.value or 0), "maxReplicas": _optional_int(high.value),
                     "priority": int(priority.value or 0),
-                    "target": {"waitingPerReplica": waiting.value, "ttftP90Ms": ttft.value or None}})
+                    "target": {"waitingPerReplica": waiting.value, "ttftP90Ms": ttft.value or None,
+                               "concurrencyPerReplica": concurrency.value or None}})
             except (ValidationError, ValueError, TypeError) as exc:
                 problem.set_text(_problem(exc) if isinstance(exc, ValidationError) else str(exc))
                 return
