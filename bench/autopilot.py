@@ -15,9 +15,11 @@ businesses, side by side:
   (weights 3:2:1 by priority) is run live. The offline estimate of the chosen split is printed beside the
   live result, as a check of the model.
 - **autopilot**: the same pool, starting from the same split, with Corral's autopilot enabled (business
-  policies: min 1 each, priorities 10/5/0, TTFT p90 target = the business's SLO, waiting per replica 1;
-  no scale-out: the pool stays at 8, i.e. the same hardware; cooldown and release window 30 s, 10 s in
-  `--quick`).
+  policies: min 1 each, priorities 10/5/0, TTFT p90 target = the business's SLO, waiting per replica 1,
+  concurrency per replica 2.8 = 70% of the 4 slots, the target KPA uses below; no scale-out: the pool
+  stays at 8, i.e. the same hardware; cooldown and release window 30 s, 10 s in `--quick`). Before the live
+  run, the same decision (`decide`) runs on the offline model of the replicas over the same trace, and its
+  attainment is printed: a check of the model, and a way to try a rule on the whole trace in a second.
 - **autoscaler**: the per-business baseline: each business its own standard deployment (starting from the
   same split), scaled by this process through `POST /api/scale-deployment` with Knative KPA's rule
   (KServe's default autoscaler): every 2 s, desired = ceil(observed concurrency / (4 slots × 70%)),

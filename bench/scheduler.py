@@ -1,6 +1,6 @@
 """The finetune queue policy on a simulated trace: utilisation and makespan, and decision time.
 
-    python bench/scheduler.py [--tasks 200] [--gpus 8] [--seed 7]
+    python bench/scheduler.py [--tasks 200] [--gpus 8] [--seed 7] [--seeds 1-80]
 
 A discrete-event simulation that calls the real `corral.domain.queue.schedule` at every arrival and
 completion. Tasks want 1, 2, 4 or 8 GPUs (80 GB each), 10–70 GB per GPU, 10–120 minutes, arriving
@@ -8,7 +8,8 @@ about every 3 minutes with mixed priorities. Compared in the same run: spec 02's
 task on the whole machine at a time, FIFO), `strict-fifo`, `best-effort-fifo` and `easy-backfill` on all
 GPUs (the last with exact run-time estimates, with timeouts 1–3× the run time, and with every timeout the
 6 h default — the manager's estimates are the tasks' timeouts), and the lower bound
-max(total GPU-minutes / GPUs, last arrival + its duration).
+max(total GPU-minutes / GPUs, last arrival + its duration). `--seeds` adds easy-backfill's makespan over other
+seeds' traces, to tell one trace's luck from the policy's.
 """
 
 from __future__ import annotations
@@ -98,11 +99,28 @@ def decision_time(n_queued: int, n_gpus: int, strategy: Strategy) -> float:
     return statistics.median(runs) * 1000
 
 
+def seed_sweep(console: Console, seeds: list[int], n_tasks: int, n_gpus: int) -> None:
+    ratios: dict[str, list[float]] = {"exact estimates": [], "timeouts 1-3× the run time": []}
+    for seed in seeds:
+        trace = make_trace(n_tasks, seed)
+        bound = lower_bound(trace, n_gpus)
+        for found, over in zip(ratios.values(), (1.0, 3.0), strict=True):
+            found.append(simulate(trace, n_gpus, Strategy.EASY_BACKFILL, False, overestimate=over, seed=seed)["makespan"] / bound)
+    table = Table(title=f"easy-backfill over seeds {seeds[0]}-{seeds[-1]}: makespan vs lower bound")
+    for column in ["estimates", "mean", "min", "max", "seeds ≤ 1.05×"]:
+        table.add_column(column, justify="right")
+    for name, found in ratios.items():
+        table.add_row(name, f"{statistics.mean(found):.3f}×", f"{min(found):.3f}×", f"{max(found):.3f}×",
+                      f"{sum(r <= 1.05 for r in found)}/{len(found)}")
+    console.print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=200)
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--seeds", help="also easy-backfill over a range of seeds, e.g. 1-80")
     args = parser.parse_args()
     trace = make_trace(args.tasks, args.seed)
     bound = lower_bound(trace, args.gpus)
@@ -131,6 +149,9 @@ def main() -> None:
         timing.add_row(f"{n:,}", *(f"{decision_time(n, args.gpus, s):.1f}" for s in
                                    (Strategy.STRICT_FIFO, Strategy.BEST_EFFORT_FIFO, Strategy.EASY_BACKFILL)))
     console.print(timing)
+    if args.seeds:
+        first, _, last = args.seeds.partition("-")
+        seed_sweep(console, list(range(int(first), int(last or first) + 1)), args.tasks, args.gpus)
 
 
 if __name__ == "__main__":

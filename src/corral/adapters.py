@@ -47,7 +47,7 @@ from corral.domain.adapters import (
     plan_sync,
     static_names,
 )
-from corral.domain.errors import Conflict, CorralError, NotFound
+from corral.domain.errors import Conflict, NotFound
 from corral.domain.history import Action, HistoryDraft, Intent, Outcome
 from corral.domain.models import Deployment, Pod
 from corral.events import EventBus
@@ -281,11 +281,8 @@ class AdapterManager:
                     await self._sync_pool(deployment, self._desired.get(pool, []), force=True)  # unload where it loaded
                     raise Conflict(f"replica {refused[0].replica} could not load adapter '{name}' from {path}: "
                                    f"{refused[0].message}; nothing was added")
-            except CorralError as exc:
-                self.store.complete(intent, Outcome.ROLLED_BACK, message=exc.message)
-                raise
             except BaseException as exc:
-                self.store.complete(intent, Outcome.FAILED, message=f"{type(exc).__name__}: {exc}")
+                self.store.complete_failed(intent, exc)
                 raise
             view = self._view(adapter, self._ready(pool))
             message = f"adapter '{name}' loaded on {view.loadedOn} of {view.readyReplicas} ready replica(s) of {pool}"

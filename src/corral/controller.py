@@ -666,11 +666,8 @@ class Controller:
             yield
         except Unavailable:
             raise
-        except CorralError as exc:
-            self.store.complete(intent, Outcome.ROLLED_BACK, message=exc.message)
-            raise
         except BaseException as exc:
-            self.store.complete(intent, Outcome.FAILED, message=f"{type(exc).__name__}: {exc}")
+            self.store.complete_failed(intent, exc)
             raise
         else:
             self.store.complete(intent, Outcome.SUCCESS, after=self._completed_after.pop(id(intent), None))

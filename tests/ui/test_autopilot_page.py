@@ -26,9 +26,12 @@ def test_policy_and_settings_from_the_page_and_the_decision_shown_live(corral: C
     dialog.get_by_label("min replicas").fill("1")
     dialog.get_by_label("max replicas (empty: none)").fill("")
     dialog.get_by_label("priority (higher wins under scarcity)").fill("5")
+    dialog.get_by_label("target: running + waiting per replica (empty: none)").fill("2.8")
     dialog.get_by_test_id("policy-save").click()
-    expect(page.get_by_test_id("policy-production-nlb")).to_have_text("priority 5 · replicas 1..∞ · waiting/replica ≤ 1")
-    assert corral.ok("GET", "/api/business-services/production-nlb/policy")["priority"] == 5
+    expect(page.get_by_test_id("policy-production-nlb")).to_have_text(
+        "priority 5 · replicas 1..∞ · waiting/replica ≤ 1, concurrency/replica ≤ 2.8")
+    saved = corral.ok("GET", "/api/business-services/production-nlb/policy")
+    assert saved["priority"] == 5 and saved["target"]["concurrencyPerReplica"] == 2.8
 
     # The pool's autopilot on: its min of 1 is met from the spares, and the decision appears with its reason.
     page.get_by_test_id(f"autopilot-{pool}").click()

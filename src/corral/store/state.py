@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from corral.domain import labels as L
 from corral.domain.adapters import Adapter
+from corral.domain.errors import CorralError
 from corral.domain.history import HistoryDraft, Intent, Outcome
 from corral.domain.models import Deployment, Pod, PodPhase, Service
 from corral.paths import private_file
@@ -422,6 +423,14 @@ class StateStore:
         """Close an intent's pending rows; `message`/`after` replace the last row's (the change's summary,
         written last so that it is the newest row of the change, as listings show it)."""
         self.complete_rows(intent.ids, outcome, message, after)
+
+    def complete_failed(self, intent: Intent, exc: BaseException) -> None:
+        """Close the rows of a change that raised: `rolled_back` for a refusal (a CorralError: whoever refused undid
+        its part), `failed` with the error for anything else."""
+        if isinstance(exc, CorralError):
+            self.complete(intent, Outcome.ROLLED_BACK, message=exc.message)
+        else:
+            self.complete(intent, Outcome.FAILED, message=f"{type(exc).__name__}: {exc}")
 
     def complete_rows(self, ids: Sequence[int], outcome: Outcome, message: str | None = None, after: Any = None) -> None:
         if not ids:

@@ -7,7 +7,8 @@ so a bad value is refused with the API's message; the decisions card redraws on 
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from nicegui import ui
 from pydantic import ValidationError
@@ -25,6 +26,28 @@ def _problem(exc: ValidationError) -> str:
 
 def _optional_int(value: Any) -> int | None:
     return None if value in (None, "") else int(value)
+
+
+Spec = TypeVar("Spec", AutopilotSpec, BusinessPolicySpec)
+
+
+async def _save(problem: ui.label, build: Callable[[], Spec], store: Callable[[Spec], Any]) -> Spec | None:
+    """Validate what the form holds and store it through `act` (the API's token and refusals); a refusal is shown
+    beside the form and nothing changes. The stored spec, or None."""
+    try:
+        spec = build()
+    except (ValidationError, ValueError, TypeError) as exc:
+        problem.set_text(_problem(exc) if isinstance(exc, ValidationError) else str(exc))
+        return None
+
+    async def apply() -> Any:
+        return store(spec)
+
+    _, refused = await act(apply)
+    if refused:
+        problem.set_text(refused)
+        return None
+    return spec
 
 
 def pool_badge(pool: str) -> None:
@@ -50,27 +73,18 @@ def settings_dialog(pool: str) -> None:
         slots = ui.number("replica concurrency (the engine's --max-num-seqs)", value=now.replicaConcurrency, min=1, precision=0)
         problem = ui.label().classes("text-negative text-sm").props('data-testid="autopilot-problem"')
 
+        def build() -> AutopilotSpec:
+            return AutopilotSpec.model_validate(now.model_copy(update={
+                "enabled": bool(enabled.value), "warmSpares": int(spares.value or 0),
+                "cooldownSeconds": float(cooldown.value or 0), "scaleOut": bool(scale_out.value),
+                "scaleIn": bool(scale_in.value), "maxReplicas": _optional_int(ceiling.value),
+                "replicaConcurrency": int(slots.value or 1)}).wire())
+
         async def save() -> None:
-            try:
-                spec = now.model_copy(update={
-                    "enabled": bool(enabled.value), "warmSpares": int(spares.value or 0),
-                    "cooldownSeconds": float(cooldown.value or 0), "scaleOut": bool(scale_out.value),
-                    "scaleIn": bool(scale_in.value), "maxReplicas": _optional_int(ceiling.value),
-                    "replicaConcurrency": int(slots.value or 1)})
-                spec = AutopilotSpec.model_validate(spec.wire())
-            except (ValidationError, ValueError, TypeError) as exc:
-                problem.set_text(_problem(exc) if isinstance(exc, ValidationError) else str(exc))
-                return
-
-            async def apply() -> Any:
-                return runtime().autopilot.set_settings(pool, spec)
-
-            _, refused = await act(apply)
-            if refused:
-                problem.set_text(refused)
-                return
-            notify(f"autopilot {'on' if spec.enabled else 'off'} for {pool}")
-            dialog.close()
+            spec = await _save(problem, build, lambda spec: runtime().autopilot.set_settings(pool, spec))
+            if spec is not None:
+                notify(f"autopilot {'on' if spec.enabled else 'off'} for {pool}")
+                dialog.close()
 
         with ui.row():
             ui.button("Cancel", on_click=dialog.close).props("flat")
@@ -107,23 +121,15 @@ def policy_dialog(service: str, saved: Any = None) -> None:
                                 value=now.target.concurrencyPerReplica, min=0).props('data-testid="policy-concurrency"')
         problem = ui.label().classes("text-negative text-sm").props('data-testid="policy-problem"')
 
+        def build() -> BusinessPolicySpec:
+            return BusinessPolicySpec.model_validate({
+                "minReplicas": int(low.value or 0), "maxReplicas": _optional_int(high.value),
+                "priority": int(priority.value or 0),
+                "target": {"waitingPerReplica": waiting.value, "ttftP90Ms": ttft.value or None,
+                           "concurrencyPerReplica": concurrency.value or None}})
+
         async def save() -> None:
-            try:
-                spec = BusinessPolicySpec.model_validate({
-                    "minReplicas": int(low.value or 0), "maxReplicas": _optional_int(high.value),
-                    "priority": int(priority.value or 0),
-                    "target": {"waitingPerReplica": waiting.value, "ttftP90Ms": ttft.value or None,
-                               "concurrencyPerReplica": concurrency.value or None}})
-            except (ValidationError, ValueError, TypeError) as exc:
-                problem.set_text(_problem(exc) if isinstance(exc, ValidationError) else str(exc))
-                return
-
-            async def apply() -> Any:
-                return runtime().autopilot.set_policy(service, spec)
-
-            _, refused = await act(apply)
-            if refused:
-                problem.set_text(refused)
+            if await _save(problem, build, lambda spec: runtime().autopilot.set_policy(service, spec)) is None:
                 return
             notify(f"policy of {service} saved")
             if saved is not None:
