@@ -611,7 +611,7 @@ class PolicyTarget(Contract):
     waitingPerReplica: float | None = Field(default=1.0, ge=0, le=100_000,
                                             description="requests waiting for a batch slot, per ready replica")
     concurrencyPerReplica: float | None = Field(
-        default=None, gt=0, le=65_536,
+        default=None, ge=0.1, le=65_536,
         description="running + waiting requests per ready replica (Knative KPA's target concurrency; e.g. 70% of "
                     "the engine's --max-num-seqs): replicas arrive before requests queue")
 

@@ -118,7 +118,7 @@ def policy_dialog(service: str, saved: Any = None) -> None:
         waiting = ui.number("target: waiting requests per replica", value=now.target.waitingPerReplica, min=0)
         ttft = ui.number("target: TTFT p90, ms (empty: none)", value=now.target.ttftP90Ms, min=1)
         concurrency = ui.number("target: running + waiting per replica (empty: none)",
-                                value=now.target.concurrencyPerReplica, min=0).props('data-testid="policy-concurrency"')
+                                value=now.target.concurrencyPerReplica, min=0.1).props('data-testid="policy-concurrency"')
         problem = ui.label().classes("text-negative text-sm").props('data-testid="policy-problem"')
 
         def build() -> BusinessPolicySpec:
