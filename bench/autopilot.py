@@ -65,6 +65,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import Corral, wait_until  # noqa: E402
 
+from corral.autopilot import policy_of, settings_of  # noqa: E402
 from corral.domain import labels as L  # noqa: E402
 from corral.domain.autopilot import (  # noqa: E402
     AutopilotMemory,
@@ -74,6 +75,7 @@ from corral.domain.autopilot import (  # noqa: E402
     ReplicaState,
     decide,
 )
+from corral.views import AutopilotSpec, BusinessPolicySpec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -441,21 +443,25 @@ class Bench:
             await ctl
 
     # strategies -------------------------------------------------------------------------------------------------
-    def target(self, business: Business) -> dict[str, float | None]:
-        return {"ttftP90Ms": business.slo_ms if self.args.ttft_target else None,
-                "waitingPerReplica": self.args.waiting_per_replica,
-                "concurrencyPerReplica": self.args.concurrency_per_replica or None}
+    def policy_body(self, business: Business) -> dict:
+        """`PUT /api/business-services/{name}/policy` for the autopilot run."""
+        return {"minReplicas": 1, "priority": business.priority,
+                "target": {"ttftP90Ms": business.slo_ms if self.args.ttft_target else None,
+                           "waitingPerReplica": self.args.waiting_per_replica,
+                           "concurrencyPerReplica": self.args.concurrency_per_replica or None}}
+
+    def settings_body(self) -> dict:
+        """`PUT /api/autopilot/{pool}` for the autopilot run."""
+        return {"enabled": True, "warmSpares": 0, "scaleOut": False, "scaleIn": False,
+                "cooldownSeconds": self.args.cooldown, "releaseAfterSeconds": self.args.release_after,
+                "stabilizationSeconds": self.args.stabilization, "replicaConcurrency": SLOTS}
 
     def policies(self) -> dict[str, BusinessPolicy]:
-        """The policies `run_pool` sets, for the offline model."""
-        return {b.name: BusinessPolicy(min_replicas=1, priority=b.priority, ttft_p90_ms=self.target(b)["ttftP90Ms"],
-                                       waiting_per_replica=self.args.waiting_per_replica,
-                                       concurrency_per_replica=self.target(b)["concurrencyPerReplica"]) for b in BUSINESSES}
+        """What the autopilot makes of those policies (Corral's own translation), for the offline model."""
+        return {b.name: policy_of(BusinessPolicySpec.model_validate(self.policy_body(b))) for b in BUSINESSES}
 
     def settings(self) -> PoolAutopilot:
-        return PoolAutopilot(enabled=True, warm_spares=0, cooldown_seconds=self.args.cooldown,
-                             release_after_seconds=self.args.release_after,
-                             stabilization_seconds=self.args.stabilization, replica_concurrency=SLOTS)
+        return settings_of(AutopilotSpec.model_validate(self.settings_body()))
 
     def run_pool(self, split: dict[str, int], autopilot: bool) -> Run:
         run = Run("autopilot" if autopilot else "static")
@@ -468,13 +474,8 @@ class Bench:
             corral.api("POST", "/api/distribute-pods", json={"deploymentName": pool, "counts": split})
             if autopilot:
                 for b in BUSINESSES:
-                    corral.api("PUT", f"/api/business-services/{b.name}-nlb/policy", json={
-                        "minReplicas": 1, "priority": b.priority,
-                        "target": self.target(b)})
-                settings = {"enabled": True, "warmSpares": 0, "scaleOut": False, "scaleIn": False,
-                            "cooldownSeconds": self.args.cooldown, "releaseAfterSeconds": self.args.release_after,
-                            "stabilizationSeconds": self.args.stabilization, "replicaConcurrency": SLOTS}
-                corral.api("PUT", f"/api/autopilot/{pool}", json=settings)
+                    corral.api("PUT", f"/api/business-services/{b.name}-nlb/policy", json=self.policy_body(b))
+                corral.api("PUT", f"/api/autopilot/{pool}", json=self.settings_body())
             urls = {b.name: f"{corral.gateway}/s/{b.name}-nlb/v1/chat/completions" for b in BUSINESSES}
             asyncio.run(self.drive(run, corral.url, urls, {b.name: "m" for b in BUSINESSES}))
             if autopilot:

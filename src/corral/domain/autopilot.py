@@ -206,10 +206,11 @@ def for_load(business: BusinessLoad, slots: int, utilisation: float = 1.0) -> in
     return count if target is None else max(count, math.ceil(load / target))
 
 
-def needed(business: BusinessLoad, settings: PoolAutopilot, *, pressured: bool) -> int:
-    """Replicas the business should have for its load (before its max); pressured: at least one more."""
+def needed(business: BusinessLoad, settings: PoolAutopilot, *, pressured: bool, one_more: bool = True) -> int:
+    """Replicas the business should have for its load (before its max); pressured: what its load needs at its
+    targets, and (`one_more`) at least one more than it has."""
     if pressured:
-        return max(business.policy.min_replicas, len(business.replicas) + 1,
+        return max(business.policy.min_replicas, len(business.replicas) + (1 if one_more else 0),
                    for_load(business, settings.replica_concurrency))
     # What it keeps stays clear of its own pressure by a margin (HYSTERESIS_BAND), so that giving a
     # replica away never makes it pressured again: give → want → give would be an oscillation.
@@ -283,8 +284,7 @@ def decide(
             reasons[name] = f"{have} replica(s) < minReplicas {business.policy.min_replicas}"
         if name in pressured and now - pressure_since[name] >= settings.stabilization_seconds:
             settled = now - acquired_at.get(name, -math.inf) >= settings.stabilization_seconds
-            target = _cap(business, needed(business, settings, pressured=True) if settled
-                          else max(business.policy.min_replicas, for_load(business, settings.replica_concurrency)))
+            target = _cap(business, needed(business, settings, pressured=True, one_more=settled))
             if target > have:
                 want[name] = max(want.get(name, 0), target - have)
                 reasons[name] = f"{pressured[name]} for {now - pressure_since[name]:.0f} s"
