@@ -1,15 +1,16 @@
 """The finetune queue policy on a simulated trace: utilisation and makespan, and decision time.
 
-    python bench/scheduler.py [--tasks 200] [--gpus 8] [--seed 7] [--seeds 1-80]
+    python bench/scheduler.py [--tasks 200] [--gpus 8] [--seed 7] [--seeds 1-80] [--slack-minutes 60]
 
 A discrete-event simulation that calls the real `corral.domain.queue.schedule` at every arrival and
 completion. Tasks want 1, 2, 4 or 8 GPUs (80 GB each), 10–70 GB per GPU, 10–120 minutes, arriving
 about every 3 minutes with mixed priorities. Compared in the same run: spec 02's original queue (one
 task on the whole machine at a time, FIFO), `strict-fifo`, `best-effort-fifo` and `easy-backfill` on all
 GPUs (the last with exact run-time estimates, with timeouts 1–3× the run time, and with every timeout the
-6 h default — the manager's estimates are the tasks' timeouts), and the lower bound
-max(total GPU-minutes / GPUs, last arrival + its duration). `--seeds` adds easy-backfill's makespan over other
-seeds' traces, to tell one trace's luck from the policy's.
+6 h default — the manager's estimates are the tasks' timeouts), both as pure EASY and with Corral's default slack
+(`CORRAL_BACKFILL_SLACK_S`, or `--slack-minutes`), and the lower bound max(total GPU-minutes / GPUs, last arrival + its
+duration). `--seeds` adds easy-backfill's makespan over other seeds' traces, with no, the default and twice the
+default slack, to tell one trace's luck from the policy's.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import replace
 from rich.console import Console
 from rich.table import Table
 
+from corral.config import Settings
 from corral.domain.queue import Capacity, Demand, Priority, RunningTask, Strategy, Unit, WaitingTask, schedule
 
 GB = 1024**3
@@ -42,9 +44,11 @@ def make_trace(n: int, seed: int) -> list[tuple[WaitingTask, float]]:
 
 
 def simulate(trace: list[tuple[WaitingTask, float]], n_gpus: int, strategy: Strategy, whole_machine: bool,
-             overestimate: float = 1.0, seed: int = 0, timeout: float | None = None) -> dict[str, float]:
+             overestimate: float = 1.0, seed: int = 0, timeout: float | None = None, slack: float = 0.0) -> dict[str, float]:
     """easy-backfill's estimates (what the manager gives it: the tasks' timeouts) are each task's duration × a
-    factor drawn uniformly from [1, `overestimate`] (1.0: exact), or the same `timeout` for every task."""
+    factor drawn uniformly from [1, `overestimate`] (1.0: exact), or the same `timeout` for every task; `slack`:
+    its `backfill_slack_s` (minutes here), with each head's promised start carried between rounds as the manager
+    does."""
     duration = {t.id: d for t, d in trace}
     rng = random.Random(seed)
     estimate = {t.id: timeout if timeout else d * rng.uniform(1.0, overestimate) for t, d in trace}
@@ -56,7 +60,8 @@ def simulate(trace: list[tuple[WaitingTask, float]], n_gpus: int, strategy: Stra
     waiting: dict[str, WaitingTask] = {}
     free = {str(i) for i in range(n_gpus)}
     running: dict[str, RunningTask] = {}
-    waits, busy, now = [], 0.0, 0.0
+    waits: dict[Priority, list[float]] = {p: [] for p in Priority}
+    busy, now = 0.0, 0.0
     while events:
         now, kind, tid, units = heapq.heappop(events)
         if kind == 1:
@@ -67,19 +72,22 @@ def simulate(trace: list[tuple[WaitingTask, float]], n_gpus: int, strategy: Stra
         if whole_machine and running:
             continue  # the original queue: one task owns the machine
         capacity = Capacity(tuple(Unit(u, 80 * GB) for u in sorted(free)), running=tuple(running.values()), now=now)
-        decision = schedule(list(waiting.values()), capacity, strategy)
+        decision = schedule(list(waiting.values()), capacity, strategy, backfill_slack_s=slack)
         for bid in decision.bypassed:
-            waiting[bid] = WaitingTask(**{**waiting[bid].__dict__, "bypassed": waiting[bid].bypassed + 1})
+            waiting[bid] = replace(waiting[bid], bypassed=waiting[bid].bypassed + 1)
+        for hid, held in decision.reservations.items():
+            waiting[hid] = replace(waiting[hid], promised_start=held.promised_start)
         for start_id, got in decision.starts:
             if whole_machine and running:
                 break
             task = waiting.pop(start_id)
             free -= set(got)
             running[start_id] = RunningTask(start_id, tuple(Unit(u, 80 * GB) for u in got), now + estimate[start_id])
-            waits.append(now - task.submitted_at)
+            waits[task.priority].append(now - task.submitted_at)
             busy += duration[start_id] * len(got)
             heapq.heappush(events, (now + duration[start_id], 0, start_id, got))
-    return {"makespan": now, "utilisation": busy / (n_gpus * now), "mean_wait": statistics.mean(waits)}
+    return {"makespan": now, "utilisation": busy / (n_gpus * now), "mean_wait": statistics.mean(sum(waits.values(), [])),
+            "high_wait": statistics.mean(waits[Priority.HIGH]) if waits[Priority.HIGH] else 0.0}
 
 
 def lower_bound(trace: list[tuple[WaitingTask, float]], n_gpus: int) -> float:
@@ -99,19 +107,25 @@ def decision_time(n_queued: int, n_gpus: int, strategy: Strategy) -> float:
     return statistics.median(runs) * 1000
 
 
-def seed_sweep(console: Console, seeds: list[int], n_tasks: int, n_gpus: int) -> None:
-    ratios: dict[str, list[float]] = {"exact estimates": [], "timeouts 1-3× the run time": []}
+def seed_sweep(console: Console, seeds: list[int], n_tasks: int, n_gpus: int, slack: float) -> None:
+    estimates = {"exact estimates": 1.0, "timeouts 1-3× the run time": 3.0}
+    found: dict[tuple[float, str], list[dict[str, float]]] = {(minutes, name): [] for minutes in (0.0, slack, 2 * slack)
+                                                              for name in estimates}
     for seed in seeds:
         trace = make_trace(n_tasks, seed)
         bound = lower_bound(trace, n_gpus)
-        for found, over in zip(ratios.values(), (1.0, 3.0), strict=True):
-            found.append(simulate(trace, n_gpus, Strategy.EASY_BACKFILL, False, overestimate=over, seed=seed)["makespan"] / bound)
+        for (minutes, name), runs in found.items():
+            run = simulate(trace, n_gpus, Strategy.EASY_BACKFILL, False, overestimate=estimates[name], seed=seed, slack=minutes)
+            runs.append(run | {"ratio": run["makespan"] / bound})
     table = Table(title=f"easy-backfill over seeds {seeds[0]}-{seeds[-1]}: makespan vs lower bound")
-    for column in ["estimates", "mean", "min", "max", "seeds ≤ 1.05×"]:
+    for column in ["slack", "estimates", "mean", "min", "max", "seeds ≤ 1.05×", "mean wait (h)", "high-priority wait (h)"]:
         table.add_column(column, justify="right")
-    for name, found in ratios.items():
-        table.add_row(name, f"{statistics.mean(found):.3f}×", f"{min(found):.3f}×", f"{max(found):.3f}×",
-                      f"{sum(r <= 1.05 for r in found)}/{len(found)}")
+    for (minutes, name), runs in found.items():
+        ratios = [r["ratio"] for r in runs]
+        table.add_row(f"{minutes:g} min" if minutes else "none (pure EASY)", name, f"{statistics.mean(ratios):.3f}×",
+                      f"{min(ratios):.3f}×", f"{max(ratios):.3f}×", f"{sum(r <= 1.05 for r in ratios)}/{len(ratios)}",
+                      f"{statistics.mean(r['mean_wait'] for r in runs) / 60:.1f}",
+                      f"{statistics.mean(r['high_wait'] for r in runs) / 60:.2f}")
     console.print(table)
 
 
@@ -121,26 +135,34 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--seeds", help="also easy-backfill over a range of seeds, e.g. 1-80")
+    parser.add_argument("--slack-minutes", type=float, default=Settings().backfill_slack_s / 60,
+                        help="easy-backfill's slack (default: Corral's, CORRAL_BACKFILL_SLACK_S)")
     args = parser.parse_args()
     trace = make_trace(args.tasks, args.seed)
     bound = lower_bound(trace, args.gpus)
+    easy = f"easy-backfill, slack {args.slack_minutes:g} min"
     rows = {
         "spec 02 original (one task per machine, FIFO)": simulate(trace, args.gpus, Strategy.STRICT_FIFO, whole_machine=True),
         "strict-fifo": simulate(trace, args.gpus, Strategy.STRICT_FIFO, whole_machine=False),
         "best-effort-fifo": simulate(trace, args.gpus, Strategy.BEST_EFFORT_FIFO, whole_machine=False),
-        "easy-backfill (exact estimates)": simulate(trace, args.gpus, Strategy.EASY_BACKFILL, whole_machine=False),
-        "easy-backfill (timeouts 1-3× the run time)": simulate(trace, args.gpus, Strategy.EASY_BACKFILL, whole_machine=False,
-                                                               overestimate=3.0, seed=args.seed),
-        "easy-backfill (every timeout the 6 h default)": simulate(trace, args.gpus, Strategy.EASY_BACKFILL,
-                                                                  whole_machine=False, timeout=360.0),
+        "easy-backfill, pure EASY (exact estimates)": simulate(trace, args.gpus, Strategy.EASY_BACKFILL, whole_machine=False),
+        "easy-backfill, pure EASY (timeouts 1-3× the run time)": simulate(trace, args.gpus, Strategy.EASY_BACKFILL, whole_machine=False,
+                                                                          overestimate=3.0, seed=args.seed),
+        f"{easy} (exact estimates)": simulate(trace, args.gpus, Strategy.EASY_BACKFILL, whole_machine=False,
+                                              slack=args.slack_minutes),
+        f"{easy} (timeouts 1-3× the run time)": simulate(trace, args.gpus, Strategy.EASY_BACKFILL, whole_machine=False,
+                                                         overestimate=3.0, seed=args.seed, slack=args.slack_minutes),
+        f"{easy} (every timeout the 6 h default)": simulate(trace, args.gpus, Strategy.EASY_BACKFILL, whole_machine=False,
+                                                            timeout=360.0, slack=args.slack_minutes),
     }
-    console = Console(width=140)
+    console = Console(width=160)
     table = Table(title=f"{args.tasks} finetune tasks on {args.gpus} simulated 80 GB GPUs (seed {args.seed})")
-    for column in ["policy", "makespan (h)", "vs lower bound", "GPU utilisation", "mean wait (h)"]:
+    for column in ["policy", "makespan (h)", "vs lower bound", "GPU utilisation", "mean wait (h)", "high-priority wait (h)"]:
         table.add_column(column, justify="right")
     for name, r in rows.items():
-        table.add_row(name, f"{r['makespan'] / 60:.1f}", f"{r['makespan'] / bound:.2f}×", f"{r['utilisation']:.0%}", f"{r['mean_wait'] / 60:.1f}")
-    table.add_row("lower bound", f"{bound / 60:.1f}", "1.00×", "", "")
+        table.add_row(name, f"{r['makespan'] / 60:.1f}", f"{r['makespan'] / bound:.3f}×", f"{r['utilisation']:.1%}",
+                      f"{r['mean_wait'] / 60:.1f}", f"{r['high_wait'] / 60:.2f}")
+    table.add_row("lower bound", f"{bound / 60:.1f}", "1.000×", "", "", "")
     console.print(table)
     timing = Table(title=f"Scheduling decision time, {args.gpus} GPUs free, median of 5")
     for column in ["queued tasks", "strict-fifo (ms)", "best-effort-fifo (ms)", "easy-backfill (ms)"]:
@@ -151,7 +173,7 @@ def main() -> None:
     console.print(timing)
     if args.seeds:
         first, _, last = args.seeds.partition("-")
-        seed_sweep(console, list(range(int(first), int(last or first) + 1)), args.tasks, args.gpus)
+        seed_sweep(console, list(range(int(first), int(last or first) + 1)), args.tasks, args.gpus, args.slack_minutes)
 
 
 if __name__ == "__main__":

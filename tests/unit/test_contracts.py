@@ -89,6 +89,8 @@ def legacy_task_view(task: TaskRecord) -> dict:
         "memoryGb": task.memory_gb, "timeoutSeconds": task.timeout_s, "hyperparameters": task.hyperparameters,
         "examples": task.examples, "progress": task.progress, "units": task.units, "output": task.output,
         "reclaimed": task.reclaimed or {}, "preemptible": task.preemptible,  # added with preemption (issue 15)
+        # added with easy-backfill's slack (issue 15): the head's promised start, while it is queued
+        "startBy": task.promised_start.isoformat() if task.promised_start and task.status == "queued" else None,
         "createdAt": task.created_at.isoformat() if task.created_at else None,
         "startedAt": task.started_at.isoformat() if task.started_at else None,
         "finishedAt": task.finished_at.isoformat() if task.finished_at else None,

@@ -165,6 +165,7 @@ def test_the_preview_child_passes_the_choice_on(bare: Path, tmp_path: Path) -> N
 
 def test_the_table_shows_eta_as_a_time_and_a_failed_tasks_reason() -> None:
     import time
+    from datetime import datetime, timezone
 
     from corral.ui.finetune import eta_text, task_row
     from corral.views import FinetuneTask
@@ -183,3 +184,6 @@ def test_the_table_shows_eta_as_a_time_and_a_failed_tasks_reason() -> None:
     assert training["shownReason"] == "" and training["cancellable"] and not training["resumable"]
     failed = task_row(FinetuneTask(**{**base, "reason": "trainer exited (code 1): boom"}, status="failed", progress={}), True)
     assert failed["shownReason"] == "trainer exited (code 1): boom" and failed["resumable"] and not failed["cancellable"]
+    start_by = datetime.fromtimestamp(time.time() + 3 * 3600 + 330, timezone.utc).isoformat()
+    head = task_row(FinetuneTask(**base, status="queued", progress={}, startBy=start_by))
+    assert "GPUs reserved, starts by " in head["progressText"] and "(in 3 h 5 min)" in head["progressText"]

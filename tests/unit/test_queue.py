@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -89,7 +91,7 @@ def test_schedule_properties(specs, free, cpu_slots, strategy) -> None:
 
 import math  # noqa: E402
 
-from corral.domain.queue import Reservation, RunningTask, estimated_end, reserve  # noqa: E402
+from corral.domain.queue import Decision, Reservation, RunningTask, estimated_end, reserve  # noqa: E402
 
 
 def run(tid: str, units: tuple[str, ...], ends_at: float, free_gb: float = 80) -> RunningTask:
@@ -142,6 +144,65 @@ def test_tasks_started_in_the_same_round_count_for_the_reservation() -> None:
     decision = schedule([timed("first", 2, 30), timed("head", 2, 10, at=1)], Capacity(gpus(80, 80), now=1000.0),
                         Strategy.EASY_BACKFILL)
     assert decision.starts == [("first", ("0", "1"))] and decision.reservations["head"] == Reservation(1030.0, ("0", "1"))
+
+
+def test_slack_lets_a_task_end_a_little_after_the_reservation_and_the_promise_is_kept() -> None:
+    """The head (4 GPUs) is reserved at t=100; a 1-GPU task of 130 s ends 30 s after that. Pure EASY leaves GPU 0
+    idle until then; with 60 s of slack it starts, and the head is promised a start by 160. A promise from an earlier
+    round is kept, not renewed: one of 140 leaves no room for it from t=20 (it would end at 150). When a running
+    task ending early brings the reservation sooner, backfilling counts from the sooner one. A reservation past the
+    promise (a higher-priority task took the head's place) gets a new one. A high-priority head gets no slack."""
+    capacity = Capacity(gpus(80, 80), running=(run("r", ("2", "3"), 100.0),), now=0.0)
+    waiting = [timed("head", 4, 1000), timed("fill", 1, 130, at=1), timed("long", 1, 170, at=2)]
+    assert schedule(waiting, capacity, Strategy.EASY_BACKFILL).starts == []
+    slack = schedule(waiting, capacity, Strategy.EASY_BACKFILL, backfill_slack_s=60.0)
+    assert slack.starts == [("fill", ("0",))] and "long" in slack.waiting
+    assert slack.reservations["head"] == Reservation(100.0, ("2", "3", "0", "1"), promised_start=160.0, start_by=160.0)
+
+    def round_with(promised: float, now: float = 0.0, priority: Priority = Priority.NORMAL) -> Decision:
+        head = replace(waiting[0], promised_start=promised, priority=priority)
+        return schedule([head, *waiting[1:]], replace(capacity, now=now), Strategy.EASY_BACKFILL, backfill_slack_s=60.0)
+
+    kept = round_with(140.0, now=20.0)
+    assert kept.starts == [] and kept.reservations["head"].promised_start == 140.0
+    assert round_with(140.0).starts == [("fill", ("0",))]  # from t=0 it ends at 130
+    sooner = round_with(500.0)  # promised when the running task's estimate was later
+    assert (sooner.reservations["head"].promised_start, sooner.reservations["head"].start_by) == (500.0, 160.0)
+    renewed = round_with(90.0)
+    assert (renewed.reservations["head"].promised_start, renewed.reservations["head"].start_by) == (160.0, 160.0)
+    assert round_with(100.0, priority=Priority.HIGH).starts == []
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 4), st.integers(1, 200), st.sampled_from(list(Priority))), min_size=1, max_size=14),
+    st.sampled_from([0.0, 30.0, 100.0]),
+)
+def test_with_slack_every_head_starts_by_its_first_reservation_plus_the_slack(specs, slack) -> None:
+    """Every round of a whole run, 4 GPUs, every task known from t=0 and running exactly its estimate (so a head stays
+    the head until it starts): each reserved head starts by its first reservation plus the slack (none for high), and
+    its promise never changes. This fails if the promise were renewed each round: backfilled tasks would push it."""
+    tasks = {f"t{i:02d}": WaitingTask(f"t{i:02d}", p, i, Demand(g, 10 * GB), estimated_s=float(d))
+             for i, (g, d, p) in enumerate(specs)}
+    now, free, running, started, first, promised = 0.0, set("0123"), {}, {}, {}, {}
+    while len(started) < len(tasks):
+        waiting = [replace(t, promised_start=promised.get(t.id)) for t in tasks.values() if t.id not in started]
+        decision = schedule(waiting, Capacity(tuple(Unit(u, 80 * GB) for u in sorted(free)), now=now, running=tuple(
+            RunningTask(r, tuple(Unit(u, 80 * GB) for u in units), end) for r, (units, end) in running.items())),
+            Strategy.EASY_BACKFILL, backfill_slack_s=slack)
+        for head_id, held in decision.reservations.items():
+            first.setdefault(head_id, held.at)
+            assert promised.setdefault(head_id, held.promised_start) == held.promised_start
+        for tid, units in decision.starts:
+            started[tid] = now
+            free -= set(units)
+            running[tid] = (units, now + (tasks[tid].estimated_s or 0.0))
+        if running:  # the next event: the first running task to end
+            tid = min(running, key=lambda r: (running[r][1], r))
+            units, now = running.pop(tid)
+            free |= set(units)
+    for tid, at in first.items():
+        assert started[tid] <= at + (0.0 if tasks[tid].priority == Priority.HIGH else slack) + 1e-9
 
 
 def test_reservation_and_estimated_end() -> None:

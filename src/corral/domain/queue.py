@@ -21,6 +21,15 @@ equal decisions. Two named strategies, as in Kueue:
   task has ended (units held by serving replicas, which have no end) gets no reservation: nothing can delay
   a start that is not in sight, so any task that fits starts.
 
+  *Slack* (`backfill_slack_s`; slack-based backfilling, Talby & Feitelson 1999): a normal or low head is promised
+  a start by its reservation plus the slack (`Reservation.promised_start`, which the caller carries from round to
+  round as `WaitingTask.promised_start`), and a task may be backfilled on its units if it ends by then — so a task
+  ending a little after the reservation still fills the GPUs the head drains, which with pure EASY sit idle whenever
+  every waiting task is longer than the drain. The promise is kept, not renewed each round, so slips never add up:
+  a backfilled task ends by the promise, so no later reservation passes it. (Only what backfilling cannot cause
+  renews it: a higher-priority task taking the head's place, or an estimate that was not an upper bound.)
+  High-priority heads get no slack: urgent work is not delayed for packing.
+
 Fit: a task asks for N schedulable units (whole GPUs or MIG instances) with at least M bytes free
 each, or for a CPU slot when N = 0. Among fitting units the smallest sufficient ones are chosen, so
 large units stay free for large tasks. The units are the GPU ledger's free ones (`domain.gpu_ledger`);
@@ -31,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum, StrEnum
 
 from corral.domain.gpu_ledger import GpuLedger, units_overlap
@@ -81,6 +90,9 @@ class WaitingTask:
     # easy-backfill: an upper bound on its run time once started (its timeout), so that it may start ahead of a
     # reserved head when it surely ends first; None: unknown, it may only use units the reservation leaves.
     estimated_s: float | None = None
+    # easy-backfill: the start promised to it as the head in an earlier round (`Reservation.promised_start`, kept by
+    # the caller); None: never reserved
+    promised_start: float | None = None
 
 
 @dataclass(frozen=True)
@@ -109,7 +121,20 @@ class Capacity:
 @dataclass(frozen=True)
 class Reservation:
     at: float  # the earliest time the head fits, from the running tasks' estimated ends
-    units: tuple[str, ...]  # what it will get then: a backfilled task may hold these only if it ends by `at`
+    units: tuple[str, ...]  # what it will get then: a backfilled task may hold these only if it ends by `start_by`
+    promised_start: float = -math.inf  # the head starts by then at the latest: a reservation plus its slack
+    start_by: float = -math.inf  # what backfilled tasks on `units` must end by: the promise, or `at` + slack if sooner
+
+    def __post_init__(self) -> None:  # no slack unless given one (`with_slack`): pure EASY
+        object.__setattr__(self, "promised_start", max(self.at, self.promised_start))
+        object.__setattr__(self, "start_by", max(self.at, min(self.start_by, self.promised_start)))
+
+    def with_slack(self, promised: float | None, slack_s: float) -> Reservation:
+        """Keep an earlier round's promise while it still holds (a reservation only moves later when something other
+        than backfilling pushed it), else promise this reservation plus the slack. Backfilled tasks end by the
+        promise, or by `at` plus the slack when a running task ending early brought the reservation sooner."""
+        kept = promised if promised is not None and self.at <= promised else self.at + slack_s
+        return replace(self, promised_start=kept, start_by=min(kept, self.at + slack_s))
 
 
 @dataclass
@@ -183,16 +208,17 @@ def reserve(demand: Demand, free: Sequence[Unit], running: Sequence[RunningTask]
 
 def _backfill(task: WaitingTask, units: Sequence[Unit], held: Reservation, now: float) -> tuple[str, ...] | None:
     """The units `task` may take now without delaying the reservation `held`: first among the units it leaves, else
-    any free unit when the task surely ends by the reservation time."""
+    any free unit when the task surely ends by the time the head must start."""
     spare = [u for u in units if not any(units_overlap(u.id, r) for r in held.units)]
     if (chosen := fit(task.demand, spare, 0)) is not None:
         return chosen
-    if task.estimated_s is not None and now + task.estimated_s <= held.at:
+    if task.estimated_s is not None and now + task.estimated_s <= held.start_by:
         return fit(task.demand, units, 0)
     return None
 
 
-def schedule(tasks: Sequence[WaitingTask], capacity: Capacity, strategy: Strategy, max_bypass: int = 3) -> Decision:
+def schedule(tasks: Sequence[WaitingTask], capacity: Capacity, strategy: Strategy, max_bypass: int = 3,
+             backfill_slack_s: float = 0.0) -> Decision:
     decision = Decision()
     units = list(capacity.units)
     cpu_slots = capacity.cpu_slots
@@ -219,6 +245,9 @@ def schedule(tasks: Sequence[WaitingTask], capacity: Capacity, strategy: Strateg
             if easy:
                 if head is None and task.demand.gpus:
                     held = reserve(task.demand, units, running, capacity.now)
+                    if held is not None:
+                        held = held.with_slack(task.promised_start,
+                                               0.0 if task.priority == Priority.HIGH else backfill_slack_s)
                     head = (task, held)
                     if held is not None:
                         decision.reservations[task.id] = held

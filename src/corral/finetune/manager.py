@@ -264,7 +264,7 @@ class FinetuneManager:
         await self.runner.stop(task)
         self._note(task_id, f"resume requested: from {checkpoint} (status was {task.status}: {task.reason})")
         self._set(task_id, "queued", f"resumed from {checkpoint}; waiting for its turn", started_at=None, finished_at=None,
-                  pid=None, pid_start=None, units=[], output=None, bypassed=0, preempted_by=None)
+                  pid=None, pid_start=None, units=[], output=None, bypassed=0, preempted_by=None, promised_start=None)
         self.tick()
         return self.view(self._get(task_id))
 
@@ -483,19 +483,26 @@ class FinetuneManager:
         now = time.time()  # easy-backfill: running tasks' estimated ends (timeout, or the trainer's ETA) and bounds
         decision = schedule(
             [WaitingTask(t.id, Priority.parse(t.priority), t.created_at.timestamp() if t.created_at else 0.0,
-                         Demand(t.gpus, t.memory_gb * GIB), t.bypassed, estimated_s=t.timeout_s) for t in waiting],
+                         Demand(t.gpus, t.memory_gb * GIB), t.bypassed, estimated_s=t.timeout_s,
+                         promised_start=t.promised_start.timestamp() if t.promised_start else None) for t in waiting],
             Capacity(preflight.admissible(room, margin), cpu_slots, now=now, running=tuple(
                 RunningTask(t.id, tuple(Unit(u.id, max(0.0, u.free_bytes - margin)) for u in released_units(ledger, t.units)),
                             estimated_end(t.started_at.timestamp() if t.started_at else None, t.timeout_s,
                                           t.progress.get("etaAt"), now))
                 for t in running if t.units)),
-            Strategy(self.settings.queue_strategy), self.settings.max_bypass,
+            Strategy(self.settings.queue_strategy), self.settings.max_bypass, self.settings.backfill_slack_s,
         )
         for task_id, chosen in decision.starts:  # the ledger refuses a unit that is not free: check all before starting any
             ledger = ledger.hold(Holder.task(task_id), chosen)
         for task_id in decision.bypassed:
             self.tasks.update(task_id, bypassed=self._get(task_id).bypassed + 1)
         by_id = {t.id: t for t in waiting}
+        starting = dict(decision.starts)
+        for task in waiting:  # easy-backfill's promise to the head is kept between rounds; a task no longer the head has none
+            held = decision.reservations.get(task.id)
+            promised = datetime.fromtimestamp(held.promised_start, timezone.utc) if held else None
+            if task.promised_start != promised and task.id not in starting:
+                by_id[task.id] = self.tasks.update(task.id, promised_start=promised)
         started = []
         for task_id, chosen in decision.starts:
             log.info("starting finetune task %s on %s", task_id, ", ".join(chosen) or "the CPU")
@@ -508,6 +515,9 @@ class FinetuneManager:
             if why.startswith("waiting for GPU: needs"):  # too few units with the memory: the numbers when memory is why
                 why = preflight.shortfall(Demand(by_id[task_id].gpus, by_id[task_id].memory_gb * GIB), room, margin) or why
             reason = f"queued, {why.replace('waiting for GPU:', 'waiting for GPU to be released:')} (currently running: {', '.join(running_ids) or 'none'})"
+            if held := decision.reservations.get(task_id):
+                reason += (f"; GPU {', '.join(held.units)} reserved for it: it starts by "
+                           f"{datetime.fromtimestamp(held.promised_start, timezone.utc):%Y-%m-%d %H:%M} UTC at the latest")
             if by := by_id[task_id].preempted_by:
                 reason = f"{_preempted_reason(by)}; {reason}"
             if reclaimed := self._get(task_id).reclaimed:
@@ -716,7 +726,7 @@ class FinetuneManager:
             self._note(task.id, f"GPUs free again after its preemption by {_preempted_by(task.preempted_by)}: "
                                 + (f"resuming from {checkpoint}" if checkpoint else "no checkpoint was saved; starting over"))
         self._set(task.id, "preparing", f"resuming from {checkpoint}" if checkpoint else "loading the model and dataset",
-                  units=units, started_at=task.started_at or _now(), preempted_by=None, **started)
+                  units=units, started_at=task.started_at or _now(), preempted_by=None, promised_start=None, **started)
 
     def _follow(self, task: TaskRecord) -> None:
         events = self._read_progress(task.id)
@@ -823,6 +833,7 @@ class FinetuneManager:
             examples=task.examples, progress=task.progress, units=task.units, output=task.output,  # type: ignore[arg-type]
             reclaimed=task.reclaimed or {}, preemptible=task.preemptible,
             createdAt=task.created_at.isoformat() if task.created_at else None,
+            startBy=task.promised_start.isoformat() if task.promised_start and task.status == "queued" else None,
             startedAt=task.started_at.isoformat() if task.started_at else None,
             finishedAt=task.finished_at.isoformat() if task.finished_at else None,
         )

@@ -54,6 +54,7 @@ class TaskRecord:
     reclaimed: dict[str, int] | None = None  # pool → replicas scaled in for this task, restored when it ends
     preemptible: bool = True  # a higher-priority business may take its GPUs (it checkpoints, re-queues, resumes)
     preempted_by: dict[str, Any] | None = None  # {"business", "priority", "pool"} from the preemption request until it restarts
+    promised_start: datetime | None = None  # easy-backfill: GPUs reserved for it, it starts by then (while queued)
     created_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -64,7 +65,7 @@ _COLUMNS = [f.name for f in fields(TaskRecord)]
 
 def _record(row: FinetuneTaskRow) -> TaskRecord:
     values = {name: getattr(row, name) for name in _COLUMNS}
-    for name in ("created_at", "started_at", "finished_at"):
+    for name in ("created_at", "started_at", "finished_at", "promised_start"):
         values[name] = _aware(values[name])
     return TaskRecord(**values)
 

@@ -119,6 +119,8 @@ class FinetuneTaskRow(Base):
     preemptible: Mapped[bool] = mapped_column(Boolean, default=True)
     # Set before the trainer is signalled (the intent): {"business", "priority", "pool"}; cleared when it starts again.
     preempted_by: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    # easy-backfill: while it waits with GPUs reserved, the start promised to it (kept between rounds, domain.queue)
+    promised_start: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

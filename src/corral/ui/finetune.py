@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import secrets
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -287,8 +288,9 @@ def _task_table(events: ClientEvents, open_detail: Any) -> None:
     ui.timer(30, redraw)  # "ETA … (in 5 min)" stays true between progress reports
 
 
-def eta_text(eta_at: float | None, now: float | None = None) -> str | None:
-    """`ETA 14:32 (in 5 min)`: the expected end as a clock time (this server's time zone), and how far off it is."""
+def eta_text(eta_at: float | None, now: float | None = None, label: str = "ETA") -> str | None:
+    """`ETA 14:32 (in 5 min)`: the expected end (or another time, after `label`) as a clock time (this server's time
+    zone), and how far off it is."""
     if eta_at is None:
         return None
     now = time.time() if now is None else now
@@ -300,7 +302,7 @@ def eta_text(eta_at: float | None, now: float | None = None) -> str | None:
     else:
         distance = f"in {int(left // 3600)} h {int(left % 3600 // 60)} min"
     clock = time.strftime("%H:%M" if left < 20 * 3600 else "%a %H:%M", time.localtime(eta_at))
-    return f"ETA {clock} ({distance})"
+    return f"{label} {clock} ({distance})"
 
 
 def task_row(task: FinetuneTask, resumable: bool = False) -> dict[str, Any]:
@@ -322,6 +324,8 @@ def task_row(task: FinetuneTask, resumable: bool = False) -> dict[str, Any]:
             parts.append(f"ETA in {int(eta)} s")
         elif text := eta_text(eta_at):
             parts.append(text)
+    if task.status == TaskState.QUEUED and task.startBy:  # easy-backfill's promise to the head of the queue
+        parts.append(eta_text(datetime.fromisoformat(task.startBy).timestamp(), label="GPUs reserved, starts by") or "")
     created = (task.createdAt or "")[:19].replace("T", " ")
     return {
         "id": task.id, "status": task.status.value, "color": STATUS_COLORS.get(task.status, "grey"), "reason": task.reason,
