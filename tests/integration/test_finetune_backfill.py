@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.integration.conftest import running_corral
+from tests.integration.test_cli import cli
 from tests.integration.test_finetune import dataset, submit, task, tiny_model  # noqa: F401 (fixtures)
 from tests.integration.test_finetune_preemption import FAKE_NVML, GIB
 
@@ -38,6 +39,8 @@ def test_the_head_is_promised_a_start_that_survives_a_restart(tmp_path: Path, ti
         assert head["status"] == "queued"
         assert f"reserved for it: it starts by {promised:%Y-%m-%d %H:%M} UTC at the latest" in head["reason"]
         assert task(corral, long["id"])["startBy"] is None  # running: nothing promised
+        listed = cli(corral.url, "finetune", "list", "-o", "wide")
+        assert listed.returncode == 0 and "Start by" in listed.stdout and f"{promised:%Y-%m-%d %H:%M}" in listed.stdout
 
         corral.stop()
         corral.start()
