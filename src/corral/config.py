@@ -81,7 +81,7 @@ class Settings(BaseSettings):
         "head may start, so that tasks ending a little later fill the GPUs it drains (0: pure EASY; high heads get none)"
     )
     cpu_training_slots: int = Field(default=1, ge=0, description="finetune tasks training on the CPU at once")
-    finetune_timeout_s: float = Field(default=6 * 3600, gt=0, description="default finetune timeout (6 h)")
+    finetune_timeout_s: float = Field(default=6 * 3600, gt=0, le=366 * 86400, description="default finetune timeout (6 h)")
     reclaim_unassigned_replicas: bool = Field(
         default=False, description="a high-priority GPU finetune task may scale in unassigned pool replicas; restored after"
     )

@@ -152,8 +152,10 @@ def test_bad_finetune_submissions_are_refused_and_create_nothing(server: CorralS
     _refused(server, "/api/finetune/tasks", [
         ({**base, "datasetPath": str(binary)}, 400, "is a binary file, not JSONL text"),
         ({**base, "datasetPath": str(latin)}, 400, "dataset line 1: not UTF-8 text"),
-        (nan % '"timeoutSeconds": NaN', 400, "timeoutSeconds must be positive (a finite number of seconds), got NaN"),
-        (nan % '"timeoutSeconds": Infinity', 400, "timeoutSeconds must be positive (a finite number of seconds), got Infinity"),
+        (nan % '"timeoutSeconds": NaN', 400, "timeoutSeconds must be a positive number of seconds, at most 31622400 (366 days), got NaN"),
+        (nan % '"timeoutSeconds": Infinity', 400, "timeoutSeconds must be a positive number of seconds, at most 31622400 (366 days), got Infinity"),
+        # A year at most: the queue turns a timeout into a time (a reservation, a promised start), which must be a date.
+        ({**base, "timeoutSeconds": 1e300}, 400, "timeoutSeconds must be a positive number of seconds, at most 31622400 (366 days), got 1e+300"),
         (nan % '"hyperparameters": {"learningRate": NaN}', 400, "hyperparameter learningRate must be a positive number at most 1, got NaN"),
         (nan % '"hyperparameters": {"loraDropout": -Infinity}', 400, "hyperparameter loraDropout must be a number from 0 to less than 1"),
         (nan % '"gpus": {"count": 0, "memoryGb": NaN}', (400, 422), "memoryGb"),

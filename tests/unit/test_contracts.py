@@ -21,7 +21,7 @@ from corral.domain.models import Deployment, Pod, Service
 from corral.domain.status import assignment_summary, pod_distribution, pool_status
 from corral.engines import get_engine
 from corral.events import EventBus, EventType
-from corral.finetune.manager import FinetuneManager
+from corral.finetune.manager import FinetuneManager, queue_time
 from corral.finetune.store import ACTIVE, FINISHED, WAITING, TaskRecord, TaskState
 from corral.gpus.inventory import GpuDevice, GpuInventory, GpuProcess
 from corral.store.state import StateStore
@@ -155,6 +155,13 @@ async def test_views_are_exactly_the_json_of_before(controller: Controller) -> N
     assert DistributeDryRun.model_validate(preview).wire() == preview
     scaled = await controller.scale("simulator-llama-8b", 2, pool_endpoint=False)
     assert ScaleResult.model_validate(scaled).wire() == scaled and "unassignedPods" not in scaled
+
+
+def test_a_queue_time_past_the_last_date_is_that_date() -> None:
+    """A head reserved behind a task with a 1e300 s timeout (stored before timeoutSeconds had a bound) gets a promise
+    the database and the reason can hold, instead of an OverflowError in every scheduling round."""
+    assert queue_time(1e300) == datetime(9999, 12, 31, tzinfo=timezone.utc)
+    assert queue_time(86400.5) == datetime(1970, 1, 2, 0, 0, 0, 500000, tzinfo=timezone.utc)
 
 
 def test_task_view_and_states() -> None:

@@ -46,7 +46,8 @@ class SubmitRequest(Body):
     preemptible: bool | None = Field(default=None, description="a business of higher priority may take its GPUs (it saves a "
                                      "checkpoint, waits, resumes); default true below high")
     gpus: int | GpuRequest | None = Field(default=None, description="a count, or {count, memoryGb}; default 1, or 0 without GPU")
-    timeoutSeconds: float | None = Field(default=None, description="default 6 h; the task is cancelled when it runs longer")
+    timeoutSeconds: float | None = Field(default=None, description="default 6 h, at most 366 days; the task is cancelled when "
+                                          "it runs longer (easy-backfill reserves GPUs from it: near the run time packs best)")
     # Checked by the one validator the CLI and the UI use too (corral.finetune.hyperparameters), so that its
     # messages are the same everywhere and an integer stays an integer all the way to the trainer.
     hyperparameters: Annotated[dict[Annotated[str, Field(max_length=64)], Any], Field(max_length=32)] = Field(

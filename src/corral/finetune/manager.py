@@ -78,6 +78,7 @@ DEFAULT_HYPERPARAMETERS: dict[str, Any] = dict(hyperparameter_rules.DEFAULTS)  #
 METHODS = ("lora", "qlora", "full")
 MAX_PATH = 4096  # characters of baseModel and datasetPath
 MAX_MEMORY_GB = 1_000_000.0
+MAX_TIMEOUT_S = 366 * 86400.0  # timeoutSeconds: a year; the queue turns it into a time (a reservation, a start-by date)
 # What the trainer imports (importable names; `corral[train]` installs the first three).
 TRAINER_PACKAGES = ("torch", "transformers", "peft")
 QLORA_PACKAGES = ("bitsandbytes",)
@@ -86,6 +87,15 @@ PREVIEW_TIMEOUT_S = 120.0
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+_LAST_TIMESTAMP = datetime(9999, 12, 31, tzinfo=timezone.utc).timestamp()
+
+
+def queue_time(seconds: float) -> datetime:
+    """A time of the queue policy (Unix seconds) as a date. Past the last date there is (a timeout of 1e300 s, which a
+    database written before timeoutSeconds had a bound may hold): the last date, instead of an error every round."""
+    return datetime.fromtimestamp(min(seconds, _LAST_TIMESTAMP), timezone.utc)
 
 
 class FinetuneManager:
@@ -188,8 +198,9 @@ class FinetuneManager:
         if memory_gb is not None and (not _finite(memory_gb) or not 0 <= memory_gb <= MAX_MEMORY_GB):
             raise InvalidInput(f"gpus.memoryGb must be a number of GB from 0 to {MAX_MEMORY_GB:.0f}, got {_short(memory_gb)}")
         timeout = self.settings.finetune_timeout_s if timeout_s is None else timeout_s
-        if not _finite(timeout) or timeout <= 0:
-            raise InvalidInput(f"timeoutSeconds must be positive (a finite number of seconds), got {_short(timeout)}")
+        if not _finite(timeout) or not 0 < timeout <= MAX_TIMEOUT_S:
+            raise InvalidInput(f"timeoutSeconds must be a positive number of seconds, at most {MAX_TIMEOUT_S:.0f} (366 days), "
+                               f"got {_short(timeout)}")
         self._check_trainer_installed(method)
         need_gb = float(memory_gb) if memory_gb is not None else self._estimate_gb(base_model, method, hp, count)
         if count:
@@ -500,7 +511,7 @@ class FinetuneManager:
         starting = dict(decision.starts)
         for task in waiting:  # easy-backfill's promise to the head is kept between rounds; a task no longer the head has none
             held = decision.reservations.get(task.id)
-            promised = datetime.fromtimestamp(held.promised_start, timezone.utc) if held else None
+            promised = queue_time(held.promised_start) if held else None
             if task.promised_start != promised and task.id not in starting:
                 by_id[task.id] = self.tasks.update(task.id, promised_start=promised)
         started = []
@@ -517,7 +528,7 @@ class FinetuneManager:
             reason = f"queued, {why.replace('waiting for GPU:', 'waiting for GPU to be released:')} (currently running: {', '.join(running_ids) or 'none'})"
             if held := decision.reservations.get(task_id):
                 reason += (f"; GPU {', '.join(held.units)} reserved for it: it starts by "
-                           f"{datetime.fromtimestamp(held.promised_start, timezone.utc):%Y-%m-%d %H:%M} UTC at the latest")
+                           f"{queue_time(held.promised_start):%Y-%m-%d %H:%M} UTC at the latest")
             if by := by_id[task_id].preempted_by:
                 reason = f"{_preempted_reason(by)}; {reason}"
             if reclaimed := self._get(task_id).reclaimed:
