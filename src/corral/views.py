@@ -491,6 +491,8 @@ class QueueSummary(Contract):
     waiting: int
     running: list[str]
     strategy: str
+    backfillSlackSeconds: float = Field(default=0.0, description="easy-backfill: how long after its reservation a normal or "
+                                        "low head may start (CORRAL_BACKFILL_SLACK_S)")
     warning: str | None = Field(description="set when more tasks wait than the configured threshold")
 
 

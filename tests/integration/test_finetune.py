@@ -72,7 +72,8 @@ def test_three_tasks_at_once_train_one_after_another(corral: CorralServer, tiny_
     assert (Path(done["output"]) / "adapter_model.safetensors").exists()
     log = corral.http.get(f"/api/finetune/tasks/{ids[1]}/logs").text
     assert f"queued, waiting for a CPU training slot (currently running: {ids[0]})" in log and "starting on the CPU" in log
-    assert corral.ok("GET", "/api/finetune/queue") == {"waiting": 0, "running": [], "strategy": "easy-backfill", "warning": None}
+    assert corral.ok("GET", "/api/finetune/queue") == {"waiting": 0, "running": [], "strategy": "easy-backfill",
+                                                       "backfillSlackSeconds": 3600.0, "warning": None}
 
 
 def test_priority_cancel_and_timeout(corral: CorralServer, tiny_model: Path, dataset: Path) -> None:

@@ -449,7 +449,7 @@ class FinetuneManager:
         warning = (f"{len(waiting)} tasks are waiting (more than {threshold}): consider more GPUs, lower priorities or "
                    "cancelling stale tasks") if len(waiting) > threshold else None
         return {"waiting": len(waiting), "running": [t.id for t in running], "strategy": self.settings.queue_strategy,
-                "warning": warning}
+                "backfillSlackSeconds": self.settings.backfill_slack_s, "warning": warning}
 
     def log_path(self, task_id: str) -> Path:
         self._get(task_id)
