@@ -868,7 +868,7 @@ TASK_COLUMNS = [
     Column("Progress", lambda t: f"{t['progress'].get('step', 0)}/{t['progress'].get('totalSteps', '?')}"),
     Column("Loss", lambda t: t["progress"].get("loss")),
     Column("Reason", lambda t: t["reason"]),
-    Column("Start by", lambda t: (t.get("startBy") or "")[:16].replace("T", " "), wide=True),  # easy-backfill's promise (UTC)
+    Column("Start by (UTC)", lambda t: (t.get("startBy") or "")[:16].replace("T", " "), wide=True),  # easy-backfill's promise
     Column("Output", lambda t: t.get("output"), wide=True),
     Column("Created", lambda t: (t.get("createdAt") or "")[:19], wide=True),
 ]

@@ -426,8 +426,9 @@ class FinetuneTask(Contract):
     reclaimed: dict[str, int] = Field(description="pool → replicas scaled in for it, restored when it ends")
     preemptible: bool = Field(default=True, description="a business of higher priority may take its GPUs: it saves a "
                               "checkpoint, waits in the queue and resumes from it")
-    startBy: str | None = Field(default=None, description="while queued with GPUs reserved for it (easy-backfill): "
-                                "it starts by then at the latest, if running tasks end within their timeouts")
+    startBy: str | None = Field(default=None, description="while queued with GPUs reserved for it (easy-backfill with "
+                                "slack): it starts by then at the latest, if running tasks end by their estimated ends "
+                                "(timeouts, or their trainers' ETAs when sooner)")
     createdAt: str | None
     startedAt: str | None
     finishedAt: str | None

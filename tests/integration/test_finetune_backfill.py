@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from datetime import datetime
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def test_the_head_is_promised_a_start_that_survives_a_restart(tmp_path: Path, ti
         assert f"reserved for it: it starts by {promised:%Y-%m-%d %H:%M} UTC at the latest" in head["reason"]
         assert task(corral, long["id"])["startBy"] is None  # running: nothing promised
         listed = cli(corral.url, "finetune", "list", "-o", "wide")
-        assert listed.returncode == 0 and "Start by" in listed.stdout and f"{promised:%Y-%m-%d %H:%M}" in listed.stdout
+        assert listed.returncode == 0 and "Start by (UTC)" in listed.stdout and f"{promised:%Y-%m-%d %H:%M}" in listed.stdout
 
         corral.stop()
         corral.start()
@@ -58,3 +59,5 @@ def test_the_head_is_promised_a_start_that_survives_a_restart(tmp_path: Path, ti
         corral.ok("POST", f"/api/finetune/tasks/{long['id']}/cancel")
         now = wait_for(lambda: (t := task(corral, wide["id"]))["status"] != "queued" and t, what="the head to start")
         assert now["startBy"] is None and sorted(now["units"]) == ["0", "1"]
+        with sqlite3.connect(corral.data_dir / "corral.db") as db:  # kept no longer, not only hidden by the view
+            assert db.execute("SELECT promised_start FROM finetune_tasks WHERE id = ?", (wide["id"],)).fetchone() == (None,)

@@ -91,7 +91,7 @@ def test_schedule_properties(specs, free, cpu_slots, strategy) -> None:
 
 import math  # noqa: E402
 
-from corral.domain.queue import Decision, Reservation, RunningTask, estimated_end, reserve  # noqa: E402
+from corral.domain.queue import Decision, Reservation, RunningTask, carried_promises, estimated_end, reserve  # noqa: E402
 
 
 def run(tid: str, units: tuple[str, ...], ends_at: float, free_gb: float = 80) -> RunningTask:
@@ -157,9 +157,10 @@ def test_slack_lets_a_task_end_a_little_after_the_reservation_and_the_promise_is
     assert schedule(waiting, capacity, Strategy.EASY_BACKFILL).starts == []
     slack = schedule(waiting, capacity, Strategy.EASY_BACKFILL, backfill_slack_s=60.0)
     assert slack.starts == [("fill", ("0",))] and "long" in slack.waiting
-    assert slack.reservations["head"] == Reservation(100.0, ("2", "3", "0", "1"), promised_start=160.0, start_by=160.0)
+    assert slack.reservations["head"] == Reservation(100.0, ("2", "3", "0", "1"), promised_start=160.0, slack_s=60.0)
+    assert slack.reservations["head"].start_by == 160.0
 
-    def round_with(promised: float, now: float = 0.0, priority: Priority = Priority.NORMAL) -> Decision:
+    def round_with(promised: float | None, now: float = 0.0, priority: Priority = Priority.NORMAL) -> Decision:
         head = replace(waiting[0], promised_start=promised, priority=priority)
         return schedule([head, *waiting[1:]], replace(capacity, now=now), Strategy.EASY_BACKFILL, backfill_slack_s=60.0)
 
@@ -170,7 +171,23 @@ def test_slack_lets_a_task_end_a_little_after_the_reservation_and_the_promise_is
     assert (sooner.reservations["head"].promised_start, sooner.reservations["head"].start_by) == (500.0, 160.0)
     renewed = round_with(90.0)
     assert (renewed.reservations["head"].promised_start, renewed.reservations["head"].start_by) == (160.0, 160.0)
-    assert round_with(100.0, priority=Priority.HIGH).starts == []
+    urgent = round_with(None, priority=Priority.HIGH)
+    assert urgent.starts == [] and urgent.reservations["head"] == Reservation(100.0, ("2", "3", "0", "1"))
+    assert urgent.reservations["head"].promised_start is None  # no slack, no promise: nothing to keep between rounds
+    assert schedule(waiting, capacity, Strategy.EASY_BACKFILL).reservations == urgent.reservations  # pure EASY
+
+
+def test_a_head_keeps_its_promise_and_a_task_no_longer_the_head_has_none() -> None:
+    """`carried_promises`: what the caller stores after a round — only changes."""
+    capacity = Capacity(gpus(80, 80), running=(run("r", ("2", "3"), 100.0),), now=0.0)
+    head, fill = timed("head", 4, 1000), timed("fill", 1, 130, at=1)
+    first = schedule([head, fill], capacity, Strategy.EASY_BACKFILL, backfill_slack_s=60.0)
+    assert carried_promises([head, fill], first) == {"head": 160.0}  # fill starts: nothing to carry for it
+    kept = replace(head, promised_start=160.0)
+    assert carried_promises([kept], schedule([kept], capacity, Strategy.EASY_BACKFILL, backfill_slack_s=60.0)) == {}
+    urgent = timed("urgent", 4, 10, priority=Priority.HIGH)  # takes the head's place: the old head's promise is void
+    displaced = schedule([kept, urgent], capacity, Strategy.EASY_BACKFILL, backfill_slack_s=60.0)
+    assert carried_promises([kept, urgent], displaced) == {"head": None}
 
 
 @settings(max_examples=150, deadline=None)
@@ -192,7 +209,9 @@ def test_with_slack_every_head_starts_by_its_first_reservation_plus_the_slack(sp
             Strategy.EASY_BACKFILL, backfill_slack_s=slack)
         for head_id, held in decision.reservations.items():
             first.setdefault(head_id, held.at)
-            assert promised.setdefault(head_id, held.promised_start) == held.promised_start
+            if head_id in promised:
+                assert held.promised_start == promised[head_id]
+        promised |= carried_promises(waiting, decision)  # what the manager stores
         for tid, units in decision.starts:
             started[tid] = now
             free -= set(units)

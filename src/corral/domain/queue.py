@@ -23,12 +23,13 @@ equal decisions. Two named strategies, as in Kueue:
 
   *Slack* (`backfill_slack_s`; slack-based backfilling, Talby & Feitelson 1999): a normal or low head is promised
   a start by its reservation plus the slack (`Reservation.promised_start`, which the caller carries from round to
-  round as `WaitingTask.promised_start`), and a task may be backfilled on its units if it ends by then — so a task
-  ending a little after the reservation still fills the GPUs the head drains, which with pure EASY sit idle whenever
-  every waiting task is longer than the drain. The promise is kept, not renewed each round, so slips never add up:
-  a backfilled task ends by the promise, so no later reservation passes it. (Only what backfilling cannot cause
-  renews it: a higher-priority task taking the head's place, or an estimate that was not an upper bound.)
-  High-priority heads get no slack: urgent work is not delayed for packing.
+  round as `WaitingTask.promised_start`, `carried_promises`), and a task may be backfilled on its units if it ends
+  by then — so a task ending a little after the reservation still fills the GPUs the head drains, which with pure
+  EASY sit idle whenever every waiting task is longer than the drain. The promise is kept, not renewed each round,
+  so slips never add up: a backfilled task ends by the promise, so no later reservation passes it. (Only what
+  backfilling cannot cause renews it: an estimate that was not an upper bound, such as a trainer's ETA; and a head
+  that a higher-priority task displaced is promised afresh when it is the head again.) High-priority heads get no
+  slack: urgent work is not delayed for packing.
 
 Fit: a task asks for N schedulable units (whole GPUs or MIG instances) with at least M bytes free
 each, or for a CPU slot when N = 0. Among fitting units the smallest sufficient ones are chosen, so
@@ -122,19 +123,23 @@ class Capacity:
 class Reservation:
     at: float  # the earliest time the head fits, from the running tasks' estimated ends
     units: tuple[str, ...]  # what it will get then: a backfilled task may hold these only if it ends by `start_by`
-    promised_start: float = -math.inf  # the head starts by then at the latest: a reservation plus its slack
-    start_by: float = -math.inf  # what backfilled tasks on `units` must end by: the promise, or `at` + slack if sooner
+    promised_start: float | None = None  # with slack: the head starts by then at the latest (kept between rounds)
+    slack_s: float = 0.0
 
-    def __post_init__(self) -> None:  # no slack unless given one (`with_slack`): pure EASY
-        object.__setattr__(self, "promised_start", max(self.at, self.promised_start))
-        object.__setattr__(self, "start_by", max(self.at, min(self.start_by, self.promised_start)))
+    @property
+    def start_by(self) -> float:
+        """What a task backfilled on `units` must end by: the promise, or `at` plus the slack when a running task
+        ending early brought the reservation sooner; `at` without slack (pure EASY)."""
+        return self.at if self.promised_start is None else max(self.at, min(self.promised_start, self.at + self.slack_s))
 
     def with_slack(self, promised: float | None, slack_s: float) -> Reservation:
-        """Keep an earlier round's promise while it still holds (a reservation only moves later when something other
-        than backfilling pushed it), else promise this reservation plus the slack. Backfilled tasks end by the
-        promise, or by `at` plus the slack when a running task ending early brought the reservation sooner."""
+        """Keep an earlier round's promise while it still holds (a reservation only moves past it when something other
+        than backfilling pushed it), else promise this reservation plus the slack. No slack, no promise: the
+        reservation itself, which moves with the estimates, is all there is."""
+        if slack_s <= 0:
+            return self
         kept = promised if promised is not None and self.at <= promised else self.at + slack_s
-        return replace(self, promised_start=kept, start_by=min(kept, self.at + slack_s))
+        return replace(self, promised_start=kept, slack_s=slack_s)
 
 
 @dataclass
@@ -143,6 +148,21 @@ class Decision:
     waiting: dict[str, str] = field(default_factory=dict)  # task id → why it waits
     bypassed: list[str] = field(default_factory=list)  # waiting tasks that a later task passed in this round
     reservations: dict[str, Reservation] = field(default_factory=dict)  # easy-backfill: the head's reservation
+
+
+def carried_promises(tasks: Sequence[WaitingTask], decision: Decision) -> dict[str, float | None]:
+    """What changes in the promises the waiting tasks carry into the next round (`WaitingTask.promised_start`): a
+    head keeps its reservation's promise; a task that is no longer the head (it starts, or a higher-priority task
+    took its place) has none — should it become the head again, it is promised afresh. The manager and the bench
+    both keep them this way."""
+    starting = {task_id for task_id, _ in decision.starts}
+    changes: dict[str, float | None] = {}
+    for task in tasks:
+        held = decision.reservations.get(task.id)
+        promise = held.promised_start if held else None
+        if task.id not in starting and promise != task.promised_start:
+            changes[task.id] = promise
+    return changes
 
 
 def estimated_end(started_at: float | None, timeout_s: float, eta_at: object, now: float) -> float:

@@ -51,6 +51,7 @@ from corral.domain.queue import (
     Strategy,
     Unit,
     WaitingTask,
+    carried_promises,
     estimated_end,
     released_units,
     schedule,
@@ -492,10 +493,11 @@ class FinetuneManager:
         room = preflight.rooms([(u.id, u.memory_free_bytes) for u in ledger.free_units()], self._starting_replicas(ledger))
         cpu_slots = max(0, self.settings.cpu_training_slots - sum(1 for t in running if not t.units))
         now = time.time()  # easy-backfill: running tasks' estimated ends (timeout, or the trainer's ETA) and bounds
+        offered = [WaitingTask(t.id, Priority.parse(t.priority), t.created_at.timestamp() if t.created_at else 0.0,
+                               Demand(t.gpus, t.memory_gb * GIB), t.bypassed, estimated_s=t.timeout_s,
+                               promised_start=t.promised_start.timestamp() if t.promised_start else None) for t in waiting]
         decision = schedule(
-            [WaitingTask(t.id, Priority.parse(t.priority), t.created_at.timestamp() if t.created_at else 0.0,
-                         Demand(t.gpus, t.memory_gb * GIB), t.bypassed, estimated_s=t.timeout_s,
-                         promised_start=t.promised_start.timestamp() if t.promised_start else None) for t in waiting],
+            offered,
             Capacity(preflight.admissible(room, margin), cpu_slots, now=now, running=tuple(
                 RunningTask(t.id, tuple(Unit(u.id, max(0.0, u.free_bytes - margin)) for u in released_units(ledger, t.units)),
                             estimated_end(t.started_at.timestamp() if t.started_at else None, t.timeout_s,
@@ -508,12 +510,8 @@ class FinetuneManager:
         for task_id in decision.bypassed:
             self.tasks.update(task_id, bypassed=self._get(task_id).bypassed + 1)
         by_id = {t.id: t for t in waiting}
-        starting = dict(decision.starts)
-        for task in waiting:  # easy-backfill's promise to the head is kept between rounds; a task no longer the head has none
-            held = decision.reservations.get(task.id)
-            promised = queue_time(held.promised_start) if held else None
-            if task.promised_start != promised and task.id not in starting:
-                by_id[task.id] = self.tasks.update(task.id, promised_start=promised)
+        for task_id, promise in carried_promises(offered, decision).items():  # easy-backfill's promises, before acting
+            by_id[task_id] = self.tasks.update(task_id, promised_start=None if promise is None else queue_time(promise))
         started = []
         for task_id, chosen in decision.starts:
             log.info("starting finetune task %s on %s", task_id, ", ".join(chosen) or "the CPU")
@@ -527,8 +525,9 @@ class FinetuneManager:
                 why = preflight.shortfall(Demand(by_id[task_id].gpus, by_id[task_id].memory_gb * GIB), room, margin) or why
             reason = f"queued, {why.replace('waiting for GPU:', 'waiting for GPU to be released:')} (currently running: {', '.join(running_ids) or 'none'})"
             if held := decision.reservations.get(task_id):
-                reason += (f"; GPU {', '.join(held.units)} reserved for it: it starts by "
-                           f"{queue_time(held.promised_start):%Y-%m-%d %H:%M} UTC at the latest")
+                reason += f"; GPU {', '.join(held.units)} reserved for it" + (
+                    "" if held.promised_start is None else
+                    f": it starts by {queue_time(held.promised_start):%Y-%m-%d %H:%M} UTC at the latest")
             if by := by_id[task_id].preempted_by:
                 reason = f"{_preempted_reason(by)}; {reason}"
             if reclaimed := self._get(task_id).reclaimed:
