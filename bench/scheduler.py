@@ -1,6 +1,6 @@
 """The finetune queue policy on a simulated trace: utilisation and makespan, and decision time.
 
-    python bench/scheduler.py [--tasks 200] [--gpus 8] [--seed 7] [--seeds 1-80] [--slack-minutes 60]
+    python bench/scheduler.py [--tasks 200] [--gpus 8] [--seed 7] [--seeds 1-80] [--slack-minutes 60] [--arrival-minutes 3]
 
 A discrete-event simulation that calls the real `corral.domain.queue.schedule` at every arrival and
 completion. Tasks want 1, 2, 4 or 8 GPUs (80 GB each), 10–70 GB per GPU, 10–120 minutes, arriving
@@ -9,7 +9,7 @@ task on the whole machine at a time, FIFO), `strict-fifo`, `best-effort-fifo` an
 GPUs (the last with exact run-time estimates, with timeouts 1–3× the run time, and with every timeout the
 6 h default — the manager's estimates are the tasks' timeouts), both as pure EASY and with Corral's default slack
 (`CORRAL_BACKFILL_SLACK_S`, or `--slack-minutes`), and the lower bound max(total GPU-minutes / GPUs, last arrival + its
-duration). `--seeds` adds easy-backfill's makespan over other seeds' traces, with no, the default and twice the
+duration). `--seeds` adds easy-backfill's makespan over other seeds' traces, with no slack, half, the default and twice
 default slack, to tell one trace's luck from the policy's.
 """
 
@@ -41,11 +41,13 @@ from corral.domain.queue import (
 GB = 1024**3
 
 
-def make_trace(n: int, seed: int) -> list[tuple[WaitingTask, float]]:
+def make_trace(n: int, seed: int, arrival_minutes: float = 3.0) -> list[tuple[WaitingTask, float]]:
+    """Every `arrival_minutes` on average: 3 makes a backlog of about two days on 8 GPUs; from about 20 on, the GPUs
+    keep up (a task wants 2.4 GPUs for 65 minutes on average)."""
     rng = random.Random(seed)
     trace, at = [], 0.0
     for i in range(n):
-        at += rng.expovariate(1 / 3)
+        at += rng.expovariate(1 / arrival_minutes)
         gpus = rng.choices([1, 2, 4, 8], weights=[50, 25, 15, 10])[0]
         task = WaitingTask(f"t{i:04d}", rng.choices(list(Priority), weights=[10, 70, 20])[0], at,
                            Demand(gpus, rng.uniform(10, 70) * GB))
@@ -121,17 +123,18 @@ def decision_time(n_queued: int, n_gpus: int, strategy: Strategy) -> float:
     return statistics.median(runs) * 1000
 
 
-def seed_sweep(console: Console, seeds: list[int], n_tasks: int, n_gpus: int, slack: float) -> None:
+def seed_sweep(console: Console, seeds: list[int], n_tasks: int, n_gpus: int, slack: float, arrival_minutes: float) -> None:
     estimates = {"exact estimates": 1.0, "timeouts 1-3× the run time": 3.0}
-    found: dict[tuple[float, str], list[dict[str, float]]] = {(minutes, name): [] for minutes in (0.0, slack, 2 * slack)
+    found: dict[tuple[float, str], list[dict[str, float]]] = {(minutes, name): [] for minutes in (0.0, slack / 2, slack, 2 * slack)
                                                               for name in estimates}
     for seed in seeds:
-        trace = make_trace(n_tasks, seed)
+        trace = make_trace(n_tasks, seed, arrival_minutes)
         bound = lower_bound(trace, n_gpus)
         for (minutes, name), runs in found.items():
             run = simulate(trace, n_gpus, Strategy.EASY_BACKFILL, False, overestimate=estimates[name], seed=seed, slack=minutes)
             runs.append(run | {"ratio": run["makespan"] / bound})
-    table = Table(title=f"easy-backfill over seeds {seeds[0]}-{seeds[-1]}: makespan vs lower bound")
+    table = Table(title=f"easy-backfill over seeds {seeds[0]}-{seeds[-1]}, a task every {arrival_minutes:g} min: makespan vs "
+                        "lower bound, and waits")
     for column in ["slack", "estimates", "mean", "min", "max", "seeds ≤ 1.05×", "mean wait (h)", "high-priority wait (h)",
                    f"{n_gpus}-GPU task wait (h)"]:
         table.add_column(column, justify="right")
@@ -151,10 +154,11 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--seeds", help="also easy-backfill over a range of seeds, e.g. 1-80")
+    parser.add_argument("--arrival-minutes", type=float, default=3.0, help="mean time between submissions")
     parser.add_argument("--slack-minutes", type=float, default=Settings().backfill_slack_s / 60,
                         help="easy-backfill's slack (default: Corral's, CORRAL_BACKFILL_SLACK_S)")
     args = parser.parse_args()
-    trace = make_trace(args.tasks, args.seed)
+    trace = make_trace(args.tasks, args.seed, args.arrival_minutes)
     bound = lower_bound(trace, args.gpus)
     easy = f"easy-backfill, slack {args.slack_minutes:g} min"
     rows = {
@@ -172,7 +176,8 @@ def main() -> None:
                                                             timeout=360.0, slack=args.slack_minutes),
     }
     console = Console(width=160)
-    table = Table(title=f"{args.tasks} finetune tasks on {args.gpus} simulated 80 GB GPUs (seed {args.seed})")
+    table = Table(title=f"{args.tasks} finetune tasks on {args.gpus} simulated 80 GB GPUs, one every {args.arrival_minutes:g} min "
+                        f"(seed {args.seed})")
     for column in ["policy", "makespan (h)", "vs lower bound", "GPU utilisation", "mean wait (h)", "high-priority wait (h)"]:
         table.add_column(column, justify="right")
     for name, r in rows.items():
@@ -189,7 +194,8 @@ def main() -> None:
     console.print(timing)
     if args.seeds:
         first, _, last = args.seeds.partition("-")
-        seed_sweep(console, list(range(int(first), int(last or first) + 1)), args.tasks, args.gpus, args.slack_minutes)
+        seed_sweep(console, list(range(int(first), int(last or first) + 1)), args.tasks, args.gpus, args.slack_minutes,
+                   args.arrival_minutes)
 
 
 if __name__ == "__main__":

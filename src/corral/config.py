@@ -78,7 +78,8 @@ class Settings(BaseSettings):
     max_bypass: int = Field(default=3, ge=0, description="best-effort-fifo: how often a waiting task may be passed")
     backfill_slack_s: float = Field(
         default=3600.0, ge=0, le=7 * 86400, description="easy-backfill: how long after its reservation a normal or low "
-        "head may start, so that tasks ending a little later fill the GPUs it drains (0: pure EASY; high heads get none)"
+        "head may start (at most as long as it has already waited), so that tasks ending a little later fill the GPUs "
+        "it drains (0: pure EASY; high heads get none)"
     )
     cpu_training_slots: int = Field(default=1, ge=0, description="finetune tasks training on the CPU at once")
     finetune_timeout_s: float = Field(default=6 * 3600, gt=0, le=366 * 86400, description="default finetune timeout (6 h)")

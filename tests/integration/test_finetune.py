@@ -111,7 +111,7 @@ def test_bad_submissions_are_refused_with_the_line_to_fix(corral: CorralServer, 
         ({"hyperparameters": {"epoch": 1}}, "unknown hyperparameter(s) epoch"),
         ({"hyperparameters": {"learningRate": -1}}, "learningRate must be a positive number"),
         ({"baseModel": "not-a-model"}, "neither a local model directory nor a hub id"),
-        ({"timeoutSeconds": 0}, "timeoutSeconds must be positive"),
+        ({"timeoutSeconds": 0}, "timeoutSeconds must be a positive number of seconds"),
     ]
     good = tmp_path / "good.jsonl"
     good.write_text('{"instruction": "a", "output": "b"}\n')

@@ -151,9 +151,10 @@ def test_slack_lets_a_task_end_a_little_after_the_reservation_and_the_promise_is
     idle until then; with 60 s of slack it starts, and the head is promised a start by 160. A promise from an earlier
     round is kept, not renewed: one of 140 leaves no room for it from t=20 (it would end at 150). When a running
     task ending early brings the reservation sooner, backfilling counts from the sooner one. A reservation past the
-    promise (a higher-priority task took the head's place) gets a new one. A high-priority head gets no slack."""
+    promise (a higher-priority task took the head's place) gets a new one. A high-priority head gets no slack.
+    (Every task here has waited 1000 s: the slack is at most what the head has waited, below.)"""
     capacity = Capacity(gpus(80, 80), running=(run("r", ("2", "3"), 100.0),), now=0.0)
-    waiting = [timed("head", 4, 1000), timed("fill", 1, 130, at=1), timed("long", 1, 170, at=2)]
+    waiting = [timed("head", 4, 1000, at=-1000), timed("fill", 1, 130, at=-999), timed("long", 1, 170, at=-998)]
     assert schedule(waiting, capacity, Strategy.EASY_BACKFILL).starts == []
     slack = schedule(waiting, capacity, Strategy.EASY_BACKFILL, backfill_slack_s=60.0)
     assert slack.starts == [("fill", ("0",))] and "long" in slack.waiting
@@ -177,10 +178,23 @@ def test_slack_lets_a_task_end_a_little_after_the_reservation_and_the_promise_is
     assert schedule(waiting, capacity, Strategy.EASY_BACKFILL).reservations == urgent.reservations  # pure EASY
 
 
+def test_the_slack_is_at_most_what_the_head_has_waited() -> None:
+    """On a quiet machine a head reserved just after it arrived is not delayed by its slack: a task submitted a
+    moment ago gets none (pure EASY), one that has waited 20 s may slip 20 s, one that has waited an hour the whole
+    60 s. So the slack bites only in a backlog, where it is small next to the waits."""
+    capacity = Capacity(gpus(80, 80), running=(run("r", ("2", "3"), 100.0),), now=0.0)
+
+    def promise(waited: float) -> float | None:
+        head, fill = timed("head", 4, 1000, at=-waited), timed("fill", 1, 130, at=-waited + 0.5)
+        return schedule([head, fill], capacity, Strategy.EASY_BACKFILL, backfill_slack_s=60.0).reservations["head"].promised_start
+
+    assert (promise(0.0), promise(20.0), promise(3600.0)) == (None, 120.0, 160.0)
+
+
 def test_a_head_keeps_its_promise_and_a_task_no_longer_the_head_has_none() -> None:
     """`carried_promises`: what the caller stores after a round — only changes."""
     capacity = Capacity(gpus(80, 80), running=(run("r", ("2", "3"), 100.0),), now=0.0)
-    head, fill = timed("head", 4, 1000), timed("fill", 1, 130, at=1)
+    head, fill = timed("head", 4, 1000, at=-1000), timed("fill", 1, 130, at=-999)
     first = schedule([head, fill], capacity, Strategy.EASY_BACKFILL, backfill_slack_s=60.0)
     assert carried_promises([head, fill], first) == {"head": 160.0}  # fill starts: nothing to carry for it
     kept = replace(head, promised_start=160.0)

@@ -22,10 +22,12 @@ equal decisions. Two named strategies, as in Kueue:
   a start that is not in sight, so any task that fits starts.
 
   *Slack* (`backfill_slack_s`; slack-based backfilling, Talby & Feitelson 1999): a normal or low head is promised
-  a start by its reservation plus the slack (`Reservation.promised_start`, which the caller carries from round to
+  a start by its reservation plus its slack (`Reservation.promised_start`, which the caller carries from round to
   round as `WaitingTask.promised_start`, `carried_promises`), and a task may be backfilled on its units if it ends
   by then — so a task ending a little after the reservation still fills the GPUs the head drains, which with pure
-  EASY sit idle whenever every waiting task is longer than the drain. The promise is kept, not renewed each round,
+  EASY sit idle whenever every waiting task is longer than the drain. Its slack is `backfill_slack_s`, or what it
+  has waited so far when that is less: on a quiet machine a task that has only just arrived is not delayed for
+  packing, while in a backlog the slack is small next to the waits. The promise is kept, not renewed each round,
   so slips never add up: a backfilled task ends by the promise, so no later reservation passes it. (Only what
   backfilling cannot cause renews it: an estimate that was not an upper bound, such as a trainer's ETA; and a head
   that a higher-priority task displaced is promised afresh when it is the head again.) High-priority heads get no
@@ -266,8 +268,8 @@ def schedule(tasks: Sequence[WaitingTask], capacity: Capacity, strategy: Strateg
                 if head is None and task.demand.gpus:
                     held = reserve(task.demand, units, running, capacity.now)
                     if held is not None:
-                        held = held.with_slack(task.promised_start,
-                                               0.0 if task.priority == Priority.HIGH else backfill_slack_s)
+                        held = held.with_slack(task.promised_start, 0.0 if task.priority == Priority.HIGH else
+                                               min(backfill_slack_s, max(0.0, capacity.now - task.submitted_at)))
                     head = (task, held)
                     if held is not None:
                         decision.reservations[task.id] = held
