@@ -294,8 +294,7 @@ def train(task_dir: Path) -> None:
         if rank == 0:
             print(f"[trainer] preempted: saved {saved} at step {trainer.state.global_step} of {trainer.state.max_steps}; "
                   f"exiting (code {PREEMPTED_EXIT}) to be resumed from it", flush=True)
-        if size > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        _leave_process_group(size)
         raise SystemExit(PREEMPTED_EXIT)
     if eval_ids and report.evaluated_at != trainer.state.global_step:
         trainer.evaluate()  # the final eval loss, whatever the steps between evaluations
@@ -305,7 +304,17 @@ def train(task_dir: Path) -> None:
         tokenizer.save_pretrained(output)  # with the chat template trained on (a built-in one, when chosen)
         progress.write(event="completed", output=str(output), step=trainer.state.global_step, totalSteps=trainer.state.max_steps)
         shutil.rmtree(checkpoints, ignore_errors=True)  # after `completed`: a restart in between never finds neither
+    _leave_process_group(size)
+
+
+def _leave_process_group(size: int) -> None:
+    """All ranks together: a rank that destroys the group while rank 0 still saves can hang the teardown (seen on
+    the CPU with gloo: the output saved, `completed` written, both ranks alive minutes later; pytorch/pytorch#75097
+    advises a barrier first)."""
+    import torch
+
     if size > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
