@@ -61,8 +61,8 @@ class Server:
         import uvicorn
 
         from corral.api.app import create_app
-        from corral.backends.memory import memory_runtime
         from corral.config import Settings
+        from corral.runtime import memory_runtime
 
         self.port = free_port()
         settings = Settings(data_dir=data_dir, port=self.port, gateway_port=free_port(), gateway_data_plane="python")
@@ -302,7 +302,7 @@ async def emulator_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     total = args.pools * args.replicas
     store = StateStore(data_dir / "corral.db")
     backend = KubernetesBackend(client_from(kubeconfig(url, data_dir / "kubeconfig"), NAMESPACE), ClusterOptions(namespace=NAMESPACE),
-                                store, lambda event, data=None, **_: None, data_dir / "manifests", watch=WatchSettings(backoff_initial_s=0.001))
+                                lambda event, data=None, **_: None, data_dir / "manifests", watch=WatchSettings(backoff_initial_s=0.001))
     try:
         async with httpx.AsyncClient(base_url=url, timeout=120) as control:
             await control.post("/_emulator/seed", params={"pools": args.pools, "replicas": args.replicas})

@@ -46,7 +46,7 @@ class Corral:
                "CORRAL_GATEWAY_PORT": str(self.gateway_port), "CORRAL_STOP_GRACE_S": "3", "CORRAL_DRAIN_TIMEOUT_S": "30",
                "CORRAL_GATEWAY_DATA_PLANE": data_plane, **(env or {})}
         self.log = open(self.dir / "serve.log", "wb")  # noqa: SIM115
-        self.process = subprocess.Popen([sys.executable, "-m", "corral.cli", "serve", "--log-level", "warning"],
+        self.process = subprocess.Popen([sys.executable, "-m", "corral.main", "serve", "--log-level", "warning"],
                                         env=env, stdout=self.log, stderr=self.log)
         self.http = httpx.Client(base_url=self.url, timeout=60)
         wait_until(lambda: self.http.get("/api/health").status_code == 200, 30, "corral serve")

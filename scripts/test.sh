@@ -41,6 +41,9 @@ fi
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e ".[test]"
 
+# The layering rule (docs/architecture.md): imports only go down the floors. Seconds; a broken contract fails the run.
+.venv/bin/lint-imports
+
 if [ "${CORRAL_WITH_VLLM:-}" != 1 ]; then
   exec .venv/bin/python -m pytest "$@"
 fi

@@ -47,12 +47,14 @@ from corral.domain.adapters import (
     plan_sync,
     static_names,
 )
-from corral.domain.errors import Conflict, NotFound
+from corral.domain.errors import Conflict, Hint, NotFound
 from corral.domain.history import Action, HistoryDraft, Intent, Outcome
 from corral.domain.models import Deployment, Pod
-from corral.events import EventBus
+from corral.domain.tasks import TaskState
+from corral.events import EventBus, EventType
+from corral.intents import Intents
 from corral.store.state import StateStore
-from corral.views import AdapterRemoveResult, AdapterResult, AdapterView
+from corral.views import AdapterRemoveResult, AdapterResult, AdapterView, FinetuneTask
 
 log = logging.getLogger("corral.adapters")
 
@@ -144,6 +146,7 @@ class AdapterManager:
                  interval_s: float = 1.0, recheck_s: float = 10.0) -> None:
         self.backend = backend
         self.store = store
+        self.intents = Intents(store)  # the history rows of adds and removes
         self.bus = bus
         self.client: ReplicaAdapters = client or VllmAdapterClient()
         self.interval_s = interval_s  # how often the loop looks
@@ -169,10 +172,11 @@ class AdapterManager:
                 await self._task
         await self.client.close()
 
-    def _on_event(self, type_: str, data: dict[str, Any]) -> None:
-        if type_ == "replica_status" and data.get("ready"):
+    def _on_event(self, type_: EventType, data: dict[str, Any]) -> None:
+        if type_ == EventType.REPLICA_STATUS and data.get("ready"):
             self._wake.set()  # a replica turned ready: give it its adapters now, not within the second
-        elif type_ == "deployment" and data.get("action") == "deleted" and data.get("name") in self._desired:
+        elif (type_ == EventType.DEPLOYMENT and data.get("action") == "deleted"
+              and data.get("name") in self._desired):
             # A deleted pool's adapters go with it (the local store deletes them with its rows; a cluster's does not).
             for adapter in self._desired.pop(data["name"]):
                 self.store.remove_adapter(adapter.pool, adapter.name)
@@ -282,7 +286,7 @@ class AdapterManager:
                     raise Conflict(f"replica {refused[0].replica} could not load adapter '{name}' from {path}: "
                                    f"{refused[0].message}; nothing was added")
             except BaseException as exc:
-                self.store.complete_failed(intent, exc)
+                self.intents.fail(intent, exc)
                 raise
             view = self._view(adapter, self._ready(pool))
             message = f"adapter '{name}' loaded on {view.loadedOn} of {view.readyReplicas} ready replica(s) of {pool}"
@@ -290,7 +294,7 @@ class AdapterManager:
                 message += "; the others get it as soon as they answer (the adapter reconciler retries every second)"
             if not view.readyReplicas:
                 message += "; replicas load it when they become ready"
-            self.store.complete(intent, Outcome.SUCCESS, message=message)
+            self.intents.complete(intent, Outcome.SUCCESS, message=message)
         return AdapterResult(success=True, pool=pool, adapter=view, message=message)
 
     async def remove(self, pool: str, name: str) -> AdapterRemoveResult:
@@ -300,7 +304,7 @@ class AdapterManager:
             deployment = self._pool(pool)
             adapter = next((a for a in self.store.list_adapters(pool) if a.name == name), None)
             if adapter is None:
-                raise NotFound(f"pool '{pool}' has no adapter named '{name[:80]}'; list them with GET /api/deployments/{pool}/adapters")
+                raise NotFound(f"pool '{pool}' has no adapter named '{name[:80]}'", Hint.LIST_ADAPTERS, pool=pool)
             intent = Intent([HistoryDraft(Action.ADAPTER_REMOVE, pool, before={"adapter": name, "taskId": adapter.task_id,
                                                                                "path": adapter.path},
                                           message=f"LoRA adapter '{name}' removed")])
@@ -308,13 +312,13 @@ class AdapterManager:
             try:
                 self._refresh()
                 problems = await self._sync_pool(deployment, self._desired.get(pool, []), force=True)
-            except BaseException as exc:
-                self.store.complete(intent, Outcome.FAILED, message=f"{type(exc).__name__}: {exc}")
+            except BaseException as exc:  # the sync broke (a replica's refusal is a problem it returns)
+                self.intents.fail(intent, exc)
                 raise
             still = sorted({p.replica for p in problems})
             message = f"adapter '{name}' removed from {pool}" + (
                 f"; {', '.join(still)} will unload it once reachable" if still else "")
-            self.store.complete(intent, Outcome.SUCCESS, message=message)
+            self.intents.complete(intent, Outcome.SUCCESS, message=message)
         return AdapterRemoveResult(success=True, pool=pool, removed=name)
 
     def list(self, pool: str) -> list[AdapterView]:
@@ -337,7 +341,8 @@ class AdapterManager:
         return {v.name: v.loadedOn for v in self.views(pool, ready)}
 
     def _publish(self, pool: str, ready: list[Pod]) -> None:
-        self.bus.publish("adapters", {"pool": pool, "adapters": [v.wire() for v in self.views(pool, ready)]})
+        self.bus.publish(EventType.ADAPTERS,
+                         {"pool": pool, "adapters": [v.wire() for v in self.views(pool, ready)]})
 
     def _ready(self, pool: str) -> list[Pod]:
         return [p for p in self.backend.list_pods(pool) if p.ready]
@@ -351,7 +356,7 @@ class AdapterManager:
     def _pool(self, pool: str) -> Deployment:
         deployment = self.backend.get_deployment(pool)
         if deployment is None:
-            raise NotFound(f"pool '{pool[:80]}' not found; list deployments with GET /api/deployments")
+            raise NotFound(f"pool '{pool[:80]}' not found", Hint.LIST_DEPLOYMENTS)
         return deployment
 
     def _lock(self, pool: str) -> asyncio.Lock:
@@ -363,17 +368,17 @@ def _identity(pod: Pod) -> tuple[Any, ...]:
     return (pod.endpoint, pod.restarts, pod.created_at)
 
 
-def task_adapter(task: Any) -> tuple[str, int]:
+def task_adapter(task: FinetuneTask) -> tuple[str, int]:
     """(adapter directory, LoRA rank) of a finetune task that can be added to a pool: a completed LoRA or QLoRA
     task (a full finetune has no adapter: deploy it as its own pool)."""
     from pathlib import Path
 
-    from corral.finetune.checks import adapter_rank
+    from corral.model_files import adapter_rank
 
-    if task["status"] != "completed" or not task["output"]:
-        raise Conflict(f"task {task['id']} is {task['status']}; only a completed task's adapter can be added to a pool")
-    if task["method"] not in ("lora", "qlora"):
-        raise Conflict(f"task {task['id']} is a {task['method']} finetune and has no LoRA adapter; deploy it as its own pool "
-                       "(POST /api/finetune/tasks/{id}/deploy with modelTag)")
-    path = Path(task["output"])
+    if task.status != TaskState.COMPLETED or not task.output:
+        raise Conflict(f"task {task.id} is {task.status}; only a completed task's adapter can be added to a pool")
+    if task.method not in ("lora", "qlora"):
+        raise Conflict(f"task {task.id} is a {task.method} finetune and has no LoRA adapter", Hint.DEPLOY_AS_POOL,
+                       task=task.id)
+    path = Path(task.output)
     return str(path), adapter_rank(path)

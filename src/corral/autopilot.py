@@ -40,11 +40,11 @@ from corral.domain.autopilot import (
     decide,
     pressure,
 )
-from corral.domain.errors import CorralError, NotFound
+from corral.domain.errors import CorralError, Hint, NotFound
 from corral.domain.history import Action, HistoryDraft
 from corral.domain.models import Pod, Service
-from corral.domain.preemption import PreemptionRequest
-from corral.events import EventBus
+from corral.domain.preemption import PreemptionOutcome, PreemptionRequest
+from corral.events import EventBus, EventType
 from corral.signals import EngineSignals, ReplicaSignal
 from corral.store.state import StateStore
 from corral.views import (
@@ -146,24 +146,17 @@ class Autopilot:
     def _business_service(self, name: str) -> Service:
         service = self.backend.get_service(name)
         if service is None or not service.is_business_service:
-            raise NotFound(f"business service '{name}' not found; list them with GET /api/business-services")
+            raise NotFound(f"business service '{name}' not found", Hint.LIST_SERVICES)
         return service
 
     # observing -------------------------------------------------------------------------------------
     def _pool_view(self, pool: str) -> tuple[list[Pod], dict[str, list[Service]], dict[str, BusinessPolicySpec]]:
-        deployment = self.backend.get_deployment(pool)
-        if deployment is None:
-            return [], {}, {}
-        services: dict[str, list[Service]] = {}
-        for service in sorted(self.backend.list_services(), key=lambda s: s.name):
-            if service.is_business_service and service.model == deployment.model_tag and service.business:
-                services.setdefault(service.business, []).append(service)
-        stored = self.store.policies()
-        policies = {}
-        for business, these in services.items():
-            # One business served by several services: the first service (by name) with a policy speaks for it.
-            spec = next((stored[s.name] for s in these if s.name in stored), None)
-            policies[business] = BusinessPolicySpec.model_validate(spec) if spec else BusinessPolicySpec()
+        """The pool's replicas and, per business, its services and policy: `Controller.pool_businesses`, the
+        query preemption and reclaim rank the pool by, so a business has one policy and one priority."""
+        businesses = self.controller.pool_businesses(pool).businesses
+        services = {name: list(business.services) for name, business in businesses.items()}
+        policies = {name: BusinessPolicySpec.model_validate(business.policy) if business.policy
+                    else BusinessPolicySpec() for name, business in businesses.items()}
         return self.backend.list_pods(pool), services, policies
 
     def _observe(self, pool: str) -> tuple[list[ReplicaState], dict[str, BusinessDemand], dict[str, ReplicaSignal]]:
@@ -238,27 +231,32 @@ class Autopilot:
         elif decision.acts:
             await self._carry_out(pool, decision, len(replicas), now)
 
-    async def _preempt_and_scale(self, pool: str, decision: Decision, demands: Mapping[str, BusinessDemand], gpus_per_replica: int,
-                                 replicas: int, now: float) -> None:
-        """A business wants replicas and no GPU is free: preemptible finetune tasks below its priority (the one scale,
-        `domain.preemption`) checkpoint and give their GPUs, and the scale-out proceeds onto them while they are kept
-        from the finetune queue. The business speaking is the highest-priority one still wanting replicas."""
+    async def _preempt_and_scale(self, pool: str, decision: Decision, demands: Mapping[str, BusinessDemand],
+                                 gpus_per_replica: int, replicas: int, now: float) -> None:
+        """A business wants replicas and no GPU is free: preemptible finetune tasks below its priority (the one
+        scale, `domain.preemption`) checkpoint and give their GPUs, and the scale-out proceeds onto them while
+        they are kept from the finetune queue (`Controller.scale_with_preemption`). The business speaking is
+        the highest-priority one still wanting replicas; the decision scales out by the replicas it was short
+        of only once GPUs were freed, and is carried out (its moves too) inside the preemption either way."""
         business = min(decision.wanting, key=lambda b: (-demands[b].policy.priority, b))
         extra = min(decision.short_of_gpus, sum(decision.wanting.values()))
         target = (decision.scale_to if decision.scale_to is not None else replicas) + extra
-        request = PreemptionRequest(pool=pool, business=business, priority=demands[business].policy.priority,
-                                    gpus=extra * gpus_per_replica)
-        assert self.controller.preemptor is not None
-        async with self.controller.preemptor(request) as outcome:
+
+        async def onto_freed(request: PreemptionRequest, outcome: PreemptionOutcome) -> None:
+            carried = decision
             if outcome.tasks:
                 reason = (f"{decision.scale_reason + '; ' if decision.scale_reason else ''}{business} wants "
-                          f"{decision.wanting[business]} more replica(s): preempted finetune task(s) {', '.join(outcome.tasks)} "
-                          f"for {request.describe()}, scale out {replicas} → {target}")
-                decision = replace(decision, scale_to=target, scale_reason=reason)
+                          f"{decision.wanting[business]} more replica(s): preempted finetune task(s) "
+                          f"{', '.join(outcome.tasks)} for {request.describe()}, "
+                          f"scale out {replicas} → {target}")
+                carried = replace(decision, scale_to=target, scale_reason=reason)
             elif outcome.why_not:
                 self._waiting_for[pool].append(f"cannot preempt for {business}: {outcome.why_not}")
-            if decision.acts:
-                await self._carry_out(pool, decision, replicas, now)
+            if carried.acts:
+                await self._carry_out(pool, carried, replicas, now)
+
+        await self.controller.scale_with_preemption(pool, extra * gpus_per_replica, onto_freed,
+                                                    business=(business, demands[business].policy.priority))
 
     async def _carry_out(self, pool: str, decision: Decision, replicas: int, now: float) -> None:
         summary = "; ".join(m.reason for m in decision.moves[:3]) + (f" (+{len(decision.moves) - 3} more)"
@@ -291,7 +289,7 @@ class Autopilot:
             scaledTo=scaled_to, removed=removed, reason=decision.scale_reason or summary, error=error,
         )
         self._decisions.setdefault(pool, deque(maxlen=DECISIONS_KEPT)).appendleft(view)
-        self.bus.publish("autopilot", {"pool": pool, **view.wire()})
+        self.bus.publish(EventType.AUTOPILOT, {"pool": pool, **view.wire()})
 
     # reading --------------------------------------------------------------------------------------
     def status(self, pool: str) -> AutopilotStatus:

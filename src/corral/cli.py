@@ -1,10 +1,10 @@
-"""The `corral` command. `serve` runs the control plane; every other command talks to its API."""
+"""The `corral` command's client commands: each talks to a Corral's API over HTTP, so this module imports no server
+code (`corral.main` adds `serve` and `dev`, which start processes on this machine)."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -25,13 +25,13 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from corral.domain.errors import Hint, InvalidInput, Wording, worded
+
 app = typer.Typer(help="Corral: model pools assigned to business services, on your GPUs.", no_args_is_help=True)
 service_app = typer.Typer(help="Business services: stable endpoints selecting {model, business}.", no_args_is_help=True)
 app.add_typer(service_app, name="service")
 finetune_app = typer.Typer(help="Finetune tasks: a queue on the same GPUs as the model pools.", no_args_is_help=True)
 app.add_typer(finetune_app, name="finetune")
-dev_app = typer.Typer(help="Developer tools: try Corral without a model hub.", no_args_is_help=True)
-app.add_typer(dev_app, name="dev")
 autopilot_app = typer.Typer(help="The autopilot: warm replicas follow demand across a pool's businesses.",
                             no_args_is_help=True)
 app.add_typer(autopilot_app, name="autopilot")
@@ -72,25 +72,33 @@ def server_url(url: str | None = None, environ: Any = None) -> str:
     return client_url(host, port.strip() if port else None)
 
 
-# API wording → CLI wording, for the messages the API words for its own clients (one place, tested).
-API_TO_CLI: list[tuple[str, str]] = [
-    (r"\(?\bPOST /api/deploy-service\)?", "`corral service create NAME --pool POOL --business BUSINESS`"),
-    (r"\bPOST /api/scale-deployment\b", "`corral scale NAME REPLICAS`"),
-    (r"\bGET /api/business-services\b", "`corral service list`"),
-    (r"\bGET /api/deployments\b", "`corral deployments`"),
-    (r"\bGET /api/finetune/tasks\b", "`corral finetune list`"),
-    (r"\bGET /api/pods\b", "`corral pods`"),
-    (r"\bGET /api/history\b", "`corral history`"),
-    (r"`?\??force=true`?", "`--force`"),
-    (r"send 'Authorization: Bearer <token>' \(CORRAL_API_TOKEN\)", "give it with --token or export CORRAL_API_TOKEN"),
-]
+# The CLI's words for the hints of a refusal (`corral.domain.errors.Hint`): commands and flags, where the API
+# words them as its paths and query parameters.
+CLI_WORDING: Wording = {
+    Hint.LIST_PODS: "; list pods with `corral pods`",
+    Hint.LIST_SERVICES: "; list them with `corral service list`",
+    Hint.LIST_DEPLOYMENTS: "; list deployments with `corral deployments`",
+    Hint.LIST_FINETUNE_TASKS: "; list them with `corral finetune list`",
+    Hint.LIST_ADAPTERS: "; list them with `corral adapters list {pool}`",
+    Hint.REMOVE_ADAPTER: "; remove it first (`corral adapters remove {pool} {adapter}`) or choose another name",
+    Hint.CREATE_SERVICE: ": create one first `corral service create NAME --pool POOL --business BUSINESS` "
+                         "or choose one of: {choices}",
+    Hint.SCALE_STANDARD: "; scale it with `corral scale NAME REPLICAS`",
+    Hint.FORCE: " or delete with `--force`",
+    Hint.FORCE_UNASSIGN: " or delete with `--force` (unassigns them)",
+    Hint.DEPLOY_AS_POOL: "; deploy it as its own pool (`corral finetune deploy {task} --tag TAG`)",
+    Hint.SEND_TOKEN: ": give it with --token or export CORRAL_API_TOKEN",
+}
 
 
-def cli_message(message: str) -> str:
-    """An API error reworded for the command line: commands and flags instead of API paths and query parameters."""
-    for pattern, replacement in API_TO_CLI:
-        message = re.sub(pattern, replacement, message)
-    return message
+def cli_error(body: dict[str, Any]) -> str:
+    """An API error body as the command line words it: its problem, and its typed hints as commands. A body
+    without hints (or with one this CLI does not know, from a newer server) is shown as the API words it."""
+    try:
+        hints = [Hint(hint) for hint in body.get("hints") or ()]
+        return worded(str(body["problem"]), hints, CLI_WORDING, body) if hints else str(body["error"])
+    except (ValueError, KeyError):  # a hint this CLI does not know, or a detail it needs missing
+        return str(body["error"])
 
 
 class Client:
@@ -110,7 +118,7 @@ class Client:
                 body = response.json()
             except ValueError:
                 body = None
-            fail(cli_message(body["error"]) if isinstance(body, dict) and isinstance(body.get("error"), str)
+            fail(cli_error(body) if isinstance(body, dict) and isinstance(body.get("error"), str)
                  else f"HTTP {response.status_code}: {response.text}")
         return response
 
@@ -150,7 +158,7 @@ def _secret_env(items: list[str]) -> dict[str, str]:
 
 def _hyperparameter(text: str) -> int | float | bool | str:
     """`3` → 3 (an integer stays an integer), `1e-4` → 0.0001, `true`/`false` → a switch, anything else a name
-    (`lrScheduler=linear`); the types and ranges are checked by `finetune.hyperparameters`."""
+    (`lrScheduler=linear`); the types and ranges are checked by `domain.hyperparameters`."""
     try:
         return int(text)
     except ValueError:
@@ -237,46 +245,6 @@ def _listing(output: str, title: str, columns: list[Column], rows: list[dict], n
 
 def _labels(labels: dict | None) -> str:
     return ",".join(f"{k}={v}" for k, v in (labels or {}).items())
-
-
-# control plane ---------------------------------------------------------------------------------
-@app.command()
-def serve(
-    data_dir: Optional[Path] = typer.Option(None, help="state, logs and manifests [env CORRAL_DATA_DIR; default ./corral-data]"),
-    host: Optional[str] = typer.Option(None, help="bind address [env CORRAL_HOST; default 127.0.0.1]"),
-    port: Optional[int] = typer.Option(None, help="API and UI port [env CORRAL_PORT; default 8080]"),
-    gateway_port: Optional[int] = typer.Option(None, help="business-service traffic port [env CORRAL_GATEWAY_PORT; default 8000]"),
-    api_token: Optional[str] = typer.Option(None, help="require this bearer token for mutations [env CORRAL_API_TOKEN]"),
-    backend: Optional[str] = typer.Option(None, help="local | kubernetes [env CORRAL_BACKEND; kubernetes settings: CORRAL_KUBERNETES_*]"),
-    log_level: str = typer.Option("info", help="uvicorn log level"),
-) -> None:
-    """Run the control plane (API at /api, docs at /docs, events at /ws)."""
-    import logging
-
-    from pydantic import ValidationError
-
-    from corral.config import Settings
-    from corral.server import run
-
-    flags = {"data_dir": data_dir, "host": host, "port": port, "gateway_port": gateway_port,
-             "api_token": api_token, "backend": backend}
-    try:
-        settings = Settings(**{k: v for k, v in flags.items() if v is not None})
-    except ValidationError as exc:
-        fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
-    logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health probe is noise
-    url = client_url(settings.host, settings.port)
-    gateway = client_url(settings.host, settings.gateway_port)
-    console.print(f"Corral {settings.backend} backend, data in {settings.data_dir.resolve()}", highlight=False, soft_wrap=True)
-    bound = f" (bound to {settings.host})" if url.removeprefix("http://").rsplit(":", 1)[0].strip("[]") != settings.host else ""
-    console.print(f"Corral is running at [bold]{url}[/bold]{bound}  (API docs: {url}/docs)", highlight=False, soft_wrap=True)
-    console.print(f"Business services at {gateway}/s/<service>/v1", highlight=False, soft_wrap=True)
-    if url != DEFAULT_URL:
-        console.print("For the `corral` commands in another shell:", highlight=False)
-        console.print(f"export CORRAL_URL={url}", markup=False, highlight=False, soft_wrap=True)
-    sys.stdout.flush()
-    run(settings, log_level)
 
 
 # deployments -----------------------------------------------------------------------------------
@@ -783,8 +751,7 @@ def finetune_submit(
     token: Optional[str] = TOKEN_OPTION,
 ) -> None:
     """Validate and queue a finetune task."""
-    from corral.domain.errors import InvalidInput
-    from corral.finetune.hyperparameters import validate
+    from corral.domain.hyperparameters import validate
 
     hyperparameters = _pairs(hp, _hyperparameter, "name=number (e.g. epochs=3)")  # type: ignore[arg-type]
     try:
@@ -922,7 +889,8 @@ def finetune_logs(task_id: str, tail: int = typer.Option(200, "--tail", "-n"), f
         with client.http.stream("GET", f"/api/finetune/tasks/{task_id}/logs", params=params, timeout=None) as response:
             if response.status_code >= 400:
                 response.read()
-                fail(cli_message(str(response.json().get("error", response.text))))
+                body = response.json()
+                fail(cli_error(body) if isinstance(body, dict) and "error" in body else response.text)
             for chunk in response.iter_text():
                 sys.stdout.write(chunk)
                 sys.stdout.flush()
@@ -1019,44 +987,6 @@ def adapters_remove(pool: str, name: str, url: Optional[str] = URL_OPTION, token
     """Remove an adapter from a pool: unloaded from every replica."""
     Client(url, token).call("DELETE", f"/api/deployments/{pool}/adapters/{name}")
     console.print(f"removed adapter {name} from {pool}", highlight=False)
-
-
-@dev_app.command("tiny-model")
-def dev_tiny_model(
-    directory: Path = typer.Argument(..., help="where to write it (created; an existing tiny model there is replaced)"),
-) -> None:
-    """Build a tiny chat model with RANDOM weights (~1.4 MB, offline): for trying engines, services and
-    finetuning without a model hub. Its answers are noise. Needs `pip install 'corral[train]'`."""
-    from rich.markup import escape
-
-    from corral import devtools
-
-    if directory.exists() and (not directory.is_dir() or (any(directory.iterdir()) and not devtools.is_tiny_model(directory))):
-        fail(f"{directory} exists and is not an empty directory or a tiny model built before; choose another directory")
-    if missing := devtools.missing_packages():
-        fail(escape(f"the tiny model needs {', '.join(missing)}: pip install 'corral[train]' (the same packages finetuning needs)"))
-    current = ["importing torch and transformers", time.monotonic()]  # the step under way, and since when
-    with console.status(f"{current[0]}…") as status:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()  # its own bars would interleave with this status
-
-        def step(name: str) -> None:  # the previous step is done: ✓ with its time; the status shows the next
-            console.print(f"[green]✓[/] {current[0]} ({time.monotonic() - float(current[1]):.1f} s)", highlight=False)
-            current[:] = [name, time.monotonic()]
-            status.update(f"{name}…")
-
-        try:
-            devtools.build_tiny_model(directory, step)
-        except devtools.MissingPackages as exc:
-            fail(escape(str(exc)))
-        step("done")
-    size = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
-    console.print(f"[bold yellow]RANDOM WEIGHTS[/]: a tiny test model in {directory} ({size / 1e6:.1f} MB) that answers with noise; "
-                  f"see {directory / devtools.MARKER}", soft_wrap=True)
-    console.print(f"serve it:    corral deploy transformers {directory.resolve()} --tag tiny --pool", soft_wrap=True, highlight=False)
-    console.print(f"finetune it: corral finetune submit {directory.resolve()} DATASET.jsonl   (chat, ShareGPT or Alpaca JSONL)",
-                  soft_wrap=True, highlight=False)
 
 
 def _compact(value: Any) -> str:

@@ -10,8 +10,10 @@ computed from state another change of that pool is altering (other pools never w
      transaction (the backend writes both together; a cluster backend writes the rows first),
   4. act through the backend, and wait until the data plane serves the new routing table,
   5. complete the rows (`success`, `rolled_back`, `failed`) and publish the events.
+Steps 3 and 5 are `corral.intents` (the one owner of that bookkeeping): the controller says when a change
+begins and ends, and gives backends the intent writer they record with.
 A control plane killed anywhere in between leaves either the whole intent or none of it; on start,
-recovery drives reality to the recorded intent and `complete_interrupted` closes the rows.
+recovery drives reality to the recorded intent and `Intents.complete_interrupted` closes the rows.
 The reconcile loop (`_reconcile_loop`) keeps pools' assignments as intended when replicas are
 replaced behind Corral's back. Backends report what they observe through `observe`.
 The controller never knows which backend runs it.
@@ -22,13 +24,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
-import shlex
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from corral import failpoints
 from corral.backends.base import Backend
@@ -39,49 +38,40 @@ from corral.domain.assignment import (
     plan_restore,
     validate_assignment,
 )
-from corral.domain.autopilot import PlannedMove
+from corral.domain.autopilot import PlannedMove, PoolBusinesses, pool_businesses
+from corral.domain.deploy_request import DeploySpec, check_deploy
 from corral.domain.distribution import plan_moves, targets_from_counts, targets_from_ratios
-from corral.domain.errors import Conflict, CorralError, InvalidInput, NotFound, Unavailable
-from corral.domain.history import Action, HistoryDraft, Intent, Observed, Outcome, judge_interrupted
+from corral.domain.errors import Conflict, CorralError, Hint, InvalidInput, NotFound
+from corral.domain.history import Action, HistoryDraft, Intent, Observed, Outcome
 from corral.domain.manifests import service_manifest
 from corral.domain.models import Deployment, Pod, Service
-from corral.domain.preemption import (
-    DEFAULT_BUSINESS_PRIORITY,
-    PreemptionOutcome,
-    PreemptionRequest,
-    business_priority,
-)
-from corral.domain.scaling import MAX_REPLICAS, ScalePlan, plan_pool_scale, plan_standard_scale
+from corral.domain.preemption import PreemptionOutcome, PreemptionRequest
+from corral.domain.scaling import ScalePlan, plan_pool_scale, plan_standard_scale
 from corral.domain.status import assignment_summary, pod_distribution, pool_status
-from corral.engines import Engine, get_engine, redact_args
-from corral.events import EventBus
+from corral.engines import get_engine, redact_args
+from corral.events import EventBus, EventType
+from corral.intents import Intents
 from corral.store.state import StateStore
 from corral.views import (
+    AssignResult,
     BusinessServiceView,
+    DeleteResult,
+    DeleteServiceResult,
+    DeployResult,
+    DeployServiceResult,
+    DistributeDryRun,
+    DistributeResult,
+    Move,
     PodView,
     PoolDeploymentView,
     PoolStatus,
+    ScaleResult,
     StandardDeploymentView,
+    UnpinResult,
 )
 
 log = logging.getLogger("corral.controller")
-
-
-async def _nothing_to_apply() -> None:
-    return None
-
-
-@dataclass(frozen=True)
-class DeploySpec:
-    engine: str
-    model_id: str
-    model_tag: str
-    replicas: int = 1
-    deploy_as_pool: bool = False
-    gpus_per_replica: int | None = None
-    engine_args: list[str] | str = ()  # type: ignore[assignment]
-    # Environment variables given to every replica (API keys, tokens): stored, never shown (only their names).
-    secret_env: Mapping[str, str] | None = field(default=None, repr=False, compare=False)  # never in a repr (logs)
+T = TypeVar("T")
 
 
 class Controller:
@@ -92,19 +82,18 @@ class Controller:
         bus: EventBus,
         base_url: Callable[[str], str | None] = lambda service: None,
         traffic: Callable[[set[str]], dict[str, Any]] = lambda replicas: {},
-        routes_applied: Callable[[], Awaitable[Any]] = _nothing_to_apply,
+        routes_applied: Callable[[], Awaitable[Any]] | None = None,  # waits until the data plane serves all
         adapters: Callable[[str, list[Pod]], list[Any]] = lambda pool, pods: [],
     ) -> None:
         self.backend = backend
         self.store = store
+        # Every change's history rows: begun, completed (once the data plane serves it), rolled back, failed.
+        self.intents = Intents(store, confirmed=routes_applied)
         self.bus = bus
         self.base_url = base_url  # where a service's traffic goes (the gateway's URL for it)
         self.traffic = traffic  # per-replica request counters from the data plane
-        self.routes_applied = routes_applied  # waits until the data plane serves the current state
         self.adapters = adapters  # a pool's LoRA adapters with their loaded counts (corral.adapters)
         self._locks: dict[str, asyncio.Lock] = {}
-        self._completed_after: dict[int, Any] = {}
-        self._background: set[asyncio.Task] = set()
         self.reconcile_interval_s = 1.0
         self._wake = asyncio.Event()
         self._reconciler: asyncio.Task | None = None
@@ -113,6 +102,7 @@ class Controller:
         # the runtime): a scale with `preempt` and the autopilot go through it. None: nothing to preempt.
         self.preemptor: Callable[[PreemptionRequest], AbstractAsyncContextManager[PreemptionOutcome]] | None = None
         backend.set_report(self.observe)
+        backend.set_intent_writer(self.intents.begin)
 
     # views (typed: corral.views; the API answers their wire form, the UI reads them) --------------
     def deployment_view(
@@ -206,21 +196,26 @@ class Controller:
         status = pool_status(name, deployment.model_tag, pods, businesses_of_model(self.backend.list_services(), deployment.model_tag))
         return PoolStatus(**status, traffic=self.traffic({p.name for p in pods}))  # type: ignore[arg-type]
 
+    # queries for other services (domain objects, not views) ------------------------------------
+    def deployments(self) -> list[Deployment]:
+        """Every deployment as the backend sees it (pools and standard ones)."""
+        return self.backend.list_deployments()
+
+    def deployment(self, name: str) -> Deployment | None:
+        """The deployment `name`, or None when there is none."""
+        return self.backend.get_deployment(name)
+
+    def pods(self, deployment: str | None = None) -> list[Pod]:
+        """The replicas of `deployment`, or of every deployment."""
+        return self.backend.list_pods(deployment)
+
     # deployments -----------------------------------------------------------------------------
-    async def deploy(self, spec: DeploySpec) -> dict[str, Any]:
+    async def deploy(self, spec: DeploySpec) -> DeployResult:
         engine = get_engine(spec.engine)
-        model_tag = L.check_name(spec.model_tag, "modelTag")
-        if not spec.model_id or not spec.model_id.strip():
-            raise InvalidInput("modelId is required: a local model directory or a hub id such as 'Qwen/Qwen3-0.6B'")
-        _check_model_id(spec.model_id.strip())
-        if not 0 <= spec.replicas <= MAX_REPLICAS:
-            raise InvalidInput(f"replicas must be from 0 to {MAX_REPLICAS}, got {spec.replicas}")
-        gpus = spec.gpus_per_replica if spec.gpus_per_replica is not None else (1 if engine.needs_gpu else 0)
-        if not 0 <= gpus <= 16:
-            raise InvalidInput(f"gpusPerReplica must be from 0 to 16, got {gpus}")
-        engine_args = _engine_args(spec.engine_args, engine)
-        secret_env = _secret_env(spec.secret_env)
-        if secret_env and getattr(self.backend, "supervisor", None) is None:
+        request = check_deploy(spec, needs_gpu=engine.needs_gpu, check_args=engine.check_args)
+        model_tag, gpus, engine_args, secret_env = (request.model_tag, request.gpus_per_replica, request.engine_args,
+                                                    request.secret_env)
+        if secret_env and not self.backend.supports_secret_env:
             # Only the local backend's supervisor launches replicas with it; a cluster would need a Secret object.
             raise InvalidInput("secretEnv is supported by the local backend only; on Kubernetes, add a Secret to the "
                                "engine's pod template (an env entry with valueFrom.secretKeyRef)")
@@ -245,7 +240,7 @@ class Controller:
             planned = {"type": kind, "engine": engine.name, "modelName": model_tag, "modelId": deployment.model_id,
                        "replicas": spec.replicas}
             intent = Intent([HistoryDraft(Action.DEPLOY, name, after=planned, message=f"{kind} of {spec.replicas} {engine.name} replica(s)")])
-            async with self._carrying_out(intent):
+            async with self.intents.carrying_out(intent):
                 self.store.set_secret_env(name, secret_env)  # before its replicas start: they read it at launch
                 try:
                     pods = await self.backend.create_deployment(deployment, service, intent)
@@ -255,32 +250,33 @@ class Controller:
                 failpoints.reached("deploy.launched")
                 manifest_path = self.backend.write_manifests(name, _redacted_manifests(documents, secret_env))
                 view = self.deployment_view(deployment, pods)
-                self.bus.publish("deployment", {"action": "created", "deployment": view})
-                await self._apply_routes(intent, after=_brief(view))
-        return {"success": True, "deployment": view, "pods": [self.pod_view(p) for p in pods], "manifestPath": manifest_path}
+                self.bus.publish(EventType.DEPLOYMENT, {"action": "created", "deployment": view})
+                await self.intents.confirm(intent, after=_brief(view))
+        return DeployResult(success=True, deployment=view, pods=[self.pod_view(p) for p in pods], manifestPath=manifest_path)
 
-    async def delete_deployment(self, name: str, force: bool = False) -> dict[str, Any]:
+    async def delete_deployment(self, name: str, force: bool = False) -> DeleteResult:
         async with self._locked(name):
             deployment = self._deployment(name)
             view = self.deployment_view(deployment)
-            assigned = {b: n for b, n in view.get("podDistribution", {}).items() if b != L.UNASSIGNED and n}
+            distribution = view.podDistribution if isinstance(view, PoolDeploymentView) else {}
+            assigned = {b: n for b, n in distribution.items() if b != L.UNASSIGNED and n}
             if assigned and not force:
                 raise Conflict(
-                    f"pool '{name}' still serves businesses ({assignment_summary(assigned)}); "
-                    "unassign its pods first or delete with force=true"
+                    f"pool '{name}' still serves businesses ({assignment_summary(assigned)}); unassign its pods first",
+                    Hint.FORCE,
                 )
             intent = Intent([HistoryDraft(Action.DELETE, name, before=_brief(view), message="deployment deleted")])
-            async with self._carrying_out(intent):
+            async with self.intents.carrying_out(intent):
                 await self.backend.delete_deployment(name, intent)  # out of service now; replicas drain in the background
                 self.store.forget_autopilot(pool=name)  # its autopilot settings and pins go with it
                 failpoints.reached("delete.intent-recorded")
-                self.bus.publish("deployment", {"action": "deleted", "name": name})
-                await self._apply_routes(intent)
-        return {"success": True, "deleted": name}
+                self.bus.publish(EventType.DEPLOYMENT, {"action": "deleted", "name": name})
+                await self.intents.confirm(intent)
+        return DeleteResult(success=True, deleted=name)
 
     # business services -----------------------------------------------------------------------
     async def deploy_service(self, service_name: str, model_pool: str, business_tag: str, is_external: bool,
-                             llm_routing: bool = False) -> dict[str, Any]:
+                             llm_routing: bool = False) -> DeployServiceResult:
         name = L.service_name(service_name)
         business = L.check_business_tag(business_tag)
         async with self._locked(model_pool):
@@ -294,23 +290,23 @@ class Controller:
             )
             intent = Intent([HistoryDraft(Action.DEPLOY_SERVICE, name, after=dict(service.selector),
                                           message=f"business '{business}' of model '{pool.model_tag}'")])
-            async with self._carrying_out(intent):
+            async with self.intents.carrying_out(intent):
                 await self.backend.create_service(service, intent)
                 manifest_path = self.backend.write_manifests(name, [service_manifest(service, self.backend.cluster_options)])
                 view = self.service_view(self.backend.get_service(name) or service)
-                self.bus.publish("service_deployment", {"action": "created", "service": view})
-                await self._apply_routes(intent)
-        return {"success": True, "service": view, "manifestPath": manifest_path}
+                self.bus.publish(EventType.SERVICE_DEPLOYMENT, {"action": "created", "service": view})
+                await self.intents.confirm(intent)
+        return DeployServiceResult(success=True, service=view, manifestPath=manifest_path)
 
-    async def delete_service(self, name: str, force: bool = False) -> dict[str, Any]:
+    async def delete_service(self, name: str, force: bool = False) -> DeleteServiceResult:
         service = self.backend.get_service(name)
         if service is None:
-            raise NotFound(f"service '{name}' not found; list them with GET /api/business-services")
+            raise NotFound(f"service '{name}' not found", Hint.LIST_SERVICES)
         pools = [d.name for d in self.backend.list_deployments() if d.is_pool and d.model_tag == service.model]
         async with self._locked(*pools):
             service = self.backend.get_service(name)
             if service is None:
-                raise NotFound(f"service '{name}' not found; list them with GET /api/business-services")
+                raise NotFound(f"service '{name}' not found", Hint.LIST_SERVICES)
             if not service.is_business_service:
                 raise InvalidInput(f"service '{name}' belongs to deployment '{service.deployment}'; delete the deployment instead")
             others = [s for s in self.backend.list_services() if s.name != name and s.is_business_service
@@ -319,26 +315,26 @@ class Controller:
             if stranded and not force:
                 raise Conflict(
                     f"{len(stranded)} pod(s) are assigned to business '{service.business}' of model '{service.model}', "
-                    "which would be left without a service; unassign them first or delete with force=true (unassigns them)"
+                    "which would be left without a service; unassign them first", Hint.FORCE_UNASSIGN,
                 )
             reason = f"service {name} deleted"
             intent = Intent([_assign_draft(p, L.UNASSIGNED, reason) for p in stranded]
                             + [HistoryDraft(Action.DELETE_SERVICE, name, before=dict(service.selector),
                                             message=f"unassigned {len(stranded)} pod(s)" if stranded else "service deleted")])
-            async with self._carrying_out(intent):
+            async with self.intents.carrying_out(intent):
                 await self.backend.delete_service(name, {p.name: L.UNASSIGNED for p in stranded}, intent)
                 self.store.forget_autopilot(service=name)
                 for pod in stranded:
                     self._announce_assignment(pod, L.UNASSIGNED, reason=reason)
                 for pool in sorted({p.deployment for p in stranded}):
                     await self._remember_assignment(pool)
-                self.bus.publish("service_deployment", {"action": "deleted", "name": name})
-                await self._apply_routes(intent)
-        return {"success": True, "deleted": name, "unassignedPods": [p.name for p in stranded]}
+                self.bus.publish(EventType.SERVICE_DEPLOYMENT, {"action": "deleted", "name": name})
+                await self.intents.confirm(intent)
+        return DeleteServiceResult(success=True, deleted=name, unassignedPods=[p.name for p in stranded])
 
     # assignment ------------------------------------------------------------------------------
     async def assign_pod(self, pod_name: str, business_tag: str, model_name: str | None,
-                         pin: bool | None = None) -> dict[str, Any]:
+                         pin: bool | None = None) -> AssignResult:
         """Assign by hand. While the pool's autopilot is on, the replica is pinned there first (the
         autopilot never moves a pinned replica) unless `pin` is False, which unpins it instead."""
         found = self.backend.get_pod(pod_name)
@@ -349,13 +345,13 @@ class Controller:
             pinned = self._pin_by_hand(pod.deployment, [pod.name], pin)
             if changed:
                 intent = Intent([_assign_draft(pod, business_tag)])
-                async with self._carrying_out(intent):
+                async with self.intents.carrying_out(intent):
                     await self.backend.set_businesses({pod.name: business_tag}, intent)
                     self._announce_assignment(pod, business_tag)
                     await self._remember_assignment(pod.deployment)
-                    await self._apply_routes(intent)
-        return {"success": True, "podName": pod.name, "modelName": pod.model, "previousBusiness": previous,
-                "businessTag": business_tag, "changed": changed, "pinned": pinned}
+                    await self.intents.confirm(intent)
+        return AssignResult(success=True, podName=pod.name, modelName=pod.model, previousBusiness=previous,
+                            businessTag=business_tag, changed=changed, pinned=pinned)
 
     def autopilot_enabled(self, pool: str) -> bool:
         return bool(self.store.autopilots().get(pool, {}).get("enabled"))
@@ -375,15 +371,15 @@ class Controller:
                                                                    "the autopilot leaves it there until unpinned"))
         return True
 
-    async def unpin(self, pod_name: str) -> dict[str, Any]:
+    async def unpin(self, pod_name: str) -> UnpinResult:
         pod = self.backend.get_pod(pod_name)
         if pod is None:
-            raise NotFound(f"pod '{pod_name}' not found; list them with GET /api/pods")
+            raise NotFound(f"pod '{pod_name}' not found", Hint.LIST_PODS)
         was = pod_name in self.store.pins()
         if was:
             self.store.set_pins(pod.deployment, [pod_name], False,
                                 HistoryDraft(Action.PIN, pod.deployment, after={"unpinned": [pod_name]}, message="unpinned"))
-        return {"success": True, "podName": pod_name, "pinned": False, "changed": was}
+        return UnpinResult(success=True, podName=pod_name, pinned=False, changed=was)
 
     async def _remember_assignment(self, pool: str) -> None:
         """Tell the backend what each business should keep, so replaced replicas get reassigned."""
@@ -391,12 +387,12 @@ class Controller:
         await self.backend.remember_assignment(pool, counts)
 
     def _announce_assignment(self, pod: Pod, business: str, reason: str = "") -> None:
-        self.bus.publish("pod_assignment", {"podName": pod.name, "deployment": pod.deployment, "modelName": pod.model,
-                                            "from": pod.business or L.UNASSIGNED, "to": business}
-                         | ({"reason": reason} if reason else {}))
+        self.bus.publish(EventType.POD_ASSIGNMENT, {
+            "podName": pod.name, "deployment": pod.deployment, "modelName": pod.model,
+            "from": pod.business or L.UNASSIGNED, "to": business} | ({"reason": reason} if reason else {}))
 
     async def distribute(self, deployment_name: str, ratios: Mapping[str, float] | None, counts: Mapping[str, int] | None,
-                         dry_run: bool = False) -> dict[str, Any]:
+                         dry_run: bool = False) -> DistributeResult | DistributeDryRun:
         """Move the fewest pods so the pool matches the targets; `dry_run` returns the plan and changes nothing.
 
         All moves are one intent: the labels and the history rows are written in one transaction
@@ -413,10 +409,10 @@ class Controller:
                 check_business_for_model(business, pool.model_tag, services, f"business '{business}'")
             before = pod_distribution(pods)
             moves = plan_moves(pods, targets)
-            move_views = [{"podName": m.pod, "from": m.source, "to": m.target} for m in moves]
+            move_views = [Move(podName=m.pod, from_=m.source, to=m.target) for m in moves]
             if dry_run:
-                return {"success": True, "dryRun": True, "deploymentName": pool.name, "targets": targets,
-                        "moves": move_views, "podDistribution": before}
+                return DistributeDryRun(success=True, dryRun=True, deploymentName=pool.name, targets=targets,
+                                        moves=move_views, podDistribution=before)
             by_name = {p.name: p for p in pods}
             reason = f"distribution of {pool.name}"
             intent = Intent([_assign_draft(by_name[m.pod], m.target, reason) for m in moves]
@@ -426,138 +422,155 @@ class Controller:
                 if moves:
                     await self.backend.set_businesses({m.pod: m.target for m in moves}, intent)
                 else:
-                    self.store.begin(intent)
+                    self.intents.begin(intent)
             except Exception as exc:  # all or nothing: no label changed
                 message = f"distribution failed and was rolled back (none of its {len(moves)} move(s) applied): {exc}"
-                if intent.ids:  # a cluster backend had recorded the intent before its first write
-                    self.store.complete(intent, Outcome.ROLLED_BACK, message=message)
-                else:
-                    self.store.record(Action.DISTRIBUTE, pool.name, before=before, after=dict(targets),
-                                      outcome=Outcome.ROLLED_BACK, message=message)
+                self.intents.roll_back(intent, message)
                 raise Conflict(message) from exc
             failpoints.reached("distribute.intent-recorded")
-            async with self._carrying_out(intent):
+            async with self.intents.carrying_out(intent):
                 for move in moves:
                     self._announce_assignment(by_name[move.pod], move.target, reason=reason)
                 after = pod_distribution(self.backend.list_pods(pool.name))
                 await self._remember_assignment(pool.name)
-                result = {"success": True, "deploymentName": pool.name, "targets": targets, "moves": move_views,
-                          "podDistribution": after}
-                self.bus.publish("distribution", result)
-                await self._apply_routes(intent, after=after)
+                result = DistributeResult(success=True, deploymentName=pool.name, targets=targets, moves=move_views,
+                                          podDistribution=after)
+                self.bus.publish(EventType.DISTRIBUTION, result)
+                await self.intents.confirm(intent, after=after)
         return result
 
     # scaling ---------------------------------------------------------------------------------
-    async def scale(self, name: str, target: int, *, pool_endpoint: bool, reason: str = "", preempt: bool = False,
-                    business: tuple[str | None, int] | None = None) -> dict[str, Any]:
+    async def scale(self, name: str, target: int, *, pool_endpoint: bool, reason: str = "",
+                    preempt: bool = False) -> ScaleResult:
         """Scale any deployment; a pool always goes through the pool-safe plan, whichever endpoint asked.
 
-        `preempt`: when the new replicas need more GPUs than are free, preemptible finetune tasks below the scale's
-        priority checkpoint and give theirs first (`domain.preemption`). The priority is `business` (name, priority)
-        when the caller knows who needs the capacity (the autopilot), else the pool's (`pool_priority`: its
-        businesses' highest policy priority, 0 without any)."""
+        `preempt`: when the new replicas need more GPUs than are free, preemptible finetune tasks below the
+        pool's priority (`pool_priority`) checkpoint and give theirs first (`scale_with_preemption`)."""
         if preempt and self.preemptor is not None:
             deployment = self._deployment(name, field="deploymentName")
             gpus = max(0, target - len(self.backend.list_pods(name))) * deployment.gpus_per_replica
             if gpus:
-                who, priority = business if business is not None else self.pool_priority(name)[::-1]
-                request = PreemptionRequest(pool=name, business=who, priority=priority, gpus=gpus)
-                async with self.preemptor(request) as outcome:
-                    note = f"; GPUs of {', '.join(outcome.tasks)} preempted for {request.describe()}" if outcome.tasks else ""
-                    try:
-                        async with self._locked(name):
-                            result = await self._scale(name, target, pool_endpoint=pool_endpoint, reason=reason + note)
-                    except Conflict as refusal:
-                        if outcome.why_not:
-                            refusal.message += f" (preempt: {outcome.why_not})"
-                            refusal.args = (refusal.message,)
-                        raise
-                return {**result, "preempted": list(outcome.tasks)}
+                async def onto_freed(request: PreemptionRequest, outcome: PreemptionOutcome) -> ScaleResult:
+                    note = (f"; GPUs of {', '.join(outcome.tasks)} preempted for {request.describe()}"
+                            if outcome.tasks else "")
+                    async with self._locked(name):
+                        result = await self._scale(name, target, pool_endpoint=pool_endpoint,
+                                                   reason=reason + note)
+                    return result.model_copy(update={"preempted": list(outcome.tasks)})
+
+                return await self.scale_with_preemption(name, gpus, onto_freed)
         async with self._locked(name):
             return await self._scale(name, target, pool_endpoint=pool_endpoint, reason=reason)
 
-    def pool_priority(self, pool: str) -> tuple[int, str | None]:
-        """The pool's place on the one priority scale of businesses and finetune tasks (`domain.preemption`): the
-        highest autopilot policy priority among its business services (0 for one without a policy), and whose."""
+    async def scale_with_preemption(
+        self, pool: str, gpus: int, scale: Callable[[PreemptionRequest, PreemptionOutcome], Awaitable[T]],
+        business: tuple[str, int] | None = None,
+    ) -> T:
+        """Free `gpus` whole GPUs for new replicas of `pool`, then scale: the one way a scale-out preempts (a
+        scale with `preempt`, the autopilot). Preemptible finetune tasks below the priority of `business`
+        (name, priority: whoever needs the replicas, when the caller knows — the autopilot), else of the pool
+        (`pool_priority`), checkpoint and give their GPUs (`preemptor`, `domain.preemption`). `scale` runs
+        inside, while the freed GPUs are kept from the finetune queue (by the time it returns, the new replicas
+        hold them), and is told what was preempted — the tasks, or why none — because what to scale to can
+        depend on it (the autopilot adds the replicas it was short of only once GPUs were freed). A refusal it
+        raises says why preempting did not help."""
+        if self.preemptor is None:
+            raise RuntimeError("no preemptor: nothing can be preempted (check `Controller.preemptor` first)")
+        who, priority = business if business is not None else self.pool_priority(pool)[::-1]
+        request = PreemptionRequest(pool=pool, business=who, priority=priority, gpus=gpus)
+        async with self.preemptor(request) as outcome:
+            try:
+                return await scale(request, outcome)
+            except Conflict as refusal:
+                if outcome.why_not:
+                    refusal.message += f" (preempt: {outcome.why_not})"
+                    refusal.args = (refusal.message,)
+                raise
+
+    def pool_businesses(self, pool: str) -> PoolBusinesses:
+        """The pool's businesses with their services, policies and priorities, and the pool's priority
+        (`domain.autopilot.pool_businesses`): one answer for the autopilot, preemption and reclaim.
+        A name that is not a pool has no businesses."""
         deployment = self.backend.get_deployment(pool)
         if deployment is None or not deployment.is_pool:
-            return business_priority({})
-        stored = self.store.policies()
-        priorities: dict[str, int] = {}
-        for service in self.backend.list_services():
-            if service.is_business_service and service.model == deployment.model_tag and service.business:
-                value = int((stored.get(service.name) or {}).get("priority", DEFAULT_BUSINESS_PRIORITY))
-                priorities[service.business] = max(priorities.get(service.business, value), value)
-        return business_priority(priorities)
+            return PoolBusinesses({})
+        return pool_businesses(deployment.model_tag, self.backend.list_services(), self.store.policies())
 
-    async def scale_by(self, name: str, delta: int, *, reason: str) -> dict[str, Any]:
+    def pool_priority(self, pool: str) -> tuple[int, str | None]:
+        """The pool's place on the one priority scale of businesses and finetune tasks (`domain.preemption`):
+        its businesses' highest policy priority (0 for one without a policy), and whose."""
+        businesses = self.pool_businesses(pool)
+        return businesses.priority, businesses.prioritized
+
+    async def scale_by(self, name: str, delta: int, *, reason: str) -> ScaleResult:
         """Scale relative to the replicas there are now (read under the lock): for the finetune reclaim."""
         async with self._locked(name):
             target = max(0, len(self.backend.list_pods(self._deployment(name, field="deploymentName").name)) + delta)
             return await self._scale(name, target, pool_endpoint=False, reason=reason)
 
-    async def _scale(self, name: str, target: int, *, pool_endpoint: bool, reason: str) -> dict[str, Any]:
+    async def _scale(self, name: str, target: int, *, pool_endpoint: bool, reason: str) -> ScaleResult:
         deployment = self._deployment(name, field="deploymentName")
         if pool_endpoint and not deployment.is_pool:
-            raise InvalidInput(f"'{name}' is a standard deployment; scale it with POST /api/scale-deployment")
+            raise InvalidInput(f"'{name}' is a standard deployment", Hint.SCALE_STANDARD)
         pods = self.backend.list_pods(name)
         unassigned = sum(1 for p in pods if p.business == L.UNASSIGNED)
         try:
             plan = plan_pool_scale(pods, target) if deployment.is_pool else plan_standard_scale(pods, target)
         except Conflict as refusal:
-            self.store.record(Action.SCALE, name, before={"replicas": len(pods)}, after={"replicas": target},
-                              outcome=Outcome.REFUSED, message=refusal.message)
+            refused = HistoryDraft(Action.SCALE, name, before={"replicas": len(pods)}, after={"replicas": target},
+                                   message=refusal.message)
+            self.intents.applied(refused, Outcome.REFUSED)
             refusal.details.update(success=False, currentReplicas=len(pods), targetReplicas=target, unassignedPods=unassigned)
             raise
         return await self._carry_out_scale(deployment, plan, reason)
 
-    async def _carry_out_scale(self, deployment: Deployment, plan: ScalePlan, reason: str) -> dict[str, Any]:
+    async def _carry_out_scale(self, deployment: Deployment, plan: ScalePlan, reason: str) -> ScaleResult:
         name = deployment.name
         message = (f"added {plan.add}, removed {len(plan.remove)}" + (f": {', '.join(plan.remove)}" if plan.remove else "")
                    + (f" ({reason})" if reason else ""))
         intent = Intent([HistoryDraft(Action.SCALE, name, before={"replicas": plan.current}, after={"replicas": plan.target},
                                       message=message)])
-        async with self._carrying_out(intent):
+        async with self.intents.carrying_out(intent):
             added = await self.backend.add_replicas(name, plan.add, intent) if plan.add else []
             if plan.remove:  # out of service now; they drain and stop in the background
                 await self.backend.remove_replicas(name, list(plan.remove), intent if not plan.add else None)
                 failpoints.reached("scale-down.intent-recorded")
             if not plan.add and not plan.remove:
-                self.store.begin(intent)
-            result: dict[str, Any] = {
-                "success": True, "deploymentName": name, "currentReplicas": plan.current, "targetReplicas": plan.target,
-                "added": [p.name for p in added], "removed": list(plan.remove),
-            }
-            if deployment.is_pool:
-                result["unassignedPods"] = sum(1 for p in self.backend.list_pods(name) if p.business == L.UNASSIGNED)
-            self.bus.publish("scale", result)
-            await self._apply_routes(intent)
+                self.intents.begin(intent)
+            unassigned = (sum(1 for p in self.backend.list_pods(name) if p.business == L.UNASSIGNED)
+                          if deployment.is_pool else None)  # pools only
+            result = ScaleResult(success=True, deploymentName=name, currentReplicas=plan.current, targetReplicas=plan.target,
+                                 added=[p.name for p in added], removed=list(plan.remove), unassignedPods=unassigned)
+            self.bus.publish(EventType.SCALE, result)
+            await self.intents.confirm(intent)
         return result
 
     # observations and the reconcile loop ----------------------------------------------------
-    def observe(self, event: str | None, data: dict[str, Any] | None = None, *, history: HistoryDraft | None = None,
-                outcome: Outcome = Outcome.SUCCESS) -> None:
+    def observe(self, event: EventType | None, data: dict[str, Any] | None = None, *,
+                history: HistoryDraft | None = None, outcome: Outcome = Outcome.SUCCESS) -> None:
         """What a backend saw happen by itself: recorded (when it matters) and announced, like a change
         made through the API, so listeners see one event shape whoever caused it."""
         if history is not None:
-            self.store.record(history.action, history.target, before=history.before, after=history.after, outcome=outcome,
-                              message=history.message)
+            self.intents.applied(history, outcome)
         if event is not None:
             self.bus.publish(event, data or {})
-            if event == "replica_status":
+            if event == EventType.REPLICA_STATUS:
                 self._wake.set()
 
     async def start(self) -> None:
-        """Judge what a stopped control plane left pending, then keep reconciling."""
-        await self.complete_interrupted()
+        """Judge what a stopped control plane left pending (after recovery: against what is there now),
+        then keep reconciling."""
+        self.intents.complete_interrupted(Observed(
+            deployments={d.name: d for d in self.backend.list_deployments()}, pods=self.backend.list_pods(),
+            services={s.name: s for s in self.backend.list_services()}))
         self._reconciler = asyncio.create_task(self._reconcile_loop(), name="reconciler")
 
     async def close(self) -> None:
-        for task in [self._reconciler, *self._background]:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        if self._reconciler is not None:
+            self._reconciler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconciler
+        await self.intents.close()
 
     async def _reconcile_loop(self) -> None:
         """Level-triggered: on every replica change (and once a second), each pool's assignment is
@@ -591,12 +604,13 @@ class Controller:
             by_name = {p.name: p for p in pods}
             intent = Intent([_assign_draft(by_name[name], business, f"restored: replacement for a lost replica of business "
                                            f"'{business}' in {pool}") for name, business in plan.items()])
-            async with self._carrying_out(intent):
+            async with self.intents.carrying_out(intent):
                 await self.backend.set_businesses(plan, intent)
                 for name, business in plan.items():
-                    self.bus.publish("pod_assignment", {"podName": name, "deployment": pool, "modelName": by_name[name].model,
-                                                        "from": L.UNASSIGNED, "to": business, "reason": "restore"})
-                await self._apply_routes(intent)
+                    self.bus.publish(EventType.POD_ASSIGNMENT, {
+                        "podName": name, "deployment": pool, "modelName": by_name[name].model,
+                        "from": L.UNASSIGNED, "to": business, "reason": "restore"})
+                await self.intents.confirm(intent)
         return plan
 
     # the autopilot ---------------------------------------------------------------------------
@@ -617,12 +631,12 @@ class Controller:
             intent = Intent([_assign_draft(pods[m.pod], m.target, f"autopilot: {m.reason}") for m in valid]
                             + [HistoryDraft(Action.AUTOPILOT, pool, before=pod_distribution(list(pods.values())),
                                             after={m.pod: m.target for m in valid}, message=summary)])
-            async with self._carrying_out(intent):
+            async with self.intents.carrying_out(intent):
                 await self.backend.set_businesses({m.pod: m.target for m in valid}, intent)
                 for move in valid:
                     self._announce_assignment(pods[move.pod], move.target, reason=f"autopilot: {move.reason}")
                 await self._remember_assignment(pool)
-                await self._apply_routes(intent, after=pod_distribution(self.backend.list_pods(pool)))
+                await self.intents.confirm(intent, after=pod_distribution(self.backend.list_pods(pool)))
         return valid
 
     async def remove_spares(self, pool: str, names: Sequence[str], reason: str) -> list[str]:
@@ -639,7 +653,7 @@ class Controller:
             await self._carry_out_scale(deployment, ScalePlan(len(pods), len(pods) - len(victims), remove=victims), reason)
         return list(victims)
 
-    # intents -----------------------------------------------------------------
+    # locks -------------------------------------------------------------------------------------
     def _locked(self, *pools: str) -> AbstractAsyncContextManager[None]:
         """The locks of these deployments, taken in name order (no deadlock between two multi-pool changes):
         one pool's change never waits for another's."""
@@ -657,62 +671,11 @@ class Controller:
     def lock_of(self, deployment: str) -> asyncio.Lock:
         return self._locks.setdefault(deployment, asyncio.Lock())
 
-    @asynccontextmanager
-    async def _carrying_out(self, intent: Intent) -> AsyncIterator[None]:
-        """Complete the intent's rows: `success` when the block ends, `rolled_back` when it raised a refusal
-        (the backend undid its part), `failed` on anything else. A data plane that has not confirmed
-        the change in time leaves the rows pending; they complete once it does."""
-        try:
-            yield
-        except Unavailable:
-            raise
-        except BaseException as exc:
-            self.store.complete_failed(intent, exc)
-            raise
-        else:
-            self.store.complete(intent, Outcome.SUCCESS, after=self._completed_after.pop(id(intent), None))
-
-    async def _apply_routes(self, intent: Intent, after: Any = None) -> None:
-        """Wait until the data plane serves the change; if it does not in time, answer 503 and let a
-        background task complete the history once it does (the routing reconciler keeps pushing)."""
-        if after is not None:
-            self._completed_after[id(intent)] = after
-        try:
-            await self.routes_applied()
-        except Unavailable:
-            done = self._completed_after.pop(id(intent), None)
-            task = asyncio.create_task(self._complete_when_routed(intent, done), name="complete-when-routed")
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-            raise
-
-    async def _complete_when_routed(self, intent: Intent, after: Any) -> None:
-        while True:
-            try:
-                await self.routes_applied()
-            except Unavailable:
-                continue
-            self.store.complete(intent, Outcome.SUCCESS, after=after)
-            return
-
-    async def complete_interrupted(self) -> int:
-        """After recovery: judge every change a stopped control plane left pending (see
-        `domain.history.judge_interrupted`), so each one ends with a record. Returns how many."""
-        pending = self.store.pending_history()
-        if not pending:
-            return 0
-        observed = Observed(deployments={d.name: d for d in self.backend.list_deployments()}, pods=self.backend.list_pods(),
-                            services={s.name: s for s in self.backend.list_services()})
-        for row in pending:
-            outcome, message = judge_interrupted(row, observed)
-            self.store.complete_rows([row["id"]], outcome, message=f"{row['message']}; {message}" if row["message"] else message)
-        return len(pending)
-
     # lookups ---------------------------------------------------------------------------------
     def _deployment(self, name: str, field: str = "deployment") -> Deployment:
         deployment = self.backend.get_deployment(name)
         if deployment is None:
-            raise NotFound(f"{field} '{name}' not found; list deployments with GET /api/deployments")
+            raise NotFound(f"{field} '{name}' not found", Hint.LIST_DEPLOYMENTS)
         return deployment
 
     def _pool(self, name: str, field: str = "deploymentName") -> Deployment:
@@ -720,94 +683,6 @@ class Controller:
         if not deployment.is_pool:
             raise InvalidInput(f"{field} '{name}' is a standard deployment, not a model pool")
         return deployment
-
-
-MAX_MODEL_ID = 4096  # characters of a modelId (a path or a hub id)
-MAX_ENGINE_ARGS = 256  # items of engineArgs
-MAX_ENGINE_ARG = 4096  # characters of one item
-MAX_ENGINE_ARGS_TEXT = MAX_ENGINE_ARGS * 64  # characters of engineArgs given as one string
-MAX_SECRET_ENV = 32  # entries of secretEnv
-MAX_ENV_NAME = 128
-MAX_SECRET_VALUE = 16384
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# Environment a replica gets from Corral, or that changes how its process starts rather than carrying a secret.
-RESERVED_ENV = ("CUDA_VISIBLE_DEVICES", "PATH")
-RESERVED_ENV_PREFIXES = ("CORRAL_", "LD_", "PYTHON")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def _control_character(value: str) -> str | None:
-    """The first control character (NUL, newline, escape, ...) of `value`, written readably, or None."""
-    found = _CONTROL.search(value)
-    if found is None:
-        return None
-    return {"\x00": "a NUL byte (\\x00)", "\n": "a newline (\\n)", "\r": "a carriage return (\\r)",
-            "\t": "a tab (\\t)"}.get(found.group(), f"the control character \\x{ord(found.group()):02x}")
-
-
-def _check_model_id(model_id: str) -> None:
-    if len(model_id) > MAX_MODEL_ID:
-        raise InvalidInput(f"modelId is {len(model_id)} characters long; at most {MAX_MODEL_ID} are allowed")
-    if (char := _control_character(model_id)) is not None:
-        raise InvalidInput(f"modelId contains {char}; give a directory path or a hub id such as 'Qwen/Qwen3-0.6B'")
-    if model_id.startswith("-"):
-        raise InvalidInput("modelId may not start with '-' (it would be read as an engine flag); "
-                           "give a directory path or a hub id such as 'Qwen/Qwen3-0.6B'")
-
-
-def _engine_args(value: list[str] | str | tuple, engine: Engine | None = None) -> list[str]:
-    """Engine arguments as an argv list; a string is split like a shell would split it, never run by one.
-    Refused: more than MAX_ENGINE_ARGS items or MAX_ENGINE_ARG characters in one, control characters (a NUL
-    byte cannot be passed to a process at all), and flags the engine gets from Corral (`Engine.check_args`)."""
-    if isinstance(value, str):
-        if len(value) > MAX_ENGINE_ARGS_TEXT:
-            raise InvalidInput(f"engineArgs is {len(value)} characters long; at most {MAX_ENGINE_ARGS_TEXT} are allowed")
-        try:
-            args = shlex.split(value)
-        except ValueError as exc:
-            raise InvalidInput(f"engineArgs could not be parsed: {exc}") from None
-    elif isinstance(value, (list, tuple)) and all(isinstance(a, str) for a in value):
-        args = list(value)
-    else:
-        raise InvalidInput("engineArgs must be a list of strings or one string")
-    if len(args) > MAX_ENGINE_ARGS:
-        raise InvalidInput(f"engineArgs has {len(args)} arguments; at most {MAX_ENGINE_ARGS} are allowed")
-    for i, arg in enumerate(args):
-        if len(arg) > MAX_ENGINE_ARG:
-            raise InvalidInput(f"engineArgs[{i}] is {len(arg)} characters long; at most {MAX_ENGINE_ARG} are allowed")
-        if (char := _control_character(arg)) is not None:
-            raise InvalidInput(f"engineArgs[{i}] contains {char}; engine arguments cannot carry control characters: "
-                               "remove it")
-    if engine is not None:
-        engine.check_args(args)
-    return args
-
-
-def _secret_env(value: Mapping[str, str] | None) -> dict[str, str]:
-    """`secretEnv` checked: environment variable names, at most MAX_SECRET_ENV of them, none that Corral sets.
-    A message names the variable, never its value."""
-    if not value:
-        return {}
-    if not isinstance(value, Mapping):
-        raise InvalidInput('secretEnv must be an object of environment variables, e.g. {"VLLM_API_KEY": "..."}')
-    if len(value) > MAX_SECRET_ENV:
-        raise InvalidInput(f"secretEnv has {len(value)} variables; at most {MAX_SECRET_ENV} are allowed")
-    for name, secret in value.items():
-        if not isinstance(name, str) or len(name) > MAX_ENV_NAME or not ENV_NAME.match(name):
-            shown = name[:64] if isinstance(name, str) and not _CONTROL.search(name) else "(unprintable)"
-            raise InvalidInput(f"secretEnv name '{shown}' is not an environment variable name: use letters, digits "
-                               f"and '_', not starting with a digit, at most {MAX_ENV_NAME} characters")
-        if name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES):
-            raise InvalidInput(f"secretEnv may not set {name}: Corral sets it, or it changes how the engine starts "
-                               f"(reserved: {', '.join(RESERVED_ENV)} and names starting with "
-                               f"{', '.join(RESERVED_ENV_PREFIXES)}); secretEnv is for secrets such as API keys")
-        if not isinstance(secret, str):
-            raise InvalidInput(f"secretEnv {name} must be a string")
-        if len(secret) > MAX_SECRET_VALUE:
-            raise InvalidInput(f"secretEnv {name} is longer than {MAX_SECRET_VALUE} characters")
-        if "\x00" in secret:
-            raise InvalidInput(f"secretEnv {name} contains a NUL byte, which an environment variable cannot hold")
-    return dict(value)
 
 
 def _redacted_manifests(documents: list[dict], secret_env: Mapping[str, str]) -> list[dict]:
@@ -839,9 +714,10 @@ def _assign_draft(pod: Pod, business: str, reason: str = "") -> HistoryDraft:
                         message=reason)
 
 
-def _brief(view: dict[str, Any]) -> dict[str, Any]:
+def _brief(view: PoolDeploymentView | StandardDeploymentView) -> dict[str, Any]:
     keys = ("type", "engine", "modelName", "modelId", "replicas", "podDistribution")
-    return {k: view[k] for k in keys if k in view}
+    wire = view.wire()
+    return {k: wire[k] for k in keys if k in wire}
 
 
 __all__ = ["Controller", "DeploySpec", "CorralError"]

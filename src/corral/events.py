@@ -19,8 +19,7 @@ QUEUE_SIZE = 1000
 
 
 class EventType(StrEnum):
-    """The `type` of every message on the bus (and on `/ws`). A StrEnum: equal to its string value, so
-    code that still publishes or compares plain strings keeps working."""
+    """The `type` of every message on the bus (and on `/ws`); its value is the wire name."""
 
     DEPLOYMENT = "deployment"  # {action: created, deployment: <deployment view>} | {action: deleted, name}
     SERVICE_DEPLOYMENT = "service_deployment"  # {action: created, service: <service view>} | {action: deleted, name}
@@ -35,6 +34,17 @@ class EventType(StrEnum):
     ADAPTERS = "adapters"  # a pool's LoRA adapters changed or were loaded somewhere {pool, adapters: [AdapterView]}
     LOAD = "load"  # once a second while watched: the load of every business service (LoadOverview, window 30 s)
     AUTOPILOT = "autopilot"  # an autopilot decision carried out {pool, moves, scale, reason}
+
+    @property
+    def may_change_routing(self) -> bool:
+        """Whether the event may change which replicas a business service selects (labels, readiness, services):
+        the gateway's routing table is marked dirty on these, and only on these."""
+        return self not in _NOT_ROUTING
+
+
+# Events about something else than which replica serves which business (history, tasks, GPUs, load, adapters).
+_NOT_ROUTING = frozenset({EventType.HISTORY, EventType.FINETUNE_TASK, EventType.GPU_INVENTORY, EventType.LOAD,
+                          EventType.ADAPTERS})
 
 
 def _plain(value: Any) -> Any:
@@ -53,25 +63,25 @@ def _plain(value: Any) -> Any:
 class EventBus:
     def __init__(self) -> None:
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
-        self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        self._listeners: list[Callable[[EventType, dict[str, Any]], None]] = []
 
-    def listen(self, callback: Callable[[str, dict[str, Any]], None]) -> None:
+    def listen(self, callback: Callable[[EventType, dict[str, Any]], None]) -> None:
         """Call `callback` synchronously on every publish: state derived from events (the gateway's routing
         table) is current before the publishing request returns."""
         self._listeners.append(callback)
 
-    def unlisten(self, callback: Callable[[str, dict[str, Any]], None]) -> None:
+    def unlisten(self, callback: Callable[[EventType, dict[str, Any]], None]) -> None:
         if callback in self._listeners:
             self._listeners.remove(callback)
 
-    def publish(self, type_: EventType | str, data: dict[str, Any] | BaseModel) -> None:
-        """Announce `data` (a dict, or a view model) as an event of `type_` (an `EventType`; a plain string
-        is accepted while callers migrate). Listeners and subscribers receive JSON-ready dicts."""
-        type_ = str(type_)
+    def publish(self, type_: EventType, data: dict[str, Any] | BaseModel) -> None:
+        """Announce `data` (a dict, or a view model) as an event of `type_`. Listeners and subscribers receive
+        JSON-ready dicts; the message's `type` is the enum's wire name."""
+        type_ = EventType(type_)  # an unknown name fails here, at its publisher, not in a listener
         data = _plain(data)
         for callback in tuple(self._listeners):
             callback(type_, data)
-        message = {"type": type_, "data": data, "timestamp": datetime.now(timezone.utc).isoformat()}
+        message = {"type": type_.value, "data": data, "timestamp": datetime.now(timezone.utc).isoformat()}
         for queue in self._subscribers:
             if queue.full():
                 queue.get_nowait()

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from corral.domain.errors import InvalidInput
+from corral.domain.errors import Conflict, InvalidInput
 from corral.domain.memory import KNOWN_MODELS, ModelSpec
 from corral.domain.model_shape import (
     DTYPE_BYTES,
@@ -236,3 +236,15 @@ def size_model_or_none(model: str, cache: Path | None = None) -> SizedModel | No
         return size_model(model, cache)
     except InvalidInput:
         return None
+
+
+def adapter_rank(adapter: Path) -> int:
+    """The largest LoRA rank in a peft adapter (its `r`, or a larger one in `rank_pattern`)."""
+    try:
+        config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict):
+        raise Conflict(f"the adapter in {adapter} has no readable adapter_config.json")
+    ranks = [config.get("r") or 8, *(config.get("rank_pattern") or {}).values()]
+    return max(int(r) for r in ranks if isinstance(r, (int, float)))

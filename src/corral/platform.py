@@ -65,7 +65,7 @@ def build_platform(settings: Settings, store: StateStore, ledger: Callable[[], G
         from corral.gpus.cluster import inventory_from_nodes
 
         cluster = KubernetesBackend(client_from(settings.kubeconfig, settings.kubernetes_namespace), settings.cluster_options(),
-                                    store, _ignore, settings.manifests_dir)
+                                    _ignore, settings.manifests_dir)
 
         async def nodes() -> GpuInventory:
             return inventory_from_nodes(await cluster.nodes(), settings.kubernetes_gpu_resource)

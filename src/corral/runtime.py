@@ -25,7 +25,7 @@ from corral.domain.gpu_ledger import GpuLedger, units_from_devices
 from corral.domain.load import WINDOW_MIN_S
 from corral.domain.memory import find_model
 from corral.engines import get_engine, set_interpreter
-from corral.events import EventBus
+from corral.events import EventBus, EventType
 from corral.finetune.manager import FinetuneManager
 from corral.gateway import nginx_plane
 from corral.gateway.monitor import LoadMonitor
@@ -41,7 +41,6 @@ from corral.store.state import StateStore
 from corral.views import gpu_info
 
 log = logging.getLogger("corral.runtime")
-NOT_ROUTING_EVENTS = frozenset({"history", "finetune_task", "gpu_inventory", "load", "adapters"})
 
 
 class Runtime:
@@ -51,7 +50,7 @@ class Runtime:
         self.settings = settings
         self.store = StateStore(settings.database_path)
         self.bus = EventBus()
-        self.store.on_record = lambda entry: self.bus.publish("history", entry)
+        self.store.on_record = lambda entry: self.bus.publish(EventType.HISTORY, entry)
         self.catalogue = [find_model(name) for name in settings.recommend_catalogue]
         self._gpu_task: asyncio.Task | None = None
         set_interpreter("vllm", str(settings.vllm_python) if settings.vllm_python else None)  # CORRAL_VLLM_PYTHON
@@ -153,7 +152,7 @@ class Runtime:
             inventory = await self.platform.read_inventory()
             if inventory != self.platform.inventory:
                 self.platform.inventory = inventory
-                self.bus.publish("gpu_inventory", gpu_info(inventory, self.catalogue))
+                self.bus.publish(EventType.GPU_INVENTORY, gpu_info(inventory, self.catalogue))
 
     def _service_traffic(self) -> dict[str, ServiceTraffic]:
         """The gateway's view of each business service over the shortest window, for the autopilot."""
@@ -170,14 +169,24 @@ class Runtime:
     def _build_routes(self) -> RoutingTable:
         return build_routes(self.backend.list_services(), self.backend.list_pods())
 
-    def _on_event(self, type_: str, data: dict[str, Any]) -> None:
+    def _on_event(self, type_: EventType, data: dict[str, Any]) -> None:
         # Every serving event may change which replicas a service selects (labels, readiness, services):
         # mark the table dirty (no rebuild here). The reconciler's loop pushes it; a mutation awaits
         # `routing.sync()` (the controller's `routes_applied`) so that it returns once traffic follows.
-        if type_ not in NOT_ROUTING_EVENTS:
+        if type_.may_change_routing:
             self.routing.mark_dirty()
 
     def _health_path(self, replica: str) -> str:
         pod = self.backend.get_pod(replica)
         deployment = self.backend.get_deployment(pod.deployment) if pod else None
         return get_engine(deployment.engine).health_path if deployment else "/health"
+
+
+def memory_runtime(settings: Settings, **options: Any) -> Runtime:
+    """A `Runtime` (controller, store, gateway, event bus: the real ones) over a `MemoryBackend` that records intents
+    in the runtime's own store, for benchmarks and tests of the control plane at scale (never `corral serve`).
+    Here and not in `backends.memory`: a backend never imports the runtime that wires it. `options` go to
+    `MemoryBackend`."""
+    from corral.backends.memory import MemoryBackend
+
+    return Runtime(settings, backend=lambda _store: MemoryBackend(**options))

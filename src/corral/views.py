@@ -12,14 +12,11 @@ names are the API's JSON names (spec 01/02, camelCase) and a model's wire form,
 - deployments are a union on `type`: a pool has `podDistribution`/`assignment`/`availableForScaleDown`,
   a standard deployment has `service`/`baseUrl`.
 
-Models can also be read like the dicts they replace (`view["modelName"]`, `"assignment" in view`,
-`view | {...}` gives a dict), so code written against the dicts keeps working while it migrates to
-attributes.
+Code reads a view by attribute (`view.modelName`); what leaves as JSON is `view.wire()`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (
@@ -32,20 +29,20 @@ from pydantic import (
 )
 from typing_extensions import TypedDict
 
+from corral.domain.errors import ErrorKind, Hint
 from corral.domain.history import Action, Outcome
 from corral.domain.memory import GIB
 from corral.domain.models import PodPhase
 from corral.domain.recommendation import DeviceMemory, recommend
+from corral.domain.tasks import TaskState
 from corral.engines.base import redact_args
-from corral.finetune.store import TaskState
 from corral.gpus.inventory import GpuDevice, GpuInventory
 
 Number = Union[int, float]  # smart union: 3 stays 3, 2e-4 stays 2e-4
-_JSON_NAMES: dict[type, dict[str, str]] = {}  # per contract: JSON name → attribute name
 
 
 class Contract(BaseModel):
-    """A response body. Read by attribute, or like the dict it replaces (by JSON name)."""
+    """A response body, read by attribute; `wire()` is its JSON."""
 
     model_config = ConfigDict(extra="forbid")
     omitted_when_none: ClassVar[frozenset[str]] = frozenset()  # JSON keys absent (not null) when None
@@ -53,50 +50,6 @@ class Contract(BaseModel):
     def wire(self) -> dict[str, Any]:
         """The JSON body, exactly as the API answers it."""
         return self.model_dump(mode="json", by_alias=True)
-
-    # dict-style reading ------------------------------------------------------------------------
-    @classmethod
-    def _attribute_names(cls) -> dict[str, str]:
-        names = _JSON_NAMES.get(cls)
-        if names is None:
-            names = _JSON_NAMES[cls] = {(f.serialization_alias or f.alias or n): n for n, f in cls.model_fields.items()}
-        return names
-
-    def _attribute(self, key: object) -> str | None:
-        name = self._attribute_names().get(key) if isinstance(key, str) else None
-        if name is None or (name in self.omitted_when_none and getattr(self, name) is None):
-            return None
-        return name
-
-    def __getitem__(self, key: str) -> Any:
-        name = self._attribute(key)
-        if name is not None:
-            return getattr(self, name)
-        if self.model_extra and key in self.model_extra:  # extra="allow" contracts (error details)
-            return self.model_extra[key]
-        raise KeyError(key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        try:
-            return self[key]
-        except KeyError:
-            return default
-
-    def __contains__(self, key: object) -> bool:
-        return self._attribute(key) is not None or bool(self.model_extra and key in self.model_extra)
-
-    def keys(self) -> list[str]:
-        return [key for key in self._attribute_names() if key in self] + list(self.model_extra or ())
-
-    def __or__(self, other: Any) -> dict[str, Any]:
-        if not isinstance(other, Mapping):
-            return NotImplemented
-        return self.wire() | dict(other)
-
-    def __ror__(self, other: Any) -> dict[str, Any]:
-        if not isinstance(other, Mapping):
-            return NotImplemented
-        return dict(other) | self.wire()
 
 
 class OmittingContract(Contract):
@@ -116,12 +69,16 @@ class OmittingContract(Contract):
 # errors ----------------------------------------------------------------------------------------
 class ErrorBody(OmittingContract):
     """Every refusal: `{"error": message}`, plus details where there are some (the validation problems
-    of a malformed request; the counts of a refused scale-down)."""
+    of a malformed request; the counts of a refused scale-down; what a hint refers to, e.g. `pool`).
+    A refusal with hints also has them typed, for clients that word them their own way."""
 
     model_config = ConfigDict(extra="allow")
-    omitted_when_none = frozenset({"details"})
+    omitted_when_none = frozenset({"details", "code", "problem", "hints"})
     error: str = Field(description="what is wrong and what to do about it")
     details: list[str] | None = Field(default=None, description="a malformed request: one line per problem")
+    code: ErrorKind | None = Field(default=None, description="with hints: the kind of refusal")
+    problem: str | None = Field(default=None, description="with hints: what is wrong, without what to do")
+    hints: list[Hint] | None = Field(default=None, description="what to do next, typed (`error` words them)")
 
 
 class ScaleRefusal(ErrorBody):
@@ -353,6 +310,7 @@ class AssignResult(Contract):
 
 
 class Move(Contract):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
     podName: str
     from_: str = Field(alias="from")
     to: str

@@ -115,7 +115,7 @@ class Plane:
 async def _memory_plane(tmp_path: Path) -> AsyncIterator[Plane]:
     store, bus = StateStore(tmp_path / "corral.db"), EventBus()
     store.on_record = lambda entry: bus.publish("history", entry)
-    backend = MemoryBackend(store)
+    backend = MemoryBackend()
     try:
         yield Plane("memory", "simulator", Controller(backend, store, bus), backend, store, bus)
     finally:
@@ -149,7 +149,7 @@ async def _kubernetes_plane(tmp_path: Path, config: Path) -> AsyncIterator[Plane
     settings = Settings(data_dir=tmp_path, backend="kubernetes", kubeconfig=config, kubernetes_namespace=NAMESPACE)
     store, bus = StateStore(settings.database_path), EventBus()
     store.on_record = lambda entry: bus.publish("history", entry)
-    backend = KubernetesBackend(client_from(config, NAMESPACE), settings.cluster_options(), store, bus.publish,
+    backend = KubernetesBackend(client_from(config, NAMESPACE), settings.cluster_options(), bus.publish,
                                 settings.manifests_dir)
     await backend.start()
     plane = Plane("kubernetes", "vllm", Controller(backend, store, bus), backend, store, bus)  # the emulator runs no engine

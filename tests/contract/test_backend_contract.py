@@ -32,15 +32,15 @@ async def test_pool_of_four_and_two_business_services(plane: Plane) -> None:
     assert deployment is not None and deployment.is_pool and deployment.replicas == 4
     assert deployment.selector == {L.MODEL: MODEL, L.POOL: plane.pool}  # never business
 
-    services = {s["businessTag"]: s for s in plane.controller.list_business_services()}
+    services = {s.businessTag: s for s in plane.controller.list_business_services()}
     assert sorted(services) == sorted(BUSINESSES)
-    assert services["production"]["selector"] == {L.MODEL: MODEL, L.BUSINESS: "production"}
-    assert services["production"]["isExternal"] and not services["testing"]["isExternal"]
-    assert services["production"]["replicas"] == 0
+    assert services["production"].selector == {L.MODEL: MODEL, L.BUSINESS: "production"}
+    assert services["production"].isExternal and not services["testing"].isExternal
+    assert services["production"].replicas == 0
     status = plane.controller.pool_status(plane.pool)
-    assert status["totalPods"] == 4
-    assert status["podDistribution"] == {L.UNASSIGNED: 4, "production": 0, "testing": 0}
-    assert status["availableForScaleDown"] == 4
+    assert status.totalPods == 4
+    assert status.podDistribution == {L.UNASSIGNED: 4, "production": 0, "testing": 0}
+    assert status.availableForScaleDown == 4
 
     outcomes = [(r["action"], r["target"], r["outcome"]) for r in reversed(plane.history())]
     assert outcomes == [("deploy", plane.pool, "success"), ("deploy-service", "production-chat-nlb", "success"),
@@ -51,8 +51,8 @@ async def test_pool_of_four_and_two_business_services(plane: Plane) -> None:
 async def test_assign_relabels_one_pod(plane: Plane) -> None:
     pods = await plane.deploy_pool()
     result = await plane.controller.assign_pod(pods[0], "production", MODEL)
-    assert result == {"success": True, "podName": pods[0], "modelName": MODEL, "previousBusiness": L.UNASSIGNED,
-                      "businessTag": "production", "changed": True, "pinned": False}
+    assert result.wire() == {"success": True, "podName": pods[0], "modelName": MODEL, "previousBusiness": L.UNASSIGNED,
+                             "businessTag": "production", "changed": True, "pinned": False}
     plane.assert_settled()
     pod = plane.backend.get_pod(pods[0])
     assert pod is not None and pod.business == "production"
@@ -62,7 +62,7 @@ async def test_assign_relabels_one_pod(plane: Plane) -> None:
         pods[0], {"business": L.UNASSIGNED}, {"business": "production"}, "success")
 
     again = await plane.controller.assign_pod(pods[0], "production", None)
-    assert again["changed"] is False
+    assert again.changed is False
     assert len(plane.history("assign")) == 1  # nothing changed, nothing recorded
     with pytest.raises(CorralError):  # no service for that business: refused, nothing changed
         await plane.controller.assign_pod(pods[1], "nobody", None)
@@ -77,8 +77,8 @@ async def test_assign_relabels_one_pod(plane: Plane) -> None:
 async def test_distribute_three_to_one_then_nothing_to_move(plane: Plane) -> None:
     await plane.deploy_pool()
     first = await plane.controller.distribute(plane.pool, {"production": 3, "testing": 1}, None)
-    assert first["targets"] == TARGETS_3_1
-    assert len(first["moves"]) == 4 and {m["from"] for m in first["moves"]} == {L.UNASSIGNED}
+    assert first.targets == TARGETS_3_1
+    assert len(first.moves) == 4 and {m.from_ for m in first.moves} == {L.UNASSIGNED}
     assert plane.distribution() == {"production": 3, "testing": 1}
     plane.assert_settled()
     [row] = plane.history("distribute")
@@ -86,7 +86,7 @@ async def test_distribute_three_to_one_then_nothing_to_move(plane: Plane) -> Non
     assert [r["outcome"] for r in plane.history("assign")] == ["success"] * 4
 
     second = await plane.controller.distribute(plane.pool, {"production": 3, "testing": 1}, None)
-    assert second["moves"] == []
+    assert second.moves == []
     assert plane.distribution() == {"production": 3, "testing": 1}
     plane.assert_settled()
     latest = plane.history("distribute")[0]
@@ -126,8 +126,8 @@ async def test_safe_scale_down_removes_exactly_the_unassigned_pods(plane: Plane)
     assert len(assigned) == 2 and len(unassigned) == 2
 
     result = await plane.controller.scale(plane.pool, 2, pool_endpoint=True)
-    assert set(result["removed"]) == unassigned and result["added"] == []
-    assert (result["currentReplicas"], result["targetReplicas"]) == (4, 2)
+    assert set(result.removed) == unassigned and result.added == []
+    assert (result.currentReplicas, result.targetReplicas) == (4, 2)
     plane.assert_settled()
     await wait_for_async(lambda: set(plane.pods()) == set(assigned), timeout=30, what="exactly the assigned pods to remain")
     assert {p.name: p.business for p in plane.backend.list_pods(plane.pool)} == assigned
@@ -135,11 +135,11 @@ async def test_safe_scale_down_removes_exactly_the_unassigned_pods(plane: Plane)
     assert row["outcome"] == "success" and (row["before"], row["after"]) == ({"replicas": 4}, {"replicas": 2})
 
     grown = await plane.controller.scale(plane.pool, 3, pool_endpoint=True)
-    assert grown["removed"] == [] and (grown["currentReplicas"], grown["targetReplicas"]) == (4 - 2, 3)
+    assert grown.removed == [] and (grown.currentReplicas, grown.targetReplicas) == (4 - 2, 3)
     await wait_for_async(lambda: len(plane.pods()) == 3, timeout=30, what="a third pod")
     assert plane.distribution() == {"production": 1, "testing": 1, L.UNASSIGNED: 1}
     plane.assert_settled()
-    assert [data["removed"] for kind, data in plane.events if kind == "scale"][0] == result["removed"]
+    assert [data["removed"] for kind, data in plane.events if kind == "scale"][0] == result.removed
     plane.assert_event_shapes()
 
 

@@ -26,11 +26,11 @@ def store(tmp_path: Path):  # noqa: ANN201
 async def deploy(controller: Controller, tag: str = "m", replicas: int = 4) -> str:
     result = await controller.deploy(DeploySpec(engine="simulator", model_id="sim", model_tag=tag, replicas=replicas,
                                                 deploy_as_pool=True))
-    return result["deployment"]["name"]
+    return result.deployment.name
 
 
 async def test_relabel_is_all_or_nothing_and_the_intent_comes_first(store: StateStore) -> None:
-    backend = MemoryBackend(store)
+    backend = MemoryBackend()
     controller = Controller(backend, store, EventBus())
     pool = await deploy(controller)
     pods = [p.name for p in backend.list_pods(pool)]
@@ -45,7 +45,7 @@ async def test_relabel_is_all_or_nothing_and_the_intent_comes_first(store: State
 
 
 async def test_a_failed_relabel_rolls_the_distribution_back(store: StateStore) -> None:
-    backend = MemoryBackend(store)
+    backend = MemoryBackend()
     controller = Controller(backend, store, EventBus())
     pool = await deploy(controller)
     await controller.deploy_service("a-chat", pool, "a", False)
@@ -58,7 +58,7 @@ async def test_a_failed_relabel_rolls_the_distribution_back(store: StateStore) -
 
 
 async def test_readiness_is_configurable_and_reported(store: StateStore) -> None:
-    backend = MemoryBackend(store, ready=False, endpoints=False)
+    backend = MemoryBackend(ready=False, endpoints=False)
     bus = EventBus()
     events: list[tuple[str, dict]] = []
     bus.listen(lambda kind, data: events.append((kind, data)))
@@ -73,7 +73,7 @@ async def test_readiness_is_configurable_and_reported(store: StateStore) -> None
 
 
 async def test_remove_replicas_removes_exactly_the_named_pods_and_lists_by_deployment(store: StateStore) -> None:
-    backend = MemoryBackend(store, gpu_ids=[0, 1])
+    backend = MemoryBackend(gpu_ids=[0, 1])
     controller = Controller(backend, store, EventBus())
     pools = [await deploy(controller, f"m{i}", replicas=100) for i in range(10)]
     assert len(backend.list_pods()) == 1000 and all(len(backend.list_pods(p)) == 100 for p in pools)
@@ -87,6 +87,6 @@ async def test_remove_replicas_removes_exactly_the_named_pods_and_lists_by_deplo
     assert len(backend.list_pods(pools[3])) == 97
     # GPUs are whole devices, never shared; too few → refused, nothing created.
     big = await controller.deploy(DeploySpec(engine="simulator", model_id="sim", model_tag="g", replicas=2, gpus_per_replica=1))
-    assert sorted(g for p in backend.list_pods(big["deployment"]["name"]) for g in p.gpu_ids) == [0, 1]
+    assert sorted(g for p in backend.list_pods(big.deployment.name) for g in p.gpu_ids) == [0, 1]
     with pytest.raises(Conflict, match="only 0 of 2"):
         await controller.deploy(DeploySpec(engine="simulator", model_id="sim", model_tag="h", replicas=1, gpus_per_replica=1))

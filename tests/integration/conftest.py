@@ -44,7 +44,7 @@ class CorralServer:
         env.update(self.extra_env)
         log = open(self.data_dir / "serve.log", "ab")  # noqa: SIM115 (kept open for the child)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "corral.cli", "serve", "--log-level", "warning"], env=env, stdout=log, stderr=log
+            [sys.executable, "-m", "corral.main", "serve", "--log-level", "warning"], env=env, stdout=log, stderr=log
         )
         wait_for(self._healthy, timeout=30, what=f"corral serve on {self.url}")
 

@@ -15,6 +15,9 @@ import yaml
 from rich.console import Console
 
 from corral import cli as corral_cli
+from corral.api.auth import Unauthorized
+from corral.api.schemas import error_body
+from corral.domain.errors import Conflict, CorralError, Hint, InvalidInput, NotFound
 from tests.integration.conftest import CorralServer, deploy_sim_pool, running_corral
 
 POOL = "simulator-outputs-pool"
@@ -107,18 +110,22 @@ def test_errors_speak_cli(server: CorralServer) -> None:
     assert bad.returncode == 1 and "table, wide, json, yaml, name" in bad.stderr
 
 
-def test_cli_message_rewords_every_api_hint() -> None:
-    assert corral_cli.cli_message("pod 'x' not found; list pods with GET /api/pods") == \
+def test_cli_words_every_api_hint_as_a_command() -> None:
+    def cli_message(refusal: CorralError) -> str:  # the API's body for the refusal, as the CLI words it
+        return corral_cli.cli_error(error_body(refusal).wire())
+
+    assert set(corral_cli.CLI_WORDING) == set(Hint)
+    assert cli_message(NotFound("pod 'x' not found", Hint.LIST_PODS)) == \
         "pod 'x' not found; list pods with `corral pods`"
-    assert corral_cli.cli_message("service 'a' not found; list them with GET /api/business-services") == \
+    assert cli_message(NotFound("service 'a' not found", Hint.LIST_SERVICES)) == \
         "service 'a' not found; list them with `corral service list`"
-    assert corral_cli.cli_message("task 't' not found; list them with GET /api/finetune/tasks").endswith("`corral finetune list`")
-    assert corral_cli.cli_message("pool 'p' serves production; unassign its pods first or delete with force=true") == \
+    assert cli_message(NotFound("task 't' not found", Hint.LIST_FINETUNE_TASKS)).endswith("`corral finetune list`")
+    assert cli_message(Conflict("pool 'p' serves production; unassign its pods first", Hint.FORCE)) == \
         "pool 'p' serves production; unassign its pods first or delete with `--force`"
-    assert "`corral service create" in corral_cli.cli_message("create one first (POST /api/deploy-service) or choose one of: a")
-    assert "--token" in corral_cli.cli_message(
-        "this Corral requires an API token: send 'Authorization: Bearer <token>' (CORRAL_API_TOKEN)")
-    assert corral_cli.cli_message("Cannot scale down: need 2 unassigned pods, but only 1 available") == \
+    assert "`corral service create" in cli_message(
+        InvalidInput("business 'b' has no business service for model 'm'", Hint.CREATE_SERVICE, choices=["a"]))
+    assert "--token" in cli_message(Unauthorized("this Corral requires an API token", Hint.SEND_TOKEN))
+    assert cli_message(Conflict("Cannot scale down: need 2 unassigned pods, but only 1 available")) == \
         "Cannot scale down: need 2 unassigned pods, but only 1 available"
 
 

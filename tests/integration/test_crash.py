@@ -144,7 +144,8 @@ def test_a_stray_replica_process_is_stopped_and_recorded(server: CorralServer) -
     stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True,
                              env={**os.environ, **identity_env("ghost-replica", server.data_dir.resolve())})
     try:
-        assert processes(server) == {"ghost-replica": 1}
+        # Until the child has exec'd, /proc shows the parent's environment: wait for its identity to be readable.
+        wait_for(lambda: processes(server) == {"ghost-replica": 1}, timeout=10, what="the stray process to carry its identity")
         server.start()
         wait_for(lambda: stray.poll() is not None, timeout=30, what="the stray process to be stopped")
         history = assert_consistent(server)

@@ -13,7 +13,7 @@ from corral.devtools import MARKER_TITLE
 
 def corral(*args: str, python: str = "") -> subprocess.CompletedProcess:
     """`corral ARGS`; `python`: statements run first in the same process (to hide a package)."""
-    code = f"{python}\nfrom corral.cli import app\napp({list(args)!r}, prog_name='corral')"
+    code = f"{python}\nfrom corral.main import app\napp({list(args)!r}, prog_name='corral')"
     return subprocess.run([sys.executable, "-c", code], env={**os.environ, "COLUMNS": "200"}, capture_output=True,
                           text=True, timeout=180)
 

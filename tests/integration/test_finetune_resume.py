@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.finetune.hyperparameters import validate
+from corral.domain.hyperparameters import validate
 from corral.finetune.runners import ProcessRunner
 from corral.finetune.store import TaskRecord
 from tests.conftest import wait_for, wait_for_async

@@ -50,7 +50,7 @@ def environ(pid: int) -> dict[str, str]:
 async def test_gpus_are_whole_devices_never_shared(plane: Plane) -> None:
     spec = DeploySpec(engine="simulator", model_id="sim", model_tag="m", replicas=2, deploy_as_pool=True, gpus_per_replica=1)
     result = await plane.controller.deploy(spec)
-    pool = result["deployment"]["name"]
+    pool = result.deployment.name
     records = plane.store.list_replicas(pool)
     assert sorted(r.gpu_ids for r in records) == [(0,), (1,)]
     assert sorted(environ(r.pid)["CUDA_VISIBLE_DEVICES"] for r in records) == ["0", "1"]
@@ -77,7 +77,7 @@ async def test_restart_finishes_an_interrupted_delete_and_scale_down(tmp_path: P
     await first.backend.start()
     a = (await first.controller.deploy(DeploySpec(engine="simulator", model_id="sim", model_tag="a", replicas=2, deploy_as_pool=True)))
     b = (await first.controller.deploy(DeploySpec(engine="simulator", model_id="sim", model_tag="b", replicas=3, deploy_as_pool=True)))
-    doomed, shrinking = a["deployment"]["name"], b["deployment"]["name"]
+    doomed, shrinking = a.deployment.name, b.deployment.name
     # The control plane dies right after marking: a deletion of `doomed` and the removal of one `shrinking` replica.
     first.store.mark_deleting(doomed)
     victim = first.store.list_replicas(shrinking)[0]

@@ -45,7 +45,7 @@ async def test_failed_distribution_rolls_back(tmp_path) -> None:
     await backend.start()
     try:
         result = await controller.deploy(DeploySpec(engine="simulator", model_id="sim", model_tag="m", replicas=4, deploy_as_pool=True))
-        pool = result["deployment"]["name"]
+        pool = result.deployment.name
         await controller.deploy_service("prod", pool, "production", False)
         await controller.deploy_service("test", pool, "testing", False)
         before = {p.name: p.business for p in backend.list_pods(pool)}
@@ -61,7 +61,7 @@ async def test_failed_distribution_rolls_back(tmp_path) -> None:
         backend.failing = False  # healthy again: the same request now succeeds
         done = await controller.distribute(pool, {"production": 3, "testing": 1}, None)
         assert Counter(p.business for p in backend.list_pods(pool)) == Counter({"production": 3, "testing": 1})
-        assert len(done["moves"]) == 4
+        assert len(done.moves) == 4
     finally:
         for deployment in backend.list_deployments():
             await (await backend.delete_deployment(deployment.name))

@@ -63,7 +63,7 @@ async def test_pool_services_and_assignment_are_cluster_objects(runtime: Runtime
     assert (await client.get(Service, "testing-chat-nlb")).to_dict()["spec"]["type"] == "ClusterIP"
     assert (Path(runtime.settings.manifests_dir) / f"{pool}.yaml").exists()
     # Businesses are discovered from the cluster's services.
-    assert [s["businessTag"] for s in runtime.controller.list_business_services()] == ["production", "testing"]
+    assert [s.businessTag for s in runtime.controller.list_business_services()] == ["production", "testing"]
 
     # Assign = a merge patch of the pod's label; complete once the EndpointSlices follow.
     await runtime.controller.assign_pod(pods[0], "production", "qwen-7b")
@@ -77,7 +77,7 @@ async def test_pool_services_and_assignment_are_cluster_objects(runtime: Runtime
     assert json.loads(desired) == {"production": 1}
 
     result = await runtime.controller.distribute(pool, None, {"production": 2, "testing": 1})
-    assert result["podDistribution"] == {"unassigned": 1, "production": 2, "testing": 1}
+    assert result.podDistribution == {"unassigned": 1, "production": 2, "testing": 1}
     labels = [p.to_dict()["metadata"]["labels"]["business"] async for p in client.list(Pod, labels={"pool": pool})
               if not p.metadata.deletionTimestamp]
     assert sorted(labels) == ["production", "production", "testing", "unassigned"]
@@ -97,10 +97,10 @@ async def test_pool_safe_scale_down_uses_deletion_cost_and_refuses_below_assigne
         assert refusal.message == "Cannot scale down: need 3 unassigned pods, but only 2 available"
     assert len(runtime.backend.list_pods(pool)) == 4
     result = await runtime.controller.scale(pool, 2, pool_endpoint=True)
-    assert len(result["removed"]) == 2
+    assert len(result.removed) == 2
     await wait_for_async(lambda: len(runtime.backend.list_pods(pool)) == 2, timeout=TIMEOUT * 4, what="the scale-down")
     assert businesses(runtime, pool) == {"production": 1, "testing": 1}  # exactly the unassigned ones went
-    assert set(result["removed"]) <= set(pods)
+    assert set(result.removed) <= set(pods)
     assert not runtime.store.history(action="scale-verify")
 
 
@@ -163,7 +163,7 @@ async def test_llm_routing_adds_a_vllm_router_discovering_the_business(runtime: 
     args = router["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[:4] == ["--service-discovery", "--selector", "business=support", "model=qwen-7b"]
     assert (await client.get(Service, "support-chat-router")).to_dict()["spec"]["selector"] == {"app": "support-chat-router"}
-    assert next(s for s in runtime.controller.list_business_services() if s["businessTag"] == "support")["llmRouting"]
+    assert next(s for s in runtime.controller.list_business_services() if s.businessTag == "support").llmRouting
     assert [d.name for d in runtime.backend.list_deployments()] == [pool]  # the router is part of the service
     await runtime.controller.delete_service("support-chat-nlb")
     assert "support-chat-router" not in {d.metadata.name async for d in client.list(Deployment)}

@@ -43,7 +43,7 @@ async def test_evicted_and_terminating_pods_are_not_replicas(runtime: Runtime, c
     crash = runtime.store.history(action="crash", target=evicted)
     assert crash and "Evicted" in crash[0]["message"]
     status = runtime.controller.pool_status(POOL)
-    assert status["totalPods"] == 3
+    assert status.totalPods == 3
 
     controllers.timings.termination_s = 30  # a long grace period: the pod terminates for a while
     leaving = next(p.name for p in runtime.backend.list_pods(POOL) if p.business == "production")
@@ -105,7 +105,7 @@ async def test_scale_writes_spec_replicas_with_a_version_precondition(runtime: R
     api.conflict_once(DEPLOYMENTS, POOL, {"spec": {"replicas": 4}})  # someone scales to 4 just before Corral writes
     api.writes.clear()
     result = await runtime.controller.scale(POOL, 3, pool_endpoint=True)  # +1, from the 2 Corral saw
-    assert (result["currentReplicas"], result["targetReplicas"]) == (2, 3)  # what Corral saw and asked for
+    assert (result.currentReplicas, result.targetReplicas) == (2, 3)  # what Corral saw and asked for
     scales = [body for verb, plural, name, body in api.writes if verb == "PATCH" and plural == DEPLOYMENTS and "spec" in (body or {})]
     assert len([r for r in api._requests if r.method == "PATCH" and r.url.path.endswith(f"/deployments/{POOL}/scale")]) == 2
     assert len(scales) == 2 and scales[0]["metadata"]["resourceVersion"] != scales[1]["metadata"]["resourceVersion"]
@@ -146,7 +146,7 @@ async def test_not_ready_assigned_pods_go_first_and_are_restored(runtime: Runtim
         controllers.set_ready(name, False)  # their readiness probes fail
     await wait_for_async(lambda: not any(p.ready for p in runtime.backend.list_pods(POOL) if p.name in sick), what="not ready")
     result = await runtime.controller.scale(POOL, 2, pool_endpoint=True)
-    assert not set(result["removed"]) & set(sick)  # Corral chose the unassigned pods ...
+    assert not set(result.removed) & set(sick)  # Corral chose the unassigned pods ...
     verify = await wait_for_async(lambda: runtime.store.history(action="scale-verify"), what="the verification")
     assert sorted(controllers.removed) == sorted(sick)  # ... the ReplicaSet took the not-ready assigned ones
     assert verify[0]["outcome"] == "corrected" and all(name in verify[0]["message"] for name in sick)

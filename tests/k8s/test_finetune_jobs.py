@@ -27,7 +27,7 @@ pytest.importorskip("peft")
 
 
 def finished(runtime, task_id: str) -> bool:  # noqa: ANN001
-    return runtime.finetune.get(task_id)["status"] in ("completed", "failed", "cancelled")
+    return runtime.finetune.get(task_id).status in ("completed", "failed", "cancelled")
 
 
 async def test_tasks_run_as_jobs_admitted_by_corral(cluster, tmp_path: Path, tiny_model: Path, dataset: Path) -> None:  # noqa: ANN001, F811
@@ -36,10 +36,10 @@ async def test_tasks_run_as_jobs_admitted_by_corral(cluster, tmp_path: Path, tin
     runtime = await start_runtime(config, tmp_path / "data", kubernetes_data_claim=DATA_CLAIM)
     try:
         first = runtime.finetune.submit(base_model=str(tiny_model), dataset_path=str(dataset), gpus=0, timeout_s=600,
-                                        hyperparameters={"epochs": 1})["id"]
+                                        hyperparameters={"epochs": 1}).id
         second = runtime.finetune.submit(base_model=str(tiny_model), dataset_path=str(dataset), gpus=0,
-                                         hyperparameters={"epochs": 1})["id"]
-        assert runtime.finetune.get(second)["status"] == "queued"  # one CPU slot: Corral's queue admits one at a time
+                                         hyperparameters={"epochs": 1}).id
+        assert runtime.finetune.get(second).status == "queued"  # one CPU slot: Corral's queue admits one at a time
         client = AsyncClient(config=KubeConfig.from_file(str(config)), namespace=NAMESPACE)
         await wait_for_async(lambda: f"corral-{first}" in runtime.backend.objects["jobs"], what="the Job")  # type: ignore[attr-defined]
         job = (await client.get(Job, f"corral-{first}")).to_dict()
@@ -49,9 +49,9 @@ async def test_tasks_run_as_jobs_admitted_by_corral(cluster, tmp_path: Path, tin
         assert (runtime.settings.manifests_dir / f"corral-{first}.yaml").exists()
         await wait_for_async(lambda: finished(runtime, first) and finished(runtime, second), timeout=240, what="both tasks")
         done = runtime.finetune.get(first)
-        assert done["status"] == "completed" and done["progress"]["step"] == done["progress"]["totalSteps"] > 0
-        assert runtime.finetune.get(second)["status"] == "completed"
-        assert done["finishedAt"] <= runtime.finetune.get(second)["startedAt"]
+        assert done.status == "completed" and done.progress["step"] == done.progress["totalSteps"] > 0
+        assert runtime.finetune.get(second).status == "completed"
+        assert done.finishedAt <= runtime.finetune.get(second).startedAt
         assert "training" in runtime.finetune.log_path(first).read_text()  # the Job's output, via the shared volume
         await client.close()
     finally:
@@ -65,21 +65,21 @@ async def test_kueue_admits_suspended_jobs(cluster, tmp_path: Path, tiny_model: 
     client = AsyncClient(config=KubeConfig.from_file(str(config)), namespace=NAMESPACE)
     try:
         ids = [runtime.finetune.submit(base_model=str(tiny_model), dataset_path=str(dataset), gpus=0,
-                                       hyperparameters={"epochs": 1})["id"] for _ in range(2)]
+                                       hyperparameters={"epochs": 1}).id for _ in range(2)]
         for task_id in ids:  # both Jobs exist at once, suspended, for Kueue
-            await wait_for_async(lambda t=task_id: runtime.finetune.get(t)["reason"] == "waiting for Kueue admission (queue team-a)",
+            await wait_for_async(lambda t=task_id: runtime.finetune.get(t).reason == "waiting for Kueue admission (queue team-a)",
                                  what=f"{task_id} waiting for Kueue")
             job = (await client.get(Job, f"corral-{task_id}")).to_dict()
             assert job["spec"]["suspend"] and job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
-            assert runtime.finetune.get(task_id)["status"] == "queued"
+            assert runtime.finetune.get(task_id).status == "queued"
         # Kueue admits the first: it unsuspends the Job.
         await client.patch(Job, f"corral-{ids[0]}", {"spec": {"suspend": False}}, patch_type=PatchType.MERGE)
         await wait_for_async(lambda: finished(runtime, ids[0]), timeout=180, what="the admitted task")
-        assert runtime.finetune.get(ids[0])["status"] == "completed"
-        assert runtime.finetune.get(ids[1])["status"] == "queued"
+        assert runtime.finetune.get(ids[0]).status == "completed"
+        assert runtime.finetune.get(ids[1]).status == "queued"
         await runtime.finetune.cancel(ids[1])  # cancelling deletes its Job
         await wait_for_async(lambda: f"corral-{ids[1]}" not in runtime.backend.objects["jobs"], what="the Job deleted")  # type: ignore[attr-defined]
-        assert runtime.finetune.get(ids[1])["status"] == "cancelled"
+        assert runtime.finetune.get(ids[1]).status == "cancelled"
     finally:
         await client.close()
         await runtime.close()
@@ -91,10 +91,10 @@ async def test_finetunes_need_a_read_write_many_data_claim(cluster, tmp_path: Pa
     for claim, why in ((None, "need a ReadWriteMany PersistentVolumeClaim"), (DATA_CLAIM, "is ReadWriteOnce")):
         runtime = await start_runtime(config, tmp_path / f"data-{claim}", kubernetes_data_claim=claim)
         try:
-            task = runtime.finetune.submit(base_model=str(tiny_model), dataset_path=str(dataset), gpus=0)["id"]
+            task = runtime.finetune.submit(base_model=str(tiny_model), dataset_path=str(dataset), gpus=0).id
             await wait_for_async(lambda t=task, r=runtime: finished(r, t), what="the refusal")
             done = runtime.finetune.get(task)
-            assert done["status"] == "failed" and why in done["reason"], done["reason"]
+            assert done.status == "failed" and why in done.reason, done.reason
             assert f"corral-{task}" not in {j["metadata"]["name"] for j in api.items("batch/v1/jobs")}  # no Job created
         finally:
             await runtime.close()

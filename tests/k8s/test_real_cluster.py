@@ -53,7 +53,7 @@ async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
         yield runtime
     finally:
         for service in runtime.controller.list_business_services():
-            await runtime.controller.delete_service(service["name"], force=True)
+            await runtime.controller.delete_service(service.name, force=True)
         for deployment in runtime.backend.list_deployments():
             await runtime.controller.delete_deployment(deployment.name, force=True)
         await wait_for_async(lambda: not runtime.backend.list_pods(), timeout=300, what="the test's pods to go")

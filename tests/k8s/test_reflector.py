@@ -14,7 +14,6 @@ from corral.backends.kubernetes import KubernetesBackend, client_from
 from corral.backends.kubernetes.reflector import Store, WatchSettings
 from corral.domain.manifests import ClusterOptions, deployment_manifest
 from corral.domain.models import Deployment
-from corral.store.state import StateStore
 from tests.conftest import wait_for_async
 from tests.k8s.cluster import DEPLOYMENTS, NAMESPACE, PODS
 from tests.k8s.conftest import FAST_WATCHES
@@ -61,15 +60,13 @@ def test_a_relist_replaces_the_store_and_reports_what_vanished() -> None:
 async def open_backend(config: Path, tmp_path: Path, settings: WatchSettings = FAST_WATCHES
                        ) -> AsyncIterator[tuple[KubernetesBackend, list[tuple[str | None, dict]]]]:
     reports: list[tuple[str | None, dict]] = []
-    store = StateStore(tmp_path / "corral.db")
-    backend = KubernetesBackend(client_from(config, NAMESPACE), ClusterOptions(namespace=NAMESPACE), store,
+    backend = KubernetesBackend(client_from(config, NAMESPACE), ClusterOptions(namespace=NAMESPACE),
                                 lambda event, data=None, **_: reports.append((event, data or {})), tmp_path / "manifests", watch=settings)
     await backend.start()
     try:
         yield backend, reports
     finally:
         await backend.close()
-        store.close()
 
 
 async def ready_pool(api: Any, backend: KubernetesBackend, replicas: int = 3) -> list[str]:

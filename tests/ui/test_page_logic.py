@@ -68,7 +68,7 @@ async def test_scale_refusal_and_assignment_counts(user: User, runtime: Runtime)
 
     result = await runtime.controller.deploy(DeploySpec(engine="simulator", model_id="sim", model_tag="qwen-06b", replicas=2,
                                                         deploy_as_pool=True, engine_args=["--ttft-ms", "5"]))
-    pool = result["deployment"]["name"]
+    pool = result.deployment.name
     await runtime.controller.deploy_service("production-chat", pool, "production", False)
     await user.open("/")
     await user.should_see("Assignment: production(0) | unassigned(2)")

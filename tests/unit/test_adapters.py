@@ -5,6 +5,7 @@ The same rules run against real vLLM CPU replicas in tests/integration/test_vllm
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -90,11 +91,11 @@ def test_loaded_adapters_are_read_from_vllms_model_list() -> None:
 def test_only_a_completed_lora_task_has_an_adapter_to_add(tmp_path: Path) -> None:
     (tmp_path / "adapter_config.json").write_text('{"r": 4, "rank_pattern": {"q": 8}}')
     task = {"id": "t1", "status": "completed", "output": str(tmp_path), "method": "lora"}
-    assert task_adapter(task) == (str(tmp_path), 8)
+    assert task_adapter(SimpleNamespace(**task)) == (str(tmp_path), 8)  # type: ignore[arg-type]
     with pytest.raises(Conflict, match="task t1 is training; only a completed task"):
-        task_adapter(task | {"status": "training"})
+        task_adapter(SimpleNamespace(**task | {"status": "training"}))  # type: ignore[arg-type]
     with pytest.raises(Conflict, match="is a full finetune and has no LoRA adapter"):
-        task_adapter(task | {"method": "full"})
+        task_adapter(SimpleNamespace(**task | {"method": "full"}))  # type: ignore[arg-type]
 
 
 def test_vllm_replicas_with_lora_get_runtime_loading_and_a_bounded_cpu_kv_cache() -> None:
@@ -163,13 +164,13 @@ def store(tmp_path: Path):  # noqa: ANN201
 
 @pytest.fixture
 async def plane(store: StateStore):  # noqa: ANN201
-    backend = MemoryBackend(store)
+    backend = MemoryBackend()
     bus = EventBus()
     replicas = FakeReplicas()
     manager = AdapterManager(backend, store, bus, client=replicas)
     controller = Controller(backend, store, bus, adapters=manager.views)
     name = (await controller.deploy(DeploySpec(engine="vllm", model_id="m", model_tag="chat", replicas=2, deploy_as_pool=True,
-                                               gpus_per_replica=0, engine_args=list(LORA_ARGS))))["deployment"]["name"]
+                                               gpus_per_replica=0, engine_args=list(LORA_ARGS)))).deployment.name
     yield backend, controller, manager, replicas, name
     await manager.close()
 

@@ -19,10 +19,12 @@ from corral.domain.history import Action, Outcome
 from corral.domain.memory import QWEN25_CODER
 from corral.domain.models import Deployment, Pod, Service
 from corral.domain.status import assignment_summary, pod_distribution, pool_status
+from corral.domain.tasks import ACTIVE, FINISHED, WAITING, TaskState
 from corral.engines import get_engine
 from corral.events import EventBus, EventType
-from corral.finetune.manager import FinetuneManager, queue_time
-from corral.finetune.store import ACTIVE, FINISHED, WAITING, TaskRecord, TaskState
+from corral.finetune.manager import FinetuneManager
+from corral.finetune.queue_round import queue_time
+from corral.finetune.store import TaskRecord
 from corral.gpus.inventory import GpuDevice, GpuInventory, GpuProcess
 from corral.store.state import StateStore
 from corral.views import (
@@ -101,7 +103,7 @@ def legacy_task_view(task: TaskRecord) -> dict:
 async def controller(tmp_path: Path) -> AsyncIterator[Controller]:
     store, bus = StateStore(tmp_path / "corral.db"), EventBus()
     store.on_record = lambda entry: bus.publish(EventType.HISTORY, entry)
-    controller = Controller(MemoryBackend(store, gpu_ids=[0, 1]), store, bus, base_url=BASE_URL.format,
+    controller = Controller(MemoryBackend(gpu_ids=[0, 1]), store, bus, base_url=BASE_URL.format,
                             traffic=lambda replicas: {r: {"requests": 3, "errors": 0, "inFlight": 1, "meanLatencyMs": 2.5}
                                                       for r in sorted(replicas)[:1]})
     try:
@@ -114,7 +116,7 @@ async def test_views_are_exactly_the_json_of_before(controller: Controller) -> N
     deployed = await controller.deploy(DeploySpec(engine="simulator", model_id="sim", model_tag="qwen-06b", replicas=3,
                                                   deploy_as_pool=True, engine_args="--ttft-ms 5"))
     await controller.deploy(DeploySpec(engine="simulator", model_id="sim", model_tag="llama-8b", replicas=1))
-    pool = deployed["deployment"]["name"]
+    pool = deployed.deployment.name
     await controller.deploy_service("production-chat", pool, "production", True)
     await controller.deploy_service("testing-chat", pool, "testing", False)
     await controller.assign_pod(controller.backend.list_pods(pool)[0].name, "production", None)
@@ -137,24 +139,26 @@ async def test_views_are_exactly_the_json_of_before(controller: Controller) -> N
     assert status.wire() == expected
     assert all(type(t["requests"]) is int and type(t["meanLatencyMs"]) is float for t in status.wire()["traffic"].values())
 
-    # Read like the dicts they replace, for callers still written that way.
+    # A pool's JSON has its own fields and not a standard deployment's, and the other way round.
     view = controller.get_deployment(pool)
-    assert view["assignment"] == "production(1) | testing(0) | unassigned(2)" and view.assignment == view["assignment"]
-    assert "podDistribution" in view and "baseUrl" not in view and view.get("baseUrl", "none") == "none"
-    assert (view | {"type": "x"})["type"] == "x" and dict(view) == view.wire()
+    wire = view.wire()
+    assert wire["assignment"] == "production(1) | testing(0) | unassigned(2)" and view.assignment == wire["assignment"]
+    assert "podDistribution" in wire and "baseUrl" not in wire and wire.get("baseUrl", "none") == "none"
+    assert (wire | {"type": "x"})["type"] == "x" and dict(wire) == view.wire()
     with pytest.raises(KeyError):
-        view["service"]
+        wire["service"]
     standard = controller.get_deployment("simulator-llama-8b")
-    assert isinstance(standard, StandardDeploymentView) and standard["service"] == "simulator-llama-8b"
-    assert standard.baseUrl == BASE_URL.format("simulator-llama-8b") and "podDistribution" not in standard
+    assert isinstance(standard, StandardDeploymentView) and standard.wire()["service"] == "simulator-llama-8b"
+    assert standard.baseUrl == BASE_URL.format("simulator-llama-8b") and "podDistribution" not in standard.wire()
 
-    # The results of changes validate against the API's response models, and round-trip exactly.
-    result = DeployResult.model_validate(deployed)
-    assert result.wire()["deployment"] == deployed["deployment"].wire()
+    # The results of changes are the API's response models, and their JSON round-trips exactly.
+    assert isinstance(deployed, DeployResult)
+    result = DeployResult.model_validate(deployed.wire())
+    assert result.wire()["deployment"] == deployed.deployment.wire()
     preview = await controller.distribute(pool, {"production": 1, "testing": 1}, None, dry_run=True)
-    assert DistributeDryRun.model_validate(preview).wire() == preview
+    assert DistributeDryRun.model_validate(preview.wire()).wire() == preview.wire()
     scaled = await controller.scale("simulator-llama-8b", 2, pool_endpoint=False)
-    assert ScaleResult.model_validate(scaled).wire() == scaled and "unassignedPods" not in scaled
+    assert ScaleResult.model_validate(scaled.wire()).wire() == scaled.wire() and "unassignedPods" not in scaled.wire()
 
 
 def test_a_queue_time_past_the_last_date_is_that_date() -> None:
@@ -202,7 +206,7 @@ def test_errors_keep_their_details() -> None:
     refusal = {"error": "Cannot scale down: need 3 unassigned pods, but only 2 available", "success": False,
                "currentReplicas": 3, "targetReplicas": 0, "unassignedPods": 2}
     assert ScaleRefusal.model_validate(refusal).wire() == refusal
-    assert ErrorBody.model_validate({"error": "x", "other": 1})["other"] == 1  # details pass through
+    assert ErrorBody.model_validate({"error": "x", "other": 1}).wire()["other"] == 1  # details pass through
 
 
 def test_event_bus_takes_event_types_and_views() -> None:

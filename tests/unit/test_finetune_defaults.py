@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from corral.domain import hyperparameters
 from corral.domain.errors import Conflict, InvalidInput
-from corral.finetune import hyperparameters
 from corral.finetune.checks import chat_template_problem, has_chat_template, vllm_lora_args
-from corral.finetune.manager import _check_fits, training_estimate
+from corral.finetune.intake import check_fits, training_estimate
 from corral.finetune.trainer import pick_precision, split_for_eval
 from corral.gpus.inventory import GpuDevice, GpuInventory
 
@@ -121,15 +121,15 @@ def test_memory_must_fit_the_largest_gpu() -> None:
     hp = hyperparameters.validate({}, "full")
     need = training_estimate("Qwen/Qwen2.5-Coder-7B", "full", hp)[1].total_gb  # type: ignore[index]
     with pytest.raises(InvalidInput) as refused:
-        _check_fits(need, False, inventory, "Qwen/Qwen2.5-Coder-7B", "full", hp, 1)
+        check_fits(need, False, inventory, "Qwen/Qwen2.5-Coder-7B", "full", hp, 1)
     message = refused.value.message
     assert f"Qwen 2.5 Coder 7B full needs an estimated {need:.1f} GB per GPU" in message
     assert "the largest GPU here (NVIDIA A10, 24.0 GB): use qlora" in message
     small = training_estimate("qwen2.5-coder-0.5b", "lora", hyperparameters.validate({}))[1].total_gb  # type: ignore[index]
-    _check_fits(small, False, inventory, "qwen2.5-coder-0.5b", "lora", hyperparameters.validate({}), 1)  # fits: no refusal
+    check_fits(small, False, inventory, "qwen2.5-coder-0.5b", "lora", hyperparameters.validate({}), 1)  # fits: no refusal
     with pytest.raises(InvalidInput, match=r"gpus.memoryGb asks for 30.0 GB per GPU, more than the largest GPU here \(NVIDIA A10"):
-        _check_fits(30.0, True, inventory, "x/y", "lora", hp, 1)
-    _check_fits(0.0, False, inventory, "x/y", "lora", hp, 1)  # unknown model: any GPU will do
+        check_fits(30.0, True, inventory, "x/y", "lora", hp, 1)
+    check_fits(0.0, False, inventory, "x/y", "lora", hp, 1)  # unknown model: any GPU will do
 
 
 def test_vllm_serves_an_adapter_named_after_the_tag_and_the_base_as_tag_base() -> None:

@@ -12,9 +12,11 @@ from typing import Any
 
 import pytest
 
+from corral.domain import hyperparameters
 from corral.domain.errors import InvalidInput
-from corral.finetune import hyperparameters, templates
-from corral.finetune.manager import _progress, training_estimate
+from corral.finetune import templates
+from corral.finetune.intake import training_estimate
+from corral.finetune.progress import ProgressEvent, event_of, progress_update
 from corral.finetune.runners import job_manifest, trainer_command
 from corral.finetune.store import TaskRecord
 from corral.finetune.trainer import ProgressFile, newest_checkpoint
@@ -83,17 +85,43 @@ def test_resume_takes_the_newest_complete_checkpoint(tmp_path: Path) -> None:
 
 
 def test_only_rank_zero_reports_progress(tmp_path: Path) -> None:
-    ProgressFile(tmp_path / "p.jsonl", rank=1).write(event="step", step=1)
+    ProgressFile(tmp_path / "p.jsonl", rank=1).write(ProgressEvent.STEP, step=1)
     assert not (tmp_path / "p.jsonl").exists()
-    ProgressFile(tmp_path / "p.jsonl", rank=0).write(event="step", step=1)
+    ProgressFile(tmp_path / "p.jsonl", rank=0).write(ProgressEvent.STEP, step=1)
     assert json.loads((tmp_path / "p.jsonl").read_text())["step"] == 1
 
 
+def test_the_manager_reads_the_trainers_progress_events_as_json(tmp_path: Path) -> None:
+    """The trainer's lines (`ProgressFile`) read back as `ProgressEvent`s: the last one (a preempted trainer's exit),
+    whether a run ever completed, the curves; whatever the JSON's spacing, and past a line cut off mid-write."""
+    from corral.finetune.task_files import TaskFiles
+
+    files = TaskFiles(tmp_path)
+    (tmp_path / "ft-1").mkdir()
+    assert files.last_event("ft-1") is None and not files.reported("ft-1", ProgressEvent.COMPLETED)
+    progress = ProgressFile(tmp_path / "ft-1" / "progress.jsonl")
+    progress.write(ProgressEvent.STEP, step=1, loss=2.0)
+    progress.write(ProgressEvent.EVAL, step=1, evalLoss=1.5)
+    assert files.last_event("ft-1") is ProgressEvent.EVAL
+    assert [event_of(line) for line in files.new_progress("ft-1")] == [ProgressEvent.STEP, ProgressEvent.EVAL]
+    with open(tmp_path / "ft-1" / "progress.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"event":"preempted","step":1}\n{"event": "ste')  # compact JSON, then a line being written
+    assert files.last_event("ft-1") is None  # the unfinished line is no event
+    assert [event_of(line) for line in files.new_progress("ft-1")] == [ProgressEvent.PREEMPTED]
+    with open(tmp_path / "ft-1" / "progress.jsonl", "a", encoding="utf-8") as f:
+        f.write('p", "step": 2, "loss": 1.0}\n')
+    assert files.last_event("ft-1") is ProgressEvent.STEP and files.new_progress("ft-1")[0]["step"] == 2
+    assert files.curve("ft-1") == [(1, 2.0), (2, 1.0)] and files.curve("ft-1", "evalLoss") == [(1, 1.5)]
+    progress.write(ProgressEvent.COMPLETED, output="/out")
+    assert files.reported("ft-1", ProgressEvent.COMPLETED)
+    assert event_of({"event": "something newer"}) is None and event_of(None) is None
+
+
 def test_eta_is_kept_as_a_time() -> None:
-    progress = _progress({}, {"event": "step", "time": 1000.0, "step": 3, "totalSteps": 10, "eta": 70.0, "learningRate": 1e-4})
+    progress = progress_update({}, {"event": "step", "time": 1000.0, "step": 3, "totalSteps": 10, "eta": 70.0, "learningRate": 1e-4})
     assert progress["etaAt"] == 1070.0 and progress["learningRate"] == 1e-4
-    assert _progress(progress, {"event": "step", "time": 1001.0, "step": 1, "eta": None})["etaAt"] is None
-    assert _progress(progress, {"event": "eval", "time": 1002.0, "step": 3, "evalLoss": 1.5})["etaAt"] == 1070.0
+    assert progress_update(progress, {"event": "step", "time": 1001.0, "step": 1, "eta": None})["etaAt"] is None
+    assert progress_update(progress, {"event": "eval", "time": 1002.0, "step": 3, "evalLoss": 1.5})["etaAt"] == 1070.0
 
 
 # chat templates ---------------------------------------------------------------------------------

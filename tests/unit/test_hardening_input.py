@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from corral.controller import _engine_args, _redacted_manifests, _secret_env
+from corral.controller import _redacted_manifests
+from corral.domain import hyperparameters
+from corral.domain.deploy_request import check_secret_env, parse_engine_args
 from corral.domain.errors import InvalidInput
 from corral.domain.manifests import ANNOTATION_ENGINE_ARGS, deployment_manifest
 from corral.domain.models import Deployment
 from corral.engines import get_engine, redact_args
-from corral.finetune import hyperparameters
 from corral.finetune.dataset import load_dataset
 
 
@@ -37,13 +38,13 @@ def test_secret_values_are_redacted(argv: list[str], shown: list[str]) -> None:
 ])
 def test_flags_corral_sets_are_refused(engine: str, args: list[str], flag: str) -> None:
     with pytest.raises(InvalidInput, match=f"engineArgs may not set {flag}"):
-        _engine_args(args, get_engine(engine))
+        parse_engine_args(args, get_engine(engine).check_args)
 
 
 def test_other_engine_arguments_pass() -> None:
     args = ["--model-impl", "vllm", "--max-model-len", "4096", "--enable-lora", "--lora-modules", "a=/x", "-tp", "2", ""]
-    assert _engine_args(args, get_engine("vllm")) == args
-    assert _engine_args("--ttft-ms 5 --tokens-per-second '1000'", get_engine("simulator")) == ["--ttft-ms", "5", "--tokens-per-second", "1000"]
+    assert parse_engine_args(args, get_engine("vllm").check_args) == args
+    assert parse_engine_args("--ttft-ms 5 --tokens-per-second '1000'", get_engine("simulator").check_args) == ["--ttft-ms", "5", "--tokens-per-second", "1000"]
 
 
 @pytest.mark.parametrize(("value", "message"), [
@@ -52,16 +53,16 @@ def test_other_engine_arguments_pass() -> None:
 ])
 def test_engine_argument_limits(value: object, message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
-        _engine_args(value)  # type: ignore[arg-type]
+        parse_engine_args(value)  # type: ignore[arg-type]
 
 
 def test_secret_env_checks_never_quote_a_value() -> None:
-    assert _secret_env({"VLLM_API_KEY": "sk", "HF_TOKEN": "hf"}) == {"VLLM_API_KEY": "sk", "HF_TOKEN": "hf"}
-    assert _secret_env(None) == {}
+    assert check_secret_env({"VLLM_API_KEY": "sk", "HF_TOKEN": "hf"}) == {"VLLM_API_KEY": "sk", "HF_TOKEN": "hf"}
+    assert check_secret_env(None) == {}
     for bad in ({"A-B": "sk-secret"}, {"PATH": "sk-secret"}, {"PYTHONPATH": "sk-secret"}, {"X": "sk-secret\x00"},
                 {f"K{i}": "sk-secret" for i in range(33)}, {"X": 5}):
         with pytest.raises(InvalidInput) as refusal:
-            _secret_env(bad)  # type: ignore[arg-type]
+            check_secret_env(bad)  # type: ignore[arg-type]
         assert "sk-secret" not in refusal.value.message
 
 

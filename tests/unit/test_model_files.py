@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from corral.api.schemas import STATUS
 from corral.domain.errors import InvalidInput
 from corral.domain.memory import TrainingSetup, find_model, training_memory
 from corral.domain.model_shape import ModelShape, catalogue_name, shape_from_config, stored_tensors
@@ -296,7 +297,7 @@ def test_a_hub_id_not_on_disk_falls_back_to_the_catalogue_by_name(tmp_path: Path
 def test_a_model_nothing_here_sizes_gets_a_400_that_says_what_to_give(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput) as refused:
         size_model("someorg/some-model-13b", cache=tmp_path)
-    assert refused.value.status_code == 400
+    assert STATUS[refused.value.kind] == 400
     message = refused.value.message
     assert message.startswith("model 'someorg/some-model-13b' is unknown to the estimator")
     assert "a local model directory" in message and "memoryGb" in message
@@ -308,8 +309,8 @@ def test_a_model_nothing_here_sizes_gets_a_400_that_says_what_to_give(tmp_path: 
 
 def test_the_estimate_api_and_the_finetune_submit_use_the_resolver(tmp_path: Path) -> None:
     from corral.api.system import estimate
-    from corral.finetune import hyperparameters
-    from corral.finetune.manager import FinetuneManager, training_estimate
+    from corral.domain import hyperparameters
+    from corral.finetune.intake import estimate_gb, training_estimate
 
     directory = model_dir(tmp_path / "mixtral", MIXTRAL_8X7B)
     body = estimate(model=str(directory), method="qlora", quantBits=4, seqLen=2048, batchSize=1, loraRank=8,
@@ -322,9 +323,9 @@ def test_the_estimate_api_and_the_finetune_submit_use_the_resolver(tmp_path: Pat
     hp = hyperparameters.validate({}, "lora")
     assert training_estimate("nobody/knows-this", "lora", hp) is None  # hints (the UI) never fail
     with pytest.raises(InvalidInput, match="memoryGb"):
-        FinetuneManager._estimate_gb("nobody/knows-this", "lora", hp, 1)  # a GPU task must be sized
-    assert FinetuneManager._estimate_gb("nobody/knows-this", "lora", hp, 0) == 0.0  # a CPU task needs no GPU memory
-    assert FinetuneManager._estimate_gb(str(directory), "qlora", hp, 1) > 24
+        estimate_gb("nobody/knows-this", "lora", hp, 1)  # a GPU task must be sized
+    assert estimate_gb("nobody/knows-this", "lora", hp, 0) == 0.0  # a CPU task needs no GPU memory
+    assert estimate_gb(str(directory), "qlora", hp, 1) > 24
 
 
 def test_model_shape_is_a_plain_value() -> None:

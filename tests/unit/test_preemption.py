@@ -161,9 +161,11 @@ async def test_the_autopilot_preempts_for_its_highest_priority_business_then_sca
     """The loop's hook (corral.autopilot): short of GPUs while a business wants replicas, it asks the preemptor for
     that business's priority and scales out inside the block (while the freed GPUs are kept from the queue)."""
     import contextlib
+    import functools
     from types import SimpleNamespace
 
     from corral.autopilot import Autopilot
+    from corral.controller import Controller
     from corral.domain.autopilot import Decision
     from corral.domain.preemption import PreemptionOutcome
     from corral.events import EventBus
@@ -182,6 +184,7 @@ async def test_the_autopilot_preempts_for_its_highest_priority_business_then_sca
         return {}
 
     controller = SimpleNamespace(backend=None, preemptor=preemptor, scale=scale)
+    controller.scale_with_preemption = functools.partial(Controller.scale_with_preemption, controller)
     autopilot = Autopilot(controller, StateStore(tmp_path / "c.db"), EventBus(), traffic=dict,  # type: ignore[arg-type]
                           free_gpu_units=lambda: 0)
     autopilot._waiting_for["p"] = []

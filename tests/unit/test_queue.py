@@ -5,7 +5,18 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corral.domain.queue import Capacity, Demand, Priority, Strategy, Unit, WaitingTask, queue_order, schedule
+from corral.domain.queue import (
+    Capacity,
+    Demand,
+    Priority,
+    Strategy,
+    Unit,
+    Wait,
+    WaitingTask,
+    WaitReason,
+    queue_order,
+    schedule,
+)
 
 GB = 1024**3
 
@@ -23,7 +34,8 @@ def test_spec_example_on_a_cpu_only_machine() -> None:
     waiting = [WaitingTask(t, Priority.NORMAL, i, Demand()) for i, t in enumerate(["t1", "t2", "t3"])]
     first = schedule(waiting, Capacity(cpu_slots=1), Strategy.STRICT_FIFO)
     assert first.starts == [("t1", ())] and set(first.waiting) == {"t2", "t3"}
-    assert first.waiting["t2"] == "waiting for a CPU training slot" and first.waiting["t3"] == "queued behind t2"
+    assert first.waiting == {"t2": Wait(WaitReason.CPU_SLOT), "t3": Wait(WaitReason.BEHIND, task="t2")}
+    assert str(first.waiting["t2"]) == "waiting for a CPU training slot" and str(first.waiting["t3"]) == "queued behind t2"
     second = schedule(waiting[1:], Capacity(cpu_slots=1), Strategy.STRICT_FIFO)
     assert second.starts == [("t2", ())]
 
@@ -38,7 +50,8 @@ def test_strict_head_blocks_best_effort_lets_small_tasks_pass() -> None:
     tasks = [task("big", gpus=2, at=0), task("small", gpus=1, at=1)]
     capacity = Capacity(gpus(80))
     strict = schedule(tasks, capacity, Strategy.STRICT_FIFO)
-    assert strict.starts == [] and strict.waiting["big"] == "waiting for GPU: needs 2 with 10.0GB free, 1 available"
+    assert strict.starts == [] and strict.waiting["big"] == Wait(WaitReason.GPUS, gpus=2, memory_per_gpu=10 * GB, available=1)
+    assert str(strict.waiting["big"]) == "waiting for GPU to be released: needs 2 with 10.0GB free, 1 available"
     best = schedule(tasks, capacity, Strategy.BEST_EFFORT_FIFO)
     assert best.starts == [("small", ("0",))] and best.bypassed == ["big"]
 
@@ -46,7 +59,7 @@ def test_strict_head_blocks_best_effort_lets_small_tasks_pass() -> None:
 def test_starvation_guard_stops_passing_a_head_bypassed_too_often() -> None:
     tasks = [task("big", gpus=2, at=0, bypassed=3), task("small", gpus=1, at=1)]
     decision = schedule(tasks, Capacity(gpus(80)), Strategy.BEST_EFFORT_FIFO, max_bypass=3)
-    assert decision.starts == [] and decision.waiting["small"] == "queued behind big"
+    assert decision.starts == [] and decision.waiting["small"] == Wait(WaitReason.BEHIND, task="big")
 
 
 def test_memory_fit_respects_free_memory_and_prefers_the_smallest_sufficient_unit() -> None:
@@ -110,8 +123,9 @@ def test_easy_backfill_reserves_the_head_and_lets_only_harmless_tasks_pass() -> 
     decision = schedule(waiting, capacity, Strategy.EASY_BACKFILL)
     assert decision.reservations == {"head": Reservation(100.0, ("2", "3", "0", "1"))}
     assert decision.starts == [("short", ("0",))]
-    assert decision.waiting["long"] == "waiting for GPU: starting now could delay head, which has GPUs reserved"
-    assert decision.waiting["head"].startswith("waiting for GPU: needs 4")
+    assert decision.waiting["long"] == Wait(WaitReason.RESERVED, task="head")
+    assert str(decision.waiting["long"]) == "waiting for GPU to be released: starting now could delay head, which has GPUs reserved"
+    assert decision.waiting["head"].reason is WaitReason.GPUS and decision.waiting["head"].gpus == 4
     unknown = schedule([timed("head", 4, 1000), timed("no-estimate", 1, None, at=1)], capacity, Strategy.EASY_BACKFILL)
     assert unknown.starts == []  # no bound on its run time: it may only use units the reservation leaves (none here)
 

@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from corral.api.schemas import STATUS
 from corral.domain.errors import CorralError
 from corral.gateway.policies import make_policy
 from corral.gateway.proxy import Gateway
@@ -142,7 +143,7 @@ async def test_a_hung_data_plane_raises_lagging_in_time_and_catches_up_without_a
         await sync.sync(timeout_s=0.2)
     assert 0.2 <= loop.time() - started < 1.0
     error = caught.value
-    assert isinstance(error, CorralError) and error.status_code == 503
+    assert isinstance(error, CorralError) and STATUS[error.kind] == 503
     assert "the change is recorded" in error.message and "has not applied it yet" in error.message
     assert "keeps retrying" in error.message
     assert error.details == {"desiredVersion": 2, "appliedVersion": 1}

@@ -23,7 +23,7 @@ from corral.api.doors import (
     WebDoors,
     allowed_methods,
 )
-from corral.api.schemas import plain_text
+from corral.api.schemas import STATUS, error_body, plain_text
 from corral.config import Settings
 from corral.domain.errors import CorralError
 from corral.engines import engine_names, get_engine
@@ -105,7 +105,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
 
     @app.exception_handler(CorralError)
     async def corral_error(_: Request, exc: CorralError) -> JSONResponse:
-        return JSONResponse({"error": exc.message, **exc.details}, status_code=exc.status_code)
+        return JSONResponse(error_body(exc).wire(), status_code=STATUS[exc.kind])
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -6,14 +6,14 @@ from __future__ import annotations
 from fastapi import Request
 
 from corral.auth import bearer, token_accepted
-from corral.domain.errors import CorralError
+from corral.domain.errors import CorralError, ErrorKind, Hint
 
 
 class Unauthorized(CorralError):
-    status_code = 401
+    kind = ErrorKind.UNAUTHORIZED
 
 
 def require_token(request: Request) -> None:
     expected: str | None = request.app.state.settings.api_token
     if expected and not token_accepted(bearer(request.headers.get("authorization")), expected):
-        raise Unauthorized("this Corral requires an API token: send 'Authorization: Bearer <token>' (CORRAL_API_TOKEN)")
+        raise Unauthorized("this Corral requires an API token", Hint.SEND_TOKEN)

@@ -13,9 +13,9 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 from corral.api.auth import require_token
 from corral.api.schemas import ENGINE_LENGTH, PATH_LENGTH, Body, Name, errors, plain_text
 from corral.backends.local.process import tail_lines
-from corral.finetune.hyperparameters import HYPERPARAMETERS_HELP
+from corral.domain.hyperparameters import HYPERPARAMETERS_HELP
+from corral.domain.tasks import FINISHED
 from corral.finetune.manager import FinetuneManager
-from corral.finetune.store import FINISHED
 from corral.views import (
     AdapterResult,
     DeployResult,
@@ -48,7 +48,7 @@ class SubmitRequest(Body):
     gpus: int | GpuRequest | None = Field(default=None, description="a count, or {count, memoryGb}; default 1, or 0 without GPU")
     timeoutSeconds: float | None = Field(default=None, description="default 6 h, at most 366 days; the task is cancelled when "
                                           "it runs longer (easy-backfill reserves GPUs from it: near the run time packs best)")
-    # Checked by the one validator the CLI and the UI use too (corral.finetune.hyperparameters), so that its
+    # Checked by the one validator the CLI and the UI use too (corral.domain.hyperparameters), so that its
     # messages are the same everywhere and an integer stays an integer all the way to the trainer.
     hyperparameters: Annotated[dict[Annotated[str, Field(max_length=64)], Any], Field(max_length=32)] = Field(
         default_factory=dict, description=HYPERPARAMETERS_HELP)

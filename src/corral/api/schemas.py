@@ -8,7 +8,8 @@ from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from corral.controller import (
+from corral.domain import labels as L
+from corral.domain.deploy_request import (
     MAX_ENGINE_ARG,
     MAX_ENGINE_ARGS,
     MAX_ENGINE_ARGS_TEXT,
@@ -17,7 +18,7 @@ from corral.controller import (
     MAX_SECRET_ENV,
     MAX_SECRET_VALUE,
 )
-from corral.domain import labels as L
+from corral.domain.errors import CorralError, ErrorKind, Hint, Wording
 from corral.views import ErrorBody
 
 # Size limits of request fields: a string the API accepts is one Corral can store, show and pass on. Names
@@ -119,3 +120,35 @@ def errors(*codes: int, **models: Any) -> dict[int | str, dict[str, Any]]:
 def plain_text(description: str) -> dict[int | str, dict[str, Any]]:
     """`responses=` for a 200 answered as text/plain."""
     return {200: {"description": description, "content": {"text/plain": {"schema": {"type": "string"}}}}}
+
+
+# Refusals as the API answers them: a status code per kind, the hints worded with the API's own paths. ---------
+STATUS: dict[ErrorKind, int] = {
+    ErrorKind.INVALID_INPUT: 400,
+    ErrorKind.UNAUTHORIZED: 401,
+    ErrorKind.NOT_FOUND: 404,
+    ErrorKind.CONFLICT: 409,
+    ErrorKind.UNAVAILABLE: 503,
+}
+
+API_WORDING: Wording = {
+    Hint.LIST_PODS: "; list pods with GET /api/pods",
+    Hint.LIST_SERVICES: "; list them with GET /api/business-services",
+    Hint.LIST_DEPLOYMENTS: "; list deployments with GET /api/deployments",
+    Hint.LIST_FINETUNE_TASKS: "; list them with GET /api/finetune/tasks",
+    Hint.LIST_ADAPTERS: "; list them with GET /api/deployments/{pool}/adapters",
+    Hint.REMOVE_ADAPTER: "; remove it first (DELETE /api/deployments/{pool}/adapters/{adapter}) or choose another name",
+    Hint.CREATE_SERVICE: ": create one first (POST /api/deploy-service) or choose one of: {choices}",
+    Hint.SCALE_STANDARD: "; scale it with POST /api/scale-deployment",
+    Hint.FORCE: " or delete with force=true",
+    Hint.FORCE_UNASSIGN: " or delete with force=true (unassigns them)",
+    Hint.DEPLOY_AS_POOL: "; deploy it as its own pool (POST /api/finetune/tasks/{{id}}/deploy with modelTag)",
+    Hint.SEND_TOKEN: ": send 'Authorization: Bearer <token>' (CORRAL_API_TOKEN)",
+}
+
+
+def error_body(refusal: CorralError) -> ErrorBody:
+    """`error`: the problem with the API's words for its hints. An error with hints also carries them typed (`code`,
+    the bare `problem`, `hints`), so a client words them its own way (the CLI as commands); its details are fields."""
+    typed = {"code": refusal.kind, "problem": refusal.message, "hints": list(refusal.hints)} if refusal.hints else {}
+    return ErrorBody(error=refusal.worded(API_WORDING), **typed, **refusal.details)

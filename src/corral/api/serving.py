@@ -17,8 +17,9 @@ from corral.api.schemas import (
     errors,
     plain_text,
 )
-from corral.controller import Controller, DeploySpec
-from corral.domain.errors import NotFound
+from corral.controller import Controller
+from corral.domain.deploy_request import DeploySpec
+from corral.domain.errors import Hint, NotFound
 from corral.domain.history import Action
 from corral.views import (
     AdapterRemoveResult,
@@ -105,7 +106,7 @@ async def pod_logs(name: str, request: Request, tail: int = Query(default=200, g
     """The last lines of a replica's engine output (why is it not ready? why did it crash?)."""
     text = await request.app.state.backend.pod_logs(name, tail)
     if text is None:
-        raise NotFound(f"pod '{name}' not found; list pods with GET /api/pods")
+        raise NotFound(f"pod '{name}' not found", Hint.LIST_PODS)
     return text
 
 

@@ -14,6 +14,7 @@ from corral.domain.history import HistoryDraft, Intent, Outcome
 from corral.domain.manifests import HTTP_PORT, ClusterOptions, deployment_manifest, service_manifest
 from corral.domain.models import Deployment, Pod, Service
 from corral.engines import get_engine
+from corral.events import EventType
 
 
 class Report(Protocol):
@@ -21,18 +22,40 @@ class Report(Protocol):
     traffic followed a relabel): an event for listeners and, where it matters, a history row.
     The controller implements it; backends never write history or publish events themselves."""
 
-    def __call__(self, event: str | None, data: dict[str, Any] | None = None, *, history: HistoryDraft | None = None,
-                 outcome: Outcome = Outcome.SUCCESS) -> None: ...
+    def __call__(self, event: EventType | None, data: dict[str, Any] | None = None, *,
+                 history: HistoryDraft | None = None, outcome: Outcome = Outcome.SUCCESS) -> None: ...
+
+
+IntentWriter = Callable[[Intent], None]
+"""Writes a change's history rows, pending, before the change (the controller's `Intents.begin`)."""
 
 
 class Backend(ABC):
     """Carries out validated changes. Reads are cheap (a database or an informer cache)."""
 
     cluster_options: ClusterOptions = ClusterOptions()
+    # Whether replicas can get a deploy's `secretEnv` (environment variables kept secret); each backend says.
+    supports_secret_env: bool
+    _intent_writer: IntentWriter | None = None
 
     def set_report(self, report: Report) -> None:
         """Where observations go from now on: the controller, which records and announces them."""
         self.report = report
+
+    def set_intent_writer(self, write: IntentWriter) -> None:
+        """How the backend records a change's intent where its desired state is not in Corral's database (a
+        cluster, memory): the controller gives its `Intents.begin`, so that history has one owner. A backend
+        that keeps its desired state in the store hands the rows to it instead, in the same transaction."""
+        self._intent_writer = write
+
+    def _write_intent(self, intent: Intent | None) -> None:
+        """Record the change's intent (its pending rows) now, before the first write of the change."""
+        if intent is None:
+            return
+        if self._intent_writer is None:
+            raise RuntimeError(f"{type(self).__name__} cannot record the change's intent: no controller has "
+                               "given it an intent writer (Controller(backend, ...) does, with set_intent_writer)")
+        self._intent_writer(intent)
 
     def set_drain(self, drain: Callable[[str, float], Awaitable[None]]) -> None:  # noqa: B027 (optional hook)
         """Give the backend the data plane's drain: a removed replica is stopped only once it is idle.
@@ -72,7 +95,7 @@ class Backend(ABC):
 
     # writes: each takes the change's `intent` (its pending history rows) and records it before acting —
     # in the same transaction as the desired state where that lives in Corral's database (local), or
-    # just before the first write where the desired state lives elsewhere (a cluster).
+    # with the intent writer just before the first write where the desired state lives elsewhere (a cluster).
     @abstractmethod
     async def create_deployment(self, deployment: Deployment, service: Service | None, intent: Intent | None = None) -> list[Pod]:
         """Create the deployment with `deployment.replicas` new replicas (and a standard deployment's service)."""

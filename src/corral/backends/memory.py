@@ -13,9 +13,9 @@ What it keeps of the real backends' behaviour:
   `http://127.0.0.1:<n>` that nothing listens on (`endpoints=False`: none, so the gateway routes
   to no pod);
 - `set_businesses` is all or nothing; `remove_replicas` removes exactly the named pods;
-- each change's intent (its pending history rows) is written with `store.begin(intent)` right
-  before the change — the desired state lives in memory, not in Corral's database, so (as for a
-  cluster) the rows go first; the controller completes them;
+- each change's intent (its pending history rows) is written right before the change, through the
+  intent writer its controller gives it (`set_intent_writer`) — the desired state lives in memory,
+  not in Corral's database, so (as for a cluster) the rows go first; the controller completes them;
 - observations go through `report` (a `replica_status` event per pod created, removed or turned
   ready), never straight to the history or the event bus;
 - GPUs are optional whole device ids (`gpu_ids`), never handed to two pods;
@@ -35,7 +35,7 @@ import string
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from corral.backends.base import Backend, save_manifests
 from corral.domain import labels as L
@@ -43,11 +43,7 @@ from corral.domain.errors import Conflict, NotFound
 from corral.domain.gpu_ledger import GpuLedger, Holder, whole_units
 from corral.domain.history import Intent
 from corral.domain.models import Deployment, Pod, PodPhase, Service
-
-if TYPE_CHECKING:
-    from corral.config import Settings
-    from corral.runtime import Runtime
-    from corral.store.state import StateStore
+from corral.events import EventType
 
 _SUFFIX_ALPHABET = string.ascii_lowercase + string.digits
 
@@ -55,10 +51,10 @@ _SUFFIX_ALPHABET = string.ascii_lowercase + string.digits
 class MemoryBackend(Backend):
     """Pods as records in memory, for fast controller tests and benchmarks; never used by `corral serve`."""
 
-    def __init__(self, store: StateStore | None = None, *, ready: bool = True, endpoints: bool = True,
-                 gpu_ids: Sequence[int] = (), manifests_dir: Path | None = None, first_port: int = 40000,
-                 seed: int | None = None) -> None:
-        self.store = store  # where intents go (`store.begin`); a Runtime's store once bound (see `memory_runtime`)
+    supports_secret_env = False  # no process is launched to give them to
+
+    def __init__(self, *, ready: bool = True, endpoints: bool = True, gpu_ids: Sequence[int] = (),
+                 manifests_dir: Path | None = None, first_port: int = 40000, seed: int | None = None) -> None:
         self.ready = ready  # whether new pods are ready at once
         self.endpoints = endpoints
         self.gpu_ids = list(gpu_ids)
@@ -214,12 +210,9 @@ class MemoryBackend(Backend):
 
     # helpers ---------------------------------------------------------------------------------
     def _begin(self, intent: Intent | None, method: str) -> None:
-        """The desired state lives in memory, so the intent's rows are written first, before the change."""
-        if intent is not None and not intent.ids:
-            if self.store is None:
-                raise RuntimeError("MemoryBackend has no store to record the change's intent in: pass store= "
-                                   "or build the runtime with memory_runtime()")
-            self.store.begin(intent)
+        """The desired state lives in memory, so the intent's rows are written first, before the change
+        (and before an injected failure, as a cluster write fails after them)."""
+        self._write_intent(intent)
         failure = self._failures.pop(method, None)
         if failure is not None:
             raise failure
@@ -284,20 +277,13 @@ class MemoryBackend(Backend):
         return listing
 
     def _report_status(self, pod: Pod, deleted: bool = False) -> None:
-        self.report("replica_status", {"name": pod.name, "deployment": pod.deployment,
-                                       "phase": "Deleted" if deleted else pod.phase.value, "ready": pod.ready and not deleted,
-                                       "restarts": pod.restarts, "business": pod.business})
+        self.report(EventType.REPLICA_STATUS, {
+            "name": pod.name, "deployment": pod.deployment,
+            "phase": "Deleted" if deleted else pod.phase.value, "ready": pod.ready and not deleted,
+            "restarts": pod.restarts, "business": pod.business})
 
 
-def memory_runtime(settings: Settings, **options: Any) -> Runtime:
-    """A `Runtime` (controller, store, gateway, event bus: the real ones) over a MemoryBackend that
-    records intents in the runtime's own store. `options` go to `MemoryBackend`."""
-    from corral.runtime import Runtime
-
-    return Runtime(settings, backend=lambda store: MemoryBackend(store, **options))
-
-
-def _no_report(event: str | None, data: dict[str, Any] | None = None, **_: Any) -> None:
+def _no_report(event: EventType | None, data: dict[str, Any] | None = None, **_: Any) -> None:
     """Until a controller sets the report (`set_report`), observations go nowhere."""
 
 

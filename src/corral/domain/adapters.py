@@ -8,11 +8,12 @@ crash restart, a replica that lost its adapters). No I/O here: `corral.adapters`
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from corral.domain.errors import Conflict, InvalidInput
+from corral.domain.errors import Conflict, Hint, InvalidInput
 from corral.domain.models import Deployment
 
 ENGINE = "vllm"  # the only engine with runtime adapter loading that Corral drives
@@ -81,12 +82,31 @@ def max_lora_rank(deployment: Deployment) -> int:
         return VLLM_DEFAULT_MAX_LORA_RANK
 
 
+def lora_module_names(extra: list[str]) -> set[str]:
+    """The names `--lora-modules` gives its adapters (`name=path`, or vLLM's JSON form with "name")."""
+    names: set[str] = set()
+    taking = False
+    for arg in extra:
+        if arg.startswith("--lora-modules="):
+            arg, taking = arg.partition("=")[2], True
+        elif arg == "--lora-modules":
+            taking = True
+            continue
+        elif arg.startswith("-"):
+            taking = False
+            continue
+        if taking:
+            try:
+                names.add(json.loads(arg)["name"] if arg.lstrip().startswith("{") else arg.partition("=")[0])
+            except (ValueError, KeyError, TypeError):
+                pass
+    return names
+
+
 def static_names(deployment: Deployment) -> set[str]:
     """Names the pool serves by its own command line (the tag, `<tag>-base`, `--lora-modules` names): an adapter
     may not take them, and the reconciler never unloads them."""
-    from corral.engines.servers import _lora_names
-
-    return {deployment.model_tag, f"{deployment.model_tag}-base", *_lora_names(list(deployment.engine_args))}
+    return {deployment.model_tag, f"{deployment.model_tag}-base", *lora_module_names(list(deployment.engine_args))}
 
 
 def check_can_add(deployment: Deployment, name: str, rank: int, existing: Iterable[Adapter]) -> None:
@@ -109,8 +129,8 @@ def check_can_add(deployment: Deployment, name: str, rank: int, existing: Iterab
                        "command-line LoRA modules); choose another")
     existing = list(existing)
     if any(a.name == name for a in existing):
-        raise Conflict(f"pool '{deployment.name}' already has an adapter named '{name}'; remove it first "
-                       f"(DELETE /api/deployments/{deployment.name}/adapters/{name}) or choose another name")
+        raise Conflict(f"pool '{deployment.name}' already has an adapter named '{name}'", Hint.REMOVE_ADAPTER,
+                       pool=deployment.name, adapter=name)
     if len(existing) >= MAX_ADAPTERS_PER_POOL:
         raise Conflict(f"pool '{deployment.name}' has {len(existing)} adapters, the most a pool may have; remove one first")
 

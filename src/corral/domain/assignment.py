@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from corral.domain import labels as L
-from corral.domain.errors import InvalidInput, NotFound
+from corral.domain.errors import Hint, InvalidInput, NotFound
 from corral.domain.models import Pod, Service
 
 
@@ -21,11 +21,8 @@ def check_business_for_model(business: str, model: str, services: Iterable[Servi
         return business
     known = businesses_of_model(services, model)
     if business not in known:
-        choices = ", ".join([*known, L.UNASSIGNED])
-        raise InvalidInput(
-            f"business '{business}' has no business service for model '{model}': "
-            f"create one first (POST /api/deploy-service) or choose one of: {choices}"
-        )
+        raise InvalidInput(f"business '{business}' has no business service for model '{model}'", Hint.CREATE_SERVICE,
+                           choices=[*known, L.UNASSIGNED])
     return business
 
 
@@ -34,7 +31,7 @@ def validate_assignment(
 ) -> Pod:
     """Return the pod to relabel, or raise saying exactly what is wrong with the request."""
     if pod is None:
-        raise NotFound(f"pod '{pod_name}' not found; list pods with GET /api/pods")
+        raise NotFound(f"pod '{pod_name}' not found", Hint.LIST_PODS)
     if not pod.is_pool_pod:
         raise InvalidInput(
             f"pod '{pod.name}' belongs to the standard deployment '{pod.deployment}'; "

@@ -44,10 +44,13 @@ gives while unpressured, so replicas flow one way until the wants are met or the
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from corral.domain import labels as L
+from corral.domain.models import Service
+from corral.domain.preemption import DEFAULT_BUSINESS_PRIORITY, business_priority
 from corral.domain.scaling import MAX_REPLICAS
 
 UTILISATION_TO_KEEP = 0.8  # a donor keeps enough replicas to run its sequences at <= 80% of their slots
@@ -66,6 +69,51 @@ class BusinessPolicy:
     # Running + waiting sequences per ready replica to stay under (Knative KPA's target concurrency): capacity
     # *before* requests queue, for a business whose latency target a single queued request already misses.
     concurrency_per_replica: float | None = None
+
+
+@dataclass(frozen=True)
+class PoolBusiness:
+    """One business of a pool: the business services that serve it (by name), the stored policy that speaks
+    for it (None: the defaults) and its priority on the shared scale of `domain.preemption`."""
+
+    name: str
+    services: tuple[Service, ...]
+    policy: Mapping[str, Any] | None
+    priority: int = DEFAULT_BUSINESS_PRIORITY
+
+
+@dataclass(frozen=True)
+class PoolBusinesses:
+    """A pool's businesses (in the order of their first service's name) and the pool's priority: its
+    businesses' highest, and whose (the lowest name among equals); 0 and None without businesses."""
+
+    businesses: Mapping[str, PoolBusiness]
+    priority: int = DEFAULT_BUSINESS_PRIORITY
+    prioritized: str | None = None
+
+
+def pool_businesses(model_tag: str, services: Iterable[Service],
+                    policies: Mapping[str, Mapping[str, Any]]) -> PoolBusinesses:
+    """The businesses of a pool serving `model_tag`, from its business services and the stored policies
+    (service name → policy). The one answer to "who is on this pool, under which policy, how important":
+    the autopilot decides with it, preemption and reclaim rank the pool by it.
+
+    A business served by several services has one policy: that of its first service (by name) that has
+    one, its priority included — so a business ranks the same whether the autopilot scales it out or a
+    finetune task asks for its pool's replicas, under the policy the autopilot's status shows for it."""
+    grouped: dict[str, list[Service]] = {}
+    for service in sorted(services, key=lambda s: s.name):
+        if service.is_business_service and service.model == model_tag and service.business:
+            grouped.setdefault(service.business, []).append(service)
+    businesses = {}
+    for business, these in grouped.items():
+        policy = next((policies[s.name] for s in these if s.name in policies), None)
+        priority = DEFAULT_BUSINESS_PRIORITY
+        if policy:
+            priority = int(policy.get("priority", DEFAULT_BUSINESS_PRIORITY))
+        businesses[business] = PoolBusiness(business, tuple(these), policy, priority)
+    priority, prioritized = business_priority({b.name: b.priority for b in businesses.values()})
+    return PoolBusinesses(businesses, priority, prioritized)
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,25 @@ Method = Literal["full", "lora", "qlora", "freeze"]
 METHODS: tuple[Method, ...] = ("full", "lora", "qlora", "freeze")
 
 
+class AttentionWidths:
+    """The query and key/value projection widths of a decoder, for any class with `heads`, `kv_heads` and
+    `head_dim` (the estimator's `ModelSpec`, and `model_shape.ModelShape` read from config.json)."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelSpec(AttentionWidths):
     """What the estimator needs of a model. The catalogue below gives it by hand; `ModelShape.spec` builds it from
     any decoder's config.json (`corral.model_files` reads the files). The fields after `vocab` default to a dense
     decoder whose head dim is hidden ÷ heads, so the catalogue entries stay one line each."""
@@ -52,16 +69,8 @@ class ModelSpec:
     dtype: str = ""  # the weights' storage dtype, where the files say it (information: training and serving use 16-bit)
 
     @property
-    def head_dim(self) -> int:
+    def head_dim(self) -> int:  # type: ignore[override]  # a field in ModelShape, derived here
         return self.explicit_head_dim or self.hidden // self.heads
-
-    @property
-    def q_dim(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.kv_heads * self.head_dim
 
     @property
     def active_ffn(self) -> int:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from corral.domain.errors import InvalidInput
-from corral.domain.memory import KNOWN_MODELS, ModelSpec
+from corral.domain.memory import KNOWN_MODELS, AttentionWidths, ModelSpec
 
 # Bytes per element of safetensors' dtypes (the format's own list).
 DTYPE_BYTES = {
@@ -53,7 +53,7 @@ class ParameterCount:
 
 
 @dataclass(frozen=True)
-class ModelShape:
+class ModelShape(AttentionWidths):
     """A decoder's architecture as config.json states it: enough to count its parameters exactly."""
 
     model_type: str
@@ -79,14 +79,6 @@ class ModelShape:
     dtype: str = ""  # config.json's torch_dtype, as a safetensors name
     quantized: str = ""  # quantization_config's method: the stored tensors are packed, not one element per parameter
     approximate: str = ""  # why the formula may not match this architecture exactly; "" when it does
-
-    @property
-    def q_dim(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.kv_heads * self.head_dim
 
     def parameters(self) -> ParameterCount:
         h = self.hidden

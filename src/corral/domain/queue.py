@@ -144,10 +144,44 @@ class Reservation:
         return replace(self, promised_start=kept, slack_s=slack_s)
 
 
+class WaitReason(StrEnum):
+    """Why a task the round did not start waits (`Wait.reason`); callers decide on it, `Wait.describe` words it."""
+
+    CPU_SLOT = "cpu-slot"  # a CPU task: every CPU training slot is taken
+    GPUS = "gpus"  # too few free units with the memory it needs (`Wait.gpus`, `.memory_per_gpu`, `.available`)
+    RESERVED = "reserved"  # easy-backfill: starting now could delay the head's reservation (`Wait.task`: the head)
+    BEHIND = "behind"  # queued behind a task nothing may pass (`Wait.task`)
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Why a task waits, with the numbers its wording needs."""
+
+    reason: WaitReason
+    task: str = ""  # RESERVED: the head holding the reservation; BEHIND: the task it is queued behind
+    gpus: int = 0  # GPUS: the units it asks for
+    memory_per_gpu: float = 0.0  # GPUS: the bytes each must have free
+    available: int = 0  # GPUS: the free units with that much memory
+
+    def describe(self) -> str:
+        """The one wording of a wait, as a task's queue reason says it."""
+        if self.reason is WaitReason.CPU_SLOT:
+            return "waiting for a CPU training slot"
+        if self.reason is WaitReason.BEHIND:
+            return f"queued behind {self.task}"
+        if self.reason is WaitReason.RESERVED:
+            return f"waiting for GPU to be released: starting now could delay {self.task}, which has GPUs reserved"
+        memory = f" with {self.memory_per_gpu / 1024**3:.1f}GB free" if self.memory_per_gpu else ""
+        return f"waiting for GPU to be released: needs {self.gpus}{memory}, {self.available} available"
+
+    def __str__(self) -> str:
+        return self.describe()
+
+
 @dataclass
 class Decision:
     starts: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)  # (task id, unit ids; () for CPU)
-    waiting: dict[str, str] = field(default_factory=dict)  # task id → why it waits
+    waiting: dict[str, Wait] = field(default_factory=dict)  # task id → why it waits
     bypassed: list[str] = field(default_factory=list)  # waiting tasks that a later task passed in this round
     reservations: dict[str, Reservation] = field(default_factory=dict)  # easy-backfill: the head's reservation
 
@@ -202,12 +236,11 @@ def fit(demand: Demand, units: Sequence[Unit], cpu_slots: int,
     return None
 
 
-def why_not(demand: Demand, capacity: Capacity) -> str:
+def why_not(demand: Demand, capacity: Capacity) -> Wait:
     if demand.gpus == 0:
-        return "waiting for a CPU training slot"
+        return Wait(WaitReason.CPU_SLOT)
     enough = sum(1 for u in capacity.units if u.free_bytes >= demand.memory_per_gpu)
-    memory = f" with {demand.memory_per_gpu / 1024**3:.1f}GB free" if demand.memory_per_gpu else ""
-    return f"waiting for GPU: needs {demand.gpus}{memory}, {enough} available"
+    return Wait(WaitReason.GPUS, gpus=demand.gpus, memory_per_gpu=demand.memory_per_gpu, available=enough)
 
 
 def reserve(demand: Demand, free: Sequence[Unit], running: Sequence[RunningTask], now: float) -> Reservation | None:
@@ -251,14 +284,13 @@ def schedule(tasks: Sequence[WaitingTask], capacity: Capacity, strategy: Strateg
     head: tuple[WaitingTask, Reservation | None] | None = None  # easy-backfill: the first GPU task that did not fit
     for task in queue_order(tasks):
         if blocked_by is not None:
-            decision.waiting[task.id] = f"queued behind {blocked_by.id}"
+            decision.waiting[task.id] = Wait(WaitReason.BEHIND, task=blocked_by.id)
             continue
         chosen = fit(task.demand, units, cpu_slots)
         if easy and head is not None and head[1] is not None and chosen and task.demand.gpus:
             chosen = _backfill(task, units, head[1], capacity.now)
             if chosen is None:
-                decision.waiting[task.id] = (f"waiting for GPU: starting now could delay {head[0].id}, "
-                                             f"which has GPUs reserved")
+                decision.waiting[task.id] = Wait(WaitReason.RESERVED, task=head[0].id)
                 passed_over.append(task)
                 continue
         if chosen is None:

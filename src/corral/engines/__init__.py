@@ -4,6 +4,9 @@ An engine only builds argument lists (never a shell string), so user input such 
 or a model path can never be interpreted by a shell.
 """
 
+# The engines register themselves when their module is imported. Importing them here, from the package and not from
+# `base`, keeps the registry full for every caller (any `corral.engines.*` import runs this first) without a cycle.
+from corral.engines import servers  # noqa: F401
 from corral.engines.base import (
     REDACTED,
     Engine,

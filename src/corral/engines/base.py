@@ -166,12 +166,10 @@ def register(engine: Engine) -> Engine:
 
 
 def engine_names() -> list[str]:
-    _load()
     return sorted(_REGISTRY)
 
 
 def get_engine(name: str) -> Engine:
-    _load()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -181,8 +179,3 @@ def get_engine(name: str) -> Engine:
 def _short(value: str, limit: int = 80) -> str:
     """A value quoted in a message, cut to a readable length (a message never echoes megabytes)."""
     return value if len(value) <= limit else value[:limit] + f"… ({len(value)} characters)"
-
-
-def _load() -> None:
-    # Importing the modules registers them; kept lazy so `base` has no import cycle.
-    from corral.engines import servers  # noqa: F401

@@ -3,37 +3,16 @@ the simulator is Corral's own OpenAI-compatible server for routing tests and ben
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from corral.domain.adapters import lora_module_names
 from corral.engines.base import Engine, LaunchSpec, register
 
 
 def _has_flag(extra: list[str], *flags: str) -> bool:
     return any(arg == f or arg.startswith(f + "=") for arg in extra for f in flags)
-
-
-def _lora_names(extra: list[str]) -> set[str]:
-    """The names `--lora-modules` gives its adapters (`name=path`, or vLLM's JSON form with "name")."""
-    names: set[str] = set()
-    taking = False
-    for arg in extra:
-        if arg.startswith("--lora-modules="):
-            arg, taking = arg.partition("=")[2], True
-        elif arg == "--lora-modules":
-            taking = True
-            continue
-        elif arg.startswith("-"):
-            taking = False
-            continue
-        if taking:
-            try:
-                names.add(json.loads(arg)["name"] if arg.lstrip().startswith("{") else arg.partition("=")[0])
-            except (ValueError, KeyError, TypeError):
-                pass
-    return names
 
 
 CPU_KV_CACHE_BYTES = 1024**3  # vLLM on the CPU (no GPU given): each replica's KV cache
@@ -44,7 +23,7 @@ class VllmEngine(Engine):
     def server_args(self, *, model_id, model_tag, port, host, gpus, extra):
         # A finetuned adapter deployed under the pool's tag answers to the tag (vLLM would otherwise give a request
         # for it to the base model, which is matched first); the base model then answers to `<tag>-base`.
-        served = f"{model_tag}-base" if model_tag in _lora_names(extra) else model_tag
+        served = f"{model_tag}-base" if model_tag in lora_module_names(extra) else model_tag
         args = ["--model", model_id, "--served-model-name", served, "--host", host, "--port", str(port)]
         if gpus > 1 and not _has_flag(extra, "--tensor-parallel-size", "-tp"):
             args += ["--tensor-parallel-size", str(gpus)]

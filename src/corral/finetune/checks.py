@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.domain.errors import Conflict
+from corral.model_files import adapter_rank
 
 # vLLM's accepted `--max-lora-rank` values (vllm.config.lora.MaxLoRARanks); its default, 16, refuses larger adapters.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -69,15 +70,6 @@ def no_chat_template(base_model: str, dataset_format: str) -> str:
             "(chat_template.jinja, or \"chat_template\" in tokenizer_config.json), choose a built-in one with the "
             "chatTemplate hyperparameter (chatml, qwen, llama3, mistral, gemma), or give the examples as plain text "
             "('text', or 'prompt'/'completion' strings)")
-
-
-def adapter_rank(adapter: Path) -> int:
-    """The largest LoRA rank in a peft adapter (its `r`, or a larger one in `rank_pattern`)."""
-    config = _read_json(adapter / "adapter_config.json")
-    if config is None:
-        raise Conflict(f"the adapter in {adapter} has no readable adapter_config.json")
-    ranks = [config.get("r") or 8, *(config.get("rank_pattern") or {}).values()]
-    return max(int(r) for r in ranks if isinstance(r, (int, float)))
 
 
 def vllm_lora_args(model_tag: str, adapter: Path) -> list[str]:

@@ -4,37 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from datetime import datetime
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import select
 
+from corral.domain.tasks import TaskState
 from corral.store.schema import FinetuneTaskRow
-from corral.store.state import StateStore, _aware
-
-
-class TaskState(StrEnum):
-    """A finetune task's lifecycle: pending → queued → preparing → training → completed | failed | cancelled."""
-
-    PENDING = "pending"  # submitted, not yet considered by a scheduling round
-    QUEUED = "queued"  # waiting for GPUs (or a CPU slot), or launched and waiting for Kueue's admission
-    PREPARING = "preparing"  # trainer started: loading the model and dataset
-    TRAINING = "training"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"  # by request, or timed out
-
-
-# Groupings (like SkyPilot's status groupings); tuples of str values, usable in SQL `IN` and with `in`.
-ACTIVE: tuple[TaskState, ...] = (TaskState.PREPARING, TaskState.TRAINING)
-WAITING: tuple[TaskState, ...] = (TaskState.PENDING, TaskState.QUEUED)
-FINISHED: tuple[TaskState, ...] = (TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED)
+from corral.store.state import StateStore, aware
 
 
 @dataclass(frozen=True)
 class TaskRecord:
     id: str
-    status: str
+    status: TaskState
     base_model: str
     dataset_path: str
     method: str
@@ -66,7 +48,8 @@ _COLUMNS = [f.name for f in fields(TaskRecord)]
 def _record(row: FinetuneTaskRow) -> TaskRecord:
     values = {name: getattr(row, name) for name in _COLUMNS}
     for name in ("created_at", "started_at", "finished_at", "promised_start"):
-        values[name] = _aware(values[name])
+        values[name] = aware(values[name])
+    values["status"] = TaskState(values["status"])  # the column holds its value; the record holds the enum
     return TaskRecord(**values)
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-MODEL = "model"  # the tokenizer's own template
+from corral.domain.hyperparameters import MODEL_TEMPLATE as MODEL  # the tokenizer's own template
+from corral.domain.hyperparameters import TEMPLATE_NAMES
 
 _BOS = "{% if bos_token %}{{ bos_token }}{% endif %}"
 
@@ -53,7 +54,7 @@ TEMPLATES: dict[str, str] = {
         "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
     ),
 }
-NAMES: tuple[str, ...] = (MODEL, *TEMPLATES)
+NAMES: tuple[str, ...] = TEMPLATE_NAMES  # the hyperparameter's choices: `model`, then one per template above
 MARKERS: dict[str, tuple[str, ...]] = {
     "chatml": ("<|im_start|>", "<|im_end|>"),
     "qwen": ("<|im_start|>", "<|im_end|>"),

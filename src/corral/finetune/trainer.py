@@ -4,9 +4,10 @@
     python -m torch.distributed.run --standalone --nproc_per_node N -m corral.finetune.trainer TASK_DIR   (N GPUs)
 
 Reads TASK_DIR/task.json; appends progress as JSON lines to TASK_DIR/progress.jsonl (the dataset's
-counts, then step, total steps, loss, learning rate, epoch, ETA, eval loss), which the task manager
-follows; keeps the last `saveTotalLimit` checkpoints in TASK_DIR/checkpoints and resumes from the newest
-one when started again (they are removed once the task completes); writes the result to TASK_DIR/output
+counts, then step, total steps, loss, learning rate, epoch, ETA, eval loss; each line's `event` a
+`corral.finetune.progress.ProgressEvent`), which the task manager follows; keeps the last `saveTotalLimit`
+checkpoints in TASK_DIR/checkpoints and resumes from the newest one when started again (they are removed
+once the task completes); writes the result to TASK_DIR/output
 (the adapter for LoRA/QLoRA, the model for full). A separate process so a crash or a kill never touches
 the control plane, and so it can outlive a control-plane restart.
 
@@ -18,7 +19,7 @@ between two Python instructions anywhere in the Trainer, and only the step bound
 Under data parallelism the ranks agree on the flag at every step end (one all-reduce of one number), so they all
 save the same step and none waits forever in a collective the others skipped.
 
-How it trains (LLaMA-Factory's defaults, all settable: `corral.finetune.hyperparameters`): the loss on
+How it trains (LLaMA-Factory's defaults, all settable: `corral.domain.hyperparameters`): the loss on
 the assistant's turns only (`corral.finetune.examples`), gradient checkpointing, a cosine schedule with
 warmup, gradient clipping, bf16 mixed precision where the GPU supports it (Ampere or newer), else fp16,
 fp32 on the CPU; a full finetune keeps fp32 master weights (the 16-bit type is for the computation).
@@ -43,6 +44,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from corral.finetune.progress import ProgressEvent
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: a checkpoint was saved on request; start the trainer again to continue
 PREEMPT_SIGNAL = signal.SIGUSR1
@@ -75,11 +78,11 @@ class ProgressFile:
         self.path = path
         self.rank = rank
 
-    def write(self, **event: Any) -> None:
+    def write(self, event: ProgressEvent, **fields: Any) -> None:
         if self.rank != 0:
             return
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"time": time.time(), **event}) + "\n")
+            f.write(json.dumps({"time": time.time(), "event": ProgressEvent(event).value, **fields}) + "\n")
 
 
 def pick_precision(choice: str, cuda: bool, bf16_supported: bool) -> str:
@@ -132,10 +135,10 @@ def train(task_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
+    from corral.domain.hyperparameters import for_trainer
     from corral.finetune import templates
     from corral.finetune.dataset import read_dataset
     from corral.finetune.examples import IGNORE, Encoder
-    from corral.finetune.hyperparameters import for_trainer
 
     config = json.loads((task_dir / "task.json").read_text())
     method = config["method"]
@@ -144,7 +147,7 @@ def train(task_dir: Path) -> None:
     progress = ProgressFile(task_dir / "progress.jsonl", rank)
     checkpoints = task_dir / "checkpoints"
     resume = newest_checkpoint(checkpoints)
-    progress.write(event="preparing", resume=resume is not None)
+    progress.write(event=ProgressEvent.PREPARING, resume=resume is not None)
     if method == "qlora" and size > 1:
         raise SystemExit("qlora trains on one GPU (bitsandbytes 4-bit weights are not replicated across processes here)")
 
@@ -184,7 +187,7 @@ def train(task_dir: Path) -> None:
               + f"; {len(train_ids)} train, {len(eval_ids)} eval; "
               f"{sum(e.trained_tokens for e in encoding.encoded)} of {sum(len(e.input_ids) for e in encoding.encoded)} tokens trained",
               flush=True)
-    progress.write(event="dataset", examples=len(dataset.examples), format=dataset.format, truncated=encoding.truncated,
+    progress.write(event=ProgressEvent.DATASET, examples=len(dataset.examples), format=dataset.format, truncated=encoding.truncated,
                    dropped=encoding.dropped, trainExamples=len(train_ids), evalExamples=len(eval_ids))
     if not examples:
         raise SystemExit(f"no example fits maxSeqLen {hp['maxSeqLen']} ({reasons}): raise maxSeqLen or shorten the answers")
@@ -234,7 +237,7 @@ def train(task_dir: Path) -> None:
         def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
             self.started = time.monotonic()
             self.first_step = state.global_step
-            progress.write(event="training", step=state.global_step, totalSteps=state.max_steps)
+            progress.write(event=ProgressEvent.TRAINING, step=state.global_step, totalSteps=state.max_steps)
 
         def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN201
             if not logs or "loss" not in logs:
@@ -242,14 +245,14 @@ def train(task_dir: Path) -> None:
             done = state.global_step - self.first_step
             rate = (time.monotonic() - self.started) / done if done else None
             eta = rate * (state.max_steps - state.global_step) if rate else None
-            progress.write(event="step", step=state.global_step, totalSteps=state.max_steps, loss=logs["loss"],
+            progress.write(event=ProgressEvent.STEP, step=state.global_step, totalSteps=state.max_steps, loss=logs["loss"],
                            learningRate=logs.get("learning_rate"), gradNorm=logs.get("grad_norm"),
                            epoch=round(state.epoch or 0, 4), eta=eta)
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):  # noqa: ANN001, ANN201
             if metrics and "eval_loss" in metrics:
                 self.evaluated_at = state.global_step
-                progress.write(event="eval", step=state.global_step, evalLoss=metrics["eval_loss"])
+                progress.write(event=ProgressEvent.EVAL, step=state.global_step, evalLoss=metrics["eval_loss"])
 
     class Preempt(TrainerCallback):
         """Checkpoint and stop at the step end after a preemption request (all ranks at the same step)."""
@@ -290,7 +293,7 @@ def train(task_dir: Path) -> None:
     trainer.train(resume_from_checkpoint=str(checkpoints / resume) if resume else None)
     if preempt.stopped_at is not None:
         saved = newest_checkpoint(checkpoints)
-        progress.write(event="preempted", step=trainer.state.global_step, totalSteps=trainer.state.max_steps, checkpoint=saved)
+        progress.write(event=ProgressEvent.PREEMPTED, step=trainer.state.global_step, totalSteps=trainer.state.max_steps, checkpoint=saved)
         if rank == 0:
             print(f"[trainer] preempted: saved {saved} at step {trainer.state.global_step} of {trainer.state.max_steps}; "
                   f"exiting (code {PREEMPTED_EXIT}) to be resumed from it", flush=True)
@@ -302,7 +305,7 @@ def train(task_dir: Path) -> None:
         output = task_dir / "output"
         trainer.model.save_pretrained(output)
         tokenizer.save_pretrained(output)  # with the chat template trained on (a built-in one, when chosen)
-        progress.write(event="completed", output=str(output), step=trainer.state.global_step, totalSteps=trainer.state.max_steps)
+        progress.write(event=ProgressEvent.COMPLETED, output=str(output), step=trainer.state.global_step, totalSteps=trainer.state.max_steps)
         shutil.rmtree(checkpoints, ignore_errors=True)  # after `completed`: a restart in between never finds neither
     _leave_process_group(size)
 

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from corral.aio import within
-from corral.domain.errors import InvalidInput, NotFound
+from corral.domain.errors import Hint, InvalidInput, NotFound
 from corral.domain.load import (
     SERIES_STEP_S,
     WINDOW_DEFAULT_S,
@@ -187,7 +187,7 @@ class LoadMonitor:
         window = check_window(window)
         found = [s for s in self._services() if s.name == name]
         if not found:
-            raise NotFound(f"business service '{name}' not found; list them with GET /api/business-services")
+            raise NotFound(f"business service '{name}' not found", Hint.LIST_SERVICES)
         return self._views(found, window)[0]
 
     def _views(self, services: list[BusinessServiceView], window: int) -> list[ServiceLoad]:

@@ -20,8 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from corral.domain import labels as L
 from corral.domain.adapters import Adapter
-from corral.domain.errors import CorralError
-from corral.domain.history import HistoryDraft, Intent, Outcome
+from corral.domain.history import Action, HistoryDraft, Intent, Outcome
 from corral.domain.models import Deployment, Pod, PodPhase, Service
 from corral.paths import private_file
 from corral.store.schema import (
@@ -38,7 +37,7 @@ from corral.store.schema import (
 )
 
 
-def _aware(value: datetime | None) -> datetime | None:
+def aware(value: datetime | None) -> datetime | None:
     # SQLite returns naive datetimes; everything Corral stores is UTC.
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
@@ -83,7 +82,7 @@ def _deployment(row: DeploymentRow) -> Deployment:
     return Deployment(
         name=row.name, engine=row.engine, model_id=row.model_id, model_tag=row.model_tag, is_pool=row.is_pool,
         replicas=row.replicas, gpus_per_replica=row.gpus_per_replica, engine_args=tuple(row.engine_args or ()),
-        created_at=_aware(row.created_at),
+        created_at=aware(row.created_at),
     )
 
 
@@ -91,14 +90,14 @@ def _replica(row: ReplicaRow) -> ReplicaRecord:
     return ReplicaRecord(
         name=row.name, deployment=row.deployment, labels=dict(row.labels), port=row.port, log_path=row.log_path,
         phase=PodPhase(row.phase), ready=row.ready, restarts=row.restarts, pid=row.pid, pid_start=row.pid_start,
-        gpu_ids=tuple(row.gpu_ids or ()), created_at=_aware(row.created_at),
+        gpu_ids=tuple(row.gpu_ids or ()), created_at=aware(row.created_at),
     )
 
 
 def _service(row: ServiceRow) -> Service:
     return Service(
         name=row.name, model=row.model, selector=dict(row.selector), labels=dict(row.labels),
-        is_external=row.is_external, deployment=row.deployment, created_at=_aware(row.created_at),
+        is_external=row.is_external, deployment=row.deployment, created_at=aware(row.created_at),
     )
 
 
@@ -326,7 +325,7 @@ class StateStore:
     # autopilot: policies, pool settings, pins -----------------------------------------------------
     def set_policy(self, service: str, policy: Mapping[str, Any], history: HistoryDraft) -> None:
         """A business's policy and its history row, in one transaction (the desired state of the autopilot)."""
-        with self._recorded(history) as s:
+        with self._applied([history]) as s:
             s.merge(BusinessPolicyRow(service=service, policy=dict(policy)))
 
     def policies(self) -> dict[str, dict[str, Any]]:
@@ -334,7 +333,7 @@ class StateStore:
             return {r.service: dict(r.policy) for r in s.scalars(select(BusinessPolicyRow))}
 
     def set_autopilot(self, pool: str, settings: Mapping[str, Any], history: HistoryDraft) -> None:
-        with self._recorded(history) as s:
+        with self._applied([history]) as s:
             s.merge(AutopilotRow(pool=pool, settings=dict(settings)))
 
     def autopilots(self) -> dict[str, dict[str, Any]]:
@@ -342,7 +341,7 @@ class StateStore:
             return {r.pool: dict(r.settings) for r in s.scalars(select(AutopilotRow))}
 
     def set_pins(self, pool: str, pods: Iterable[str], pinned: bool, history: HistoryDraft | None = None) -> None:
-        with self._recorded(history) as s:
+        with self._applied([history] if history is not None else []) as s:
             for pod in pods:
                 if pinned:
                     s.merge(PinRow(pod=pod, pool=pool))
@@ -372,73 +371,64 @@ class StateStore:
             if service is not None and (policy := s.get(BusinessPolicyRow, service)) is not None:
                 s.delete(policy)
 
-    @contextmanager
-    def _recorded(self, history: HistoryDraft | None) -> Iterator[Session]:
-        """A change applied at once (a setting, not a process to drive): its row is written `success` in
-        the same transaction, so the setting and its record never disagree."""
-        with self.session() as s:
-            row = None
-            if history is not None:
-                row = HistoryRow(action=str(history.action), target=history.target, before=history.before,
-                                 after=history.after, outcome=Outcome.SUCCESS.value, message=history.message)
-                s.add(row)
-            yield s
-            s.flush()
-            entries = [_history(row)] if row is not None else []
-        self._announce(entries)
-
     # history -----------------------------------------------------------------------------------
-    def record(
-        self, action: str, target: str, *, before: Any = None, after: Any = None, outcome: str = Outcome.SUCCESS,
-        message: str = ""
-    ) -> dict[str, Any]:
+    # Written one way (`_writing_history`): with a desired state (the `intent=`/`history=` of the methods
+    # above), or alone through the public methods below, which only `corral.intents` calls (it owns every
+    # change's bookkeeping).
+    @contextmanager
+    def _writing_history(self, drafts: Sequence[HistoryDraft], outcome: Outcome
+                         ) -> Iterator[tuple[Session, list[dict[str, Any]]]]:
+        """The one way history rows are written: `drafts` as rows of `outcome` (`pending` for an intent,
+        a final outcome for a change applied at once), in one transaction with whatever the block writes
+        (the desired state they record), so the two never disagree. The rows' entries fill the yielded
+        list once flushed, and are announced (`on_record`) once committed."""
+        entries: list[dict[str, Any]] = []
         with self.session() as s:
-            row = HistoryRow(action=action, target=target, before=before, after=after, outcome=str(outcome), message=message)
-            s.add(row)
+            rows = [HistoryRow(action=str(d.action), target=d.target, before=d.before, after=d.after,
+                               outcome=outcome.value, message=d.message) for d in drafts]
+            s.add_all(rows)
+            yield s, entries
             s.flush()
-            entry = _history(row)
-        self._announce([entry])
-        return entry
+            entries.extend(_entry(r) for r in rows)
+        self._announce(entries)
 
     @contextmanager
     def _intent(self, intent: Intent | None) -> Iterator[Session]:
-        """One transaction for a change's desired state and its pending history rows."""
-        with self.session() as s:
-            rows = [HistoryRow(action=str(d.action), target=d.target, before=d.before, after=d.after,
-                               outcome=Outcome.PENDING.value, message=d.message) for d in (intent.rows if intent else ())]
-            s.add_all(rows)
+        """A change's desired state and its pending rows (`intent.ids` once written), in one transaction."""
+        drafts = intent.rows if intent is not None else ()
+        with self._writing_history(drafts, Outcome.PENDING) as (s, entries):
             yield s
-            s.flush()
-            entries = [_history(r) for r in rows]
         if intent is not None:
             intent.ids = [e["id"] for e in entries]
-        self._announce(entries)
+
+    @contextmanager
+    def _applied(self, drafts: Sequence[HistoryDraft]) -> Iterator[Session]:
+        """A setting applied at once (not a process to drive): its rows are `success` with it."""
+        with self._writing_history(drafts, Outcome.SUCCESS) as (s, _):
+            yield s
 
     def begin(self, intent: Intent) -> None:
-        """Write an intent's rows alone (a backend whose desired state lives elsewhere, e.g. a cluster)."""
+        """An intent's pending rows alone (its desired state is not in this database: a cluster, memory)."""
         with self._intent(intent):
             pass
 
-    def complete(self, intent: Intent, outcome: Outcome, message: str | None = None, after: Any = None) -> None:
-        """Close an intent's pending rows; `message`/`after` replace the last row's (the change's summary,
-        written last so that it is the newest row of the change, as listings show it)."""
-        self.complete_rows(intent.ids, outcome, message, after)
+    def record_applied(self, draft: HistoryDraft, outcome: Outcome = Outcome.SUCCESS) -> dict[str, Any]:
+        """One row of a change that is over as it is written (an observation, a refusal): its entry."""
+        with self._writing_history([draft], outcome) as (_, entries):
+            pass
+        return entries[0]
 
-    def complete_failed(self, intent: Intent, exc: BaseException) -> None:
-        """Close the rows of a change that raised: `rolled_back` for a refusal (a CorralError: whoever refused undid
-        its part), `failed` with the error for anything else."""
-        if isinstance(exc, CorralError):
-            self.complete(intent, Outcome.ROLLED_BACK, message=exc.message)
-        else:
-            self.complete(intent, Outcome.FAILED, message=f"{type(exc).__name__}: {exc}")
-
-    def complete_rows(self, ids: Sequence[int], outcome: Outcome, message: str | None = None, after: Any = None) -> None:
+    def complete_rows(self, ids: Sequence[int], outcome: Outcome, message: str | None = None,
+                      after: Any = None) -> None:
+        """Close pending rows with `outcome`; `message`/`after` replace the last row's (a change's summary,
+        completed last so that it is the newest row of the change, as listings show it). Rows completed
+        already (e.g. rolled back before the change's block ended) stay as they are."""
         if not ids:
             return
         with self.session() as s:
             found = {row.id: row for row in s.scalars(select(HistoryRow).where(HistoryRow.id.in_(ids)))}
             rows = [found[i] for i in ids]
-            if rows[-1].outcome != Outcome.PENDING:  # completed already (e.g. rolled back before the block ended)
+            if rows[-1].outcome != Outcome.PENDING:
                 return
             for row in rows:
                 if row.outcome == Outcome.PENDING:
@@ -448,13 +438,13 @@ class StateStore:
             if after is not None:
                 rows[-1].after = after
             s.flush()
-            entries = [_history(r) for r in rows]
+            entries = [_entry(r) for r in rows]
         self._announce(entries)
 
     def pending_history(self) -> list[dict[str, Any]]:
         query = select(HistoryRow).where(HistoryRow.outcome == Outcome.PENDING.value).order_by(HistoryRow.id)
         with self.session() as s:
-            return [_history(r) for r in s.scalars(query)]
+            return [_entry(r) for r in s.scalars(query)]
 
     def _announce(self, entries: list[dict[str, Any]]) -> None:
         if self.on_record is not None:
@@ -468,7 +458,7 @@ class StateStore:
         if target:
             query = query.where(HistoryRow.target == target)
         with self.session() as s:
-            return [_history(r) for r in s.scalars(query)]
+            return [_entry(r) for r in s.scalars(query)]
 
 
 def _relabel(s: Session, businesses: Mapping[str, str]) -> None:
@@ -490,9 +480,9 @@ def _service_row(service: Service) -> ServiceRow:
     )
 
 
-def _history(row: HistoryRow) -> dict[str, Any]:
+def _entry(row: HistoryRow) -> dict[str, Any]:
     return {
-        "id": row.id, "timestamp": _aware(row.timestamp).isoformat(), "action": row.action, "target": row.target,
+        "id": row.id, "timestamp": aware(row.timestamp).isoformat(), "action": row.action, "target": row.target,
         "before": row.before, "after": row.after, "outcome": row.outcome, "message": row.message,
     }
 

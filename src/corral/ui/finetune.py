@@ -16,11 +16,12 @@ from nicegui import events as ui_events
 from corral.auth import token_accepted
 from corral.backends.local.process import tail_lines
 from corral.domain.errors import CorralError
+from corral.domain.finetune_request import METHODS
+from corral.domain.hyperparameters import CHOICES, DEFAULTS, SWITCHES, TEXTS
+from corral.domain.tasks import FINISHED, TaskState
 from corral.events import EventType
 from corral.finetune.dataset import read_dataset
-from corral.finetune.hyperparameters import CHOICES, SWITCHES, TEXTS
-from corral.finetune.manager import DEFAULT_HYPERPARAMETERS, METHODS, training_estimate
-from corral.finetune.store import FINISHED, TaskState
+from corral.finetune.intake import training_estimate
 from corral.paths import confine_dataset
 from corral.ui.live import ClientEvents, act, live, notify, runtime
 from corral.views import ExportState, FinetuneTask, GpuInfo, PreviewResult, gpu_info
@@ -94,7 +95,7 @@ def _gpu_banner(events: ClientEvents) -> None:
 
 # submit form ----------------------------------------------------------------------------------
 def _submit_form() -> None:
-    hp = DEFAULT_HYPERPARAMETERS
+    hp = DEFAULTS
     base_model = ui.input("Base model", placeholder="a local model directory or org/name").classes("w-full").props('data-testid="ft-model"')
     with ui.row().classes("w-full items-center gap-2 no-wrap"):
         dataset = ui.input("Dataset (JSONL)", placeholder="/path/to/train.jsonl").classes("grow").props('data-testid="ft-dataset"')
@@ -152,7 +153,7 @@ def _submit_form() -> None:
 
     async def submit() -> None:
         values = {key: field.value for key, field in fields.items()}
-        # As typed: the manager's one check (finetune.hyperparameters) takes 2.0 as 2 and refuses 2.5, NaN, ...
+        # As typed: the manager's one check (domain.hyperparameters) takes 2.0 as 2 and refuses 2.5, NaN, ...
         hyperparameters = {k: v for k, v in values.items() if v is not None}
         result, problem = await act(lambda: _submit(base_model.value, dataset.value, method.value, priority.value,
                                                     int(gpus.value or 0), float(timeout_h.value or 0) * 3600, hyperparameters))
@@ -331,6 +332,7 @@ def task_row(task: FinetuneTask, resumable: bool = False) -> dict[str, Any]:
         "id": task.id, "status": task.status.value, "color": STATUS_COLORS.get(task.status, "grey"), "reason": task.reason,
         # The reason is the point of a failed or cancelled row: shown in it, not only on hover.
         "shownReason": task.reason if task.status in (TaskState.FAILED, TaskState.CANCELLED) else "",
+        "failed": task.status == TaskState.FAILED,
         "model": Path(task.baseModel).name, "method": task.method, "priority": task.priority, "fraction": fraction,
         "progressText": " · ".join(p for p in parts if p), "created": created, "createdShort": created[5:16],
         "cancellable": task.status not in FINISHED, "resumable": resumable,
@@ -361,7 +363,7 @@ STATUS_CELL = r"""
     <q-tooltip v-if="props.row.reason">{{ props.row.reason }}</q-tooltip>
   </q-badge>
   <div v-if="props.row.shownReason" class="text-xs q-mt-xs" style="white-space: normal; word-break: break-word"
-       :class="props.row.status === 'failed' ? 'text-negative' : 'text-grey-8'" :data-testid="'reason-' + props.row.id">
+       :class="props.row.failed ? 'text-negative' : 'text-grey-8'" :data-testid="'reason-' + props.row.id">
     {{ props.row.shownReason.length > 160 ? props.row.shownReason.slice(0, 160) + '…' : props.row.shownReason }}
   </div>
 </q-td>
@@ -588,7 +590,7 @@ def _deploy_control(task: FinetuneTask) -> None:
             result, problem = await act(lambda: runtime().finetune.deploy(
                 task.id, engine=engine.value, model_tag=(tag.value or "").strip(), replicas=int(replicas.value or 1)))
             button.props(remove="loading")
-            notify(problem or f"deployed as {result['deployment']['name']}", "negative" if problem else "positive")
+            notify(problem or f"deployed as {result.deployment.name}", "negative" if problem else "positive")
 
         button = ui.button("Deploy as pool", icon="rocket_launch", on_click=deploy).props('data-testid="deploy-as-pool"')
     if task.method in ("lora", "qlora"):

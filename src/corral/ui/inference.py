@@ -18,9 +18,9 @@ from typing import Any
 import httpx
 from nicegui import ui
 
-from corral.controller import DeploySpec
 from corral.domain import labels as L
 from corral.domain.assignment import businesses_of_model
+from corral.domain.deploy_request import DeploySpec
 from corral.domain.errors import CorralError
 from corral.domain.models import PodPhase
 from corral.engines import engine_names, get_engine
@@ -140,7 +140,7 @@ def _model_form() -> None:
         button.props(remove="loading")
         error.set_text(problem or "")
         if result:
-            notify(f"{result['deployment']['name']}: starting {spec.replicas} replica(s)", "positive")
+            notify(f"{result.deployment.name}: starting {spec.replicas} replica(s)", "positive")
 
     button = ui.button(on_click=deploy).props('data-testid="deploy"')
     button.bind_text_from(pool, "value", backward=lambda is_pool: "Deploy as Model Pool" if is_pool else "Deploy")
@@ -167,7 +167,7 @@ def _service_form(events: ClientEvents) -> None:
             (name.value or "").strip(), pool.value, (business.value or "").strip(), bool(external.value)))
         error.set_text(problem or "")
         if result:
-            notify(f"service {result['service']['name']} created", "positive")
+            notify(f"service {result.service.name} created", "positive")
             business.set_value("")
             name.set_value("")
 
@@ -278,7 +278,7 @@ def _scale_control(view: PoolDeploymentView | StandardDeploymentView, refusals: 
             notify(problem, "negative")
             redraw()
         elif result:
-            notify(f"{view.name}: {result['currentReplicas']} → {result['targetReplicas']} replicas", "positive")
+            notify(f"{view.name}: {result.currentReplicas} → {result.targetReplicas} replicas", "positive")
 
     async def delete() -> None:
         if await confirm(f"Delete {view.name} and stop its {view.currentReplicas} replica(s)?"):
@@ -612,11 +612,13 @@ def _distribute_dialog(pool: str | None) -> None:
             if dry_run:
                 preview.clear()
                 with preview:
-                    ui.label("targets: " + ", ".join(f"{b} {n}" for b, n in result["targets"].items())).classes("font-medium")
-                    for m in result["moves"] or [{"podName": "no moves needed", "from": "", "to": ""}]:
-                        ui.label(f"{m['podName']}: {m['from']} → {m['to']}" if m["from"] else m["podName"]).classes("text-sm font-mono")
+                    ui.label("targets: " + ", ".join(f"{b} {n}" for b, n in result.targets.items())).classes("font-medium")
+                    for m in result.moves:
+                        ui.label(f"{m.podName}: {m.from_} → {m.to}").classes("text-sm font-mono")
+                    if not result.moves:
+                        ui.label("no moves needed").classes("text-sm font-mono")
             else:
-                notify(f"{len(result['moves'])} move(s) applied", "positive")
+                notify(f"{len(result.moves)} move(s) applied", "positive")
                 dialog.close()
 
         with ui.row():

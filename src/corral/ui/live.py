@@ -81,13 +81,14 @@ def token_ok() -> bool:
 
 
 async def act(action: Callable[[], Awaitable[Any]]) -> tuple[Any, str | None]:
-    """(result, None) or (None, the message to show)."""
+    """(result, None) or (None, the message to show): a refusal's problem with its hints in plain words
+    (`domain.errors.PLAIN`: the page shows what to list or create; no API path or command)."""
     if not token_ok():
         return None, "this Corral requires an API token: enter it in the header (key icon)"
     try:
         return await action(), None
     except CorralError as exc:
-        return None, exc.message
+        return None, str(exc)
 
 
 def notify(message: str, kind: str = "positive") -> None:

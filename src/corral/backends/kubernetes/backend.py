@@ -76,7 +76,7 @@ from corral.domain.manifests import (
     service_manifest,
 )
 from corral.domain.models import Deployment, Pod, Service
-from corral.store.state import StateStore
+from corral.events import EventType
 
 log = logging.getLogger("corral.kubernetes")
 
@@ -115,12 +115,15 @@ def client_from(kubeconfig: Path | None, namespace: str) -> AsyncClient:
 
 
 class KubernetesBackend(Backend):
-    def __init__(self, client: AsyncClient, options: ClusterOptions, store: StateStore, report: Report, manifests_dir: Path,
+    supports_secret_env = False  # it would need a Secret object, which Corral does not create
+
+    def __init__(self, client: AsyncClient, options: ClusterOptions, report: Report, manifests_dir: Path,
                  watch: WatchSettings | None = None) -> None:
+        """The cluster holds the desired state; Corral's database holds each change's intent, written
+        through the controller's intent writer (`set_intent_writer`) before the change's first write."""
         self.client = client
         self.cluster_options = options
         self.namespace = options.namespace
-        self.store = store
         self.report = report
         self.manifests_dir = manifests_dir
         self.watch_settings = watch
@@ -210,8 +213,9 @@ class KubernetesBackend(Backend):
         if convert.is_job_pod(new) or not convert.deployment_of(new):
             return
         phase = "Deleted" if change == DELETED else convert.phase_name(new)
-        self.report("replica_status", {"name": name, "deployment": pod.deployment, "ready": pod.ready and phase != "Deleted",
-                                       "restarts": pod.restarts, "phase": phase, "business": pod.business})
+        self.report(EventType.REPLICA_STATUS, {
+            "name": name, "deployment": pod.deployment, "ready": pod.ready and phase != "Deleted",
+            "restarts": pod.restarts, "phase": phase, "business": pod.business})
         if change != DELETED and convert.is_terminal(new) and not (old is not None and convert.is_terminal(old)):
             status = new.get("status") or {}
             why = ": ".join(x for x in (status.get("reason"), status.get("message")) if x) or "its containers exited"
@@ -291,7 +295,7 @@ class KubernetesBackend(Backend):
 
     async def create_deployment(self, deployment: Deployment, service: Service | None, intent: Intent | None = None) -> list[Pod]:
         await self._check_model_cache()
-        self._begin(intent)
+        self._write_intent(intent)
         documents = self.manifests(deployment, service)
         created = await self.client.create(from_dict(documents[0]))
         self.cache("deployments", created.to_dict())
@@ -306,7 +310,7 @@ class KubernetesBackend(Backend):
         return []  # the ReplicaSet creates the pods; they arrive through the watch
 
     async def delete_deployment(self, name: str, intent: Intent | None = None) -> Awaitable[None]:
-        self._begin(intent)
+        self._write_intent(intent)
         deployment = self.get_deployment(name)
         await self.client.delete(K8sDeployment, name)
         self.forget("deployments", name)
@@ -327,7 +331,7 @@ class KubernetesBackend(Backend):
 
     async def add_replicas(self, deployment: str, count: int, intent: Intent | None = None) -> list[Pod]:
         self._refuse_autoscaled(deployment)
-        self._begin(intent)
+        self._write_intent(intent)
         before = {p.name for p in self.list_pods(deployment)}
         await self._scale_by(deployment, count)
         return [p for p in self.list_pods(deployment) if p.name not in before]
@@ -342,7 +346,7 @@ class KubernetesBackend(Backend):
             raise Conflict(f"deployment '{deployment}' is rolling out ({reason}); a scale-down now would span two "
                            "ReplicaSets. Wait for the rollout to finish (kubectl rollout status) and try again")
         self._refuse_autoscaled(deployment)
-        self._begin(intent)
+        self._write_intent(intent)
         current = self.list_pods(deployment)
         assigned = {p.name: p.business for p in current if p.business not in (None, L.UNASSIGNED)}
         self._doomed.update(pods)
@@ -373,7 +377,7 @@ class KubernetesBackend(Backend):
             message = (f"the ReplicaSet removed assigned pod(s) {', '.join(f'{n} ({assigned[n]})' for n in lost)}"
                        + (f" and kept {', '.join(kept)}" if kept else "")
                        + "; restoring each business's count from unassigned pods")
-            self.report("replica_status", {"deployment": deployment, "phase": "Replaced"},
+            self.report(EventType.REPLICA_STATUS, {"deployment": deployment, "phase": "Replaced"},
                         history=HistoryDraft(Action.SCALE_VERIFY, deployment, message=message), outcome=Outcome.CORRECTED)
 
     async def _scale_by(self, deployment: str, delta: int) -> tuple[int, int]:
@@ -405,7 +409,7 @@ class KubernetesBackend(Backend):
                        "something else is scaling it — try again")
 
     async def set_businesses(self, businesses: Mapping[str, str], intent: Intent | None = None) -> None:
-        self._begin(intent)
+        self._write_intent(intent)
         done: dict[str, str] = {}
         try:
             for name, business in businesses.items():
@@ -457,11 +461,6 @@ class KubernetesBackend(Backend):
                     log.warning("could not set the deletion cost of %s: %s", pod.name, exc)
                     break
 
-    def _begin(self, intent: Intent | None) -> None:
-        """The cluster holds the desired state; Corral's database holds the intent, written before the first write."""
-        if intent is not None and not intent.ids:
-            self.store.begin(intent)
-
     async def remember_assignment(self, deployment: str, counts: Mapping[str, int]) -> None:
         patched = await self.client.patch(K8sDeployment, deployment,
                                           {"metadata": {"annotations": {ANNOTATION_DESIRED: json.dumps(dict(sorted(counts.items())))}}},
@@ -469,7 +468,7 @@ class KubernetesBackend(Backend):
         self.cache("deployments", patched.to_dict())
 
     async def create_service(self, service: Service, intent: Intent | None = None) -> None:
-        self._begin(intent)
+        self._write_intent(intent)
         made = await self.client.create(from_dict(service_manifest(service, self.cluster_options)))
         self.cache("services", made.to_dict())
         if service.llm_routing:
@@ -481,7 +480,7 @@ class KubernetesBackend(Backend):
                 raise
 
     async def delete_service(self, name: str, unassign: Mapping[str, str] | None = None, intent: Intent | None = None) -> None:
-        self._begin(intent)
+        self._write_intent(intent)
         if unassign:
             await self.set_businesses(unassign)
         service = self.get_service(name)
@@ -539,7 +538,8 @@ class KubernetesBackend(Backend):
                 delay_ms = round((now - started) * 1000, 1)
                 self.cutover_seconds.append(now - started)
                 del self._cutovers[name]
-                self.report("assignment_complete", {"podName": name, "from": source, "to": target, "delayMs": delay_ms},
+                self.report(EventType.ASSIGNMENT_COMPLETE,
+                            {"podName": name, "from": source, "to": target, "delayMs": delay_ms},
                             history=HistoryDraft(Action.CUTOVER, name, before={"business": source}, after={"business": target},
                                                  message=f"traffic follows after {delay_ms} ms (EndpointSlices updated)"))
             elif now - started > CUTOVER_TIMEOUT_S:

@@ -30,6 +30,8 @@ _SUFFIX_ALPHABET = string.ascii_lowercase + string.digits
 
 
 class LocalBackend(Backend):
+    supports_secret_env = True  # the supervisor launches each replica with its deployment's secretEnv
+
     def __init__(self, settings: Settings, store: StateStore, report: Report, gpu_ids: list[int] | None = None,
                  gpu_ledger: Callable[[], GpuLedger] | None = None) -> None:
         self.settings = settings

@@ -28,6 +28,7 @@ from corral.config import Settings
 from corral.domain.history import Action, HistoryDraft, Outcome
 from corral.domain.models import PodPhase
 from corral.engines import get_engine
+from corral.events import EventType
 from corral.store.state import ReplicaRecord, StateStore
 
 log = logging.getLogger("corral.supervisor")
@@ -178,7 +179,8 @@ class ReplicaSupervisor:
                 self._mark_terminating(record)
             await process.stop_group(record.pid, record.pid_start, self._handles.get(record.name), self.settings.stop_grace_s)
             self.store.delete_replica(record.name)
-            self.report("replica_status", {"name": record.name, "deployment": record.deployment, "phase": "Deleted", "ready": False})
+            self.report(EventType.REPLICA_STATUS, {"name": record.name, "deployment": record.deployment,
+                                                   "phase": "Deleted", "ready": False})
         finally:
             self._stopping.discard(record.name)
             self._handles.pop(record.name, None)
@@ -234,7 +236,7 @@ class ReplicaSupervisor:
 
     def _publish(self, record: ReplicaRecord, **history: Any) -> None:
         self.report(
-            "replica_status",
+            EventType.REPLICA_STATUS,
             {
                 "name": record.name, "deployment": record.deployment, "phase": record.phase.value,
                 "ready": record.ready, "restarts": record.restarts, "business": record.labels.get("business"),

@@ -1,4 +1,4 @@
-"""Finetune hyperparameters: their names, types, ranges and defaults, in one place.
+"""Finetune hyperparameters: their names, types, ranges and defaults, in one place. Pure: no I/O.
 
 Every way to submit a task (the API, the CLI's `--hp`, the UI's form) goes through `validate`, so a
 value the trainer cannot use is refused at submit with the same message everywhere, and an integer
@@ -22,7 +22,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from corral.domain.errors import InvalidInput
-from corral.finetune.templates import NAMES as TEMPLATE_NAMES
+
+# The `chatTemplate` choices: `model` (the tokenizer's own template) or a built-in one. The names are the
+# hyperparameter's (checked here, without I/O); `corral.finetune.templates` holds each name's template text.
+MODEL_TEMPLATE = "model"
+TEMPLATE_NAMES: tuple[str, ...] = (MODEL_TEMPLATE, "chatml", "qwen", "llama3", "mistral", "gemma")
 
 
 def _a_number(value: Any) -> Any:
