@@ -103,7 +103,6 @@ class Autopilot:
         signals: EngineSignals | None = None,
     ) -> None:
         self.controller = controller
-        self.backend = controller.backend
         self.store = store
         self.bus = bus
         self.traffic = traffic
@@ -144,7 +143,7 @@ class Autopilot:
         return self.status(pool)
 
     def _business_service(self, name: str) -> Service:
-        service = self.backend.get_service(name)
+        service = self.controller.service(name)
         if service is None or not service.is_business_service:
             raise NotFound(f"business service '{name}' not found", Hint.LIST_SERVICES)
         return service
@@ -157,7 +156,7 @@ class Autopilot:
         services = {name: list(business.services) for name, business in businesses.items()}
         policies = {name: BusinessPolicySpec.model_validate(business.policy) if business.policy
                     else BusinessPolicySpec() for name, business in businesses.items()}
-        return self.backend.list_pods(pool), services, policies
+        return self.controller.pods(pool), services, policies
 
     def _observe(self, pool: str) -> tuple[list[ReplicaState], dict[str, BusinessDemand], dict[str, ReplicaSignal]]:
         pods, services, policies = self._pool_view(pool)
@@ -206,18 +205,18 @@ class Autopilot:
     async def tick(self) -> None:
         """Scrape the pools that have autopilot settings; decide and act for the enabled ones."""
         configured = {pool: AutopilotSpec.model_validate(raw) for pool, raw in self.store.autopilots().items()}
-        pools = [pool for pool in configured if self.backend.get_deployment(pool) is not None]
+        pools = [pool for pool in configured if self.controller.deployment(pool) is not None]
         if not pools:
             return
-        await self.signals.scrape([p for pool in pools for p in self.backend.list_pods(pool)])
-        self.store.forget_pins(p.name for p in self.backend.list_pods())
+        await self.signals.scrape([p for pool in pools for p in self.controller.pods(pool)])
+        self.store.forget_pins(p.name for p in self.controller.pods())
         for pool in pools:
             if configured[pool].enabled:
                 await self._drive(pool, settings_of(configured[pool]))
 
     async def _drive(self, pool: str, settings: PoolAutopilot) -> None:
         replicas, demands, _ = self._observe(pool)
-        deployment = self.backend.get_deployment(pool)
+        deployment = self.controller.deployment(pool)
         if deployment is None:
             return
         now = time.monotonic()

@@ -209,6 +209,14 @@ class Controller:
         """The replicas of `deployment`, or of every deployment."""
         return self.backend.list_pods(deployment)
 
+    def services(self) -> list[Service]:
+        """Every service: business services and standard deployments' own."""
+        return self.backend.list_services()
+
+    def service(self, name: str) -> Service | None:
+        """The service `name`, or None when there is none."""
+        return self.backend.get_service(name)
+
     # deployments -----------------------------------------------------------------------------
     async def deploy(self, spec: DeploySpec) -> DeployResult:
         engine = get_engine(spec.engine)

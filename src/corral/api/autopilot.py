@@ -40,7 +40,7 @@ async def put_policy(body: BusinessPolicySpec, request: Request, name: str = Ser
 async def list_autopilots(request: Request) -> Any:
     """Every pool's autopilot: settings, signals per business, last decisions."""
     ap = autopilot(request)
-    return [ap.status(d.name) for d in ap.backend.list_deployments() if d.is_pool]
+    return [ap.status(d.name) for d in ap.controller.deployments() if d.is_pool]
 
 
 @router.get("/autopilot/{pool}", response_model=AutopilotStatus, responses=errors(400, 404))

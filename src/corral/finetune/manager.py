@@ -39,7 +39,7 @@ from corral.finetune.task_files import TaskFiles
 from corral.gpus.inventory import GpuInventory
 from corral.intents import Intents
 from corral.store.state import StateStore
-from corral.views import ExportState, FinetuneTask, PreviewResult
+from corral.views import DeployResult, ExportState, FinetuneTask, PreviewResult, QueueSummary
 
 if TYPE_CHECKING:
     from corral.controller import Controller
@@ -140,7 +140,7 @@ class FinetuneManager:
     def view(self, task: TaskRecord) -> FinetuneTask:
         return task_view(task)
 
-    def queue_summary(self) -> dict[str, Any]:
+    def queue_summary(self) -> QueueSummary:
         return self.queue.summary()
 
     def gpu_claims(self) -> list[GpuClaim]:
@@ -165,7 +165,7 @@ class FinetuneManager:
 
     # results -----------------------------------------------------------------------------------
     async def deploy(self, task_id: str, *, engine: str, model_tag: str, replicas: int = 1, gpus_per_replica: int | None = None,
-                     merge: bool = False) -> dict[str, Any]:
+                     merge: bool = False) -> DeployResult:
         return await self.merges.deploy(task_id, engine=engine, model_tag=model_tag, replicas=replicas,
                                         gpus_per_replica=gpus_per_replica, merge=merge)
 

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from corral.domain.errors import Conflict, NotFound
 from corral.domain.tasks import TaskState
@@ -18,7 +18,7 @@ from corral.finetune.checks import vllm_lora_args
 from corral.finetune.lifecycle import Lifecycle
 from corral.finetune.store import TaskRecord
 from corral.finetune.task_files import TaskFiles
-from corral.views import ExportState
+from corral.views import DeployResult, ExportState
 
 if TYPE_CHECKING:
     from corral.controller import Controller
@@ -33,7 +33,7 @@ class Merges:
         self._export_errors: dict[str, str] = {}  # task id → why its last merge failed
 
     async def deploy(self, task_id: str, *, engine: str, model_tag: str, replicas: int = 1, gpus_per_replica: int | None = None,
-                     merge: bool = False) -> dict[str, Any]:
+                     merge: bool = False) -> DeployResult:
         """A completed task's result as a model pool, through the controller like any other deployment."""
         from corral.controller import DeploySpec
 

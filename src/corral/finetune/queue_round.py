@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from corral.config import Settings
 from corral.domain import preflight
@@ -40,6 +40,7 @@ from corral.finetune.reclaim import Reclaim
 from corral.finetune.runners import TrainerRunner
 from corral.finetune.store import TaskRecord, TaskStore
 from corral.finetune.task_files import TaskFiles
+from corral.views import QueueSummary
 
 if TYPE_CHECKING:
     from corral.controller import Controller
@@ -157,15 +158,15 @@ class QueueRound:
                 deployment.engine, deployment.engine_args, total)))
         return starting
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> QueueSummary:
         """The queue at a glance: how many wait, which run, the strategy, and a warning past the threshold."""
         waiting = self.tasks.list(WAITING)
         running = self.tasks.list(ACTIVE)
         threshold = self.settings.queue_warning_threshold
         warning = (f"{len(waiting)} tasks are waiting (more than {threshold}): consider more GPUs, lower priorities or "
                    "cancelling stale tasks") if len(waiting) > threshold else None
-        return {"waiting": len(waiting), "running": [t.id for t in running], "strategy": self.settings.queue_strategy,
-                "backfillSlackSeconds": self.settings.backfill_slack_s, "warning": warning}
+        return QueueSummary(waiting=len(waiting), running=[t.id for t in running], strategy=self.settings.queue_strategy,
+                            backfillSlackSeconds=self.settings.backfill_slack_s, warning=warning)
 
 
 def _visible(ledger: GpuLedger, unit_id: str) -> str:

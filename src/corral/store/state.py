@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from corral.domain import labels as L
 from corral.domain.adapters import Adapter
-from corral.domain.history import Action, HistoryDraft, Intent, Outcome
+from corral.domain.history import HistoryDraft, Intent, Outcome
 from corral.domain.models import Deployment, Pod, PodPhase, Service
 from corral.paths import private_file
 from corral.store.schema import (

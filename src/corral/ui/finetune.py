@@ -41,7 +41,7 @@ def page(events: ClientEvents) -> None:
     warning = ui.label().classes("w-full bg-warning text-black rounded p-2").props('data-testid="queue-warning"')
 
     def show_warning() -> None:
-        text = runtime().finetune.queue_summary()["warning"]
+        text = runtime().finetune.queue_summary().warning
         warning.set_text(text or "")
         warning.set_visibility(bool(text))
 
