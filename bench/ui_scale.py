@@ -37,8 +37,8 @@ def serve(port: int, data_dir: Path) -> None:
     import uvicorn
 
     from corral.api.app import create_app
-    from corral.runtime import memory_runtime
     from corral.config import Settings
+    from corral.runtime import memory_runtime
 
     settings = Settings(data_dir=data_dir, port=port, gateway_port=free_port(), gateway_data_plane="python")
     runtime = memory_runtime(settings)

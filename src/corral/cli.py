@@ -394,8 +394,8 @@ def status(pool: str, output: str = OUTPUT_OPTION, url: Optional[str] = URL_OPTI
 
 
 # live load -------------------------------------------------------------------------------------
-LOAD_COLUMNS = ["Service / replica", "Pool", "Ready", "Req/s", "In flight", "Err/s", "p50 ms", "p95 ms", "p99 ms",
-                "TTFB p50", "TTFB p95", "Tok/s"]
+LOAD_COLUMNS = ["Service / replica", "Pool", "Ready", "Req/s", "In flight", "Held", "Held p95", "Err/s", "p50 ms",
+                "p95 ms", "p99 ms", "TTFB p50", "TTFB p95", "Tok/s"]
 
 
 def _figure(value: float | None) -> str:
@@ -403,8 +403,11 @@ def _figure(value: float | None) -> str:
 
 
 def _load_cells(load: dict) -> list[str]:
+    """A row's figures; `Held` (requests the gateway holds for want of a free replica, and their wait's p95
+    in ms) is a service's only: a replica's cells stay empty."""
     latency, ttfb = load["latencyMs"], load["ttfbMs"]
-    return [_figure(load["requestsPerSecond"]), str(load["inFlight"]), _figure(load["errorsPerSecond"]),
+    held = [str(load["held"]), _figure(load["heldWaitMs"]["p95"])] if "held" in load else ["", ""]
+    return [_figure(load["requestsPerSecond"]), str(load["inFlight"]), *held, _figure(load["errorsPerSecond"]),
             _figure(latency["p50"]), _figure(latency["p95"]), _figure(latency["p99"]), _figure(ttfb["p50"]),
             _figure(ttfb["p95"]), _figure(load["tokensPerSecond"])]
 
@@ -432,8 +435,9 @@ def top(
     url: Optional[str] = URL_OPTION,
     token: Optional[str] = TOKEN_OPTION,
 ) -> None:
-    """Live load of every business service and its replicas: requests/s, in flight, errors/s, latency and
-    time-to-first-byte percentiles (ms), tokens/s; refreshed every second until Ctrl+C."""
+    """Live load of every business service and its replicas: requests/s, in flight, held by the gateway for
+    want of a free replica (and their wait's p95, ms), errors/s, latency and time-to-first-byte percentiles
+    (ms), tokens/s; refreshed every second until Ctrl+C."""
     _check_output(output)
     client = Client(url, token)
 
@@ -516,8 +520,9 @@ def autopilot_status(pool: Optional[str] = typer.Argument(None, help="one pool (
         state = "on" if settings["enabled"] else "off"
         console.print(f"[bold]{status['pool']}[/bold]: autopilot {state} · warm spares {settings['warmSpares']} · "
                       f"cooldown {settings['cooldownSeconds']:g} s · scale out {'on' if settings['scaleOut'] else 'off'} · "
-                      f"scale in {'on' if settings['scaleIn'] else 'off'}", highlight=False)
-        rows = [[b["business"], b["policy"]["priority"], f"{b['policy']['minReplicas']}..{b['policy']['maxReplicas'] or '∞'}",
+                      f"scale in {'on' if settings['scaleIn'] else 'off'} · replica concurrency "
+                      f"{status.get('replicaConcurrency', '?')} ({status.get('replicaConcurrencySource', '?')})", highlight=False)
+        rows = [[b["business"], b["policy"]["priority"], f"{b['policy']['minReplicas'] or 0}..{b['policy']['maxReplicas'] or '∞'}",
                  f"{b['readyReplicas']}/{b['replicas']}", b["pinned"], _fmt_number(b["running"]), _fmt_number(b["waiting"]),
                  _fmt_number(b["ttftP90Ms"], " ms"), _fmt_number(b["requestsPerSecond"]), b["pressure"] or ""]
                 for b in status["businesses"]]
@@ -596,7 +601,7 @@ def autopilot_policy(
         return
     _table(f"policy of {service}", ["MIN", "MAX", "PRIORITY", "TTFT P90 TARGET", "WAITING/REPLICA TARGET",
                                     "CONCURRENCY/REPLICA TARGET"],
-           [[policy["minReplicas"], policy["maxReplicas"] if policy["maxReplicas"] is not None else "none", policy["priority"],
+           [[policy["minReplicas"] if policy["minReplicas"] is not None else "1 while it has traffic", policy["maxReplicas"] if policy["maxReplicas"] is not None else "none", policy["priority"],
              _fmt_number(policy["target"]["ttftP90Ms"], " ms"), _fmt_number(policy["target"]["waitingPerReplica"]),
              _fmt_number(policy["target"].get("concurrencyPerReplica"))]])
 

@@ -132,6 +132,15 @@ class Settings(BaseSettings):
     gateway_max_connections: int = Field(
         default=4096, ge=16, le=1_000_000, description="open client connections the Python gateway serves; 503 beyond"
     )
+    gateway_hold_timeout_s: float = Field(
+        default=30.0, ge=0, le=3600, description="how long the gateway holds a request of a business with "
+        "no free replica (none ready, or every one at its batch limit) waiting for one to be assigned or to "
+        "free up, before answering 503 with Retry-After (0: answer 503 at once)"
+    )
+    gateway_hold_queue: int = Field(
+        default=1000, ge=0, le=1_000_000, description="requests the gateway holds at most per business "
+        "service; one more gets 503 with Retry-After at once (0: hold none)"
+    )
 
     @field_validator("data_dir")
     @classmethod

@@ -97,6 +97,7 @@ class Controller:
         self.reconcile_interval_s = 1.0
         self._wake = asyncio.Event()
         self._reconciler: asyncio.Task | None = None
+        self._pod_view_cache: dict[str, tuple[Pod, PodView]] = {}  # name → (the pod, its view): `_pod_views`
         self._restore_after: dict[str, float] = {}  # pool → monotonic time of its next restore attempt after a failure
         # Frees GPUs held by lower-priority finetune tasks for a scale-out (the finetune manager's `preempting`, set by
         # the runtime): a scale with `preempt` and the autopilot go through it. None: nothing to preempt.
@@ -137,7 +138,10 @@ class Controller:
 
     @staticmethod
     def pod_view(pod: Pod) -> PodView:
-        return PodView(
+        """A pod's view, built without validation (`model_construct`): every value comes from a typed `Pod`
+        (its phase a `PodPhase`, labels and GPU ids copied), so validating them again only cost time, ~8 µs
+        a pod, 8 ms for a 1,000-pod listing."""
+        return PodView.model_construct(
             name=pod.name,
             deployment=pod.deployment,
             labels=dict(pod.labels),
@@ -152,8 +156,32 @@ class Controller:
             createdAt=pod.created_at.isoformat() if pod.created_at else None,
         )
 
-    def service_view(self, service: Service, pods: list[Pod] | None = None) -> BusinessServiceView:
-        pods = [p for p in (self.backend.list_pods() if pods is None else pods) if service.selects(p)]
+    def _pod_views(self, pods: Sequence[Pod], everyone: bool) -> list[PodView]:
+        """Views of `pods`, each reused while its pod is unchanged: a listing of 1,000 pods rebuilds only the
+        views of pods that changed since the last one (backends replace a `Pod` on every change; one that
+        builds new equal objects is caught by `==`). Views are frozen, so sharing one is safe. `everyone`:
+        this is the whole listing, so views of pods that are gone are dropped with it."""
+        cache = self._pod_view_cache
+        views, kept = [], {}
+        for pod in pods:
+            cached = cache.get(pod.name)
+            if cached is None or (cached[0] is not pod and cached[0] != pod):
+                cached = (pod, self.pod_view(pod))
+            kept[pod.name] = cached
+            views.append(cached[1])
+        if everyone:
+            self._pod_view_cache = kept
+        else:
+            cache.update(kept)
+        return views
+
+    def service_view(self, service: Service, pods: list[Pod] | None = None, *,
+                     selected: list[Pod] | None = None) -> BusinessServiceView:
+        """`selected`: the pods its selector matches, when the caller has them (`list_business_services`
+        matches every service at once through a label index); else they are picked out of `pods`."""
+        if selected is None:
+            selected = [p for p in (self.backend.list_pods() if pods is None else pods) if service.selects(p)]
+        pods = selected
         return BusinessServiceView(
             name=service.name,
             displayName=service.display_name,
@@ -184,11 +212,12 @@ class Controller:
     def list_pods(self, deployment: str | None = None) -> list[PodView]:
         if deployment is not None:
             self._deployment(deployment)
-        return [self.pod_view(p) for p in self.backend.list_pods(deployment)]
+        return self._pod_views(self.backend.list_pods(deployment), everyone=deployment is None)
 
     def list_business_services(self) -> list[BusinessServiceView]:
-        pods = self.backend.list_pods()
-        return [self.service_view(s, pods) for s in self.backend.list_services() if s.is_business_service]
+        services = [s for s in self.backend.list_services() if s.is_business_service]
+        selected = selected_pods(services, self.backend.list_pods())
+        return [self.service_view(s, selected=selected[s.name]) for s in services]
 
     def pool_status(self, name: str) -> PoolStatus:
         deployment = self._pool(name)
@@ -729,3 +758,20 @@ def _brief(view: PoolDeploymentView | StandardDeploymentView) -> dict[str, Any]:
 
 
 __all__ = ["Controller", "DeploySpec", "CorralError"]
+
+
+def selected_pods(services: Sequence[Service], pods: Sequence[Pod]) -> dict[str, list[Pod]]:
+    """Service name → the pods its selector matches (in `pods`' order), for many services at once: pods are
+    indexed by label pair and each service tests only those carrying its rarest selector pair (as
+    `gateway.routing.build_routes` does), so 100 services over 1,000 pods cost about a thousand label
+    checks instead of 100,000 (43 ms: every service listing, every load snapshot paid it)."""
+    by_pair: dict[tuple[str, str], list[Pod]] = {}
+    for pod in pods:
+        for pair in pod.labels.items():
+            by_pair.setdefault(pair, []).append(pod)
+    selected = {}
+    for service in services:
+        pairs = list(service.selector.items())
+        candidates = min((by_pair.get(pair, []) for pair in pairs), key=len) if pairs else pods
+        selected[service.name] = [p for p in candidates if service.selects(p)]
+    return selected

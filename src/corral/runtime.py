@@ -29,7 +29,7 @@ from corral.events import EventBus, EventType
 from corral.finetune.manager import FinetuneManager
 from corral.gateway import nginx_plane
 from corral.gateway.monitor import LoadMonitor
-from corral.gateway.nginx_plane import NginxGateway
+from corral.gateway.nginx_plane import NginxGateway, NginxStats
 from corral.gateway.policies import make_policy
 from corral.gateway.proxy import Gateway, GatewayLimits
 from corral.gateway.routing import RoutingTable, build_routes
@@ -77,8 +77,14 @@ class Runtime:
         self.controller.preemptor = self.finetune.preempting  # scale-outs for higher-priority businesses (domain.preemption)
         # Warm capacity following demand (corral.autopilot): reads the load above and the engines' /metrics.
         self.autopilot = Autopilot(self.controller, self.store, self.bus, traffic=self._service_traffic,
-                                   free_gpu_units=lambda: len(self.gpu_ledger().free_units()),
-                                   interval_s=settings.autopilot_interval_s)
+                                   free_gpu_units=self._free_gpu_units,
+                                   interval_s=settings.autopilot_interval_s, in_flight=self._in_flight_by_replica)
+
+    def _in_flight_by_replica(self) -> dict[str, int]:
+        """The gateway's requests in flight per replica (the autopilot's load where an engine gives no reading)."""
+        stats = self.gateway.stats
+        live = stats.snapshot() if isinstance(stats, NginxStats) else stats
+        return dict(live.in_flight_by_replica)
 
     @property
     def gpu_inventory(self) -> GpuInventory:
@@ -90,6 +96,15 @@ class Runtime:
         all read this snapshot, so no GPU (or MIG slice of it) is given out twice."""
         units = units_from_devices(self.platform.fresh_inventory().schedulable_units())
         return GpuLedger.build(units, [*self.backend.gpu_claims(), *self.finetune.gpu_claims()])
+
+    def _free_gpu_units(self) -> int:
+        """GPU units no replica or finetune task holds, for the autopilot's decision (could a scale-out be
+        placed?), from the inventory the watcher last read in a thread (`_watch_gpus`, every `gpu_refresh_s`):
+        not a synchronous NVML read (init, a query per device, shutdown) on the event loop for every GPU pool
+        of every tick. A scale-out it decides reads NVML afresh when it places the replica (`gpu_ledger`)."""
+        units = units_from_devices(self.platform.inventory.schedulable_units())
+        claims = [*self.backend.gpu_claims(), *self.finetune.gpu_claims()]
+        return len(GpuLedger.build(units, claims).free_units())
 
     def _make_gateway(self, settings: Settings) -> Gateway | NginxGateway:
         choice = settings.gateway_data_plane
@@ -155,19 +170,21 @@ class Runtime:
                 self.bus.publish(EventType.GPU_INVENTORY, gpu_info(inventory, self.catalogue))
 
     def _service_traffic(self) -> dict[str, ServiceTraffic]:
-        """The gateway's view of each business service over the shortest window, for the autopilot."""
-        unserved = self.load.unserved(WINDOW_MIN_S)
-        return {load.service: ServiceTraffic(requests_per_second=load.requestsPerSecond,
-                                             rejected_per_second=unserved.get(load.service, 0.0),
-                                             ttfb_p90_ms=load.ttfbMs.p95)  # p95: the gateway's nearest figure
-                for load in self.load.snapshot(WINDOW_MIN_S).services}
+        """The gateway's view of each business service over the shortest window, for the autopilot: from the
+        load monitor's samples and the routing table (`LoadMonitor.traffic`, computed once per sample), not
+        from the service listing (every pod against every service, for each pool of each tick)."""
+        return {service: ServiceTraffic(requests_per_second=seen.figures.requests_per_s,
+                                        rejected_per_second=seen.unserved_per_s,
+                                        ttfb_p90_ms=seen.figures.ttfb_ms[1],  # p95: the nearest figure
+                                        held=seen.held)
+                for service, seen in self.load.traffic(WINDOW_MIN_S).items()}
 
     def service_base_url(self, service: str) -> str:
         host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "::") else self.settings.host
         return f"http://{host}:{self.settings.gateway_port}/s/{service}/v1"
 
     def _build_routes(self) -> RoutingTable:
-        return build_routes(self.backend.list_services(), self.backend.list_pods())
+        return build_routes(self.backend.list_services(), self.backend.list_pods(), self.backend.list_deployments())
 
     def _on_event(self, type_: EventType, data: dict[str, Any]) -> None:
         # Every serving event may change which replicas a service selects (labels, readiness, services):

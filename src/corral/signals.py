@@ -8,7 +8,13 @@ An engine without `/metrics` (`transformers serve`) gives no engine signals: its
 unknown, and the business is judged on the gateway's figures alone.
 
 Counters and histograms are cumulative, so a window figure (TTFT p50/p90) is the difference of two
-scrapes, interpolated as Prometheus' `histogram_quantile` (`corral.domain.load`).
+scrapes, interpolated as Prometheus' `histogram_quantile` (`corral.domain.load`). Gauges are averaged over
+the autopilot's stable and panic windows (Knative KPA's idea), each figure with the age of its newest reading.
+
+Cheap at scale: a page is cut down to the families used before it is parsed, and parsed in a worker thread
+(a vLLM page is ~10 ms of CPU: 100 of them on the event loop stalled the API and the gateway for seconds);
+scrapes run at most `concurrency` at once and a whole round ends within `round_timeout_s` (a replica that
+has not answered by then keeps its older readings, which age out into *unknown*).
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ WAITING = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
 KV_CACHE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage")
 TTFT = ("vllm:time_to_first_token_seconds", "sglang:time_to_first_token_seconds")
 MAX_METRICS_BYTES = 2 * 1024 * 1024  # an engine's exposition is tens of KB; a bigger answer is not read
+USED = RUNNING + WAITING + KV_CACHE + TTFT
+FRESH_FOR_S = 3.0  # a reading older than this (or 3 scrape timeouts) is stale: the replica's load is unknown
 
 
 @dataclass(frozen=True)
@@ -56,10 +64,28 @@ class ReplicaSignal:
     ttft_p90_ms: float | None = None
     ttft_count: float = 0.0  # first tokens in the window: how much the percentiles rest on
     scraped: bool = False  # False: no (recent) answer from its /metrics
+    age_s: float | None = None  # how old its newest reading is (None: never read)
+    stable: float | None = None  # running + waiting, averaged over the stable window
+    panic: float | None = None  # ... and over the panic window
 
     def as_wire(self) -> dict[str, float | bool | None]:
         return {"running": self.running, "waiting": self.waiting, "kvCacheUsage": self.kv_cache_usage,
-                "ttftP50Ms": self.ttft_p50_ms, "ttftP90Ms": self.ttft_p90_ms, "scraped": self.scraped}
+                "ttftP50Ms": self.ttft_p50_ms, "ttftP90Ms": self.ttft_p90_ms, "scraped": self.scraped,
+                "ageSeconds": self.age_s, "stable": self.stable, "panic": self.panic}
+
+
+def used_lines(text: str) -> str:
+    """The lines of an exposition that belong to the families Corral reads (a vLLM page has dozens more,
+    histograms with many buckets each): parsing only these is a fraction of the work."""
+    keep = []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            parts = line.split(None, 3)
+            if len(parts) >= 3 and parts[2] in USED:
+                keep.append(line)
+        elif line.startswith(USED):
+            keep.append(line)
+    return "\n".join(keep) + "\n"
 
 
 def parse(text: str, at: float) -> Scrape:
@@ -67,7 +93,7 @@ def parse(text: str, at: float) -> Scrape:
     (one engine may serve a base model and its adapters under several `model_name` labels)."""
     gauges: dict[str, float] = {}
     buckets: dict[float, float] = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(used_lines(text)):
         if family.name in RUNNING + WAITING + KV_CACHE:
             gauges[family.name] = gauges.get(family.name, 0.0) + sum(s.value for s in family.samples)
         elif family.name in TTFT:
@@ -115,23 +141,43 @@ def percentiles_ms(histograms: Iterable[Histogram]) -> tuple[float | None, float
     return (None if p50 is None else p50 * 1000), (None if p90 is None else p90 * 1000), float(sum(merged.values()))
 
 
-class EngineSignals:
-    """Scrapes the ready replicas it is given and keeps `window_s` of scrapes per replica."""
+def mean_over(samples: Iterable[tuple[float, float]], since: float) -> float | None:
+    """The mean of the (time, value) samples taken at or after `since`; None without one."""
+    values = [value for at, value in samples if at >= since]
+    return sum(values) / len(values) if values else None
 
-    def __init__(self, *, window_s: float = 10.0, timeout_s: float = 0.8, clock=time.monotonic) -> None:
-        self.window_s = window_s
+
+class EngineSignals:
+    """Scrapes the ready replicas it is given and keeps their scrapes over the longest window asked for
+    (`retain_s`: the TTFT window, the autopilot's stable windows)."""
+
+    def __init__(self, *, window_s: float = 10.0, timeout_s: float = 0.8, clock=time.monotonic,
+                 stable_window_s: float = 30.0, panic_window_s: float = 3.0, concurrency: int = 32,
+                 round_timeout_s: float = 2.0) -> None:
+        self.window_s = window_s  # the TTFT percentiles' window
+        self.stable_window_s = stable_window_s
+        self.panic_window_s = panic_window_s
+        self.retain_s = max(window_s, stable_window_s)
         self.timeout_s = timeout_s
+        self.round_timeout_s = round_timeout_s
         self.clock = clock
         self._scrapes: dict[str, deque[Scrape]] = {}
         self._client: httpx.AsyncClient | None = None
+        self._slots = asyncio.Semaphore(concurrency)
 
     async def scrape(self, pods: Iterable[Pod]) -> None:
-        """One scrape of every ready replica with an endpoint, concurrently; replicas no longer given
-        are forgotten. A replica that does not answer keeps its old scrapes until they age out."""
+        """One scrape of every ready replica with an endpoint, at most `concurrency` at once and within
+        `round_timeout_s` in all; replicas no longer given are forgotten. A replica that does not answer
+        keeps its old scrapes until they age out."""
         targets = [p for p in pods if p.ready and p.endpoint]
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=self.timeout_s, trust_env=False)
-        await asyncio.gather(*(self._scrape_one(p) for p in targets))
+        tasks = [asyncio.ensure_future(self._scrape_one(p)) for p in targets]
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=self.round_timeout_s)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         alive = {p.name for p in targets}
         for name in [n for n in self._scrapes if n not in alive]:
             del self._scrapes[name]
@@ -139,36 +185,48 @@ class EngineSignals:
     async def _scrape_one(self, pod: Pod) -> None:
         assert self._client is not None
         try:
-            answer = await self._client.get(f"{pod.endpoint}/metrics")
-            if answer.status_code != 200 or len(answer.content) > MAX_METRICS_BYTES:
-                return
-            scrape = parse(answer.text, self.clock())
+            async with self._slots:
+                answer = await self._client.get(f"{pod.endpoint}/metrics")
+                if answer.status_code != 200 or len(answer.content) > MAX_METRICS_BYTES:
+                    return
+                at = self.clock()
+                scrape = await asyncio.to_thread(parse, answer.text, at)  # off the event loop
         except (httpx.HTTPError, ValueError):
             return  # no engine signals from it this time; the gateway's figures still count
         ring = self._scrapes.setdefault(pod.name, deque())
         ring.append(scrape)
-        while ring and scrape.at - ring[0].at > self.window_s:
+        while ring and scrape.at - ring[0].at > self.retain_s:
             ring.popleft()
 
     def _fresh(self, replica: str) -> deque[Scrape] | None:
         ring = self._scrapes.get(replica)
-        if not ring or self.clock() - ring[-1].at > max(3.0, 3 * self.timeout_s):
+        if not ring or self.clock() - ring[-1].at > max(FRESH_FOR_S, 3 * self.timeout_s):
             return None
         return ring
+
+    def _ttft_window(self, ring: deque[Scrape]) -> tuple[Scrape | None, Scrape]:
+        newest = ring[-1]
+        older = next((s for s in ring if newest.at - s.at <= self.window_s), None)
+        return (older if older is not newest else None), newest
 
     def histogram(self, replica: str) -> Histogram:
         ring = self._fresh(replica)
         if ring is None:
             return (), {}
-        return window_histogram(ring[0] if len(ring) > 1 else None, ring[-1])
+        return window_histogram(*self._ttft_window(ring))
 
     def of(self, replica: str) -> ReplicaSignal:
         ring = self._fresh(replica)
         if ring is None:
-            return ReplicaSignal()
+            last = self._scrapes.get(replica)
+            return ReplicaSignal(age_s=self.clock() - last[-1].at if last else None)
         newest = ring[-1]
+        now = self.clock()
         p50, p90, count = percentiles_ms([self.histogram(replica)])
-        return ReplicaSignal(newest.running, newest.waiting, newest.kv_cache_usage, p50, p90, count, scraped=True)
+        load = [(s.at, (s.running or 0.0) + (s.waiting or 0.0)) for s in ring if s.running is not None]
+        return ReplicaSignal(newest.running, newest.waiting, newest.kv_cache_usage, p50, p90, count, scraped=True,
+                             age_s=now - newest.at, stable=mean_over(load, now - self.stable_window_s),
+                             panic=mean_over(load, now - self.panic_window_s))
 
     def ttft_of(self, replicas: Iterable[str]) -> tuple[float | None, float | None, float]:
         """TTFT (p50 ms, p90 ms, count) over the window of several replicas together: a business's."""

@@ -92,6 +92,10 @@ class ScaleRefusal(ErrorBody):
 
 # serving: views --------------------------------------------------------------------------------
 class PodView(Contract):
+    """A replica. Frozen: the controller reuses a pod's view until the pod changes (`Controller._pod_views`),
+    so one view may be in several answers at once and must not be altered by any of them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
     deployment: str
     labels: dict[str, str]
@@ -226,6 +230,14 @@ class TtfbMs(Contract):
     p95: float | None
 
 
+class HeldWaitMs(Contract):
+    """How long the requests the gateway held (no free replica) waited, over the window; null when none left
+    the hold."""
+
+    p50: float | None = None
+    p95: float | None = None
+
+
 class ReplicaLoad(Contract):
     pod: str
     requestsPerSecond: float
@@ -256,6 +268,11 @@ class ServiceLoad(Contract):
     readyReplicas: int
     replicas: list[ReplicaLoad] = Field(description="the replicas it routes to, and any that served it in the window")
     series: list[LoadPoint] = Field(description="the last 5 minutes, one point per 5 s")
+    held: int = Field(default=0, description="requests the gateway holds now, waiting for a replica to be assigned or "
+                                             "to free up (none ready, or every one at its batch limit): demand no "
+                                             "replica has seen yet")
+    heldWaitMs: HeldWaitMs = Field(default_factory=HeldWaitMs,
+                                   description="how long held requests waited, over the window")
 
 
 class LoadOverview(Contract):
@@ -561,7 +578,7 @@ __all__ = [
     "DeployResult", "DeployServiceResult", "DeploymentView", "DistributeDryRun", "DistributeResult", "EngineInfo",
     "ErrorBody", "Estimate", "FinetuneTask", "GpuDeviceView", "GpuInfo", "GpuProcessView", "Health", "HistoryEntry",
     "LatencyMs", "LengthBin", "LoadOverview", "LoadPoint", "MemoryFigures", "Move", "Number", "OmittingContract", "PodView", "PoolDeploymentView", "PoolStatus",
-    "PreviewExample", "PreviewResult", "PreviewSpan", "QueueSummary",
+    "PreviewExample", "PreviewResult", "PreviewSpan", "QueueSummary", "HeldWaitMs",
     "ReplicaLoad", "ReplicaTraffic", "ScaleRefusal", "ScaleResult", "ServiceLoad", "ServingMemory", "StandardDeploymentView", "TaskProgress", "TtfbMs", "gpu_info",
 ]
 
@@ -582,7 +599,10 @@ class PolicyTarget(Contract):
 class BusinessPolicySpec(Contract):
     """`PUT/GET /api/business-services/{name}/policy` (the body and the answer)."""
 
-    minReplicas: int = Field(default=0, ge=0, le=256)
+    minReplicas: int | None = Field(
+        default=None, ge=0, le=256,
+        description="null (not set): one replica while the business has had traffic in the stable window; an explicit "
+                    "0 lets it go to none")
     maxReplicas: int | None = Field(default=None, ge=0, le=256, description="null: no maximum")
     priority: int = Field(default=0, ge=-1000, le=1000, description="higher wins under scarcity")
     target: PolicyTarget = Field(default_factory=PolicyTarget)
@@ -590,7 +610,7 @@ class BusinessPolicySpec(Contract):
     @field_validator("maxReplicas")
     @classmethod
     def _max_not_below_min(cls, value: int | None, info: Any) -> int | None:
-        low = info.data.get("minReplicas", 0)
+        low = info.data.get("minReplicas") or 0
         if value is not None and value < low:
             raise ValueError(f"maxReplicas ({value}) must be >= minReplicas ({low})")
         return value
@@ -609,8 +629,20 @@ class AutopilotSpec(Contract):
     releaseAfterSeconds: float = Field(default=300.0, ge=0, le=86_400,
                                        description="how long a surplus must hold before it goes back to the spares")
     scaleInAfterSeconds: float = Field(default=300.0, ge=0, le=86_400)
-    replicaConcurrency: int = Field(default=8, ge=1, le=65_536,
-                                    description="sequences one replica runs at once (the engine's --max-num-seqs)")
+    replicaConcurrency: int | None = Field(
+        default=None, ge=1, le=65_536,
+        description="sequences one replica runs at once; null: the engine's own limit in the pool's engine args "
+                    "(--max-num-seqs for vLLM and the simulator, --max-running-requests for SGLang) or its default")
+    targetUtilisation: float = Field(default=0.8, gt=0, le=1,
+                                     description="of replicaConcurrency: the concurrency target's margin")
+    hysteresisBand: float = Field(default=0.2, ge=0, lt=1,
+                                  description="a donor keeps its load this far below every one of its targets")
+    stableWindowSeconds: float = Field(default=30.0, ge=0.5, le=3600,
+                                       description="loads averaged for what a business needs and may give")
+    panicWindowSeconds: float = Field(default=3.0, ge=0.5, le=600,
+                                      description="loads averaged for whether a business is pressured now")
+    movesPerWindow: int | None = Field(default=None, ge=1, le=100_000,
+                                       description="moves per stable window; null: half the pool (at least 4)")
 
 
 class AutopilotBusiness(Contract):
@@ -626,6 +658,10 @@ class AutopilotBusiness(Contract):
     requestsPerSecond: float
     rejectedPerSecond: float
     pressure: str | None  # why it needs more capacity now, or null
+    source: Literal["engine", "gateway", "unknown"] = "engine"  # where its load came from (the least sure replica's)
+    held: float = 0.0  # requests the gateway holds for it
+    stableLoad: float | None = None  # running + waiting + held, averaged over the stable window (null: unknown)
+    panicLoad: float | None = None  # ... over the panic window
 
 
 class AutopilotReplica(Contract):
@@ -638,6 +674,9 @@ class AutopilotReplica(Contract):
     kvCacheUsage: float | None
     ttftP90Ms: float | None
     movedAt: str | None  # when the autopilot last moved it (ISO 8601)
+    source: Literal["engine", "gateway", "unknown"] = "engine"  # engine /metrics, the gateway's in-flight count, none
+    load: float | None = None  # running + waiting as the autopilot reads it (null: unknown)
+    ageSeconds: float | None = None  # age of its newest engine reading (null: never read)
 
 
 class AutopilotMoveView(Contract):
@@ -672,3 +711,5 @@ class AutopilotStatus(Contract):
     replicas: list[AutopilotReplica]
     decisions: list[AutopilotDecisionView]  # newest first
     waitingFor: list[str]  # what the last decision could not do, and why
+    replicaConcurrency: int = 8  # the batch limit the autopilot uses ...
+    replicaConcurrencySource: Literal["settings", "engine", "default"] = "default"  # ... and where it came from

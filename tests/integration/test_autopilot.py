@@ -5,9 +5,12 @@ requests, a pinned replica untouched and every min respected."""
 from __future__ import annotations
 
 import json
+import random
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -24,7 +27,8 @@ CHAT = {"model": "qwen-06b", "messages": [{"role": "user", "content": "hello"}],
 
 @pytest.fixture
 def corral(tmp_path: Path):
-    with running_corral(tmp_path / "data", {"CORRAL_AUTOPILOT_INTERVAL_S": "0.25"}) as server:
+    env = {"CORRAL_AUTOPILOT_INTERVAL_S": "0.25"}
+    with running_corral(tmp_path / "data", env) as server:
         yield server
 
 
@@ -88,7 +92,8 @@ def test_a_burst_gets_warm_replicas_within_seconds_and_gives_them_back(corral: C
         wait_for(lambda: burst.ok >= 5, timeout=20, what="the burst flowing")
         started = time.monotonic()
         status = corral.ok("PUT", f"/api/autopilot/{pool}", json={"enabled": True, "warmSpares": 0, "cooldownSeconds": 1,
-                                                                   "stabilizationSeconds": 0.5, "releaseAfterSeconds": 3})
+                                                                   "stabilizationSeconds": 0.5, "releaseAfterSeconds": 3,
+                                                                   "stableWindowSeconds": 2, "panicWindowSeconds": 0.5})
         assert status["settings"]["enabled"] is True
 
         def grown() -> bool:
@@ -107,7 +112,9 @@ def test_a_burst_gets_warm_replicas_within_seconds_and_gives_them_back(corral: C
     moves = [h for h in corral.ok("GET", "/api/history", params={"action": "assign"}) if h["message"].startswith("autopilot:")]
     sources = {h["before"]["business"] for h in moves if h["after"]["business"] == "production"}
     assert sources == {"unassigned", "idle"}, moves
-    assert all("production waiting per replica" in h["message"] for h in moves if h["after"]["business"] == "production")
+    # Pressure shows as a queue (waiting), or first as the concurrency target's margin (80% of the 2 batch slots).
+    assert all(("production waiting per replica" in h["message"] or "production concurrency per replica" in h["message"])
+               for h in moves if h["after"]["business"] == "production"), [h["message"] for h in moves]
     assert corral.ok("GET", "/api/history", params={"action": "autopilot"}), "no decision summary row"
 
     # After the burst: production gives its surplus back to the spares; idle keeps its min and its pinned replica.
@@ -154,7 +161,7 @@ def test_policy_and_settings_are_validated_and_recorded(corral: CorralServer) ->
                                                   "replicas": 1, "deployAsPool": True})["deployment"]["name"]
     corral.ok("POST", "/api/deploy-service", json={"serviceName": "production", "modelPool": pool, "businessTag": "production"})
     assert corral.ok("GET", "/api/business-services/production-nlb/policy") == {
-        "minReplicas": 0, "maxReplicas": None, "priority": 0, "target": {"ttftP90Ms": None, "waitingPerReplica": 1.0, "concurrencyPerReplica": None}}
+        "minReplicas": None, "maxReplicas": None, "priority": 0, "target": {"ttftP90Ms": None, "waitingPerReplica": 1.0, "concurrencyPerReplica": None}}
     for body, words in [({"minReplicas": 3, "maxReplicas": 1}, "maxReplicas (1) must be >= minReplicas (3)"),
                         ({"minReplicas": -1}, "minReplicas"), ({"priority": 10**9}, "priority"),
                         ({"minReplicas": 1.5}, "minReplicas"), ({"target": {"ttftP90Ms": 0}}, "ttftP90Ms"),
@@ -209,20 +216,110 @@ def test_cli_sets_policies_and_settings_and_shows_the_status(corral: CorralServe
     assert cli(corral.url, "autopilot", "status", "nope-pool").returncode != 0
 
 
-def test_a_business_with_traffic_and_no_replica_gets_one(corral: CorralServer) -> None:
-    """Requests the gateway answers 503 for want of a replica are demand too: the autopilot sees them
-    (both data planes count them alike) and moves a spare to the business."""
+def test_requests_to_a_business_without_a_replica_are_held_until_the_autopilot_gives_it_one(corral: CorralServer) -> None:
+    """The activator: the gateway holds requests for a business with no replica (instead of a 503 at once), the
+    autopilot counts them as demand and moves a spare to it, and every held request is then answered: zero failed."""
     pool = corral.ok("POST", "/api/deploy", json={"engine": "simulator", "modelId": "sim", "modelTag": "qwen-06b",
                                                   "replicas": 2, "deployAsPool": True, "engineArgs": ENGINE_ARGS})["deployment"]["name"]
     corral.wait_ready(pool, 2)
     service = corral.ok("POST", "/api/deploy-service", json={"serviceName": "cold", "modelPool": pool,
                                                              "businessTag": "cold"})["service"]
+    assert businesses(corral, pool)["cold"] == 0
     corral.ok("PUT", f"/api/autopilot/{pool}", json={"enabled": True, "warmSpares": 0, "stabilizationSeconds": 0.5})
-    with httpx.Client(timeout=10) as http:
-        def served() -> bool:
-            answer = http.post(f"{service['baseUrl']}/chat/completions", json=CHAT | {"stream": False})
-            assert answer.status_code in (200, 503), answer.text
-            return answer.status_code == 200
-        wait_for(served, timeout=20, interval=0.2, what="a replica moved to the business that had none")
-    [row] = [h for h in corral.ok("GET", "/api/history", params={"action": "assign"}) if h["message"].startswith("autopilot:")]
-    assert "cold has traffic and no ready replica" in row["message"]
+    with httpx.Client(timeout=60) as http, ThreadPoolExecutor(max_workers=6) as clients:
+        answers = list(clients.map(
+            lambda _: http.post(f"{service['baseUrl']}/chat/completions", json=CHAT | {"stream": False}), range(6)))
+    assert [a.status_code for a in answers] == [200] * 6, [a.text[:200] for a in answers if a.status_code != 200]
+    assert businesses(corral, pool)["cold"] >= 1
+    *_, first = [h for h in corral.ok("GET", "/api/history", params={"action": "assign"})  # newest first
+                 if h["message"].startswith("autopilot:") and h["after"].get("business") == "cold"]
+    assert "cold has traffic and no ready replica" in first["message"]
+
+
+class Poisson:
+    """Open-loop Poisson arrivals at `rate` per second on one business service, each request streamed to its end on
+    a worker thread; anything but a complete 200 is a failure."""
+
+    def __init__(self, url: str, rate: float, seed: int) -> None:
+        self.url, self.rate, self.rng = url, rate, random.Random(seed)
+        self.stop = threading.Event()
+        self.ok = 0
+        self.failures: list[str] = []
+        self.pool = ThreadPoolExecutor(max_workers=32)
+        self.thread = threading.Thread(target=self._arrivals, daemon=True)
+        self.http = httpx.Client(timeout=30, limits=httpx.Limits(max_connections=64))
+
+    def _arrivals(self) -> None:
+        while not self.stop.wait(self.rng.expovariate(self.rate)):
+            self.pool.submit(self._one)
+
+    def _one(self) -> None:
+        try:
+            with self.http.stream("POST", f"{self.url}/chat/completions", json=CHAT) as answer:
+                body = b"".join(answer.iter_bytes())
+            if answer.status_code != 200 or b"[DONE]" not in body:
+                self.failures.append(f"{answer.status_code}: {body[:200]!r}")
+            else:
+                self.ok += 1
+        except httpx.HTTPError as exc:
+            self.failures.append(repr(exc))
+
+    def __enter__(self) -> Poisson:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        self.pool.shutdown(wait=True)
+        self.http.close()
+
+
+def test_steady_poisson_load_on_two_businesses_settles_and_stays_settled(corral: CorralServer) -> None:
+    """Issue 24: on steady load the autopilot moved replicas back and forth all along. Two businesses with constant
+    Poisson arrivals (each ~2.5 requests in flight at ~0.25 s a request, on replicas of 2 batch slots): once settled,
+    no replica moves over a 20 s window (a tenth of a 10-minute window's budget of 2 moves, scaled to the windows
+    set here)."""
+    pool = corral.ok("POST", "/api/deploy", json={"engine": "simulator", "modelId": "sim", "modelTag": "qwen-06b",
+                                                  "replicas": 6, "deployAsPool": True, "engineArgs": ENGINE_ARGS})["deployment"]["name"]
+    corral.wait_ready(pool, 6)
+    for business in ("chat", "batch"):
+        corral.ok("POST", "/api/deploy-service", json={"serviceName": business, "modelPool": pool, "businessTag": business})
+    # The split the load asks for (equal loads, equal priorities): before issue 24 the autopilot moved replicas back
+    # and forth from just such a split; from an uneven one, when it acts depends on its windows, not on the test.
+    corral.ok("POST", "/api/distribute-pods", json={"deploymentName": pool, "counts": {"chat": 3, "batch": 3}})
+    base = corral.ok("GET", "/api/business-services")[0]["baseUrl"]
+    urls = {b: base.rsplit("/s/", 1)[0] + f"/s/{b}-nlb/v1" for b in ("chat", "batch")}
+
+    def autopilot_moves() -> list[dict]:
+        return [h for h in corral.ok("GET", "/api/history", params={"action": "assign", "limit": 1000})
+                if h["message"].startswith("autopilot:")]
+
+    with Poisson(urls["chat"], rate=10, seed=1) as chat, Poisson(urls["batch"], rate=10, seed=2) as batch:
+        wait_for(lambda: chat.ok >= 10 and batch.ok >= 10, timeout=20, what="the load flowing")
+        status = corral.ok("PUT", f"/api/autopilot/{pool}", json={
+            "enabled": True, "warmSpares": 0, "cooldownSeconds": 5, "stabilizationSeconds": 1, "releaseAfterSeconds": 20,
+            "stableWindowSeconds": 5, "panicWindowSeconds": 1})
+        assert status["replicaConcurrency"] == 2 and status["replicaConcurrencySource"] == "engine"
+
+        enabled_at = time.time()
+
+        # Settled: whatever it moved, then no move for longer than a decision can take to come (a 5 s stable
+        # window, 1 s of pressure, the 5 s cooldown, a tick): 12 s.
+        def settled() -> bool:
+            moves = autopilot_moves()
+            last = datetime.fromisoformat(moves[0]["timestamp"]).timestamp() if moves else enabled_at
+            return time.time() - last >= 12
+        wait_for(settled, timeout=60, interval=0.5, what="the autopilot settling on steady load")
+        before = len(autopilot_moves())
+        window_ends = time.monotonic() + 20
+        wait_for(lambda: time.monotonic() >= window_ends or len(autopilot_moves()) > before + 1, timeout=25,
+                 interval=0.5, what="a 20 s window over the settled pool")
+        after = autopilot_moves()
+        status = corral.ok("GET", f"/api/autopilot/{pool}")
+    assert len(after) - before <= 1, [h["message"] for h in after[: len(after) - before]]
+    assert not chat.failures and not batch.failures, (chat.failures[:3], batch.failures[:3])
+    counts = businesses(corral, pool)
+    assert counts["batch"] >= 1 and counts["chat"] >= 1, counts
+    assert {b["source"] for b in status["businesses"]} <= {"engine", "gateway"}
+    assert all(r["source"] in ("engine", "gateway") for r in status["replicas"])

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pytest
 
 from corral.gateway.nginx_plane import missing_parts
+from corral.gateway.proxy import held_too_long_suffix
 from tests.integration.conftest import SIM_ARGS, CorralServer, running_corral
 
 openai = pytest.importorskip("openai")
@@ -19,6 +20,7 @@ langchain_openai = pytest.importorskip("langchain_openai")
 pytest.importorskip("transformers")
 
 SIM_TAG, TINY_TAG = "qwen-06b", "tiny"
+HOLD_TIMEOUT_S = 1.0
 MESSAGES = [{"role": "user", "content": "hello"}]
 
 
@@ -45,7 +47,9 @@ def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     from tests.tiny_model import build_tiny_model
 
     model = build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2")
-    with running_corral(tmp_path_factory.mktemp(request.param) / "data", {"CORRAL_GATEWAY_DATA_PLANE": request.param}) as corral:
+    # A short hold deadline: the idle service's requests are held that long (issue 24), then answered 503.
+    env = {"CORRAL_GATEWAY_DATA_PLANE": request.param, "CORRAL_GATEWAY_HOLD_TIMEOUT_S": str(HOLD_TIMEOUT_S)}
+    with running_corral(tmp_path_factory.mktemp(request.param) / "data", env) as corral:
         specs = {"simulator": {"modelId": "sim", "modelTag": SIM_TAG, "engineArgs": SIM_ARGS},
                  "transformers": {"modelId": str(model), "modelTag": TINY_TAG}}
         names = {engine: corral.ok("POST", "/api/deploy", json={"engine": engine, "replicas": 1, "deployAsPool": True, **spec}
@@ -114,7 +118,8 @@ def test_openai_sdk_errors_carry_the_engines_and_the_gateways_reason(setup: Setu
                                   "code": 404}
     # The gateway's own errors, streaming and not, chat and completions.
     idle = sdk(setup, setup.idle_service)
-    expected = f"no replica assigned to business 'testing' of model '{SIM_TAG}'"
+    expected = (f"no replica assigned to business 'testing' of model '{SIM_TAG}'"
+                + held_too_long_suffix(HOLD_TIMEOUT_S))
     for call in (lambda: idle.chat.completions.create(model=SIM_TAG, messages=MESSAGES, stream=True),  # type: ignore[arg-type]
                  lambda: idle.completions.create(model=SIM_TAG, prompt="hi")):
         with pytest.raises(openai.InternalServerError) as caught:

@@ -7,18 +7,32 @@ import json
 import os
 import signal
 import threading
+import time
 from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
 from corral.backends.local.process import process_start_time
+from corral.gateway.proxy import RETRY_AFTER_S, held_too_long_suffix
 from tests.conftest import wait_for
-from tests.integration.conftest import CorralServer, deploy_sim_pool
+from tests.integration.conftest import CorralServer, deploy_sim_pool, running_corral
 
 POOL = "simulator-qwen-06b-pool"
+HOLD_TIMEOUT_S = 1.5  # a business with no replica holds a request this long, then answers 503
 pytestmark = pytest.mark.usefixtures("data_plane")
+
+
+@pytest.fixture
+def corral(tmp_path: Path, data_plane: str) -> Iterator[CorralServer]:
+    """`corral serve` on the data plane under test, with a short hold deadline (test_gateway_hold.py tests
+    holding itself)."""
+    env = {"CORRAL_GATEWAY_DATA_PLANE": data_plane, "CORRAL_GATEWAY_HOLD_TIMEOUT_S": str(HOLD_TIMEOUT_S)}
+    with running_corral(tmp_path / "data", env) as server:
+        yield server
 
 
 # No "model": the replicas of several tags answer it (a simulator, like vLLM, refuses a model it does not serve
@@ -88,9 +102,13 @@ def test_503_and_404_bodies(two_businesses: CorralServer) -> None:
     corral = two_businesses
     for pod in members(corral, "testing"):
         corral.ok("POST", "/api/assign-pod", json={"podName": pod, "businessTag": "unassigned"})
+    # A business with no replica: the request is held (issue 24) until the deadline, then 503, Retry-After.
+    started = time.monotonic()
     empty = httpx.post(f"{corral.gateway_url}/s/b-nlb/v1/chat/completions", json=CHAT)
-    assert empty.status_code == 503
-    assert empty.json() == {"error": {"message": "no replica assigned to business 'testing' of model 'qwen-06b'",
+    assert empty.status_code == 503 and time.monotonic() - started >= HOLD_TIMEOUT_S - 0.5
+    assert empty.headers["retry-after"] == str(RETRY_AFTER_S)
+    assert empty.json() == {"error": {"message": "no replica assigned to business 'testing' of model "
+                                                 "'qwen-06b'" + held_too_long_suffix(HOLD_TIMEOUT_S),
                                       "type": "service_unavailable_error", "code": 503}}
     unknown = httpx.post(f"{corral.gateway_url}/s/nope-nlb/v1/chat/completions", json=CHAT)
     assert unknown.status_code == 404
@@ -149,13 +167,16 @@ def test_streams_in_flight_survive_reassignment_and_scale_down(two_businesses: C
 
     stream = Stream(f"{corral.gateway_url}/s/slow-a-nlb/v1/chat/completions", tokens=60)
     assert stream.first.wait(10) and stream.replica == slow
-    # Mid-stream: unassign it (new requests now get 503) and scale its pool down to 0, which removes it.
+    # Mid-stream: unassign it (new requests are held, then get 503) and scale its pool down to 0 (removes it).
     corral.ok("POST", "/api/assign-pod", json={"podName": slow, "businessTag": "unassigned"})
-    assert httpx.post(f"{corral.gateway_url}/s/slow-a-nlb/v1/chat/completions", json=CHAT).status_code == 503
-    down = corral.ok("POST", "/api/scale-pool-deployment", json={"deploymentName": "simulator-slow-pool", "targetReplicas": 0})
-    assert down["removed"] == [slow]
-    pid = corral.replica_pid(slow)
-    assert process_start_time(pid) is not None and not stream.done, "the replica drains before it stops"
+    with ThreadPoolExecutor(1) as pool:  # (held while the stream goes on)
+        refused = pool.submit(httpx.post, f"{corral.gateway_url}/s/slow-a-nlb/v1/chat/completions", json=CHAT)
+        down = corral.ok("POST", "/api/scale-pool-deployment", json={"deploymentName": "simulator-slow-pool",
+                                                                     "targetReplicas": 0})
+        assert down["removed"] == [slow]
+        pid = corral.replica_pid(slow)
+        assert process_start_time(pid) is not None and not stream.done, "the replica drains before it stops"
+        assert refused.result().status_code == 503
     stream.join()
     assert [c["choices"][0]["delta"]["content"].strip() for c in stream.chunks] == [f"tok{i}" for i in range(60)]
     wait_for(lambda: process_start_time(pid) is None, what="the drained replica to stop")

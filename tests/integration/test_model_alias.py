@@ -4,11 +4,12 @@ gateway's own errors carry their reason to the SDK. On both data planes."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import CorralServer
+from tests.integration.conftest import CorralServer, running_corral
 from tests.tiny_model import build_tiny_model
 
 openai = pytest.importorskip("openai")
@@ -16,6 +17,15 @@ pytest.importorskip("transformers")
 
 TAG = "tiny"
 pytestmark = pytest.mark.usefixtures("data_plane")
+
+
+@pytest.fixture
+def corral(tmp_path: Path, data_plane: str) -> Iterator[CorralServer]:
+    """`corral serve` on the data plane under test; a business with no replica holds a request 1 s
+    (issue 24)."""
+    with running_corral(tmp_path / "data", {"CORRAL_GATEWAY_DATA_PLANE": data_plane,
+                                            "CORRAL_GATEWAY_HOLD_TIMEOUT_S": "1"}) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

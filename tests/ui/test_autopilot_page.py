@@ -22,7 +22,7 @@ def test_policy_and_settings_from_the_page_and_the_decision_shown_live(corral: C
     dialog.get_by_label("max replicas (empty: none)").fill("2")
     dialog.get_by_test_id("policy-save").click()
     expect(dialog.get_by_test_id("policy-problem")).to_contain_text("maxReplicas (2) must be >= minReplicas (5)")
-    assert corral.ok("GET", "/api/business-services/production-nlb/policy")["minReplicas"] == 0
+    assert corral.ok("GET", "/api/business-services/production-nlb/policy")["minReplicas"] is None  # not set: unchanged
     dialog.get_by_label("min replicas").fill("1")
     dialog.get_by_label("max replicas (empty: none)").fill("")
     dialog.get_by_label("priority (higher wins under scarcity)").fill("5")

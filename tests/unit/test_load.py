@@ -17,6 +17,7 @@ from corral.domain.load import (
     Tick,
     bucket_index,
     figures,
+    held_wait_ms,
     histogram_quantile,
     in_window,
     step_end,
@@ -266,3 +267,35 @@ async def test_the_monitor_builds_the_views_from_its_samples() -> None:
         monitor.service("nope", 30)
     with pytest.raises(InvalidInput):
         monitor.snapshot(4)
+
+
+def test_held_requests_are_counted_now_and_their_wait_in_a_histogram() -> None:
+    """The activator's counters (proxy.py): held now per service, their wait once they leave the hold; the
+    same from nginx's keys; through a tick into the window's p50/p95 and the exposition."""
+    stats = TrafficStats()
+    stats.hold("a-nlb")
+    stats.hold("a-nlb")
+    stats.unhold("a-nlb", 0.3)
+    before = stats.sample()
+    assert before.held == {"a-nlb": 1} and before.held_wait == {"a-nlb": {bucket_index(0.3): 1}}
+    stats.unhold("a-nlb", 2.0)
+    after = stats.sample()
+    assert after.held == {}
+    moved = tick(before, after, 10.0, 1.0, {})
+    assert moved.held == {} and moved.held_wait == {"a-nlb": {bucket_index(2.0): 1}}
+    assert tick(before, before, 9.0, 1.0, {}).held == {"a-nlb": 1}
+    p50, p95 = held_wait_ms([tick(Sample({}, {}), before, 9.0, 1.0, {}), moved])["a-nlb"]
+    assert p50 is not None and p95 is not None and 200 <= p50 <= p95 <= 2000
+    text = stats.prometheus()
+    assert 'corral_gateway_held_seconds_count{service="a-nlb"} 2.0' in text
+    assert 'corral_gateway_held_seconds_sum{service="a-nlb"} 2.3' in text
+    stats.hold("b-nlb")
+    assert 'corral_gateway_held{service="b-nlb"} 1.0' in stats.prometheus()
+    # nginx's keys (corral_gateway.lua) read the same
+    raw = {"hq:b-nlb": 1, "hq:a-nlb": 0, f"hb:a-nlb|{bucket_index(0.3)}": 1,
+           f"hb:a-nlb|{bucket_index(2.0)}": 1, "hs:a-nlb": 2.3, "hb:a-nlb|999": 4}
+    nginx = parse_stats(raw).sample()
+    assert nginx.held == stats.sample().held and nginx.held_wait == stats.sample().held_wait
+    # a data plane that restarted (nginx's shared memory starts empty): what it counted since is new
+    restarted = Sample({}, {}, held_wait={"a-nlb": {bucket_index(0.01): 1}})
+    assert tick(after, restarted, 11.0, 1.0, {}).held_wait == {"a-nlb": {bucket_index(0.01): 1}}

@@ -6,8 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from corral.domain import labels as L
-from corral.domain.models import Pod, Service
-from corral.gateway.routing import Target, build_routes
+from corral.domain.models import Deployment, Pod, Service
+from corral.gateway.routing import Target, batch_limit, build_routes
 
 values = st.sampled_from(["a", "b", "c"])
 label_maps = st.dictionaries(st.sampled_from(["model", "business", "pool", "app"]), values, max_size=4)
@@ -23,3 +23,26 @@ def test_targets_are_the_ready_pods_the_selector_matches(pods_spec, selectors) -
         expected = tuple(Target(p.name, p.endpoint) for p in pods  # type: ignore[arg-type]
                          if p.ready and p.endpoint and L.matches(service.selector, p.labels))
         assert table[service.name].targets == expected
+
+
+def test_batch_limit_is_read_from_the_engine_args() -> None:
+    assert batch_limit("vllm", ["--max-num-seqs", "64"]) == 64
+    assert batch_limit("simulator", ["--ttft-ms", "5", "--max-num-seqs=4"]) == 4
+    assert batch_limit("sglang", ["--max-running-requests", "32"]) == 32
+    assert batch_limit("vllm", ["--max-num-seqs", "8", "--max-num-seqs", "16"]) == 16  # the last wins
+    assert batch_limit("sglang", ["--max-num-seqs", "8"]) is None  # not SGLang's flag
+    assert batch_limit("transformers", ["--max-num-seqs", "8"]) is None  # no batch limit flag
+    assert batch_limit("vllm", []) is None and batch_limit("vllm", ["--max-num-seqs"]) is None
+    assert batch_limit("vllm", ["--max-num-seqs", "0"]) is None
+    assert batch_limit("vllm", ["--max-num-seqs=x"]) is None
+
+
+def test_targets_carry_their_deployments_batch_limit() -> None:
+    pods = [Pod(name=f"{d}-{i}", deployment=d, labels={"model": "m", "business": "b"}, ready=True,
+                endpoint=f"http://127.0.0.1:{9000 + i}") for i, d in enumerate(["limited", "open"])]
+    deployments = [Deployment("limited", "vllm", "x", "m", True, 1, engine_args=("--max-num-seqs", "3")),
+                   Deployment("open", "vllm", "x", "m", True, 1)]
+    service = Service(name="s", model="m", selector={"model": "m", "business": "b"})
+    assert {t.name: t.concurrency for t in build_routes([service], pods, deployments)["s"].targets} == {
+        "limited-0": 3, "open-1": None}
+    assert all(t.concurrency is None for t in build_routes([service], pods)["s"].targets)  # unknown: no limit

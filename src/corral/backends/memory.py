@@ -11,7 +11,8 @@ What it keeps of the real backends' behaviour:
 - pods named like the local backend's, `<deployment>-<5 chars>`, ready at once (configurable:
   `ready=False` leaves new pods `Pending` until `set_ready`), each with a fake endpoint
   `http://127.0.0.1:<n>` that nothing listens on (`endpoints=False`: none, so the gateway routes
-  to no pod);
+  to no pod; `endpoint=URL`: every pod's, one local server standing in for all the engines, as
+  `bench/control_plane.py` serves the `/metrics` pages the autopilot scrapes);
 - `set_businesses` is all or nothing; `remove_replicas` removes exactly the named pods;
 - each change's intent (its pending history rows) is written right before the change, through the
   intent writer its controller gives it (`set_intent_writer`) — the desired state lives in memory,
@@ -54,9 +55,11 @@ class MemoryBackend(Backend):
     supports_secret_env = False  # no process is launched to give them to
 
     def __init__(self, *, ready: bool = True, endpoints: bool = True, gpu_ids: Sequence[int] = (),
-                 manifests_dir: Path | None = None, first_port: int = 40000, seed: int | None = None) -> None:
+                 manifests_dir: Path | None = None, first_port: int = 40000, seed: int | None = None,
+                 endpoint: str | None = None) -> None:
         self.ready = ready  # whether new pods are ready at once
         self.endpoints = endpoints
+        self.endpoint = endpoint  # every pod's endpoint, when given (else a port of its own)
         self.gpu_ids = list(gpu_ids)
         self.manifests_dir = manifests_dir
         self.manifests_written: dict[str, list[dict]] = {}
@@ -233,7 +236,7 @@ class MemoryBackend(Backend):
         created = []
         for gpu_ids in gpus:
             name = self._new_name(deployment.name)
-            endpoint = f"http://127.0.0.1:{next(self._ports)}" if self.endpoints else None
+            endpoint = (self.endpoint or f"http://127.0.0.1:{next(self._ports)}") if self.endpoints else None
             pod = Pod(name=name, deployment=deployment.name, labels=deployment.new_pod_labels(), phase=phase, ready=self.ready,
                       endpoint=endpoint, created_at=_now(), gpu_ids=gpu_ids)
             self._pods[name] = pod

@@ -6,46 +6,54 @@ autopilot first *moves* capacity to where requests queue, and only scales the po
 cannot help. Everything here is pure: the loop (`corral.autopilot`) observes, calls `decide`, and
 carries out the returned `Decision` through the controller (intent first, like any mutation).
 
-The rules, in order (each action carries its reason, for the history row):
-1. A business below its `minReplicas` gets replicas at once; one above its `maxReplicas` gives the
-   surplus back to the spares at once.
-2. A business is *pressured* when its waiting requests per ready replica exceed its target
-   (`waitingPerReplica`, default 1), when its running + waiting requests per ready replica exceed
-   `concurrencyPerReplica` (Knative KPA's target: capacity before requests queue, for a business whose
-   latency target one queued request misses), when its TTFT p90 exceeds `ttftP90Ms` while it queues or
-   fills its batches, or when it has traffic and no ready replica. Pressure must hold for
-   `stabilizationSeconds` before anything moves (hysteresis), then the business wants enough replicas
-   to hold its running + waiting sequences at `replicaConcurrency` and at `concurrencyPerReplica` each
-   (a level: taken every tick while the load grows, since a level cannot overshoot), and one more than
-   it has (capped by its max) once its last acquisition is a window old: what it got has to show in its
-   queue before a stale signal (a latency histogram) takes another.
-3. Pressured businesses are served highest `priority` first, taking (a) warm spares (unassigned,
-   ready), then (b) replicas of unpressured businesses above what they need to keep (their min; their
-   load at 80% of `replicaConcurrency` and at their concurrency target; half their waiting and TTFT
-   targets; one replica while they have traffic), lowest
-   priority first, then (c) under scarcity, replicas of *lower-priority* pressured businesses, down
-   to their min. Equal priorities never take from each other, so two pressured businesses cannot
-   trade a replica back and forth.
-4. A moved replica stays where it was put for `cooldownSeconds`; a pinned replica (a person's
-   manual assignment) never moves.
-5. When no business wants more, a business with more than it needs for `releaseAfterSeconds` gives
-   back to the spares what it did not need at any point of that window (the most it needed is kept,
-   as HPA's scale-down stabilisation does; replicas with no running requests go first).
-6. Demand that moves cannot meet, and spares below `warmSpares`, scale the pool out when
-   `scaleOut` is on, the pool is below its `maxReplicas` and the GPU ledger has free units (starting
-   replicas count as spares-to-be, so one shortage does not scale out twice). Spares above
-   `warmSpares` with no pressure anywhere for `scaleInAfterSeconds` scale in when `scaleIn` is on;
-   only those unassigned spares are removed, never an assigned replica.
+Signals come in two windows, as in Knative's KPA: a short *panic* window (is the business pressured
+now?) and a long *stable* window (what does it need, and may it give?). A business's load is its
+running + waiting + held requests; a replica whose load nobody knows (no fresh engine reading and no
+gateway count) makes its business's demand *unknown*, and nothing is ever taken from such a business.
 
-On constant signals the decisions converge: a business only ever takes while pressured and only
-gives while unpressured, so replicas flow one way until the wants are met or the replicas run out.
+The rules, in order (each action carries its reason, for the history row):
+1. A business below its floor gets replicas at once: its `minReplicas`, or, when the policy does not set
+   one, one replica while it has had traffic in the stable window (an explicit `minReplicas: 0` lets it
+   go to none; its requests are then held by the gateway). One above its `maxReplicas` gives the
+   surplus back to the spares at once.
+2. A business is *pressured* when, over the panic window, its waiting requests per ready replica exceed
+   `waitingPerReplica` (default 1), its running + waiting requests per ready replica exceed its
+   concurrency target (`concurrencyPerReplica`, capped by `targetUtilisation` of the engine's batch
+   limit `replicaConcurrency`: a margin, so replicas arrive before requests queue), its TTFT p90 exceeds
+   `ttftP90Ms` while it queues or fills its batches, or it has traffic and no ready replica. Pressure must
+   hold for `stabilizationSeconds`, then the business wants enough replicas to hold its load at its
+   concurrency target (a level), and one more than it has once its last acquisition is a window old.
+3. Pressured businesses are served highest `priority` first, taking (a) warm spares, then (b) replicas of
+   *calm* businesses — unpressured for a whole stable window, with a known demand — down to what keeps
+   them `hysteresisBand` below every one of their targets (one band for all targets: giving a replica
+   away never makes the donor pressured), lowest priority first, then (c) replicas of equal-priority
+   pressured businesses while the donor is more than one replica further above its demand share than
+   the receiver (weighted fair share: equal priorities split by demand, and a move never reverses),
+   then (d) under scarcity, replicas of lower-priority businesses down to their floor.
+4. A moved replica stays where it was put for `cooldownSeconds`; a pinned replica (a person's manual
+   assignment) never moves; at most `movesPerWindow` moves per stable window per pool, except those
+   that bring a business up to its floor.
+5. When no business wants more, a business with more than it needs for `releaseAfterSeconds` gives
+   back to the spares what it did not need at any point of that window (HPA's scale-down stabilisation).
+6. Demand that moves cannot meet, and spares below `warmSpares`, scale the pool out when `scaleOut` is
+   on, the pool is below its `maxReplicas` and the GPU ledger has free units (starting replicas count as
+   spares-to-be). Spares above `warmSpares` with no pressure anywhere for `scaleInAfterSeconds` scale in
+   when `scaleIn` is on; only those unassigned spares are removed, never an assigned replica.
+
+On constant load the decisions converge: a business only takes while pressured, a calm donor keeps a
+band below its own pressure, a fair-share move strictly lowers the spread of the shares, and priorities
+only ever take downwards — so replicas flow one way until the wants are met or the replicas run out
+(property-tested in `tests/unit/test_autopilot.py`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from typing import Any
 
 from corral.domain import labels as L
@@ -53,15 +61,62 @@ from corral.domain.models import Service
 from corral.domain.preemption import DEFAULT_BUSINESS_PRIORITY, business_priority
 from corral.domain.scaling import MAX_REPLICAS
 
-UTILISATION_TO_KEEP = 0.8  # a donor keeps enough replicas to run its sequences at <= 80% of their slots
-HYSTERESIS_BAND = 0.5  # ... and to stay at <= half of its waiting and latency targets
+DEFAULT_TARGET_UTILISATION = 0.8  # of the engine's batch limit: KPA's target-utilisation idea (its default is 0.7)
+DEFAULT_HYSTERESIS_BAND = 0.2  # a donor keeps its load 20% below every target it has
+# Corral ticks every 0.5 s and moves warm replicas (no cold start to cover, unlike KPA's 60 s / 6 s): a 30 s stable
+# window averages 60 readings (a Poisson load's noise on a few-second request shrinks ~sqrt(10) times), a 3 s panic
+# window 6 readings, the same 1:10 ratio as KPA. README, "The autopilot".
+DEFAULT_STABLE_WINDOW_S = 30.0
+DEFAULT_PANIC_WINDOW_S = 3.0
+# Knative KPA's panic threshold: the short window alone decides only when its load is twice a target. Below that the
+# stable window's average does: a Poisson load near its target crosses it for a second every few seconds, and acting
+# on those crossings moved replicas back and forth between two steady businesses.
+PANIC_THRESHOLD = 2.0
+# Equal priorities: a donor gives while it is more than this many replicas further above its demand share than the
+# receiver (one replica each side of the share). A move narrows that gap by 2, so a move back needs the demands
+# themselves to shift by two replicas' worth: noise in the stable window does not trade a replica back and forth.
+FAIR_SHARE_SLACK = 2.0
+DEFAULT_REPLICA_CONCURRENCY = 8  # an engine whose batch limit is unknown (the simulator's default)
+
+
+class Source(str, Enum):
+    """Where a replica's or a business's load figure came from."""
+
+    ENGINE = "engine"  # the engine's own /metrics (running and waiting sequences)
+    GATEWAY = "gateway"  # the gateway's in-flight count (no fresh engine reading, or an engine without /metrics)
+    UNKNOWN = "unknown"  # neither: the load is not known, and is never read as idle
+
+
+# The engine flag that bounds one replica's batch, and the engine's default where the flag is absent.
+BATCH_LIMIT_FLAGS: Mapping[str, tuple[str, int | None]] = {
+    "vllm": ("--max-num-seqs", 256),
+    "simulator": ("--max-num-seqs", 8),
+    "sglang": ("--max-running-requests", None),  # SGLang sizes it from the KV cache at start: unknown here
+}
+
+
+def engine_batch_limit(engine: str, engine_args: Sequence[str]) -> int | None:
+    """Sequences one replica runs at once, from the pool's engine args (`--max-num-seqs 4`, `--max-num-seqs=4`)
+    or the engine's default; None when unknown."""
+    flag, default = BATCH_LIMIT_FLAGS.get(engine, ("", None))
+    if not flag:
+        return None
+    args = list(engine_args)
+    for i, arg in enumerate(args):
+        value = arg.split("=", 1)[1] if arg.startswith(flag + "=") else (args[i + 1] if arg == flag and i + 1 < len(args)
+                                                                        else None)
+        if value is not None and re.fullmatch(r"\d+", value.strip()) and int(value) > 0:
+            return int(value)
+    return default
 
 
 @dataclass(frozen=True)
 class BusinessPolicy:
     """What a business asks of the autopilot (`PUT /api/business-services/{name}/policy`)."""
 
-    min_replicas: int = 0
+    # None: not set — the business keeps one replica while it has had traffic in the stable window; an explicit
+    # 0 lets it go to none (its requests are held by the gateway until it gets one back).
+    min_replicas: int | None = None
     max_replicas: int | None = None
     priority: int = 0  # higher wins under scarcity
     ttft_p90_ms: float | None = None
@@ -129,7 +184,15 @@ class PoolAutopilot:
     stabilization_seconds: float = 1.0
     release_after_seconds: float = 300.0  # as HPA's scale-down stabilisation: a surplus costs nothing while warm
     scale_in_after_seconds: float = 300.0
-    replica_concurrency: int = 8  # sequences one replica runs at once (the engine's --max-num-seqs)
+    replica_concurrency: int = DEFAULT_REPLICA_CONCURRENCY  # sequences one replica runs at once (--max-num-seqs)
+    target_utilisation: float = DEFAULT_TARGET_UTILISATION
+    hysteresis_band: float = DEFAULT_HYSTERESIS_BAND
+    stable_window_seconds: float = DEFAULT_STABLE_WINDOW_S
+    panic_window_seconds: float = DEFAULT_PANIC_WINDOW_S
+    moves_per_window: int | None = None  # None: half the pool's replicas (at least 4) per stable window
+
+    def move_budget(self, replicas: int) -> int:
+        return self.moves_per_window if self.moves_per_window is not None else max(4, math.ceil(replicas / 2))
 
 
 @dataclass(frozen=True)
@@ -139,18 +202,61 @@ class ReplicaState:
     ready: bool
     pinned: bool = False
     moved_at: float | None = None  # when the autopilot last moved it (monotonic seconds)
-    running: float = 0.0  # the engine's running sequences
+    running: float = 0.0  # the engine's running sequences (or the gateway's in-flight requests)
     waiting: float = 0.0  # the engine's queued requests
+    source: Source = Source.ENGINE  # where running/waiting came from; UNKNOWN: they mean nothing
+
+
+@dataclass(frozen=True)
+class Load:
+    """A business's requests averaged over a window: running in its engines, waiting in their queues (held by
+    the gateway included)."""
+
+    running: float = 0.0
+    waiting: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.running + self.waiting
+
+
+class LoadWindows:
+    """A business's load tick by tick, kept over its stable window: the means over the stable and panic windows
+    (Knative KPA's two windows), and whether every reading in them was known."""
+
+    def __init__(self) -> None:
+        self._readings: deque[tuple[float, Load, bool]] = deque()
+
+    def add(self, now: float, load: Load, known: bool, keep_s: float) -> None:
+        self._readings.append((now, load, known))
+        while self._readings and now - self._readings[0][0] > keep_s:
+            self._readings.popleft()
+
+    def mean(self, now: float, seconds: float) -> Load | None:
+        these = [load for at, load, _ in self._readings if now - at <= seconds]
+        if not these:
+            return None
+        return Load(sum(x.running for x in these) / len(these), sum(x.waiting for x in these) / len(these))
+
+    def known(self, now: float, seconds: float) -> bool:
+        return all(known for at, _, known in self._readings if now - at <= seconds)
 
 
 @dataclass(frozen=True)
 class BusinessDemand:
-    """A business's policy and what the gateway sees of it (the engines' figures come per replica)."""
+    """A business's policy and what the gateway sees of it (the engines' figures come per replica).
+
+    `stable` and `panic`: its load averaged over the two windows (None: the replicas' readings of now stand for
+    both — an offline model, a test); `known` False when a replica's load is unknown (the business is not a donor)."""
 
     policy: BusinessPolicy = BusinessPolicy()
     requests_per_second: float = 0.0
     rejected_per_second: float = 0.0  # answered by the gateway itself, e.g. 503 "no replica assigned"
     ttft_p90_ms: float | None = None
+    held: float = 0.0  # requests the gateway holds for it, waiting for a replica
+    stable: Load | None = None
+    panic: Load | None = None
+    known: bool = True
 
 
 @dataclass(frozen=True)
@@ -162,6 +268,9 @@ class AutopilotMemory:
     surplus_peak: Mapping[str, int] = field(default_factory=dict)  # the most it needed since its surplus began
     spares_surplus_since: float | None = None
     acquired_at: Mapping[str, float] = field(default_factory=dict)  # when it last received replicas
+    calm_since: Mapping[str, float] = field(default_factory=dict)  # unpressured, with a known demand, since
+    traffic_at: Mapping[str, float] = field(default_factory=dict)  # when it last had traffic
+    moves_at: tuple[float, ...] = ()  # the pool's moves in the last stable window (the budget)
 
 
 @dataclass(frozen=True)
@@ -189,6 +298,10 @@ class Decision:
     def acts(self) -> bool:
         return bool(self.moves or self.scale_to is not None or self.remove)
 
+    @property
+    def scales(self) -> bool:
+        return self.scale_to is not None or bool(self.remove)
+
 
 @dataclass
 class BusinessLoad:
@@ -197,6 +310,7 @@ class BusinessLoad:
     name: str
     demand: BusinessDemand
     replicas: list[ReplicaState]
+    recent_traffic: bool = False  # traffic in the stable window (decide sets it from its memory)
 
     @property
     def policy(self) -> BusinessPolicy:
@@ -206,72 +320,129 @@ class BusinessLoad:
     def ready(self) -> list[ReplicaState]:
         return [r for r in self.replicas if r.ready]
 
+    def __post_init__(self) -> None:
+        # The load is the business's, fixed for the decision: a replica moved during it does not take load along.
+        ready = self.ready
+        now = Load(sum(r.running for r in ready), sum(r.waiting for r in ready) + self.demand.held)
+        self._panic = self.demand.panic if self.demand.panic is not None else now
+        self._stable_mean = self.demand.stable if self.demand.stable is not None else now
+        stable = self._stable_mean
+        self._stable = stable if stable.total >= self._panic.total else self._panic
+
+    @property
+    def panic(self) -> Load:
+        """The load over the panic window: whether it is pressured now."""
+        return self._panic
+
+    @property
+    def stable(self) -> Load:
+        """The load over the stable window (never below the panic one: a donor keeps what it runs now too)."""
+        return self._stable
+
+    @property
+    def stable_mean(self) -> Load:
+        """The load averaged over the stable window, as it is: what pressure reads below the panic threshold."""
+        return self._stable_mean
+
+    # the figures of now, for the status (and the reasons)
     @property
     def running(self) -> float:
-        return sum(r.running for r in self.ready)
+        return self.panic.running
 
     @property
     def waiting(self) -> float:
-        return sum(r.waiting for r in self.ready)
+        return self.panic.waiting
+
+    @property
+    def known(self) -> bool:
+        return self.demand.known and all(r.source != Source.UNKNOWN for r in self.ready)
 
     @property
     def has_traffic(self) -> bool:
-        return self.demand.requests_per_second > 0 or self.demand.rejected_per_second > 0 or self.running + self.waiting > 0
+        return (self.demand.requests_per_second > 0 or self.demand.rejected_per_second > 0 or self.demand.held > 0
+                or self.panic.total > 0)
+
+    @property
+    def floor(self) -> int:
+        """Replicas it never goes below (while the pool has them): its min, or one while it has had traffic."""
+        if self.policy.min_replicas is not None:
+            return self.policy.min_replicas
+        floor = 1 if self.recent_traffic or self.has_traffic else 0
+        return floor if self.policy.max_replicas is None else min(floor, self.policy.max_replicas)
 
 
 def _fmt(x: float) -> str:
     return f"{x:.1f}"
 
 
-def pressure(business: BusinessLoad, replica_concurrency: int) -> str | None:
-    """Why the business needs more capacity now, or None.
+def concurrency_target(policy: BusinessPolicy, settings: PoolAutopilot) -> float:
+    """Running + waiting requests per replica to stay under: `targetUtilisation` of the engine's batch limit,
+    and the business's own `concurrencyPerReplica` where it is lower."""
+    slots = max(1, settings.replica_concurrency) * settings.target_utilisation
+    target = policy.concurrency_per_replica
+    return slots if target is None else min(target, slots)
+
+
+def pressure(business: BusinessLoad, settings: PoolAutopilot | int) -> str | None:
+    """Why the business needs more capacity now (over the panic window), or None.
 
     A TTFT over its target counts only while the business queues or fills its batches: the p90 comes
     from a histogram over the last seconds, and still shows a queue that is already gone; acting on it
     would take replicas for a demand that has passed."""
-    policy, ready = business.policy, business.ready
+    if isinstance(settings, int):
+        settings = PoolAutopilot(replica_concurrency=settings)
+    policy, ready, load = business.policy, business.ready, business.panic
     if not ready:
         return "has traffic and no ready replica" if business.has_traffic else None
-    per_replica = business.waiting / len(ready)
-    if policy.waiting_per_replica is not None and per_replica > policy.waiting_per_replica:
-        return f"waiting per replica {_fmt(per_replica)} > {_fmt(policy.waiting_per_replica)}"
-    concurrency = (business.running + business.waiting) / len(ready)
-    if policy.concurrency_per_replica is not None and concurrency > policy.concurrency_per_replica:
-        return f"concurrency per replica {_fmt(concurrency)} > {_fmt(policy.concurrency_per_replica)}"
+
+    def over(figure: Callable[[Load], float], target: float) -> float | None:
+        """The figure that exceeds `target`: the stable window's average, or the panic window's past the panic
+        threshold (a surge: reacting a stable window late would be too late)."""
+        if (stable := figure(business.stable_mean)) > target:
+            return stable
+        return panic if (panic := figure(load)) > PANIC_THRESHOLD * target else None
+
+    waiting_target = policy.waiting_per_replica
+    if waiting_target is not None and (per_replica := over(lambda x: x.waiting / len(ready), waiting_target)) is not None:
+        return f"waiting per replica {_fmt(per_replica)} > {_fmt(waiting_target)}"
+    target = concurrency_target(policy, settings)
+    if (concurrency := over(lambda x: x.total / len(ready), target)) is not None:
+        of = "" if policy.concurrency_per_replica is not None and policy.concurrency_per_replica <= target else (
+            f" ({settings.target_utilisation:.0%} of {settings.replica_concurrency} slots)")
+        return f"concurrency per replica {_fmt(concurrency)} > {_fmt(target)}{of}"
     ttft = business.demand.ttft_p90_ms
-    busy = business.waiting > 0 or business.running >= len(ready) * max(1, replica_concurrency) * UTILISATION_TO_KEEP
+    busy = load.waiting > 0 or load.running >= len(ready) * target
     if policy.ttft_p90_ms is not None and ttft is not None and ttft > policy.ttft_p90_ms and busy:
         return f"TTFT p90 {ttft:.0f} ms > {policy.ttft_p90_ms:.0f} ms"
     return None
 
 
-def for_load(business: BusinessLoad, slots: int, utilisation: float = 1.0) -> int:
-    """Replicas that run the business's running + waiting sequences at `utilisation` of their slots, and
-    under its `concurrencyPerReplica` target: a level, what the load needs whatever it has now."""
-    load = business.running + business.waiting
-    count = math.ceil(load / (max(1, slots) * utilisation))
-    target = business.policy.concurrency_per_replica
-    return count if target is None else max(count, math.ceil(load / target))
+def for_load(load: float, target: float) -> int:
+    """Replicas that hold `load` requests at `target` each: a level, what the load needs whatever it has now."""
+    return math.ceil(load / max(target, 1e-9) - 1e-9)
 
 
 def needed(business: BusinessLoad, settings: PoolAutopilot, *, pressured: bool, one_more: bool = True) -> int:
-    """Replicas the business should have for its load (before its max); pressured: what its load needs at its
-    targets, and (`one_more`) at least one more than it has."""
+    """Replicas the business should have for its load (before its max); pressured: what its panic-window load
+    needs at its targets, and (`one_more`) at least one more than it has."""
+    target = concurrency_target(business.policy, settings)
     if pressured:
-        return max(business.policy.min_replicas, len(business.replicas) + (1 if one_more else 0),
-                   for_load(business, settings.replica_concurrency))
-    # What it keeps stays clear of its own pressure by a margin (HYSTERESIS_BAND), so that giving a
+        return max(business.floor, len(business.replicas) + (1 if one_more else 0),
+                   for_load(business.panic.total, target))
+    # What it keeps stays one band below each of its targets over the stable window, so that giving a
     # replica away never makes it pressured again: give → want → give would be an oscillation.
-    keep = for_load(business, settings.replica_concurrency, UTILISATION_TO_KEEP)
+    keep_share = 1 - settings.hysteresis_band
+    load = business.stable
+    keep = for_load(load.total, target * keep_share)
     have = len(business.replicas)
     policy = business.policy
-    if policy.waiting_per_replica is not None and business.waiting > 0:
-        limit = policy.waiting_per_replica * HYSTERESIS_BAND
-        keep = max(keep, have if limit <= 0 else math.ceil(business.waiting / limit))
+    if policy.waiting_per_replica is not None and load.waiting > 0:
+        limit = policy.waiting_per_replica * keep_share
+        keep = max(keep, have if limit <= 0 else for_load(load.waiting, limit))
     ttft = business.demand.ttft_p90_ms
-    if policy.ttft_p90_ms is not None and ttft is not None and ttft > policy.ttft_p90_ms * HYSTERESIS_BAND:
+    if policy.ttft_p90_ms is not None and ttft is not None and ttft > policy.ttft_p90_ms * keep_share:
         keep = max(keep, have)  # latency near its target: cannot tell what one replica fewer would do
-    return max(policy.min_replicas, keep, 1 if business.has_traffic else 0)
+    return max(business.floor, keep)
 
 
 def _cap(business: BusinessLoad, count: int) -> int:
@@ -291,6 +462,19 @@ def _idle_first(replicas: Sequence[ReplicaState]) -> list[ReplicaState]:
     return sorted(replicas, key=lambda r: (not r.ready, r.running + r.waiting, r.name))
 
 
+def _fair_gap(donor: BusinessLoad, receiver: BusinessLoad, group: Sequence[BusinessLoad]) -> float:
+    """How much further above its demand share (of the group's replicas) the donor is than the receiver."""
+    demand = sum(b.stable.total for b in group)
+    if demand <= 0:
+        return 0.0
+    replicas = sum(len(b.replicas) for b in group)
+
+    def over(b: BusinessLoad) -> float:
+        return len(b.replicas) - replicas * b.stable.total / demand
+
+    return over(donor) - over(receiver)
+
+
 def decide(
     replicas: Sequence[ReplicaState],
     demands: Mapping[str, BusinessDemand],
@@ -307,29 +491,44 @@ def decide(
     businesses = {
         name: BusinessLoad(name, demand, [r for r in replicas if r.business == name]) for name, demand in demands.items()
     }
+    window = settings.stable_window_seconds
+    traffic_at = {name: at for name, at in memory.traffic_at.items() if name in businesses and now - at < window}
+    for name, business in businesses.items():
+        if business.has_traffic:
+            traffic_at[name] = now
+        business.recent_traffic = name in traffic_at
     pressure_since = dict(memory.pressure_since)
     surplus_since = dict(memory.surplus_since)
     surplus_peak = dict(memory.surplus_peak)
+    calm_since = dict(memory.calm_since)
     pressured: dict[str, str] = {}  # business → why it needs more capacity now
     for name, business in businesses.items():
-        why = pressure(business, settings.replica_concurrency)
+        why = pressure(business, settings)
         if why is None:
             pressure_since.pop(name, None)
         else:
             pressure_since.setdefault(name, now)
             pressured[name] = why
+        if why is None and business.known:
+            calm_since.setdefault(name, now)
+        else:
+            calm_since.pop(name, None)
+    moves_at = [at for at in memory.moves_at if now - at < window]
+    budget = settings.move_budget(len(replicas)) - len(moves_at)
 
-    # What each business wants now: its min at once; more once its pressure has held: what its load needs
+    # What each business wants now: its floor at once; more once its pressure has held: what its load needs
     # (a level: taken at once, tick after tick while the load grows), and one more than it has only if its
     # last acquisition is a window old (what it got has to show in its queue first: no +1 every tick).
     want: dict[str, int] = {}
+    below_floor: dict[str, int] = {}  # what brings it up to its floor: outside the move budget
     reasons: dict[str, str] = {}
     acquired_at = dict(memory.acquired_at)
     for name, business in businesses.items():
         have = len(business.replicas)
-        if have < business.policy.min_replicas:
-            want[name] = business.policy.min_replicas - have
-            reasons[name] = f"{have} replica(s) < minReplicas {business.policy.min_replicas}"
+        if have < business.floor:
+            want[name] = below_floor[name] = business.floor - have
+            reasons[name] = (f"{have} replica(s) < minReplicas {business.floor}" if business.policy.min_replicas is not None
+                             else pressured.get(name) or f"{have} replica(s) after traffic in the stable window")
         if name in pressured and now - pressure_since[name] >= settings.stabilization_seconds:
             settled = now - acquired_at.get(name, -math.inf) >= settings.stabilization_seconds
             target = _cap(business, needed(business, settings, pressured=True, one_more=settled))
@@ -342,19 +541,25 @@ def decide(
     waiting_for: list[str] = []
     order = sorted(want, key=lambda b: (-businesses[b].policy.priority, -want[b], b))
 
-    def take(receiver: str, donor: BusinessLoad | None, floor: int, note: str) -> None:
-        """Move replicas to `receiver` from `donor` (None: the warm spares) while it wants more and
-        the donor keeps `floor`."""
+    def take(receiver: str, donor: BusinessLoad | None, may_give: Callable[[], bool], note: str) -> None:
+        """Move replicas to `receiver` from `donor` (None: the warm spares) while it wants more, the budget
+        allows and the donor `may_give`."""
+        nonlocal budget
         if donor is None:
             candidates, source = [s for s in spares if s.name not in moved], L.UNASSIGNED
         else:
             candidates = [r for r in donor.replicas if _movable(r, settings, now) and r.name not in moved]
             source = donor.name
         for replica in _idle_first(candidates):
-            if want[receiver] <= 0 or (donor is not None and len(donor.replicas) <= floor):
+            essential = below_floor.get(receiver, 0) > 0
+            if want[receiver] <= 0 or (budget <= 0 and not essential) or (donor is not None and not may_give()):
                 return
             moved.add(replica.name)
             want[receiver] -= 1
+            if essential:
+                below_floor[receiver] -= 1
+            else:
+                budget -= 1
             detail = note or (f"waiting {_fmt(donor.waiting)}, running {_fmt(donor.running)}" if donor else "warm spare")
             moves.append(PlannedMove(replica.name, source, receiver,
                                      f"{receiver} {reasons[receiver]}: moved {replica.name} from {source} ({detail})"))
@@ -362,20 +567,43 @@ def decide(
             if donor is not None:
                 donor.replicas = [r for r in donor.replicas if r.name != replica.name]
 
+    def above(donor: BusinessLoad, floor: int) -> Callable[[], bool]:
+        return lambda: len(donor.replicas) > floor
+
+    def _fairly(donor: BusinessLoad, receiver: BusinessLoad, group: list[BusinessLoad]) -> Callable[[], bool]:
+        return lambda: len(donor.replicas) > donor.floor and (
+            below_floor.get(receiver.name, 0) > 0 or _fair_gap(donor, receiver, group) > FAIR_SHARE_SLACK)
+
     spares = [r for r in replicas if r.business == L.UNASSIGNED and r.ready and not r.pinned]
     for receiver in order:
-        priority = businesses[receiver].policy.priority
-        take(receiver, None, 0, "")
-        # Businesses without pressure, lowest priority first, down to what their own load needs.
-        calm = [b for b in businesses.values() if b.name != receiver and b.name not in pressured and b.name not in want]
+        me = businesses[receiver]
+        priority = me.policy.priority
+        take(receiver, None, lambda: True, "")
+        # A business above its max gives the replicas it is about to release anyway.
+        for donor in [b for b in businesses.values() if b is not me and b.policy.max_replicas is not None]:
+            take(receiver, donor, above(donor, donor.policy.max_replicas or 0), f"above maxReplicas {donor.policy.max_replicas}")
+        # Calm businesses (a whole stable window without pressure), lowest priority first, down to what keeps them
+        # a band below their own targets.
+        calm = [b for b in businesses.values() if b.name != receiver and b.name not in want and b.name in calm_since
+                and now - calm_since[b.name] >= window]
         for donor in sorted(calm, key=lambda b: (b.policy.priority, -len(b.replicas), b.name)):
-            take(receiver, donor, needed(donor, settings, pressured=False), "")
-        # Scarcity: any lower-priority business gives down to its min.
-        lower = [b for b in businesses.values() if b.policy.priority < priority]
+            take(receiver, donor, above(donor, needed(donor, settings, pressured=False)), "")
+        # Equal priorities share by demand: a donor gives while it is more than FAIR_SHARE_SLACK replicas further
+        # above its share than the receiver (each such move narrows the spread, so none is reversed on constant load).
+        equals = [b for b in businesses.values() if b.policy.priority == priority and b.known
+                  and (b.name in pressured or (b.name in calm_since and now - calm_since[b.name] >= window))]
+        group = [*equals, me] if me not in equals else equals
+        for donor in sorted((b for b in equals if b is not me), key=lambda b: -_fair_gap(b, me, group)):
+            take(receiver, donor, _fairly(donor, me, group),
+                 f"fair share at priority {priority}: {donor.name} {len(donor.replicas)} replica(s) for load "
+                 f"{_fmt(donor.stable.total)}, {receiver} {len(me.replicas)} for {_fmt(me.stable.total)}")
+        # Scarcity: a lower-priority business with a known demand gives down to its floor.
+        lower = [b for b in businesses.values() if b.policy.priority < priority and b.known]
         for donor in sorted(lower, key=lambda b: (b.policy.priority, b.name)):
-            take(receiver, donor, donor.policy.min_replicas, f"priority {donor.policy.priority} < {priority}")
+            take(receiver, donor, above(donor, donor.floor), f"priority {donor.policy.priority} < {priority}")
         if want[receiver] > 0:
-            waiting_for.append(f"{receiver} wants {want[receiver]} more replica(s) ({reasons[receiver]}); none movable")
+            why = "move budget spent" if budget <= 0 else "none movable"
+            waiting_for.append(f"{receiver} wants {want[receiver]} more replica(s) ({reasons[receiver]}); {why}")
         if any(m.target == receiver for m in moves):
             acquired_at[receiver] = now
 
@@ -388,7 +616,7 @@ def decide(
         top = business.policy.max_replicas
         keep = needed(business, settings, pressured=False)
         over_max = top is not None and len(business.replicas) > top
-        surplus = name not in pressured and len(business.replicas) > keep
+        surplus = name not in pressured and business.known and len(business.replicas) > keep
         if not surplus:
             surplus_since.pop(name, None)
             surplus_peak.pop(name, None)
@@ -398,7 +626,7 @@ def decide(
         release_to = None
         if over_max:
             release_to, note = top, f"{len(business.replicas)} replica(s) > maxReplicas {top}"
-        elif surplus and not unmet and now - surplus_since[name] >= settings.release_after_seconds:
+        elif surplus and not unmet and budget > 0 and now - surplus_since[name] >= settings.release_after_seconds:
             release_to = surplus_peak[name]
             note = (f"needed at most {release_to} for {now - surplus_since[name]:.0f} s (now running "
                     f"{_fmt(business.running)}, waiting {_fmt(business.waiting)})")
@@ -407,8 +635,9 @@ def decide(
         if release_to is None or len(business.replicas) <= release_to:
             continue
         for replica in _idle_first([r for r in business.replicas if _movable(r, settings, now) and r.name not in moved]):
-            if len(business.replicas) <= release_to:
+            if len(business.replicas) <= release_to or (not over_max and budget <= 0):
                 break
+            budget -= 0 if over_max else 1
             moved.add(replica.name)
             business.replicas = [r for r in business.replicas if r.name != replica.name]
             moves.append(PlannedMove(replica.name, name, L.UNASSIGNED, f"{name} {note}: released {replica.name} to the spares"))
@@ -451,7 +680,9 @@ def decide(
 
     return Decision(
         moves=tuple(moves), scale_to=scale_to, remove=remove, scale_reason=scale_reason, waiting_for=tuple(waiting_for),
-        memory=AutopilotMemory(pressure_since, surplus_since, surplus_peak, spares_surplus_since,
-                               {name: at for name, at in acquired_at.items() if now - at < settings.stabilization_seconds}),
+        memory=AutopilotMemory(
+            pressure_since, surplus_since, surplus_peak, spares_surplus_since,
+            {name: at for name, at in acquired_at.items() if now - at < settings.stabilization_seconds},
+            calm_since, traffic_at, (*moves_at, *(now for _ in moves))),
         short_of_gpus=short_of_gpus, wanting={name: n for name, n in want.items() if n > 0},
     )

@@ -120,6 +120,12 @@ class Sample:
     # service → requests the gateway answered itself for want of a replica (503/504), cumulative: demand
     # that no replica saw, which the autopilot must see (a business with traffic and no replica)
     unserved: Mapping[str, int] = field(default_factory=dict)
+    # service → requests the gateway holds now, waiting for a replica to be assigned or to free up (the
+    # activator): demand no replica has seen yet
+    held: Mapping[str, int] = field(default_factory=dict)
+    # service → how long held requests waited (bucket index → requests, cumulative), counted when they leave
+    # the hold: served, refused past the deadline, or their service gone
+    held_wait: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +138,8 @@ class Tick:
     in_flight: Mapping[Pair, int]  # at `t`, nonzero only
     capacity: Mapping[str, int]  # ready replicas each service routed to at `t`
     unserved: Mapping[str, int] = field(default_factory=dict)  # service → requests answered 503/504 by the gateway
+    held: Mapping[str, int] = field(default_factory=dict)  # service → requests held at `t`, nonzero only
+    held_wait: Mapping[str, Mapping[int, int]] = field(default_factory=dict)  # service → waits ended, per bucket
 
 
 def tick(previous: Sample | None, current: Sample, t: float, seconds: float, capacity: Mapping[str, int]) -> Tick:
@@ -154,7 +162,18 @@ def tick(previous: Sample | None, current: Sample, t: float, seconds: float, cap
             moved_n = now_n if now_n < before_n else now_n - before_n  # went back: the data plane restarted
             if moved_n > 0:
                 unserved[service] = moved_n
-    return Tick(t, seconds, deltas, {p: n for p, n in current.in_flight.items() if n > 0}, capacity, unserved)
+    held_wait: dict[str, dict[int, int]] = {}
+    if previous is not None:
+        for service, now_wait in current.held_wait.items():
+            before_wait = previous.held_wait.get(service, {})
+            if sum(now_wait.values()) < sum(before_wait.values()):  # went back: the data plane restarted
+                moved_wait = dict(now_wait)
+            else:
+                moved_wait = _difference(now_wait, before_wait)
+            if moved_wait:
+                held_wait[service] = moved_wait
+    return Tick(t, seconds, deltas, {p: n for p, n in current.in_flight.items() if n > 0}, capacity, unserved,
+                {s: n for s, n in current.held.items() if n > 0}, held_wait)
 
 
 def unserved_per_second(ticks: Sequence[Tick]) -> dict[str, float]:
@@ -165,6 +184,17 @@ def unserved_per_second(ticks: Sequence[Tick]) -> dict[str, float]:
         for service, n in t.unserved.items():
             totals[service] = totals.get(service, 0) + n
     return {service: n / seconds for service, n in totals.items()} if seconds > 0 else {}
+
+
+def held_wait_ms(ticks: Sequence[Tick]) -> dict[str, tuple[float | None, float | None]]:
+    """Service → (p50, p95) in milliseconds of how long its held requests waited, over these ticks (only the
+    services whose held requests left the hold in them)."""
+    summed: dict[str, dict[int, int]] = {}
+    for t in ticks:
+        for service, waits in t.held_wait.items():
+            summed[service] = _merged(summed.get(service, {}), waits)
+    return {service: (_ms(histogram_quantile(0.5, waits)), _ms(histogram_quantile(0.95, waits)))
+            for service, waits in summed.items()}
 
 
 def in_window(ticks: Sequence[Tick], seconds: float) -> Sequence[Tick]:

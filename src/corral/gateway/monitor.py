@@ -23,8 +23,9 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from corral.aio import within
 from corral.domain.errors import Hint, InvalidInput, NotFound
@@ -40,6 +41,7 @@ from corral.domain.load import (
     Step,
     Tick,
     figures,
+    held_wait_ms,
     in_window,
     step_end,
     tick,
@@ -50,6 +52,7 @@ from corral.events import EventBus, EventType
 from corral.gateway.routing import RoutingTable
 from corral.views import (
     BusinessServiceView,
+    HeldWaitMs,
     LatencyMs,
     LoadOverview,
     LoadPoint,
@@ -59,6 +62,17 @@ from corral.views import (
 )
 
 log = logging.getLogger("corral.gateway.monitor")
+
+
+@dataclass(frozen=True, slots=True)
+class BusinessTraffic:
+    """What the gateway saw of one business service over a window: the autopilot's figures, without the
+    per-replica breakdown and the chart series of a `ServiceLoad` view."""
+
+    figures: Figures
+    unserved_per_s: float = 0.0  # requests the gateway answered itself (503/504): demand no replica saw
+    in_flight: int = 0  # requests in flight at the newest sample
+    held: int = 0  # requests the gateway held at the newest sample (no replica free): demand no replica sees yet
 
 
 def check_window(window: int) -> int:
@@ -83,6 +97,8 @@ class LoadMonitor:
         self._watchers = 0
         self._task: asyncio.Task | None = None
         self._failing = False
+        # `traffic`'s last answer and what it was computed from: (window, routing table, newest tick, answer)
+        self._traffic: tuple[int, RoutingTable, Tick | None, Mapping[str, BusinessTraffic]] | None = None
 
     # lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -176,6 +192,35 @@ class LoadMonitor:
         window = check_window(window)
         return LoadOverview(windowSeconds=window, services=self._views(list(self._services()), window))
 
+    def traffic(self, window: int = WINDOW_MIN_S) -> Mapping[str, BusinessTraffic]:
+        """Business service → its traffic over the last `window` seconds, from the samples and the routing
+        table alone: the autopilot's per-tick read. Not through `snapshot`, which builds every service's view
+        (each replica's figures, the chart series) out of the controller's service listing: 10 pools read
+        that each tick, 0.5 s of loop time a tick at 1,000 replicas. The answer changes only with a new
+        sample (once a second) or a new routing table, so between those it is the same object."""
+        window = check_window(window)
+        table = self._routes()
+        newest = self._ticks[-1] if self._ticks else None
+        last = self._traffic
+        if last is not None and last[0] == window and last[1] is table and last[2] is newest:
+            return last[3]
+        ticks = in_window(list(self._ticks), window)
+        seconds = sum(t.seconds for t in ticks)
+        counts: dict[str, list[Counts]] = {}
+        for t in ticks:
+            for (service, _), delta in t.deltas.items():
+                counts.setdefault(service, []).append(delta)
+        unserved = unserved_per_second(ticks)
+        in_flight: dict[str, int] = {}
+        for (service, _), n in (newest.in_flight.items() if newest is not None else ()):
+            in_flight[service] = in_flight.get(service, 0) + n
+        held = newest.held if newest is not None else {}
+        answer = {name: BusinessTraffic(figures(total(counts.get(name, ())), seconds),
+                                        unserved.get(name, 0.0), in_flight.get(name, 0), held.get(name, 0))
+                  for name, route in table.items() if route.business is not None}
+        self._traffic = (window, table, newest, answer)
+        return answer
+
     def unserved(self, window: int = WINDOW_MIN_S) -> dict[str, float]:
         """Service → requests per second the gateway answered itself (503/504: no replica, or none live)
         over the last `window` seconds: demand no replica saw (the autopilot's signal for a business with
@@ -203,6 +248,8 @@ class LoadMonitor:
         for (service, replica), n in in_flight.items():
             flying.setdefault(service, {})[replica] = n
         table = self._routes()
+        held = self._ticks[-1].held if self._ticks else {}
+        waits = held_wait_ms(ticks)
         newest = self._ticks[-1].t if self._ticks else 0.0
         steps = [s for s in self._steps if s.end > newest - WINDOW_MAX_S]
         views = []
@@ -219,6 +266,8 @@ class LoadMonitor:
                 **_figures(figures(total(counts.values()), seconds)), readyReplicas=s.readyReplicas, replicas=replicas,
                 series=[LoadPoint(t=p.t, requestsPerSecond=p.requests_per_s, p95Ms=p.p95_ms, capacity=p.capacity)
                         for p in points],
+                held=held.get(s.name, 0), heldWaitMs=HeldWaitMs(p50=waits.get(s.name, (None, None))[0],
+                                                                p95=waits.get(s.name, (None, None))[1]),
             ))
         return views
 

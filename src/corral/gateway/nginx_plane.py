@@ -41,7 +41,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from corral.aio import within
 from corral.domain.load import BUCKETS, Sample
-from corral.gateway.proxy import GatewayLimits, too_large_message
+from corral.gateway.proxy import (
+    RETRY_AFTER_S,
+    GatewayLimits,
+    held_too_long_suffix,
+    hold_full_suffix,
+    too_large_message,
+)
 from corral.gateway.routing import RoutingTable
 from corral.gateway.stats import TrafficCollector, TrafficStats
 
@@ -97,6 +103,10 @@ def render_config(workdir: Path, host: str, port: int, control_socket: Path, con
     temp = "\n".join(f"  {k}_temp_path {workdir}/tmp/{k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     modules = "\n".join(f"load_module {m};" for m in MODULES)
     buckets = "{" + ", ".join("math.huge" if math.isinf(b) else repr(b) for b in BUCKETS) + "}"  # the same as Python's
+    hold = (f"{{ timeout = {limits.hold_timeout_s!r}, queue = {limits.hold_queue}, "
+            f"retry_after = {RETRY_AFTER_S}, "
+            f"held_suffix = {_lua_string(held_too_long_suffix(limits.hold_timeout_s))}, "
+            f"full_suffix = {_lua_string(hold_full_suffix(limits.hold_queue))} }}")  # the same as proxy.py's
     # As root, nginx would run its workers as an unprivileged user that cannot enter a private data dir
     # (e.g. under /root) to spool a large request body: they run as the control plane's user instead.
     user = f"user {pwd.getpwuid(0).pw_name} {grp.getgrgid(os.getegid()).gr_name};\n" if os.geteuid() == 0 else ""
@@ -115,7 +125,7 @@ http {{
   lua_package_cpath "{LUA_CPATH};;";
   lua_shared_dict corral_routes {ROUTES_DICT};
   lua_shared_dict corral_stats 16m;
-  init_by_lua_block {{ corral = require "corral_gateway"; corral.configure({buckets}) }}
+  init_by_lua_block {{ corral = require "corral_gateway"; corral.configure({buckets}, {hold}) }}
   upstream corral_replicas {{
     server 0.0.0.1;  # placeholder: the Lua balancer sets the peer of every request
     balancer_by_lua_block {{ corral.balance() }}
@@ -228,8 +238,11 @@ def table_payload(table: RoutingTable) -> bytes:
             target = {"name": t.name, "host": host, "port": int(port)}
             if t.rewrite_model:
                 target["rewrite"] = True
+            if t.concurrency is not None:
+                target["concurrency"] = t.concurrency
             targets.append(target)
-        routes[name] = {"message": route.no_replica_message(), "targets": targets}
+        routes[name] = {"message": route.no_replica_message(), "busy": route.busy_message(),
+                        "targets": targets}
         if route.answers_models():
             routes[name]["models"] = route.models_list()
         if any(t.rewrite_model for t in route.targets):
@@ -282,6 +295,15 @@ def parse_stats(raw: dict[str, float]) -> TrafficStats:
         elif kind == "rj":
             service, _, code = rest.rpartition("|")
             view.rejected[(service, int(code))] = int(value)
+        elif kind == "hq":
+            if value > 0:
+                view.held[rest] = int(value)
+        elif kind == "hs":
+            view.held_wait_sum[rest] = float(value)
+        elif kind == "hb":
+            service, _, index = rest.rpartition("|")
+            if index.isdigit() and int(index) < buckets:
+                view.held_wait.setdefault(service, [0] * buckets)[int(index)] = int(value)
         elif kind in ("lb", "tb"):
             pair, _, index = rest.rpartition("|")
             service, _, replica = pair.partition("|")

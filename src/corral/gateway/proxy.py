@@ -5,7 +5,15 @@ body, and a streaming upstream call. Behaviour (the nginx data plane does the sa
 - Only the OpenAI API goes through: `/s/<service>/v1/<segments>` of plain URL characters. A path with
   control characters (CR/LF: header injection) is refused with 400; dot segments, empty segments,
   percent-encoded leftovers and every other path (`/health`, `/metrics`, ...) with 404.
-- The service's route comes from the current routing table; no route → 404, no ready replica → 503.
+- The service's route comes from the current routing table; no route → 404.
+- Hold, don't drop (Knative's activator): a request that finds no free replica (none ready or all
+  ejected, or every one at its batch limit, `Target.concurrency`) waits in its service's queue, bounded
+  by `hold_queue`, until a replica is assigned or frees up, or `hold_timeout_s` passes. It is woken, not
+  polled: a new routing table or a replica back in rotation wakes every held request, a request that
+  ends wakes the first of its service's queue; a woken request checks again and keeps its place when
+  none is free. Past the deadline, or when the queue is full, it gets 503 with `Retry-After`, naming
+  the business. Held requests are counted per service (`TrafficStats.held`, with their wait in a
+  histogram): demand the autopilot sees before any replica does.
 - The policy picks among replicas not ejected. A replica that refuses the connection or times out is
   ejected (probed in the background until healthy again) and the request is retried once on another
   replica — only possible because nothing has been sent to the client yet.
@@ -45,7 +53,8 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote_from_bytes
@@ -122,6 +131,21 @@ def too_large_message(limit: int) -> str:
     return f"request body larger than the gateway's limit of {limit} bytes (CORRAL_GATEWAY_MAX_BODY_BYTES)"
 
 
+# A request the gateway could not hold, or held past its deadline, is told to come back after this many
+# seconds: long enough for an autopilot tick and a routing push, short against a replica's start.
+RETRY_AFTER_S = 5
+
+
+def held_too_long_suffix(timeout_s: float) -> str:
+    """Appended to the reason (no replica, or all busy) of a request held past its deadline (both planes)."""
+    return f"; the request waited {timeout_s:g} s for a free replica (CORRAL_GATEWAY_HOLD_TIMEOUT_S)"
+
+
+def hold_full_suffix(queue: int) -> str:
+    """Appended to the reason of a request refused because its service's queue of held requests is full."""
+    return f"; {queue} requests already wait for a free replica (CORRAL_GATEWAY_HOLD_QUEUE)"
+
+
 @dataclass(frozen=True)
 class GatewayLimits:
     """What a client and a replica may cost the gateway; both data planes apply them."""
@@ -131,13 +155,20 @@ class GatewayLimits:
     client_header_timeout_s: float = 60.0
     client_body_timeout_s: float = 60.0
     max_connections: int = 4096
+    hold_timeout_s: float = 30.0  # how long a request waits for a free replica (0: not at all)
+    hold_queue: int = 1000  # requests held at most per service (0: none)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GatewayLimits:
         return cls(first_byte_timeout_s=settings.gateway_first_byte_timeout_s, max_body_bytes=settings.gateway_max_body_bytes,
                    client_header_timeout_s=settings.gateway_client_header_timeout_s,
                    client_body_timeout_s=settings.gateway_client_body_timeout_s,
-                   max_connections=settings.gateway_max_connections)
+                   max_connections=settings.gateway_max_connections,
+                   hold_timeout_s=settings.gateway_hold_timeout_s, hold_queue=settings.gateway_hold_queue)
+
+    @property
+    def holds(self) -> bool:
+        return self.hold_timeout_s > 0 and self.hold_queue > 0
 
     @property
     def health_probe_timeout_s(self) -> float:
@@ -246,6 +277,30 @@ class _FirstByteWatch:
             self._probe.cancel()
 
 
+class _Waiter:
+    """A held request's place in its service's queue. `wake` resolves its future; the request then checks
+    for a free replica and, when none is, re-arms (`arm`) and keeps its place."""
+
+    __slots__ = ("future",)
+
+    def __init__(self) -> None:
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def arm(self) -> None:
+        self.future = asyncio.get_running_loop().create_future()
+
+    def wake(self) -> bool:
+        """Wake it; False when it was already woken or gave up (its deadline passed)."""
+        if self.future.done():
+            return False
+        self.future.set_result(None)
+        return True
+
+    @property
+    def woken(self) -> bool:
+        return self.future.done() and not self.future.cancelled()
+
+
 class Gateway:
     def __init__(self, policy: Policy, connect_timeout_s: float, read_timeout_s: float, health_path: Callable[[str], str],
                  limits: GatewayLimits | None = None) -> None:
@@ -262,6 +317,7 @@ class Gateway:
         self._prober: asyncio.Task | None = None
         self._probes: dict[str, asyncio.Future[bool]] = {}  # one health check at a time per replica
         self._drained = asyncio.Condition()
+        self._held: dict[str, deque[_Waiter]] = {}  # service → its held requests, first come first
 
     # lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -303,6 +359,82 @@ class Gateway:
         live = {t.name for route in table.values() for t in route.targets}
         for name in [n for n in self.ejected if n not in live]:
             del self.ejected[name]  # a replica gone from every route needs no probing
+        self._wake_all()  # a replica may have been assigned (or its service removed)
+
+    # holding -----------------------------------------------------------------------------------
+    def free_targets(self, route: Route, tried: Iterable[str] = ()) -> list[Target]:
+        """The replicas of `route` that may take a request now: in rotation, not tried, below their batch
+        limit."""
+        in_flight = self.stats.in_flight_by_replica
+        skip = set(tried)
+        return [t for t in route.targets if t.name not in self.ejected and t.name not in skip
+                and (t.concurrency is None or in_flight.get(t.name, 0) < t.concurrency)]
+
+    def _wake_all(self) -> None:
+        for queue in self._held.values():
+            for waiter in queue:
+                waiter.wake()
+
+    def _wake_first(self, service: str) -> None:
+        """One replica of `service` freed a place: wake the first held request not already woken."""
+        for waiter in self._held.get(service, ()):
+            if waiter.wake():
+                return
+
+    def _waiting_reason(self, route: Route) -> str:
+        if any(t.name not in self.ejected for t in route.targets):
+            return route.busy_message()
+        return route.no_replica_message()
+
+    async def _hold(self, route: Route, send: Callable) -> tuple[Route, list[Target]] | None:
+        """Wait for a free replica of `route`'s service: the route as it is then and its free replicas; or
+        None once the request was answered here (503 past the deadline or with the queue full; 404 when
+        its service is gone meanwhile). Between finding a replica free and the caller counting it in
+        flight there is no await, so two woken requests never take the same place."""
+        service, limits = route.service, self.limits
+        queue = self._held.get(service)
+        if not limits.holds or (queue is not None and len(queue) >= limits.hold_queue):
+            reason = self._waiting_reason(route)
+            self.stats.rejected[(service, 503)] += 1
+            await _error(send, 503, reason + hold_full_suffix(limits.hold_queue) if limits.holds else reason,
+                         retry_after=True)
+            return None
+        if queue is None:
+            queue = self._held[service] = deque()
+        waiter = _Waiter()
+        queue.append(waiter)
+        self.stats.hold(service)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + limits.hold_timeout_s
+        admitted = False
+        try:
+            while True:
+                try:
+                    await within(max(deadline - loop.time(), 0.0), waiter.future)
+                except TimeoutError:
+                    break
+                current = self.table.get(service)
+                if current is None:
+                    self.stats.rejected[(UNKNOWN_SERVICE, 404)] += 1
+                    await _error(send, 404, f"service '{service}' not found")
+                    return None
+                route = current
+                if candidates := self.free_targets(route):
+                    admitted = True
+                    return route, candidates
+                waiter.arm()
+        finally:
+            queue.remove(waiter)
+            if not queue and self._held.get(service) is queue:
+                del self._held[service]
+            self.stats.unhold(service, loop.time() - started)
+            if not admitted and waiter.woken:
+                self._wake_first(service)  # the place it was woken for goes to the next one
+        self.stats.rejected[(service, 503)] += 1
+        await _error(send, 503, self._waiting_reason(route) + held_too_long_suffix(limits.hold_timeout_s),
+                     retry_after=True)
+        return None
 
     async def drain(self, replica: str, timeout_s: float) -> None:
         """Return once no request is in flight on `replica`, or after `timeout_s`."""
@@ -365,8 +497,12 @@ class Gateway:
     async def _forward(self, route: Route, scope: dict[str, Any], path: str, headers: list[tuple[str, str]], body: Body,
                        receive: Callable, send: Callable) -> None:
         tried: set[str] = set()
-        for _attempt in range(2):  # the first try, and one retry on another replica
-            candidates = [t for t in route.targets if t.name not in self.ejected and t.name not in tried]
+        for attempt in range(2):  # the first try, and one retry on another replica
+            candidates = self.free_targets(route, tried)
+            if not candidates and attempt == 0:
+                if (admitted := await self._hold(route, send)) is None:
+                    return
+                route, candidates = admitted
             if not candidates:
                 break
             target = self.policy.choose(candidates, self.stats.in_flight_by_replica)
@@ -465,6 +601,8 @@ class Gateway:
         finally:
             self.stats.finish(route.service, target.name, time.perf_counter() - started, error, first_byte,
                               usage.tokens if usage is not None else None)
+            if self._held:
+                self._wake_first(route.service)
             async with self._drained:
                 self._drained.notify_all()
 
@@ -499,6 +637,7 @@ class Gateway:
                 if await self._healthy(target, 1.0):
                     log.info("replica %s is healthy again; back in rotation", name)
                     self.ejected.pop(name, None)
+                    self._wake_all()
 
 
 async def _rewritten(chunks: AsyncIterator[bytes], tag: str, events: bool, limit: int) -> AsyncIterator[bytes]:
@@ -528,14 +667,17 @@ async def _client_gone(receive: Callable) -> None:
         pass
 
 
-async def _error(send: Callable, status: int, message: str) -> None:
-    await _json(send, status, error_body(status, message))
+async def _error(send: Callable, status: int, message: str, retry_after: bool = False) -> None:
+    extra = [(b"retry-after", str(RETRY_AFTER_S).encode())] if retry_after else []
+    await _json(send, status, error_body(status, message), extra)
 
 
-async def _json(send: Callable, status: int, payload: dict[str, Any]) -> None:
+async def _json(send: Callable, status: int, payload: dict[str, Any],
+                extra: list[tuple[bytes, bytes]] | None = None) -> None:
     body = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               *(extra or ())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 

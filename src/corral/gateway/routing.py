@@ -11,6 +11,13 @@ the simulator serve it themselves (`--served-model-name`); a replica whose engin
 `"model": null` (the engine then uses the model it is pinned to), and the response's `model` (the
 JSON body's, or each server-sent event's) becomes the tag again. `GET /v1/models` on a route whose
 replicas all need the rewrite is answered by the gateway with the tag.
+
+A target may carry its engine's batch limit (`Target.concurrency`: `--max-num-seqs` of vLLM and the
+simulator, `--max-running-requests` of SGLang, read from the deployment's engine arguments): a replica
+with that many requests in flight at the gateway is full, and a request that finds every replica of
+its service full (or none ready) is held by the gateway until one frees up (proxy.py). Without the flag
+the limit is unknown and never holds a request: the engine's own default depends on its version and
+hardware, and a wrong guess would hold requests a replica could have taken.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from corral.domain import labels as L
-from corral.domain.models import Pod, Service
+from corral.domain.models import Deployment, Pod, Service
 from corral.engines import get_engine
 
 
@@ -28,6 +35,7 @@ class Target:
     name: str
     endpoint: str
     rewrite_model: bool = False  # the engine does not answer to the tag: the gateway maps it (see above)
+    concurrency: int | None = None  # requests it runs at once (its engine's batch limit); None: no limit
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,13 @@ class Route:
             return f"no replica assigned to business '{self.business}' of model '{self.model}'"
         return f"no ready replica of deployment '{self.deployment}'"
 
+    def busy_message(self) -> str:
+        """Why a request waited: every replica the service routes to is at its batch limit."""
+        if self.business is not None:
+            return (f"every replica of business '{self.business}' of model '{self.model}' "
+                    "is at its batch limit")
+        return f"every replica of deployment '{self.deployment}' is at its batch limit"
+
     def answers_models(self) -> bool:
         """Whether the gateway answers `GET /v1/models` itself (no replica would list the tag)."""
         return bool(self.targets) and all(t.rewrite_model for t in self.targets)
@@ -54,11 +69,38 @@ class Route:
 
 RoutingTable = dict[str, Route]
 
+# engine → the flag that caps the requests one replica runs at once (its batch)
+BATCH_LIMIT_FLAGS = {"vllm": "--max-num-seqs", "simulator": "--max-num-seqs",
+                     "sglang": "--max-running-requests"}
 
-def build_routes(services: Iterable[Service], pods: Iterable[Pod]) -> RoutingTable:
+
+def batch_limit(engine: str, engine_args: Iterable[str]) -> int | None:
+    """The batch limit an engine was started with (`--flag N` or `--flag=N`, the last one wins, as argparse
+    reads it); None when the engine has no such flag or it was not given."""
+    flag = BATCH_LIMIT_FLAGS.get(engine)
+    if flag is None:
+        return None
+    found: int | None = None
+    args = list(engine_args)
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.partition("=")[2]
+        else:
+            continue
+        if value.strip().isdigit() and int(value) > 0:
+            found = int(value)
+    return found
+
+
+def build_routes(services: Iterable[Service], pods: Iterable[Pod],
+                 deployments: Iterable[Deployment] = ()) -> RoutingTable:
     """Each service's ready replicas. Ready pods are indexed by label pair and each service looks only
     at the pods carrying its rarest selector pair, so 100 services over 1,000 pods cost thousands of
-    label checks, not 100,000 (this runs on every change, before its API call returns)."""
+    label checks, not 100,000 (this runs on every change, before its API call returns). `deployments`
+    give each replica its batch limit (`Target.concurrency`); without them every limit is unknown."""
+    limits = {d.name: batch_limit(d.engine, d.engine_args) for d in deployments}
     ready = [p for p in pods if p.ready and p.endpoint]
     by_pair: dict[tuple[str, str], list[int]] = {}
     for index, pod in enumerate(ready):
@@ -82,7 +124,8 @@ def build_routes(services: Iterable[Service], pods: Iterable[Pod]) -> RoutingTab
     for service in services:
         pairs = list(service.selector.items())
         candidates = min((by_pair.get(pair, []) for pair in pairs), key=len) if pairs else everyone
-        targets = tuple(Target(ready[i].name, ready[i].endpoint, rewrite(ready[i]))  # type: ignore[arg-type]
+        targets = tuple(Target(ready[i].name, ready[i].endpoint, rewrite(ready[i]),  # type: ignore[arg-type]
+                               limits.get(ready[i].deployment))
                         for i in candidates
                         if L.matches(service.selector, ready[i].labels))
         table[service.name] = Route(

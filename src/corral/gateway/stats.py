@@ -10,6 +10,9 @@ the same, under the keys `NginxStats` reads):
   which engines send when asked with `stream_options.include_usage`; with continuous usage stats, the
   largest, i.e. final, count). Responses without usage add nothing, and `usage` counts those that had it.
 Requests in flight are counted per replica (balancing, draining) and per pair (the load view).
+Requests the gateway holds for want of a free replica (proxy.py's activator) are counted per service while
+held, and their wait goes into a per-service histogram when they leave the hold (served, refused past the
+deadline, or their service gone): `held`, `held_wait`, `held_wait_sum`.
 
 The histograms' buckets are `corral.domain.load.BUCKETS`. The load monitor reads `sample()` once a
 second; `/api/metrics` renders `prometheus()` from a registry of this object's own (never the
@@ -64,6 +67,9 @@ class TrafficStats:
         # name is the client's: one label per name would grow without bound)
         self.rejected: dict[tuple[str, int], int] = defaultdict(int)
         self.ejected: Collection[str] = ()  # replicas taken out of rotation by the data plane (failing or hung)
+        self.held: dict[str, int] = defaultdict(int)  # service → requests held now, waiting for a replica
+        self.held_wait: dict[str, list[int]] = {}  # service → held requests per wait bucket (not cumulative)
+        self.held_wait_sum: dict[str, float] = defaultdict(float)  # service → seconds waited, summed
 
     # the hot path ------------------------------------------------------------------------------
     def start(self, service: str, replica: str) -> None:
@@ -89,6 +95,19 @@ class TrafficStats:
         _decrement(self.in_flight_by_replica, replica)
         _decrement(self.in_flight_by_pair, pair)
 
+    def hold(self, service: str) -> None:
+        """A request of `service` starts waiting for a free replica."""
+        self.held[service] += 1
+
+    def unhold(self, service: str, seconds: float) -> None:
+        """A held request of `service` left the hold after `seconds` (served, refused, its service gone)."""
+        _decrement(self.held, service)
+        waits = self.held_wait.get(service)
+        if waits is None:
+            waits = self.held_wait[service] = [0] * len(BUCKETS)
+        waits[bucket_index(seconds)] += 1
+        self.held_wait_sum[service] += seconds
+
     # readers -----------------------------------------------------------------------------------
     def sample(self) -> Sample:
         """The counters as they are now (the load monitor's reading)."""
@@ -96,7 +115,11 @@ class TrafficStats:
         for (service, code), n in self.rejected.items():
             if code in UNSERVED_CODES:
                 unserved[service] = unserved.get(service, 0) + n
-        return Sample({pair: c.counts() for pair, c in self.by_pair.items()}, dict(self.in_flight_by_pair), unserved)
+        held_wait = {service: {i: n for i, n in enumerate(waits) if n}
+                     for service, waits in self.held_wait.items()}
+        held = {service: n for service, n in self.held.items() if n > 0}
+        counts = {pair: c.counts() for pair, c in self.by_pair.items()}
+        return Sample(counts, dict(self.in_flight_by_pair), unserved, held, held_wait)
 
     def replica_summary(self, replicas: set[str]) -> dict[str, dict[str, float | int]]:
         """Counters since start per replica (all its services): the pool status' `traffic`."""
@@ -166,7 +189,15 @@ class TrafficCollector(Collector):
                                                                   "413, 503, 504).", labels=["service", "code"])
         for (service, code), n in sorted(stats.rejected.items()):
             rejected.add_metric([service, str(code)], n)
-        yield from (requests, errors, in_flight, latency, ttfb, tokens, ejected, rejected)
+        held = GaugeMetricFamily("corral_gateway_held", "Requests held now for want of a free replica (no "
+                                 "ready replica, or every one at its batch limit).", labels=["service"])
+        for service, n in sorted(stats.held.items()):
+            held.add_metric([service], n)
+        held_wait = HistogramMetricFamily("corral_gateway_held_seconds", "How long held requests waited for a "
+                                          "free replica (served, or refused past the deadline).", labels=["service"])
+        for service, waits in sorted(stats.held_wait.items()):
+            held_wait.add_metric([service], _cumulative(waits), stats.held_wait_sum.get(service, 0.0))
+        yield from (requests, errors, in_flight, latency, ttfb, tokens, ejected, rejected, held, held_wait)
 
 
 def _cumulative(per_bucket: list[int]) -> list[tuple[str, int]]:

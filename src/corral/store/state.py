@@ -137,6 +137,11 @@ class StateStore:
         _add_new_columns(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         self.on_record: Callable[[dict[str, Any]], None] | None = None  # told of every history entry (→ `history` events)
+        # The autopilot's desired state as last read (policies, pool settings, pins): read by every autopilot
+        # tick for every pool and by every assignment, written seldom and only through this object (one
+        # control plane per data directory), so a read is a copy of memory, and each write drops what it
+        # changes.
+        self._autopilot_reads: dict[str, Any] = {}
 
     def session(self) -> Session:
         return self._session.begin()  # type: ignore[return-value]
@@ -325,23 +330,31 @@ class StateStore:
     # autopilot: policies, pool settings, pins -----------------------------------------------------
     def set_policy(self, service: str, policy: Mapping[str, Any], history: HistoryDraft) -> None:
         """A business's policy and its history row, in one transaction (the desired state of the autopilot)."""
-        with self._applied([history]) as s:
+        with self._changing("policies"), self._applied([history]) as s:
             s.merge(BusinessPolicyRow(service=service, policy=dict(policy)))
 
     def policies(self) -> dict[str, dict[str, Any]]:
-        with self.session() as s:
-            return {r.service: dict(r.policy) for r in s.scalars(select(BusinessPolicyRow))}
+        read = self._autopilot_reads.get("policies")
+        if read is None:
+            with self.session() as s:
+                read = self._autopilot_reads["policies"] = {r.service: dict(r.policy)
+                                                            for r in s.scalars(select(BusinessPolicyRow))}
+        return {service: dict(policy) for service, policy in read.items()}  # copies: callers may alter theirs
 
     def set_autopilot(self, pool: str, settings: Mapping[str, Any], history: HistoryDraft) -> None:
-        with self._applied([history]) as s:
+        with self._changing("autopilots"), self._applied([history]) as s:
             s.merge(AutopilotRow(pool=pool, settings=dict(settings)))
 
     def autopilots(self) -> dict[str, dict[str, Any]]:
-        with self.session() as s:
-            return {r.pool: dict(r.settings) for r in s.scalars(select(AutopilotRow))}
+        read = self._autopilot_reads.get("autopilots")
+        if read is None:
+            with self.session() as s:
+                rows = s.scalars(select(AutopilotRow))
+                read = self._autopilot_reads["autopilots"] = {r.pool: dict(r.settings) for r in rows}
+        return {pool: dict(settings) for pool, settings in read.items()}
 
     def set_pins(self, pool: str, pods: Iterable[str], pinned: bool, history: HistoryDraft | None = None) -> None:
-        with self._applied([history] if history is not None else []) as s:
+        with self._changing("pins"), self._applied([history] if history is not None else []) as s:
             for pod in pods:
                 if pinned:
                     s.merge(PinRow(pod=pod, pool=pool))
@@ -349,20 +362,38 @@ class StateStore:
                     s.delete(row)
 
     def pins(self) -> set[str]:
-        with self.session() as s:
-            return set(s.scalars(select(PinRow.pod)))
+        read = self._autopilot_reads.get("pins")
+        if read is None:
+            with self.session() as s:
+                read = self._autopilot_reads["pins"] = frozenset(s.scalars(select(PinRow.pod)))
+        return set(read)
 
     def forget_pins(self, keep: Iterable[str]) -> None:
-        """Pins of replicas that no longer exist (replaced, scaled away) are dropped."""
+        """Pins of replicas that no longer exist (replaced, scaled away) are dropped (every autopilot tick
+        asks: nothing is written, or even read from the database, while every pinned replica lives)."""
         alive = set(keep)
-        with self.session() as s:
+        if self.pins() <= alive:
+            return
+        with self._changing("pins"), self.session() as s:
             for row in s.scalars(select(PinRow)):
                 if row.pod not in alive:
                     s.delete(row)
 
+    @contextmanager
+    def _changing(self, *reads: str) -> Iterator[None]:
+        """A write to the tables behind these reads: what was read of them is dropped before and after (the
+        write failed or not), so the next read sees the database."""
+        for name in reads:
+            self._autopilot_reads.pop(name, None)
+        try:
+            yield
+        finally:
+            for name in reads:
+                self._autopilot_reads.pop(name, None)
+
     def forget_autopilot(self, *, pool: str | None = None, service: str | None = None) -> None:
         """A deleted pool's settings and pins, or a deleted service's policy."""
-        with self.session() as s:
+        with self._changing("autopilots", "pins", "policies"), self.session() as s:
             if pool is not None:
                 if (row := s.get(AutopilotRow, pool)) is not None:
                     s.delete(row)

@@ -70,7 +70,8 @@ def settings_dialog(pool: str) -> None:
             scale_out = ui.switch("scale out", value=now.scaleOut).tooltip("add replicas when moves cannot meet demand")
             scale_in = ui.switch("scale in", value=now.scaleIn).tooltip("remove idle spares above the warm spares")
         ceiling = ui.number("max replicas (empty: none)", value=now.maxReplicas, min=0, max=256, precision=0)
-        slots = ui.number("replica concurrency (the engine's --max-num-seqs)", value=now.replicaConcurrency, min=1, precision=0)
+        slots = ui.number("replica concurrency (empty: the engine's --max-num-seqs)", value=now.replicaConcurrency,
+                          min=1, precision=0)
         problem = ui.label().classes("text-negative text-sm").props('data-testid="autopilot-problem"')
 
         def build() -> AutopilotSpec:
@@ -78,7 +79,7 @@ def settings_dialog(pool: str) -> None:
                 "enabled": bool(enabled.value), "warmSpares": int(spares.value or 0),
                 "cooldownSeconds": float(cooldown.value or 0), "scaleOut": bool(scale_out.value),
                 "scaleIn": bool(scale_in.value), "maxReplicas": _optional_int(ceiling.value),
-                "replicaConcurrency": int(slots.value or 1)}).wire())
+                "replicaConcurrency": _optional_int(slots.value)}).wire())
 
         async def save() -> None:
             spec = await _save(problem, build, lambda spec: runtime().autopilot.set_settings(pool, spec))
@@ -99,7 +100,7 @@ def policy_label(service: str) -> str:
     targets += [f"TTFT p90 ≤ {spec.target.ttftP90Ms:g} ms"] if spec.target.ttftP90Ms is not None else []
     targets += ([f"concurrency/replica ≤ {spec.target.concurrencyPerReplica:g}"]
                 if spec.target.concurrencyPerReplica is not None else [])
-    return f"priority {spec.priority} · replicas {spec.minReplicas}..{top}" + (f" · {', '.join(targets)}" if targets else "")
+    return f"priority {spec.priority} · replicas {spec.minReplicas or 0}..{top}" + (f" · {', '.join(targets)}" if targets else "")
 
 
 def policy_button(service: str) -> None:
@@ -123,7 +124,7 @@ def policy_dialog(service: str, saved: Any = None) -> None:
 
         def build() -> BusinessPolicySpec:
             return BusinessPolicySpec.model_validate({
-                "minReplicas": int(low.value or 0), "maxReplicas": _optional_int(high.value),
+                "minReplicas": _optional_int(low.value), "maxReplicas": _optional_int(high.value),
                 "priority": int(priority.value or 0),
                 "target": {"waitingPerReplica": waiting.value, "ttftP90Ms": ttft.value or None,
                            "concurrencyPerReplica": concurrency.value or None}})

@@ -8,9 +8,18 @@
 -- NginxStats): per "<service>|<replica>" `rq:` requests, `er:` errors, `lt:` latency sum, `lb:…|<i>`
 -- latency bucket i, `ts:`/`tb:…|<i>` first-byte sum and buckets (streamed responses), `tk:` completion
 -- tokens and `tu:` responses with usage, `ip:` in flight; per replica `if:` in flight, `ej:` ejected;
--- `rj:<service>|<code>` rejections. Bucket bounds come from Python (`configure`), so both planes agree.
+-- `rj:<service>|<code>` rejections; per service `hq:` requests held now, `hs:` their wait summed and
+-- `hb:…|<i>` wait bucket i. Bucket bounds come from Python (`configure`), so both planes agree.
+-- Holding (proxy.py's activator): a request that finds no free replica (none ready or all ejected, or every
+-- one at its batch limit: `if:` >= the target's `concurrency`) waits in the access phase, bounded per
+-- service by `hq:`, until one frees up or the deadline passes (then 503 with Retry-After). A replica's
+-- place is claimed with an atomic `if:` increment when it is chosen, so workers never overfill it. Held
+-- requests wait on a semaphore of their worker, posted when that worker gets a new routing table or ends
+-- a request of the service; events in another worker (nginx has no cross-worker signal) are caught by
+-- re-checking every `recheck` seconds, and so is an ejection expiring.
 local balancer = require "ngx.balancer"
 local cjson = require "cjson.safe"
+local semaphore = require "ngx.semaphore"
 
 local routes_dict = ngx.shared.corral_routes
 local stats = ngx.shared.corral_stats
@@ -23,9 +32,13 @@ local NOT_API_CHAR = "[^%w%-%._~!%$&'%(%)%*%+,;=:@/]"
 local _M = {}
 local cached_version, cached_routes = -1, {}
 local BUCKETS = { math.huge }  -- upper bounds in seconds, +Inf last: corral.domain.load.BUCKETS via configure()
+-- proxy.py's GatewayLimits and wording, via configure()
+local HOLD = { timeout = 30, queue = 1000, retry_after = 5, held_suffix = "", full_suffix = "" }
+local wakers = {}  -- service → this worker's semaphore its held requests wait on
 
-function _M.configure(buckets)
+function _M.configure(buckets, hold)
   BUCKETS = buckets
+  if hold then HOLD = hold end
 end
 
 -- the 0-based index of the first bucket whose bound is >= seconds (Prometheus' `le`), as bucket_index()
@@ -74,9 +87,10 @@ end
 local ERROR_TYPES = { [400] = "invalid_request_error", [404] = "not_found_error", [408] = "invalid_request_error",
                       [413] = "invalid_request_error", [503] = "service_unavailable_error", [504] = "timeout_error" }
 
-local function json_exit(status, message)
+local function json_exit(status, message, retry_after)
   ngx.status = status
   ngx.header["content-type"] = "application/json"
+  if retry_after then ngx.header["Retry-After"] = tostring(retry_after) end
   ngx.say(cjson.encode({ error = { message = message, type = ERROR_TYPES[status] or "server_error", code = status } }))
   return ngx.exit(status)
 end
@@ -85,9 +99,10 @@ end
 local function pick(route, tried, rewrite)
   local best, fewest = {}, nil
   for _, target in ipairs(route.targets) do
+    local in_flight = stats:get("if:" .. target.name) or 0
     if not tried[target.name] and not stats:get("ej:" .. target.name)
-        and (rewrite == nil or (target.rewrite == true) == rewrite) then
-      local in_flight = stats:get("if:" .. target.name) or 0
+        and (rewrite == nil or (target.rewrite == true) == rewrite)
+        and (target.concurrency == nil or in_flight < target.concurrency) then
       if fewest == nil or in_flight < fewest then
         best, fewest = { target }, in_flight
       elseif in_flight == fewest then
@@ -97,6 +112,99 @@ local function pick(route, tried, rewrite)
   end
   if #best == 0 then return nil end
   return best[math.random(#best)]
+end
+
+-- pick, and count the request in flight on the replica at once (`ctx.claimed`): the increment is atomic
+-- across workers, so one that finds the replica full after all gives the place back and picks again
+local function claim(ctx, route, tried, rewrite)
+  local full = setmetatable({}, { __index = tried })
+  while true do
+    local target = pick(route, full, rewrite)
+    if not target then return nil end
+    local in_flight = stats:incr("if:" .. target.name, 1, 0)
+    if target.concurrency == nil or in_flight <= target.concurrency then
+      ctx.claimed = target.name
+      return target
+    end
+    stats:incr("if:" .. target.name, -1, 0)
+    full[target.name] = true
+  end
+end
+
+-- the request gave its replica's place back: wake the first request of the service this worker holds
+local function release(ctx)
+  local name = ctx.claimed
+  if not name then return end
+  ctx.claimed = nil
+  stats:incr("if:" .. name, -1, 0)
+  local waker = wakers[ctx.service]
+  if waker and waker:count() < 0 then waker:post(1) end
+end
+
+local function wake_all()
+  for _, waker in pairs(wakers) do
+    local waiting = -waker:count()
+    if waiting > 0 then waker:post(waiting) end
+  end
+end
+
+-- why a request waits: every replica at its batch limit, or none in rotation
+local function waiting_reason(route)
+  for _, target in ipairs(route.targets) do
+    if not stats:get("ej:" .. target.name) then return route.busy end
+  end
+  return route.message
+end
+
+local function unhold(ctx)
+  if not ctx.held_since then return end
+  ngx.update_time()
+  local seconds = ngx.now() - ctx.held_since
+  ctx.held_since = nil
+  stats:incr("hq:" .. ctx.service, -1, 0)
+  stats:incr("hs:" .. ctx.service, seconds, 0)
+  stats:incr("hb:" .. ctx.service .. "|" .. bucket(seconds), 1, 0)
+end
+
+-- hold the request until a replica of its service is free: that route and replica (claimed), or the
+-- request is answered here (503 past the deadline or with the queue full; 404 when its service is gone)
+local function hold(ctx, service, route)
+  local held = HOLD.timeout > 0 and HOLD.queue > 0 and stats:incr("hq:" .. service, 1, 0)
+  if not held or held > HOLD.queue then
+    if held then stats:incr("hq:" .. service, -1, 0) end
+    stats:incr("rj:" .. service .. "|503", 1, 0)
+    return json_exit(503, waiting_reason(route) .. (held and HOLD.full_suffix or ""), HOLD.retry_after)
+  end
+  ngx.update_time()
+  ctx.held_since = ngx.now()
+  local deadline = ctx.held_since + HOLD.timeout
+  local waker = wakers[service]
+  if not waker then
+    waker = semaphore.new(0)
+    wakers[service] = waker
+  end
+  local recheck = ngx.worker.count() > 1 and 0.05 or 1
+  while true do
+    ngx.update_time()
+    local left = deadline - ngx.now()
+    if left <= 0 then break end
+    waker:wait(math.min(left, recheck))
+    local current = routes()[service]
+    if not current then
+      unhold(ctx)
+      stats:incr("rj:|404", 1, 0)
+      return json_exit(404, "service '" .. service .. "' not found")
+    end
+    route = current
+    local target = claim(ctx, route, {})
+    if target then
+      unhold(ctx)
+      return route, target
+    end
+  end
+  unhold(ctx)
+  stats:incr("rj:" .. service .. "|503", 1, 0)
+  return json_exit(503, waiting_reason(route) .. HOLD.held_suffix, HOLD.retry_after)
 end
 
 -- `/v1/` then non-empty segments of plain URL characters: no `%` left, no `.`/`..` segment
@@ -154,14 +262,14 @@ function _M.route()
     ngx.say(cjson.encode(route.models))
     return ngx.exit(200)
   end
-  local target = pick(route, {})
+  local ctx = ngx.ctx
+  ctx.service = service
+  local target = claim(ctx, route, {})
   if not target then
-    stats:incr("rj:" .. service .. "|503", 1, 0)
-    return json_exit(503, route.message)
+    route, target = hold(ctx, service, route)
   end
   ngx.var.corral_service = service
-  local ctx = ngx.ctx
-  ctx.service, ctx.route, ctx.target, ctx.tried = service, route, target, {}
+  ctx.route, ctx.target, ctx.tried = route, target, {}
   if target.rewrite then
     -- the engine does not answer to the tag (see routing.py): `"model": "<tag>"` → `"model": null`. A body
     -- spooled to a file (over client_body_buffer_size, 1 MiB) is sent as is.
@@ -220,6 +328,7 @@ function _M.body()
   end
 end
 
+-- one attempt ended: its counters (its replica's place is given back by release)
 local function finish(ctx, failed)
   local name = ctx.counted
   if not name then return end
@@ -227,7 +336,6 @@ local function finish(ctx, failed)
   ngx.update_time()
   local key = ctx.service .. "|" .. name
   local seconds = ngx.now() - ctx.started
-  stats:incr("if:" .. name, -1, 0)
   stats:incr("ip:" .. key, -1, 0)
   stats:incr("rq:" .. key, 1, 0)
   if failed then stats:incr("er:" .. key, 1, 0) end
@@ -251,7 +359,8 @@ function _M.balance()
   if balancer.get_last_failure() then
     stats:set("ej:" .. ctx.target.name, true, EJECT_SECONDS)
     finish(ctx, true)
-    local next_target = pick(ctx.route, ctx.tried, ctx.target.rewrite == true)
+    release(ctx)
+    local next_target = claim(ctx, ctx.route, ctx.tried, ctx.target.rewrite == true)
     if not next_target then return ngx.exit(502) end
     ctx.target = next_target
   else
@@ -260,7 +369,6 @@ function _M.balance()
   ctx.tried[ctx.target.name] = true
   ngx.update_time()
   ctx.counted, ctx.started = ctx.target.name, ngx.now()
-  stats:incr("if:" .. ctx.target.name, 1, 0)
   stats:incr("ip:" .. ctx.service .. "|" .. ctx.target.name, 1, 0)
   local ok, err = balancer.set_current_peer(ctx.target.host, ctx.target.port)
   if not ok then ngx.log(ngx.ERR, "set_current_peer: ", err) end
@@ -281,6 +389,8 @@ end
 function _M.log()
   local ctx = ngx.ctx
   if ctx.counted then finish(ctx, ngx.status >= 500) end
+  release(ctx)  -- also a place claimed by a request that never reached its replica (e.g. a body too large)
+  unhold(ctx)  -- a request cut while held
 end
 
 -- error_page targets for requests nginx refused itself (malformed, or the body too large)
@@ -336,6 +446,7 @@ function _M.set_routes()
     end
     routes_dict:set("version", version)
     current = version
+    wake_all()  -- a replica may have been assigned: the requests this worker holds check again
   end
   routes_dict:delete("lock")
   answer_version(current)
