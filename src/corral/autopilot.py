@@ -290,6 +290,9 @@ class Autopilot:
         for pool in pools:
             if configured[pool].enabled:
                 await self._drive(pool, settings_of(configured[pool], deployments[pool]), traffic, in_flight)
+                # A pool with nothing to do decides without awaiting anything: hand the loop back between pools
+                # so that the API and the gateway wait one pool's decision at most, not every pool's in a row.
+                await asyncio.sleep(0)
 
     async def _drive(self, pool: str, settings: PoolAutopilot, traffic: Mapping[str, ServiceTraffic],
                      in_flight: Mapping[str, int] | None) -> None:

@@ -24,9 +24,10 @@ import math
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from corral.domain.load import histogram_quantile
@@ -162,16 +163,26 @@ class EngineSignals:
         self.round_timeout_s = round_timeout_s
         self.clock = clock
         self._scrapes: dict[str, deque[Scrape]] = {}
-        self._client: httpx.AsyncClient | None = None
+        self._histograms: dict[str, tuple[Scrape | None, Scrape, Histogram]] = {}  # replica → (older, newer, answer)
+        # aiohttp, not httpx: with 1,000 replicas httpx's connection pool rescanned every connection for each
+        # request handed out (1.8 s of loop time a tick in bench/control_plane.py); aiohttp's connector does not.
+        self._session: aiohttp.ClientSession | None = None
+        self._concurrency = concurrency
         self._slots = asyncio.Semaphore(concurrency)
+        # Pages are parsed off the loop on ONE thread: parsing is Python holding the GIL, and the loop's thread
+        # waits a switch interval (5 ms) for each thread ahead of it; asyncio's default pool (6+ threads here)
+        # stalled the loop ~40 ms at a time while 1,000 pages were parsed (bench/control_plane.py).
+        self._parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corral-metrics")
 
     async def scrape(self, pods: Iterable[Pod]) -> None:
         """One scrape of every ready replica with an endpoint, at most `concurrency` at once and within
         `round_timeout_s` in all; replicas no longer given are forgotten. A replica that does not answer
         keeps its old scrapes until they age out."""
         targets = [p for p in pods if p.ready and p.endpoint]
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self.timeout_s, trust_env=False)
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._concurrency), trust_env=False,
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s))
         tasks = [asyncio.ensure_future(self._scrape_one(p)) for p in targets]
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=self.round_timeout_s)
@@ -181,17 +192,22 @@ class EngineSignals:
         alive = {p.name for p in targets}
         for name in [n for n in self._scrapes if n not in alive]:
             del self._scrapes[name]
+            self._histograms.pop(name, None)
 
     async def _scrape_one(self, pod: Pod) -> None:
-        assert self._client is not None
+        assert self._session is not None
         try:
             async with self._slots:
-                answer = await self._client.get(f"{pod.endpoint}/metrics")
-                if answer.status_code != 200 or len(answer.content) > MAX_METRICS_BYTES:
+                async with self._session.get(f"{pod.endpoint}/metrics") as answer:
+                    if answer.status != 200:
+                        return
+                    body = await answer.content.read(MAX_METRICS_BYTES + 1)
+                if len(body) > MAX_METRICS_BYTES:
                     return
                 at = self.clock()
-                scrape = await asyncio.to_thread(parse, answer.text, at)  # off the event loop
-        except (httpx.HTTPError, ValueError):
+                text = body.decode("utf-8", errors="replace")
+                scrape = await asyncio.get_running_loop().run_in_executor(self._parser, parse, text, at)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
             return  # no engine signals from it this time; the gateway's figures still count
         ring = self._scrapes.setdefault(pod.name, deque())
         ring.append(scrape)
@@ -210,10 +226,18 @@ class EngineSignals:
         return (older if older is not newest else None), newest
 
     def histogram(self, replica: str) -> Histogram:
+        """The replica's first tokens over the TTFT window; the same two scrapes give the same answer, so it is
+        kept until a new scrape comes (every tick reads each replica's twice: its own figures and its business's)."""
         ring = self._fresh(replica)
         if ring is None:
             return (), {}
-        return window_histogram(*self._ttft_window(ring))
+        older, newer = self._ttft_window(ring)
+        cached = self._histograms.get(replica)
+        if cached is not None and cached[0] is older and cached[1] is newer:
+            return cached[2]
+        answer = window_histogram(older, newer)
+        self._histograms[replica] = (older, newer, answer)
+        return answer
 
     def of(self, replica: str) -> ReplicaSignal:
         ring = self._fresh(replica)
@@ -236,6 +260,7 @@ class EngineSignals:
         return {name: self.of(name) for name in self._scrapes}
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        self._parser.shutdown(wait=False, cancel_futures=True)
