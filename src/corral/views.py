@@ -26,6 +26,7 @@ from pydantic import (
     SerializerFunctionWrapHandler,
     field_validator,
     model_serializer,
+    model_validator,
 )
 from typing_extensions import TypedDict
 
@@ -643,6 +644,15 @@ class AutopilotSpec(Contract):
                                       description="loads averaged for whether a business is pressured now")
     movesPerWindow: int | None = Field(default=None, ge=1, le=100_000,
                                        description="moves per stable window; null: half the pool (at least 4)")
+
+    @model_validator(mode="after")
+    def _panic_within_stable(self) -> AutopilotSpec:
+        # The panic window reacts to a surge inside what the stable one averages: a longer one would make the
+        # "panic" reading the slower of the two.
+        if self.panicWindowSeconds > self.stableWindowSeconds:
+            raise ValueError(f"panicWindowSeconds ({self.panicWindowSeconds:g}) must not exceed stableWindowSeconds "
+                             f"({self.stableWindowSeconds:g})")
+        return self
 
 
 class AutopilotBusiness(Contract):

@@ -36,29 +36,40 @@ def businesses(server: CorralServer, pool: str) -> Counter[str]:
     return Counter(p["labels"]["business"] for p in server.pods(pool))
 
 
-class Burst:
-    """`clients` threads sending streamed chat requests through a business service until stopped;
-    every answer is read to its end and anything but a complete 200 is a failure."""
+class Tally:
+    """Streamed chat requests through a business service, each read to its end: anything but a complete 200 is a
+    failure."""
 
-    def __init__(self, url: str, clients: int) -> None:
-        self.url, self.clients = url, clients
+    def __init__(self, url: str) -> None:
+        self.url = url
         self.stop = threading.Event()
         self.ok = 0
         self.failures: list[str] = []
+
+    def send(self, http: httpx.Client) -> None:
+        try:
+            with http.stream("POST", f"{self.url}/chat/completions", json=CHAT) as answer:
+                body = b"".join(answer.iter_bytes())
+            if answer.status_code != 200 or b"[DONE]" not in body:
+                self.failures.append(f"{answer.status_code}: {body[:200]!r}")
+            else:
+                self.ok += 1
+        except httpx.HTTPError as exc:
+            self.failures.append(repr(exc))
+
+
+class Burst(Tally):
+    """`clients` threads sending one request after another until stopped (closed loop)."""
+
+    def __init__(self, url: str, clients: int) -> None:
+        super().__init__(url)
+        self.clients = clients
         self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
 
     def _client(self) -> None:
         with httpx.Client(timeout=30) as http:
             while not self.stop.is_set():
-                try:
-                    with http.stream("POST", f"{self.url}/chat/completions", json=CHAT) as answer:
-                        body = b"".join(answer.iter_bytes())
-                    if answer.status_code != 200 or b"[DONE]" not in body:
-                        self.failures.append(f"{answer.status_code}: {body[:200]!r}")
-                    else:
-                        self.ok += 1
-                except httpx.HTTPError as exc:
-                    self.failures.append(repr(exc))
+                self.send(http)
 
     def __enter__(self) -> Burst:
         for t in self.threads:
@@ -171,6 +182,8 @@ def test_policy_and_settings_are_validated_and_recorded(corral: CorralServer) ->
         assert answer.status_code == 400 and words in answer.text, (body, answer.text)
     assert corral.http.get("/api/business-services/nope/policy").status_code == 404
     assert corral.http.put(f"/api/autopilot/{pool}", json={"warmSpares": 1000}).status_code == 400
+    windows = corral.http.put(f"/api/autopilot/{pool}", json={"stableWindowSeconds": 5, "panicWindowSeconds": 10})
+    assert windows.status_code == 400 and "must not exceed stableWindowSeconds" in windows.text, windows.text
     assert corral.http.get("/api/autopilot/nope-pool").status_code == 404
     assert corral.http.post("/api/pods/nope/unpin").status_code == 404
     assert corral.ok("GET", "/api/history", params={"action": "policy"}) == []  # refusals changed nothing
@@ -236,15 +249,12 @@ def test_requests_to_a_business_without_a_replica_are_held_until_the_autopilot_g
     assert "cold has traffic and no ready replica" in first["message"]
 
 
-class Poisson:
-    """Open-loop Poisson arrivals at `rate` per second on one business service, each request streamed to its end on
-    a worker thread; anything but a complete 200 is a failure."""
+class Poisson(Tally):
+    """Open-loop Poisson arrivals at `rate` per second, each request on a worker thread."""
 
     def __init__(self, url: str, rate: float, seed: int) -> None:
-        self.url, self.rate, self.rng = url, rate, random.Random(seed)
-        self.stop = threading.Event()
-        self.ok = 0
-        self.failures: list[str] = []
+        super().__init__(url)
+        self.rate, self.rng = rate, random.Random(seed)
         self.pool = ThreadPoolExecutor(max_workers=32)
         self.thread = threading.Thread(target=self._arrivals, daemon=True)
         self.http = httpx.Client(timeout=30, limits=httpx.Limits(max_connections=64))
@@ -254,15 +264,7 @@ class Poisson:
             self.pool.submit(self._one)
 
     def _one(self) -> None:
-        try:
-            with self.http.stream("POST", f"{self.url}/chat/completions", json=CHAT) as answer:
-                body = b"".join(answer.iter_bytes())
-            if answer.status_code != 200 or b"[DONE]" not in body:
-                self.failures.append(f"{answer.status_code}: {body[:200]!r}")
-            else:
-                self.ok += 1
-        except httpx.HTTPError as exc:
-            self.failures.append(repr(exc))
+        self.send(self.http)
 
     def __enter__(self) -> Poisson:
         self.thread.start()
