@@ -32,6 +32,18 @@ def corral(tmp_path: Path):
         yield server
 
 
+def sim_pool(server: CorralServer, replicas: int, businesses: tuple[str, ...] = ()) -> str:
+    """A ready pool of `replicas` simulator replicas (ENGINE_ARGS) and a business service per business, named after
+    it (`<business>-nlb`); the pool's name."""
+    pool = server.ok("POST", "/api/deploy", json={"engine": "simulator", "modelId": "sim", "modelTag": "qwen-06b",
+                                                  "replicas": replicas, "deployAsPool": True,
+                                                  "engineArgs": ENGINE_ARGS})["deployment"]["name"]
+    server.wait_ready(pool, replicas)
+    for business in businesses:
+        server.ok("POST", "/api/deploy-service", json={"serviceName": business, "modelPool": pool, "businessTag": business})
+    return pool
+
+
 def businesses(server: CorralServer, pool: str) -> Counter[str]:
     return Counter(p["labels"]["business"] for p in server.pods(pool))
 
@@ -83,11 +95,7 @@ class Burst(Tally):
 
 
 def test_a_burst_gets_warm_replicas_within_seconds_and_gives_them_back(corral: CorralServer) -> None:
-    pool = corral.ok("POST", "/api/deploy", json={"engine": "simulator", "modelId": "sim", "modelTag": "qwen-06b",
-                                                  "replicas": 5, "deployAsPool": True, "engineArgs": ENGINE_ARGS})["deployment"]["name"]
-    corral.wait_ready(pool, 5)
-    for business in ("production", "idle"):
-        corral.ok("POST", "/api/deploy-service", json={"serviceName": business, "modelPool": pool, "businessTag": business})
+    pool = sim_pool(corral, 5, ("production", "idle"))
     corral.ok("POST", "/api/distribute-pods", json={"deploymentName": pool, "counts": {"production": 1, "idle": 3}})
     pinned = next(p["name"] for p in corral.pods(pool) if p["labels"]["business"] == "idle")
     assert corral.ok("POST", "/api/assign-pod", json={"podName": pinned, "businessTag": "idle", "pin": True})["pinned"] is True
@@ -148,10 +156,7 @@ def test_a_burst_gets_warm_replicas_within_seconds_and_gives_them_back(corral: C
 def test_a_concurrency_target_moves_a_replica_before_anything_queues(corral: CorralServer) -> None:
     """Two clients keep production's one replica's two batch slots busy: nothing ever waits, so a waiting target
     sees no pressure; `concurrencyPerReplica` 1 sees 2 running on 1 replica and brings a second one."""
-    pool = corral.ok("POST", "/api/deploy", json={"engine": "simulator", "modelId": "sim", "modelTag": "qwen-06b",
-                                                  "replicas": 2, "deployAsPool": True, "engineArgs": ENGINE_ARGS})["deployment"]["name"]
-    corral.wait_ready(pool, 2)
-    corral.ok("POST", "/api/deploy-service", json={"serviceName": "production", "modelPool": pool, "businessTag": "production"})
+    pool = sim_pool(corral, 2, ("production",))
     corral.ok("POST", "/api/distribute-pods", json={"deploymentName": pool, "counts": {"production": 1}})
     corral.ok("PUT", "/api/business-services/production-nlb/policy",
               json={"minReplicas": 1, "target": {"waitingPerReplica": 1, "concurrencyPerReplica": 1}})
@@ -232,11 +237,8 @@ def test_cli_sets_policies_and_settings_and_shows_the_status(corral: CorralServe
 def test_requests_to_a_business_without_a_replica_are_held_until_the_autopilot_gives_it_one(corral: CorralServer) -> None:
     """The activator: the gateway holds requests for a business with no replica (instead of a 503 at once), the
     autopilot counts them as demand and moves a spare to it, and every held request is then answered: zero failed."""
-    pool = corral.ok("POST", "/api/deploy", json={"engine": "simulator", "modelId": "sim", "modelTag": "qwen-06b",
-                                                  "replicas": 2, "deployAsPool": True, "engineArgs": ENGINE_ARGS})["deployment"]["name"]
-    corral.wait_ready(pool, 2)
-    service = corral.ok("POST", "/api/deploy-service", json={"serviceName": "cold", "modelPool": pool,
-                                                             "businessTag": "cold"})["service"]
+    pool = sim_pool(corral, 2, ("cold",))
+    [service] = corral.ok("GET", "/api/business-services")
     assert businesses(corral, pool)["cold"] == 0
     corral.ok("PUT", f"/api/autopilot/{pool}", json={"enabled": True, "warmSpares": 0, "stabilizationSeconds": 0.5})
     with httpx.Client(timeout=60) as http, ThreadPoolExecutor(max_workers=6) as clients:
@@ -282,11 +284,7 @@ def test_steady_poisson_load_on_two_businesses_settles_and_stays_settled(corral:
     Poisson arrivals (each ~2.5 requests in flight at ~0.25 s a request, on replicas of 2 batch slots): once settled,
     no replica moves over a 20 s window (a tenth of a 10-minute window's budget of 2 moves, scaled to the windows
     set here)."""
-    pool = corral.ok("POST", "/api/deploy", json={"engine": "simulator", "modelId": "sim", "modelTag": "qwen-06b",
-                                                  "replicas": 6, "deployAsPool": True, "engineArgs": ENGINE_ARGS})["deployment"]["name"]
-    corral.wait_ready(pool, 6)
-    for business in ("chat", "batch"):
-        corral.ok("POST", "/api/deploy-service", json={"serviceName": business, "modelPool": pool, "businessTag": business})
+    pool = sim_pool(corral, 6, ("chat", "batch"))
     # The split the load asks for (equal loads, equal priorities): before issue 24 the autopilot moved replicas back
     # and forth from just such a split; from an uneven one, when it acts depends on its windows, not on the test.
     corral.ok("POST", "/api/distribute-pods", json={"deploymentName": pool, "counts": {"chat": 3, "batch": 3}})
