@@ -6,8 +6,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from corral.domain import labels as L
+from corral.domain.autopilot import configured_batch_limit
 from corral.domain.models import Deployment, Pod, Service
-from corral.gateway.routing import Target, batch_limit, build_routes
+from corral.gateway.routing import Target, build_routes
 
 values = st.sampled_from(["a", "b", "c"])
 label_maps = st.dictionaries(st.sampled_from(["model", "business", "pool", "app"]), values, max_size=4)
@@ -26,18 +27,18 @@ def test_targets_are_the_ready_pods_the_selector_matches(pods_spec, selectors) -
 
 
 def test_batch_limit_is_read_from_the_engine_args() -> None:
-    assert batch_limit("vllm", ["--max-num-seqs", "64"]) == 64
-    assert batch_limit("simulator", ["--ttft-ms", "5", "--max-num-seqs=4"]) == 4
-    assert batch_limit("sglang", ["--max-running-requests", "32"]) == 32
-    assert batch_limit("vllm", ["--max-num-seqs", "8", "--max-num-seqs", "16"]) == 16  # the last wins
-    assert batch_limit("sglang", ["--max-num-seqs", "8"]) is None  # not SGLang's flag
-    assert batch_limit("transformers", ["--max-num-seqs", "8"]) is None  # no batch limit flag
-    assert batch_limit("vllm", []) is None and batch_limit("vllm", ["--max-num-seqs"]) is None
-    assert batch_limit("vllm", ["--max-num-seqs", "0"]) is None
-    assert batch_limit("vllm", ["--max-num-seqs=x"]) is None
+    assert configured_batch_limit("vllm", ["--max-num-seqs", "64"]) == 64
+    assert configured_batch_limit("simulator", ["--ttft-ms", "5", "--max-num-seqs=4"]) == 4
+    assert configured_batch_limit("sglang", ["--max-running-requests", "32"]) == 32
+    assert configured_batch_limit("vllm", ["--max-num-seqs", "8", "--max-num-seqs", "16"]) == 16  # the last wins
+    assert configured_batch_limit("sglang", ["--max-num-seqs", "8"]) is None  # not SGLang's flag
+    assert configured_batch_limit("transformers", ["--max-num-seqs", "8"]) is None  # no batch limit flag
+    assert configured_batch_limit("vllm", []) is None and configured_batch_limit("vllm", ["--max-num-seqs"]) is None
+    assert configured_batch_limit("vllm", ["--max-num-seqs", "0"]) is None
+    assert configured_batch_limit("vllm", ["--max-num-seqs=x"]) is None
 
 
-def test_targets_carry_their_deployments_batch_limit() -> None:
+def test_targets_carry_their_deployments_configured_batch_limit() -> None:
     pods = [Pod(name=f"{d}-{i}", deployment=d, labels={"model": "m", "business": "b"}, ready=True,
                 endpoint=f"http://127.0.0.1:{9000 + i}") for i, d in enumerate(["limited", "open"])]
     deployments = [Deployment("limited", "vllm", "x", "m", True, 1, engine_args=("--max-num-seqs", "3")),

@@ -49,7 +49,6 @@ only ever take downwards — so replicas flow one way until the wants are met or
 from __future__ import annotations
 
 import math
-import re
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -95,19 +94,32 @@ BATCH_LIMIT_FLAGS: Mapping[str, tuple[str, int | None]] = {
 }
 
 
-def engine_batch_limit(engine: str, engine_args: Sequence[str]) -> int | None:
-    """Sequences one replica runs at once, from the pool's engine args (`--max-num-seqs 4`, `--max-num-seqs=4`)
-    or the engine's default; None when unknown."""
-    flag, default = BATCH_LIMIT_FLAGS.get(engine, ("", None))
+def configured_batch_limit(engine: str, engine_args: Iterable[str]) -> int | None:
+    """The batch limit an engine was started with (`--flag N` or `--flag=N`, the last one wins, as argparse
+    reads it); None when the engine has no such flag or it was not given. The gateway holds requests at it and
+    the autopilot targets it: one reading, so the two never disagree."""
+    flag = BATCH_LIMIT_FLAGS.get(engine, ("", None))[0]
     if not flag:
         return None
+    found: int | None = None
     args = list(engine_args)
     for i, arg in enumerate(args):
-        value = arg.split("=", 1)[1] if arg.startswith(flag + "=") else (args[i + 1] if arg == flag and i + 1 < len(args)
-                                                                        else None)
-        if value is not None and re.fullmatch(r"\d+", value.strip()) and int(value) > 0:
-            return int(value)
-    return default
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.partition("=")[2]
+        else:
+            continue
+        if value.strip().isdigit() and int(value) > 0:
+            found = int(value)
+    return found
+
+
+def engine_batch_limit(engine: str, engine_args: Sequence[str]) -> int | None:
+    """Sequences one replica runs at once: as configured (`configured_batch_limit`), else the engine's default;
+    None when unknown."""
+    limit = configured_batch_limit(engine, engine_args)
+    return limit if limit is not None else BATCH_LIMIT_FLAGS.get(engine, ("", None))[1]
 
 
 @dataclass(frozen=True)
@@ -383,14 +395,13 @@ def concurrency_target(policy: BusinessPolicy, settings: PoolAutopilot) -> float
     return slots if target is None else min(target, slots)
 
 
-def pressure(business: BusinessLoad, settings: PoolAutopilot | int) -> str | None:
-    """Why the business needs more capacity now (over the panic window), or None.
+def pressure(business: BusinessLoad, settings: PoolAutopilot) -> str | None:
+    """Why the business needs more capacity now (its stable window's average over a target, or its panic
+    window's over `PANIC_THRESHOLD` times it), or None.
 
     A TTFT over its target counts only while the business queues or fills its batches: the p90 comes
     from a histogram over the last seconds, and still shows a queue that is already gone; acting on it
     would take replicas for a demand that has passed."""
-    if isinstance(settings, int):
-        settings = PoolAutopilot(replica_concurrency=settings)
     policy, ready, load = business.policy, business.ready, business.panic
     if not ready:
         return "has traffic and no ready replica" if business.has_traffic else None

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from corral.domain import labels as L
+from corral.domain.autopilot import configured_batch_limit
 from corral.domain.models import Deployment, Pod, Service
 from corral.engines import get_engine
 
@@ -69,38 +70,13 @@ class Route:
 
 RoutingTable = dict[str, Route]
 
-# engine → the flag that caps the requests one replica runs at once (its batch)
-BATCH_LIMIT_FLAGS = {"vllm": "--max-num-seqs", "simulator": "--max-num-seqs",
-                     "sglang": "--max-running-requests"}
-
-
-def batch_limit(engine: str, engine_args: Iterable[str]) -> int | None:
-    """The batch limit an engine was started with (`--flag N` or `--flag=N`, the last one wins, as argparse
-    reads it); None when the engine has no such flag or it was not given."""
-    flag = BATCH_LIMIT_FLAGS.get(engine)
-    if flag is None:
-        return None
-    found: int | None = None
-    args = list(engine_args)
-    for i, arg in enumerate(args):
-        if arg == flag and i + 1 < len(args):
-            value = args[i + 1]
-        elif arg.startswith(flag + "="):
-            value = arg.partition("=")[2]
-        else:
-            continue
-        if value.strip().isdigit() and int(value) > 0:
-            found = int(value)
-    return found
-
-
 def build_routes(services: Iterable[Service], pods: Iterable[Pod],
                  deployments: Iterable[Deployment] = ()) -> RoutingTable:
     """Each service's ready replicas. Ready pods are indexed by label pair and each service looks only
     at the pods carrying its rarest selector pair, so 100 services over 1,000 pods cost thousands of
     label checks, not 100,000 (this runs on every change, before its API call returns). `deployments`
     give each replica its batch limit (`Target.concurrency`); without them every limit is unknown."""
-    limits = {d.name: batch_limit(d.engine, d.engine_args) for d in deployments}
+    limits = {d.name: configured_batch_limit(d.engine, d.engine_args) for d in deployments}
     ready = [p for p in pods if p.ready and p.endpoint]
     by_pair: dict[tuple[str, str], list[int]] = {}
     for index, pod in enumerate(ready):
