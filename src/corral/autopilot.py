@@ -283,7 +283,6 @@ class Autopilot:
         pools = [pool for pool in configured if deployments[pool] is not None]
         if not pools:
             return
-        self.signals.retain_s = max([self.signals.window_s, *(configured[p].stableWindowSeconds for p in pools)])
         await self.signals.scrape([p for pool in pools for p in self.controller.pods(pool)])
         self.store.forget_pins(p.name for p in self.controller.pods())
         traffic, in_flight = self.traffic(), self.in_flight()

@@ -597,7 +597,7 @@ class Controller:
     async def start(self) -> None:
         """Judge what a stopped control plane left pending (after recovery: against what is there now),
         then keep reconciling."""
-        self.intents.complete_interrupted(Observed(
+        self.intents.complete_interrupted(lambda: Observed(
             deployments={d.name: d for d in self.backend.list_deployments()}, pods=self.backend.list_pods(),
             services={s.name: s for s in self.backend.list_services()}))
         self._reconciler = asyncio.create_task(self._reconcile_loop(), name="reconciler")

@@ -121,10 +121,14 @@ class Intents:
             self.complete(intent, Outcome.SUCCESS, after=after)
             return
 
-    def complete_interrupted(self, observed: Observed) -> int:
+    def complete_interrupted(self, observe: Callable[[], Observed]) -> int:
         """After recovery: judge every change a stopped control plane left pending against what is observed
-        now (`domain.history.judge_interrupted`), so each one ends with a record. Returns how many."""
+        now (`domain.history.judge_interrupted`), so each one ends with a record. Returns how many. `observe`
+        lists what the backend has: called only when something is pending (a clean start lists nothing)."""
         pending = self.store.pending_history()
+        if not pending:
+            return 0
+        observed = observe()
         for row in pending:
             outcome, message = judge_interrupted(row, observed)
             self.store.complete_rows([row["id"]], outcome,

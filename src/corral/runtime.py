@@ -80,11 +80,14 @@ class Runtime:
                                    free_gpu_units=self._free_gpu_units,
                                    interval_s=settings.autopilot_interval_s, in_flight=self._in_flight_by_replica)
 
-    def _in_flight_by_replica(self) -> dict[str, int]:
-        """The gateway's requests in flight per replica (the autopilot's load where an engine gives no reading)."""
+    def _in_flight_by_replica(self) -> dict[str, int] | None:
+        """The gateway's requests in flight per replica (the autopilot's load where an engine gives no reading).
+        The Python gateway counts them in memory; nginx's counters are a socket round trip away, which the
+        autopilot's tick must not wait for on the loop: the load monitor's newest sample of them instead."""
         stats = self.gateway.stats
-        live = stats.snapshot() if isinstance(stats, NginxStats) else stats
-        return dict(live.in_flight_by_replica)
+        if isinstance(stats, NginxStats):
+            return self.load.in_flight_by_replica()
+        return dict(stats.in_flight_by_replica)
 
     @property
     def gpu_inventory(self) -> GpuInventory:

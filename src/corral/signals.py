@@ -66,13 +66,6 @@ class ReplicaSignal:
     ttft_count: float = 0.0  # first tokens in the window: how much the percentiles rest on
     scraped: bool = False  # False: no (recent) answer from its /metrics
     age_s: float | None = None  # how old its newest reading is (None: never read)
-    stable: float | None = None  # running + waiting, averaged over the stable window
-    panic: float | None = None  # ... and over the panic window
-
-    def as_wire(self) -> dict[str, float | bool | None]:
-        return {"running": self.running, "waiting": self.waiting, "kvCacheUsage": self.kv_cache_usage,
-                "ttftP50Ms": self.ttft_p50_ms, "ttftP90Ms": self.ttft_p90_ms, "scraped": self.scraped,
-                "ageSeconds": self.age_s, "stable": self.stable, "panic": self.panic}
 
 
 def used_lines(text: str) -> str:
@@ -142,23 +135,14 @@ def percentiles_ms(histograms: Iterable[Histogram]) -> tuple[float | None, float
     return (None if p50 is None else p50 * 1000), (None if p90 is None else p90 * 1000), float(sum(merged.values()))
 
 
-def mean_over(samples: Iterable[tuple[float, float]], since: float) -> float | None:
-    """The mean of the (time, value) samples taken at or after `since`; None without one."""
-    values = [value for at, value in samples if at >= since]
-    return sum(values) / len(values) if values else None
-
-
 class EngineSignals:
-    """Scrapes the ready replicas it is given and keeps their scrapes over the longest window asked for
-    (`retain_s`: the TTFT window, the autopilot's stable windows)."""
+    """Scrapes the ready replicas it is given and keeps their scrapes over the TTFT window. A business's load
+    over the autopilot's stable and panic windows is kept per business (`domain.autopilot.LoadWindows`), not
+    here per replica."""
 
     def __init__(self, *, window_s: float = 10.0, timeout_s: float = 0.8, clock=time.monotonic,
-                 stable_window_s: float = 30.0, panic_window_s: float = 3.0, concurrency: int = 32,
-                 round_timeout_s: float = 2.0) -> None:
-        self.window_s = window_s  # the TTFT percentiles' window
-        self.stable_window_s = stable_window_s
-        self.panic_window_s = panic_window_s
-        self.retain_s = max(window_s, stable_window_s)
+                 concurrency: int = 32, round_timeout_s: float = 2.0) -> None:
+        self.window_s = window_s  # the TTFT percentiles' window, and how long scrapes are kept
         self.timeout_s = timeout_s
         self.round_timeout_s = round_timeout_s
         self.clock = clock
@@ -211,7 +195,7 @@ class EngineSignals:
             return  # no engine signals from it this time; the gateway's figures still count
         ring = self._scrapes.setdefault(pod.name, deque())
         ring.append(scrape)
-        while ring and scrape.at - ring[0].at > self.retain_s:
+        while ring and scrape.at - ring[0].at > self.window_s:
             ring.popleft()
 
     def _fresh(self, replica: str) -> deque[Scrape] | None:
@@ -245,12 +229,9 @@ class EngineSignals:
             last = self._scrapes.get(replica)
             return ReplicaSignal(age_s=self.clock() - last[-1].at if last else None)
         newest = ring[-1]
-        now = self.clock()
         p50, p90, count = percentiles_ms([self.histogram(replica)])
-        load = [(s.at, (s.running or 0.0) + (s.waiting or 0.0)) for s in ring if s.running is not None]
         return ReplicaSignal(newest.running, newest.waiting, newest.kv_cache_usage, p50, p90, count, scraped=True,
-                             age_s=now - newest.at, stable=mean_over(load, now - self.stable_window_s),
-                             panic=mean_over(load, now - self.panic_window_s))
+                             age_s=self.clock() - newest.at)
 
     def ttft_of(self, replicas: Iterable[str]) -> tuple[float | None, float | None, float]:
         """TTFT (p50 ms, p90 ms, count) over the window of several replicas together: a business's."""

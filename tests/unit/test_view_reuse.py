@@ -16,7 +16,7 @@ from corral.backends.memory import MemoryBackend
 from corral.controller import Controller, selected_pods
 from corral.domain.deploy_request import DeploySpec
 from corral.domain.history import Action, HistoryDraft
-from corral.domain.load import Counts, Sample, bucket_index
+from corral.domain.load import Counts, Sample, bucket_index, in_window, unserved_per_second
 from corral.domain.models import Pod, Service
 from corral.events import EventBus
 from corral.gateway.monitor import LoadMonitor
@@ -100,7 +100,7 @@ async def test_the_autopilots_traffic_is_the_load_views_and_computed_once_per_sa
         assert seen.figures.ttfb_ms[1] == view.ttfbMs.p95
         assert seen.figures.latency_ms == (view.latencyMs.p50, view.latencyMs.p95, view.latencyMs.p99)
         assert seen.in_flight == view.inFlight
-    assert traffic["b-nlb"].unserved_per_s == monitor.unserved(5)["b-nlb"] > 0
+    assert traffic["b-nlb"].unserved_per_s == unserved_per_second(in_window(list(monitor._ticks), 5))["b-nlb"] > 0
     assert monitor.traffic(5) is traffic  # no new sample, same table: the same answer
     readings.append(Sample({("a-nlb", "r1"): Counts(20, 1, {fast: 20}, {fast: 4}, 40, 10)}, {}))
     await monitor.sample()

@@ -192,6 +192,15 @@ class LoadMonitor:
         window = check_window(window)
         return LoadOverview(windowSeconds=window, services=self._views(list(self._services()), window))
 
+    def in_flight_by_replica(self) -> dict[str, int] | None:
+        """Requests in flight per replica at the newest sample (at most a second old); None before the first."""
+        if not self._ticks:
+            return None
+        counts: dict[str, int] = {}
+        for (_, replica), n in self._ticks[-1].in_flight.items():
+            counts[replica] = counts.get(replica, 0) + n
+        return counts
+
     def traffic(self, window: int = WINDOW_MIN_S) -> Mapping[str, BusinessTraffic]:
         """Business service → its traffic over the last `window` seconds, from the samples and the routing
         table alone: the autopilot's per-tick read. Not through `snapshot`, which builds every service's view
@@ -220,12 +229,6 @@ class LoadMonitor:
                   for name, route in table.items() if route.business is not None}
         self._traffic = (window, table, newest, answer)
         return answer
-
-    def unserved(self, window: int = WINDOW_MIN_S) -> dict[str, float]:
-        """Service → requests per second the gateway answered itself (503/504: no replica, or none live)
-        over the last `window` seconds: demand no replica saw (the autopilot's signal for a business with
-        traffic and no replica)."""
-        return unserved_per_second(in_window(list(self._ticks), check_window(window)))
 
     def service(self, name: str, window: int = WINDOW_DEFAULT_S) -> ServiceLoad:
         """One business service's load (`GET /api/business-services/{name}/load`); NotFound when unknown."""
