@@ -13,11 +13,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from corral.backends.memory import MemoryBackend
-from corral.controller import Controller, selected_pods
+from corral.controller import Controller
 from corral.domain.deploy_request import DeploySpec
 from corral.domain.history import Action, HistoryDraft
 from corral.domain.load import Counts, Sample, bucket_index, in_window, unserved_per_second
-from corral.domain.models import Pod, Service
+from corral.domain.models import Pod, Service, selected_pods
 from corral.events import EventBus
 from corral.gateway.monitor import LoadMonitor
 from corral.gateway.routing import Route, Target

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from corral.domain import labels as L
 from corral.domain.autopilot import configured_batch_limit
-from corral.domain.models import Deployment, Pod, Service
+from corral.domain.models import Deployment, Pod, Service, selected_pods
 from corral.engines import get_engine
 
 
@@ -72,17 +72,13 @@ RoutingTable = dict[str, Route]
 
 def build_routes(services: Iterable[Service], pods: Iterable[Pod],
                  deployments: Iterable[Deployment] = ()) -> RoutingTable:
-    """Each service's ready replicas. Ready pods are indexed by label pair and each service looks only
-    at the pods carrying its rarest selector pair, so 100 services over 1,000 pods cost thousands of
-    label checks, not 100,000 (this runs on every change, before its API call returns). `deployments`
+    """Each service's ready replicas (`domain.models.selected_pods`: an index by label pair, since this runs on
+    every change, before its API call returns). `deployments`
     give each replica its batch limit (`Target.concurrency`); without them every limit is unknown."""
     limits = {d.name: configured_batch_limit(d.engine, d.engine_args) for d in deployments}
     ready = [p for p in pods if p.ready and p.endpoint]
-    by_pair: dict[tuple[str, str], list[int]] = {}
-    for index, pod in enumerate(ready):
-        for pair in pod.labels.items():
-            by_pair.setdefault(pair, []).append(index)
-    everyone = range(len(ready))
+    listed = list(services)
+    selected = selected_pods(listed, ready)
     serves_tag: dict[str, bool] = {}
 
     def rewrite(pod: Pod) -> bool:
@@ -97,13 +93,9 @@ def build_routes(services: Iterable[Service], pods: Iterable[Pod],
         return not serves_tag[engine]
 
     table: RoutingTable = {}
-    for service in services:
-        pairs = list(service.selector.items())
-        candidates = min((by_pair.get(pair, []) for pair in pairs), key=len) if pairs else everyone
-        targets = tuple(Target(ready[i].name, ready[i].endpoint, rewrite(ready[i]),  # type: ignore[arg-type]
-                               limits.get(ready[i].deployment))
-                        for i in candidates
-                        if L.matches(service.selector, ready[i].labels))
+    for service in listed:
+        targets = tuple(Target(pod.name, pod.endpoint, rewrite(pod), limits.get(pod.deployment))  # type: ignore[arg-type]
+                        for pod in selected[service.name])
         table[service.name] = Route(
             service=service.name,
             model=service.model,
