@@ -130,7 +130,9 @@ def test_the_autopilot_preempts_a_low_priority_task_for_a_business_below_its_min
         "engine": "simulator", "modelId": "sim", "modelTag": "qwen-06b", "replicas": 0, "deployAsPool": True,
         "gpusPerReplica": 1, "engineArgs": SIM_ARGS})["deployment"]["name"]
     corral.ok("POST", "/api/deploy-service", json={"serviceName": "chat", "modelPool": pool, "businessTag": "chat"})
-    task_id = submit(corral, tiny_model, dataset, gpus=1, priority="low", hyperparameters={"epochs": 4, "saveSteps": 2})["id"]
+    # 520 steps: ~13 s even on a quiet machine, so it is still training (and preemptible) when the autopilot acts; with 4
+    # epochs it once completed in 1.2 s, taking its checkpoints with it, before the test saw checkpoint-2.
+    task_id = submit(corral, tiny_model, dataset, gpus=1, priority="low", hyperparameters={"epochs": 40, "saveSteps": 2})["id"]
     checkpoints = corral.data_dir / "finetune" / task_id / "checkpoints"
     wait_for(lambda: (checkpoints / "checkpoint-2" / "trainer_state.json").exists(), timeout=120, what="checkpoint 2")
 
