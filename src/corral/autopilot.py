@@ -53,6 +53,7 @@ from corral.domain.autopilot import (
     decide,
     engine_batch_limit,
     pressure,
+    replicas_load,
 )
 from corral.domain.errors import CorralError, Hint, NotFound
 from corral.domain.history import Action, HistoryDraft
@@ -120,7 +121,8 @@ def replica_state(pod: Pod, signal: ReplicaSignal, in_flight: Mapping[str, int] 
     to it, else unknown (never idle: a failed scrape under load would give a busy business's replicas away)."""
     base = ReplicaState(pod.name, pod.business or L.UNASSIGNED, ready=pod.ready, pinned=pinned, moved_at=moved_at)
     if signal.scraped and signal.running is not None:
-        return replace(base, running=signal.running, waiting=signal.waiting or 0.0, source=Source.ENGINE)
+        return replace(base, running=signal.running, waiting=signal.waiting or 0.0,
+                       kv_cache_usage=signal.kv_cache_usage, source=Source.ENGINE)
     if in_flight is not None:
         return replace(base, running=float(in_flight.get(pod.name, 0)), source=Source.GATEWAY)
     return replace(base, source=Source.UNKNOWN)
@@ -222,7 +224,7 @@ class Autopilot:
             gateway_p90 = max((t.ttfb_p90_ms for t in seen if t.ttfb_p90_ms is not None), default=None)
             held = sum(t.held for t in seen)
             known = all(r.source != Source.UNKNOWN for r in members)
-            load = Load(sum(r.running for r in members), sum(r.waiting for r in members) + held)
+            load = replicas_load(members, held)
             windows = self._loads.setdefault((pool, business), LoadWindows())
             if record:
                 windows.add(now, load, known, settings.stable_window_seconds)
@@ -420,7 +422,7 @@ class Autopilot:
                 waiting=sum(s.waiting or 0.0 for s in scraped) if scraped else None,
                 ttftP90Ms=demand.ttft_p90_ms, requestsPerSecond=round(demand.requests_per_second, 3),
                 rejectedPerSecond=round(demand.rejected_per_second, 3),
-                pressure=pressure(BusinessLoad(business, demand, members), settings),
+                pressure=str(why) if (why := pressure(BusinessLoad(business, demand, members), settings)) else None,
                 source=source.value, held=demand.held,
                 stableLoad=None if source == Source.UNKNOWN else round(stable.total, 3),
                 panicLoad=None if source == Source.UNKNOWN else round(panic.total, 3),

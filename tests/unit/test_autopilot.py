@@ -160,7 +160,9 @@ def test_after_an_acquisition_pressure_must_hold_a_new_window_before_more():
     assert len(first.moves) == 1  # ceil(7 / 4) = 2 replicas: one more
     after = apply(rs, first, 10.0)
     assert not run(after, demands, memory=first.memory, pool=pool, now=10.5).moves  # the same queue, seen 0.5 s later
-    assert run(after, demands, memory=first.memory, pool=pool, now=11.0).moves  # still there a window later
+    # A panic window (3 s) is what a queue needs to show the replica it got: no +1 before, one after if still there.
+    assert not run(after, demands, memory=first.memory, pool=pool, now=12.5).moves
+    assert run(after, demands, memory=first.memory, pool=pool, now=13.0).moves
 
 
 def test_a_release_keeps_the_most_the_business_needed_during_the_window():
@@ -511,3 +513,79 @@ def test_cooldowns_survive_a_restart(tmp_path):
     loop = Autopilot(None, store, EventBus(), traffic=dict, free_gpu_units=lambda: 0)
     loop.restore_cooldowns(now=1000.0)
     assert set(loop._moved_at) == {"r0"} and 995.0 < loop._moved_at["r0"] <= 1000.0
+
+
+# --- found by the simulator of bench/autopilot.py (KV-cache admission, decode slowing with the batch) -------------
+
+
+def test_a_kv_cache_that_fills_before_the_batch_lowers_the_concurrency_target():
+    """vLLM admits a sequence only while its KV cache has room: with long prompts a replica of 16 slots runs ~9.
+    A target of 80% of 16 left such a business queueing at its engines while it looked under target."""
+    pool = replace(ON, replica_concurrency=16, target_utilisation=0.8)
+    rs = replicas(search=2, spare=1)
+    rs = [replace(r, running=9.0, waiting=0.0, kv_cache_usage=0.95) if r.business == "search" else r for r in rs]
+    demands = {"search": BusinessDemand(requests_per_second=5)}
+    d = run(rs, demands, memory=AutopilotMemory({"search": 0.0}), pool=pool)
+    assert [m.target for m in d.moves] == ["search"]
+    assert "9.5 sequences its KV cache holds" in d.moves[0].reason  # 18 running / 1.9 caches' worth
+    unreported = [replace(r, kv_cache_usage=None) for r in rs]  # an engine without the gauge: its batch limit only
+    assert not run(unreported, demands, memory=AutopilotMemory({"search": 0.0}), pool=pool).moves
+
+
+def test_one_more_for_a_ttft_over_target_waits_for_the_ttft_window():
+    """The engines' TTFT p90 covers 10 s: right after a business received a replica it still shows the queue that
+    replica drained. A +1 every second on it took three replicas in three seconds."""
+    pool = replace(ON, replica_concurrency=4, target_utilisation=1.0)
+    rs = loaded(replicas(chat=2, spare=4), "chat", running=4, waiting=0)  # full batches, nothing queued
+    demands = {"chat": BusinessDemand(BusinessPolicy(ttft_p90_ms=500), requests_per_second=4, ttft_p90_ms=900)}
+    first = run(rs, demands, memory=AutopilotMemory({"chat": 0.0}), pool=pool, now=10.0)
+    assert len(first.moves) == 1
+    after = loaded(apply(rs, first, 10.0), "chat", running=4, waiting=0)
+    assert not run(after, demands, memory=first.memory, pool=pool, now=15.0).moves  # the p90 still lags
+    assert len(run(after, demands, memory=first.memory, pool=pool, now=20.0).moves) == 1  # a TTFT window later
+
+
+def test_a_calm_donor_keeps_one_more_than_it_was_short_with_for_a_business_it_outranks():
+    """search (priority 5) was pressured with 3 replicas and got a 4th; when batch (priority 0) queued, search gave
+    it the 4th back, was pressured again and took it back by priority: one trade a minute on a steady load."""
+    pool = replace(ON, replica_concurrency=16, target_utilisation=0.8, release_after_seconds=300)
+    policies = {"search": BusinessPolicy(priority=5), "batch": BusinessPolicy(priority=0), "chat": BusinessPolicy(priority=10)}
+    short = AutopilotMemory({"batch": 0.0}, calm_since={"search": 0.0}, short_at={"search": (50.0, 3, 24.0)})
+    rs = loaded(loaded(replicas(search=4, batch=1, chat=1), "search", running=6, waiting=0), "batch", running=16, waiting=20)
+    demands = {name: BusinessDemand(policy, requests_per_second=3) for name, policy in policies.items()}
+    assert not run(rs, demands, memory=short, pool=pool).moves  # keeps 3 + 1, its load (24) unchanged
+    lighter = loaded(rs, "search", running=4, waiting=0)  # a load a band lower (16 < 0.8 × 24): the memory is void
+    assert {(m.source, m.target) for m in run(lighter, demands, memory=short, pool=pool).moves} == {("search", "batch")}
+    forgotten = replace(short, short_at={"search": (100.0 - 301, 3, 24.0)})  # past the release window
+    assert {(m.source, m.target) for m in run(rs, demands, memory=forgotten, pool=pool).moves} == {("search", "batch")}
+
+
+def test_a_calm_donor_gives_down_to_the_most_it_needed_in_two_stable_windows():
+    """A Poisson load's 30 s mean wanders by a replica's worth near a boundary: giving on its low swing made the
+    donor short on the next high one."""
+    pool = replace(ON, replica_concurrency=10, target_utilisation=1.0, hysteresis_band=0.2)
+    policies = {"chat": BusinessPolicy(priority=5), "batch": BusinessPolicy(priority=0)}
+    rs = loaded(loaded(replicas(chat=3, batch=1), "chat", running=4, waiting=0), "batch", running=10, waiting=8)
+    demands = {name: BusinessDemand(policy, requests_per_second=3) for name, policy in policies.items()}
+    # chat keeps ceil(12 / 8) = 2 now, but needed 3 forty seconds ago: within two stable windows (60 s).
+    recent = AutopilotMemory({"batch": 0.0}, calm_since={"chat": 0.0}, needed_recently={"chat": ((60.0, 3),)})
+    assert not [m for m in run(rs, demands, memory=recent, pool=pool).moves if m.source == "chat"]
+    older = replace(recent, needed_recently={"chat": ((30.0, 3),)})
+    assert [m.source for m in run(rs, demands, memory=older, pool=pool).moves] == ["chat"]
+
+
+def test_only_a_confirmed_need_preempts_a_busy_lower_priority_business():
+    """A priority-5 business whose stable load was 2% over its target took a priority-0 business's second replica,
+    which it was using, and left it drowning at one replica for minutes (bench/autopilot.py, steady). A need a band
+    over target, a surge, or a floor preempts; a marginal one takes spares and surplus only."""
+    pool = replace(ON, replica_concurrency=10, target_utilisation=1.0, hysteresis_band=0.2)
+    policies = {"search": BusinessPolicy(priority=5, waiting_per_replica=None), "batch": BusinessPolicy(priority=0)}
+    demands = {name: BusinessDemand(policy, requests_per_second=3) for name, policy in policies.items()}
+    busy_batch = loaded(replicas(search=3, batch=2), "batch", running=9, waiting=0)
+    memory = AutopilotMemory({"search": 0.0})
+    marginal = loaded(busy_batch, "search", running=10.5, waiting=0)  # 5% over its target of 10
+    assert not run(marginal, demands, memory=memory, pool=pool).moves
+    confirmed = loaded(busy_batch, "search", running=10, waiting=2.5)  # 25% over: a band (20%) past the target
+    assert [(m.source, m.target) for m in run(confirmed, demands, memory=memory, pool=pool).moves] == [("batch", "search")]
+    with_spare = loaded(replicas(search=3, batch=2, spare=1), "search", running=10.5, waiting=0)
+    assert [(m.source, m.target) for m in run(with_spare, demands, memory=memory, pool=pool).moves] == [(U, "search")]

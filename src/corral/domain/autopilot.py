@@ -76,6 +76,35 @@ PANIC_THRESHOLD = 2.0
 # themselves to shift by two replicas' worth: noise in the stable window does not trade a replica back and forth.
 FAIR_SHARE_SLACK = 2.0
 DEFAULT_REPLICA_CONCURRENCY = 8  # an engine whose batch limit is unknown (the simulator's default)
+# The engines' TTFT percentiles cover the last 10 s (`corral.signals`): after a business receives a replica, its p90
+# shows the queue that replica drained for up to that long. A "+1 while TTFT is over target" waits that long, or a
+# p90 that lags takes a replica a second (three in three seconds, seen in bench/autopilot.py).
+TTFT_WINDOW_S = 10.0
+
+
+class PressureKind(str, Enum):
+    """Why a business needs more capacity: what its targets see, in the order `pressure` checks them."""
+
+    NO_REPLICA = "no-replica"
+    WAITING = "waiting"
+    CONCURRENCY = "concurrency"
+    TTFT = "ttft"
+
+
+@dataclass(frozen=True)
+class Pressure:
+    kind: PressureKind
+    text: str  # for people: the figure and the target
+    # Confirmed: its stable window's average is a hysteresis band over a target, or its load surges (the panic
+    # window's concurrency past the panic threshold), or it has no replica. Only a confirmed need preempts a busy
+    # lower-priority business: a queue that spikes for a few seconds (a queue near saturation does), a TTFT p90 that a
+    # few long prompts lifted, or a mean that noise carries just over its target takes spares and surplus, not the
+    # replicas another business is using (bench/autopilot.py: a priority-5 business 2% over its target took a
+    # priority-0 business's second replica and left it drowning for minutes).
+    sustained: bool = True
+
+    def __str__(self) -> str:
+        return self.text
 
 
 class Source(str, Enum):
@@ -216,6 +245,7 @@ class ReplicaState:
     moved_at: float | None = None  # when the autopilot last moved it (monotonic seconds)
     running: float = 0.0  # the engine's running sequences (or the gateway's in-flight requests)
     waiting: float = 0.0  # the engine's queued requests
+    kv_cache_usage: float | None = None  # the engine's KV-cache usage, 0–1 (None: not reported)
     source: Source = Source.ENGINE  # where running/waiting came from; UNKNOWN: they mean nothing
 
 
@@ -226,6 +256,9 @@ class Load:
 
     running: float = 0.0
     waiting: float = 0.0
+    # The KV-cache usage of its replicas, summed (replicas' worth of KV cache; 0: not reported by every one): with
+    # `running`, how many of this business's sequences one replica's cache holds (`concurrency_target`).
+    kv: float = 0.0
 
     @property
     def total(self) -> float:
@@ -248,7 +281,8 @@ class LoadWindows:
         these = [load for at, load, _ in self._readings if now - at <= seconds]
         if not these:
             return None
-        return Load(sum(x.running for x in these) / len(these), sum(x.waiting for x in these) / len(these))
+        n = len(these)
+        return Load(sum(x.running for x in these) / n, sum(x.waiting for x in these) / n, sum(x.kv for x in these) / n)
 
     def known(self, now: float, seconds: float) -> bool:
         return all(known for at, _, known in self._readings if now - at <= seconds)
@@ -283,6 +317,15 @@ class AutopilotMemory:
     calm_since: Mapping[str, float] = field(default_factory=dict)  # unpressured, with a known demand, since
     traffic_at: Mapping[str, float] = field(default_factory=dict)  # when it last had traffic
     moves_at: tuple[float, ...] = ()  # the pool's moves in the last stable window (the budget)
+    # business → (when, replicas, stable load): the most replicas it was still pressured with in the release window,
+    # and its load then. While its load stays within a band of that, a calm donor keeps one more than that count:
+    # a business short at k replicas a minute ago is short at k again, and giving its (k+1)th away to a business
+    # it outranks would be taken back by priority at its next pressure — the trade seen in bench/autopilot.py.
+    short_at: Mapping[str, tuple[float, int, float]] = field(default_factory=dict)
+    # business → ((when, replicas it needed), …) over the last two stable windows: a calm donor gives down to the
+    # most it needed there, not to what one window's average says (a Poisson load's 30 s mean still wanders by a
+    # replica's worth near a boundary; the scale-down stabilisation of Kubernetes' HPA, on a shorter window).
+    needed_recently: Mapping[str, tuple[tuple[float, int], ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -335,7 +378,7 @@ class BusinessLoad:
     def __post_init__(self) -> None:
         # The load is the business's, fixed for the decision: a replica moved during it does not take load along.
         ready = self.ready
-        now = Load(sum(r.running for r in ready), sum(r.waiting for r in ready) + self.demand.held)
+        now = replicas_load(ready, self.demand.held)
         self._panic = self.demand.panic if self.demand.panic is not None else now
         self._stable_mean = self.demand.stable if self.demand.stable is not None else now
         stable = self._stable_mean
@@ -383,19 +426,38 @@ class BusinessLoad:
         return floor if self.policy.max_replicas is None else min(floor, self.policy.max_replicas)
 
 
+def replicas_load(replicas: Sequence[ReplicaState], held: float = 0.0) -> Load:
+    """What these replicas run and queue now (and `held`: requests the gateway holds for them), with their KV-cache
+    usage when every one reports it."""
+    kv = [r.kv_cache_usage for r in replicas]
+    return Load(sum(r.running for r in replicas), sum(r.waiting for r in replicas) + held,
+                0.0 if None in kv else sum(k for k in kv if k is not None))
+
+
 def _fmt(x: float) -> str:
     return f"{x:.1f}"
 
 
-def concurrency_target(policy: BusinessPolicy, settings: PoolAutopilot) -> float:
-    """Running + waiting requests per replica to stay under: `targetUtilisation` of the engine's batch limit,
-    and the business's own `concurrencyPerReplica` where it is lower."""
-    slots = max(1, settings.replica_concurrency) * settings.target_utilisation
+def replica_slots(settings: PoolAutopilot, mix: Load | None = None) -> float:
+    """Sequences one replica runs at once: the engine's batch limit, or fewer where its KV cache fills first. vLLM
+    admits a sequence only while its cache has blocks for it, so with long prompts a replica of 256 slots may run 20:
+    `mix` (a business's load, with its KV-cache usage) tells how many of *its* sequences a cache holds."""
+    slots = float(max(1, settings.replica_concurrency))
+    if mix is not None and mix.running > 0 and mix.kv > 0:
+        slots = min(slots, max(1.0, mix.running / mix.kv))  # kv: the usage summed over its replicas
+    return slots
+
+
+def concurrency_target(policy: BusinessPolicy, settings: PoolAutopilot, mix: Load | None = None) -> float:
+    """Running + waiting requests per replica to stay under: `targetUtilisation` of what a replica runs at once
+    (`replica_slots`: its batch limit, or what its KV cache holds of this business's sequences), and the business's
+    own `concurrencyPerReplica` where it is lower."""
+    slots = replica_slots(settings, mix) * settings.target_utilisation
     target = policy.concurrency_per_replica
     return slots if target is None else min(target, slots)
 
 
-def pressure(business: BusinessLoad, settings: PoolAutopilot) -> str | None:
+def pressure(business: BusinessLoad, settings: PoolAutopilot) -> Pressure | None:
     """Why the business needs more capacity now (its stable window's average over a target, or its panic
     window's over `PANIC_THRESHOLD` times it), or None.
 
@@ -404,27 +466,33 @@ def pressure(business: BusinessLoad, settings: PoolAutopilot) -> str | None:
     would take replicas for a demand that has passed."""
     policy, ready, load = business.policy, business.ready, business.panic
     if not ready:
-        return "has traffic and no ready replica" if business.has_traffic else None
+        return Pressure(PressureKind.NO_REPLICA, "has traffic and no ready replica") if business.has_traffic else None
 
-    def over(figure: Callable[[Load], float], target: float) -> float | None:
-        """The figure that exceeds `target`: the stable window's average, or the panic window's past the panic
-        threshold (a surge: reacting a stable window late would be too late)."""
+    def over(figure: Callable[[Load], float], target: float) -> tuple[float, bool] | None:
+        """The figure that exceeds `target` and whether from the stable window: its average, or the panic window's
+        past the panic threshold (a surge: reacting a stable window late would be too late)."""
         if (stable := figure(business.stable_mean)) > target:
-            return stable
-        return panic if (panic := figure(load)) > PANIC_THRESHOLD * target else None
+            return stable, stable > (1 + settings.hysteresis_band) * target
+        return (panic, False) if (panic := figure(load)) > PANIC_THRESHOLD * target else None
 
     waiting_target = policy.waiting_per_replica
-    if waiting_target is not None and (per_replica := over(lambda x: x.waiting / len(ready), waiting_target)) is not None:
-        return f"waiting per replica {_fmt(per_replica)} > {_fmt(waiting_target)}"
-    target = concurrency_target(policy, settings)
-    if (concurrency := over(lambda x: x.total / len(ready), target)) is not None:
+    if waiting_target is not None and (seen := over(lambda x: x.waiting / len(ready), waiting_target)) is not None:
+        return Pressure(PressureKind.WAITING, f"waiting per replica {_fmt(seen[0])} > {_fmt(waiting_target)}",
+                        seen[1])
+    target = concurrency_target(policy, settings, business.stable_mean)
+    if (seen := over(lambda x: x.total / len(ready), target)) is not None:
+        concurrency, surge = seen[0], seen[0] > PANIC_THRESHOLD * target
+        slots = replica_slots(settings, business.stable_mean)
+        held_by = f"{settings.replica_concurrency} slots" if slots >= settings.replica_concurrency else (
+            f"{_fmt(slots)} sequences its KV cache holds")
         of = "" if policy.concurrency_per_replica is not None and policy.concurrency_per_replica <= target else (
-            f" ({settings.target_utilisation:.0%} of {settings.replica_concurrency} slots)")
-        return f"concurrency per replica {_fmt(concurrency)} > {_fmt(target)}{of}"
+            f" ({settings.target_utilisation:.0%} of {held_by})")
+        return Pressure(PressureKind.CONCURRENCY, f"concurrency per replica {_fmt(concurrency)} > {_fmt(target)}{of}",
+                        seen[1] or surge)
     ttft = business.demand.ttft_p90_ms
     busy = load.waiting > 0 or load.running >= len(ready) * target
     if policy.ttft_p90_ms is not None and ttft is not None and ttft > policy.ttft_p90_ms and busy:
-        return f"TTFT p90 {ttft:.0f} ms > {policy.ttft_p90_ms:.0f} ms"
+        return Pressure(PressureKind.TTFT, f"TTFT p90 {ttft:.0f} ms > {policy.ttft_p90_ms:.0f} ms", sustained=False)
     return None
 
 
@@ -433,17 +501,18 @@ def for_load(load: float, target: float) -> int:
     return math.ceil(load / max(target, 1e-9) - 1e-9)
 
 
-def needed(business: BusinessLoad, settings: PoolAutopilot, *, pressured: bool, one_more: bool = True) -> int:
+def needed(business: BusinessLoad, settings: PoolAutopilot, *, pressured: bool, one_more: bool = True,
+           averaged: bool = False) -> int:
     """Replicas the business should have for its load (before its max); pressured: what its panic-window load
     needs at its targets, and (`one_more`) at least one more than it has."""
-    target = concurrency_target(business.policy, settings)
+    target = concurrency_target(business.policy, settings, business.stable_mean)
     if pressured:
         return max(business.floor, len(business.replicas) + (1 if one_more else 0),
                    for_load(business.panic.total, target))
     # What it keeps stays one band below each of its targets over the stable window, so that giving a
     # replica away never makes it pressured again: give → want → give would be an oscillation.
     keep_share = 1 - settings.hysteresis_band
-    load = business.stable
+    load = business.stable_mean if averaged else business.stable  # averaged: the stable window's mean alone
     keep = for_load(load.total, target * keep_share)
     have = len(business.replicas)
     policy = business.policy
@@ -512,7 +581,17 @@ def decide(
     surplus_since = dict(memory.surplus_since)
     surplus_peak = dict(memory.surplus_peak)
     calm_since = dict(memory.calm_since)
-    pressured: dict[str, str] = {}  # business → why it needs more capacity now
+    pressured: dict[str, Pressure] = {}  # business → why it needs more capacity now
+    acquired_at = dict(memory.acquired_at)
+
+    def settled(name: str, why: Pressure) -> bool:
+        """Whether what the business last received has had time to show in the figure that pressures it."""
+        shows_in = TTFT_WINDOW_S if why.kind == PressureKind.TTFT else settings.panic_window_seconds
+        return now - acquired_at.get(name, -math.inf) >= max(settings.stabilization_seconds, shows_in)
+
+    remember = settings.release_after_seconds
+    short_at = {name: short for name, short in memory.short_at.items() if name in businesses and now - short[0] < remember}
+    needed_recently = {}
     for name, business in businesses.items():
         why = pressure(business, settings)
         if why is None:
@@ -520,6 +599,12 @@ def decide(
         else:
             pressure_since.setdefault(name, now)
             pressured[name] = why
+            have, before = len(business.replicas), short_at.get(name)
+            if why.kind != PressureKind.NO_REPLICA and why.sustained and settled(name, why) and (
+                    before is None or have >= before[1]):
+                short_at[name] = (now, have, business.stable_mean.total)
+        needed_recently[name] = (*(x for x in memory.needed_recently.get(name, ()) if now - x[0] < 2 * window),
+                                 (now, needed(business, settings, pressured=False, averaged=True)))
         if why is None and business.known:
             calm_since.setdefault(name, now)
         else:
@@ -533,16 +618,16 @@ def decide(
     want: dict[str, int] = {}
     below_floor: dict[str, int] = {}  # what brings it up to its floor: outside the move budget
     reasons: dict[str, str] = {}
-    acquired_at = dict(memory.acquired_at)
     for name, business in businesses.items():
         have = len(business.replicas)
         if have < business.floor:
             want[name] = below_floor[name] = business.floor - have
             reasons[name] = (f"{have} replica(s) < minReplicas {business.floor}" if business.policy.min_replicas is not None
-                             else pressured.get(name) or f"{have} replica(s) after traffic in the stable window")
+                             else str(pressured.get(name) or "") or f"{have} replica(s) after traffic in the stable window")
         if name in pressured and now - pressure_since[name] >= settings.stabilization_seconds:
-            settled = now - acquired_at.get(name, -math.inf) >= settings.stabilization_seconds
-            target = _cap(business, needed(business, settings, pressured=True, one_more=settled))
+            # One more only once what it last received shows in the figure that pressures it.
+            one_more = settled(name, pressured[name])
+            target = _cap(business, needed(business, settings, pressured=True, one_more=one_more))
             if target > have:
                 want[name] = max(want.get(name, 0), target - have)
                 reasons[name] = f"{pressured[name]} for {now - pressure_since[name]:.0f} s"
@@ -581,6 +666,16 @@ def decide(
     def above(donor: BusinessLoad, floor: int) -> Callable[[], bool]:
         return lambda: len(donor.replicas) > floor
 
+    def keeps(donor: BusinessLoad, receiver_priority: int) -> int:
+        """What a calm donor keeps: a band below its targets, and one more than it was recently short with while
+        its load is still that high — unless the receiver outranks it (priority would take it anyway)."""
+        keep = max(needed(donor, settings, pressured=False), *(n for _, n in needed_recently[donor.name]))
+        short = short_at.get(donor.name)
+        if short is not None and receiver_priority <= donor.policy.priority and (
+                donor.stable_mean.total >= (1 - settings.hysteresis_band) * short[2]):
+            keep = max(keep, short[1] + 1)
+        return keep
+
     def _fairly(donor: BusinessLoad, receiver: BusinessLoad, group: list[BusinessLoad]) -> Callable[[], bool]:
         return lambda: len(donor.replicas) > donor.floor and (
             below_floor.get(receiver.name, 0) > 0 or _fair_gap(donor, receiver, group) > FAIR_SHARE_SLACK)
@@ -598,7 +693,7 @@ def decide(
         calm = [b for b in businesses.values() if b.name != receiver and b.name not in want and b.name in calm_since
                 and now - calm_since[b.name] >= window]
         for donor in sorted(calm, key=lambda b: (b.policy.priority, -len(b.replicas), b.name)):
-            take(receiver, donor, above(donor, needed(donor, settings, pressured=False)), "")
+            take(receiver, donor, above(donor, keeps(donor, priority)), "")
         # Equal priorities share by demand: a donor gives while it is more than FAIR_SHARE_SLACK replicas further
         # above its share than the receiver (each such move narrows the spread, so none is reversed on constant load).
         equals = [b for b in businesses.values() if b.policy.priority == priority and b.known
@@ -609,7 +704,11 @@ def decide(
                  f"fair share at priority {priority}: {donor.name} {len(donor.replicas)} replica(s) for load "
                  f"{_fmt(donor.stable.total)}, {receiver} {len(me.replicas)} for {_fmt(me.stable.total)}")
         # Scarcity: a lower-priority business with a known demand gives down to its floor.
-        lower = [b for b in businesses.values() if b.policy.priority < priority and b.known]
+        # Scarcity: a lower-priority business with a known demand gives down to its floor, for the receiver's floor
+        # or a confirmed need (`Pressure.sustained`).
+        why = pressured.get(receiver)
+        lower = [b for b in businesses.values() if b.policy.priority < priority and b.known
+                 and (below_floor.get(receiver, 0) > 0 or (why is not None and why.sustained))]
         for donor in sorted(lower, key=lambda b: (b.policy.priority, b.name)):
             take(receiver, donor, above(donor, donor.floor), f"priority {donor.policy.priority} < {priority}")
         if want[receiver] > 0:
@@ -693,7 +792,8 @@ def decide(
         moves=tuple(moves), scale_to=scale_to, remove=remove, scale_reason=scale_reason, waiting_for=tuple(waiting_for),
         memory=AutopilotMemory(
             pressure_since, surplus_since, surplus_peak, spares_surplus_since,
-            {name: at for name, at in acquired_at.items() if now - at < settings.stabilization_seconds},
-            calm_since, traffic_at, (*moves_at, *(now for _ in moves))),
+            {name: at for name, at in acquired_at.items()
+             if now - at < max(settings.stabilization_seconds, settings.panic_window_seconds, TTFT_WINDOW_S)},
+            calm_since, traffic_at, (*moves_at, *(now for _ in moves)), short_at, needed_recently),
         short_of_gpus=short_of_gpus, wanting={name: n for name, n in want.items() if n > 0},
     )
