@@ -524,14 +524,19 @@ def autopilot_status(pool: Optional[str] = typer.Argument(None, help="one pool (
                       f"{status.get('replicaConcurrency', '?')} ({status.get('replicaConcurrencySource', '?')})", highlight=False)
         rows = [[b["business"], b["policy"]["priority"], f"{b['policy']['minReplicas'] or 0}..{b['policy']['maxReplicas'] or '∞'}",
                  f"{b['readyReplicas']}/{b['replicas']}", b["pinned"], _fmt_number(b["running"]), _fmt_number(b["waiting"]),
-                 _fmt_number(b["ttftP90Ms"], " ms"), _fmt_number(b["requestsPerSecond"]), b["pressure"] or ""]
+                 _fmt_number(b.get("held")), _fmt_number(b.get("stableLoad")), _fmt_number(b.get("panicLoad")),
+                 b.get("source") or "", _fmt_number(b["ttftP90Ms"], " ms"), _fmt_number(b["requestsPerSecond"]),
+                 b["pressure"] or ""]
                 for b in status["businesses"]]
-        _table("businesses", ["BUSINESS", "PRIORITY", "MIN..MAX", "READY", "PINNED", "RUNNING", "WAITING", "TTFT P90",
-                              "REQ/S", "PRESSURE"], rows)
+        # SOURCE: where the load came from (engine /metrics, the gateway's counts, or unknown: never taken from).
+        _table("businesses", ["BUSINESS", "PRIORITY", "MIN..MAX", "READY", "PINNED", "RUNNING", "WAITING", "HELD",
+                              "STABLE", "PANIC", "SOURCE", "TTFT P90", "REQ/S", "PRESSURE"], rows)
         if output == "wide":
-            _table("replicas", ["POD", "BUSINESS", "READY", "PINNED", "RUNNING", "WAITING", "KV CACHE", "MOVED AT"],
+            _table("replicas", ["POD", "BUSINESS", "READY", "PINNED", "RUNNING", "WAITING", "KV CACHE", "SOURCE", "AGE",
+                                "MOVED AT"],
                    [[r["pod"], r["business"], r["ready"], r["pinned"], _fmt_number(r["running"]), _fmt_number(r["waiting"]),
-                     _fmt_number(r["kvCacheUsage"]), r["movedAt"] or ""] for r in status["replicas"]])
+                     _fmt_number(r["kvCacheUsage"]), r.get("source") or "", _fmt_number(r.get("ageSeconds"), " s"),
+                     r["movedAt"] or ""] for r in status["replicas"]])
         for decision in status["decisions"][:10]:
             what = ", ".join(f"{m['podName']}: {m['from']} → {m['to']}" for m in decision["moves"])
             if decision["scaledTo"] is not None:

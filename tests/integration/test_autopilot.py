@@ -225,6 +225,9 @@ def test_cli_sets_policies_and_settings_and_shows_the_status(corral: CorralServe
     assert "< minReplicas 1" in status["decisions"][0]["moves"][0]["reason"]
     table = cli(corral.url, "autopilot", "status", pool)
     assert table.returncode == 0 and "production" in table.stdout and "autopilot on" in table.stdout
+    assert "SOURCE" in table.stdout and "HELD" in table.stdout  # where each business's load came from
+    wide = cli(corral.url, "autopilot", "status", pool, "-o", "wide")
+    assert wide.returncode == 0 and "AGE" in wide.stdout and "engine" in wide.stdout, wide.stdout
     # A manual assignment while the autopilot is on pins the replica; unpin lets the autopilot move it again.
     spare = next(p["name"] for p in corral.pods(pool) if p["labels"]["business"] == "unassigned")
     assigned = cli(corral.url, "assign", spare, "production")
