@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -28,7 +29,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 from corral.domain.load import histogram_quantile
 from corral.domain.models import Pod
@@ -68,33 +68,49 @@ class ReplicaSignal:
     age_s: float | None = None  # how old its newest reading is (None: never read)
 
 
-def used_lines(text: str) -> str:
-    """The lines of an exposition that belong to the families Corral reads (a vLLM page has dozens more,
-    histograms with many buckets each): parsing only these is a fraction of the work."""
-    keep = []
-    for line in text.splitlines():
-        if line.startswith("#"):
-            parts = line.split(None, 3)
-            if len(parts) >= 3 and parts[2] in USED:
-                keep.append(line)
-        elif line.startswith(USED):
-            keep.append(line)
-    return "\n".join(keep) + "\n"
+# The rest of a sample line after its family's name: suffix, labels (quoted values may hold any character), value.
+_REST = re.compile(r"(_bucket|_sum|_count|_created)?(?:\{((?:[^}\"]|\"(?:[^\"\\]|\\.)*\")*)\})?[ \t]+(\S+)")
+_SUFFIX = re.compile(r"_(?:bucket|sum|count|created)(?=[{ \t])")
+_LE = re.compile(r'(?:^|,)\s*le\s*=\s*"([^"]*)"')
+_GAUGES = RUNNING + WAITING + KV_CACHE
+
+
+def _samples(page: str, name: str) -> Iterable[tuple[str, str, float]]:
+    """(suffix, labels, value) of each sample line of the family `name` in `page` (which starts with a newline).
+    Lines are found with `str.find`, in C: the general parser (prometheus_client) took 0.5 ms a vLLM page holding the
+    GIL, and 1,000 pages a tick on the parsing thread kept the event loop's thread waiting for it (bench/
+    control_plane.py: a 30 ms loop stall per tick at 1,000 replicas). Only the few lines Corral reads are parsed."""
+    needle, at = "\n" + name, 0
+    while (at := page.find(needle, at)) != -1:
+        end = page.find("\n", at + 1)
+        line = page[at + len(needle): end if end != -1 else len(page)]
+        at = end if end != -1 else len(page)
+        if line[:1] not in ("_", "{", " ", "\t") or (line[:1] == "_" and not _SUFFIX.match(line)):
+            continue  # another family whose name starts with this one's
+        sample = _REST.match(line)
+        if sample is None:
+            raise ValueError(f"malformed sample line of {name}: {line[:80]!r}")
+        suffix, labels, value = sample.groups()
+        yield suffix or "", labels or "", float(value)
 
 
 def parse(text: str, at: float) -> Scrape:
     """The figures Corral uses out of a Prometheus exposition; gauges and buckets summed over label sets
-    (one engine may serve a base model and its adapters under several `model_name` labels)."""
+    (one engine may serve a base model and its adapters under several `model_name` labels). A malformed line of a
+    family it reads is a ValueError (the scraper drops that scrape)."""
+    page = "\n" + text
     gauges: dict[str, float] = {}
+    for name in _GAUGES:
+        for suffix, _, value in _samples(page, name):
+            if not suffix:
+                gauges[name] = gauges.get(name, 0.0) + value
     buckets: dict[float, float] = {}
-    for family in text_string_to_metric_families(used_lines(text)):
-        if family.name in RUNNING + WAITING + KV_CACHE:
-            gauges[family.name] = gauges.get(family.name, 0.0) + sum(s.value for s in family.samples)
-        elif family.name in TTFT:
-            for sample in family.samples:
-                if sample.name.endswith("_bucket"):
-                    le = float(sample.labels.get("le", "inf").replace("+Inf", "inf"))
-                    buckets[le] = buckets.get(le, 0.0) + sample.value
+    for name in TTFT:
+        for suffix, labels, value in _samples(page, name):
+            if suffix == "_bucket":
+                le = _LE.search(labels)
+                bound = float(le.group(1).replace("+Inf", "inf")) if le else math.inf
+                buckets[bound] = buckets.get(bound, 0.0) + value
 
     def first(names: Iterable[str]) -> float | None:
         return next((gauges[n] for n in names if n in gauges), None)
@@ -169,9 +185,14 @@ class EngineSignals:
                 timeout=aiohttp.ClientTimeout(total=self.timeout_s))
         tasks = [asyncio.ensure_future(self._scrape_one(p)) for p in targets]
         if tasks:
-            _, late = await asyncio.wait(tasks, timeout=self.round_timeout_s)
-            for task in late:
-                task.cancel()
+            late = set(tasks)
+            try:
+                _, late = await asyncio.wait(tasks, timeout=self.round_timeout_s)
+            finally:
+                # Past the round's time, and when the round itself is cancelled (the autopilot stopping): a scrape
+                # left running would use the session that `close` then shuts ("Session is closed", unretrieved).
+                for task in late:
+                    task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
         alive = {p.name for p in targets}
         for name in [n for n in self._scrapes if n not in alive]:
