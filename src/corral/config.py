@@ -118,7 +118,8 @@ class Settings(BaseSettings):
     )
     gateway_first_byte_timeout_s: float = Field(
         default=30.0, ge=0.1, le=3600, description="a replica silent this long before its response headers is probed on its "
-        "health endpoint; one that does not answer is ejected and the request retried once on another (Python data plane)"
+        "health endpoint; one that does not answer is ejected and the request answered 504, never retried: the replica "
+        "may have run it (Python data plane)"
     )
     gateway_max_body_bytes: int = Field(
         default=32 * 1024**2, ge=1024, le=4 * 1024**3, description="largest business-service request body; 413 beyond it"
@@ -140,6 +141,15 @@ class Settings(BaseSettings):
     gateway_hold_queue: int = Field(
         default=1000, ge=0, le=1_000_000, description="requests the gateway holds at most per business "
         "service; one more gets 503 with Retry-After at once (0: hold none)"
+    )
+    gateway_retry_budget_percent: float = Field(
+        default=20.0, ge=0, le=100, description="the share of a business service's requests over the last 10 s "
+        "that may be retried on another replica (only requests none of which reached the first: connection "
+        "refused or timed out while connecting)"
+    )
+    gateway_retry_budget_min: int = Field(
+        default=3, ge=0, le=1_000_000, description="retries per business service over the last 10 s allowed "
+        "whatever the share (a quiet service still gets its few retries; 0 with a 0 share: never retry)"
     )
 
     @field_validator("data_dir")

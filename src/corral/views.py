@@ -274,6 +274,9 @@ class ServiceLoad(Contract):
                                              "replica has seen yet")
     heldWaitMs: HeldWaitMs = Field(default_factory=HeldWaitMs,
                                    description="how long held requests waited, over the window")
+    clientCancelled: int = Field(default=0, description="requests whose client disconnected before the response "
+                                                        "ended (held, waiting for the replica's answer, or "
+                                                        "streaming), over the window; the gateway stopped their work")
 
 
 class LoadOverview(Contract):

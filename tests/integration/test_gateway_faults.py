@@ -1,7 +1,8 @@
 """The gateway under bad input, slow clients and replica faults, over a real `corral serve` with
 simulator replicas, on both data planes: paths outside the OpenAI API and header injections are
 refused, bodies are capped, slow clients are cut, a replica dying mid-stream aborts the client's
-response, and a hung replica is ejected (Python plane) without cutting a busy one."""
+response, and a hung replica is ejected (Python plane; its requests get 504, never a replay) without
+cutting a busy one."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ import httpx
 import pytest
 
 from corral.backends.local.process import process_start_time
+from corral.domain.retries import AttemptFailure
 from corral.gateway.nginx_plane import missing_parts
-from corral.gateway.proxy import MSG_CONTROL_CHARS, MSG_NOT_API, too_large_message
+from corral.gateway.proxy import MSG_CONTROL_CHARS, MSG_NOT_API, not_retried, too_large_message
 from tests.conftest import wait_for
 from tests.integration.conftest import CorralServer, running_corral
 
@@ -196,6 +198,8 @@ def test_replica_killed_mid_stream_aborts_the_clients_response(gw: CorralServer)
             if len(received) == 3:
                 os.killpg(gw.replica_pid(victim), signal.SIGKILL)
     assert 3 <= len(received) < 200
+    # The replica failed, not the client: no client_cancelled (nginx completes such a request, cutting the client).
+    assert f'corral_gateway_client_cancelled_total{{service="{SLOW}"}}' not in gw.http.get("/api/metrics").text
     # The supervisor brings it back.
     wait_for(lambda: gw.pods(SLOW)[0]["ready"] and process_start_time(gw.replica_pid(victim)), timeout=30, what="the restart")
 
@@ -214,18 +218,25 @@ def test_hung_replica_is_ejected_and_requests_complete_on_the_other(gw: CorralSe
             assert {r.status_code for r in responses} == {200}
             assert {r.headers["x-corral-replica"] for r in responses} == {healthy}
             return
-        # Right away (before the supervisor notices): 4 requests at once, so some go to the hung replica.
+        # Right away (before the supervisor notices): 4 requests at once, so some go to the hung replica. Those
+        # get 504, never a retry: the request was sent to the replica, which may run it once resumed (issue 25).
         started = time.monotonic()
         responses = concurrent_chats(gw, 4)
         elapsed = time.monotonic() - started
-        assert {r.status_code for r in responses} == {200}, [r.text for r in responses]
-        assert {r.headers["x-corral-replica"] for r in responses} == {healthy}
-        # First-byte timeout, then a 1 s health check, then the retry (a margin for this 2-core machine).
+        hung = [r for r in responses if r.status_code == 504]
+        assert all(r.json()["error"]["message"] == not_retried(victim, AttemptFailure.SILENT)[1] for r in hung)
+        served = [r for r in responses if r.status_code != 504]
+        assert {r.status_code for r in served} <= {200}, [r.text for r in responses]
+        assert {r.headers["x-corral-replica"] for r in served} <= {healthy}
+        # First-byte timeout, then a 1 s health check (a margin for this 2-core machine).
         assert elapsed < FIRST_BYTE_S + 1 + 2.5, elapsed
         metrics = gw.http.get("/api/metrics").text
         assert f'corral_gateway_ejected{{replica="{victim}"}} 1' in metrics
         assert f'corral_gateway_errors_total{{replica="{victim}",service="{FAST}"}} ' in metrics
         assert "ejecting replica " + victim in (gw.data_dir / "serve.log").read_text()
+        # Ejected: the next requests go to the other replica only.
+        responses = concurrent_chats(gw, 4)
+        assert {r.status_code for r in responses} == {200} and {r.headers["x-corral-replica"] for r in responses} == {healthy}
     finally:
         os.killpg(pid, signal.SIGCONT)
     # Once it answers again it is back in rotation.

@@ -126,6 +126,8 @@ class Sample:
     # service → how long held requests waited (bucket index → requests, cumulative), counted when they leave
     # the hold: served, refused past the deadline, or their service gone
     held_wait: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
+    # service → requests whose client disconnected before their response ended, cumulative
+    client_cancelled: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +142,7 @@ class Tick:
     unserved: Mapping[str, int] = field(default_factory=dict)  # service → requests answered 503/504 by the gateway
     held: Mapping[str, int] = field(default_factory=dict)  # service → requests held at `t`, nonzero only
     held_wait: Mapping[str, Mapping[int, int]] = field(default_factory=dict)  # service → waits ended, per bucket
+    client_cancelled: Mapping[str, int] = field(default_factory=dict)  # service → requests whose client left first
 
 
 def tick(previous: Sample | None, current: Sample, t: float, seconds: float, capacity: Mapping[str, int]) -> Tick:
@@ -155,13 +158,8 @@ def tick(previous: Sample | None, current: Sample, t: float, seconds: float, cap
                 moved = now.since(before)
                 if moved.requests or moved.ttfb or moved.usage or moved.errors:
                     deltas[pair] = moved
-    unserved: dict[str, int] = {}
-    if previous is not None:
-        for service, now_n in current.unserved.items():
-            before_n = previous.unserved.get(service, 0)
-            moved_n = now_n if now_n < before_n else now_n - before_n  # went back: the data plane restarted
-            if moved_n > 0:
-                unserved[service] = moved_n
+    unserved = _moved(previous.unserved, current.unserved) if previous is not None else {}
+    cancelled = _moved(previous.client_cancelled, current.client_cancelled) if previous is not None else {}
     held_wait: dict[str, dict[int, int]] = {}
     if previous is not None:
         for service, now_wait in current.held_wait.items():
@@ -173,7 +171,27 @@ def tick(previous: Sample | None, current: Sample, t: float, seconds: float, cap
             if moved_wait:
                 held_wait[service] = moved_wait
     return Tick(t, seconds, deltas, {p: n for p, n in current.in_flight.items() if n > 0}, capacity, unserved,
-                {s: n for s, n in current.held.items() if n > 0}, held_wait)
+                {s: n for s, n in current.held.items() if n > 0}, held_wait, cancelled)
+
+
+def _moved(before: Mapping[str, int], now: Mapping[str, int]) -> dict[str, int]:
+    """Per-service counters' growth between two samples (one that went back: the data plane restarted)."""
+    out = {}
+    for service, now_n in now.items():
+        before_n = before.get(service, 0)
+        moved_n = now_n if now_n < before_n else now_n - before_n
+        if moved_n > 0:
+            out[service] = moved_n
+    return out
+
+
+def client_cancelled(ticks: Sequence[Tick]) -> dict[str, int]:
+    """Service → requests whose client disconnected before their response ended, over these ticks."""
+    totals: dict[str, int] = {}
+    for t in ticks:
+        for service, n in t.client_cancelled.items():
+            totals[service] = totals.get(service, 0) + n
+    return totals
 
 
 def unserved_per_second(ticks: Sequence[Tick]) -> dict[str, float]:

@@ -40,6 +40,7 @@ from corral.domain.load import (
     Sample,
     Step,
     Tick,
+    client_cancelled,
     figures,
     held_wait_ms,
     in_window,
@@ -253,6 +254,7 @@ class LoadMonitor:
         table = self._routes()
         held = self._ticks[-1].held if self._ticks else {}
         waits = held_wait_ms(ticks)
+        cancelled = client_cancelled(ticks)
         newest = self._ticks[-1].t if self._ticks else 0.0
         steps = [s for s in self._steps if s.end > newest - WINDOW_MAX_S]
         views = []
@@ -271,6 +273,7 @@ class LoadMonitor:
                         for p in points],
                 held=held.get(s.name, 0), heldWaitMs=HeldWaitMs(p50=waits.get(s.name, (None, None))[0],
                                                                 p95=waits.get(s.name, (None, None))[1]),
+                clientCancelled=cancelled.get(s.name, 0),
             ))
         return views
 

@@ -42,8 +42,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from corral.aio import within
 from corral.domain.load import BUCKETS, Sample
 from corral.gateway.proxy import (
+    NOT_RETRIED,
     RETRY_AFTER_S,
     GatewayLimits,
+    budget_spent_suffix,
     held_too_long_suffix,
     hold_full_suffix,
     too_large_message,
@@ -97,7 +99,19 @@ def render_config(workdir: Path, host: str, port: int, control_socket: Path, con
     its first token): it keeps the read timeout, and a hung replica leaves rotation through its
     failed health checks (the replica supervisor, or Kubernetes readiness) while the requests it
     already holds wait up to the read timeout. The Python data plane probes a replica silent past the
-    first-byte timeout instead (see proxy.py)."""
+    first-byte timeout instead (see proxy.py).
+
+    On retries (domain/retries.py, the same rule as proxy.py): `proxy_next_upstream error timeout` without
+    `non_idempotent`, so nginx itself never passes a POST to another replica once the request was sent to
+    one; for every method the Lua balancer retries only an attempt that wrote no byte to its replica
+    (`$upstream_bytes_sent`), within the service's retry budget, once (`proxy_next_upstream_tries 2`).
+
+    On clients that leave: `proxy_ignore_client_abort` stays off, so nginx closes the replica's connection
+    as soon as it notices the client's closed (epoll's EPOLLRDHUP, while waiting for the response headers
+    and while streaming), and `lua_check_client_abort on` ends a request the Lua code holds (the hold queue)
+    when its client leaves. The log phase runs the Lua accounting in every location of the server
+    (`log_by_lua` at server level): a request answered through `error_page` (an internal redirect, which
+    drops `ngx.ctx`) still gives its replica's place back, from the `$corral_*` variables."""
     limits = limits or GatewayLimits()
     too_large = _lua_string(too_large_message(limits.max_body_bytes))
     temp = "\n".join(f"  {k}_temp_path {workdir}/tmp/{k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
@@ -107,6 +121,10 @@ def render_config(workdir: Path, host: str, port: int, control_socket: Path, con
             f"retry_after = {RETRY_AFTER_S}, "
             f"held_suffix = {_lua_string(held_too_long_suffix(limits.hold_timeout_s))}, "
             f"full_suffix = {_lua_string(hold_full_suffix(limits.hold_queue))} }}")  # the same as proxy.py's
+    budget = limits.retry_budget
+    not_retried = ", ".join(f"[{status}] = {_lua_string(suffix)}" for status, suffix in NOT_RETRIED.values())
+    retry = (f"{{ percent = {budget.percent!r}, min = {budget.min_retries}, window = {budget.window_s}, "
+             f"spent_suffix = {_lua_string(budget_spent_suffix(budget))}, not_retried = {{ {not_retried} }} }}")
     # As root, nginx would run its workers as an unprivileged user that cannot enter a private data dir
     # (e.g. under /root) to spool a large request body: they run as the control plane's user instead.
     user = f"user {pwd.getpwuid(0).pw_name} {grp.getgrgid(os.getegid()).gr_name};\n" if os.geteuid() == 0 else ""
@@ -125,7 +143,8 @@ http {{
   lua_package_cpath "{LUA_CPATH};;";
   lua_shared_dict corral_routes {ROUTES_DICT};
   lua_shared_dict corral_stats 16m;
-  init_by_lua_block {{ corral = require "corral_gateway"; corral.configure({buckets}, {hold}) }}
+  lua_shared_dict corral_retry 4m;  # per service and second: requests and retries (the retry budget)
+  init_by_lua_block {{ corral = require "corral_gateway"; corral.configure({buckets}, {hold}, {retry}) }}
   upstream corral_replicas {{
     server 0.0.0.1;  # placeholder: the Lua balancer sets the peer of every request
     balancer_by_lua_block {{ corral.balance() }}
@@ -141,21 +160,26 @@ http {{
     # A client silent past either timeout gets its connection closed (nginx sends no 408 then).
     error_page 400 494 =400 /.corral/400;  # a URI, not a named location: a request line nginx could not parse has none
     error_page 413 = @too_large;
+    log_by_lua_block {{ corral.log() }}  # every location, those reached through error_page included
     location /s/ {{
       set $corral_service "";
+      set $corral_replica "";  # the replica of the last attempt
+      set $corral_claim "";  # the replica whose place (`if:`) the request holds
+      set $corral_started "";  # when the attempt counted in `ip:` started
+      set $corral_refusal "";  # why the balancer refused a retry: `budget`, or 502/504 (the request was sent)
+      lua_check_client_abort on;  # a held request whose client left ends there
       access_by_lua_block {{ corral.route() }}
       proxy_pass http://corral_replicas;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_buffering off;
-      proxy_next_upstream error timeout non_idempotent;
+      proxy_next_upstream error timeout;
       proxy_next_upstream_tries 2;
       proxy_connect_timeout {int(connect_timeout_s * 1000)}ms;
       proxy_send_timeout {int(read_timeout_s * 1000)}ms;
       proxy_read_timeout {int(read_timeout_s * 1000)}ms;
       header_filter_by_lua_block {{ corral.header() }}
       body_filter_by_lua_block {{ corral.body() }}
-      log_by_lua_block {{ corral.log() }}
       error_page 502 504 = @unavailable;
       error_page 400 494 =400 /.corral/400;  # error_page on this level replaces the server's, so repeated
       error_page 413 = @too_large;
@@ -300,6 +324,8 @@ def parse_stats(raw: dict[str, float]) -> TrafficStats:
                 view.held[rest] = int(value)
         elif kind == "hs":
             view.held_wait_sum[rest] = float(value)
+        elif kind == "cc":
+            view.client_cancelled[rest] = int(value)
         elif kind == "hb":
             service, _, index = rest.rpartition("|")
             if index.isdigit() and int(index) < buckets:

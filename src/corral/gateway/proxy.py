@@ -14,22 +14,33 @@ body, and a streaming upstream call. Behaviour (the nginx data plane does the sa
   none is free. Past the deadline, or when the queue is full, it gets 503 with `Retry-After`, naming
   the business. Held requests are counted per service (`TrafficStats.held`, with their wait in a
   histogram): demand the autopilot sees before any replica does.
-- The policy picks among replicas not ejected. A replica that refuses the connection or times out is
-  ejected (probed in the background until healthy again) and the request is retried once on another
-  replica — only possible because nothing has been sent to the client yet.
+- The policy picks among replicas not ejected. A replica that fails is ejected (probed in the
+  background until healthy again).
+- Retries that are safe (domain/retries.py): a request goes to another replica only when none of it
+  reached the first — the connection was refused, reset or timed out while connecting — and only within
+  its service's retry budget (`GatewayLimits.retry_budget`: a share of its requests over the last 10 s,
+  Envoy's idea); one retry at most. Any failure after the request was written (the replica reset or closed
+  the connection, sent no response within the read timeout, or was found hung) is answered 502 or 504
+  and never replayed: the replica may have run it, and generation costs GPU time and may have side
+  effects. Nothing is ever retried after a response byte.
 - A replica that accepts the connection but sends no response headers within the first-byte timeout
-  is probed on its health endpoint: one that does not answer is hung (SIGSTOP, a wedged server) and
-  is ejected, and the request retried on another replica; one that answers is busy (a long
-  non-streaming completion has no first byte until it is done) and is waited for, re-checked every
-  first-byte timeout, up to the read timeout.
+  is probed on its health endpoint: one that does not answer is hung (SIGSTOP, a wedged server): it is
+  ejected and the request answered 504 (not retried: the request was sent to it); one that answers is
+  busy (a long non-streaming completion has no first byte until it is done) and is waited for,
+  re-checked every first-byte timeout, up to the read timeout.
 - Request bodies: refused with 413 beyond `max_body_bytes` (from Content-Length before reading, or
-  while streaming); read whole up to `BUFFERED_BODY_BYTES` (so they can be replayed on a retry),
-  streamed to the replica beyond (no retry once sent). Header and body read deadlines and the
-  connection cap live in the HTTP server (corral/server.py).
+  while streaming); read whole up to `BUFFERED_BODY_BYTES`, streamed to the replica beyond. Header and
+  body read deadlines and the connection cap live in the HTTP server (corral/server.py).
 - The response streams chunk by chunk (server-sent events included), with `x-corral-replica`. A
   replica that dies mid-response aborts the client's connection (no clean end: the client sees the
-  cut, as with nginx). A client that leaves a stream closes the replica's connection at the next
-  chunk (as nginx does), so the engine stops generating for nobody.
+  cut, as with nginx).
+- Dropped clients stop the work (`_ClientWatch`): from the moment its body is read until its response
+  ends, a request's client connection is watched; when the client disconnects — while the request is
+  held, while the replica queues or prefills it (no response headers yet), or mid-stream — the request
+  is cancelled at once: a held request leaves its queue and is never sent, and a forwarded one has its
+  replica connection closed (engines abort a request whose connection closed), so no GPU time goes to
+  an answer nobody reads. Counted per service as `client_cancelled` (the load view, /api/metrics).
+  nginx does the same (`proxy_ignore_client_abort off`, `lua_check_client_abort on`).
 - The upstream client is aiohttp: profiled under load, httpx's pool spent 65% of the gateway's CPU
   scanning its connections on every request (bench/README.md).
 - Errors the gateway answers itself are OpenAI-shaped, so SDKs show the reason:
@@ -64,6 +75,7 @@ from yarl import URL
 
 from corral.aio import within
 from corral.domain.load import Sample
+from corral.domain.retries import AttemptFailure, RetryBudget, RetryWindow, retryable
 from corral.gateway.policies import Policy
 from corral.gateway.routing import Route, RoutingTable, Target
 from corral.gateway.stats import TrafficStats, UsageScan
@@ -79,9 +91,12 @@ HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-autho
               b"transfer-encoding", b"upgrade", b"host", b"content-length"}
 # (`date`: the gateway's HTTP server sends its own, as nginx does; two would be invalid)
 RESPONSE_SKIP = {b"connection", b"keep-alive", b"transfer-encoding", b"trailer", b"upgrade", b"date"}
-# Failures that mean "this replica cannot take the request" before anything was sent to the client.
+# Failures of an attempt before any response byte. Of them, only CONNECT_FAILURES happen before any byte of
+# the request was written (connection refused, reset or timed out while connecting): the only retryable ones.
 UNREACHABLE = (aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError, asyncio.TimeoutError)
-BUFFERED_BODY_BYTES = 1024**2  # a body up to this is read whole (replayable on a retry); a larger one streams
+CONNECT_FAILURES = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+MAX_ATTEMPTS = 2  # the first try and one retry on another replica (nginx: proxy_next_upstream_tries 2)
+BUFFERED_BODY_BYTES = 1024**2  # a body up to this is read whole; a larger one streams to the replica
 
 # The paths that go through, on both data planes (the Lua code applies the same rules): `/v1/` then
 # non-empty segments of unreserved and sub-delim characters — no `%` (nothing left to decode), no
@@ -146,6 +161,28 @@ def hold_full_suffix(queue: int) -> str:
     return f"; {queue} requests already wait for a free replica (CORRAL_GATEWAY_HOLD_QUEUE)"
 
 
+# A request that failed at its replica after it was sent there: its answer and why it is not retried (both
+# planes: the nginx configuration is rendered from this, keyed by status).
+NOT_RETRIED = {
+    AttemptFailure.DROPPED: (502, " closed the connection after the request was sent to it; the request is not "
+                                  "retried on another replica, since this one may have run it"),
+    AttemptFailure.SILENT: (504, " did not answer in time after the request was sent to it; the request is not "
+                                 "retried on another replica, since this one may be running it"),
+}
+
+
+def not_retried(replica: str, failure: AttemptFailure) -> tuple[int, str]:
+    """The status and message of a request that failed on `replica` after it was sent there."""
+    status, suffix = NOT_RETRIED[failure]
+    return status, f"replica '{replica}'" + suffix
+
+
+def budget_spent_suffix(budget: RetryBudget) -> str:
+    """After "replica '<name>'": a replica unreachable while its service's retry budget is spent (both planes)."""
+    return (f" could not be reached, and the request is not retried on another replica: retries are over their "
+            f"budget ({budget.describe()}; CORRAL_GATEWAY_RETRY_BUDGET_PERCENT)")
+
+
 @dataclass(frozen=True)
 class GatewayLimits:
     """What a client and a replica may cost the gateway; both data planes apply them."""
@@ -157,6 +194,7 @@ class GatewayLimits:
     max_connections: int = 4096
     hold_timeout_s: float = 30.0  # how long a request waits for a free replica (0: not at all)
     hold_queue: int = 1000  # requests held at most per service (0: none)
+    retry_budget: RetryBudget = RetryBudget()  # retries to another replica per service (domain/retries.py)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GatewayLimits:
@@ -164,7 +202,9 @@ class GatewayLimits:
                    client_header_timeout_s=settings.gateway_client_header_timeout_s,
                    client_body_timeout_s=settings.gateway_client_body_timeout_s,
                    max_connections=settings.gateway_max_connections,
-                   hold_timeout_s=settings.gateway_hold_timeout_s, hold_queue=settings.gateway_hold_queue)
+                   hold_timeout_s=settings.gateway_hold_timeout_s, hold_queue=settings.gateway_hold_queue,
+                   retry_budget=RetryBudget(percent=settings.gateway_retry_budget_percent,
+                                            min_retries=settings.gateway_retry_budget_min))
 
     @property
     def holds(self) -> bool:
@@ -186,16 +226,16 @@ class _BodyTooLarge(Exception):
 
 class _BodyStream:
     """A request body larger than `BUFFERED_BODY_BYTES`: what was read so far, then the rest as it
-    arrives, counted against the limit. Sent once: a request whose body went out cannot be retried."""
+    arrives, counted against the limit. Sent once: a request whose body went out cannot be retried.
+    `complete` is set once the client sent all of it (from then on `_ClientWatch` may read the connection)."""
 
     def __init__(self, receive: Callable, prefix: list[bytes], size: int, limit: int, content_length: int | None) -> None:
         self._receive, self._prefix, self._size, self._limit = receive, prefix, size, limit
         self.content_length = content_length
-        self.started = False
         self.failure: Exception | None = None
+        self.complete = asyncio.Event()
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        self.started = True
         for chunk in self._prefix:
             yield chunk
         self._prefix = []
@@ -211,6 +251,8 @@ class _BodyStream:
                 self.failure = _BodyTooLarge()
                 raise self.failure
             more = message.get("more_body", False)
+            if not more:
+                self.complete.set()
             if chunk:
                 yield chunk
 
@@ -277,6 +319,46 @@ class _FirstByteWatch:
             self._probe.cancel()
 
 
+class _ClientWatch:
+    """A request's client connection, watched from the moment its body was read until its response ended:
+    when the client disconnects, the request's task is cancelled at once — while it is held, while the
+    replica queues or prefills it (no response headers yet: a long non-streamed completion sends none
+    until it is done), or mid-stream. Cancelling closes the replica's connection (aiohttp closes one whose
+    request or response was cut short), and engines abort a request whose connection closed: the GPU time
+    of an answer nobody reads is saved, and under overload client timeouts do not multiply the engines'
+    work. A body streamed beyond `BUFFERED_BODY_BYTES` is watched from its end on (until then its own reads
+    notice the client leaving; a held request with such a body is noticed when it is sent on).
+
+    Requests pass their responses through `send`: after the last body message the client leaving is no
+    longer a cancellation (the ASGI server answers `http.disconnect` to every read once a response ended)."""
+
+    __slots__ = ("_send", "_task", "_watcher", "left", "answered")
+
+    def __init__(self, receive: Callable, send: Callable, body: Body) -> None:
+        self._send = send
+        self._task = asyncio.current_task()
+        self.left = False  # the client disconnected before its response ended: the task was cancelled
+        self.answered = False
+        self._watcher = asyncio.ensure_future(self._watch(receive, body))
+
+    async def _watch(self, receive: Callable, body: Body) -> None:
+        if isinstance(body, _BodyStream):
+            await body.complete.wait()
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if not self.answered and self._task is not None:
+            self.left = True
+            self._task.cancel()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.answered = True
+        await self._send(message)
+
+    def stop(self) -> None:
+        self._watcher.cancel()
+
+
 class _Waiter:
     """A held request's place in its service's queue. `wake` resolves its future; the request then checks
     for a free replica and, when none is, re-arms (`arm`) and keeps its place."""
@@ -318,6 +400,7 @@ class Gateway:
         self._probes: dict[str, asyncio.Future[bool]] = {}  # one health check at a time per replica
         self._drained = asyncio.Condition()
         self._held: dict[str, deque[_Waiter]] = {}  # service → its held requests, first come first
+        self._retries: dict[str, RetryWindow] = {}  # service → its requests and retries, for the retry budget
 
     # lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -327,6 +410,10 @@ class Gateway:
             auto_decompress=False,  # pass bodies through byte for byte
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
         )
+        # aiohttp sends a GET (any idempotent method) again, on a new connection to the same replica, when the
+        # first connection was reset or closed after the request was written: a replay the gateway never makes
+        # (domain/retries.py). No public switch: the attribute aiohttp reads (a test guards it).
+        self._session._retry_connection = False
         self._prober = asyncio.create_task(self._probe_ejected(), name="gateway-ejection-prober")
 
     async def close(self) -> None:
@@ -359,6 +446,8 @@ class Gateway:
         live = {t.name for route in table.values() for t in route.targets}
         for name in [n for n in self.ejected if n not in live]:
             del self.ejected[name]  # a replica gone from every route needs no probing
+        for service in [s for s in self._retries if s not in table]:
+            del self._retries[service]
         self._wake_all()  # a replica may have been assigned (or its service removed)
 
     # holding -----------------------------------------------------------------------------------
@@ -483,21 +572,44 @@ class Gateway:
             elif k not in HOP_BY_HOP:
                 headers.append((k.decode("latin-1"), v.decode("latin-1")))
         limit = self.limits.max_body_bytes
+        watch: _ClientWatch | None = None
         try:
             if content_length is not None and content_length > limit:
                 raise _BodyTooLarge()
             body = await _read_body(receive, limit, content_length)
-            await self._forward(route, scope, rest, headers, body, receive, send)
+            watch = _ClientWatch(receive, send, body)
+            await self._forward(route, scope, rest, headers, body, watch.send)
         except _BodyTooLarge:
             self.stats.rejected[(service, 413)] += 1
             await _error(send, 413, too_large_message(limit))
         except _ClientGone:
-            pass  # nobody to answer (after a body deadline, the HTTP server answered 408)
+            # Left before its body was complete (or missed the body deadline: the HTTP server answered 408).
+            self.stats.cancel(service)
+        except asyncio.CancelledError:
+            if watch is None or not watch.left:
+                raise  # the gateway stops
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            self.stats.cancel(service)  # nobody to answer
+        finally:
+            if watch is not None:
+                watch.stop()
+
+    def _retry_window(self, service: str) -> RetryWindow:
+        window = self._retries.get(service)
+        if window is None:
+            window = self._retries[service] = RetryWindow(self.limits.retry_budget)
+        return window
 
     async def _forward(self, route: Route, scope: dict[str, Any], path: str, headers: list[tuple[str, str]], body: Body,
-                       receive: Callable, send: Callable) -> None:
+                       send: Callable) -> None:
+        """Hold the request until a replica is free, send it there, and retry it once on another only when
+        the first failed before any byte of it was written, within the retry budget (domain/retries.py)."""
+        window = self._retry_window(route.service)
+        window.request(time.monotonic())
         tried: set[str] = set()
-        for attempt in range(2):  # the first try, and one retry on another replica
+        for attempt in range(MAX_ATTEMPTS):
             candidates = self.free_targets(route, tried)
             if not candidates and attempt == 0:
                 if (admitted := await self._hold(route, send)) is None:
@@ -507,20 +619,26 @@ class Gateway:
                 break
             target = self.policy.choose(candidates, self.stats.in_flight_by_replica)
             tried.add(target.name)
-            if await self._try(route, target, scope, path, headers, body, receive, send):
+            failure = await self._try(route, target, scope, path, headers, body, send)
+            if failure is None:
                 return
-            if isinstance(body, _BodyStream) and body.started:  # the body went to that replica: nothing to retry with
-                self.stats.rejected[(route.service, 504)] += 1
-                await _error(send, 504, f"replica '{target.name}' did not answer and the request body was "
-                                        "streamed to it, so the request cannot be retried")
+            if not retryable(failure):  # the replica may have run it: never replayed
+                status, message = not_retried(target.name, failure)
+                self.stats.rejected[(route.service, status)] += 1
+                await _error(send, status, message)
+                return
+            if (attempt + 1 < MAX_ATTEMPTS and self.free_targets(route, tried)
+                    and not window.try_retry(time.monotonic())):
+                self.stats.rejected[(route.service, 503)] += 1
+                await _error(send, 503, f"replica '{target.name}'" + budget_spent_suffix(self.limits.retry_budget))
                 return
         self.stats.rejected[(route.service, 503)] += 1
         await _error(send, 503, route.no_replica_message())
 
     async def _try(self, route: Route, target: Target, scope: dict[str, Any], path: str, headers: list[tuple[str, str]],
-                   body: Body, receive: Callable, send: Callable) -> bool:
-        """Forward once. True when answered (or cut mid-response); False when the replica could not
-        take it (unreachable, or hung) and nothing was sent to the client: retry-able."""
+                   body: Body, send: Callable) -> AttemptFailure | None:
+        """Forward once. None when answered (or cut mid-response); else how the attempt failed with nothing
+        sent to the client yet (the caller answers, or retries a `CONNECT` failure)."""
         assert self._session is not None, "Gateway.start() was not called"
         query = scope.get("query_string")
         if query and not query.isascii():
@@ -539,7 +657,6 @@ class Gateway:
         error = True
         first_byte: float | None = None  # a streamed response's first body byte (stats.py)
         usage: UsageScan | None = None
-        gone: asyncio.Future | None = None  # a stream's client disconnected
         watch = _FirstByteWatch(self, target)
         try:
             try:
@@ -547,39 +664,36 @@ class Gateway:
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if not watch.hung or (task is not None and task.uncancel() > 0):
+                    error = False  # the client left (aiohttp closed the replica's connection), or the gateway stops
                     raise
                 log.warning("ejecting replica %s: no response within %.0f s and no answer to its health check",
                             target.name, self.limits.first_byte_timeout_s)
                 self._eject(target, None)
-                return False
-            except UNREACHABLE as exc:
+                return AttemptFailure.SILENT
+            except CONNECT_FAILURES as exc:  # nothing of the request was written
+                self._eject(target, exc)
+                return AttemptFailure.CONNECT
+            except UNREACHABLE as exc:  # written (at least in part): the replica may have it
                 if isinstance(body, _BodyStream) and body.failure is not None:
+                    error = False
                     raise body.failure from None  # the client's fault, not the replica's
                 self._eject(target, exc)
-                return False
+                return AttemptFailure.SILENT if isinstance(exc, TimeoutError) else AttemptFailure.DROPPED
             finally:
                 watch.stop()
             async with upstream:
                 skip = RESPONSE_SKIP | {b"content-length"} if rewrite else RESPONSE_SKIP
                 response_headers = [(k, v) for k, v in upstream.raw_headers if k.lower() not in skip]
                 response_headers.append((b"x-corral-replica", target.name.encode()))
-                await send({"type": "http.response.start", "status": upstream.status, "headers": response_headers})
                 try:
+                    await send({"type": "http.response.start", "status": upstream.status, "headers": response_headers})
                     chunks = upstream.content.iter_any()
                     events = upstream.content_type == "text/event-stream"
                     if rewrite:
                         chunks = _rewritten(chunks, route.model, events, self.limits.max_body_bytes)
                     if events or upstream.content_type == "application/json":
                         usage = UsageScan()
-                    if events and isinstance(body, bytes):  # a stream may outlive its client (body read: receive is free)
-                        gone = asyncio.ensure_future(_client_gone(receive))
                     async for chunk in chunks:
-                        if gone is not None and gone.done():
-                            # The client left: stop the replica's work as nginx does (it closes the upstream
-                            # connection; engines abort a request whose connection closed).
-                            upstream.close()
-                            error = False
-                            return True
                         if usage is not None:
                             if events and first_byte is None and chunk:
                                 first_byte = time.perf_counter() - started
@@ -591,13 +705,14 @@ class Gateway:
                     self._eject(target, exc)
                     log.warning("replica %s failed mid-response (%s); the client's connection is aborted",
                                 target.name, exc.__class__.__name__)
-                    return True
-                finally:
-                    if gone is not None:
-                        gone.cancel()
+                    return None
+                except asyncio.CancelledError:
+                    upstream.close()  # the client left: the replica's connection closes now, not at its next chunk
+                    error = False
+                    raise
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 error = upstream.status >= 500
-                return True
+                return None
         finally:
             self.stats.finish(route.service, target.name, time.perf_counter() - started, error, first_byte,
                               usage.tokens if usage is not None else None)
@@ -659,12 +774,6 @@ async def _rewritten(chunks: AsyncIterator[bytes], tag: str, events: bool, limit
             return
     if pending:
         yield response_model_rewrite(pending, tag, count=0 if events else 1)
-
-
-async def _client_gone(receive: Callable) -> None:
-    """Return once the client has disconnected (called after its request body was read whole)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 async def _error(send: Callable, status: int, message: str, retry_after: bool = False) -> None:

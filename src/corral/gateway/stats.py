@@ -13,6 +13,8 @@ Requests in flight are counted per replica (balancing, draining) and per pair (t
 Requests the gateway holds for want of a free replica (proxy.py's activator) are counted per service while
 held, and their wait goes into a per-service histogram when they leave the hold (served, refused past the
 deadline, or their service gone): `held`, `held_wait`, `held_wait_sum`.
+Requests whose client disconnected before their response ended (held, waiting for the replica's answer, or
+mid-stream; the gateway then stops the replica's work) are counted per service: `client_cancelled`.
 
 The histograms' buckets are `corral.domain.load.BUCKETS`. The load monitor reads `sample()` once a
 second; `/api/metrics` renders `prometheus()` from a registry of this object's own (never the
@@ -70,6 +72,7 @@ class TrafficStats:
         self.held: dict[str, int] = defaultdict(int)  # service → requests held now, waiting for a replica
         self.held_wait: dict[str, list[int]] = {}  # service → held requests per wait bucket (not cumulative)
         self.held_wait_sum: dict[str, float] = defaultdict(float)  # service → seconds waited, summed
+        self.client_cancelled: dict[str, int] = defaultdict(int)  # service → requests whose client left first
 
     # the hot path ------------------------------------------------------------------------------
     def start(self, service: str, replica: str) -> None:
@@ -108,6 +111,10 @@ class TrafficStats:
         waits[bucket_index(seconds)] += 1
         self.held_wait_sum[service] += seconds
 
+    def cancel(self, service: str) -> None:
+        """A request of `service` lost its client before its response ended (its work was stopped)."""
+        self.client_cancelled[service] += 1
+
     # readers -----------------------------------------------------------------------------------
     def sample(self) -> Sample:
         """The counters as they are now (the load monitor's reading)."""
@@ -119,7 +126,7 @@ class TrafficStats:
                      for service, waits in self.held_wait.items()}
         held = {service: n for service, n in self.held.items() if n > 0}
         counts = {pair: c.counts() for pair, c in self.by_pair.items()}
-        return Sample(counts, dict(self.in_flight_by_pair), unserved, held, held_wait)
+        return Sample(counts, dict(self.in_flight_by_pair), unserved, held, held_wait, dict(self.client_cancelled))
 
     def replica_summary(self, replicas: set[str]) -> dict[str, dict[str, float | int]]:
         """Counters since start per replica (all its services): the pool status' `traffic`."""
@@ -197,7 +204,12 @@ class TrafficCollector(Collector):
                                           "free replica (served, or refused past the deadline).", labels=["service"])
         for service, waits in sorted(stats.held_wait.items()):
             held_wait.add_metric([service], _cumulative(waits), stats.held_wait_sum.get(service, 0.0))
-        yield from (requests, errors, in_flight, latency, ttfb, tokens, ejected, rejected, held, held_wait)
+        cancelled = CounterMetricFamily("corral_gateway_client_cancelled", "Requests whose client disconnected before "
+                                        "the response ended (held, waiting for the replica's answer, or streaming); "
+                                        "the gateway stopped the replica's work.", labels=["service"])
+        for service, n in sorted(stats.client_cancelled.items()):
+            cancelled.add_metric([service], n)
+        yield from (requests, errors, in_flight, latency, ttfb, tokens, ejected, rejected, held, held_wait, cancelled)
 
 
 def _cumulative(per_bucket: list[int]) -> list[tuple[str, int]]:

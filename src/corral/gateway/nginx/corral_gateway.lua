@@ -1,7 +1,8 @@
 -- Corral's nginx data plane. The routing table lives in shared memory, pushed by the control plane
 -- (POST /routes on the control socket), so an assignment takes effect without an nginx reload.
 -- Same behaviour as the Python gateway (corral/gateway/proxy.py): least outstanding requests with
--- random ties, one retry on another replica when nothing was sent, ejection of a failing replica,
+-- random ties, one retry on another replica only when no byte of the request was written to the first
+-- (corral/domain/retries.py) and within the service's retry budget, ejection of a failing replica,
 -- `x-corral-replica`, 400/404/413/503 JSON bodies, per-service/replica counters and in-flight
 -- counts, and the same rule for which paths go through (only the OpenAI API: `/s/<service>/v1/...`).
 -- The counters are those of corral/gateway/stats.py, in the `corral_stats` shared dict (read by
@@ -9,7 +10,17 @@
 -- latency bucket i, `ts:`/`tb:…|<i>` first-byte sum and buckets (streamed responses), `tk:` completion
 -- tokens and `tu:` responses with usage, `ip:` in flight; per replica `if:` in flight, `ej:` ejected;
 -- `rj:<service>|<code>` rejections; per service `hq:` requests held now, `hs:` their wait summed and
--- `hb:…|<i>` wait bucket i. Bucket bounds come from Python (`configure`), so both planes agree.
+-- `hb:…|<i>` wait bucket i, `cc:` requests whose client left before the response ended. Bucket bounds come
+-- from Python (`configure`), so both planes agree.
+-- The retry budget (domain/retries.py): per service and second, `q:<service>|<second>` requests and
+-- `r:<service>|<second>` retries in the `corral_retry` dict, expiring after the window. Two workers may
+-- both take the last retry of a window: the budget can be passed by one retry per extra worker.
+-- Clients that leave: nginx closes the replica's connection when it notices (proxy_ignore_client_abort
+-- off); a held request ends through lua_check_client_abort. A request whose response did not complete
+-- (`$request_completion` is empty: nginx terminated it, the client having gone) counts in `cc:`; one whose
+-- replica failed mid-response completes (nginx finalizes it normally, cutting the client's connection).
+-- A request answered through error_page loses ngx.ctx (an internal redirect): what the log phase needs to
+-- give its replica's place back is also kept in `$corral_*` variables.
 -- Holding (proxy.py's activator): a request that finds no free replica (none ready or all ejected, or every
 -- one at its batch limit: `if:` >= the target's `concurrency`) waits in the access phase, bounded per
 -- service by `hq:`, until one frees up or the deadline passes (then 503 with Retry-After). A replica's
@@ -23,6 +34,7 @@ local semaphore = require "ngx.semaphore"
 
 local routes_dict = ngx.shared.corral_routes
 local stats = ngx.shared.corral_stats
+local retry_dict = ngx.shared.corral_retry
 local EJECT_SECONDS = 5
 -- The same messages and path rules as corral/gateway/proxy.py (path_error).
 local MSG_CONTROL_CHARS = "the request path contains control characters"
@@ -35,10 +47,47 @@ local BUCKETS = { math.huge }  -- upper bounds in seconds, +Inf last: corral.dom
 -- proxy.py's GatewayLimits and wording, via configure()
 local HOLD = { timeout = 30, queue = 1000, retry_after = 5, held_suffix = "", full_suffix = "" }
 local wakers = {}  -- service → this worker's semaphore its held requests wait on
+-- proxy.py's GatewayLimits.retry_budget and wording (`not_retried`: the message after "replica '<name>'", by
+-- status), via configure()
+local RETRY = { percent = 20, min = 3, window = 10, spent_suffix = "", not_retried = {} }
+local NGX_BUSY = -3  -- the balancer's "no peer": nginx answers 502 (error_page: @unavailable), no next try
 
-function _M.configure(buckets, hold)
+function _M.configure(buckets, hold, retry)
   BUCKETS = buckets
   if hold then HOLD = hold end
+  if retry then RETRY = retry end
+end
+
+-- a request of `service` to count in its retry budget (once, at its first attempt)
+local function count_request(service)
+  retry_dict:incr("q:" .. service .. "|" .. math.floor(ngx.now()), 1, 0, RETRY.window + 1)
+end
+
+-- spend one retry of `service`'s budget when the window allows it (RetryBudget.allows)
+local function spend_retry(service)
+  local now = math.floor(ngx.now())
+  local requests, retries = 0, 0
+  for second = now - RETRY.window + 1, now do
+    requests = requests + (retry_dict:get("q:" .. service .. "|" .. second) or 0)
+    retries = retries + (retry_dict:get("r:" .. service .. "|" .. second) or 0)
+  end
+  if retries >= math.max(RETRY.min, RETRY.percent / 100 * requests) then return false end
+  retry_dict:incr("r:" .. service .. "|" .. now, 1, 0, RETRY.window + 1)
+  return true
+end
+
+-- the bytes written to replicas so far, all attempts (`$upstream_bytes_sent` lists one number per attempt)
+local function bytes_written()
+  local total = 0
+  for n in (ngx.var.upstream_bytes_sent or ""):gmatch("%d+") do total = total + tonumber(n) end
+  return total
+end
+
+-- the last number of an `$upstream_*` list (one entry per attempt), or nil
+local function last_number(list)
+  local last
+  for n in (list or ""):gmatch("%d+") do last = n end
+  return tonumber(last)
 end
 
 -- the 0-based index of the first bucket whose bound is >= seconds (Prometheus' `le`), as bucket_index()
@@ -124,6 +173,7 @@ local function claim(ctx, route, tried, rewrite)
     local in_flight = stats:incr("if:" .. target.name, 1, 0)
     if target.concurrency == nil or in_flight <= target.concurrency then
       ctx.claimed = target.name
+      ngx.var.corral_claim = target.name
       return target
     end
     stats:incr("if:" .. target.name, -1, 0)
@@ -136,6 +186,7 @@ local function release(ctx)
   local name = ctx.claimed
   if not name then return end
   ctx.claimed = nil
+  ngx.var.corral_claim = ""
   stats:incr("if:" .. name, -1, 0)
   local waker = wakers[ctx.service]
   if waker and waker:count() < 0 then waker:post(1) end
@@ -264,11 +315,11 @@ function _M.route()
   end
   local ctx = ngx.ctx
   ctx.service = service
+  ngx.var.corral_service = service
   local target = claim(ctx, route, {})
   if not target then
-    route, target = hold(ctx, service, route)
+    route, target = hold(ctx, service, route)  -- (a client that leaves meanwhile ends the request there)
   end
-  ngx.var.corral_service = service
   ctx.route, ctx.target, ctx.tried = route, target, {}
   if target.rewrite then
     -- the engine does not answer to the tag (see routing.py): `"model": "<tag>"` → `"model": null`. A body
@@ -353,22 +404,37 @@ local function finish(ctx, failed)
   end
 end
 
--- balancer phase: runs once per attempt; a second run is the retry after a failure
+-- balancer phase: runs once per attempt; a second run is the retry after a failure. nginx itself passes no
+-- POST on once it was sent (no `non_idempotent` in proxy_next_upstream); for any other method the
+-- balancer refuses a retry after a byte of the request was written: the replica may have run it.
 function _M.balance()
   local ctx = ngx.ctx
-  if balancer.get_last_failure() then
+  local failed, status = balancer.get_last_failure()
+  if failed then
     stats:set("ej:" .. ctx.target.name, true, EJECT_SECONDS)
     finish(ctx, true)
+    ngx.var.corral_started = ""
     release(ctx)
+    if bytes_written() > 0 then
+      ngx.var.corral_refusal = tostring(status == 504 and 504 or 502)
+      return ngx.exit(NGX_BUSY)
+    end
     local next_target = claim(ctx, ctx.route, ctx.tried, ctx.target.rewrite == true)
-    if not next_target then return ngx.exit(502) end
+    if not next_target then return ngx.exit(NGX_BUSY) end
+    if not spend_retry(ctx.service) then
+      release(ctx)
+      ngx.var.corral_refusal = "budget"
+      return ngx.exit(NGX_BUSY)
+    end
     ctx.target = next_target
   else
+    count_request(ctx.service)
     balancer.set_more_tries(1)
   end
   ctx.tried[ctx.target.name] = true
   ngx.update_time()
   ctx.counted, ctx.started = ctx.target.name, ngx.now()
+  ngx.var.corral_replica, ngx.var.corral_started = ctx.target.name, ctx.started
   stats:incr("ip:" .. ctx.service .. "|" .. ctx.target.name, 1, 0)
   local ok, err = balancer.set_current_peer(ctx.target.host, ctx.target.port)
   if not ok then ngx.log(ngx.ERR, "set_current_peer: ", err) end
@@ -388,9 +454,20 @@ end
 
 function _M.log()
   local ctx = ngx.ctx
+  if not ctx.service then
+    -- answered through error_page (@unavailable, @too_large): the internal redirect dropped ngx.ctx
+    local service = ngx.var.corral_service
+    if not service or service == "" then return end  -- never routed
+    ctx.service = service
+    local claimed = ngx.var.corral_claim
+    if claimed and claimed ~= "" then ctx.claimed = claimed end
+    local started = tonumber(ngx.var.corral_started)
+    if started then ctx.counted, ctx.started = ngx.var.corral_replica, started end
+  end
   if ctx.counted then finish(ctx, ngx.status >= 500) end
   release(ctx)  -- also a place claimed by a request that never reached its replica (e.g. a body too large)
   unhold(ctx)  -- a request cut while held
+  if ngx.var.request_completion ~= "OK" then stats:incr("cc:" .. ctx.service, 1, 0) end  -- its client left
 end
 
 -- error_page targets for requests nginx refused itself (malformed, or the body too large)
@@ -398,12 +475,29 @@ function _M.client_error(status, message)
   return json_exit(status, message)
 end
 
--- error_page target when every attempt failed before anything was sent (ngx.ctx is gone here)
+-- error_page target when the attempts failed before any response byte (ngx.ctx is gone here): 502 or 504
+-- when the last one failed after the request was written to its replica (never retried), 503 otherwise
 function _M.unavailable()
   local service = ngx.var.corral_service
-  local route = routes()[service]
-  stats:incr("rj:" .. service .. "|503", 1, 0)
-  return json_exit(503, route and route.message or ("service '" .. service .. "' not found"))
+  local replica = ngx.var.corral_replica or ""
+  local refusal = ngx.var.corral_refusal or ""
+  local status, message
+  if refusal == "budget" then
+    status, message = 503, "replica '" .. replica .. "'" .. RETRY.spent_suffix
+  else
+    status = tonumber(refusal)
+    if not status and (last_number(ngx.var.upstream_bytes_sent) or 0) > 0 then  -- nginx passed no POST on
+      status = last_number(ngx.var.upstream_status) == 504 and 504 or 502
+    end
+    if status then
+      message = "replica '" .. replica .. "'" .. RETRY.not_retried[status]
+    else
+      local route = routes()[service]
+      status, message = 503, route and route.message or ("service '" .. service .. "' not found")
+    end
+  end
+  stats:incr("rj:" .. service .. "|" .. status, 1, 0)
+  return json_exit(status, message)
 end
 
 -- control channel (a unix socket, mode 0600 in a 0700 directory) ------------------------------------
