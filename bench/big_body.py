@@ -26,7 +26,7 @@ try:
         with httpx.Client(base_url=corral.gateway, timeout=120) as client:
             while time.monotonic() < end:
                 started = time.perf_counter()
-                assert client.post(path, json={"model": "m", "messages": [], "max_tokens": 1}).status_code == 200
+                assert client.post(path, json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).status_code == 200
                 out.append(1000 * (time.perf_counter() - started))
         return out
 

@@ -41,7 +41,8 @@ async def test_an_unknown_model_is_a_404_in_vllms_shape_and_a_missing_one_is_the
             assert refused.status_code == 404
             assert refused.json() == {"error": {"message": "The model `gpt-4o` does not exist.", "type": "NotFoundError",
                                                 "param": "model", "code": 404}}
-        assert (await sim.post("/v1/chat/completions", json={"messages": [], "max_tokens": 1})).status_code == 200
+        hi = [{"role": "user", "content": "hi"}]
+        assert (await sim.post("/v1/chat/completions", json={"messages": hi, "max_tokens": 1})).status_code == 200
         assert (await sim.post("/v1/completions", json={"model": "qwen-06b", "prompt": "x", "max_tokens": 1})).status_code == 200
         bad = await sim.post("/v1/completions", json={"prompt": "x", "max_tokens": 0})
         assert bad.status_code == 400 and bad.json()["error"]["type"] == "BadRequestError"
@@ -64,7 +65,8 @@ async def test_non_streamed_answers_carry_usage_and_finish_reason() -> None:
 
 async def test_streams_end_with_finish_reason_and_an_optional_usage_chunk() -> None:
     async with client() as sim:
-        plain = events((await sim.post("/v1/chat/completions", json={"messages": [], "max_tokens": 3, "stream": True})).text)
+        plain = events((await sim.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                                     "max_tokens": 3, "stream": True})).text)
         assert [c["choices"][0]["finish_reason"] for c in plain] == [None, None, "length"]
         assert plain[0]["choices"][0]["delta"] == {"role": "assistant", "content": "tok0"}
         assert all("usage" not in c for c in plain)
@@ -149,6 +151,30 @@ async def test_kv_cache_usage_follows_the_running_sequences() -> None:
         assert 0.10 <= metric(text, "vllm:kv_cache_usage_perc") <= 0.13  # 160-200 tokens: 10-13 of 100 blocks
         assert (await request).status_code == 200
         assert metric((await sim.get("/metrics")).text, "vllm:kv_cache_usage_perc") == 0
+
+
+@pytest.mark.parametrize(("path", "body", "param", "says"), [
+    ("/v1/chat/completions", {"messages": []}, "messages", "at least 1 item"),
+    ("/v1/chat/completions", {}, "messages", "valid list"),
+    ("/v1/chat/completions", {"messages": [{"content": "no role"}]}, "messages", "needs a role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature",
+     "valid number"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "temperature": -1}, "temperature",
+     "temperature must be at least 0, got -1."),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_p": 2}, "top_p", "top_p must be in"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 0}, "n", "n must be at least 1"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream", "boolean"),
+    ("/v1/completions", {"prompt": ""}, "prompt", "must be provided and non-empty"),
+    ("/v1/completions", {"prompt": "x", "stop": 3}, "stop", "valid string"),
+])
+async def test_the_simulator_refuses_what_vllm_refuses(path: str, body: dict, param: str, says: str) -> None:
+    """Tests and benchmarks run against the simulator: a request vLLM answers with 400 (`messages: []`,
+    `temperature: "hot"`) must not be answered 200 here, or the client errors real engines give go unnoticed."""
+    async with client() as sim:
+        answer = await sim.post(path, json={"max_tokens": 1, **body})
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        assert error["type"] == "BadRequestError" and error["param"] == param and says in error["message"]
 
 
 def test_the_command_line_refuses_nonsense() -> None:

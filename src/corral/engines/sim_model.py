@@ -124,6 +124,69 @@ class TimingModel:
 Prompt = str | tuple[int, ...]
 
 
+MESSAGE_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+# (name, lowest, highest, lowest excluded): vLLM's range checks of its sampling parameters, with its wording.
+_NUMBERS = (("temperature", 0.0, None, False), ("top_p", 0.0, 1.0, True), ("presence_penalty", -2.0, 2.0, False),
+            ("frequency_penalty", -2.0, 2.0, False), ("repetition_penalty", 0.0, None, True))
+_INTEGERS = (("n", 1), ("seed", None), ("top_k", None))
+
+
+def request_problem(body: Mapping[str, object], *, chat: bool) -> tuple[str, str] | None:
+    """What vLLM refuses with a 400 in a request body, as (message, parameter), or None. The simulator is what
+    tests and benchmarks run against: a client error that a real engine gives must not pass here unnoticed
+    (`messages: []` and `temperature: "hot"` did)."""
+    kind = "ChatCompletionRequest" if chat else "CompletionRequest"
+
+    def invalid(name: str, expected: str, value: object, error_type: str) -> tuple[str, str]:
+        return (f"1 validation error for {kind}\n{name}\n  {expected} [type={error_type}, input_value={value!r}, "
+                f"input_type={type(value).__name__}]"[:1000], name)
+
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return invalid("messages", "Input should be a valid list", messages, "list_type")
+        if not messages:
+            return "messages: List should have at least 1 item after validation, not 0", "messages"
+        for i, message in enumerate(messages):
+            if not isinstance(message, Mapping) or message.get("role") not in MESSAGE_ROLES:
+                return (f"messages.{i}: a message needs a role, one of {', '.join(sorted(MESSAGE_ROLES))}", "messages")
+            content = message.get("content")
+            if content is not None and not isinstance(content, (str, list)):
+                return invalid(f"messages.{i}.content", "Input should be a valid string", content, "string_type")
+    else:
+        prompt = body.get("prompt")
+        if prompt is None or prompt == "" or prompt == []:
+            return "Either prompt or prompt_embeds must be provided and non-empty.", "prompt"
+        if not isinstance(prompt, (str, list)):
+            return invalid("prompt", "Input should be a valid string", prompt, "string_type")
+    for name, low, high, exclusive in _NUMBERS:
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return invalid(name, "Input should be a valid number, unable to parse string as a number", value,
+                           "float_parsing")
+        if (value <= low if exclusive else value < low) or (high is not None and value > high):
+            interval = f"{'(' if exclusive else '['}{low:g}, {high:g}]" if high is not None else (
+                f"{'greater than' if exclusive else 'at least'} {low:g}")
+            return f"{name} must be {'in ' if high is not None else ''}{interval}, got {value}.", name
+    for name, minimum in _INTEGERS:
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            return invalid(name, "Input should be a valid integer", value, "int_type")
+        if minimum is not None and value < minimum:
+            return f"{name} must be at least {minimum}, got {value}.", name
+    if "stream" in body and not isinstance(body["stream"], bool) and body["stream"] is not None:
+        return invalid("stream", "Input should be a valid boolean", body["stream"], "bool_type")
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, str) and not (
+            isinstance(stop, list) and all(isinstance(x, str) for x in stop)):
+        return invalid("stop", "Input should be a valid string", stop, "string_type")
+    return None
+
+
 def chat_prompt(messages: object) -> str:
     """A chat request's messages as one text, the way a chat template lays them out (role, then content),
     so that two conversations sharing their first turns share a text prefix."""

@@ -49,6 +49,7 @@ from corral.engines.sim_model import (
     render_counter,
     render_gauge,
     render_histogram,
+    request_problem,
 )
 
 # Sleeping is coarse (an event-loop wake-up costs tens of µs): tokens due within this much are sent at
@@ -204,6 +205,8 @@ def build_app(model: str, timing: TimingModel | None = None, *, default_max_toke
         if requested and requested != model:  # vLLM: a missing model means the served one
             return error(f"The model `{requested}` does not exist.", 404, "NotFoundError", "model")
         chat = request.url.path.endswith("/chat/completions")
+        if (problem := request_problem(body, chat=chat)) is not None:
+            return error(problem[0], 400, "BadRequestError", problem[1])
         limit = body.get("max_completion_tokens") if chat and body.get("max_completion_tokens") is not None else body.get("max_tokens")
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
             return error(f"max_tokens must be at least 1, got {limit}.", 400, "BadRequestError", "max_tokens")
