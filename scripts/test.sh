@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 # Debian packages: the nginx data plane's (without them its tests are skipped and the Python gateway
 # is used) and chromium for the browser tests of the UI (Playwright drives it; no browser download).
-SYSTEM_PACKAGES="nginx-light libnginx-mod-http-lua lua-cjson chromium"
+SYSTEM_PACKAGES="nginx-light libnginx-mod-http-lua lua-cjson chromium jq curl"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   if ! dpkg -s $SYSTEM_PACKAGES >/dev/null 2>&1; then
     apt-get update -qq
