@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     )
     health_interval_s: float = Field(default=0.5, gt=0, description="replica supervision period")
     stop_grace_s: float = Field(default=10.0, ge=0, description="SIGTERM to SIGKILL grace when stopping a replica")
+    stop_replicas_on_exit: bool = Field(
+        default=False, description="`corral serve` stops this machine's replicas when it exits (by default they keep "
+        "serving business traffic, and the next `corral serve` adopts them; with this, it starts them again)")
     restart_backoff_max_s: float = Field(default=30.0, gt=0, description="cap of the crash-restart back-off")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="how long a removed replica may finish in-flight requests")
     recommend_catalogue: list[str] = Field(

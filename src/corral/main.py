@@ -5,6 +5,7 @@ itself stays a client that imports no server code; `corral --help` lists the com
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,9 @@ def serve(
     api_token: Optional[str] = typer.Option(None, help="require this bearer token for mutations [env CORRAL_API_TOKEN]"),
     backend: Optional[str] = typer.Option(None, help="local | kubernetes [env CORRAL_BACKEND; kubernetes settings: CORRAL_KUBERNETES_*]"),
     log_level: str = typer.Option("info", help="uvicorn log level"),
+    stop_replicas_on_exit: Optional[bool] = typer.Option(
+        None, "--stop-replicas-on-exit", help="stop this machine's replicas when Corral exits (by default they keep "
+        "serving and the next `corral serve` adopts them) [env CORRAL_STOP_REPLICAS_ON_EXIT]"),
 ) -> None:
     """Run the control plane (API at /api, docs at /docs, events at /ws)."""
     import logging
@@ -34,7 +38,7 @@ def serve(
     from corral.server import run
 
     flags = {"data_dir": data_dir, "host": host, "port": port, "gateway_port": gateway_port,
-             "api_token": api_token, "backend": backend}
+             "api_token": api_token, "backend": backend, "stop_replicas_on_exit": stop_replicas_on_exit}
     try:
         settings = Settings(**{k: v for k, v in flags.items() if v is not None})
     except ValidationError as exc:
@@ -51,7 +55,36 @@ def serve(
         console.print("For the `corral` commands in another shell:", highlight=False)
         console.print(f"export CORRAL_URL={url}", markup=False, highlight=False, soft_wrap=True)
     sys.stdout.flush()
-    run(settings, log_level)
+    # uvicorn re-raises the signal that stopped it once it has shut down; SIGTERM's default action would end the
+    # process before it could say what happens to the replicas. As KeyboardInterrupt, both end up here.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        run(settings, log_level)
+    except KeyboardInterrupt:
+        pass  # Ctrl+C or SIGTERM: uvicorn has shut the servers down; what follows is said either way
+    if settings.backend == "local":
+        _after_exit(settings)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _after_exit(settings) -> None:
+    """Say what happens to the replicas: a newcomer's Ctrl+C left them running without a word."""
+    from corral.backends.local.process import find_replicas, stop_all
+
+    home = settings.data_dir.resolve()
+    if settings.stop_replicas_on_exit:
+        stopped = stop_all(home, settings.stop_grace_s)
+        console.print(f"Corral stopped; {stopped} replica(s) stopped with it (the next `corral serve` starts them "
+                      "again).", highlight=False, soft_wrap=True)
+        return
+    running = len(find_replicas(home))
+    if running:
+        console.print(f"Corral stopped; {running} replica(s) keep running and serving business traffic — the next "
+                      "`corral serve` adopts them. To stop them with Corral: `corral serve --stop-replicas-on-exit`; "
+                      "to remove them: `corral delete DEPLOYMENT` while Corral runs.", highlight=False, soft_wrap=True)
 
 
 def dev_tiny_model(

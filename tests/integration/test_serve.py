@@ -16,3 +16,35 @@ def test_serve_prints_url_and_serves_openapi(corral: CorralServer) -> None:
     assert (corral.data_dir / "corral.db").exists()
     engines = {e["name"]: e["isSimulator"] for e in corral.ok("GET", "/api/health")["engines"]}
     assert engines == {"simulator": True, "sglang": False, "transformers": False, "vllm": False}
+
+
+def test_serve_says_on_exit_that_replicas_keep_running_or_stops_them(tmp_path) -> None:
+    """A newcomer's Ctrl+C left the replicas running without a word. Corral says so on exit, and
+    `--stop-replicas-on-exit` (CORRAL_STOP_REPLICAS_ON_EXIT) stops them with it."""
+    from corral.backends.local.process import find_replicas
+    from tests.integration.conftest import deploy_sim_pool, running_corral
+
+    with running_corral(tmp_path / "kept") as server:
+        deploy_sim_pool(server, replicas=2)
+        server.wait_ready("simulator-qwen-06b-pool", 2)
+        server.stop()
+        log = (server.data_dir / "serve.log").read_text()
+        assert "2 replica(s) keep running" in log and "--stop-replicas-on-exit" in log, log[-2000:]
+        assert len(find_replicas(server.data_dir.resolve())) == 2
+    with running_corral(tmp_path / "stopped", {"CORRAL_STOP_REPLICAS_ON_EXIT": "1"}) as server:
+        deploy_sim_pool(server, replicas=2)
+        server.wait_ready("simulator-qwen-06b-pool", 2)
+        server.stop()
+        assert "2 replica(s) stopped with it" in (server.data_dir / "serve.log").read_text()
+        assert find_replicas(server.data_dir.resolve()) == {}
+
+
+def test_a_simulator_replicas_log_says_what_it_serves(corral: CorralServer) -> None:
+    """`corral logs` on a simulator replica showed only Corral's header line: it now starts with the engine's own
+    line, as vLLM's does (and prints vLLM's throughput line every 10 s while it works)."""
+    from tests.integration.conftest import deploy_sim_pool
+
+    deploy_sim_pool(corral, replicas=1)
+    pod = corral.wait_ready("simulator-qwen-06b-pool", 1)[0]["name"]
+    log = corral.http.get(f"/api/pods/{pod}/logs", params={"tail": 50}).text
+    assert "[simulator] Corral's simulated engine (no model runs) serving 'qwen-06b'" in log, log

@@ -589,3 +589,13 @@ def test_only_a_confirmed_need_preempts_a_busy_lower_priority_business():
     assert [(m.source, m.target) for m in run(confirmed, demands, memory=memory, pool=pool).moves] == [("batch", "search")]
     with_spare = loaded(replicas(search=3, batch=2, spare=1), "search", running=10.5, waiting=0)
     assert [(m.source, m.target) for m in run(with_spare, demands, memory=memory, pool=pool).moves] == [(U, "search")]
+
+
+def test_the_status_says_when_scale_out_is_off_and_a_business_still_wants_replicas():
+    """`corral autopilot status` showed a pressured business and no word of why nothing moved."""
+    rs = loaded(replicas(prod=1), "prod", running=8, waiting=5)
+    d = run(rs, {"prod": BusinessDemand(requests_per_second=10)}, memory=AutopilotMemory({"prod": 0.0}))
+    assert not d.moves and any("scaleOut is off" in note for note in d.waiting_for)
+    on = replace(ON, scale_out=True)
+    assert not any("scaleOut is off" in note for note in run(rs, {"prod": BusinessDemand(requests_per_second=10)},
+                                                                memory=AutopilotMemory({"prod": 0.0}), pool=on).waiting_for)

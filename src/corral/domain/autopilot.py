@@ -776,6 +776,8 @@ def decide(
         else:
             why = "maxReplicas reached" if total >= ceiling else "no free GPU"
             waiting_for.append(f"cannot scale out: {why}")
+    elif unmet > 0:  # say why nothing more happens: a newcomer saw a pressured business and no word of it
+        waiting_for.append(f"cannot scale out: scaleOut is off ({unmet} replica(s) wanted beyond the pool)")
     idle_spares = [s for s in replicas if s.business == L.UNASSIGNED and s.ready and not s.pinned and s.name not in moved]
     extra = len(idle_spares) - settings.warm_spares
     if extra > 0 and not pressured and not unmet and not moves:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -164,7 +165,7 @@ class SimEngine:
 
 
 def build_app(model: str, timing: TimingModel | None = None, *, default_max_tokens: int = 16, startup_s: float = 0.0,
-              api_key: str | None = None, prefix_caching: bool = False) -> Starlette:
+              api_key: str | None = None, prefix_caching: bool = False, log_stats_s: float = 0.0) -> Starlette:
     timing = timing or TimingModel()
     replica = os.environ.get("CORRAL_REPLICA_NAME", "simulator")
     fingerprint = f"corral-simulator:{replica}"
@@ -258,6 +259,33 @@ def build_app(model: str, timing: TimingModel | None = None, *, default_max_toke
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
+    tasks: list[asyncio.Task] = []
+
+    async def log_stats() -> None:
+        """vLLM's periodic line (`corral logs` on a simulator replica showed nothing but its header), while it works."""
+        prompt, generation = engine.prompt_tokens_total, engine.generation_tokens_total
+        while True:
+            await asyncio.sleep(log_stats_s)
+            now_prompt, now_generation = engine.prompt_tokens_total, engine.generation_tokens_total
+            running, waiting = len(engine.slots.running), len(engine.slots.waiting)
+            if (now_prompt, now_generation) != (prompt, generation) or running or waiting:
+                usage = engine.timing.kv_cache_usage(engine._tokens.values())
+                print(f"INFO {time.strftime('%m-%d %H:%M:%S')} [simulator] Avg prompt throughput: "
+                      f"{(now_prompt - prompt) / log_stats_s:.1f} tokens/s, Avg generation throughput: "
+                      f"{(now_generation - generation) / log_stats_s:.1f} tokens/s, Running: {running} reqs, "
+                      f"Waiting: {waiting} reqs, GPU KV cache usage: {usage:.1%}", flush=True)
+            prompt, generation = now_prompt, now_generation
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        if log_stats_s > 0:
+            tasks.append(asyncio.create_task(log_stats()))
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+
     return Starlette(
         routes=[
             Route("/health", health),
@@ -265,7 +293,8 @@ def build_app(model: str, timing: TimingModel | None = None, *, default_max_toke
             Route("/v1/models", models),
             Route("/v1/chat/completions", complete, methods=["POST"]),
             Route("/v1/completions", complete, methods=["POST"]),
-        ]
+        ],
+        lifespan=lifespan,
     )
 
 
@@ -310,7 +339,10 @@ def main(argv: list[str] | None = None) -> None:
 
     app = build_app(args.model, timing, default_max_tokens=args.max_tokens, startup_s=args.startup_s,
                     api_key=args.api_key or os.environ.get("SIMULATOR_API_KEY") or None,
-                    prefix_caching=args.enable_prefix_caching)
+                    prefix_caching=args.enable_prefix_caching, log_stats_s=10.0)
+    print(f"INFO [simulator] Corral's simulated engine (no model runs) serving {args.model!r} on {args.host}:{args.port}: "
+          f"max-num-seqs {timing.max_num_seqs}, {args.tokens_per_second:g} tokens/s per sequence, TTFT {args.ttft_ms:g} ms, "
+          f"prefix caching {'on' if args.enable_prefix_caching else 'off'}, ready in {args.startup_s:g} s", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

@@ -123,6 +123,26 @@ def kill_leftovers(replica: str, home: Path) -> list[int]:
     return killed
 
 
+def stop_all(home: Path, grace_s: float) -> int:
+    """Stop every replica of the control plane of `home` (`corral serve --stop-replicas-on-exit`): SIGTERM to each
+    replica's process group (its engine's workers with it), SIGKILL after `grace_s` to what is left, leftovers
+    included. Returns how many replicas there were."""
+    found = find_replicas(home)
+    groups = [copy.pid for copies in found.values() for copy in copies]
+    for pid in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and find_replicas(home):
+        time.sleep(0.1)  # a wait on processes that are not our children: nothing to block on
+    for pid in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+    for name in found:
+        kill_leftovers(name, home)
+    return len(found)
+
+
 def spawn(argv: list[str], env: dict[str, str], log_path: Path) -> Started:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
