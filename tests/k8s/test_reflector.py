@@ -5,6 +5,7 @@ bring deleted ones back."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ from tests.conftest import wait_for_async
 from tests.k8s.cluster import DEPLOYMENTS, NAMESPACE, PODS
 from tests.k8s.conftest import FAST_WATCHES
 
+MANAGED = "app.kubernetes.io/managed-by=corral"  # the label selector of Corral's own pods' watch
 POOL = Deployment("vllm-qwen-7b-pool", "vllm", "Qwen/Qwen2.5-7B", "qwen-7b", True, 3, gpus_per_replica=1)
 
 
@@ -83,13 +85,13 @@ async def test_watches_start_at_the_list_version_with_bookmarks_and_a_random_tim
     api, _, config = cluster
     async with open_backend(config, tmp_path) as (backend, _):
         await ready_pool(api, backend)
-        watches = [params for plural, params in api.watch_requests if plural == PODS]
+        watches = [params for plural, params in api.watch_requests if plural == PODS and "labelSelector" in params]
         first = watches[0]
         assert first["allowWatchBookmarks"] == "true" and first["labelSelector"] == "app.kubernetes.io/managed-by=corral"
         assert first["resourceVersion"] not in ("", "0")  # from the list's version: nothing replayed, nothing missed
         assert 2 <= int(first["timeoutSeconds"]) < 4
         await wait_for_async(lambda: backend.reflectors["pods"].watches >= 2, timeout=10, what="a watch ended by its timeout")
-        resumed = [params for plural, params in api.watch_requests if plural == PODS][1]
+        resumed = [params for plural, params in api.watch_requests if plural == PODS and "labelSelector" in params][1]
         assert int(resumed["resourceVersion"]) > int(first["resourceVersion"])  # resumed from the last event or bookmark
         assert backend.reflectors["pods"].lists == 1  # ... without relisting
 
@@ -101,10 +103,42 @@ async def test_what_was_deleted_while_the_watch_was_cut_is_deleted(cluster, tmp_
         controllers.paused = True
         api.cut_watches()  # an API server restart, a network blip ...
         api.delete(PODS, victim, grace_s=0)  # ... and a pod deleted meanwhile: no watch will ever send its DELETED
-        await wait_for_async(lambda: victim not in {p.name for p in backend.list_pods()}, timeout=10, what="the relist")
+        await wait_for_async(lambda: victim not in {p.name for p in backend.list_pods()}, timeout=10, what="the re-watch")
         assert deleted(reports, victim)
-        assert backend.reflectors["pods"].lists == 2 and backend.reflectors["pods"].errors >= 1
+        # Re-watched from the last version seen: the watch cache replays the deletion; no relist was needed.
+        assert backend.reflectors["pods"].lists == 1 and backend.reflectors["pods"].errors >= 1
+        assert backend.reflectors["pods"].rewatches >= 1
         assert not any(c.holder.name == victim for c in backend.gpu_claims())
+
+
+async def test_a_failed_rewatch_relists(cluster, tmp_path: Path) -> None:  # noqa: ANN001
+    api, controllers, config = cluster
+    async with open_backend(config, tmp_path) as (backend, reports):
+        victim = (await ready_pool(api, backend))[0]
+        controllers.paused = True
+        api.refuse_watches(PODS, 1, code=500, selector=MANAGED)  # the re-watch fails too ...
+        api.cut_watches()
+        api.delete(PODS, victim, grace_s=0)
+        await wait_for_async(lambda: victim not in {p.name for p in backend.list_pods()}, timeout=10, what="the relist")
+        assert deleted(reports, victim) and backend.reflectors["pods"].lists == 2  # ... so the store is listed again
+
+
+async def test_a_throttled_watch_is_resumed_after_retry_after_without_relisting(cluster, tmp_path: Path) -> None:  # noqa: ANN001
+    api, controllers, config = cluster
+    async with open_backend(config, tmp_path) as (backend, reports):
+        victim = (await ready_pool(api, backend))[0]
+        controllers.paused = True
+        pods = backend.reflectors["pods"]
+        api.refuse_watches(PODS, 2, code=429, retry_after=1, selector=MANAGED)  # API Priority and Fairness sheds load: 429, Retry-After: 1
+        started = time.monotonic()
+        api.end_watches()  # the watches end (their timeout); resuming them is answered 429 twice
+        api.delete(PODS, victim, grace_s=0)
+        await wait_for_async(lambda: victim not in {p.name for p in backend.list_pods()}, timeout=10, what="the resumed watch")
+        assert time.monotonic() - started >= 2.0  # each retry waited as long as the server asked
+        assert deleted(reports, victim) and pods.throttled == 2
+        assert pods.lists == 1 and pods.errors == 0  # never relisted: the watch resumed from the last version seen
+        throttled = [params for plural, params in api.watch_requests if plural == PODS and params.get("labelSelector") == MANAGED][-3:]
+        assert len({params["resourceVersion"] for params in throttled}) == 1
 
 
 async def test_a_silent_connection_is_noticed(cluster, tmp_path: Path) -> None:  # noqa: ANN001

@@ -79,6 +79,13 @@ class ClusterOptions:
     startup_s: int = 1800  # model download + load + compile on first start: the startup probe's patience
     load_balancer_source_ranges: tuple[str, ...] = ()  # CIDRs allowed to reach external business services
     leader_election: bool = True  # a Lease: one Corral acts on the namespace at a time
+    # A PodDisruptionBudget per pool: a drain (node-group upgrade, Karpenter consolidation, HyperPod node
+    # replacement) evicts at most this many of its pods at a time (an integer, or a percentage such as "25%").
+    max_unavailable: int | str = 1
+    priority_class: str | None = None  # priorityClassName of replicas: preempted after lower classes, not before
+    # Finetune Jobs' trainer pods ask for CPU and memory beside their GPUs, so that they are not BestEffort.
+    trainer_cpu_request: str = "4"
+    trainer_memory_request: str = "32Gi"
 
 
 def deployment_manifest(deployment: Deployment, container_args: list[str], options: ClusterOptions = ClusterOptions(),
@@ -94,6 +101,7 @@ def deployment_manifest(deployment: Deployment, container_args: list[str], optio
     cache = ({"persistentVolumeClaim": {"claimName": options.model_cache_claim}} if options.model_cache_claim
              else {"emptyDir": {}})
     probe = {"httpGet": {"path": health_path, "port": "http"}, "timeoutSeconds": 5}
+    startup_failures = max(1, options.startup_s // 10)
     container: dict[str, Any] = {
         "name": deployment.engine,
         "image": options.images.get(deployment.engine, deployment.engine),
@@ -101,7 +109,7 @@ def deployment_manifest(deployment: Deployment, container_args: list[str], optio
         "args": container_args,
         "ports": [{"name": "http", "containerPort": HTTP_PORT}],
         # Startup: liveness and readiness wait until the engine answered once (model loading takes minutes).
-        "startupProbe": {**probe, "periodSeconds": 10, "failureThreshold": max(1, options.startup_s // 10)},
+        "startupProbe": {**probe, "periodSeconds": 10, "failureThreshold": startup_failures},
         "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 3},
         # Liveness: generous (a loaded engine answers /health slowly under load; a restart costs minutes).
         "livenessProbe": {**probe, "timeoutSeconds": 10, "periodSeconds": 15, "failureThreshold": 8},
@@ -130,6 +138,8 @@ def deployment_manifest(deployment: Deployment, container_args: list[str], optio
         pod_spec["nodeSelector"] = dict(options.node_selector)
     if options.service_account:
         pod_spec["serviceAccountName"] = options.service_account
+    if options.priority_class:
+        pod_spec["priorityClassName"] = options.priority_class
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -154,10 +164,34 @@ def deployment_manifest(deployment: Deployment, container_args: list[str], optio
             # A rollout replaces one replica at a time and never adds one first: a surge pod needs GPUs that a
             # full cluster does not have, and would wait Pending for ever.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+            # A rollout is failed (`kubectl rollout status`, Argo CD's health) only once a new pod had the whole
+            # startup probe's patience to load its model, plus the default 600 s for scheduling and the image pull.
+            "progressDeadlineSeconds": progress_deadline_s(options),
             "template": {"metadata": {"labels": {**deployment.new_pod_labels(), MANAGED_BY: CORRAL},
                                       **({"annotations": {DELETION_COST: UNASSIGNED_COST}} if deployment.is_pool else {})},
                          "spec": pod_spec},
         },
+    }
+
+
+def progress_deadline_s(options: ClusterOptions) -> int:
+    """The Deployment's progressDeadlineSeconds: the startup probe's budget (period × failureThreshold) + 600 s."""
+    return 10 * max(1, options.startup_s // 10) + 600
+
+
+def disruption_budget_manifest(deployment: Deployment, options: ClusterOptions = ClusterOptions()) -> dict:
+    """A pool's PodDisruptionBudget: a drain evicts at most `max_unavailable` of its pods at a time (the others
+    wait until the evicted ones' replacements are ready), so a node drain never takes every replica of a
+    business at once. Pods that are not ready (loading, crash-looping) may always be evicted
+    (`unhealthyPodEvictionPolicy: AlwaysAllow`): they serve nothing, and must not block a drain."""
+    value = options.max_unavailable
+    max_unavailable: int | str = int(value) if isinstance(value, int) or str(value).isdigit() else str(value)
+    return {
+        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+        "metadata": {"name": deployment.name, "namespace": options.namespace,
+                     "labels": {L.MODEL: deployment.model_tag, MANAGED_BY: CORRAL}},
+        "spec": {"maxUnavailable": max_unavailable, "selector": {"matchLabels": dict(deployment.selector)},
+                 "unhealthyPodEvictionPolicy": "AlwaysAllow"},
     }
 
 

@@ -171,7 +171,8 @@ class JobRunner(TrainerRunner):
     def launch(self, task: TaskRecord, directory: Path, visible: list[str]) -> dict[str, Any]:
         options = self.backend.cluster_options
         manifest = job_manifest(task, directory, options.namespace, self.image, self.data_dir, self.data_claim, options.gpu_resource,
-                                self.kueue_queue, list(options.tolerations))
+                                self.kueue_queue, list(options.tolerations),
+                                requests={"cpu": options.trainer_cpu_request, "memory": options.trainer_memory_request})
         name = manifest["metadata"]["name"]
         self.backend.write_manifests(name, [manifest])  # as every object Corral writes
         self._creating.add(name)
@@ -262,12 +263,16 @@ def job_name(task_id: str) -> str:
 
 
 def job_manifest(task: TaskRecord, directory: Path, namespace: str, image: str, data_dir: Path, data_claim: str | None,
-                 gpu_resource: str, kueue_queue: str | None, tolerations: list[dict]) -> dict[str, Any]:
-    """The Job of one finetune task. Pure."""
+                 gpu_resource: str, kueue_queue: str | None, tolerations: list[dict],
+                 requests: dict[str, str] | None = None) -> dict[str, Any]:
+    """The Job of one finetune task. Pure. `requests` (CPU, memory) keep its pod from being BestEffort, the first
+    evicted under node pressure."""
     labels = {JOB_LABEL: task.id, MANAGED_BY: CORRAL}
     if kueue_queue:
         labels["kueue.x-k8s.io/queue-name"] = kueue_queue
-    resources = {"limits": {gpu_resource: task.gpus}} if task.gpus else {}
+    resources: dict[str, Any] = {"limits": {gpu_resource: task.gpus}} if task.gpus else {}
+    if requests:
+        resources["requests"] = dict(requests)
     volume = ({"persistentVolumeClaim": {"claimName": data_claim}} if data_claim else {"emptyDir": {}})
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",

@@ -1,9 +1,10 @@
 """The Kubernetes backend: pools are Deployments, business services are Services, assignment is a label.
 
 Reads come from an informer cache: a reflector per kind (`reflector.py`: list, then watch from the
-list's resourceVersion with bookmarks, relist and replace on 410 or any error, a read timeout for
-dead connections) of Corral's Deployments, Pods, Services, Jobs, the namespace's EndpointSlices and
-HorizontalPodAutoscalers. Replica pods are kept converted, per deployment, and updated per event, so
+list's resourceVersion with bookmarks, re-watch from the last version on 429 or a cut connection,
+relist and replace on 410 or a failed re-watch, a read timeout for dead connections) of Corral's
+Deployments, Pods, Services, Jobs, the namespace's EndpointSlices and HorizontalPodAutoscalers — and,
+cluster-wide, of the nodes and the pods bound to them, for a GPU inventory as the scheduler counts it. Replica pods are kept converted, per deployment, and updated per event, so
 the controller's reads stay as cheap as on the local backend. Writes go to the API server with
 lightkube's async client — never `kubectl` — and their answers enter the cache only when newer than
 what it holds.
@@ -41,7 +42,7 @@ from collections.abc import Awaitable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lightkube import AsyncClient, KubeConfig
+from lightkube import ALL_NS, AsyncClient, KubeConfig
 from lightkube.codecs import from_dict
 from lightkube.core.exceptions import ApiError
 from lightkube.resources.apps_v1 import Deployment as K8sDeployment
@@ -71,12 +72,15 @@ from corral.domain.manifests import (
     ROUTER_FOR,
     ClusterOptions,
     deletion_cost,
+    disruption_budget_manifest,
     router_manifests,
     router_name,
     service_manifest,
 )
 from corral.domain.models import Deployment, Pod, Service
 from corral.events import EventType
+from corral.gpus.cluster import MIG_PREFIX, Placement, cluster_inventory, pod_requests
+from corral.gpus.inventory import GpuInventory
 
 log = logging.getLogger("corral.kubernetes")
 
@@ -87,6 +91,9 @@ KINDS: dict[str, tuple[Any, bool, bool]] = {
     "jobs": (K8sJob, True, True),  # finetune Jobs, read by finetune.runners.JobRunner
     "hpas": (K8sHPA, False, False),  # HorizontalPodAutoscalers: one on a pool owns its spec.replicas
 }
+# The GPU inventory's sources, cluster-wide (`gpu_inventory`): every node, and every pod bound to one and not terminal
+# (kube-scheduler's own field selector), whoever owns it. Only what the GPU arithmetic needs is kept of them.
+BOUND_PODS = "spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed"
 CUTOVER_TIMEOUT_S = 120.0
 SCALE_VERIFY_TIMEOUT_S = 300.0
 SCALE_ATTEMPTS = 8
@@ -106,6 +113,31 @@ def _hpa_target(hpa: dict[str, Any]) -> str | None:
 def _business_patch(business: str) -> dict[str, Any]:
     """The label and its deletion cost in one merge patch: never one without the other."""
     return {"metadata": {"labels": {L.BUSINESS: business}, "annotations": {DELETION_COST: deletion_cost(business)}}}
+
+
+def _slim_node(obj: dict[str, Any]) -> dict[str, Any]:
+    meta, spec, status = obj.get("metadata") or {}, obj.get("spec") or {}, obj.get("status") or {}
+    return {"metadata": {k: meta[k] for k in ("name", "uid", "resourceVersion", "labels") if k in meta},
+            "spec": {k: spec[k] for k in ("unschedulable", "taints") if k in spec},
+            "status": {"allocatable": status.get("allocatable") or {},
+                       "conditions": [c for c in status.get("conditions") or [] if c.get("type") == "Ready"]}}
+
+
+def _slim_pod(obj: dict[str, Any]) -> dict[str, Any]:
+    """A bound pod of any namespace, as the GPU arithmetic reads it, named `namespace/name`."""
+    meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
+    labels = meta.get("labels") or {}
+
+    def slim(c: dict[str, Any]) -> dict[str, Any]:
+        return {"resources": c.get("resources") or {}, **({"restartPolicy": c["restartPolicy"]} if c.get("restartPolicy") else {})}
+
+    return {"metadata": {"name": f"{meta.get('namespace')}/{meta.get('name')}", "namespace": meta.get("namespace"),
+                         "uid": meta.get("uid"), "resourceVersion": meta.get("resourceVersion"),
+                         "labels": {MANAGED_BY: labels[MANAGED_BY]} if MANAGED_BY in labels else {}},
+            "spec": {"nodeName": spec.get("nodeName"), "containers": [slim(c) for c in spec.get("containers") or []],
+                     "initContainers": [slim(c) for c in spec.get("initContainers") or []],
+                     **({"overhead": spec["overhead"]} if spec.get("overhead") else {})},
+            "status": {"phase": (obj.get("status") or {}).get("phase")}}
 
 
 def client_from(kubeconfig: Path | None, namespace: str) -> AsyncClient:
@@ -128,6 +160,11 @@ class KubernetesBackend(Backend):
         self.manifests_dir = manifests_dir
         self.watch_settings = watch
         self.stores: dict[str, Store] = {kind: Store(kind, self._on_change, keep=_not_a_router) for kind in KINDS}
+        gpu_like = self._gpu_like
+        self.stores["nodes"] = Store("nodes", self._on_change, transform=_slim_node)
+        # Pods without GPU requests are not kept (a pod's extended-resource requests never change).
+        self.stores["bound-pods"] = Store("bound-pods", self._on_change, keep=lambda pod: bool(pod_requests(pod, gpu_like)),
+                                          transform=_slim_pod)
         self.objects: dict[str, dict[str, dict[str, Any]]] = {kind: store_.objects for kind, store_ in self.stores.items()}
         self.reflectors: dict[str, Reflector] = {}
         self._replicas: dict[str, Pod] = {}  # active replica pods, converted once per event
@@ -158,6 +195,18 @@ class KubernetesBackend(Backend):
                 if required:
                     raise
                 log.warning("cannot list %s (%s); Corral keeps trying, and works without them meanwhile", kind, exc)
+            self._spawn(reflector.run(), f"reflect-{kind}")
+        # Cluster-wide, for the GPU inventory: without them (RBAC from before they were needed, say) Corral warns and
+        # counts GPUs from what it has (no nodes: none; no pods: as if no other tenant used any).
+        for kind, resource, namespace, fields in (("nodes", K8sNode, None, None), ("bound-pods", K8sPod, ALL_NS, BOUND_PODS)):
+            reflector = Reflector(self.client, resource, self.stores[kind], namespace, None, self.watch_settings, fields=fields)
+            self.reflectors[kind] = reflector
+            try:
+                await reflector.list()
+            except Exception as exc:
+                reflector.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("cannot list %s cluster-wide (%s): the GPU inventory is incomplete until Corral can (its ClusterRole "
+                            "needs list/watch on nodes and pods)", kind, exc)
             self._spawn(reflector.run(), f"reflect-{kind}")
         self._spawn(self._keep_costs(), "deletion-costs")
         self._costs_due.set()
@@ -270,9 +319,23 @@ class KubernetesBackend(Backend):
         obj = self.objects["services"].get(name)
         return convert.service(obj) if obj else None
 
-    async def nodes(self) -> list[dict[str, Any]]:
-        """The cluster's nodes (for the GPU inventory)."""
-        return [n.to_dict() async for n in self.client.list(K8sNode)]
+    def _gpu_like(self, resource: str) -> bool:
+        return resource == self.cluster_options.gpu_resource or resource.startswith(MIG_PREFIX)
+
+    def _own(self, pod: Mapping[str, Any]) -> bool:
+        """Corral's pods, whose GPUs the ledger books (replicas by their limits, finetune Jobs as their tasks)."""
+        meta = pod.get("metadata") or {}
+        return meta.get("namespace") == self.namespace and (meta.get("labels") or {}).get(MANAGED_BY) == CORRAL
+
+    def gpu_inventory(self) -> GpuInventory:
+        """The GPUs as the kube scheduler would count them for a pool's pods (`gpus.cluster.cluster_inventory`), from
+        the Node and bound-Pod watches' caches: no request to the API server."""
+        nodes = self.reflectors.get("nodes")
+        if nodes is None or not nodes.synced.is_set():
+            return GpuInventory(error=f"the cluster's nodes cannot be read ({nodes.last_error if nodes else 'not started'})")
+        options = self.cluster_options
+        return cluster_inventory(self.objects["nodes"].values(), self.objects["bound-pods"].values(), options.gpu_resource,
+                                 Placement(options.tolerations, options.node_selector), self._own)
 
     def autoscaler_of(self, deployment: str) -> dict[str, Any] | None:
         """The HorizontalPodAutoscaler whose scaleTargetRef is this Deployment, if any."""
@@ -293,20 +356,30 @@ class KubernetesBackend(Backend):
             raise Conflict(f"the model cache claim '{claim}' is {', '.join(sorted(modes)) or 'without access modes'}: replicas on "
                            "other nodes could not mount it. Use a ReadWriteMany (or a pre-filled ReadOnlyMany) claim")
 
+    def manifests(self, deployment: Deployment, service: Service | None) -> list[dict]:
+        """The Deployment, a standard deployment's Service, and a pool's PodDisruptionBudget."""
+        documents = super().manifests(deployment, service)
+        return documents + ([disruption_budget_manifest(deployment, self.cluster_options)] if deployment.is_pool else [])
+
     async def create_deployment(self, deployment: Deployment, service: Service | None, intent: Intent | None = None) -> list[Pod]:
         await self._check_model_cache()
         self._write_intent(intent)
-        documents = self.manifests(deployment, service)
-        created = await self.client.create(from_dict(documents[0]))
+        documents = {d["kind"]: d for d in self.manifests(deployment, service)}
+        created = await self.client.create(from_dict(documents["Deployment"]))
         self.cache("deployments", created.to_dict())
-        if service is not None:
-            try:
-                made = await self.client.create(from_dict(documents[1]))
-            except ApiError:
-                await self.client.delete(K8sDeployment, deployment.name)  # all or nothing
-                self.forget("deployments", deployment.name)
-                raise
-            self.cache("services", made.to_dict())
+        try:
+            if budget := documents.get("PodDisruptionBudget"):
+                # Owned by the Deployment: the garbage collector deletes it with the pool, whoever deletes that.
+                budget["metadata"]["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment.name,
+                                                          "uid": created.metadata.uid, "blockOwnerDeletion": False}]
+                await self.client.create(from_dict(budget))
+            if service is not None:
+                made = await self.client.create(from_dict(documents["Service"]))
+                self.cache("services", made.to_dict())
+        except ApiError:
+            await self.client.delete(K8sDeployment, deployment.name)  # all or nothing (its budget goes with it)
+            self.forget("deployments", deployment.name)
+            raise
         return []  # the ReplicaSet creates the pods; they arrive through the watch
 
     async def delete_deployment(self, name: str, intent: Intent | None = None) -> Awaitable[None]:
@@ -389,11 +462,14 @@ class KubernetesBackend(Backend):
         not to the pods seen: pods being created or replaced are counted by the ReplicaSet, not yet by the
         watch. The Deployment itself arrives through the watch. Returns (before, after)."""
         current: dict[str, Any] | None = self.objects["deployments"].get(deployment)  # a Deployment or a Scale: same fields used
+        # A missing `spec.replicas` means 1 on a Deployment (the API server defaults it; a pointer, kept at 0) but 0 on a
+        # Scale (an int32 with `omitempty`: the API omits it at 0).
+        missing = 1
         for _ in range(SCALE_ATTEMPTS):
             if current is None:
-                current = (await self.client.get(K8sDeployment.Scale, deployment)).to_dict()
+                current, missing = (await self.client.get(K8sDeployment.Scale, deployment)).to_dict(), 0
             replicas = (current.get("spec") or {}).get("replicas")
-            before = int(replicas) if replicas is not None else 1
+            before = int(replicas) if replicas is not None else missing
             after = max(0, before + delta)
             patch = {"metadata": {"resourceVersion": current["metadata"]["resourceVersion"]}, "spec": {"replicas": after}}
             try:
@@ -513,9 +589,9 @@ class KubernetesBackend(Backend):
         lines += ["# HELP corral_kubernetes_lists_total Lists per kind (a relist follows a 410 Gone or a failed watch).",
                   "# TYPE corral_kubernetes_lists_total counter"]
         lines += [f'corral_kubernetes_lists_total{{kind="{k}"}} {r.lists}' for k, r in sorted(self.reflectors.items())]
-        lines += ["# HELP corral_kubernetes_watch_failures_total Watches that failed (cut, silent, error) per kind.",
+        lines += ["# HELP corral_kubernetes_watch_failures_total Watches that failed (cut, silent, error, 410, 429) per kind.",
                   "# TYPE corral_kubernetes_watch_failures_total counter"]
-        lines += [f'corral_kubernetes_watch_failures_total{{kind="{k}"}} {r.errors + r.expired}' for k, r in sorted(self.reflectors.items())]
+        lines += [f'corral_kubernetes_watch_failures_total{{kind="{k}"}} {r.errors + r.expired + r.throttled}' for k, r in sorted(self.reflectors.items())]
         return lines
 
     # behind Corral's back ----------------------------------------------------------------------

@@ -10,6 +10,15 @@ a precondition, so of two candidates exactly one wins (the other gets 409 Confli
 cannot renew within `renew_deadline_s` has lost the lease and must stop acting at once: client-go's
 OnStoppedLeading, after which kube-controller-manager exits — `on_lost` does the same by default.
 On a clean stop the holder releases the Lease (holderIdentity emptied), so a successor starts at once.
+
+Why two Corrals never both lead, even when the API server is slow: a renewal counts from the moment
+its attempt *started* (the Lease cannot have been written before), and every attempt (a GET and a
+PATCH) is abandoned when the renew deadline since the last successful start passes (client-go runs
+each try under a context with the renew deadline), at which point the holder gives up. A standby
+takes over only once the record it saw has stayed unchanged for `duration_s` by its own clock, and it
+saw that record no earlier than the write, so no earlier than `duration_s` after that start; the
+holder gave up `duration_s - renew_deadline_s` (5 s by default) before. Seeing another holder in the
+Lease ends leadership at once.
 """
 
 from __future__ import annotations
@@ -101,13 +110,31 @@ class LeaderElection:
             raise
         return True
 
+    async def _attempt(self, deadline: float) -> bool:
+        """One `_try`, abandoned at `deadline` (monotonic): a slow API server must not stretch a renewal past it."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        try:
+            async with asyncio.timeout(remaining):
+                return await self._try()
+        except TimeoutError:
+            log.warning("leader election: the API server did not answer within the renew deadline (%.1f s)", self.renew_deadline_s)
+            return False
+
+    def _lose(self, why: str) -> None:
+        self.leading = False
+        log.warning("leader election: %s", why)
+        self.on_lost()
+
     async def acquire(self) -> None:
         """Wait until this Corral holds the Lease, then keep renewing it in the background."""
         waiting_logged = False
         first = True
         while True:
+            started = time.monotonic()
             try:
-                if await self._try():
+                if await self._attempt(started + self.renew_deadline_s):
                     break
             except Exception as exc:
                 if first:
@@ -120,22 +147,26 @@ class LeaderElection:
                 waiting_logged = True
             await asyncio.sleep(self.retry_s)
         self.leading = True
-        self._renewed_at = time.monotonic()
+        self._renewed_at = started  # the Lease was written after this, never before
         log.info("leading as %s", self.identity)
         self._task = asyncio.create_task(self._renew(), name="leader-lease")
 
     async def _renew(self) -> None:
         while True:
-            await asyncio.sleep(self.retry_s)
+            deadline = self._renewed_at + self.renew_deadline_s
+            await asyncio.sleep(max(0.0, min(self.retry_s, deadline - time.monotonic())))
+            started = time.monotonic()
             try:
-                if await self._try():
-                    self._renewed_at = time.monotonic()
+                if await self._attempt(deadline):
+                    self._renewed_at = started
                     continue
             except Exception as exc:
                 log.warning("leader election: renewing failed: %s", exc)
-            if time.monotonic() - self._renewed_at > self.renew_deadline_s:
-                self.leading = False
-                self.on_lost()
+            if self._observed[0] not in (None, self.identity):
+                self._lose(f"the Lease is held by {self._observed[0]} now")
+                return
+            if time.monotonic() >= deadline:
+                self._lose(f"could not renew the Lease within the renew deadline ({self.renew_deadline_s:.1f} s)")
                 return
 
     async def release(self) -> None:
@@ -148,8 +179,12 @@ class LeaderElection:
             return
         self.leading = False
         with contextlib.suppress(Exception):
-            lease = (await self.client.get(Lease, LEASE_NAME, namespace=self.namespace)).to_dict()
-            if (lease.get("spec") or {}).get("holderIdentity") == self.identity:
-                await self.client.patch(Lease, LEASE_NAME, {"metadata": {"resourceVersion": lease["metadata"]["resourceVersion"]},
-                                                            "spec": {"holderIdentity": None, "leaseDurationSeconds": 1}},
-                                        namespace=self.namespace, patch_type=PatchType.MERGE)
+            async with asyncio.timeout(self.renew_deadline_s):
+                await self._release()
+
+    async def _release(self) -> None:
+        lease = (await self.client.get(Lease, LEASE_NAME, namespace=self.namespace)).to_dict()
+        if (lease.get("spec") or {}).get("holderIdentity") == self.identity:
+            await self.client.patch(Lease, LEASE_NAME, {"metadata": {"resourceVersion": lease["metadata"]["resourceVersion"]},
+                                                        "spec": {"holderIdentity": None, "leaseDurationSeconds": 1}},
+                                    namespace=self.namespace, patch_type=PatchType.MERGE)

@@ -9,12 +9,18 @@ What it does, and where client-go does the same (k8s.io/client-go/tools/cache/re
   (`timeoutSeconds := int64(r.minWatchTimeout.Seconds() * (rand.Float64() + 1.0))`, minWatchTimeout
   5 min), so that many clients do not reconnect in lockstep. A watch the server ends after its
   timeout is resumed from the last resourceVersion seen (an event's or a bookmark's), without relisting.
-- **410 Gone / Expired, or any other error: list again and replace the store.** A version older
-  than the API server keeps answers 410 (an HTTP status, or an ERROR event carrying a Status with
-  code 410 — what the watch cache sends), and then only a new list is correct (`isExpiredError` →
-  relist). On any other failure (a cut connection, a 5xx, a read timeout) we relist too: objects
-  deleted while the watch was down are only learnt that way. `Store.replace` works like client-go's
-  `DeltaFIFO.Replace`: whatever the new list lacks is reported deleted.
+- **410 Gone / Expired: list again and replace the store.** A version older than the API server
+  keeps answers 410 (an HTTP status, or an ERROR event carrying a Status with code 410 — what the
+  watch cache sends), and then only a new list is correct (`isExpiredError` → relist).
+  `Store.replace` works like client-go's `DeltaFIFO.Replace`: whatever the new list lacks is
+  reported deleted.
+- **429 Too Many Requests: watch again from the last version**, after the `Retry-After` the server
+  asked for (else the back-off), never relisting: a list is the heaviest request there is, the last
+  thing to send an API server that sheds load (client-go re-watches on `IsTooManyRequests`).
+- **Any other failure (a cut connection, connection refused, a 5xx, a read timeout): watch again
+  from the last version after a back-off**; the watch cache replays what happened meanwhile,
+  deletions included, or answers 410 if that is too old. Only when that re-watch fails too (before
+  it delivered anything) is the store relisted and replaced.
 - **A read timeout** on the watch request (its timeoutSeconds plus a grace): the server promised
   to end the stream by then, so silence past it means a dead (half-open) connection — noticed and
   replaced, where client-go relies on HTTP/2 health-check pings (ReadIdleTimeout 30 s,
@@ -81,11 +87,15 @@ class Store:
 
     TOMBSTONES = 10_000
 
-    def __init__(self, kind: str, on_change: Change, keep: Callable[[dict[str, Any]], bool] = lambda obj: True) -> None:
+    def __init__(self, kind: str, on_change: Change, keep: Callable[[dict[str, Any]], bool] = lambda obj: True,
+                 transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
         self.kind = kind
         self.objects: dict[str, dict[str, Any]] = {}
         self.on_change = on_change
         self.keep = keep  # objects this store ignores (a business service's router, say)
+        # What is kept of each object the watch brings (client-go's SetTransform): the fields a reader needs, so that
+        # a cluster-wide store stays small. It may also rename an object (`namespace/name` for a cluster-wide one).
+        self.transform = transform
         self._buried: OrderedDict[str, None] = OrderedDict()  # uids of deleted objects
 
     def _bury(self, obj: dict[str, Any]) -> None:
@@ -114,6 +124,8 @@ class Store:
 
     def event(self, kind: str, obj: dict[str, Any]) -> bool:
         """A watch event (in order). Returns whether the store changed."""
+        if self.transform is not None:
+            obj = self.transform(obj)
         if kind == DELETED:
             self._bury(obj)
             old = self.objects.get(obj["metadata"]["name"])
@@ -139,6 +151,8 @@ class Store:
     def replace(self, items: list[dict[str, Any]], list_version: int | None) -> int:
         """A fresh list replaces the store (client-go's Replace): objects it lacks are reported deleted,
         unless Corral wrote them after the list was taken (the watch will say). Returns how many vanished."""
+        if self.transform is not None:
+            items = [self.transform(obj) for obj in items]
         listed = {obj["metadata"]["name"] for obj in items}
         vanished = 0
         for name, old in list(self.objects.items()):
@@ -169,19 +183,38 @@ class WatchFailed(Exception):
     pass
 
 
+class Throttled(WatchFailed):
+    """429 Too Many Requests; `retry_after`: the seconds the server asked for (its `Retry-After`), if any."""
+
+    def __init__(self, message: str, retry_after: float | None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _retry_after(response: Any) -> float | None:
+    try:
+        return max(0.0, float(response.headers.get("Retry-After")))
+    except (TypeError, ValueError):
+        return None  # absent, or an HTTP date (not sent by kube-apiserver)
+
+
 class Reflector:
     """Keeps one `Store` in step with the API server (one kind, one namespace, one label selector)."""
 
     def __init__(self, client: AsyncClient, resource: Any, store: Store, namespace: str | None, labels: dict[str, str] | None,
-                 settings: WatchSettings | None = None) -> None:
+                 settings: WatchSettings | None = None, fields: str | None = None) -> None:
+        """`namespace`: one namespace, None for a cluster-scoped kind, `lightkube.ALL_NS` for all namespaces;
+        `fields`: a field selector (the watch cache applies it to old and new objects, as a label selector)."""
         self.client, self.resource, self.store = client, resource, store
-        self.namespace, self.labels = namespace, labels
+        self.namespace, self.labels, self.fields = namespace, labels, fields
         self.settings = settings or DEFAULTS
         self.version: str | None = None  # the last resourceVersion seen; None: list first
         self.lists = 0
         self.watches = 0
         self.errors = 0
         self.expired = 0
+        self.throttled = 0  # 429s, each followed by a re-watch (or a list, if none had worked yet) after Retry-After
+        self.rewatches = 0  # watches resumed from the last version after a failure, without relisting
         self.last_error: str | None = None
         self.delivered = 0  # events and bookmarks of the current watch
         self.synced = asyncio.Event()
@@ -192,7 +225,7 @@ class Reflector:
         generic = self.client._client
         selector = ",".join(f"{k}={v}" for k, v in sorted((self.labels or {}).items())) or None
         prepared = generic.prepare_request("list", res=self.resource, namespace=self.namespace,
-                                           params={"labelSelector": selector, **params})
+                                           params={"labelSelector": selector, "fieldSelector": self.fields, **params})
         timeout = generic_client.httpx.Timeout(self.settings.connect_timeout_s, read=read_timeout)
         return generic._client.build_request(prepared.method, prepared.url, params=prepared.params, timeout=timeout)
 
@@ -207,6 +240,8 @@ class Reflector:
             try:
                 if response.status_code == 410:
                     raise Expired(f"list {self.store.kind}: the continue token expired")
+                if response.status_code == 429:
+                    raise Throttled(f"list {self.store.kind}: HTTP 429", _retry_after(response))
                 if response.status_code >= 400:
                     raise WatchFailed(f"list {self.store.kind}: HTTP {response.status_code} {response.text[:200]}")
                 body = msgspec.json.decode(response.content)  # several times faster than json for a thousand pods
@@ -232,12 +267,14 @@ class Reflector:
         timeout = max(1, int(self.settings.min_timeout_s * (random.random() + 1.0)))
         params = {"watch": "true", "resourceVersion": self.version, "allowWatchBookmarks": "true", "timeoutSeconds": str(timeout)}
         http = self.client._client._client
+        self.delivered = 0
         response = await http.send(self._request(params, timeout + self.settings.read_grace_s), stream=True)
         self.watches += 1
-        self.delivered = 0
         try:
             if response.status_code == 410:
                 raise Expired(f"HTTP 410 watching {self.store.kind} from {self.version}")
+            if response.status_code == 429:
+                raise Throttled(f"watch {self.store.kind}: HTTP 429", _retry_after(response))
             if response.status_code >= 400:
                 await response.aread()
                 raise WatchFailed(f"watch {self.store.kind}: HTTP {response.status_code} {response.text[:200]}")
@@ -249,6 +286,8 @@ class Reflector:
                 if kind == "ERROR":
                     if obj.get("code") == 410:
                         raise Expired(obj.get("message") or "410 Gone")
+                    if obj.get("code") == 429:
+                        raise Throttled(f"watch {self.store.kind}: 429 {obj.get('message')}", None)
                     raise WatchFailed(f"watch {self.store.kind}: {obj.get('code')} {obj.get('reason')}: {obj.get('message')}")
                 self.delivered += 1
                 version = (obj.get("metadata") or {}).get("resourceVersion")
@@ -262,25 +301,44 @@ class Reflector:
     async def run(self) -> None:
         """List (when needed) and watch, for ever. Cancel to stop."""
         delay = self.settings.backoff_initial_s
+        resuming = False  # the last watch failed: this one resumes from the version it had reached
         while True:
             try:
                 if self.version is None:
                     await self.list()
+                elif resuming:
+                    self.rewatches += 1
                 await self.watch_once()
                 delay = self.settings.backoff_initial_s  # ended by the server's timeout: resume from self.version
+                resuming = False
             except asyncio.CancelledError:
                 raise
             except Expired as exc:
                 self.expired += 1
                 self.version = None  # relist at once
+                resuming = False
                 log.info("watch of %s expired (%s): listing again", self.store.kind, exc)
-            except Exception as exc:  # a cut or silent connection, an API server restart, a 5xx: relist after a back-off
+            except Throttled as exc:  # the server sheds load: the same request again, when it says
+                self.throttled += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                wait = exc.retry_after if exc.retry_after is not None else delay * random.uniform(0.8, 1.2)
+                log.info("watch of %s throttled (%s); watching again from %s in %.1f s", self.store.kind, exc, self.version, wait)
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, self.settings.backoff_max_s)
+            except Exception as exc:  # a cut or silent connection, an API server restart, a 5xx: re-watch, then relist
                 self.errors += 1
-                self.version = None
                 if self.delivered:  # the watch had worked until now: start the back-off again
                     delay = self.settings.backoff_initial_s
-                    self.delivered = 0
+                    resuming = False
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("watch of %s failed (%s); listing again in %.1f s", self.store.kind, self.last_error, delay)
+                if resuming and not self.delivered:  # the re-watch failed too: only a list can be trusted now
+                    self.version = None
+                    resuming = False
+                    what = "listing again"
+                else:
+                    resuming = self.version is not None
+                    what = f"watching again from {self.version}" if resuming else "listing again"
+                self.delivered = 0
+                log.warning("watch of %s failed (%s); %s in %.1f s", self.store.kind, self.last_error, what, delay)
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, self.settings.backoff_max_s)
