@@ -13,7 +13,10 @@ The add itself is checked end to end: the adapter is loaded on every ready repli
 answers, and if a replica refuses it (a bad directory, a rank vLLM cannot take) the change is rolled
 back (row removed, loaded copies unloaded, history `rolled_back` with vLLM's reason), so a desired
 state that can never be reached is never left behind. A replica that cannot be reached is not a
-refusal: the loop keeps trying it.
+refusal: the loop keeps trying it. Before anything is recorded, the adapter's files are checked against
+the pool (`domain.adapters.check_adapter_files`): its base model, DoRA, its chat template and EOS. An add
+or remove that a control-plane restart interrupted is judged at start by what the replicas then have
+loaded (`judge_interrupted` here, `domain.history.judge_adapter`): a refused add is rolled back as above.
 
 The gateway needs nothing for adapters: vLLM answers to adapter names itself, so requests with
 `model: <adapter>` pass through a business service unchanged, and its `GET /v1/models` (answered by a
@@ -33,6 +36,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
@@ -40,6 +44,7 @@ import httpx
 from corral.backends.base import Backend
 from corral.domain.adapters import (
     Adapter,
+    check_adapter_files,
     check_adapter_name,
     check_can_add,
     lora_enabled,
@@ -48,10 +53,11 @@ from corral.domain.adapters import (
     static_names,
 )
 from corral.domain.errors import Conflict, Hint, NotFound
-from corral.domain.history import Action, HistoryDraft, Intent, Outcome
+from corral.domain.history import Action, AdapterProbe, HistoryDraft, Intent, Observed, Outcome
 from corral.domain.models import Deployment, Pod
 from corral.domain.tasks import TaskState
 from corral.events import EventBus, EventType
+from corral.finetune.checks import adapter_files, resolved_model
 from corral.intents import Intents
 from corral.store.state import StateStore
 from corral.views import AdapterRemoveResult, AdapterResult, AdapterView, FinetuneTask
@@ -60,6 +66,7 @@ log = logging.getLogger("corral.adapters")
 
 LOAD_TIMEOUT_S = 120.0  # loading reads the adapter's weights from disk: seconds for a large one
 RETRY_MAX_S = 60.0  # back-off cap of a replica that refuses an adapter the desired state lists
+ADAPTER_ACTIONS = (Action.ADAPTER_ADD, Action.ADAPTER_REMOVE)  # the history rows this module writes and judges
 
 
 class AdapterRefused(Exception):
@@ -156,13 +163,52 @@ class AdapterManager:
         self._seen: dict[str, _Seen] = {}  # replica → what it had loaded
         self._retry_at: dict[tuple[str, str], tuple[int, float]] = {}  # (replica, adapter) → (failures, when to retry)
         self._wake = asyncio.Event()
+        self._interrupted = False  # adapter rows a stopped control plane left pending, still to judge
         self._task: asyncio.Task | None = None
         bus.listen(self._on_event)
 
     # lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
         self._refresh()
+        await self.judge_interrupted()
         self._task = asyncio.create_task(self._run(), name="adapter-reconciler")
+
+    async def judge_interrupted(self) -> None:
+        """The adds and removes a stopped control plane left pending, judged by what the replicas have loaded
+        (`domain.history.judge_adapter`) once each pool's ready replicas were brought to its desired adapters: an add a
+        replica refuses is rolled back as a live add is (removed from the desired state, unloaded where it loaded),
+        never left desired and retried forever under a success. One whose replicas have not answered yet stays pending
+        and is judged on a later pass."""
+        pending = [row for row in self.store.pending_history() if row["action"] in ADAPTER_ACTIONS]
+        if not pending:
+            self._interrupted = False
+            return
+        self._interrupted = True
+        probes: dict[tuple[str, str], AdapterProbe] = {}
+        for pool in sorted({row["target"] for row in pending}):
+            deployment = self.backend.get_deployment(pool)
+            if deployment is None:
+                continue  # gone: judged without a probe
+            async with self._lock(pool):
+                problems = await self._sync_pool(deployment, self._desired.get(pool, []), force=True)
+                ready = self._ready(pool)
+                answered = [p for p in ready if p.name in self._seen and self._seen[p.name].identity == _identity(p)]
+                desired = {a.name for a in self._desired.get(pool, [])}
+                for row in pending:
+                    name = ((row.get("after") if row["action"] == Action.ADAPTER_ADD else row.get("before")) or {}).get("adapter")
+                    if row["target"] != pool or not isinstance(name, str):
+                        continue
+                    refused = next((p.message for p in problems if p.refused and p.adapter == name), None)
+                    probes[(pool, name)] = AdapterProbe(desired=name in desired, ready=len(ready), answered=len(answered),
+                                                        loaded_on=sum(1 for p in answered if name in self._seen[p.name].loaded),
+                                                        refused=refused)
+                    if refused is not None and name in desired:  # rolled back as `add` does: forgotten, then unloaded
+                        self.store.remove_adapter(pool, name)
+                        self._refresh()
+                        await self._sync_pool(deployment, self._desired.get(pool, []), force=True)
+        self.intents.complete_interrupted(lambda: Observed(deployments={}, pods=[], services={}, adapters=probes),
+                                          actions=ADAPTER_ACTIONS)
+        self._interrupted = any(row["action"] in ADAPTER_ACTIONS for row in self.store.pending_history())
 
     async def close(self) -> None:
         self.bus.unlisten(self._on_event)
@@ -196,6 +242,8 @@ class AdapterManager:
     async def reconcile(self) -> None:
         """One pass over every LoRA-enabled vLLM pool (level-triggered: whatever happened since the last one)."""
         self._refresh()
+        if self._interrupted:  # adapter changes a restart interrupted, not judged yet (no replica had answered)
+            await self.judge_interrupted()
         for deployment in self.backend.list_deployments():
             if not lora_enabled(deployment):
                 continue
@@ -271,6 +319,10 @@ class AdapterManager:
         async with self._lock(pool):
             deployment = self._pool(pool)
             check_can_add(deployment, name, rank, self.store.list_adapters(pool))
+            # Trained for this pool? Its base model, DoRA, its chat template and EOS against the pool's (read from the files
+            # where they are here; on a cluster the replicas' paths may not be).
+            files = await asyncio.to_thread(adapter_files, Path(path), deployment.model_id, list(deployment.engine_args))
+            check_adapter_files(deployment, resolved_model(deployment.model_id), files)
             adapter = Adapter(pool=pool, name=name, path=path, task_id=task_id, rank=rank)
             intent = Intent([HistoryDraft(Action.ADAPTER_ADD, pool, after={"adapter": name, "taskId": task_id, "path": path},
                                           message=f"LoRA adapter '{name}' added" + (f" from task {task_id}" if task_id else ""))])
@@ -371,8 +423,6 @@ def _identity(pod: Pod) -> tuple[Any, ...]:
 def task_adapter(task: FinetuneTask) -> tuple[str, int]:
     """(adapter directory, LoRA rank) of a finetune task that can be added to a pool: a completed LoRA or QLoRA
     task (a full finetune has no adapter: deploy it as its own pool)."""
-    from pathlib import Path
-
     from corral.model_files import adapter_rank
 
     if task.status != TaskState.COMPLETED or not task.output:

@@ -56,7 +56,7 @@ from corral.domain.autopilot import (
     replicas_load,
 )
 from corral.domain.errors import CorralError, Hint, NotFound
-from corral.domain.history import Action, HistoryDraft
+from corral.domain.history import Action, HistoryDraft, Intent
 from corral.domain.models import Deployment, Pod, Service
 from corral.domain.preemption import PreemptionOutcome, PreemptionRequest
 from corral.events import EventBus, EventType
@@ -192,7 +192,8 @@ class Autopilot:
     def _business_service(self, name: str) -> Service:
         service = self.controller.service(name)
         if service is None or not service.is_business_service:
-            raise NotFound(f"business service '{name}' not found", Hint.LIST_SERVICES)
+            raise L.unknown_name(name, "business service", NotFound(f"business service '{name}' not found",
+                                                                      Hint.LIST_SERVICES))
         return service
 
     # observing -------------------------------------------------------------------------------------
@@ -353,13 +354,15 @@ class Autopilot:
                 carried = replace(decision, scale_to=target, scale_reason=reason)
             elif outcome.why_not:
                 self._waiting_for[pool].append(f"cannot preempt for {business}: {outcome.why_not}")
-            if carried.acts:
-                await self._carry_out(pool, carried, replicas, now)
+            if carried.acts:  # the scale completes the row recorded with the preemption (`outcome.scale`)
+                await self._carry_out(pool, carried, replicas, now, scale_intent=outcome.scale)
 
         await self.controller.scale_with_preemption(pool, extra * gpus_per_replica, onto_freed,
-                                                    business=(business, demands[business].policy.priority))
+                                                    business=(business, demands[business].policy.priority),
+                                                    target=target)
 
-    async def _carry_out(self, pool: str, decision: Decision, replicas: int, now: float) -> None:
+    async def _carry_out(self, pool: str, decision: Decision, replicas: int, now: float,
+                         scale_intent: Intent | None = None) -> None:
         summary = "; ".join(m.reason for m in decision.moves[:3]) + (f" (+{len(decision.moves) - 3} more)"
                                                                     if len(decision.moves) > 3 else "")
         error = None
@@ -373,7 +376,7 @@ class Autopilot:
                 self.counters[(pool, "moves")] += len(moved)
             if decision.scale_to is not None:
                 await self.controller.scale(pool, decision.scale_to, pool_endpoint=True,
-                                            reason=f"autopilot: {decision.scale_reason}")
+                                            reason=f"autopilot: {decision.scale_reason}", intent=scale_intent)
                 scaled_to = decision.scale_to
                 self.counters[(pool, "scale_out")] += 1
             if decision.remove:

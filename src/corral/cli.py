@@ -108,7 +108,12 @@ class Client:
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=120)
 
     def send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """The response of a successful request; anything else ends the command with its one-line reason."""
+        """The response of a successful request; anything else ends the command with its one-line reason.
+        A name given on the command line goes into `path` as typed: what a URL cannot carry (a newline, a space)
+        is percent-encoded, so Corral itself says what is wrong with the name (httpx would refuse the URL)."""
+        from urllib.parse import quote
+
+        path = quote(path, safe="/?&=%:@!$'()*+,;~")
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
@@ -843,7 +848,7 @@ TASK_COLUMNS = [
     Column("GPUs", lambda t: t["gpus"], wide=True),
     Column("Units", lambda t: ",".join(t.get("units") or []), wide=True),
     Column("Progress", lambda t: f"{t['progress'].get('step', 0)}/{t['progress'].get('totalSteps', '?')}"),
-    Column("Loss", lambda t: t["progress"].get("loss")),
+    Column("Loss", lambda t: None if (loss := t["progress"].get("loss")) is None else f"{loss:.4g}"),  # not 5.92929744720459
     Column("Reason", lambda t: t["reason"]),
     Column("Start by (UTC)", lambda t: (t.get("startBy") or "")[:16].replace("T", " "), wide=True),  # easy-backfill's promise
     Column("Output", lambda t: t.get("output"), wide=True),

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
         "default: the data dir's uploads and the current directory at start)"
     )
     max_body_bytes: int = Field(default=1024**2, ge=1024, description="largest /api request body; 413 beyond it")
+    api_body_timeout_s: float = Field(
+        default=30.0, gt=0, le=3600, description="the whole of an /api request body must arrive within this (408 beyond): "
+        "a body trickled a byte at a time never falls silent long enough for the client body timeout")
     upload_max_bytes: int = Field(default=256 * 1024**2, ge=1, description="largest dataset upload from the web UI")
     upload_max_files: int = Field(default=100, ge=1, description="files the uploads folder may hold; further uploads are refused")
     backend: Literal["local", "kubernetes"] = Field(default="local", description="where replicas run: local processes or a cluster")
@@ -158,6 +161,29 @@ class Settings(BaseSettings):
     gateway_retry_budget_min: int = Field(
         default=3, ge=0, le=1_000_000, description="retries per business service over the last 10 s allowed "
         "whatever the share (a quiet service still gets its few retries; 0 with a 0 share: never retry)"
+    )
+    health_failure_threshold: int = Field(
+        default=3, ge=1, le=100, description="failed health checks in a row that make a ready replica not ready "
+        "(supervisor), eject a replica the gateway suspects after a failure, or find a silent one hung (with no "
+        "progress seen)"
+    )
+    health_success_threshold: int = Field(
+        default=2, ge=1, le=100, description="passed health checks in a row that make a replica ready again after it "
+        "failed its checks, or bring an ejected replica back into rotation after its ejection time (a starting "
+        "replica is ready at its first)"
+    )
+    gateway_eject_consecutive_failures: int = Field(
+        default=5, ge=0, le=1_000_000, description="gateway failures in a row (connection refused, reset or timed out, "
+        "no answer in time, a 502/503/504 answer) that eject a replica from rotation (0: never on traffic)"
+    )
+    gateway_base_ejection_s: float = Field(
+        default=5.0, gt=0, le=86400, description="the first ejection's time; the n-th in a row lasts n times this, "
+        "at most CORRAL_GATEWAY_MAX_EJECTION_S (each minute in rotation forgives one)"
+    )
+    gateway_max_ejection_s: float = Field(default=300.0, gt=0, le=86400, description="longest ejection time")
+    gateway_max_ejection_percent: float = Field(
+        default=50.0, ge=0, le=100, description="the most of a business's replicas ejected at once (rounded down: "
+        "the last replicas are never ejected beyond it; a business of one replica never loses it to ejection)"
     )
 
     @field_validator("data_dir")

@@ -41,8 +41,17 @@ from corral.domain.assignment import (
 from corral.domain.autopilot import PlannedMove, PoolBusinesses, pool_businesses
 from corral.domain.deploy_request import DeploySpec, check_deploy
 from corral.domain.distribution import plan_moves, targets_from_counts, targets_from_ratios
-from corral.domain.errors import Conflict, CorralError, Hint, InvalidInput, NotFound
-from corral.domain.history import Action, HistoryDraft, Intent, Observed, Outcome
+from corral.domain.errors import Conflict, CorralError, Hint, InvalidInput, NotFound, Unavailable
+from corral.domain.history import (
+    PREEMPTING,
+    Action,
+    HistoryDraft,
+    Intent,
+    Observed,
+    Outcome,
+    ScaleRedo,
+    TaskSeen,
+)
 from corral.domain.manifests import service_manifest
 from corral.domain.models import Deployment, Pod, Service, selected_pods
 from corral.domain.preemption import PreemptionOutcome, PreemptionRequest
@@ -61,6 +70,7 @@ from corral.views import (
     DeployServiceResult,
     DistributeDryRun,
     DistributeResult,
+    EjectionView,
     Move,
     PodView,
     PoolDeploymentView,
@@ -84,6 +94,7 @@ class Controller:
         traffic: Callable[[set[str]], dict[str, Any]] = lambda replicas: {},
         routes_applied: Callable[[], Awaitable[Any]] | None = None,  # waits until the data plane serves all
         adapters: Callable[[str, list[Pod]], list[Any]] = lambda pool, pods: [],
+        ejections: Callable[[], Mapping[str, EjectionView]] = dict,  # replicas out of rotation (the gateway)
     ) -> None:
         self.backend = backend
         self.store = store
@@ -93,6 +104,7 @@ class Controller:
         self.base_url = base_url  # where a service's traffic goes (the gateway's URL for it)
         self.traffic = traffic  # per-replica request counters from the data plane
         self.adapters = adapters  # a pool's LoRA adapters with their loaded counts (corral.adapters)
+        self.ejections = ejections
         self._locks: dict[str, asyncio.Lock] = {}
         self.reconcile_interval_s = 1.0
         self._wake = asyncio.Event()
@@ -102,6 +114,10 @@ class Controller:
         # Frees GPUs held by lower-priority finetune tasks for a scale-out (the finetune manager's `preempting`, set by
         # the runtime): a scale with `preempt` and the autopilot go through it. None: nothing to preempt.
         self.preemptor: Callable[[PreemptionRequest], AbstractAsyncContextManager[PreemptionOutcome]] | None = None
+        # The finetune tasks as they are now (the runtime sets it), for judging a preemption a restart interrupted.
+        self.observe_tasks: Callable[[], Mapping[str, TaskSeen]] | None = None
+        self._taken: set[int] = set()  # ids of scale intents begun with a preemption that a scale has taken on
+        self._redoing: set[asyncio.Task] = set()  # scale-outs carried out again after a restart (`_redo_scale`)
         backend.set_report(self.observe)
         backend.set_intent_writer(self.intents.begin)
 
@@ -212,7 +228,10 @@ class Controller:
     def list_pods(self, deployment: str | None = None) -> list[PodView]:
         if deployment is not None:
             self._deployment(deployment)
-        return self._pod_views(self.backend.list_pods(deployment), everyone=deployment is None)
+        views = self._pod_views(self.backend.list_pods(deployment), everyone=deployment is None)
+        if ejected := self.ejections():  # a few at most: the cached views of the others stay as they are
+            views = [v.model_copy(update={"ejection": ejected[v.name]}) if v.name in ejected else v for v in views]
+        return views
 
     def list_business_services(self) -> list[BusinessServiceView]:
         services = [s for s in self.backend.list_services() if s.is_business_service]
@@ -338,7 +357,7 @@ class Controller:
     async def delete_service(self, name: str, force: bool = False) -> DeleteServiceResult:
         service = self.backend.get_service(name)
         if service is None:
-            raise NotFound(f"service '{name}' not found", Hint.LIST_SERVICES)
+            raise L.unknown_name(name, "service", NotFound(f"service '{name}' not found", Hint.LIST_SERVICES))
         pools = [d.name for d in self.backend.list_deployments() if d.is_pool and d.model_tag == service.model]
         async with self._locked(*pools):
             service = self.backend.get_service(name)
@@ -411,7 +430,7 @@ class Controller:
     async def unpin(self, pod_name: str) -> UnpinResult:
         pod = self.backend.get_pod(pod_name)
         if pod is None:
-            raise NotFound(f"pod '{pod_name}' not found", Hint.LIST_PODS)
+            raise L.unknown_name(pod_name, "pod", NotFound(f"pod '{pod_name}' not found", Hint.LIST_PODS))
         was = pod_name in self.store.pins()
         if was:
             self.store.set_pins(pod.deployment, [pod_name], False,
@@ -478,11 +497,12 @@ class Controller:
 
     # scaling ---------------------------------------------------------------------------------
     async def scale(self, name: str, target: int, *, pool_endpoint: bool, reason: str = "",
-                    preempt: bool = False) -> ScaleResult:
+                    preempt: bool = False, intent: Intent | None = None) -> ScaleResult:
         """Scale any deployment; a pool always goes through the pool-safe plan, whichever endpoint asked.
 
         `preempt`: when the new replicas need more GPUs than are free, preemptible finetune tasks below the
-        pool's priority (`pool_priority`) checkpoint and give theirs first (`scale_with_preemption`)."""
+        pool's priority (`pool_priority`) checkpoint and give theirs first (`scale_with_preemption`). `intent`:
+        the scale's row, written already with the preemption that freed its GPUs (`PreemptionOutcome.scale`)."""
         if preempt and self.preemptor is not None:
             deployment = self._deployment(name, field="deploymentName")
             gpus = max(0, target - len(self.backend.list_pods(name))) * deployment.gpus_per_replica
@@ -492,16 +512,16 @@ class Controller:
                             if outcome.tasks else "")
                     async with self._locked(name):
                         result = await self._scale(name, target, pool_endpoint=pool_endpoint,
-                                                   reason=reason + note)
+                                                   reason=reason + note, intent=outcome.scale)
                     return result.model_copy(update={"preempted": list(outcome.tasks)})
 
-                return await self.scale_with_preemption(name, gpus, onto_freed)
+                return await self.scale_with_preemption(name, gpus, onto_freed, target=target)
         async with self._locked(name):
-            return await self._scale(name, target, pool_endpoint=pool_endpoint, reason=reason)
+            return await self._scale(name, target, pool_endpoint=pool_endpoint, reason=reason, intent=intent)
 
     async def scale_with_preemption(
         self, pool: str, gpus: int, scale: Callable[[PreemptionRequest, PreemptionOutcome], Awaitable[T]],
-        business: tuple[str, int] | None = None,
+        business: tuple[str, int] | None = None, *, target: int | None = None,
     ) -> T:
         """Free `gpus` whole GPUs for new replicas of `pool`, then scale: the one way a scale-out preempts (a
         scale with `preempt`, the autopilot). Preemptible finetune tasks below the priority of `business`
@@ -510,19 +530,55 @@ class Controller:
         inside, while the freed GPUs are kept from the finetune queue (by the time it returns, the new replicas
         hold them), and is told what was preempted — the tasks, or why none — because what to scale to can
         depend on it (the autopilot adds the replicas it was short of only once GPUs were freed). A refusal it
-        raises says why preempting did not help."""
+        raises says why preempting did not help.
+
+        `target`: the pool's size once scaled out. When trainers must be asked, the scale's row is written with
+        their preemption's rows, as one intent, before any is asked (`outcome.scale`; `scale` passes it on to
+        `Controller.scale`): a control plane killed after the trainers stopped and before the replicas were
+        recorded carries the scale out again on restart (`start`), rather than leaving the business without the
+        replicas the tasks stopped for and the tasks to start again on their GPUs."""
         if self.preemptor is None:
             raise RuntimeError("no preemptor: nothing can be preempted (check `Controller.preemptor` first)")
         who, priority = business if business is not None else self.pool_priority(pool)[::-1]
-        request = PreemptionRequest(pool=pool, business=who, priority=priority, gpus=gpus)
+        draft = None
+        if target is not None:
+            draft = HistoryDraft(Action.SCALE, pool, before={"replicas": len(self.backend.list_pods(pool))},
+                                 after={"replicas": target, PREEMPTING: {"business": who, "priority": priority}},
+                                 message=f"scale out to {target} once preempted finetune tasks give their GPUs")
+        request = PreemptionRequest(pool=pool, business=who, priority=priority, gpus=gpus, scale=draft)
         async with self.preemptor(request) as outcome:
+            failpoints.reached("preempt.before-scale")
+            error: BaseException | None = None
             try:
                 return await scale(request, outcome)
+            except Unavailable:
+                raise  # the scale is made (its row taken): the row completes once the data plane serves it
             except Conflict as refusal:
                 if outcome.why_not:
                     refusal.message += f" (preempt: {outcome.why_not})"
                     refusal.args = (refusal.message,)
+                error = refusal
                 raise
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                self._close_untaken(outcome.scale, error)
+
+    def _close_untaken(self, intent: Intent | None, exc: BaseException | None) -> None:
+        """The row of a scale begun with its preemption, when no scale took it on (the caller raised before, or
+        chose not to scale): closed, so that only a restart leaves it pending (and has it carried out again). A
+        scale that took it on completes it itself (`carrying_out`)."""
+        if intent is None:
+            return
+        if id(intent) in self._taken:
+            self._taken.discard(id(intent))
+            return
+        if exc is not None:
+            self.intents.fail(intent, exc)
+        else:
+            self.intents.complete(intent, Outcome.ROLLED_BACK, message="the scale-out was not carried out after its "
+                                                                        "preemption (no longer wanted once GPUs were freed)")
 
     def pool_businesses(self, pool: str) -> PoolBusinesses:
         """The pool's businesses with their services, policies and priorities, and the pool's priority
@@ -545,7 +601,10 @@ class Controller:
             target = max(0, len(self.backend.list_pods(self._deployment(name, field="deploymentName").name)) + delta)
             return await self._scale(name, target, pool_endpoint=False, reason=reason)
 
-    async def _scale(self, name: str, target: int, *, pool_endpoint: bool, reason: str) -> ScaleResult:
+    async def _scale(self, name: str, target: int, *, pool_endpoint: bool, reason: str,
+                     intent: Intent | None = None) -> ScaleResult:
+        """`intent`: the scale's row, begun already (with a preemption); completed here once the scale is planned
+        (until then, an error leaves it to `_close_untaken`)."""
         deployment = self._deployment(name, field="deploymentName")
         if pool_endpoint and not deployment.is_pool:
             raise InvalidInput(f"'{name}' is a standard deployment", Hint.SCALE_STANDARD)
@@ -556,21 +615,31 @@ class Controller:
         except Conflict as refusal:
             refused = HistoryDraft(Action.SCALE, name, before={"replicas": len(pods)}, after={"replicas": target},
                                    message=refusal.message)
-            self.intents.applied(refused, Outcome.REFUSED)
+            if intent is not None:
+                self._taken.add(id(intent))
+                self.intents.complete(intent, Outcome.REFUSED, message=refusal.message)
+            else:
+                self.intents.applied(refused, Outcome.REFUSED)
             refusal.details.update(success=False, currentReplicas=len(pods), targetReplicas=target, unassignedPods=unassigned)
             raise
-        return await self._carry_out_scale(deployment, plan, reason)
+        if intent is not None:
+            self._taken.add(id(intent))  # `_carry_out_scale` completes it, whatever happens
+        return await self._carry_out_scale(deployment, plan, reason, intent)
 
-    async def _carry_out_scale(self, deployment: Deployment, plan: ScalePlan, reason: str) -> ScaleResult:
+    async def _carry_out_scale(self, deployment: Deployment, plan: ScalePlan, reason: str,
+                               begun: Intent | None = None) -> ScaleResult:
+        """`begun`: the scale's row, written already (with the preemption that freed its GPUs): the backend records
+        the replicas alone, and the row's message becomes this scale's when it completes."""
         name = deployment.name
         message = (f"added {plan.add}, removed {len(plan.remove)}" + (f": {', '.join(plan.remove)}" if plan.remove else "")
                    + (f" ({reason})" if reason else ""))
-        intent = Intent([HistoryDraft(Action.SCALE, name, before={"replicas": plan.current}, after={"replicas": plan.target},
-                                      message=message)])
+        intent = begun or Intent([HistoryDraft(Action.SCALE, name, before={"replicas": plan.current},
+                                               after={"replicas": plan.target}, message=message)])
+        written = None if begun is not None else intent  # what the backend writes with the desired state
         async with self.intents.carrying_out(intent):
-            added = await self.backend.add_replicas(name, plan.add, intent) if plan.add else []
+            added = await self.backend.add_replicas(name, plan.add, written) if plan.add else []
             if plan.remove:  # out of service now; they drain and stop in the background
-                await self.backend.remove_replicas(name, list(plan.remove), intent if not plan.add else None)
+                await self.backend.remove_replicas(name, list(plan.remove), written if not plan.add else None)
                 failpoints.reached("scale-down.intent-recorded")
             if not plan.add and not plan.remove:
                 self.intents.begin(intent)
@@ -579,7 +648,7 @@ class Controller:
             result = ScaleResult(success=True, deploymentName=name, currentReplicas=plan.current, targetReplicas=plan.target,
                                  added=[p.name for p in added], removed=list(plan.remove), unassignedPods=unassigned)
             self.bus.publish(EventType.SCALE, result)
-            await self.intents.confirm(intent)
+            await self.intents.confirm(intent, message=message if begun is not None else None)
         return result
 
     # observations and the reconcile loop ----------------------------------------------------
@@ -596,17 +665,67 @@ class Controller:
 
     async def start(self) -> None:
         """Judge what a stopped control plane left pending (after recovery: against what is there now),
-        then keep reconciling."""
+        carry out again the scale-outs recorded with a preemption (`_redo_scale`), then keep reconciling."""
         self.intents.complete_interrupted(lambda: Observed(
             deployments={d.name: d for d in self.backend.list_deployments()}, pods=self.backend.list_pods(),
-            services={s.name: s for s in self.backend.list_services()}))
+            services={s.name: s for s in self.backend.list_services()},
+            tasks=self.observe_tasks() if self.observe_tasks is not None else None))
+        for row in self.store.pending_history():  # those left pending by the judging: `judge_interrupted`
+            if (redo := ScaleRedo.of(row)) is not None:
+                self._redo_scale(row, redo)
         self._reconciler = asyncio.create_task(self._reconcile_loop(), name="reconciler")
 
+    def _redo_scale(self, row: Mapping[str, Any], redo: ScaleRedo) -> None:
+        """Carry out again a scale-out a restart interrupted after the preemption it was recorded with: the trainers
+        may have checkpointed and stopped for it. The same preemption is asked for now, synchronously, so that its
+        GPUs are kept from the finetune queue (`Preemption.preempting`) before the queue's first round could start
+        the stopped tasks again on them; the scale runs in the background (a trainer may still be saving), and
+        completes the original row."""
+        intent = Intent([HistoryDraft(Action.SCALE, redo.pool, after=row.get("after"), message=row.get("message") or "")],
+                        ids=[row["id"]])
+        deployment = self.backend.get_deployment(redo.pool)
+        gpus = (max(0, redo.replicas - len(self.backend.list_pods(redo.pool))) * deployment.gpus_per_replica
+                if deployment is not None else 0)
+        held = None
+        if gpus and self.preemptor is not None:
+            held = self.preemptor(PreemptionRequest(pool=redo.pool, business=redo.business, priority=redo.priority,
+                                                    gpus=gpus))
+        task = asyncio.create_task(self._carry_out_redo(redo, intent, held), name=f"redo-scale-{redo.pool}")
+        self._redoing.add(task)
+        task.add_done_callback(self._redoing.discard)
+
+    async def _carry_out_redo(self, redo: ScaleRedo, intent: Intent,
+                              held: AbstractAsyncContextManager[PreemptionOutcome] | None) -> None:
+        reason = "carried out again after a control-plane restart"
+        error: BaseException | None = None
+        try:
+            async with AsyncExitStack() as stack:
+                if held is not None:
+                    outcome = await stack.enter_async_context(held)
+                    if outcome.tasks:
+                        reason += f"; GPUs of {', '.join(outcome.tasks)} preempted for it"
+                async with self._locked(redo.pool):
+                    have = len(self.backend.list_pods(redo.pool))
+                    if have >= redo.replicas:  # scaled meanwhile (a person, the autopilot): never scaled back down
+                        self._taken.add(id(intent))
+                        self.intents.complete(intent, Outcome.SUCCESS,
+                                              message=f"{intent.rows[0].message}; the pool had {have} replicas after a "
+                                                      "control-plane restart")
+                        return
+                    await self._scale(redo.pool, redo.replicas, pool_endpoint=False, reason=reason, intent=intent)
+        except Unavailable:
+            pass  # scaled: the row completes once the data plane serves it
+        except Exception as exc:
+            error = exc
+            log.warning("carrying out the scale-out of %s again after a restart failed: %s", redo.pool, exc)
+        finally:
+            self._close_untaken(intent, error)
+
     async def close(self) -> None:
-        if self._reconciler is not None:
-            self._reconciler.cancel()
+        for task in [*self._redoing, *([self._reconciler] if self._reconciler is not None else [])]:
+            task.cancel()  # a redo cut short leaves its row pending: the next start carries it out again
             with contextlib.suppress(asyncio.CancelledError):
-                await self._reconciler
+                await task
         await self.intents.close()
 
     async def _reconcile_loop(self) -> None:
@@ -712,7 +831,7 @@ class Controller:
     def _deployment(self, name: str, field: str = "deployment") -> Deployment:
         deployment = self.backend.get_deployment(name)
         if deployment is None:
-            raise NotFound(f"{field} '{name}' not found", Hint.LIST_DEPLOYMENTS)
+            raise L.unknown_name(name, field, NotFound(f"{field} '{name}' not found", Hint.LIST_DEPLOYMENTS))
         return deployment
 
     def _pool(self, name: str, field: str = "deploymentName") -> Deployment:

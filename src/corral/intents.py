@@ -19,11 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any
 
 from corral.domain.errors import CorralError, Unavailable
-from corral.domain.history import HistoryDraft, Intent, Observed, Outcome, judge_interrupted
+from corral.domain.history import Action, HistoryDraft, Intent, Observed, Outcome, judge_interrupted
 from corral.store.state import StateStore
 
 
@@ -36,6 +36,7 @@ class Intents:
         # change that `confirm`s is complete only then. None: nothing to wait for (no data plane routes them).
         self.confirmed = confirmed
         self._after: dict[int, Any] = {}  # id(intent) → the `after` of its summary row on success (`confirm`)
+        self._message: dict[int, str] = {}  # id(intent) → the message of its summary row on success (`confirm`)
         self._background: set[asyncio.Task] = set()  # completions waiting for the data plane
 
     # writing -----------------------------------------------------------------------------------
@@ -87,50 +88,59 @@ class Intents:
             raise
         except BaseException as exc:
             self._after.pop(id(intent), None)
+            self._message.pop(id(intent), None)
             self.fail(intent, exc)
             raise
         else:
-            self.complete(intent, Outcome.SUCCESS, after=self._after.pop(id(intent), None))
+            self.complete(intent, Outcome.SUCCESS, message=self._message.pop(id(intent), None),
+                          after=self._after.pop(id(intent), None))
 
-    async def confirm(self, intent: Intent, after: Any = None) -> None:
-        """Wait until the data plane serves the change (`confirmed`); `after` is the summary row's state on
-        success (written when `carrying_out` ends). If it does not in time, the `Unavailable` goes to the
-        caller (a 503) and a background task completes the rows once it does, since whoever pushes routes
-        keeps pushing: the change is made, only its confirmation is late."""
+    async def confirm(self, intent: Intent, after: Any = None, message: str | None = None) -> None:
+        """Wait until the data plane serves the change (`confirmed`); `after` (and `message`) are the summary
+        row's on success (written when `carrying_out` ends; a row written before the change knew its outcome).
+        If it does not in time, the `Unavailable` goes to the caller (a 503) and a background task completes the
+        rows once it does, since whoever pushes routes keeps pushing: the change is made, only its confirmation
+        is late."""
         if after is not None:
             self._after[id(intent)] = after
+        if message is not None:
+            self._message[id(intent)] = message
         if self.confirmed is None:
             return
         try:
             await self.confirmed()
         except Unavailable:
             done = self._after.pop(id(intent), None)
-            task = asyncio.create_task(self._complete_when_confirmed(intent, done),
+            said = self._message.pop(id(intent), None)
+            task = asyncio.create_task(self._complete_when_confirmed(intent, done, said),
                                        name="complete-when-routed")
             self._background.add(task)
             task.add_done_callback(self._background.discard)
             raise
 
-    async def _complete_when_confirmed(self, intent: Intent, after: Any) -> None:
+    async def _complete_when_confirmed(self, intent: Intent, after: Any, message: str | None = None) -> None:
         assert self.confirmed is not None
         while True:
             try:
                 await self.confirmed()
             except Unavailable:
                 continue
-            self.complete(intent, Outcome.SUCCESS, after=after)
+            self.complete(intent, Outcome.SUCCESS, message=message, after=after)
             return
 
-    def complete_interrupted(self, observe: Callable[[], Observed]) -> int:
+    def complete_interrupted(self, observe: Callable[[], Observed], actions: Collection[Action] | None = None) -> int:
         """After recovery: judge every change a stopped control plane left pending against what is observed
         now (`domain.history.judge_interrupted`), so each one ends with a record. Returns how many. `observe`
-        lists what the backend has: called only when something is pending (a clean start lists nothing)."""
-        pending = self.store.pending_history()
+        lists what the backend has: called only when something is pending (a clean start lists nothing). `actions`:
+        only the rows of these actions. A row judged `pending` is left for its owner (the adapter reconciler's rows)."""
+        pending = [row for row in self.store.pending_history() if actions is None or row["action"] in actions]
         if not pending:
             return 0
         observed = observe()
         for row in pending:
             outcome, message = judge_interrupted(row, observed)
+            if outcome is Outcome.PENDING:
+                continue
             self.store.complete_rows([row["id"]], outcome,
                                      message=f"{row['message']}; {message}" if row["message"] else message)
         return len(pending)

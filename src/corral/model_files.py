@@ -41,7 +41,8 @@ MAX_CONFIG_BYTES = 16 * 1024**2  # real config.json files are a few KB
 MAX_INDEX_BYTES = 64 * 1024**2  # the largest public shard indexes are a few MB
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on its header
 MAX_SHARDS = 4096
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+# Matched with `fullmatch`: `$` would also pass an id ending in a newline.
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 
 Source = Literal["catalogue", "directory", "hf-cache"]
 Counted = Literal["catalogue", "safetensors", "index", "config"]
@@ -77,7 +78,7 @@ def hub_cache_dir(env: Mapping[str, str] | None = None) -> Path:
 
 def cached_snapshot(repo_id: str, cache: Path | None = None) -> Path | None:
     """The snapshot directory of a cached hub model that holds its config.json, or None."""
-    if not HUB_ID.match(repo_id) or ".." in repo_id:
+    if not HUB_ID.fullmatch(repo_id) or ".." in repo_id:
         return None
     org, name = repo_id.split("/")
     repo = (cache or hub_cache_dir()) / f"models--{org}--{name}"
@@ -223,7 +224,7 @@ def size_model(model: str, cache: Path | None = None) -> SizedModel:
         return size_directory(snapshot, model, "hf-cache")
     if (known := catalogue_name(model)) is not None:
         return SizedModel(KNOWN_MODELS[known], "catalogue", "catalogue", note=f"sized as the catalogue's {known}")
-    where = "a local directory" if not HUB_ID.match(model) else f"in the Hugging Face cache ({cache or hub_cache_dir()})"
+    where = "a local directory" if not HUB_ID.fullmatch(model) else f"in the Hugging Face cache ({cache or hub_cache_dir()})"
     raise InvalidInput(
         f"model '{model[:200]}' is unknown to the estimator: it is not {where}, and not a catalogue model "
         f"({', '.join(KNOWN_MODELS)}). Give a local model directory (with config.json and ideally its safetensors), "

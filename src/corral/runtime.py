@@ -22,8 +22,11 @@ from corral.backends.base import Backend
 from corral.config import Settings
 from corral.controller import Controller
 from corral.domain.gpu_ledger import GpuLedger, units_from_devices
+from corral.domain.history import Action, HistoryDraft, Outcome, TaskSeen
 from corral.domain.load import WINDOW_MIN_S
 from corral.domain.memory import find_model
+from corral.domain.outliers import Change, OutlierEvent
+from corral.domain.tasks import TaskState
 from corral.engines import get_engine, set_interpreter
 from corral.events import EventBus, EventType
 from corral.finetune.manager import FinetuneManager
@@ -64,7 +67,8 @@ class Runtime:
         self.adapters = AdapterManager(self.backend, self.store, self.bus)
         self.controller = Controller(self.backend, self.store, self.bus, base_url=self.service_base_url,
                                      traffic=self.gateway.stats.replica_summary, routes_applied=self.routing.sync,
-                                     adapters=self.adapters.views)
+                                     adapters=self.adapters.views, ejections=self.gateway.ejection_views)
+        self.gateway.on_outlier = self._record_outlier  # every ejection, readmission and cap refusal in the history
         self.bus.listen(self._on_event)
         # Live load per business service and replica: `self.load.snapshot(window)` / `.service(name, window)`
         # (views), `.watch()` for a `load` bus event once a second (corral.gateway.monitor).
@@ -75,10 +79,16 @@ class Runtime:
             ledger=self.gpu_ledger, controller=self.controller, runner=self.platform.runner,
         )
         self.controller.preemptor = self.finetune.preempting  # scale-outs for higher-priority businesses (domain.preemption)
+        self.controller.observe_tasks = self._tasks_seen  # judging a preemption a restart interrupted (domain.history)
         # Warm capacity following demand (corral.autopilot): reads the load above and the engines' /metrics.
         self.autopilot = Autopilot(self.controller, self.store, self.bus, traffic=self._service_traffic,
                                    free_gpu_units=self._free_gpu_units,
                                    interval_s=settings.autopilot_interval_s, in_flight=self._in_flight_by_replica)
+
+    def _tasks_seen(self) -> dict[str, TaskSeen]:
+        """Every finetune task's state, GPUs and whether it was asked to give them (read once, on a start that found
+        changes left pending)."""
+        return {t.id: TaskSeen(TaskState(t.status), tuple(t.units), bool(t.preempted_by)) for t in self.finetune.tasks.list()}
 
     def _in_flight_by_replica(self) -> dict[str, int] | None:
         """The gateway's requests in flight per replica (the autopilot's load where an engine gives no reading).
@@ -195,6 +205,17 @@ class Runtime:
         # `routing.sync()` (the controller's `routes_applied`) so that it returns once traffic follows.
         if type_.may_change_routing:
             self.routing.mark_dirty()
+
+    def _record_outlier(self, event: OutlierEvent) -> None:
+        """A history row per ejection, readmission and cap refusal of the gateway (domain/outliers.py): `eject`."""
+        state = event.state
+        in_rotation = {"inRotation": True}
+        after: dict[str, Any] = {"inRotation": event.change is not Change.EJECTED}
+        if event.change is Change.EJECTED:
+            after |= {"ejections": state.ejections, "seconds": round((state.until or 0.0) - (state.ejected_at or 0.0), 3)}
+        self.controller.observe(None, history=HistoryDraft(
+            Action.EJECT, event.replica, before={"inRotation": False} if event.change is Change.READMITTED else in_rotation,
+            after=after, message=event.message), outcome=Outcome.REFUSED if event.change is Change.CAPPED else Outcome.SUCCESS)
 
     def _health_path(self, replica: str) -> str:
         pod = self.backend.get_pod(replica)

@@ -92,6 +92,18 @@ class ScaleRefusal(ErrorBody):
 
 
 # serving: views --------------------------------------------------------------------------------
+class EjectionView(Contract):
+    """A replica the gateway took out of rotation (outlier detection: issue 25, `corral.domain.outliers`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    since: str = Field(description="when it was ejected (ISO 8601)")
+    until: str = Field(description="when its ejection time ends; from then on it is health-checked, and back in "
+                                   "rotation after CORRAL_HEALTH_SUCCESS_THRESHOLD passed checks in a row")
+    count: int = Field(description="ejections in a row: its ejection time is this many times "
+                                   "CORRAL_GATEWAY_BASE_EJECTION_S, at most CORRAL_GATEWAY_MAX_EJECTION_S")
+    reason: str = Field(description="why: gateway failures in a row, failed health checks, or hung")
+
+
 class PodView(Contract):
     """A replica. Frozen: the controller reuses a pod's view until the pod changes (`Controller._pod_views`),
     so one view may be in several answers at once and must not be altered by any of them."""
@@ -109,6 +121,8 @@ class PodView(Contract):
     restarts: int
     gpuIds: list[int]
     createdAt: str | None
+    ejection: EjectionView | None = Field(default=None, description="set while the gateway keeps the replica out of "
+                                                                    "rotation (its failures; it may still be ready)")
 
 
 class _DeploymentFields(OmittingContract):
@@ -381,6 +395,7 @@ class TaskProgress(TypedDict, total=False):
     evalLoss: Number | None
     datasetFormat: str
     truncated: int
+    turnsCut: int  # messages left out of truncated conversations (system turns kept)
     dropped: int
     trainExamples: int
     evalExamples: int
@@ -440,9 +455,15 @@ class PreviewResult(Contract):
     count: int = Field(description="examples in the dataset")
     analyzed: int = Field(description="examples tokenized for the counts below (the first 20,000)")
     examples: list[PreviewExample]
-    truncated: int = Field(description="examples cut on the prompt side to fit maxSeqLen")
+    truncated: int = Field(description="examples cut to fit maxSeqLen: a conversation's earliest exchanges left out (its "
+                                       "system turn kept), then the oldest part of its last prompt; a prompt's oldest tokens")
+    turnsCut: int = Field(default=0, description="messages left out of truncated conversations (never the system turn, never "
+                                                 "part of an answer)")
     dropped: int = Field(description="examples left out (their answer alone does not fit)")
     dropReasons: dict[str, int]
+    warnings: list[str] = Field(default_factory=list, description="what to know before training: the chat template's end of "
+                                                                  "turn against the model's EOS (and what the result's EOS "
+                                                                  "becomes), markers that are not tokens")
     trainedTokens: int
     totalTokens: int
     maxSeqLen: int

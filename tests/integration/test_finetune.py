@@ -111,6 +111,7 @@ def test_bad_submissions_are_refused_with_the_line_to_fix(corral: CorralServer, 
         ({"hyperparameters": {"epoch": 1}}, "unknown hyperparameter(s) epoch"),
         ({"hyperparameters": {"learningRate": -1}}, "learningRate must be a positive number"),
         ({"baseModel": "not-a-model"}, "neither a local model directory nor a hub id"),
+        ({"baseModel": "org/name\n"}, "neither a local model directory nor a hub id"),  # a name is the whole text
         ({"timeoutSeconds": 0}, "timeoutSeconds must be a positive number of seconds"),
     ]
     good = tmp_path / "good.jsonl"

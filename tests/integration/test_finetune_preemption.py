@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import wait_for
@@ -145,3 +146,50 @@ def test_the_autopilot_preempts_a_low_priority_task_for_a_business_below_its_min
              what="the new replica on the task's GPU, assigned to chat")
     decisions = corral.ok("GET", f"/api/autopilot/{pool}")["decisions"]
     assert any(f"preempted finetune task(s) {task_id}" in d["reason"] for d in decisions), decisions
+
+
+@pytest.mark.parametrize("failpoint", [
+    "preempt.before-scale",  # the trainer checkpointed and gave GPU 0; the replica not recorded yet
+    "preempt.asked",  # the trainer was just signalled: it may still be saving when Corral is back
+    "preempt.intent-recorded",  # the one intent is written; the trainer was never asked
+])
+def test_a_crash_between_a_preemption_and_its_scale_still_ends_with_the_replica(
+        one_gpu: tuple[CorralServer, Path], tiny_model: Path, dataset: Path, failpoint: str) -> None:  # noqa: F811
+    """Issue 26 item 6: `corral serve` is killed (SIGKILL, at a failpoint) during a scale-out that preempts a trainer,
+    before the scale-out recorded the replica. The scale was written with the preemption as one intent, so after the
+    restart it is carried out again: the business gets its replica on GPU 0, the task waits in the queue instead of
+    starting again on it, and the history says what happened, with nothing left pending."""
+    corral, _ = one_gpu
+    pool = corral.ok("POST", "/api/deploy", json={
+        "engine": "simulator", "modelId": "sim", "modelTag": "qwen-06b", "replicas": 0, "deployAsPool": True,
+        "gpusPerReplica": 1, "engineArgs": SIM_ARGS})["deployment"]["name"]
+    corral.ok("POST", "/api/deploy-service", json={"serviceName": "chat", "modelPool": pool, "businessTag": "chat"})
+    corral.ok("PUT", "/api/business-services/chat-nlb/policy", json={"priority": 10})
+    task_id = submit(corral, tiny_model, dataset, gpus=1, priority="low", hyperparameters={"epochs": 20, "saveSteps": 2})["id"]
+    checkpoints = corral.data_dir / "finetune" / task_id / "checkpoints"
+    wait_for(lambda: (checkpoints / "checkpoint-2" / "trainer_state.json").exists(), timeout=120, what="checkpoint 2")
+    assert task(corral, task_id)["units"] == ["0"]
+
+    corral.stop()  # the trainer outlives it (re-adopted), as replicas do
+    corral.extra_env["CORRAL_FAILPOINTS"] = failpoint
+    corral.start()
+    with pytest.raises(httpx.HTTPError):  # killed at the failpoint, before the replica is recorded
+        corral.http.post("/api/scale-pool-deployment", json={"deploymentName": pool, "targetReplicas": 1, "preempt": True})
+    assert corral.process is not None and corral.process.wait(timeout=30) == -9, "killed by its failpoint"
+    del corral.extra_env["CORRAL_FAILPOINTS"]
+    corral.start()
+
+    replica = corral.wait_ready(pool, 1, timeout=60)[0]
+    assert replica["gpuIds"] == [0] and replica["business"] == "unassigned"
+    waiting = task(corral, task_id)
+    assert waiting["status"] == "queued" and waiting["units"] == [], waiting  # not started again on the replica's GPU
+    assert "preempted by business 'chat' (priority 10)" in waiting["reason"]
+    history = corral.ok("GET", "/api/history", params={"limit": 500})
+    assert [h for h in history if h["outcome"] == "pending"] == []
+    [scale] = [h for h in history if h["action"] == "scale" and h["target"] == pool]
+    assert scale["outcome"] == "success" and scale["after"]["replicas"] == 1, scale
+    assert "carried out again after a control-plane restart" in scale["message"], scale
+    asked = [h["outcome"] for h in history if h["action"] == "finetune" and h["target"] == task_id
+             and h["message"].startswith("preempting for business 'chat'")]
+    # Killed before the trainer was asked: that preemption did not happen (failed), and the redo asked it (success).
+    assert asked == (["success", "failed"] if failpoint == "preempt.intent-recorded" else ["success"]), asked

@@ -85,7 +85,8 @@ def test_lora_learns_the_fixed_answer_and_reports_what_was_cut(served: CorralSer
     assert (progress["trainExamples"], progress["evalExamples"]) == (29, 4) and progress["datasetFormat"] == "mixed (messages 33, alpaca 1)"
     assert progress["evalLoss"] is not None
     log = corral.http.get(f"/api/finetune/tasks/{task['id']}/logs", params={"tail": 5000}).text
-    assert "1 truncated on the prompt side to maxSeqLen 96; 1 dropped (1 × the answer alone is longer than maxSeqLen (96 tokens))" in log
+    assert ("1 truncated to maxSeqLen 96 at turn boundaries (0 earlier messages left out, system turns kept); 1 dropped "
+            "(1 × the answer alone is longer than maxSeqLen (96 tokens))") in log
     # The checkpoints are gone once the result is written; the adapter stays.
     output = Path(done["output"])
     assert (output / "adapter_model.safetensors").exists() and not (output.parent / "checkpoints").exists()
@@ -216,7 +217,7 @@ async def test_the_submit_form_previews_the_dataset(tmp_path: Path, tiny_model: 
             numbers = {e.props.get("data-testid"): e for e in user.find(kind=ui.number).elements}
             numbers["hp-maxSeqLen"].set_value(96)
             user.find(kind=ui.button, content="Preview").click()
-            await user.should_see("mixed (messages 33, alpaca 1): 34 examples; 1 truncated on the prompt side, 1 dropped", retries=200)
+            await user.should_see("mixed (messages 33, alpaca 1): 34 examples; 1 truncated at turn boundaries (0 earlier messages left out), 1 dropped", retries=200)
             example = next(e for e in user.find(kind=ui.html).elements if e.props.get("data-testid") == "ft-preview-example-0")
             assert f'<mark class="bg-green-2">{ANSWER}&lt;|im_end|&gt;\n</mark>' in example.content
             chart = next(e for e in user.find(kind=ui.echart).elements if e.props.get("data-testid") == "ft-preview-histogram")

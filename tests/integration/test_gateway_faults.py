@@ -1,8 +1,8 @@
 """The gateway under bad input, slow clients and replica faults, over a real `corral serve` with
 simulator replicas, on both data planes: paths outside the OpenAI API and header injections are
 refused, bodies are capped, slow clients are cut, a replica dying mid-stream aborts the client's
-response, and a hung replica is ejected (Python plane; its requests get 504, never a replay) without
-cutting a busy one."""
+response, and a hung replica is ejected (Python plane; its requests get 504, never a replay; the ejection shows
+in the pods view and the history) without cutting a busy one."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ from corral.gateway.proxy import MSG_CONTROL_CHARS, MSG_NOT_API, not_retried, to
 from tests.conftest import wait_for
 from tests.integration.conftest import CorralServer, running_corral
 
-FIRST_BYTE_S = 2.0  # the health check then gets max(1, 2 / 2) = 1 s
+FIRST_BYTE_S = 2.0  # each health check then gets max(1, 2 / 2) = 1 s
+HEALTH_FAILURES = 3  # failed health checks in a row: a replica is not ready (supervisor), or hung (gateway)
 CLIENT_TIMEOUT_S = 2
 MAX_BODY = 4 * 1024**2
 MAX_CONNECTIONS = 16
@@ -212,8 +213,9 @@ def test_hung_replica_is_ejected_and_requests_complete_on_the_other(gw: CorralSe
     try:
         if gw.plane == "nginx":  # type: ignore[attr-defined]
             # nginx has one read timeout for the first byte and between chunks (nginx_plane.render_config):
-            # a hung replica leaves rotation through its failed health checks; new requests avoid it.
-            wait_for(lambda: not next(p for p in gw.pods(FAST) if p["name"] == victim)["ready"], timeout=10, what="not ready")
+            # a hung replica leaves rotation through its failed health checks (3 in a row, 2 s each at most, half a
+            # second apart); new requests avoid it.
+            wait_for(lambda: not next(p for p in gw.pods(FAST) if p["name"] == victim)["ready"], timeout=20, what="not ready")
             responses = concurrent_chats(gw, 4)
             assert {r.status_code for r in responses} == {200}
             assert {r.headers["x-corral-replica"] for r in responses} == {healthy}
@@ -228,12 +230,19 @@ def test_hung_replica_is_ejected_and_requests_complete_on_the_other(gw: CorralSe
         served = [r for r in responses if r.status_code != 504]
         assert {r.status_code for r in served} <= {200}, [r.text for r in responses]
         assert {r.headers["x-corral-replica"] for r in served} <= {healthy}
-        # First-byte timeout, then a 1 s health check (a margin for this 2-core machine).
-        assert elapsed < FIRST_BYTE_S + 1 + 2.5, elapsed
+        # First-byte timeout, then three failed health checks of 1 s (a margin for this 2-core machine).
+        assert elapsed < FIRST_BYTE_S + HEALTH_FAILURES * 1 + 2.5, elapsed
         metrics = gw.http.get("/api/metrics").text
         assert f'corral_gateway_ejected{{replica="{victim}"}} 1' in metrics
         assert f'corral_gateway_errors_total{{replica="{victim}",service="{FAST}"}} ' in metrics
         assert "ejecting replica " + victim in (gw.data_dir / "serve.log").read_text()
+        # Visible in the pods view and the history (issue 25).
+        ejection = next(p for p in gw.pods(FAST) if p["name"] == victim)["ejection"]
+        assert ejection["count"] == 1 and ejection["reason"].startswith("no response in time, 3 failed health checks")
+        assert next(p for p in gw.pods(FAST) if p["name"] == healthy)["ejection"] is None
+        rows = gw.ok("GET", "/api/history", params={"action": "eject", "target": victim})
+        assert rows[0]["message"].startswith("ejected from rotation by the gateway") and rows[0]["outcome"] == "success"
+        assert rows[0]["after"]["inRotation"] is False
         # Ejected: the next requests go to the other replica only.
         responses = concurrent_chats(gw, 4)
         assert {r.status_code for r in responses} == {200} and {r.headers["x-corral-replica"] for r in responses} == {healthy}

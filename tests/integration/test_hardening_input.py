@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -133,6 +135,77 @@ def test_secret_arguments_and_secret_env_are_never_shown(server: CorralServer) -
     finally:
         server.ok("DELETE", f"/api/deployments/{name}")
     wait_for(lambda: not _secret_rows(server), timeout=30, what="the deleted deployment's secrets to be forgotten")
+
+
+def test_abbreviated_secret_flags_are_masked_too(server: CorralServer) -> None:
+    """Issue 26 item 7: argparse reads any unambiguous prefix of a long option as the option, so `--api-ke V` sets the
+    simulator's (and vLLM's) API key: its value is masked like `--api-key`'s, in both forms, wherever it is shown."""
+    first, second = "sk-abbrev-first-0123", "sk-abbrev-second-0123"
+    created = server.ok("POST", "/api/deploy", json={
+        "engine": "simulator", "modelId": "sim", "modelTag": "abbreviated", "replicas": 1, "deployAsPool": True,
+        "engineArgs": [*SIM_ARGS, f"--api-k={first}", "--api-ke", second]})
+    name = created["deployment"]["name"]
+    pod = server.wait_ready(name, 1)[0]
+    try:
+        deployment = server.ok("GET", f"/api/deployments/{name}")
+        assert deployment["engineArgs"] == [*SIM_ARGS, "--api-k=***", "--api-ke", "***"]
+        manifest = Path(created["manifestPath"]).read_text()
+        replica_log = server.http.get(f"/api/pods/{pod['name']}/logs", params={"tail": 1000}).text
+        assert "'--api-k=***', '--api-ke', '***'" in replica_log
+        shown = [json.dumps(created), json.dumps(deployment), manifest, replica_log,
+                 server.http.get("/api/deployments").text, server.http.get("/api/pods").text,
+                 server.http.get("/api/history", params={"limit": 1000}).text, (server.data_dir / "serve.log").read_text()]
+        for text in shown:
+            assert first not in text and second not in text
+        # The abbreviation really is the key (argparse: the last one wins).
+        models = f"{pod['endpoint']}/v1/models"
+        assert httpx.get(models, headers={"Authorization": f"Bearer {first}"}).status_code == 401
+        assert httpx.get(models, headers={"Authorization": f"Bearer {second}"}).status_code == 200
+    finally:
+        server.ok("DELETE", f"/api/deployments/{name}")
+
+
+def test_an_api_body_trickled_a_byte_at_a_time_is_answered_408_at_its_deadline(tmp_path: Path) -> None:
+    """Issue 26 item 7: the client body timeout is a silence, which a byte every half second never reaches; the
+    whole body has CORRAL_API_BODY_TIMEOUT_S from the request's start, then the request is answered 408 and
+    nothing is changed."""
+    with running_corral(tmp_path / "data", {"CORRAL_API_BODY_TIMEOUT_S": "2"}) as corral:
+        before = _state(corral)
+        body = json.dumps({"engine": "simulator", "modelId": "sim", "modelTag": "trickled", "replicas": 1,
+                           "deployAsPool": True}).encode()
+        head = (f"POST /api/deploy HTTP/1.1\r\nHost: 127.0.0.1:{corral.port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", corral.port)) as sock:
+            sock.sendall(head)
+            started = time.monotonic()
+            sock.settimeout(0.5)  # paces the trickle: a byte per half second, and reads whatever came back meanwhile
+            answer, sent = b"", 0
+            while b"\r\n\r\n" not in answer and time.monotonic() - started < 15:
+                if sent < len(body) - 1:  # never the last byte
+                    sock.sendall(body[sent:sent + 1])
+                    sent += 1
+                try:
+                    chunk = sock.recv(65536)
+                except TimeoutError:
+                    continue
+                if not chunk:
+                    break
+                answer += chunk
+            elapsed = time.monotonic() - started
+            while (head_end := answer.find(b"\r\n\r\n")) >= 0 and len(answer) < head_end + 4 + int(
+                    answer.lower().split(b"content-length: ")[1].split(b"\r\n")[0]):
+                answer += sock.recv(65536)
+        status, _, rest = answer.partition(b"\r\n")
+        assert status == b"HTTP/1.1 408 Request Timeout", answer
+        assert 2 <= elapsed < 6, elapsed
+        assert b"connection: close" in rest.lower()
+        error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+        assert error.startswith("request body not received whole within 2 s of the request's start") and \
+            "CORRAL_API_BODY_TIMEOUT_S" in error, error
+        assert 2 <= sent < len(body) - 1
+        assert _state(corral) == before
+        # An ordinary request on a new connection is served as before.
+        assert corral.http.get("/api/deployments").status_code == 200
 
 
 def _inputs(server: CorralServer) -> Path:

@@ -36,7 +36,17 @@ def browser() -> Iterator[object]:
 
 @pytest.fixture
 def page(browser: object) -> Iterator[object]:
-    context = browser.new_context(viewport={"width": 1440, "height": 1000})  # type: ignore[attr-defined]
+    yield from _page(browser, 1440, 1000)
+
+
+@pytest.fixture
+def laptop_page(browser: object) -> Iterator[object]:
+    """A 1280×800 page: the laptop screen that issue 30's newcomer used (labels cut off, a table scrolled sideways)."""
+    yield from _page(browser, 1280, 800)
+
+
+def _page(browser: object, width: int, height: int) -> Iterator[object]:
+    context = browser.new_context(viewport={"width": width, "height": height})  # type: ignore[attr-defined]
     page = context.new_page()
     page.set_default_timeout(20_000)
     errors: list[str] = []
@@ -56,8 +66,9 @@ def screenshot(page: object, name: str, element: object | None = None) -> None:
     """The whole page (from the top: the header is fixed), or one element of it."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = str(SCREENSHOTS / f"{name}.png")
+    # animations="disabled": a floating label or a closing menu is shown where it ends, not half-way
     if element is not None:
-        element.screenshot(path=path)  # type: ignore[attr-defined]
+        element.screenshot(path=path, animations="disabled")  # type: ignore[attr-defined]
     else:
         page.evaluate("window.scrollTo(0, 0)")  # type: ignore[attr-defined]
-        page.screenshot(path=path, full_page=True)  # type: ignore[attr-defined]
+        page.screenshot(path=path, full_page=True, animations="disabled")  # type: ignore[attr-defined]

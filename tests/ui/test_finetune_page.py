@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect
 
+from corral.ui.inference import engine_choices
 from tests.conftest import wait_for
 from tests.integration.conftest import CorralServer
 from tests.integration.test_finetune import dataset, tiny_model  # noqa: F401 (fixtures)
@@ -97,6 +98,16 @@ def test_failed_reason_curves_and_export_at_1280_px(corral: CorralServer, browse
         curves = corral.ok("GET", f"/api/finetune/tasks/{good}/curves")
         assert curves["loss"] and curves["evalLoss"] and len(curves["learningRate"]) == len(curves["loss"])
         assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+        # Deploy as pool offers an engine installed here (issue 30: it offered vLLM where vLLM is not installed).
+        labels, default = engine_choices("local")
+        engine = page.get_by_test_id("deploy-engine")
+        expect(engine).to_contain_text(labels["vllm"] if "not installed" not in labels["vllm"] else labels[default])
+        expect(engine).not_to_contain_text("not installed")
+        engine.click()
+        for label in labels.values():  # each engine offered, the ones that cannot run here saying so
+            expect(page.get_by_role("option", name=label, exact=True)).to_be_visible()
+        page.keyboard.press("Escape")
+        expect(page.get_by_role("option")).to_have_count(0)  # the menu gone before the screenshot
         screenshot(page, "finetune-detail")
 
         page.get_by_test_id("export").click()

@@ -4,6 +4,7 @@ The same rules run against real vLLM CPU replicas in tests/integration/test_vllm
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -264,3 +265,106 @@ async def test_vllms_refusal_text_reaches_the_message() -> None:
         await client.load("http://r", "x", "/x")
     await client.unload("http://r", "x")  # not loaded: nothing to do
     await client.close()
+
+
+# interrupted adds and removes (issue 26: judged by what the replicas have loaded) -----------------
+def interrupted_add(store: StateStore, pool: str, name: str, path: str) -> None:
+    """What `AdapterManager.add` writes before it loads anything: the adapter and its pending row (then Corral is
+    killed)."""
+    from corral.domain.history import Action, HistoryDraft, Intent
+
+    store.add_adapter(Adapter(pool=pool, name=name, path=path, rank=8),
+                      Intent([HistoryDraft(Action.ADAPTER_ADD, pool, after={"adapter": name, "taskId": None, "path": path},
+                                           message=f"LoRA adapter '{name}' added")]))
+
+
+def restart_judging(store: StateStore, backend: MemoryBackend) -> None:
+    """The controller's judging at start, before the adapter reconciler starts (runtime.py's order)."""
+    from corral.domain.history import Observed
+    from corral.intents import Intents
+
+    Intents(store).complete_interrupted(lambda: Observed(deployments={d.name: d for d in backend.list_deployments()},
+                                                         pods=backend.list_pods(), services={}))
+
+
+async def test_an_interrupted_add_that_replicas_refuse_is_rolled_back_after_a_restart(plane, store: StateStore) -> None:
+    backend, controller, manager, replicas, pool = plane
+    await manager.add(pool, "good", path="/adapters/good", task_id=None, rank=8)
+    interrupted_add(store, pool, "broken", "/adapters/bad")
+    interrupted_add(store, pool, "fine", "/adapters/fine")
+    restart_judging(store, backend)
+    assert [r["outcome"] for r in store.history(action="adapter-add")[:2]] == ["pending", "pending"]  # left to the reconciler
+    again = AdapterManager(backend, store, EventBus(), client=replicas)
+    await again.start()
+    try:
+        rows = {r["after"]["adapter"]: r for r in store.history(action="adapter-add")}
+        assert rows["broken"]["outcome"] == "rolled_back" and "refused to load it" in rows["broken"]["message"]
+        assert "No adapter found for /adapters/bad" in rows["broken"]["message"]
+        assert rows["fine"]["outcome"] == "success" and "loaded on 2 of 2" in rows["fine"]["message"]
+        assert [a.name for a in store.list_adapters(pool)] == ["fine", "good"]  # no longer desired: never retried
+        assert loaded_everywhere(backend, replicas, pool) == [{"fine", "good"}] * 2
+        assert not store.pending_history()
+    finally:
+        await again.close()
+
+
+async def test_an_interrupted_add_waits_for_a_replica_to_answer_and_a_remove_is_judged_done(plane, store: StateStore) -> None:
+    backend, controller, manager, replicas, pool = plane
+    await manager.add(pool, "old", path="/adapters/old", task_id=None, rank=8)
+    interrupted_add(store, pool, "late", "/adapters/bad-late")
+    from corral.domain.history import Action, HistoryDraft, Intent
+
+    store.remove_adapter(pool, "old", Intent([HistoryDraft(Action.ADAPTER_REMOVE, pool, before={"adapter": "old"},
+                                                           message="LoRA adapter 'old' removed")]))
+    replicas.down = {p.endpoint for p in backend.list_pods(pool)}  # type: ignore[misc]
+    restart_judging(store, backend)
+    again = AdapterManager(backend, store, EventBus(), client=replicas)
+    await again.start()
+    try:
+        assert store.history(action="adapter-remove")[0]["outcome"] == "success"
+        assert store.history(action="adapter-add")[0]["outcome"] == "pending"  # nobody answered: not judged yet
+        replicas.down.clear()
+        await again.reconcile()
+        row = store.history(action="adapter-add")[0]
+        assert row["outcome"] == "rolled_back" and [a.name for a in store.list_adapters(pool)] == []
+        assert loaded_everywhere(backend, replicas, pool) == [set()] * 2  # 'old' unloaded too
+    finally:
+        await again.close()
+
+
+# what an adapter directory says about its training -----------------------------------------------
+def adapter_dir(root: Path, base: str, dora: bool = False, template: str | None = None, eos: str = "<|im_end|>") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "adapter_config.json").write_text(json.dumps({"r": 8, "base_model_name_or_path": base, "use_dora": dora}))
+    if template is not None:
+        (root / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos}))
+        (root / "chat_template.jinja").write_text(template)
+    return root
+
+
+async def test_an_adapter_for_another_base_model_dora_or_another_template_is_refused(tmp_path: Path, store: StateStore) -> None:
+    backend = MemoryBackend()
+    replicas = FakeReplicas()
+    manager = AdapterManager(backend, store, EventBus(), client=replicas)
+    controller = Controller(backend, store, EventBus(), adapters=manager.views)
+    base = adapter_dir(tmp_path / "base", "x", template="{{ chatml }}")  # the pool's model: its tokenizer files
+    name = (await controller.deploy(DeploySpec(engine="vllm", model_id=str(base), model_tag="chat", replicas=1, deploy_as_pool=True,
+                                               gpus_per_replica=0, engine_args=list(LORA_ARGS)))).deployment.name
+    try:
+        other = adapter_dir(tmp_path / "other", "Qwen/Qwen2.5-7B-Instruct")
+        with pytest.raises(Conflict, match=r"trained on base model 'Qwen/Qwen2.5-7B-Instruct', but pool .* serves '.*base'"):
+            await manager.add(name, "a", path=str(other), task_id=None, rank=8)
+        via_link = tmp_path / "link"
+        via_link.symlink_to(base)
+        dora = adapter_dir(tmp_path / "dora", str(via_link) + "/", dora=True)  # the same base, written otherwise
+        with pytest.raises(Conflict, match="DoRA adapter .* vLLM cannot load"):
+            await manager.add(name, "a", path=str(dora), task_id=None, rank=8)
+        llama = adapter_dir(tmp_path / "llama3", str(base), template="{{ llama3 }}", eos="<|eot_id|>")
+        with pytest.raises(Conflict, match="another chat template than pool .* deploy the task as its own pool"):
+            await manager.add(name, "a", path=str(llama), task_id=None, rank=8)
+        assert store.list_adapters() == [] and replicas.calls == []  # refused before anything was recorded or loaded
+        assert all(r["outcome"] != "pending" for r in store.history(action="adapter-add"))
+        same = adapter_dir(tmp_path / "same", str(base), template="{{ chatml }}")
+        assert (await manager.add(name, "a", path=str(same), task_id=None, rank=8)).adapter.loadedOn == 1
+    finally:
+        await manager.close()

@@ -70,6 +70,7 @@ def legacy_pod_view(pod: Pod) -> dict:
         "name": pod.name, "deployment": pod.deployment, "labels": dict(pod.labels), "status": pod.phase.value, "ready": pod.ready,
         "isPoolPod": pod.is_pool_pod, "business": pod.business, "model": pod.model, "endpoint": pod.endpoint,
         "restarts": pod.restarts, "gpuIds": list(pod.gpu_ids), "createdAt": pod.created_at.isoformat() if pod.created_at else None,
+        "ejection": None,  # (issue 25: set while the gateway keeps the replica out of rotation)
     }
 
 

@@ -32,6 +32,21 @@ def test_defaults_follow_llama_factory() -> None:
     assert "learningRate: a positive number at most 1 (default 1e-4 for lora and qlora, 1e-5 for full)" in hyperparameters.HYPERPARAMETERS_HELP
 
 
+def test_lora_alpha_is_twice_the_rank_and_dropout_zero_unless_given() -> None:
+    """LLaMA-Factory's LoRA defaults: alpha = 2 × rank (the scale alpha/rank stays 2 at any rank), dropout 0."""
+    assert (hyperparameters.validate({})["loraAlpha"], hyperparameters.validate({})["loraDropout"]) == (16, 0.0)
+    assert hyperparameters.validate({"loraRank": 64})["loraAlpha"] == 128
+    assert hyperparameters.validate({"loraRank": 64, "loraAlpha": None})["loraAlpha"] == 128  # null: by rank
+    given = hyperparameters.validate({"loraRank": 64, "loraAlpha": 16.0, "loraDropout": 0.1})
+    assert given["loraAlpha"] == 16 and type(given["loraAlpha"]) is int and given["loraDropout"] == 0.1
+    assert hyperparameters.validate({"loraRank": 1024})["loraAlpha"] == 2048
+    with pytest.raises(InvalidInput, match="loraAlpha must be an integer from 1 to 4096, got 2.5"):
+        hyperparameters.validate({"loraAlpha": 2.5})
+    assert hyperparameters.for_trainer({"loraRank": 32})["loraAlpha"] == 64  # stored without one: by its rank
+    assert hyperparameters.for_trainer({"loraRank": 32, "loraAlpha": 16})["loraAlpha"] == 16  # an older task's stays
+    assert "loraAlpha: an integer from 1 to 4096 (default 2 × loraRank)" in hyperparameters.HYPERPARAMETERS_HELP
+
+
 def test_every_new_setting_is_checked_by_the_one_validator() -> None:
     checked = hyperparameters.validate({"lrScheduler": "linear", "warmupRatio": 0, "maxGradNorm": 0.5, "gradientCheckpointing": False,
                                         "trainOnPrompt": True, "precision": "fp16", "valSize": 0.1, "saveTotalLimit": 3,
@@ -114,6 +129,10 @@ def test_vllm_gets_the_adapter_under_the_tag_with_its_rank(tmp_path: Path) -> No
         vllm_lora_args("t", adapter(600))
     with pytest.raises(Conflict, match="no readable adapter_config.json"):
         vllm_lora_args("t", tmp_path)
+    # Trained with a built-in chat template: vLLM gets the adapter's tokenizer (that template, its end of turn as EOS).
+    (tmp_path / "a8" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    assert vllm_lora_args("t", adapter(8), own_tokenizer=True)[-2:] == ["--tokenizer", str(tmp_path / "a8")]
+    assert "--tokenizer" not in vllm_lora_args("t", adapter(8))
 
 
 def test_memory_must_fit_the_largest_gpu() -> None:

@@ -4,6 +4,7 @@ truncation from the prompt side, answers that cannot fit dropped."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -114,14 +115,18 @@ def test_truncation_cuts_the_prompt_and_drops_what_cannot_fit(tiny: Any, bos: An
                            {"role": "assistant", "content": "hello world"}]}
     full = Encoder(tiny, 4096).encode(parse(record, 1))
     assert isinstance(full, Encoded) and len(full.input_ids) > 64
-    cut = Encoder(tiny, 32).encode(parse(record, 1))
-    assert isinstance(cut, Encoded) and cut.truncated and len(cut.input_ids) == 32 and cut.total_tokens == len(full.input_ids)
-    assert cut.input_ids == full.input_ids[-32:]  # the oldest tokens went, the answer stayed whole
+    cut = Encoder(tiny, 48).encode(parse(record, 1))
+    assert isinstance(cut, Encoded) and cut.truncated and 44 <= len(cut.input_ids) <= 48 and cut.total_tokens == len(full.input_ids)
+    text = tiny.decode(cut.input_ids)
+    # The system turn and the user turn's header stay; the oldest part of the question goes; the answer stays whole.
+    assert text.startswith("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\n") and cut.turns_cut == 0
+    assert text.endswith(" lazy dog<|im_end|>\n<|im_start|>assistant\nhello world<|im_end|>\n")
     assert trained_text(tiny, cut) == ["hello world<|im_end|>\n"]
-    # With a BOS, the BOS stays in front of the cut prompt.
-    with_bos = Encoder(bos, 32).encode(parse(record, 1))
-    assert isinstance(with_bos, Encoded) and with_bos.input_ids[0] == bos.bos_token_id and len(with_bos.input_ids) == 32
+    # With a BOS, the BOS stays in front, once.
+    with_bos = Encoder(bos, 48).encode(parse(record, 1))
+    assert isinstance(with_bos, Encoded) and with_bos.input_ids[0] == bos.bos_token_id and len(with_bos.input_ids) <= 48
     assert with_bos.input_ids.count(bos.bos_token_id) == 1 and trained_text(bos, with_bos) == ["hello world<|eot_id|>"]
+    assert bos.decode(with_bos.input_ids).startswith("<s><|start_header_id|>system<|end_header_id|>\n\nbe brief<|eot_id|>")
     # An answer longer than maxSeqLen: dropped, not cut.
     answer_too_long = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": long_question}]}
     dropped = Encoder(tiny, 32).encode(parse(answer_too_long, 1))
@@ -132,9 +137,58 @@ def test_truncation_cuts_the_prompt_and_drops_what_cannot_fit(tiny: Any, bos: An
         parse({"text": long_question}, 1)).input_ids[:16]  # type: ignore[union-attr]
     # The counts a task reports.
     short = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
-    encoding = Encoder(tiny, 32).encode_all([parse(r, 1) for r in (short, record, answer_too_long, record)])
+    encoding = Encoder(tiny, 48).encode_all([parse(r, 1) for r in (short, record, answer_too_long, record)])
     assert (len(encoding.encoded), encoding.truncated, encoding.dropped) == (3, 2, 1)
     assert len(encoding.lengths) == 4 and list(encoding.drop_reasons.values()) == [1]
+
+
+def test_truncation_keeps_the_system_turn_and_never_starts_mid_turn(tiny: Any) -> None:
+    """A conversation too long for maxSeqLen loses its earliest exchanges whole: the window starts with the system turn,
+    then a user turn, never inside an earlier answer (the old cut trained orphan fragments of answers without their
+    question or system prompt)."""
+    answers = [" ".join(["the quick brown fox"] * 3) + f" {i}" for i in range(6)]
+    messages = [{"role": "system", "content": "be brief"}]
+    for i, answer in enumerate(answers):
+        messages += [{"role": "user", "content": f"hello world {i}"}, {"role": "assistant", "content": answer}]
+    full = Encoder(tiny, 4096).encode(parse({"messages": messages}, 1))
+    last = Encoder(tiny, 4096).encode(parse({"messages": [messages[0], *messages[-2:]]}, 1))
+    assert isinstance(full, Encoded) and isinstance(last, Encoded)
+    for limit in range(len(last.input_ids), len(full.input_ids), 7):
+        cut = Encoder(tiny, limit).encode(parse({"messages": messages}, 1))
+        assert isinstance(cut, Encoded) and cut.truncated and len(cut.input_ids) <= limit, limit
+        text = tiny.decode(cut.input_ids)
+        assert text.startswith("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhello world "), (limit, text[:80])
+        kept = text.count("<|im_start|>assistant")
+        assert cut.turns_cut == 2 * (len(answers) - kept)  # whole exchanges: a question and its answer
+        assert trained_text(tiny, cut) == [f"{a}<|im_end|>\n" for a in answers[-kept:]]  # every answer whole
+    # The counts of a dataset: examples cut and messages left out.
+    encoding = Encoder(tiny, len(last.input_ids) + 40).encode_all([parse({"messages": messages}, 1)] * 2)
+    assert encoding.truncated == 2 and encoding.turns_cut == 2 * encoding.encoded[0].turns_cut > 0
+    # Not even the system turn, the last question's header and its answer fit: dropped, with the reason.
+    dropped = Encoder(tiny, 24).encode(parse({"messages": messages}, 1))
+    assert isinstance(dropped, Dropped) and "the last exchange with the system turn is longer than maxSeqLen" in dropped.reason
+
+
+def test_tool_schemas_go_into_the_system_turn_when_the_template_has_no_place_for_them(tiny: Any) -> None:
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "the weather of a city",
+                                                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    record = {"messages": [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": "sunny"}], "tools": tools}
+    encoder = Encoder(tiny, 4096)
+    encoded = encoder.encode(parse(record, 1))
+    assert isinstance(encoded, Encoded)
+    text = tiny.decode(encoded.input_ids)
+    assert text.startswith("<|im_start|>system\n# Tools") and json.dumps(tools[0]) in text.split("<|im_end|>")[0]
+    assert trained_text(tiny, encoded) == ["sunny<|im_end|>\n"]  # the schema is context, never trained
+    # An existing system turn keeps its text, the schemas after it.
+    with_system = {**record, "messages": [{"role": "system", "content": "be brief"}, *record["messages"]]}
+    text = tiny.decode(encoder.encode(parse(with_system, 1)).input_ids)  # type: ignore[union-attr]
+    assert text.startswith("<|im_start|>system\nbe brief\n\n# Tools") and text.count("<|im_start|>system") == 1
+    # A template that renders `tools` itself gets them there, not twice.
+    own = tiny.__class__.from_pretrained(tiny.name_or_path)
+    own.chat_template = ("{% if tools %}TOOLS {{ tools | length }}\n{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                         "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    text = own.decode(Encoder(own, 4096).encode(parse(record, 1)).input_ids)  # type: ignore[union-attr]
+    assert text.startswith("TOOLS 1\n<|im_start|>user") and "# Tools" not in text
 
 
 def test_length_histogram_marks_what_max_seq_len_cuts() -> None:

@@ -25,6 +25,12 @@ from corral.finetune.dataset import load_dataset
     (["--token", "t", "--max-num-batched-tokens", "8192", "--tokenizer", "x"], ["--token", "***", "--max-num-batched-tokens", "8192", "--tokenizer", "x"]),
     (["--api-key"], ["--api-key"]),  # no value: nothing to hide
     (["--api-key", "--api-key", "x"], ["--api-key", "***", "x"]),  # the value is whatever follows
+    # argparse's prefix rule (issue 26): an abbreviation sets the flag, so its value is a secret too, in both forms.
+    (["--api-ke", "sk-1", "--api-k=sk-2", "--api", "sk-3"], ["--api-ke", "***", "--api-k=***", "--api", "***"]),
+    (["--hf-tok", "hf", "--ssl-keyfile-pass=pw", "--admin-api", "a"], ["--hf-tok", "***", "--ssl-keyfile-pass=***", "--admin-api", "***"]),
+    (["--db-pass", "pw", "--my-api-ke=k", "--x-secr", "s", "--y-toke", "t"], ["--db-pass", "***", "--my-api-ke=***", "--x-secr", "***", "--y-toke", "***"]),
+    (["--timeout-sec", "3", "--port", "1", "--max-num-seqs", "4", "--tensor-parallel-size", "2"],  # no secret prefix: shown
+     ["--timeout-sec", "3", "--port", "1", "--max-num-seqs", "4", "--tensor-parallel-size", "2"]),
 ])
 def test_secret_values_are_redacted(argv: list[str], shown: list[str]) -> None:
     assert redact_args(argv) == shown
@@ -94,7 +100,7 @@ def test_hyperparameters_keep_integers_and_refuse_what_the_trainer_cannot_use() 
             hyperparameters.validate(bad)
     # A task queued by an older Corral (2.0 stored) still reaches the trainer with integers.
     assert hyperparameters.for_trainer({"batchSize": 2.0, "learningRate": 1e-4}) == {**hyperparameters.DEFAULTS, "batchSize": 2,
-                                                                                  "learningRate": 1e-4}
+                                                                                  "learningRate": 1e-4, "loraAlpha": 16}
 
 
 def test_binary_and_unreadable_datasets_are_refused(tmp_path: Path) -> None:

@@ -16,10 +16,12 @@ from corral.domain.load import (
     Sample,
     Tick,
     bucket_index,
+    departures,
     figures,
     held_wait_ms,
     histogram_quantile,
     in_window,
+    prunable,
     step_end,
     steps,
     tick,
@@ -299,3 +301,43 @@ def test_held_requests_are_counted_now_and_their_wait_in_a_histogram() -> None:
     # a data plane that restarted (nginx's shared memory starts empty): what it counted since is new
     restarted = Sample({}, {}, held_wait={"a-nlb": {bucket_index(0.01): 1}})
     assert tick(after, restarted, 11.0, 1.0, {}).held_wait == {"a-nlb": {bucket_index(0.01): 1}}
+
+
+# counters of replicas and services that left (issue 25, part 5) ------------------------------------------------
+@given(tables=st.lists(st.sets(st.sampled_from("abcdef")), min_size=1, max_size=8), retention=st.integers(0, 3))
+def test_who_left_is_pruned_after_the_retention_unless_busy_or_back(tables: list[set[str]], retention: int) -> None:
+    """One table a second: a name is prunable once it has been out of every table for `retention` seconds in a row
+    (checked against a recount), and never while busy."""
+    departed: dict[str, float] = {}
+    before: set[str] = set()
+    for now, table in enumerate(tables):
+        departed = departures(before, table, departed, float(now))
+        before = table
+        for name in "abcdef":
+            seen = [i for i, t in enumerate(tables[:now + 1]) if name in t]
+            out_since = seen[-1] + 1 if seen and seen[-1] < now else None  # left at the table after its last one
+            assert (name in departed) == (out_since is not None)
+            if out_since is not None:
+                assert departed[name] == out_since
+        assert prunable(departed, float(now), retention) == sorted(n for n, at in departed.items() if now - at >= retention)
+        assert prunable(departed, float(now), retention, busy=set("abcdef")) == []
+
+
+def test_pruned_counters_leave_the_samples_and_add_nothing_to_a_tick() -> None:
+    stats = TrafficStats()
+    for service, replica in [("a", "r1"), ("a", "r2"), ("b", "r1")]:
+        stats.start(service, replica)
+        stats.finish(service, replica, 0.01, False)
+    stats.rejected[("b", 503)] += 2
+    stats.hold("b")
+    stats.unhold("b", 0.5)
+    stats.cancel("b")
+    before = stats.sample()
+    stats.prune(replicas={"r2"}, services={"b"})
+    after = stats.sample()
+    assert set(after.counts) == {("a", "r1")} and after.unserved == {} and after.held_wait == {}
+    assert after.client_cancelled == {} and stats.rejected == {} and stats.held_wait_sum == {}
+    assert tick(before, after, 1.0, 1.0, {}).deltas == {}  # gone, not negative
+    stats.start("a", "r2")  # back: counted from zero, a new pair
+    stats.finish("a", "r2", 0.01, True)
+    assert tick(after, stats.sample(), 2.0, 1.0, {}).deltas[("a", "r2")].errors == 1

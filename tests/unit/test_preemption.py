@@ -159,7 +159,9 @@ def test_the_autopilot_reports_replicas_it_found_no_gpu_for() -> None:
 
 async def test_the_autopilot_preempts_for_its_highest_priority_business_then_scales_out(tmp_path) -> None:
     """The loop's hook (corral.autopilot): short of GPUs while a business wants replicas, it asks the preemptor for
-    that business's priority and scales out inside the block (while the freed GPUs are kept from the queue)."""
+    that business's priority and scales out inside the block (while the freed GPUs are kept from the queue). The
+    scale's row goes with the request, to be written with the preemption as one intent (issue 26), and the scale
+    completes it."""
     import contextlib
     import functools
     from types import SimpleNamespace
@@ -167,30 +169,163 @@ async def test_the_autopilot_preempts_for_its_highest_priority_business_then_sca
     from corral.autopilot import Autopilot
     from corral.controller import Controller
     from corral.domain.autopilot import Decision
+    from corral.domain.history import PREEMPTING, Action, HistoryDraft, Intent
     from corral.domain.preemption import PreemptionOutcome
     from corral.events import EventBus
     from corral.store.state import StateStore
 
     calls: list = []
+    begun = Intent([], ids=[7])  # the scale's row, written with the preemption's
 
     @contextlib.asynccontextmanager
     async def preemptor(request):  # noqa: ANN001, ANN202
         calls.append(("preempt", request))
-        yield PreemptionOutcome(tasks=("ft-low",), freed=("0",))
+        yield PreemptionOutcome(tasks=("ft-low",), freed=("0",), scale=begun)
         calls.append(("kept until here",))
 
     async def scale(pool, target, **kwargs):  # noqa: ANN001, ANN003, ANN202
-        calls.append(("scale", pool, target))
+        calls.append(("scale", pool, target, kwargs.get("intent") is begun))
+        controller._taken.add(id(kwargs["intent"]))  # as `Controller._scale` does when it takes the row on
         return {}
 
-    controller = SimpleNamespace(backend=None, preemptor=preemptor, scale=scale)
+    controller = SimpleNamespace(backend=SimpleNamespace(list_pods=lambda pool: ["replica"]), preemptor=preemptor,
+                                 scale=scale, _taken=set())
     controller.scale_with_preemption = functools.partial(Controller.scale_with_preemption, controller)
+    controller._close_untaken = functools.partial(Controller._close_untaken, controller)
     autopilot = Autopilot(controller, StateStore(tmp_path / "c.db"), EventBus(), traffic=dict,  # type: ignore[arg-type]
                           free_gpu_units=lambda: 0)
     autopilot._waiting_for["p"] = []
     demands = {"chat": BusinessDemand(BusinessPolicy(priority=10)), "batch": BusinessDemand(BusinessPolicy(priority=-5))}
     decision = Decision(short_of_gpus=1, wanting={"chat": 1, "batch": 2})
     await autopilot._preempt_and_scale("p", decision, demands, 1, 1, 0.0)
-    assert calls[0] == ("preempt", PreemptionRequest("p", "chat", 10, 1))
-    assert calls[1:] == [("scale", "p", 2), ("kept until here",)]
+    row = HistoryDraft(Action.SCALE, "p", before={"replicas": 1}, after={"replicas": 2, PREEMPTING: {"business": "chat",
+                                                                                                   "priority": 10}},
+                       message="scale out to 2 once preempted finetune tasks give their GPUs")
+    assert calls[0] == ("preempt", PreemptionRequest("p", "chat", 10, 1, scale=row))
+    assert calls[1:] == [("scale", "p", 2, True), ("kept until here",)]
+    assert controller._taken == set()
     assert autopilot.counters[("p", "scale_out")] == 1
+
+
+class _OneGpuMachine:
+    """What `corral.finetune.preemption.Preemption` reads and drives, faked: one GPU ("0"), one task, its trainer."""
+
+    def __init__(self, tmp_path, status, units: list[str], preempted_by: dict | None, alive: bool) -> None:  # noqa: ANN001
+        from types import SimpleNamespace
+
+        from corral.finetune.store import TaskRecord
+        from corral.intents import Intents
+        from corral.store.state import StateStore
+
+        self.task = TaskRecord("t1", status, "m", "d.jsonl", "lora", "low", {}, gpus=1, units=units, pid=1,
+                               preempted_by=preempted_by)
+        self.alive, self.signals, self.notes = alive, [], []
+        self.settings = SimpleNamespace(preempt_timeout_s=30.0)
+        self.intents = Intents(StateStore(tmp_path / "c.db"))
+
+    # lifecycle
+    def launched(self) -> list:
+        from corral.domain.tasks import ACTIVE
+        return [self.task] if self.task.status in ACTIVE else []
+
+    def get(self, task_id: str):  # noqa: ANN201
+        return self.task
+
+    def follow(self, task) -> None:  # noqa: ANN001 (the trainer exited: back to the queue, as `Lifecycle.follow` does)
+        import dataclasses
+
+        from corral.domain.tasks import TaskState
+        self.task = dataclasses.replace(self.task, status=TaskState.QUEUED, units=[])
+
+    # runner
+    def can_preempt(self, task) -> bool:  # noqa: ANN001
+        return self.alive
+
+    def preempt(self, task) -> bool:  # noqa: ANN001 (the trainer saves and exits on the signal)
+        self.signals.append(task.id)
+        self.alive = False
+        return True
+
+    async def stop(self, task) -> None:  # noqa: ANN001
+        self.alive = False
+
+    # files, tasks
+    def note(self, task_id: str, message: str) -> None:
+        self.notes.append(message)
+
+    def checkpoint(self, task_id: str) -> None:
+        return None
+
+    def update(self, task_id: str, **columns):  # noqa: ANN003, ANN201
+        import dataclasses
+        self.task = dataclasses.replace(self.task, **columns)
+        return self.task
+
+    def ledger(self) -> GpuLedger:
+        claims = [GpuClaim(Holder.task("t1"), tuple(self.task.units))] if self.task.units else []
+        return GpuLedger.build([GpuUnit.parse("0", 80 * GIB, 80 * GIB)], claims)
+
+    def preemption(self):  # noqa: ANN201
+        from types import SimpleNamespace
+
+        from corral.finetune.preemption import Preemption
+        lifecycle = SimpleNamespace(launched=self.launched, get=self.get, follow=self.follow, intents=self.intents)
+        runner = SimpleNamespace(alive=lambda task: self.alive, can_preempt=self.can_preempt, preempt=self.preempt,
+                                 stop=self.stop)
+        return Preemption(self.settings, SimpleNamespace(update=self.update), lifecycle,  # type: ignore[arg-type]
+                          SimpleNamespace(note=self.note, checkpoint=self.checkpoint), runner, self.ledger)  # type: ignore[arg-type]
+
+
+async def test_the_gpus_of_a_preemption_are_kept_from_the_moment_it_is_asked_for(tmp_path) -> None:
+    """Issue 26 item 6: a scale-out carried out again after a restart asks for its preemption while the task it
+    stopped waits in the queue on a free GPU; from that call on — before the block is entered, which the queue's first
+    round after the restart may precede — the GPU is kept from the queue, until the block ends."""
+    from corral.domain.tasks import TaskState
+
+    machine = _OneGpuMachine(tmp_path, TaskState.QUEUED, [], {"business": "chat", "priority": 10, "pool": "p"}, False)
+    preemption = machine.preemption()
+    assert preemption.keep_for_replicas(machine.ledger()).is_free("0")
+    held = preemption.preempting(PreemptionRequest("p", "chat", 10, 1))
+    assert not preemption.keep_for_replicas(machine.ledger()).is_free("0")  # not entered yet: kept already
+    async with held as outcome:
+        assert outcome.freed == ("0",) and outcome.tasks == () and outcome.scale is None
+        assert not preemption.keep_for_replicas(machine.ledger()).is_free("0")
+    assert preemption.keep_for_replicas(machine.ledger()).is_free("0")
+    assert machine.signals == []
+
+
+async def test_a_trainer_asked_before_a_restart_is_asked_again_and_waited_for(tmp_path) -> None:
+    """Issue 26 item 6: the restart came between the signal and the trainer's exit (or before the signal): the task
+    still trains on GPU 0 with `preempted_by` for this pool. The same preemption asked again counts its GPU as coming
+    free, signals it again (harmless: the trainer only sets a flag), waits until it is back in the queue, and keeps
+    the GPU for the replica."""
+    from corral.domain.tasks import TaskState
+
+    machine = _OneGpuMachine(tmp_path, TaskState.TRAINING, ["0"], {"business": "chat", "priority": 10, "pool": "p"}, True)
+    preemption = machine.preemption()
+    async with preemption.preempting(PreemptionRequest("p", "chat", 10, 1)) as outcome:
+        assert machine.signals == ["t1"] and any("asked again" in note for note in machine.notes)
+        assert outcome.tasks == ("t1",) and outcome.freed == ("0",)
+        assert machine.task.status == TaskState.QUEUED and machine.task.units == []
+        assert not preemption.keep_for_replicas(machine.ledger()).is_free("0")
+    assert preemption.keep_for_replicas(machine.ledger()).is_free("0")
+    # Asked for another pool, the same task is no candidate (it is leaving already) and is not waited for.
+    other = _OneGpuMachine(tmp_path, TaskState.TRAINING, ["0"], {"business": "chat", "priority": 10, "pool": "q"}, True)
+    async with other.preemption().preempting(PreemptionRequest("p", "chat", 10, 1)) as outcome:
+        assert outcome.tasks == () and outcome.why_not and other.signals == []
+
+
+async def test_a_preemption_and_the_scale_it_is_for_are_one_intent(tmp_path) -> None:
+    """Issue 26 item 6: the preemption's row and the scale's are written together, before the trainer is asked."""
+    from corral.domain.history import Action, HistoryDraft
+    from corral.domain.tasks import TaskState
+
+    machine = _OneGpuMachine(tmp_path, TaskState.TRAINING, ["0"], None, True)
+    scale = HistoryDraft(Action.SCALE, "p", before={"replicas": 0}, after={"replicas": 1}, message="scale out")
+    async with machine.preemption().preempting(PreemptionRequest("p", "chat", 10, 1, scale=scale)) as outcome:
+        rows = machine.intents.store.history(limit=10)[::-1]
+        assert [(r["action"], r["target"]) for r in rows] == [("finetune", "t1"), ("scale", "p")]
+        assert rows[0]["id"] + 1 == rows[1]["id"]
+        assert outcome.scale is not None and outcome.scale.ids == [rows[1]["id"]] and rows[1]["outcome"] == "pending"
+        assert rows[0]["outcome"] == "success"  # the task is back in the queue
+    assert machine.signals == ["t1"]

@@ -19,12 +19,14 @@ from corral.api.doors import (
     DOOR_REFUSALS,
     KNOWN_METHODS,
     MUTATIONS,
+    BodyTimeout,
     BodyTooLarge,
     WebDoors,
     allowed_methods,
 )
 from corral.api.schemas import STATUS, error_body, plain_text
 from corral.config import Settings
+from corral.domain import labels as L
 from corral.domain.errors import CorralError
 from corral.engines import engine_names, get_engine
 from corral.runtime import Runtime
@@ -34,7 +36,7 @@ from corral.views import EngineInfo, Health
 
 
 def _http_error_message(exc: StarletteHTTPException) -> str:
-    if isinstance(exc, BodyTooLarge):
+    if isinstance(exc, (BodyTooLarge, BodyTimeout)):
         return str(exc.detail)
     if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
         return "invalid request: the body is not valid JSON (UTF-8)"
@@ -92,6 +94,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     async def metrics(request: Request) -> str:
         """Prometheus text: gateway requests, errors, in-flight and latency per service and replica; pods per business."""
         rt: Runtime = request.app.state.runtime
+        await rt.gateway.stats.refresh()  # the data plane's counters now (nginx: awaited, never a blocking read)
         lines = ["# HELP corral_pool_pods Pods of a deployment per business and readiness.", "# TYPE corral_pool_pods gauge"]
         counts: dict[tuple[str, str, bool], int] = {}
         for pod in rt.backend.list_pods():
@@ -116,7 +119,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
         problems = []
         for error in exc.errors():
-            where = ".".join(str(part) for part in error["loc"] if part != "body")
+            # A key of the body is quoted as written, control characters escaped (`secretEnv.KEY\n`): one line.
+            where = ".".join(L.shown(str(part)) for part in error["loc"] if part != "body")
             problems.append(f"{where or 'body'}: {error['msg']}")
         return JSONResponse({"error": "invalid request: " + "; ".join(problems), "details": problems}, status_code=400)
 
@@ -143,7 +147,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
                     responses.pop("422", None)
                     if path.startswith("/api/") and method.upper() in MUTATIONS:
                         for code, description in DOOR_REFUSALS.items():
-                            if code != "413" or "requestBody" in operation:
+                            if code not in ("408", "413") or "requestBody" in operation:
                                 responses.setdefault(code, {"description": description, "content": {
                                     "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}})
                     for code, response in responses.items():

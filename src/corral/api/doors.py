@@ -10,7 +10,9 @@ Every request: bound to a loopback address, only requests addressed to a loopbac
 - mutations with a body that is not declared JSON (`Content-Type: application/json`) → 415: an HTML form
   cannot send JSON to another site without a CORS preflight, which Corral never grants;
 - bodies over `CORRAL_MAX_BODY_BYTES` → 413, from `Content-Length` before reading, or as soon as a chunked
-  body passes the limit.
+  body passes the limit;
+- a body not received whole within `CORRAL_API_BODY_TIMEOUT_S` of the request's start → 408 (the servers' client
+  body timeout is a silence, which a body trickled a byte every few seconds never reaches).
 
 The web UI's dataset upload (NiceGUI's `/_nicegui/client/{client}/upload/{element}`): the same origin check,
 `CORRAL_UPLOAD_MAX_BYTES` (413) and `CORRAL_UPLOAD_MAX_FILES` (409); the widget itself is disabled, and
@@ -21,6 +23,7 @@ Refusals are `{"error": "…what to do…"}` and change nothing.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any
@@ -36,11 +39,12 @@ MUTATIONS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 DOOR_REFUSALS = {  # how /openapi.json documents the refusals below on every mutation
     "403": "A browser page of another origin (CSRF) or a Host that is not this Corral's: refused, token or not. "
            "Allow an origin with CORRAL_ALLOWED_ORIGINS.",
+    "408": "The body did not arrive whole within CORRAL_API_BODY_TIMEOUT_S (30 s by default). Nothing was changed.",
     "413": "The body is larger than CORRAL_MAX_BODY_BYTES (1 MB by default). Nothing was read or changed.",
     "415": "A body that is not declared JSON: send `Content-Type: application/json`.",
 }
 API_CATCH_ALL = "/api/{path:path}"
-UPLOAD_PATH = re.compile(r"^/_nicegui/client/[^/]+/upload/[^/]+$")
+UPLOAD_PATH = re.compile(r"/_nicegui/client/[^/]+/upload/[^/]+")  # `fullmatch` (`$` passes a trailing newline)
 
 
 class BodyTooLarge(HTTPException):
@@ -49,6 +53,14 @@ class BodyTooLarge(HTTPException):
 
     def __init__(self, message: str) -> None:
         super().__init__(status_code=413, detail=message)
+
+
+class BodyTimeout(HTTPException):
+    """Raised from `receive` when an `/api` body has not arrived whole by its deadline (answered 408, like
+    `BodyTooLarge`); the connection is closed after the answer."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(status_code=408, detail=message, headers={"Connection": "close"})
 
 
 def allowed_methods(app: Any, scope: Scope) -> list[str]:
@@ -101,10 +113,12 @@ class WebDoors:
             await self.app(scope, receive, send)
             return
         path, method = scope["path"], scope["method"]
+        deadline_s = None
         if path.startswith("/api/") or path == "/api":
             problem = self._api_problem(scope, headers, settings)
             limit, what = settings.max_body_bytes, "CORRAL_MAX_BODY_BYTES"
-        elif method == "POST" and UPLOAD_PATH.match(path):
+            deadline_s = settings.api_body_timeout_s  # a UI upload (hundreds of MB) is bounded by its size only
+        elif method == "POST" and UPLOAD_PATH.fullmatch(path):
             problem = self._upload_problem(headers, settings)
             limit, what = settings.upload_max_bytes, "CORRAL_UPLOAD_MAX_BYTES"
         else:
@@ -120,7 +134,7 @@ class WebDoors:
             status, extra, message = problem
             await refuse(scope, receive, send, status, message, extra)
             return
-        await self._capped(scope, receive, send, limit, what)
+        await self._capped(scope, receive, send, limit, what, deadline_s)
 
     def _api_problem(self, scope: Scope, headers: dict[str, str], settings: Any) -> tuple[int, dict, str] | None:
         method, path = scope["method"], scope["path"]
@@ -155,18 +169,32 @@ class WebDoors:
                              f"{settings.upload_max_files}): remove old ones first")
         return None
 
-    async def _capped(self, scope: Scope, receive: Receive, send: Send, limit: int, what: str) -> None:
-        """Run the app with a `receive` that stops a body passing `limit` (chunked, or longer than announced)."""
+    async def _capped(self, scope: Scope, receive: Receive, send: Send, limit: int, what: str,
+                      deadline_s: float | None = None) -> None:
+        """Run the app with a `receive` that stops a body passing `limit` (chunked, or longer than announced) or, with
+        `deadline_s`, not received whole that many seconds after the request began. Once the body is complete,
+        `receive` waits as long as the app likes (a streamed answer waits on it for the client's disconnect)."""
         received = 0
         started = False
+        ends = asyncio.get_running_loop().time() + deadline_s if deadline_s is not None else None
+        body_done = False
 
         async def capped_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if ends is None or body_done:
+                message = await receive()
+            else:
+                try:
+                    async with asyncio.timeout_at(ends):
+                        message = await receive()
+                except TimeoutError:
+                    raise BodyTimeout(f"request body not received whole within {deadline_s:g} s of the request's start "
+                                      f"({received} bytes arrived; CORRAL_API_BODY_TIMEOUT_S)") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise BodyTooLarge(_too_large(received, limit, what, more=True))
+                body_done = not message.get("more_body", False)
             return message
 
         async def tracked_send(message: Message) -> None:
@@ -177,10 +205,10 @@ class WebDoors:
 
         try:
             await self.app(scope, capped_receive, tracked_send)
-        except BodyTooLarge as exc:
+        except (BodyTooLarge, BodyTimeout) as exc:
             if started:
                 raise
-            await refuse(scope, receive, send, 413, exc.detail)
+            await refuse(scope, receive, send, exc.status_code, exc.detail, exc.headers)
 
 
 def _too_large(size: int, limit: int, setting: str, more: bool = False) -> str:

@@ -30,6 +30,8 @@ ENGINE_LENGTH = 32
 
 Name = Annotated[str, Field(max_length=NAME_LENGTH)]
 EngineArg = Annotated[str, Field(max_length=MAX_ENGINE_ARG)]
+# pydantic-core matches `pattern` with Rust's regex, whose `$` is the end of the text (not before a trailing newline,
+# as Python's `re` has it): 'KEY\n' is refused here (tests/unit/test_names.py), and again by `check_secret_env`.
 EnvName = Annotated[str, Field(max_length=MAX_ENV_NAME, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 SecretValue = Annotated[str, Field(max_length=MAX_SECRET_VALUE)]
 # An argv list or one string, told apart before validation so that a refusal names only the form given.

@@ -18,6 +18,7 @@ from corral.api.schemas import (
     plain_text,
 )
 from corral.controller import Controller
+from corral.domain import labels as L
 from corral.domain.deploy_request import DeploySpec
 from corral.domain.errors import Hint, NotFound
 from corral.domain.history import Action
@@ -69,7 +70,7 @@ async def deployments(request: Request) -> Any:
     return controller(request).list_deployments()
 
 
-@router.get("/deployments/{name}", response_model=DeploymentView, responses=errors(404))
+@router.get("/deployments/{name}", response_model=DeploymentView, responses=errors(400, 404))
 async def deployment(name: str, request: Request) -> Any:
     return controller(request).get_deployment(name)
 
@@ -95,7 +96,7 @@ async def remove_adapter(name: str, adapter: str, request: Request) -> Any:
     return await request.app.state.runtime.adapters.remove(name, adapter)
 
 
-@router.get("/pods", response_model=list[PodView], responses=errors(404))
+@router.get("/pods", response_model=list[PodView], responses=errors(400, 404))
 async def pods(request: Request, deployment: str | None = None) -> Any:
     return controller(request).list_pods(deployment)
 
@@ -106,7 +107,7 @@ async def pod_logs(name: str, request: Request, tail: int = Query(default=200, g
     """The last lines of a replica's engine output (why is it not ready? why did it crash?)."""
     text = await request.app.state.backend.pod_logs(name, tail)
     if text is None:
-        raise NotFound(f"pod '{name}' not found", Hint.LIST_PODS)
+        raise L.unknown_name(name, "pod", NotFound(f"pod '{name}' not found", Hint.LIST_PODS))
     return text
 
 
@@ -161,6 +162,7 @@ async def scale_pool_deployment(body: ScaleRequest, request: Request) -> Any:
 @router.get("/pool-status/{deploymentName}", response_model=PoolStatus, responses=errors(400, 404))
 async def pool_status(deploymentName: str, request: Request) -> Any:  # noqa: N803 (spec's name)
     """`{totalPods, podDistribution, availableForScaleDown}`."""
+    await request.app.state.runtime.gateway.stats.refresh()  # the traffic counters as they are now, read off the loop
     return controller(request).pool_status(deploymentName)
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from corral.domain.errors import Conflict, Hint, InvalidInput
+from corral.domain.labels import shown
 from corral.domain.models import Deployment
 
 ENGINE = "vllm"  # the only engine with runtime adapter loading that Corral drives
@@ -22,7 +23,8 @@ MAX_NAME_LENGTH = 63
 VLLM_DEFAULT_MAX_LORA_RANK = 16  # vLLM's `--max-lora-rank` when a pool does not set it
 # The `model` name clients send: letters, digits, '.', '_' and '-', starting with a letter or digit. No '/' (it
 # would read as a hub id), no ':' or spaces (clients and URLs mangle them).
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Matched with `fullmatch`: `$` would also pass a name ending in a newline.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,17 @@ class Adapter:
     path: str  # the adapter directory (a peft `adapter_config.json` + weights), as the replicas read it
     task_id: str | None = None  # the finetune task it came from
     rank: int = 0
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    """What an adapter directory says about how it was trained (read by `corral.finetune.checks.adapter_files`; the
+    defaults when it cannot be read here, e.g. a path only the replicas see)."""
+
+    base_model: str | None = None  # adapter_config.json's base_model_name_or_path (a resolved path, or a hub id)
+    dora: bool = False  # use_dora: weight-decomposed LoRA
+    chat: tuple[str | None, str | None] | None = None  # (chat template, EOS) of the tokenizer saved with it
+    pool_chat: tuple[str | None, str | None] | None = None  # the same of the tokenizer the pool serves with
 
 
 @dataclass(frozen=True)
@@ -53,8 +66,8 @@ def check_adapter_name(value: object) -> str:
         raise InvalidInput("adapterName is required: the model name clients will send, e.g. 'support-v1'")
     if len(value) > MAX_NAME_LENGTH:
         raise InvalidInput(f"adapterName is {len(value)} characters long; at most {MAX_NAME_LENGTH} are allowed")
-    if not _NAME.match(value):
-        raise InvalidInput(f"adapterName '{value}' may contain only letters, digits, '.', '_' and '-', starting with a "
+    if not _NAME.fullmatch(value):
+        raise InvalidInput(f"adapterName '{shown(value)}' may contain only letters, digits, '.', '_' and '-', starting with a "
                            "letter or digit (it is the `model` clients send)")
     return value
 
@@ -133,6 +146,26 @@ def check_can_add(deployment: Deployment, name: str, rank: int, existing: Iterab
                        pool=deployment.name, adapter=name)
     if len(existing) >= MAX_ADAPTERS_PER_POOL:
         raise Conflict(f"pool '{deployment.name}' has {len(existing)} adapters, the most a pool may have; remove one first")
+
+
+def check_adapter_files(deployment: Deployment, pool_model: str, files: AdapterFiles) -> None:
+    """Refuse an adapter the pool would serve wrongly, naming both sides: trained on another base model (its weights
+    mean nothing on this one), DoRA (vLLM cannot serve it: merged weights can), or trained with another chat template or
+    EOS than the pool's tokenizer (vLLM formats and stops every adapter's chats with the pool's tokenizer, so the
+    adapter would see prompts it was not trained on and never stop). `pool_model`: the pool's model, resolved like
+    `files.base_model`."""
+    if files.base_model is not None and files.base_model != pool_model:
+        raise Conflict(f"the adapter was trained on base model '{files.base_model[:300]}', but pool '{deployment.name}' serves "
+                       f"'{pool_model[:300]}': add it to a pool of its base model, or deploy the task as its own pool")
+    if files.dora:
+        raise Conflict(f"the adapter is a DoRA adapter (use_dora), which vLLM cannot load at run time: deploy the task as its own "
+                       f"pool with merge (its weights merged into the base model) instead of adding it to pool '{deployment.name}'")
+    if files.chat is not None and files.pool_chat is not None and files.chat != files.pool_chat:
+        (template, eos), (pool_template, pool_eos) = files.chat, files.pool_chat
+        what = "chat template" if template != pool_template else f"EOS ({eos}, the pool's is {pool_eos})"
+        raise Conflict(f"the adapter was trained with another {what} than pool '{deployment.name}''s tokenizer, and vLLM serves "
+                       "every adapter of a pool with the pool's tokenizer (its chats would be formatted otherwise and would not "
+                       "stop): deploy the task as its own pool (vLLM then gets the adapter's tokenizer) or merged")
 
 
 def parse_loaded(models: object) -> dict[str, str]:

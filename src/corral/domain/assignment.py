@@ -31,7 +31,7 @@ def validate_assignment(
 ) -> Pod:
     """Return the pod to relabel, or raise saying exactly what is wrong with the request."""
     if pod is None:
-        raise NotFound(f"pod '{pod_name}' not found", Hint.LIST_PODS)
+        raise L.unknown_name(pod_name, "podName", NotFound(f"pod '{pod_name}' not found", Hint.LIST_PODS))
     if not pod.is_pool_pod:
         raise InvalidInput(
             f"pod '{pod.name}' belongs to the standard deployment '{pod.deployment}'; "
@@ -39,7 +39,7 @@ def validate_assignment(
         )
     assert pod.model is not None  # a pool pod always has a model label
     if model_name is not None and model_name != pod.model:
-        raise InvalidInput(f"modelName '{model_name}' does not match pod '{pod.name}', which serves model '{pod.model}'")
+        raise InvalidInput(f"modelName '{L.shown(model_name)}' does not match pod '{pod.name}', which serves model '{pod.model}'")
     check_business_for_model(business, pod.model, services, "businessTag")
     return pod
 

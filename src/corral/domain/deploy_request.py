@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from corral.domain import labels as L
 from corral.domain.errors import InvalidInput
+from corral.domain.labels import control_character
 from corral.domain.scaling import MAX_REPLICAS
 
 MAX_GPUS_PER_REPLICA = 16
@@ -25,7 +26,7 @@ MAX_ENGINE_ARGS_TEXT = MAX_ENGINE_ARGS * 64  # characters of engineArgs given as
 MAX_SECRET_ENV = 32  # entries of secretEnv
 MAX_ENV_NAME = 128
 MAX_SECRET_VALUE = 16384
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # `fullmatch`: `$` would pass a name ending in a newline
 # Environment a replica gets from Corral, or that changes how its process starts rather than carrying a secret.
 RESERVED_ENV = ("CUDA_VISIBLE_DEVICES", "PATH")
 RESERVED_ENV_PREFIXES = ("CORRAL_", "LD_", "PYTHON")
@@ -77,15 +78,6 @@ def check_deploy(spec: DeploySpec, *, needs_gpu: bool, check_args: Callable[[lis
                          secret_env=check_secret_env(spec.secret_env))
 
 
-def control_character(value: str) -> str | None:
-    """The first control character (NUL, newline, escape, ...) of `value`, written readably, or None."""
-    found = _CONTROL.search(value)
-    if found is None:
-        return None
-    return {"\x00": "a NUL byte (\\x00)", "\n": "a newline (\\n)", "\r": "a carriage return (\\r)",
-            "\t": "a tab (\\t)"}.get(found.group(), f"the control character \\x{ord(found.group()):02x}")
-
-
 def check_model_id(model_id: str) -> None:
     if len(model_id) > MAX_MODEL_ID:
         raise InvalidInput(f"modelId is {len(model_id)} characters long; at most {MAX_MODEL_ID} are allowed")
@@ -135,7 +127,7 @@ def check_secret_env(value: Mapping[str, str] | None) -> dict[str, str]:
     if len(value) > MAX_SECRET_ENV:
         raise InvalidInput(f"secretEnv has {len(value)} variables; at most {MAX_SECRET_ENV} are allowed")
     for name, secret in value.items():
-        if not isinstance(name, str) or len(name) > MAX_ENV_NAME or not ENV_NAME.match(name):
+        if not isinstance(name, str) or len(name) > MAX_ENV_NAME or not ENV_NAME.fullmatch(name):
             shown = name[:64] if isinstance(name, str) and not _CONTROL.search(name) else "(unprintable)"
             raise InvalidInput(f"secretEnv name '{shown}' is not an environment variable name: use letters, digits "
                                f"and '_', not starting with a digit, at most {MAX_ENV_NAME} characters")

@@ -23,7 +23,7 @@ def _check_keys(values: Mapping[str, float], field: str) -> None:
     if not values:
         raise InvalidInput(f"{field} must name at least one business, e.g. {{\"production\": 3, \"testing\": 1}}")
     for business in values:
-        L.check_name(business, f"business '{business}' in {field}")
+        L.check_name(business, f"business in {field}")
 
 
 def targets_from_ratios(ratios: Mapping[str, float], total: int) -> dict[str, int]:

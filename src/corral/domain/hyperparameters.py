@@ -8,8 +8,10 @@ refused, as are booleans, strings, NaN and infinities. Switches take only `true`
 one of their names.
 
 The defaults follow LLaMA-Factory's: gradient checkpointing on, a cosine schedule with 10% warmup,
-gradient clipping at 1.0, the loss on the assistant's turns only, and a learning rate by method
-(1e-4 for LoRA and QLoRA, 1e-5 for full finetuning) when none is given.
+gradient clipping at 1.0, the loss on the assistant's turns only, a learning rate by method
+(1e-4 for LoRA and QLoRA, 1e-5 for full finetuning) when none is given, and LoRA's alpha at twice
+its rank (the update's scale alpha/rank stays 2 whatever the rank: a fixed 16 halves it at rank 16
+and quarters it at 32) with no LoRA dropout, unless given.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ ChatTemplate = Literal[TEMPLATE_NAMES]  # type: ignore[valid-type]
 SCHEDULERS: tuple[str, ...] = Scheduler.__args__  # type: ignore[attr-defined]
 PRECISIONS: tuple[str, ...] = Precision.__args__  # type: ignore[attr-defined]
 LEARNING_RATES = {"lora": 1e-4, "qlora": 1e-4, "full": 1e-5}  # LLaMA-Factory's examples
-MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,127}$")
+MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,127}")  # `fullmatch`: `$` would pass a trailing newline
 
 
 class Hyperparameters(BaseModel):
@@ -77,8 +79,8 @@ class Hyperparameters(BaseModel):
     maxGradNorm: Real = Field(default=1.0, ge=0, le=1e6, description="a number from 0 (no clipping) to 1000000")
     weightDecay: Real = Field(default=0.0, ge=0, le=10, description="a number from 0 to 10")
     loraRank: Integer = Field(default=8, ge=1, le=1024, description="an integer from 1 to 1024")
-    loraAlpha: Integer = Field(default=16, ge=1, le=4096, description="an integer from 1 to 4096")
-    loraDropout: Real = Field(default=0.05, ge=0, lt=1, description="a number from 0 to less than 1")
+    loraAlpha: Integer | None = Field(default=None, ge=1, le=4096, description="an integer from 1 to 4096")
+    loraDropout: Real = Field(default=0.0, ge=0, lt=1, description="a number from 0 to less than 1")
     loraTarget: Annotated[str, BeforeValidator(_a_name)] = Field(
         default="all", max_length=1024,
         description="'all' (every linear layer) or module names separated by commas (e.g. q_proj,v_proj)")
@@ -102,7 +104,7 @@ class Hyperparameters(BaseModel):
     @field_validator("loraTarget")
     @classmethod
     def _modules(cls, value: str) -> str:
-        if value != "all" and not all(MODULE_NAME.match(name.strip()) for name in value.split(",")):
+        if value != "all" and not all(MODULE_NAME.fullmatch(name.strip()) for name in value.split(",")):
             raise ValueError("not module names")
         return ",".join(name.strip() for name in value.split(","))
 
@@ -117,11 +119,13 @@ class Hyperparameters(BaseModel):
 
 
 DEFAULTS: dict[str, Any] = Hyperparameters().model_dump()
-INTEGERS = frozenset(name for name, f in Hyperparameters.model_fields.items() if f.annotation is int)
+INTEGERS = frozenset(name for name, f in Hyperparameters.model_fields.items()
+                     if f.annotation is int or f.annotation == Integer | None)  # loraAlpha: an int, or by rank
 SWITCHES = frozenset(name for name, f in Hyperparameters.model_fields.items() if f.annotation is bool)
 CHOICES: dict[str, tuple[str, ...]] = {"lrScheduler": SCHEDULERS, "precision": PRECISIONS, "chatTemplate": TEMPLATE_NAMES}
 TEXTS = frozenset({"loraTarget"})
-_SHOWN_DEFAULTS = {"learningRate": "1e-4 for lora and qlora, 1e-5 for full"}
+_SHOWN_DEFAULTS = {"learningRate": "1e-4 for lora and qlora, 1e-5 for full", "loraAlpha": "2 × loraRank"}
+BY_OTHERS = ("learningRate", "loraAlpha")  # defaults that depend on other values: null means "not given"
 HYPERPARAMETERS_HELP = "name → value; unknown names are refused. " + "; ".join(
     f"{name}: {f.description} (default {_SHOWN_DEFAULTS.get(name, f.default)})" for name, f in Hyperparameters.model_fields.items())
 
@@ -147,8 +151,9 @@ def validate(values: Mapping[str, Any] | Hyperparameters | None, method: str = "
         unknown = sorted(str(k) for k in values if k not in Hyperparameters.model_fields)
         if unknown:
             raise InvalidInput(f"unknown hyperparameter(s) {', '.join(unknown)}; known: {', '.join(Hyperparameters.model_fields)}")
-        if values.get("learningRate", 0) is None:  # null in JSON: "by method", as if not given
-            values.pop("learningRate")
+        for name in BY_OTHERS:  # null in JSON: "by method" / "by rank", as if not given
+            if name in values and values[name] is None:
+                values.pop(name)
         try:
             checked = Hyperparameters.model_validate(values).model_dump()
         except ValidationError as exc:
@@ -157,7 +162,14 @@ def validate(values: Mapping[str, Any] | Hyperparameters | None, method: str = "
             raise InvalidInput(f"hyperparameter {name} must be {rule}, got {_shown(values[name])}") from None
     if checked["learningRate"] is None:
         checked["learningRate"] = default_learning_rate(method)
+    if checked["loraAlpha"] is None:
+        checked["loraAlpha"] = default_lora_alpha(checked["loraRank"])
     return checked
+
+
+def default_lora_alpha(rank: int) -> int:
+    """LLaMA-Factory's default: twice the rank (capped at the field's 4096)."""
+    return min(4096, 2 * int(rank))
 
 
 def for_trainer(values: Mapping[str, Any], method: str | None = None) -> dict[str, Any]:
@@ -166,4 +178,6 @@ def for_trainer(values: Mapping[str, Any], method: str | None = None) -> dict[st
     merged = {**DEFAULTS, **values}
     if merged.get("learningRate") is None and method is not None:
         merged["learningRate"] = default_learning_rate(method)
+    if merged.get("loraAlpha") is None:
+        merged["loraAlpha"] = default_lora_alpha(merged["loraRank"])
     return {k: int(v) if k in INTEGERS and isinstance(v, float) and v.is_integer() else v for k, v in merged.items()}

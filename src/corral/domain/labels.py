@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from corral.domain.errors import InvalidInput
+from corral.domain.errors import CorralError, InvalidInput
 
 # Label keys (spec 01, "Labels").
 MODEL = "model"
@@ -33,7 +33,34 @@ SERVICE_SUFFIX = "-nlb"
 POOL_SUFFIX = "-pool"
 MAX_NAME_LENGTH = 63
 
-_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# Matched with `fullmatch`, never `match` + `$`: Python's `$` also matches before a trailing newline, so
+# `re.match(r"^[a-z]+$", "production\n")` passes, and 'production\n' would be a second business beside
+# 'production' (and a deployment, a manifest file, a label value no cluster accepts).
+_DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def control_character(value: str) -> str | None:
+    """The first control character (NUL, newline, escape, ...) of `value`, written readably, or None."""
+    found = _CONTROL.search(value)
+    if found is None:
+        return None
+    return {"\x00": "a NUL byte (\\x00)", "\n": "a newline (\\n)", "\r": "a carriage return (\\r)",
+            "\t": "a tab (\\t)"}.get(found.group(), f"the control character \\x{ord(found.group()):02x}")
+
+
+def shown(value: str) -> str:
+    """`value` as a message quotes it: control characters escaped (`production\\n`), so a refusal shows the
+    newline that made the name invalid instead of breaking its own line."""
+    return value if value.isprintable() else value.encode("unicode_escape").decode("ascii")
+
+
+def _invalid(value: str, field: str) -> InvalidInput:
+    char = control_character(value)
+    return InvalidInput(
+        f"{field} '{shown(value)}' is not a valid name: " + (f"it contains {char}; " if char else "")
+        + "use lowercase letters, digits and '-', starting and ending with a letter or digit (e.g. 'qwen-06b')"
+    )
 
 
 def check_name(value: object, field: str) -> str:
@@ -42,14 +69,22 @@ def check_name(value: object, field: str) -> str:
         raise InvalidInput(f"{field} is required: a lowercase name such as 'qwen-06b'")
     if len(value) > MAX_NAME_LENGTH:
         raise InvalidInput(
-            f"{field} '{value}' is {len(value)} characters long; at most {MAX_NAME_LENGTH} are allowed"
+            f"{field} '{shown(value)}' is {len(value)} characters long; at most {MAX_NAME_LENGTH} are allowed"
         )
-    if not _DNS1123_LABEL.match(value):
-        raise InvalidInput(
-            f"{field} '{value}' is not a valid name: use lowercase letters, digits and '-', "
-            "starting and ending with a letter or digit (e.g. 'qwen-06b')"
-        )
+    if not _DNS1123_LABEL.fullmatch(value):
+        raise _invalid(value, field)
     return value
+
+
+def unknown_name(value: object, field: str, not_found: CorralError) -> CorralError:
+    """What to raise for `value`, which names nothing that exists: `not_found` (404) for a name, but a 400 saying
+    why for text that could never be one ('production\\n', 'Prod'): such a request is malformed, not late. Only
+    asked once the lookup failed, so an object an older Corral created under such a name can still be deleted."""
+    if isinstance(value, str) and _DNS1123_LABEL.fullmatch(value):
+        return not_found
+    if not isinstance(value, str) or not value:
+        return InvalidInput(f"{field} is required: a lowercase name such as 'qwen-06b'")
+    return _invalid(value, field)
 
 
 def check_business_tag(value: object, field: str = "businessTag") -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 # Upper bounds (seconds) of the latency and first-byte histograms; +Inf last. Fine-grained from 1 ms to
@@ -172,6 +172,31 @@ def tick(previous: Sample | None, current: Sample, t: float, seconds: float, cap
                 held_wait[service] = moved_wait
     return Tick(t, seconds, deltas, {p: n for p, n in current.in_flight.items() if n > 0}, capacity, unserved,
                 {s: n for s, n in current.held.items() if n > 0}, held_wait, cancelled)
+
+
+# Counters of replicas and services that left (issue 25: bounded memory) --------------------------------------
+# A data plane keeps cumulative counters per (service, replica); the load window is made of the differences
+# between samples (`Tick`), so once a replica left every route and its last requests ended, the next sample has
+# its final counts and its counters serve nothing more: after `COUNTERS_RETENTION_S` they are dropped (a pair
+# missing from a sample adds nothing to a tick; one that comes back starts from zero, a new pair).
+COUNTERS_RETENTION_S = 60.0
+
+
+def departures(before: Collection[str], after: Collection[str], departed: Mapping[str, float],
+               now: float) -> dict[str, float]:
+    """Who is gone (name → when it left) once `after` replaces `before`: those that left now, and those that left
+    earlier and did not come back."""
+    out = {name: at for name, at in departed.items() if name not in after}
+    for name in before:
+        if name not in after and name not in out:
+            out[name] = now
+    return out
+
+
+def prunable(departed: Mapping[str, float], now: float, retention_s: float = COUNTERS_RETENTION_S,
+             busy: Container[str] = ()) -> list[str]:
+    """Those gone for at least `retention_s` and with nothing in flight (`busy`): their counters may go."""
+    return sorted(name for name, at in departed.items() if now - at >= retention_s and name not in busy)
 
 
 def _moved(before: Mapping[str, int], now: Mapping[str, int]) -> dict[str, int]:

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from corral.domain.gpu_ledger import GpuLedger, Holder
+from corral.domain.history import HistoryDraft, Intent
 
 DEFAULT_BUSINESS_PRIORITY = 0  # a business without an autopilot policy, and a pool without businesses
 
@@ -35,6 +36,10 @@ class PreemptionRequest:
     business: str | None  # None: a pool without businesses (a manual scale), at DEFAULT_BUSINESS_PRIORITY
     priority: int
     gpus: int  # whole GPUs the new replicas need
+    # The scale-out's history row (its target, `history.PREEMPTING`): written pending with the preemption's rows, as
+    # one intent, before any trainer is asked — a restart in between then carries the scale out again
+    # (`history.ScaleRedo`) instead of leaving stopped trainers and no replica. None: nothing to record with them.
+    scale: HistoryDraft | None = None
 
     def describe(self) -> str:
         who = f"business '{self.business}'" if self.business else f"pool '{self.pool}'"
@@ -49,6 +54,7 @@ class PreemptionOutcome:
     tasks: tuple[str, ...] = ()
     freed: tuple[str, ...] = ()
     why_not: str = ""
+    scale: Intent | None = None  # the request's scale row, written (pending) with the preemption: the scale completes it
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,29 @@ from corral.domain.errors import InvalidInput
 SECRET_FLAGS = frozenset({"--api-key", "--hf-token", "--token", "--password", "--secret", "--ssl-keyfile-password",
                           "--admin-api-key"})
 SECRET_SUFFIXES = ("-api-key", "-token", "-password", "-secret")
+# The shortest ending that still reads as an abbreviation of each suffix (`--db-pass` for `--db-password`): shorter
+# ones (`-to`, `-sec`) end ordinary flags (`--timeout-sec`).
+_SUFFIX_ABBREVIATIONS = tuple(suffix[:end] for suffix, shortest in (("-api-key", 6), ("-token", 5), ("-password", 5),
+                                                                     ("-secret", 5))
+                              for end in range(shortest, len(suffix)))
 REDACTED = "***"
 
 
 def is_secret_flag(flag: str) -> bool:
-    return flag.startswith("--") and (flag in SECRET_FLAGS or flag.endswith(SECRET_SUFFIXES))
+    """Whether `flag` (a long option, without its `=value`) sets a secret, as the engine's argparse reads it: argparse
+    takes any unambiguous prefix of a long option for the option (`--api-ke V` is `--api-key V`). Corral does not
+    know every engine's options, so every prefix of a secret flag counts (an ambiguous one the engine refuses anyway:
+    hiding its value costs nothing), as does a flag that ends in a secret suffix or an abbreviation of one
+    (`--db-pass`)."""
+    if not flag.startswith("--") or len(flag) < 3:
+        return False
+    return (any(secret.startswith(flag) for secret in SECRET_FLAGS) or flag.endswith(SECRET_SUFFIXES)
+            or flag.endswith(_SUFFIX_ABBREVIATIONS))
 
 
 def redact_args(argv: Iterable[str]) -> list[str]:
-    """An argument list with the value of every secret flag (`--api-key V`, `--api-key=V`) replaced by `***`."""
+    """An argument list with the value of every secret flag (`--api-key V`, `--api-key=V`, and their abbreviations:
+    `is_secret_flag`) replaced by `***`."""
     redacted: list[str] = []
     hide_next = False
     for arg in argv:

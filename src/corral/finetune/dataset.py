@@ -4,10 +4,14 @@ detected per example.
 
 Validated completely before a task is queued, so a bad file is refused with the line to fix instead
 of failing hours later in the trainer. In a JSON array the line is where the bad example starts.
+The SHA-256 of the very bytes validated comes with the examples: the task manager snapshots the file
+into the task's directory at submit and checks the copy against it, so what trains (and what a resume
+continues) is what was validated and counted, whatever happens to the original afterwards.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -26,6 +30,7 @@ BINARY = ("is a binary file, not JSONL text: give a .jsonl file with one JSON ex
 class Dataset:
     examples: list[Example]
     formats: dict[str, int]  # format → examples in it
+    sha256: str = ""  # of the bytes read (`file_sha256` of a copy must match)
 
     @property
     def format(self) -> str:
@@ -60,13 +65,35 @@ def read_dataset(path: Path) -> Dataset:
             if b"\0" in head:
                 raise InvalidInput(f"datasetPath '{_short(str(path))}' {BINARY}")
             f.seek(0)
-            records = _array(f.read()) if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[") else _lines(f)
+            digest = hashlib.sha256()
+            if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+                data = f.read()
+                digest.update(data)
+                records: Any = _array(data)
+            else:
+                records = _lines(_hashed(f, digest))
             examples = [parse(record, number) for number, record in records]
     except OSError as exc:
         raise InvalidInput(f"datasetPath '{_short(str(path))}' cannot be read ({exc.strerror or type(exc).__name__})") from None
     if not examples:
         raise InvalidInput(f"datasetPath '{_short(str(path))}' has no examples")
-    return Dataset(examples, dict(Counter(example.format for example in examples)))
+    return Dataset(examples, dict(Counter(example.format for example in examples)), digest.hexdigest())
+
+
+def _hashed(lines: Any, digest: Any) -> Any:
+    """The file's lines, each added to `digest` as it is read."""
+    for raw in lines:
+        digest.update(raw)
+        yield raw
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _lines(lines: Any) -> Any:

@@ -8,8 +8,16 @@
   prompt, then its own tokens), so no token straddles a prompt and an answer.
 - One BOS at most: a chat template that writes BOS itself gets none added; a tokenizer that adds BOS to
   encoded text gets it once, in front.
-- Too long for `maxSeqLen`: the *prompt* side is cut (oldest tokens first, BOS kept), never the answer;
-  an example whose last answer cannot fit is dropped. Both are counted.
+- Too long for `maxSeqLen`: a conversation is cut at turn boundaries, never inside an answer: its earliest
+  exchanges (a user turn and what follows it up to the next user turn) are left out, one at a time, the system
+  turn always kept, until it fits; when even the system turn and the last exchange do not fit, the oldest part of
+  that exchange's user message goes (its header stays). So no window starts in the middle of an earlier answer
+  or without its system prompt. A prompt/completion example is cut on the prompt side (oldest tokens first, BOS
+  kept); plain text keeps its beginning. An example whose last answer cannot fit is dropped. All are counted
+  (`truncated`, `turns_cut`, `dropped`).
+- Tool schemas (`tools`) go where the template puts them; a template with no place for them (every built-in one,
+  and many models' own) gets them in the system turn, Hermes/Qwen style (`<tools>` … `</tools>`, the calls as
+  `<tool_call>` text), so the schema a trained call answers is in the context it was trained with.
 
 Imports no ML library: works on any `transformers` tokenizer it is given.
 """
@@ -24,6 +32,11 @@ from typing import Any
 from corral.finetune.formats import Conversation, Example, Text
 
 IGNORE = -100
+# The tool schemas' preamble in the system turn for a template that has no place for them (Qwen 2.5's wording).
+TOOLS_HEADER = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                "You are provided with function signatures within <tools></tools> XML tags:")
+TOOLS_FOOTER = ("For each function call, return a json object with function name and arguments within <tool_call></tool_call> "
+                "XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>")
 
 
 class TemplateError(ValueError):
@@ -36,6 +49,7 @@ class Encoded:
     labels: list[int]
     total_tokens: int  # before truncation
     truncated: bool = False
+    turns_cut: int = 0  # earlier messages left out to fit maxSeqLen (the system turn is never one of them)
 
     @property
     def trained_tokens(self) -> int:
@@ -55,6 +69,7 @@ class Encoding:
     encoded: list[Encoded] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)  # tokens of every example before truncation
     truncated: int = 0
+    turns_cut: int = 0  # messages left out of truncated conversations, all examples together
     dropped: int = 0
     drop_reasons: dict[str, int] = field(default_factory=dict)
 
@@ -73,6 +88,7 @@ class Encoder:
         template = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else ""
         self.template_tool_calls = "tool_calls" in template
         self.template_tool_role = "tool" in template.replace("tool_calls", "")
+        self.template_tools = "tools" in template.replace("tool_calls", "")  # does it render the `tools` schemas?
 
     # pieces --------------------------------------------------------------------------------------
     def pieces(self, example: Example) -> list[tuple[str, bool, bool]]:
@@ -87,6 +103,22 @@ class Encoder:
             return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation)
         except Exception as exc:  # jinja2's TemplateError ("roles must alternate"), a missing template
             raise TemplateError(f"the chat template cannot render this conversation: {exc}") from None
+
+    def with_tools(self, example: Example) -> Example:
+        """The conversation with its tool schemas in the system turn when the template has no place for them (a new
+        system turn when it has none); unchanged otherwise."""
+        if not isinstance(example, Conversation) or not example.tools or self.template_tools:
+            return example
+        schemas = "\n".join(json.dumps(tool, ensure_ascii=False) for tool in example.tools)
+        block = (f"{TOOLS_HEADER}\n<tools>\n{schemas}\n</tools>\n\n{TOOLS_FOOTER}")
+        messages, trained = list(example.messages), list(example.trained)
+        if messages and messages[0].get("role") == "system":
+            first = messages[0].get("content") or ""
+            messages[0] = {**messages[0], "content": f"{first}\n\n{block}" if first else block}
+        else:
+            messages.insert(0, {"role": "system", "content": block})
+            trained.insert(0, False)
+        return Conversation(messages, trained, None, example.format)
 
     def _conversation_pieces(self, example: Conversation) -> list[tuple[str, bool, bool]]:
         messages = [self._for_template(m) for m in example.messages]
@@ -133,7 +165,8 @@ class Encoder:
         return message
 
     # tokens -------------------------------------------------------------------------------------
-    def encode(self, example: Example) -> Encoded | Dropped:
+    def _tokens(self, example: Example) -> tuple[list[int], list[int], list[bool], int]:
+        """(head: the BOS, if any; the ids after it; which of them are trained; where the last answer starts)."""
         pieces = self.pieces(example)
         ids: list[int] = []
         trained: list[bool] = []
@@ -149,22 +182,66 @@ class Encoder:
             head, ids, trained, answer_start = ids[:1], ids[1:], trained[1:], max(0, answer_start - 1)
         elif self.adds_bos:
             head = [self.bos_id]
+        return head, ids, trained, answer_start
+
+    def encode(self, example: Example) -> Encoded | Dropped:
+        example = self.with_tools(example)
+        head, ids, trained, answer_start = self._tokens(example)
         total = len(head) + len(ids)
         if not any(trained[answer_start:]):
             return Dropped("nothing to learn after tokenization", total)
-        labels = [t if (learn or self.train_on_prompt) else IGNORE for t, learn in zip(ids, trained, strict=True)]
-        truncated = False
+        truncated, turns_cut = False, 0
         room = self.max_len - len(head)
         if len(ids) > room:
             if isinstance(example, Text) and not example.prompt:  # plain text: keep the beginning
-                ids, labels = ids[:room], labels[:room]
+                ids, trained = ids[:room], trained[:room]
             elif len(ids) - answer_start > room:
                 return Dropped(f"the answer alone is longer than maxSeqLen ({self.max_len} tokens)", total)
-            else:  # cut the prompt side: the oldest tokens go first
-                ids, labels = ids[-room:], labels[-room:]
+            elif isinstance(example, Text):  # a prompt/completion: cut the prompt side, the oldest tokens first
+                ids, trained = ids[-room:], trained[-room:]
+            else:
+                window = self._window(example, room)
+                if window is None:
+                    return Dropped(f"the last exchange with the system turn is longer than maxSeqLen ({self.max_len} tokens)", total)
+                ids, trained, turns_cut = window
             truncated = True
+        labels = [t if (learn or self.train_on_prompt) else IGNORE for t, learn in zip(ids, trained, strict=True)]
         labels_head = [h if self.train_on_prompt else IGNORE for h in head] if head else []
-        return Encoded(head + ids, labels_head + labels, total, truncated)
+        return Encoded(head + ids, labels_head + labels, total, truncated, turns_cut)
+
+    def _window(self, example: Conversation, room: int) -> tuple[list[int], list[bool], int] | None:
+        """A conversation too long for `room` tokens cut at turn boundaries (see the module doc): (ids, trained, messages
+        left out), or None when even the system turn, the last exchange's header and its answer do not fit."""
+        messages, trained = example.messages, example.trained
+        system = 1 if messages and messages[0].get("role") == "system" else 0
+        last = max(i for i, learn in enumerate(trained) if learn)
+        starts = [i for i in range(system, last + 1) if i == system or messages[i].get("role") == "user"]
+
+        def fitting(kept: list[dict[str, Any]], start: int) -> tuple[list[int], list[bool]] | None:
+            candidate = Conversation(messages[:system] + kept, trained[:system] + trained[start:], example.tools, example.format)
+            try:
+                _, ids, flags, _ = self._tokens(candidate)
+            except TemplateError:  # e.g. a template that needs the conversation to start otherwise
+                return None
+            return (ids, flags) if len(ids) <= room and any(flags) else None
+
+        for start in starts[1:]:  # the whole conversation (starts[0]) is what did not fit
+            if (found := fitting(messages[start:], start)) is not None:
+                return *found, start - system
+        start = starts[-1]
+        first = messages[start]
+        content = first.get("content")
+        if first.get("role") != "user" or not isinstance(content, str):
+            return None
+        best, low, high = None, 0, len(content)  # the longest tail of the user message that fits
+        while low <= high:
+            keep = (low + high) // 2
+            found = fitting([{**first, "content": content[len(content) - keep:]}, *messages[start + 1:]], start)
+            if found is not None:
+                best, low = found, keep + 1
+            else:
+                high = keep - 1
+        return None if best is None else (*best, start - system)
 
     def encode_all(self, examples: Iterable[Example]) -> Encoding:
         result = Encoding()
@@ -179,6 +256,7 @@ class Encoder:
                 result.drop_reasons[outcome.reason] = result.drop_reasons.get(outcome.reason, 0) + 1
             else:
                 result.truncated += outcome.truncated
+                result.turns_cut += outcome.turns_cut
                 result.encoded.append(outcome)
         return result
 

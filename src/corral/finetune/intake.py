@@ -27,7 +27,7 @@ from corral.finetune.checks import chat_template_problem
 from corral.finetune.dataset import read_dataset
 from corral.finetune.runners import ProcessRunner, TrainerRunner
 from corral.gpus.inventory import GpuInventory
-from corral.model_files import size_model, size_model_or_none
+from corral.model_files import HUB_ID, size_model, size_model_or_none
 from corral.paths import confine_dataset
 from corral.views import PreviewResult
 
@@ -44,6 +44,7 @@ class Submission:
     base_model: str
     dataset_path: str  # resolved, inside a dataset root
     dataset_format: str
+    dataset_sha256: str  # of the bytes validated: the task's snapshot of the file must match
     examples: int
     method: str
     priority: str  # high | normal | low
@@ -84,7 +85,7 @@ class Intake:
         if count:
             check_fits(need_gb, memory_gb is not None, inventory, base_model, method, hp, count)
         return Submission(base_model=base_model, dataset_path=str(Path(dataset_path).resolve()), dataset_format=dataset.format,
-                          examples=len(dataset.examples), method=method, priority=priority, preemptible=preemptible,
+                          dataset_sha256=dataset.sha256, examples=len(dataset.examples), method=method, priority=priority, preemptible=preemptible,
                           hyperparameters=hp, gpus=count, memory_gb=need_gb, timeout_s=timeout)
 
     def check_trainer_installed(self, method: str) -> None:
@@ -141,8 +142,8 @@ class Intake:
 def check_base_model(base_model: str) -> None:
     """A local model directory or a hub id (org/name)."""
     check_path_text(base_model, "baseModel")
-    if not (is_dir(base_model) or "/" in base_model):
-        raise InvalidInput(f"baseModel '{short(base_model)}' is neither a local model directory nor a hub id (org/name)")
+    if not (is_dir(base_model) or HUB_ID.fullmatch(base_model)):  # the whole text: 'org/name\n' is no hub id
+        raise InvalidInput(f"baseModel {short(base_model)!r} is neither a local model directory nor a hub id (org/name)")
 
 
 def training_estimate(base_model: str, method: str, hp: dict[str, Any], gpus: int = 1,

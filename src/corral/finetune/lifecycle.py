@@ -16,6 +16,7 @@ import secrets
 import shutil
 from collections.abc import Mapping
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from corral.domain.errors import Conflict, Hint, NotFound
@@ -44,8 +45,10 @@ def now() -> datetime:
 
 
 class Lifecycle:
-    def __init__(self, tasks: TaskStore, files: TaskFiles, runner: TrainerRunner, bus: EventBus, intents: Intents) -> None:
+    def __init__(self, tasks: TaskStore, files: TaskFiles, runner: TrainerRunner, bus: EventBus, intents: Intents,
+                 save_timeout_s: float = 120.0) -> None:
         self.tasks = tasks
+        self.save_timeout_s = save_timeout_s  # how long a timed-out trainer may take to checkpoint before it is stopped
         self.intents = intents  # the History rows of every step (corral.intents: the one writer of history)
         self.files = files
         self.runner = runner
@@ -79,12 +82,15 @@ class Lifecycle:
         directory = self.files.dir(task.id)
         directory.mkdir(parents=True, exist_ok=True)
         try:
+            # The dataset as validated, copied beside the task: a file replaced or edited later changes nothing of it.
+            self.files.snapshot_dataset(task.id, Path(request.dataset_path), request.dataset_sha256)
             self.tasks.add(task)
         except BaseException:  # nothing left behind: no directory without its task
             shutil.rmtree(directory, ignore_errors=True)
             raise
         self.files.note(task.id, f"submitted: {task.method} of {task.base_model} on {task.examples} examples "
-                                 f"({request.dataset_format}), priority {task.priority} "
+                                 f"({request.dataset_format}; snapshot {self.files.dataset(task.id).name}, sha256 "
+                                 f"{request.dataset_sha256[:16]}…), priority {task.priority} "
                                  f"({Priority.parse(task.priority).level} on the business scale), "
                                  + ("preemptible" if task.preemptible else "not preemptible"))
         _record_submitted(self.intents, task)
@@ -203,8 +209,18 @@ class Lifecycle:
             self.set_status(task.id, TaskState.FAILED, f"{failure}: {last[-300:]}", finished_at=now(), pid=None, pid_start=None)
 
     async def stop(self, task: TaskRecord, status: TaskState, reason: str, cause: StopCause) -> None:
-        """Stop a launched task's trainer, the task ending as `status` for `cause`."""
+        """Stop a launched task's trainer, the task ending as `status` for `cause`. A timeout checkpoints first: the
+        trainer gets the preemption signal (save at the step end, then exit) and `save_timeout_s` to obey, and only then
+        is stopped, so a timed-out task resumes where it stopped instead of losing every step since its last save."""
         self.set_status(task.id, status, reason, cause=cause, finished_at=now())  # first: the exit is not read as a failure
+        if cause is StopCause.TIMEOUT and self.runner.preempt(task):
+            self.files.note(task.id, f"timed out: asked the trainer to save a checkpoint and exit (at most {self.save_timeout_s:.0f} s)")
+            deadline = asyncio.get_running_loop().time() + self.save_timeout_s
+            while self.runner.alive(task) and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.2)  # the trainer's exit: a process we may not be the parent of (re-adopted)
+            checkpoint = self.files.checkpoint(task.id)
+            self.files.note(task.id, f"timed out; {checkpoint} saved, resume continues from it" if checkpoint
+                            else "timed out before the trainer saved a checkpoint")
         await self.runner.stop(task)
         self.tasks.update(task.id, pid=None, pid_start=None)
 

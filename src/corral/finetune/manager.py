@@ -61,7 +61,7 @@ class FinetuneManager:
         # inventory: a fresh NVML read (is there a GPU at all, at submit); ledger: the one GPU ledger (replicas +
         # launched tasks, fresh free memory), read before every round; controller: its queries and scaling.
         self.intake = Intake(settings, inventory, self.runner)
-        self.lifecycle = Lifecycle(self.tasks, self.files, self.runner, bus, Intents(state))
+        self.lifecycle = Lifecycle(self.tasks, self.files, self.runner, bus, Intents(state), settings.preempt_timeout_s)
         self.reclaim = Reclaim(settings, self.tasks, self.files, controller)
         self.preemption = Preemption(settings, self.tasks, self.lifecycle, self.files, self.runner, ledger)
         self.queue = QueueRound(settings, self.tasks, self.lifecycle, self.files, self.runner, ledger, self.reclaim,

@@ -4,17 +4,27 @@ Which tasks give way is `domain.preemption.plan_preemption`'s. Each is asked to 
 first: a pending History row and `preempted_by` on the task before the signal), waits in the queue with the reason,
 and resumes from that checkpoint once GPUs free up. The GPUs they leave are kept from the queue round
 (`keep_for_replicas`) until the scale-out is done, by which time the new replicas hold them.
+
+The preemption and the scale-out it is for are one intent: the scale's row (`PreemptionRequest.scale`) is written,
+pending, in the same transaction as the preemption's rows, before any trainer is asked. A control plane killed in
+between (the trainers checkpointed and stopped, no replica yet) finds that row on restart and carries the scale out
+again (`domain.history.ScaleRedo`, `Controller.start`): it asks for the same preemption, whose tasks are found
+already leaving for that pool (asked before the restart) and waited for, and whose GPUs are kept from the queue from
+the moment it is asked — before the queue's first round after the restart could start those tasks again on them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+from corral import failpoints
 from corral.config import Settings
 from corral.domain.gpu_ledger import GpuLedger, Holder
 from corral.domain.history import Action, HistoryDraft, Intent, Outcome
@@ -48,29 +58,47 @@ class Preemption:
         self.ledger = ledger
         # GPUs freed by a preemption, kept out of the queue's reach until the replicas they were freed for hold them.
         self._kept_for_replicas: dict[int, tuple[str, ...]] = {}
+        # Whole GPUs kept for a preemption asked for and not planned yet (waiting for the one before it, or not
+        # entered yet): the first free ones, whichever they are.
+        self._reserved: dict[int, int] = {}
+        self._keys = itertools.count()
         self._preemptions = asyncio.Lock()  # one at a time: two scale-outs never pick the same victims
 
-    @contextlib.asynccontextmanager
-    async def preempting(self, request: PreemptionRequest) -> AsyncIterator[PreemptionOutcome]:
+    def preempting(self, request: PreemptionRequest) -> AbstractAsyncContextManager[PreemptionOutcome]:
         """Free `request.gpus` whole GPUs for new replicas of `request.pool`, then let the caller scale inside the
         block. If too few GPUs are free, the tasks `domain.preemption.plan_preemption` picks are asked to checkpoint
-        and stop, wait in the queue with the reason, and resume from that checkpoint once GPUs free up. The GPUs they
-        leave are kept from the queue (which would otherwise start the task again on them) until the block ends. A
-        trainer that has not saved within `preempt_timeout_s` is stopped (it loses the steps since its last
-        checkpoint). Nothing is stopped when stopping all candidates would still not be enough."""
-        async with self._preemptions:
-            plan = self._plan(request)
-            if not plan.needed:
-                yield PreemptionOutcome(freed=plan.freed, why_not=plan.why_not)
-                return
-            key = id(plan)
-            self._kept_for_replicas[key] = plan.freed
-            try:
-                intents = {task_id: self._ask_to_checkpoint(self.lifecycle.get(task_id), request) for task_id in plan.victims}
+        and stop, wait in the queue with the reason, and resume from that checkpoint once GPUs free up; with them,
+        `request.scale` is written as one intent (`PreemptionOutcome.scale`: the scale completes it). Tasks asked
+        for this pool before a restart and still stopping are waited for too (and asked again: the restart may
+        have come before the signal). GPUs are kept from the queue (which would otherwise start a task again on
+        them) from this call — before the block is entered — until the block ends: so enter it. A trainer that has
+        not saved within `preempt_timeout_s` is stopped (it loses the steps since its last checkpoint). Nothing is
+        stopped when stopping all candidates would still not be enough."""
+        key = next(self._keys)
+        self._reserved[key] = request.gpus
+        return self._preempting(request, key)
+
+    @contextlib.asynccontextmanager
+    async def _preempting(self, request: PreemptionRequest, key: int) -> AsyncIterator[PreemptionOutcome]:
+        try:
+            async with self._preemptions:
+                plan, leaving = self._plan(request)
+                self._kept_for_replicas[key] = plan.freed
+                self._reserved.pop(key, None)
+                if not plan.needed and not leaving:
+                    yield PreemptionOutcome(freed=plan.freed, why_not=plan.why_not)
+                    return
+                intents, scale = self._ask_to_checkpoint(plan.victims, request)
+                for task in leaving:
+                    self.files.note(task.id, f"preempted for {request.describe()} before a control-plane restart: "
+                                             "asked again to save a checkpoint and stop")
+                    self.runner.preempt(task)  # the trainer's handler only sets a flag: a second signal changes nothing
+                    intents[task.id] = None  # its row was judged on restart (`domain.history`)
                 await self._wait_preempted(intents)
-                yield PreemptionOutcome(tasks=plan.victims, freed=plan.freed)
-            finally:
-                self._kept_for_replicas.pop(key, None)
+                yield PreemptionOutcome(tasks=(*plan.victims, *(t.id for t in leaving)), freed=plan.freed, scale=scale)
+        finally:
+            self._reserved.pop(key, None)
+            self._kept_for_replicas.pop(key, None)
 
     def keep_for_replicas(self, ledger: GpuLedger) -> GpuLedger:
         """The ledger the queue reads, with the GPUs a preemption freed held for the replicas it freed them for."""
@@ -78,33 +106,62 @@ class Preemption:
             free = [u for u in units if ledger.is_free(u)]
             if free:
                 ledger = ledger.hold(Holder.replica(f"(replica starting after preemption {key})"), free)
+        for key, gpus in self._reserved.items():
+            free = [u.id for u in ledger.free_units(whole_only=True)][:gpus]
+            if free:
+                ledger = ledger.hold(Holder.replica(f"(replica of a scale-out waiting to preempt, {key})"), free)
         return ledger
 
-    def _plan(self, request: PreemptionRequest) -> PreemptionPlan:
-        candidates = []
+    def _plan(self, request: PreemptionRequest) -> tuple[PreemptionPlan, list[TaskRecord]]:
+        """The plan, and the tasks asked for this pool before a restart that still hold their GPUs: planned as gone
+        (they are stopping), waited for."""
+        candidates, leaving = [], []
+        ledger = self.ledger()
         for task in self.lifecycle.launched():
-            if task.status not in ACTIVE or not task.units or task.preempted_by or not self.runner.can_preempt(task):
+            if task.status not in ACTIVE or not task.units:
+                continue
+            if task.preempted_by:
+                if task.preempted_by.get("pool") == request.pool:
+                    leaving.append(task)
+                    ledger = ledger.release(Holder.task(task.id))
+                continue
+            if not self.runner.can_preempt(task):
                 continue
             checkpoint = self.files.checkpoint(task.id)
             candidates.append(TaskOnGpu(
                 task.id, Priority.parse(task.priority).level, task.preemptible, tuple(task.units),
                 steps_since(task.progress.get("step"), int(checkpoint.rsplit("-", 1)[1]) if checkpoint else None),
                 task.started_at.timestamp() if task.started_at else 0.0))
-        return plan_preemption(request.gpus, request.priority, candidates, self.ledger())
+        return plan_preemption(request.gpus, request.priority, candidates, ledger), leaving
 
-    def _ask_to_checkpoint(self, task: TaskRecord, request: PreemptionRequest) -> Intent:
+    def _ask_to_checkpoint(self, victims: Sequence[str], request: PreemptionRequest
+                           ) -> tuple[dict[str, Intent | None], Intent | None]:
+        """Ask each victim to checkpoint and stop: first one intent — a row per task and the scale's row — then each
+        task's desired state (`preempted_by`), then its signal. Each task's row (completed once it is back in the
+        queue), and the scale's."""
+        tasks = [self.lifecycle.get(task_id) for task_id in victims]
         by = {"business": request.business, "priority": request.priority, "pool": request.pool}
-        message = (f"preempting for {request.describe()}, which needs {request.gpus} GPU(s) for pool {request.pool}: "
-                   f"asked the trainer to save a checkpoint at its next step and stop (step {task.progress.get('step', 0)})")
-        intent = _begin_preemption(self.lifecycle.intents, task, by, message)  # the intent, then the desired state, then the signal
-        self.tasks.update(task.id, preempted_by=by)
-        self.files.note(task.id, message)
-        log.info("finetune task %s: %s", task.id, message)
-        if not self.runner.preempt(task):
-            self.files.note(task.id, "the trainer could not be signalled; it is stopped instead")
-        return intent
+        messages = {task.id: (f"preempting for {request.describe()}, which needs {request.gpus} GPU(s) for pool "
+                              f"{request.pool}: asked the trainer to save a checkpoint at its next step and stop (step "
+                              f"{task.progress.get('step', 0)})") for task in tasks}
+        drafts = [_preemption_row(task, by, messages[task.id]) for task in tasks]
+        intent = Intent([*drafts, *([request.scale] if request.scale is not None else [])])
+        if intent.rows:
+            self.lifecycle.intents.begin(intent)
+        failpoints.reached("preempt.intent-recorded")
+        rows: dict[str, Intent | None] = {task.id: Intent([draft], ids=[row_id])
+                                          for task, draft, row_id in zip(tasks, drafts, intent.ids, strict=False)}
+        scale = Intent([request.scale], ids=[intent.ids[-1]]) if request.scale is not None else None
+        for task in tasks:
+            self.tasks.update(task.id, preempted_by=by)
+            self.files.note(task.id, messages[task.id])
+            log.info("finetune task %s: %s", task.id, messages[task.id])
+            if not self.runner.preempt(task):
+                self.files.note(task.id, "the trainer could not be signalled; it is stopped instead")
+        failpoints.reached("preempt.asked")
+        return rows, scale
 
-    async def _wait_preempted(self, intents: dict[str, Intent]) -> None:
+    async def _wait_preempted(self, intents: dict[str, Intent | None]) -> None:
         """Until every preempted trainer has exited and its task is back in the queue (at most `preempt_timeout_s`,
         then it is stopped). Follows them itself, so the caller need not wait for the next round."""
         deadline = time.monotonic() + self.settings.preempt_timeout_s
@@ -121,17 +178,17 @@ class Preemption:
                     await self.runner.stop(task)
                     continue
                 if task.status not in ACTIVE:  # the intent row keeps its message; `set_status` wrote the "preempted:" row
-                    _complete_preemption(self.lifecycle.intents, left.pop(task_id), task)
+                    if (row := left.pop(task_id)) is not None:
+                        _complete_preemption(self.lifecycle.intents, row, task)
             if left:
                 await asyncio.sleep(0.1)
 
 
-# The History row of a preemption: an intent begun before the signal, completed once the task is back in the queue.
-def _begin_preemption(intents: Intents, task: TaskRecord, by: dict[str, Any], message: str) -> Intent:
-    intent = Intent([HistoryDraft(Action.FINETUNE, task.id, before={"status": task.status, "units": list(task.units)},
-                                  after={"status": TaskState.QUEUED, "preemptedBy": by}, message=message[:500])])
-    intents.begin(intent)
-    return intent
+# The History row of a preemption: part of an intent begun before the signal, completed once the task is back in the
+# queue.
+def _preemption_row(task: TaskRecord, by: dict[str, Any], message: str) -> HistoryDraft:
+    return HistoryDraft(Action.FINETUNE, task.id, before={"status": task.status, "units": list(task.units)},
+                        after={"status": TaskState.QUEUED, "preemptedBy": by}, message=message[:500])
 
 
 def _complete_preemption(intents: Intents, intent: Intent, task: TaskRecord) -> None:

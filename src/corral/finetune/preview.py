@@ -32,7 +32,8 @@ def preview(base_model: str, dataset_path: Path, max_seq_len: int, train_on_prom
         tokenizer = AutoTokenizer.from_pretrained(base_model)
     if not templates.apply(tokenizer, chat_template) and dataset.chat:  # the chosen template, as the trainer does
         raise CorralError(no_chat_template(base_model, dataset.format))
-    encoder = Encoder(tokenizer, max_seq_len, train_on_prompt)
+    warnings = end_of_turn_warnings(tokenizer, chat_template, base_model) if dataset.chat else []
+    encoder = Encoder(tokenizer, max_seq_len, train_on_prompt)  # after `end_of_turn_warnings`: the EOS the trainer uses
     analyzed = dataset.examples[:MAX_ANALYZED]
     try:
         encoding = encoder.encode_all(analyzed)
@@ -41,11 +42,46 @@ def preview(base_model: str, dataset_path: Path, max_seq_len: int, train_on_prom
     examples = [_shown(encoder, e) for e in encoding.encoded[:shown]]
     return {
         "format": dataset.format, "formats": dataset.formats, "count": len(dataset.examples), "analyzed": len(analyzed),
-        "examples": examples, "truncated": encoding.truncated, "dropped": encoding.dropped, "dropReasons": encoding.drop_reasons,
+        "examples": examples, "truncated": encoding.truncated, "turnsCut": encoding.turns_cut, "dropped": encoding.dropped,
+        "dropReasons": encoding.drop_reasons, "warnings": warnings,
         "trainedTokens": sum(e.trained_tokens for e in encoding.encoded), "totalTokens": sum(len(e.input_ids) for e in encoding.encoded),
         "maxSeqLen": max_seq_len, "trainOnPrompt": train_on_prompt,
         "lengthHistogram": length_histogram(encoding.lengths, max_seq_len),
     }
+
+
+def end_of_turn_warnings(tokenizer: Any, chat_template: str, base_model: str) -> list[str]:
+    """What the preview warns about the end of a turn, replacing the EOS as the trainer does (`templates.replace_eos`):
+    a built-in template whose end-of-turn token is not the model's EOS (the result's EOS becomes that token), one whose
+    markers are not tokens (learned as text: nothing stops), or the model's own template ending turns with a token that
+    is neither its EOS nor in its generation_config.json (served, it would not stop after an answer)."""
+    warnings = []
+    if missing := templates.missing_markers(tokenizer, chat_template):
+        warnings.append(f"chat template {chat_template}: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not a token "
+                        "of this tokenizer; learned as text, and an engine will not stop at the end of a turn by itself: prefer "
+                        "a template whose markers the tokenizer has")
+    old = tokenizer.eos_token
+    if (replaced := templates.replace_eos(tokenizer, chat_template)) is not None:
+        warnings.append(f"chat template {chat_template} ends a turn with {tokenizer.eos_token}, not the model's EOS {replaced}: the "
+                        f"result's EOS and generation_config.eos_token_id are set to {tokenizer.eos_token} (with {replaced}), so "
+                        "served it stops at the end of its answer")
+    elif chat_template == templates.MODEL and (end := templates.end_of_turn(tokenizer)) and end != old:
+        stops = _generation_eos(base_model)
+        if tokenizer.convert_tokens_to_ids(end) not in stops:
+            warnings.append(f"the model's chat template ends a turn with {end}, which is not its EOS ({old}) nor in its "
+                            "generation_config.json eos_token_id: served, it may not stop after an answer; add "
+                            f"{end}'s id to eos_token_id in generation_config.json, or choose a built-in chatTemplate")
+    return warnings
+
+
+def _generation_eos(base_model: str) -> set[int]:
+    """The eos_token_id of a local model's generation_config.json (empty when it has none here)."""
+    try:
+        value = json.loads((Path(base_model) / "generation_config.json").read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return set()
+    values = value if isinstance(value, list) else [value]
+    return {v for v in values if isinstance(v, int)}
 
 
 def _shown(encoder: Encoder, encoded: Encoded) -> dict[str, Any]:

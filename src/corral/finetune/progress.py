@@ -24,7 +24,7 @@ class ProgressEvent(StrEnum):
 
 
 # What a line's fields add to a task's `progress` (the view's TaskProgress).
-PROGRESS_KEYS = ("step", "totalSteps", "loss", "learningRate", "epoch", "eta", "evalLoss", "truncated", "dropped",
+PROGRESS_KEYS = ("step", "totalSteps", "loss", "learningRate", "epoch", "eta", "evalLoss", "truncated", "turnsCut", "dropped",
                  "trainExamples", "evalExamples")
 
 

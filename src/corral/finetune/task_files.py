@@ -1,15 +1,19 @@
-"""A finetune task's directory (DATA_DIR/finetune/<id>), the contract with its trainer: task.json in;
+"""A finetune task's directory (DATA_DIR/finetune/<id>), the contract with its trainer: task.json and dataset.snapshot
+(the dataset as validated at submit) in;
 progress.jsonl, train.log, checkpoints/ and output/ out; merged/ from an export. Corral's own notes go into
 train.log beside the trainer's output, so one log tells the whole story of a task."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from corral.backends.local.process import tail_lines
+from corral.domain.errors import InvalidInput
+from corral.finetune.dataset import file_sha256
 from corral.finetune.progress import ProgressEvent, event_of, parse
 from corral.finetune.store import TaskRecord
 from corral.finetune.trainer import newest_checkpoint
@@ -25,6 +29,27 @@ class TaskFiles:
 
     def log(self, task_id: str) -> Path:
         return self.dir(task_id) / "train.log"
+
+    def dataset(self, task_id: str) -> Path:
+        """The task's snapshot of its dataset, taken at submit: what its trainer reads, at every start and resume."""
+        return self.dir(task_id) / "dataset.snapshot"
+
+    def snapshot_dataset(self, task_id: str, source: Path, sha256: str) -> Path:
+        """Copy the validated dataset into the task's directory; InvalidInput when the copy is not the file that was
+        validated (it changed in between: submit again)."""
+        target = self.dataset(task_id)
+        try:
+            shutil.copyfile(source, target)
+            copied = file_sha256(target)
+        except OSError as exc:
+            target.unlink(missing_ok=True)
+            raise InvalidInput(f"the dataset could not be copied into the task's directory ({exc.strerror or type(exc).__name__}): "
+                               "free disk space in Corral's data directory, then submit again") from None
+        if copied != sha256:
+            target.unlink(missing_ok=True)
+            raise InvalidInput(f"the dataset file {str(source)[:300]} changed while it was being submitted (its content is not "
+                               "what was validated): submit again once it is written")
+        return target
 
     def merged(self, task_id: str) -> Path:
         """Where an export puts the adapter merged into the base model."""
@@ -46,8 +71,10 @@ class TaskFiles:
 
     def write_spec(self, task: TaskRecord) -> None:
         """What the trainer reads: task.json."""
+        snapshot = self.dataset(task.id)  # a task queued by an older Corral has none: its original file, then
         (self.dir(task.id) / "task.json").write_text(json.dumps({
-            "baseModel": task.base_model, "datasetPath": task.dataset_path, "method": task.method,
+            "baseModel": task.base_model, "datasetPath": str(snapshot) if snapshot.is_file() else task.dataset_path,
+            "method": task.method,
             "hyperparameters": task.hyperparameters,
         }))
 

@@ -64,6 +64,54 @@ MARKERS: dict[str, tuple[str, ...]] = {
 }
 
 
+# The token each built-in template ends an assistant turn with (mistral's is the tokenizer's own EOS).
+END_OF_TURN: dict[str, str] = {"chatml": "<|im_end|>", "qwen": "<|im_end|>", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>"}
+_SENTINEL = "\u2063corral-turn\u2063"  # an answer no real conversation has, to find what the template writes after it
+
+
+def replace_eos(tokenizer: Any, name: str) -> str | None:
+    """LLaMA-Factory's `replace_eos`: a base model trained on a built-in template learns to end its answers with the
+    template's end-of-turn token (`<|im_end|>` …), so that token must be its EOS, or an engine serving the result never
+    stops (it waits for the base model's EOS, which training never showed after an answer). Makes the end-of-turn
+    token the tokenizer's EOS, before the examples are encoded (plain-text completions then end with it too, and the
+    trainer saves the tokenizer so) and keeps the old EOS as the pad token when there was none. Returns the old EOS
+    when it replaced it; None when nothing changed (`model`, mistral, a template whose end of turn already is the EOS,
+    or a marker that is not a token of this tokenizer: `missing_markers` warns about that one)."""
+    marker = END_OF_TURN.get(name)
+    if marker is None or marker == tokenizer.eos_token or marker not in tokenizer.get_vocab():
+        return None
+    old = tokenizer.eos_token
+    if tokenizer.pad_token is None and old is not None:
+        tokenizer.pad_token = old
+    tokenizer.eos_token = marker
+    return old
+
+
+def stop_token_ids(tokenizer: Any, replaced: str | None) -> list[int]:
+    """`generation_config.eos_token_id` for a result: the (new) EOS first, and the base model's old EOS too, so
+    generation stops at either."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if replaced is not None and (old := tokenizer.convert_tokens_to_ids(replaced)) is not None and old not in ids:
+        ids.append(old)
+    return ids
+
+
+def end_of_turn(tokenizer: Any) -> str | None:
+    """The special token the tokenizer's (current) chat template writes right after an assistant's answer, or None
+    when it writes none (found by rendering one answer: works for the model's own template as for a built-in one)."""
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}],
+                                             tokenize=False)
+    except Exception:  # a template that refuses the probe: nothing to tell
+        return None
+    if not isinstance(text, str) or _SENTINEL not in text:
+        return None
+    after = text.split(_SENTINEL, 1)[1]
+    special = set(getattr(tokenizer, "all_special_tokens", []) or []) | set(getattr(tokenizer, "added_tokens_encoder", {}) or {})
+    found = [(after.find(token), token) for token in special if token and after.find(token) >= 0]
+    return min(found)[1] if found and min(found)[0] <= len(after) - len(after.lstrip()) else None
+
+
 def apply(tokenizer: Any, name: str) -> bool:
     """Give `tokenizer` the chosen template (nothing for `model`); whether it then has one at all."""
     if name != MODEL:

@@ -23,6 +23,11 @@ How it trains (LLaMA-Factory's defaults, all settable: `corral.domain.hyperparam
 the assistant's turns only (`corral.finetune.examples`), gradient checkpointing, a cosine schedule with
 warmup, gradient clipping, bf16 mixed precision where the GPU supports it (Ampere or newer), else fp16,
 fp32 on the CPU; a full finetune keeps fp32 master weights (the 16-bit type is for the computation).
+The seed is set before the model is built (LoRA's matrices are drawn then), so the same seed gives the same run.
+A built-in chat template whose end-of-turn token is not the base model's EOS makes it the EOS before the examples
+are encoded, and the result's tokenizer and generation_config.json say so (`templates.replace_eos`): served, the
+model stops where it was trained to. task.json names the dataset snapshot taken at submit
+(`TaskFiles.snapshot_dataset`), read at every start and resume.
 
 Several GPUs: distributed data parallel, one process per GPU (launched by `torch.distributed.run`, which sets
 RANK / LOCAL_RANK / WORLD_SIZE; the Trainer wraps the model in DistributedDataParallel and gives each process its
@@ -133,7 +138,14 @@ def _arguments(cls: Any, **wanted: Any) -> Any:
 
 def train(task_dir: Path) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        set_seed,
+    )
 
     from corral.domain.hyperparameters import for_trainer
     from corral.finetune import templates
@@ -168,6 +180,11 @@ def train(task_dir: Path) -> None:
         tokenizer.pad_token = tokenizer.eos_token
     dataset = read_dataset(Path(config["datasetPath"]))
     has_template = templates.apply(tokenizer, hp["chatTemplate"])
+    replaced_eos = templates.replace_eos(tokenizer, hp["chatTemplate"])  # before encoding: the answers end with the new EOS
+    if replaced_eos is not None and rank == 0:
+        print(f"[trainer] chat template {hp['chatTemplate']} ends a turn with {tokenizer.eos_token}, not the base model's EOS "
+              f"{replaced_eos}: {tokenizer.eos_token} is the result's EOS (tokenizer and generation_config), so the served "
+              "model stops at the end of its answer", flush=True)
     if dataset.chat and not has_template:
         from corral.finetune.checks import no_chat_template
 
@@ -182,13 +199,14 @@ def train(task_dir: Path) -> None:
     train_ids, eval_ids = split_for_eval(len(examples), hp["valSize"], hp["seed"])
     reasons = "; ".join(f"{n} × {why}" for why, n in encoding.drop_reasons.items())
     if rank == 0:
-        print(f"[trainer] dataset: {len(dataset.examples)} examples, format {dataset.format}; {encoding.truncated} truncated on the "
-              f"prompt side to maxSeqLen {hp['maxSeqLen']}; {encoding.dropped} dropped" + (f" ({reasons})" if reasons else "")
+        print(f"[trainer] dataset: {len(dataset.examples)} examples, format {dataset.format}; {encoding.truncated} truncated to "
+              f"maxSeqLen {hp['maxSeqLen']} at turn boundaries ({encoding.turns_cut} earlier messages left out, system turns "
+              f"kept); {encoding.dropped} dropped" + (f" ({reasons})" if reasons else "")
               + f"; {len(train_ids)} train, {len(eval_ids)} eval; "
               f"{sum(e.trained_tokens for e in encoding.encoded)} of {sum(len(e.input_ids) for e in encoding.encoded)} tokens trained",
               flush=True)
     progress.write(event=ProgressEvent.DATASET, examples=len(dataset.examples), format=dataset.format, truncated=encoding.truncated,
-                   dropped=encoding.dropped, trainExamples=len(train_ids), evalExamples=len(eval_ids))
+                   turnsCut=encoding.turns_cut, dropped=encoding.dropped, trainExamples=len(train_ids), evalExamples=len(eval_ids))
     if not examples:
         raise SystemExit(f"no example fits maxSeqLen {hp['maxSeqLen']} ({reasons}): raise maxSeqLen or shorten the answers")
 
@@ -201,6 +219,9 @@ def train(task_dir: Path) -> None:
         model_kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
         )
+    # Seeded before anything random is drawn: the LoRA matrices (and any weights the checkpoint lacks) are initialised
+    # when the model is built, before the Trainer seeds itself; without this, two runs with the same seed differ.
+    set_seed(hp["seed"])
     model = AutoModelForCausalLM.from_pretrained(config["baseModel"], **model_kwargs)
     checkpointing = bool(hp["gradientCheckpointing"])
     if checkpointing:
@@ -304,10 +325,28 @@ def train(task_dir: Path) -> None:
     if trainer.is_world_process_zero():
         output = task_dir / "output"
         trainer.model.save_pretrained(output)
-        tokenizer.save_pretrained(output)  # with the chat template trained on (a built-in one, when chosen)
+        tokenizer.save_pretrained(output)  # with the chat template trained on (a built-in one, when chosen) and its EOS
+        if replaced_eos is not None:
+            save_generation_config(config["baseModel"], output, templates.stop_token_ids(tokenizer, replaced_eos),
+                                   tokenizer.pad_token_id)
         progress.write(event=ProgressEvent.COMPLETED, output=str(output), step=trainer.state.global_step, totalSteps=trainer.state.max_steps)
         shutil.rmtree(checkpoints, ignore_errors=True)  # after `completed`: a restart in between never finds neither
     _leave_process_group(size)
+
+
+def save_generation_config(base_model: str, output: Path, eos_ids: list[int], pad_id: int | None) -> None:
+    """The result's generation_config.json (the adapter directory's too: merges and engines read it there) with the
+    base model's settings and `eos_token_id` = the template's end of turn first, then the base model's EOS."""
+    from transformers import GenerationConfig
+
+    try:
+        generation = GenerationConfig.from_pretrained(base_model)
+    except (OSError, ValueError):  # the base model has none
+        generation = GenerationConfig()
+    generation.eos_token_id = eos_ids[0] if len(eos_ids) == 1 else eos_ids
+    if generation.pad_token_id is None and pad_id is not None:
+        generation.pad_token_id = pad_id
+    generation.save_pretrained(output)
 
 
 def _leave_process_group(size: int) -> None:

@@ -11,7 +11,11 @@ event loop is asynchronous with a timeout (`corral.gateway.sync.RoutingSync` dec
 and retries): a hung nginx never stalls the API.
 
 Draining uses the in-flight counters the Lua code keeps per replica; counters for `/api/metrics`
-come from the same shared memory (a snapshot refreshed in the background, see `NginxStats`). Chosen by `CORRAL_GATEWAY_DATA_PLANE=nginx` (or `auto` when the
+come from the same shared memory, read incrementally (only what changed since the last read: see the top of
+corral_gateway.lua) into a copy kept here, which every synchronous reader uses (`NginxStats`): nothing on
+the event loop waits for nginx. The counters of replicas and services that left are pruned there too
+(`/prune`), and the outlier records the Lua code keeps (ejections, readmissions, cap refusals) are turned
+into `on_outlier` events as reads see them. Chosen by `CORRAL_GATEWAY_DATA_PLANE=nginx` (or `auto` when the
 packages are installed); the Python gateway stays the portable fallback.
 """
 
@@ -33,25 +37,37 @@ import stat
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 from prometheus_client import CollectorRegistry, generate_latest
 
 from corral.aio import within
-from corral.domain.load import BUCKETS, Sample
+from corral.domain.load import BUCKETS, Sample, departures, prunable
+from corral.domain.outliers import (
+    Outlier,
+    OutlierEvent,
+    Reason,
+    capped_event,
+    ejected_event,
+    readmitted_event,
+)
 from corral.gateway.proxy import (
     NOT_RETRIED,
     RETRY_AFTER_S,
     GatewayLimits,
     budget_spent_suffix,
+    ejection_view,
     held_too_long_suffix,
     hold_full_suffix,
     too_large_message,
 )
 from corral.gateway.routing import RoutingTable
 from corral.gateway.stats import TrafficCollector, TrafficStats
+from corral.views import EjectionView
 
 log = logging.getLogger("corral.gateway.nginx")
 
@@ -66,7 +82,7 @@ CONTROL_BODY_MAX = "32m"
 ROUTES_DICT = "64m"
 MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes
 STATS_REFRESH_S = 1.0  # background refresh of the counters snapshot
-STATS_READ_TIMEOUT_S = 0.25  # an on-demand read of the counters, only while nginx answers
+STATS_READ_TIMEOUT_S = 0.25  # an on-demand read of the counters (`NginxStats.refresh`), only while nginx answers
 
 
 def nginx_binary() -> str | None:
@@ -98,8 +114,10 @@ def render_config(workdir: Path, host: str, port: int, control_socket: Path, con
     busy one (a non-streaming completion sends nothing until it is done; a stream may wait long for
     its first token): it keeps the read timeout, and a hung replica leaves rotation through its
     failed health checks (the replica supervisor, or Kubernetes readiness) while the requests it
-    already holds wait up to the read timeout. The Python data plane probes a replica silent past the
-    first-byte timeout instead (see proxy.py).
+    already holds wait up to the read timeout. The Python data plane checks a replica silent past the
+    first-byte timeout instead (see proxy.py). Outlier detection otherwise is the same (domain/outliers.py,
+    the numbers in `configure`): the Lua code counts failures in a row and ejects within the cap, and worker 0
+    health-checks suspected and ejected replicas (`init_worker`).
 
     On retries (domain/retries.py, the same rule as proxy.py): `proxy_next_upstream error timeout` without
     `non_idempotent`, so nginx itself never passes a POST to another replica once the request was sent to
@@ -125,6 +143,12 @@ def render_config(workdir: Path, host: str, port: int, control_socket: Path, con
     not_retried = ", ".join(f"[{status}] = {_lua_string(suffix)}" for status, suffix in NOT_RETRIED.values())
     retry = (f"{{ percent = {budget.percent!r}, min = {budget.min_retries}, window = {budget.window_s}, "
              f"spent_suffix = {_lua_string(budget_spent_suffix(budget))}, not_retried = {{ {not_retried} }} }}")
+    policy = limits.outliers
+    outlier = (f"{{ failures = {policy.consecutive_failures}, probes = {policy.failed_probes}, "
+               f"passes = {policy.passed_probes}, base = {float(policy.base_ejection_s)!r}, "
+               f"max = {float(policy.max_ejection_s)!r}, percent = {float(policy.max_ejection_percent)!r}, "
+               f"decay = {float(policy.decay_s)!r}, interval = {float(limits.probe_interval_s)!r}, "
+               f"timeout = {float(limits.health_probe_timeout_s)!r} }}")  # the same as proxy.py's
     # As root, nginx would run its workers as an unprivileged user that cannot enter a private data dir
     # (e.g. under /root) to spool a large request body: they run as the control plane's user instead.
     user = f"user {pwd.getpwuid(0).pw_name} {grp.getgrgid(os.getegid()).gr_name};\n" if os.geteuid() == 0 else ""
@@ -144,7 +168,9 @@ http {{
   lua_shared_dict corral_routes {ROUTES_DICT};
   lua_shared_dict corral_stats 16m;
   lua_shared_dict corral_retry 4m;  # per service and second: requests and retries (the retry budget)
-  init_by_lua_block {{ corral = require "corral_gateway"; corral.configure({buckets}, {hold}, {retry}) }}
+  init_by_lua_block {{ corral = require "corral_gateway"; corral.configure({buckets}, {hold}, {retry}, {outlier}) }}
+  init_worker_by_lua_block {{ corral.init_worker() }}  # worker 0 health-checks suspected and ejected replicas
+  lua_socket_log_errors off;  # (a failed health check is an outcome, not an error to log)
   upstream corral_replicas {{
     server 0.0.0.1;  # placeholder: the Lua balancer sets the peer of every request
     balancer_by_lua_block {{ corral.balance() }}
@@ -167,6 +193,8 @@ http {{
       set $corral_claim "";  # the replica whose place (`if:`) the request holds
       set $corral_started "";  # when the attempt counted in `ip:` started
       set $corral_refusal "";  # why the balancer refused a retry: `budget`, or 502/504 (the request was sent)
+      set $corral_attempts "";  # attempts sent to a replica
+      set $corral_judged "";  # the attempt whose outcome the balancer counted (outlier detection)
       lua_check_client_abort on;  # a held request whose client left ends there
       access_by_lua_block {{ corral.route() }}
       proxy_pass http://corral_replicas;
@@ -197,6 +225,7 @@ http {{
     location = /routes {{ content_by_lua_block {{ corral.set_routes() }} }}
     location = /version {{ content_by_lua_block {{ corral.get_version() }} }}
     location = /stats {{ content_by_lua_block {{ corral.get_stats() }} }}
+    location = /prune {{ content_by_lua_block {{ corral.prune() }} }}
     location / {{ return 404; }}
   }}
 }}
@@ -240,7 +269,8 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 
 
 def blocking_control_get(control_socket: Path, path: str, timeout_s: float) -> dict[str, Any]:
-    """One GET on the control socket, for code that cannot await (start-up, the counters snapshot)."""
+    """One GET on the control socket, for code that cannot await and runs off the event loop or before it
+    serves (start-up, in a thread on a restart)."""
     connection = _UnixHTTPConnection(control_socket, timeout_s)
     try:
         connection.request("GET", path)
@@ -264,6 +294,8 @@ def table_payload(table: RoutingTable) -> bytes:
                 target["rewrite"] = True
             if t.concurrency is not None:
                 target["concurrency"] = t.concurrency
+            if t.health_path != "/health":
+                target["health"] = t.health_path
             targets.append(target)
         routes[name] = {"message": route.no_replica_message(), "busy": route.busy_message(),
                         "targets": targets}
@@ -275,13 +307,11 @@ def table_payload(table: RoutingTable) -> bytes:
 
 
 class NginxStats:
-    """The Lua counters in nginx's shared memory, as a `TrafficStats` snapshot (the keys are listed at the
-    top of corral_gateway.lua).
-
-    Callers are synchronous (`/api/metrics`, the pool status), so they never wait on nginx beyond a
-    short bound: a read answers from the control socket while nginx is responsive (`STATS_READ_TIMEOUT_S`
-    at most), and from the last snapshot (refreshed every `STATS_REFRESH_S` by the load monitor's
-    readings, or a background task) once nginx stopped answering, until it answers again.
+    """The Lua counters in nginx's shared memory, as a `TrafficStats` (the keys are listed at the top of
+    corral_gateway.lua), from the copy the plane keeps (`NginxGateway.stats_now`): synchronous readers
+    (`/api/metrics`, the pool status) never wait on nginx. The copy is at most `STATS_REFRESH_S` old (the
+    load monitor's readings, or a background task); `await refresh()` first makes it current where a reader
+    can await (the API does), while nginx answers within `STATS_READ_TIMEOUT_S`.
     """
 
     def __init__(self, plane: NginxGateway) -> None:
@@ -289,8 +319,12 @@ class NginxStats:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(TrafficCollector(self.snapshot))
 
+    async def refresh(self) -> None:
+        """Read what changed in nginx now (bounded by `STATS_READ_TIMEOUT_S`; the last copy when nginx is slow)."""
+        await self._plane.refresh_stats(STATS_READ_TIMEOUT_S)
+
     def snapshot(self) -> TrafficStats:
-        return parse_stats(self._plane.stats_now())
+        return self._plane.traffic_now()
 
     def replica_summary(self, replicas: set[str]) -> dict[str, dict[str, float | int]]:
         return self.snapshot().replica_summary(replicas)
@@ -345,6 +379,28 @@ def parse_stats(raw: dict[str, float]) -> TrafficStats:
 
 
 COUNTER_FIELDS = {"rq": "requests", "er": "errors", "lt": "latency_sum", "ts": "ttfb_sum", "tk": "tokens", "tu": "usage"}
+OUTLIER_KINDS = frozenset({"ej", "ea", "en", "ew", "ot", "oc"})
+
+
+def parse_outliers(raw: dict[str, Any]) -> dict[str, Outlier]:
+    """The Lua code's outlier records (`ej:` until, `ea:` at, `en:` count, `ew:` why, `ot:` readmitted at, `oc:`
+    failures in a row) as `Outlier`s, per replica that has one."""
+    fields: dict[str, dict[str, Any]] = {}
+    for key, value in raw.items():
+        kind, _, name = key.partition(":")
+        if kind in OUTLIER_KINDS:
+            fields.setdefault(name, {})[kind] = value
+    out = {}
+    for name, f in fields.items():
+        until = f.get("ej")
+        ejected = isinstance(until, (int, float)) and not isinstance(until, bool)
+        why = f.get("ew")
+        out[name] = Outlier(
+            failures=int(f.get("oc") or 0), ejections=int(f.get("en") or 0),
+            ejected_at=float(f.get("ea") or 0.0) if ejected else None, until=float(until) if ejected else None,
+            readmitted_at=float(f["ot"]) if isinstance(f.get("ot"), (int, float)) else None,
+            reason=Reason(why) if ejected and why in {r.value for r in Reason} else None)
+    return out
 
 
 CONTROL_ERRORS = (aiohttp.ClientError, OSError, TimeoutError, RuntimeError, ValueError)
@@ -367,12 +423,23 @@ class NginxGateway:
         self._process: subprocess.Popen | None = None
         self._session: aiohttp.ClientSession | None = None
         self._restart_lock = asyncio.Lock()
-        self._stats_raw: dict[str, float] = {}
+        self._read_lock = asyncio.Lock()  # one counters read at a time (each takes what changed since the last)
+        self._units: dict[str, dict[str, Any]] = {}  # the copy of nginx's counters, per unit (corral_gateway.lua)
+        self._stats_seq, self._stats_epoch = 0, None  # where the last read ended, in which nginx
+        self.last_read: tuple[bool, frozenset[str]] = (False, frozenset())  # (a full read?, the units it brought)
+        self._stats_raw: dict[str, Any] = {}  # the copy, flat
+        self._traffic: TrafficStats | None = None  # the copy, parsed (once per read)
         self._stats_live = False  # nginx answered the last counters read
         self._stats_read_at = 0.0  # monotonic time of the last successful read (the monitor's or the refresher's)
         self._stats_task: asyncio.Task | None = None
         self.table: RoutingTable = {}  # the last table pushed
         self.stats = NginxStats(self)
+        # Ejections, readmissions and cap refusals (decided by the Lua code, seen by the reads).
+        self.on_outlier: Callable[[OutlierEvent], None] | None = None
+        self._outliers: dict[str, Outlier] = {}  # as last read
+        self._capped: dict[str, int] = {}  # replica → cap refusals, as last read
+        self._departed: dict[str, float] = {}  # replica → when it left every route (pruning)
+        self._services_departed: dict[str, float] = {}  # service → when it left the table
 
     # lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -471,6 +538,11 @@ class NginxGateway:
     async def push(self, table: RoutingTable, version: int) -> int:
         """Give nginx `table` as `version`; returns the version nginx serves now (never older than one
         it served: a stale push does not replace a newer table). Restarts nginx if it exited."""
+        now = time.time()
+        live_before = {t.name for route in self.table.values() for t in route.targets}
+        live = {t.name for route in table.values() for t in route.targets}
+        self._departed = departures(live_before, live, self._departed, now)
+        self._services_departed = departures(set(self.table), table.keys(), self._services_departed, now)
         self.table = table
         await self._ensure_running()
         body = table_payload(table) if len(table) < 2000 else await asyncio.to_thread(table_payload, table)
@@ -484,48 +556,144 @@ class NginxGateway:
         return int((await self._control("GET", "/version"))["version"])
 
     # counters ----------------------------------------------------------------------------------
-    async def read_stats(self, timeout_s: float | None = None) -> dict[str, float]:
-        raw = await self._control("GET", "/stats", timeout_s=timeout_s)
-        return raw if isinstance(raw, dict) else {}  # cjson encodes an empty table as {}
+    async def read_stats(self, timeout_s: float | None = None) -> dict[str, Any]:
+        """Read what changed in nginx's counters since the last read (serialised: one read at a time) into the
+        copy kept here; the copy, flat (key → value, as `parse_stats` takes it)."""
+        async with self._read_lock:
+            query = urlencode({"since": self._stats_seq, "epoch": self._stats_epoch}) if self._stats_epoch else ""
+            answer = await self._control("GET", "/stats" + (f"?{query}" if query else ""), timeout_s=timeout_s)
+            units = answer.get("units") or {}
+            if answer.get("full") or answer.get("epoch") != self._stats_epoch:
+                self._units = {}
+            for unit, values in units.items():
+                if values:
+                    self._units[unit] = values
+                else:
+                    self._units.pop(unit, None)
+            self._stats_seq, self._stats_epoch = int(answer.get("seq", 0)), answer.get("epoch")
+            self.last_read = (bool(answer.get("full")), frozenset(units))
+            self._stats_raw = {key: value for values in self._units.values() for key, value in values.items()}
+            self._traffic = None
+            self._stats_live, self._stats_read_at = True, time.monotonic()
+            self._outlier_events()
+            return self._stats_raw
 
     async def read_counters(self) -> Sample:
-        """The traffic counters now (the load monitor's once-a-second reading). It also serves as the
-        snapshot synchronous readers fall back to, so the background refresh skips its own read then."""
+        """The traffic counters now (the load monitor's once-a-second reading). It also keeps the copy
+        synchronous readers use current, so the background refresh skips its own read then."""
         try:
-            raw = await self.read_stats(timeout_s=STATS_REFRESH_S)
+            await self.read_stats(timeout_s=STATS_REFRESH_S)
         except CONTROL_ERRORS:
             self._stats_live = False
             raise
-        self._stats_raw, self._stats_live, self._stats_read_at = raw, True, time.monotonic()
-        return parse_stats(raw).sample()
+        return self.traffic_now().sample()
 
-    def stats_now(self) -> dict[str, float]:
-        """The counters for synchronous callers: fresh while nginx answers, else the last snapshot."""
-        if self._stats_live and self._process is not None and self._process.poll() is None:
-            try:
-                raw = blocking_control_get(self.control_socket, "/stats", STATS_READ_TIMEOUT_S)
-                self._stats_raw = raw if isinstance(raw, dict) else {}
-            except (OSError, http.client.HTTPException, RuntimeError, ValueError) as exc:
-                log.warning("nginx did not answer a counters read (%s); serving the last snapshot", exc.__class__.__name__)
-                self._stats_live = False
+    async def refresh_stats(self, timeout_s: float) -> None:
+        """A read now, while nginx answers: on failure (or nginx known not to answer) the copy stays as it is."""
+        if not self._stats_live or self._process is None or self._process.poll() is not None:
+            return
+        try:
+            await self.read_stats(timeout_s=timeout_s)
+        except CONTROL_ERRORS as exc:
+            log.warning("nginx did not answer a counters read (%s); serving the last copy", exc.__class__.__name__)
+            self._stats_live = False
+
+    def stats_now(self) -> dict[str, Any]:
+        """The counters as last read (never waits on nginx)."""
         return self._stats_raw
+
+    def traffic_now(self) -> TrafficStats:
+        """The counters as last read, as a `TrafficStats` (parsed once per read)."""
+        if self._traffic is None:
+            self._traffic = parse_stats(self._stats_raw)
+        return self._traffic
 
     async def _refresh_stats(self) -> None:
         while True:
             if time.monotonic() - self._stats_read_at >= STATS_REFRESH_S:  # else the load monitor just read them
                 try:
-                    self._stats_raw = await self.read_stats(timeout_s=STATS_REFRESH_S)
-                    self._stats_live, self._stats_read_at = True, time.monotonic()
+                    await self.read_stats(timeout_s=STATS_REFRESH_S)
                 except CONTROL_ERRORS:
                     self._stats_live = False
+            try:
+                await self.prune()
+            except CONTROL_ERRORS:
+                pass  # the next round prunes them
             await asyncio.sleep(STATS_REFRESH_S)
+
+    async def prune(self) -> list[str]:
+        """Drop the units (counters, outlier records) of replicas and services gone for `counters_retention_s`
+        with nothing in flight, in nginx and in the copy; the units dropped."""
+        now, keep = time.time(), self.limits.counters_retention_s
+        in_flight = self.traffic_now().in_flight_by_replica
+        replicas = set(prunable(self._departed, now, keep, in_flight))
+        held = {s for s, n in self.traffic_now().held.items() if n > 0}
+        services = set(prunable(self._services_departed, now, keep, held))
+        if not replicas and not services:
+            return []
+        units = [f"r:{r}" for r in replicas] + [f"s:{s}" for s in services]
+        for unit in self._units:
+            if unit.startswith("p:"):
+                service, _, replica = unit[2:].partition("|")
+                if replica in replicas or service in services:
+                    units.append(unit)
+        await self._control("POST", "/prune", json.dumps({"units": units}).encode())
+        for unit in units:
+            self._units.pop(unit, None)
+        self._stats_raw = {key: value for values in self._units.values() for key, value in values.items()}
+        self._traffic = None
+        for name in replicas:
+            self._departed.pop(name, None)
+            self._outliers.pop(name, None)
+            self._capped.pop(name, None)
+        for service in services:
+            self._services_departed.pop(service, None)
+        return sorted(units)
+
+    # outlier detection: the Lua code decides; this reports what it decided --------------------------
+    def outliers_now(self) -> dict[str, Outlier]:
+        """Replica → its outlier record as last read (the replicas with one)."""
+        return parse_outliers(self._stats_raw)
+
+    def ejection_views(self) -> dict[str, EjectionView]:
+        """The replicas of the routing table out of rotation now, for the pods view."""
+        live = {t.name for route in self.table.values() for t in route.targets}
+        return {name: ejection_view(state, self.limits.outliers) for name, state in self._outliers.items()
+                if state.ejected and name in live}
+
+    def _outlier_events(self) -> None:
+        """Compare the outlier records just read with the last ones: an ejection, a readmission, a cap refusal."""
+        policy, now = self.limits.outliers, time.time()
+        current = parse_outliers(self._stats_raw)
+        capped = {key[3:]: int(value) for key, value in self._stats_raw.items() if key.startswith("cp:")}
+        events: list[OutlierEvent] = []
+        for name, state in current.items():
+            before = self._outliers.get(name)
+            if state.ejected and (before is None or before.ejected_at != state.ejected_at):
+                events.append(ejected_event(name, state, policy))
+            elif before is not None and before.ejected and not state.ejected:
+                events.append(readmitted_event(name, state, now - (before.ejected_at or now), policy))
+            if capped.get(name, 0) > self._capped.get(name, 0):
+                reason = Reason.FAILURES if state.failures >= policy.consecutive_failures > 0 else Reason.PROBES
+                events.append(capped_event(name, state, reason, policy))
+        for name, before in self._outliers.items():
+            if before.ejected and name not in current:  # its record went with a restart of nginx
+                events.append(readmitted_event(name, Outlier(ejections=before.ejections), now - (before.ejected_at or now),
+                                               policy))
+        self._outliers, self._capped = current, capped
+        if self.on_outlier is not None:
+            for event in events:
+                try:
+                    self.on_outlier(event)
+                except Exception:  # noqa: BLE001 (recording it must not stop the reads)
+                    log.exception("could not record the outlier event of %s", event.replica)
 
     async def drain(self, replica: str, timeout_s: float) -> None:
         """Return once no request is in flight on `replica`, or after `timeout_s`."""
         deadline = time.monotonic() + timeout_s
         while (left := deadline - time.monotonic()) > 0:
             try:
-                raw = await self.read_stats(timeout_s=max(0.05, min(1.0, left)))
+                raw = await self.read_stats(timeout_s=max(0.05, min(1.0, left)))  # what changed: a few units
             except CONTROL_ERRORS:
                 raw = None  # nginx not answering: keep waiting until the deadline
             if raw is not None and raw.get(f"if:{replica}", 0) <= 0:

@@ -14,8 +14,14 @@ body, and a streaming upstream call. Behaviour (the nginx data plane does the sa
   none is free. Past the deadline, or when the queue is full, it gets 503 with `Retry-After`, naming
   the business. Held requests are counted per service (`TrafficStats.held`, with their wait in a
   histogram): demand the autopilot sees before any replica does.
-- The policy picks among replicas not ejected. A replica that fails is ejected (probed in the
-  background until healthy again).
+- The policy picks among replicas not ejected. Outlier detection, not a trigger (domain/outliers.py): a
+  replica is ejected after `consecutive_failures` gateway failures in a row (connection refused, reset or timed
+  out, no answer in time, hung, cut mid-response, a 502/503/504 answer; any other answer resets the count), or
+  after a failure and then `failed_probes` failed health checks in a row (a failed replica is checked every
+  `probe_interval_s` until a check passes); for `base_ejection_s` times the ejections in a row (capped), then
+  back after `passed_probes` passed checks in a row. At most `max_ejection_percent` % of a business's replicas
+  are out at once. Each ejection, readmission and cap refusal goes to `on_outlier` (the history) and the
+  ejected replicas are in `ejection_views()` (the pods view).
 - Retries that are safe (domain/retries.py): a request goes to another replica only when none of it
   reached the first — the connection was refused, reset or timed out while connecting — and only within
   its service's retry budget (`GatewayLimits.retry_budget`: a share of its requests over the last 10 s,
@@ -24,10 +30,12 @@ body, and a streaming upstream call. Behaviour (the nginx data plane does the sa
   and never replayed: the replica may have run it, and generation costs GPU time and may have side
   effects. Nothing is ever retried after a response byte.
 - A replica that accepts the connection but sends no response headers within the first-byte timeout
-  is probed on its health endpoint: one that does not answer is hung (SIGSTOP, a wedged server): it is
-  ejected and the request answered 504 (not retried: the request was sent to it); one that answers is
-  busy (a long non-streaming completion has no first byte until it is done) and is waited for,
-  re-checked every first-byte timeout, up to the read timeout.
+  is checked: one that fails `failed_probes` health checks in a row while showing no progress (no response
+  byte from it on any request since, its engine's token counters in `/metrics` not moving) is hung (SIGSTOP, a
+  wedged server): it is ejected (within the cap) and the request answered 504 (not retried: the request was
+  sent to it); one that answers, or makes progress (a busy engine answers `/health` slowly), is busy (a long
+  non-streaming completion has no first byte until it is done) and is waited for, re-checked every first-byte
+  timeout, up to the read timeout.
 - Request bodies: refused with 413 beyond `max_body_bytes` (from Content-Length before reading, or
   while streaming); read whole up to `BUFFERED_BODY_BYTES`, streamed to the replica beyond. Header and
   body read deadlines and the connection cap live in the HTTP server (corral/server.py).
@@ -51,7 +59,9 @@ body, and a streaming upstream call. Behaviour (the nginx data plane does the sa
   (buffered up to `max_body_bytes`) or each server-sent event. `GET /v1/models` on a route of only
   such replicas is answered here with the tag.
 - In-flight counts per replica drive both least-outstanding balancing and draining: a removed
-  replica leaves the table at once and is stopped only when its in-flight count reaches zero.
+  replica leaves the table at once and is stopped only when its in-flight count reaches zero. The counters
+  and outlier records of a replica (or service) that left every route are dropped `counters_retention_s` after
+  it left, once nothing is in flight on it (domain/load.py: `prunable`).
 - Each forwarded request adds to its (service, replica) counters: requests, errors, latency and, for a
   streamed response, time to the first body byte (histograms), completion tokens when the response
   reports usage (stats.py says exactly what counts; the Lua code counts the same).
@@ -64,9 +74,10 @@ import json
 import logging
 import re
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote_from_bytes
 
@@ -74,11 +85,31 @@ import aiohttp
 from yarl import URL
 
 from corral.aio import within
-from corral.domain.load import Sample
+from corral.domain.load import COUNTERS_RETENTION_S, Sample, departures, prunable
+from corral.domain.outliers import (
+    Outlier,
+    OutlierEvent,
+    OutlierPolicy,
+    Reason,
+    capped,
+    capped_event,
+    due,
+    eject,
+    ejected_event,
+    failed,
+    hung,
+    may_eject,
+    probed,
+    progress_counter,
+    readmitted_event,
+    succeeded,
+    wants_probe,
+)
 from corral.domain.retries import AttemptFailure, RetryBudget, RetryWindow, retryable
 from corral.gateway.policies import Policy
 from corral.gateway.routing import Route, RoutingTable, Target
 from corral.gateway.stats import TrafficStats, UsageScan
+from corral.views import EjectionView
 
 if TYPE_CHECKING:
     from corral.config import Settings
@@ -195,6 +226,9 @@ class GatewayLimits:
     hold_timeout_s: float = 30.0  # how long a request waits for a free replica (0: not at all)
     hold_queue: int = 1000  # requests held at most per service (0: none)
     retry_budget: RetryBudget = RetryBudget()  # retries to another replica per service (domain/retries.py)
+    outliers: OutlierPolicy = OutlierPolicy()  # when a replica is ejected, for how long, the cap (domain/outliers.py)
+    probe_interval_s: float = 0.5  # suspected and ejected replicas are health-checked this often
+    counters_retention_s: float = COUNTERS_RETENTION_S  # counters of a replica that left are kept this long
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GatewayLimits:
@@ -204,7 +238,13 @@ class GatewayLimits:
                    max_connections=settings.gateway_max_connections,
                    hold_timeout_s=settings.gateway_hold_timeout_s, hold_queue=settings.gateway_hold_queue,
                    retry_budget=RetryBudget(percent=settings.gateway_retry_budget_percent,
-                                            min_retries=settings.gateway_retry_budget_min))
+                                            min_retries=settings.gateway_retry_budget_min),
+                   outliers=OutlierPolicy(consecutive_failures=settings.gateway_eject_consecutive_failures,
+                                          failed_probes=settings.health_failure_threshold,
+                                          passed_probes=settings.health_success_threshold,
+                                          base_ejection_s=settings.gateway_base_ejection_s,
+                                          max_ejection_s=settings.gateway_max_ejection_s,
+                                          max_ejection_percent=settings.gateway_max_ejection_percent))
 
     @property
     def holds(self) -> bool:
@@ -214,6 +254,18 @@ class GatewayLimits:
     def health_probe_timeout_s(self) -> float:
         """How long a replica silent past the first-byte timeout has to answer its health check."""
         return max(1.0, min(self.first_byte_timeout_s / 2, 5.0))
+
+
+_IN_ROTATION = Outlier()
+
+
+def ejection_view(state: Outlier, policy: OutlierPolicy) -> EjectionView:
+    """An ejected replica's record as the pods view shows it (both planes)."""
+    def iso(t: float | None) -> str:
+        return datetime.fromtimestamp(t or 0.0, timezone.utc).isoformat(timespec="milliseconds")
+
+    return EjectionView(since=iso(state.ejected_at), until=iso(state.until), count=state.ejections,
+                        reason=policy.describe(state.reason or Reason.FAILURES))
 
 
 class _ClientGone(Exception):
@@ -286,15 +338,16 @@ async def _read_body(receive: Callable, limit: int, content_length: int | None) 
 
 class _FirstByteWatch:
     """Armed while a request waits for its response headers. Every `first_byte_timeout_s` without
-    them, the replica's health endpoint is checked; when it does not answer, the waiting request is
-    cancelled (`hung` tells the caller why)."""
+    them, the replica is checked (`Gateway.hung_check`: its health endpoint, and signs of progress since the
+    period began); when it is hung, the waiting request is cancelled (`hung` tells the caller why)."""
 
-    __slots__ = ("_gateway", "_target", "_task", "_handle", "_probe", "hung")
+    __slots__ = ("_gateway", "_target", "_task", "_handle", "_probe", "_chunks", "hung")
 
     def __init__(self, gateway: Gateway, target: Target) -> None:
         self._gateway, self._target = gateway, target
         self._task = asyncio.current_task()
         self._probe: asyncio.Task | None = None
+        self._chunks = gateway.chunks.get(target.name, 0)  # progress is measured from here
         self.hung = False
         self._handle: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
             gateway.limits.first_byte_timeout_s, self._expired)
@@ -304,9 +357,10 @@ class _FirstByteWatch:
         self._probe = asyncio.ensure_future(self._check())
 
     async def _check(self) -> None:
-        healthy = self._target.name not in self._gateway.ejected and await self._gateway.probe(self._target)
+        is_hung = await self._gateway.hung_check(self._target, self._chunks)
         self._probe = None
-        if healthy:  # busy, not hung: keep waiting (the read timeout still bounds it)
+        if not is_hung:  # busy, not hung: keep waiting (the read timeout still bounds it)
+            self._chunks = self._gateway.chunks.get(self._target.name, 0)
             self._handle = asyncio.get_running_loop().call_later(self._gateway.limits.first_byte_timeout_s, self._expired)
         elif self._task is not None:
             self.hung = True
@@ -391,13 +445,21 @@ class Gateway:
         self.table: RoutingTable = {}
         self.version = 0  # of `table`, as given by `push`
         self.stats = TrafficStats()
-        self.ejected: dict[str, Target] = {}
+        self.ejected: dict[str, Target] = {}  # the replicas of the table out of rotation now
         self.stats.ejected = self.ejected.keys()  # a live view, for /api/metrics
+        self.outliers: dict[str, Outlier] = {}  # replica → its outlier record (domain/outliers.py)
+        # Ejections, readmissions and cap refusals, as they happen (the runtime records them in the history).
+        self.on_outlier: Callable[[OutlierEvent], None] | None = None
+        self.chunks: dict[str, int] = defaultdict(int)  # replica → response chunks received from it: its progress
         self._health_path = health_path
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s)
         self._session: aiohttp.ClientSession | None = None
         self._prober: asyncio.Task | None = None
-        self._probes: dict[str, asyncio.Future[bool]] = {}  # one health check at a time per replica
+        self._hung_checks: dict[str, asyncio.Future[bool]] = {}  # one hung check at a time per replica
+        self._live: set[str] = set()  # the replicas of the table
+        self._members: dict[str, frozenset[str]] = {}  # service → its replicas (the ejection cap)
+        self._departed: dict[str, float] = {}  # replica → when it left every route (pruning)
+        self._services_departed: dict[str, float] = {}  # service → when it left the table
         self._drained = asyncio.Condition()
         self._held: dict[str, deque[_Waiter]] = {}  # service → its held requests, first come first
         self._retries: dict[str, RetryWindow] = {}  # service → its requests and retries, for the retry budget
@@ -414,7 +476,7 @@ class Gateway:
         # first connection was reset or closed after the request was written: a replay the gateway never makes
         # (domain/retries.py). No public switch: the attribute aiohttp reads (a test guards it).
         self._session._retry_connection = False
-        self._prober = asyncio.create_task(self._probe_ejected(), name="gateway-ejection-prober")
+        self._prober = asyncio.create_task(self._watch_outliers(), name="gateway-outlier-prober")
 
     async def close(self) -> None:
         if self._prober:
@@ -442,10 +504,20 @@ class Gateway:
         return self.stats.sample()
 
     def set_table(self, table: RoutingTable) -> None:
+        now = time.time()
+        services_before, live_before = set(self.table), self._live
         self.table = table
-        live = {t.name for route in table.values() for t in route.targets}
-        for name in [n for n in self.ejected if n not in live]:
-            del self.ejected[name]  # a replica gone from every route needs no probing
+        targets = {t.name: t for route in table.values() for t in route.targets}
+        self._live = set(targets)
+        self._members = {name: frozenset(t.name for t in route.targets) for name, route in table.items()}
+        self._departed = departures(live_before, self._live, self._departed, now)
+        self._services_departed = departures(services_before, table.keys(), self._services_departed, now)
+        # Out of rotation: the replicas of the table whose record says so (one that left while ejected and came
+        # back is still out); one gone from every route is neither shown nor checked (its record stays until
+        # pruned). In place: `stats.ejected` is a view of the keys.
+        self.ejected.clear()
+        self.ejected.update({name: targets[name] for name, state in self.outliers.items()
+                             if state.ejected and name in targets})
         for service in [s for s in self._retries if s not in table]:
             del self._retries[service]
         self._wake_all()  # a replica may have been assigned (or its service removed)
@@ -666,34 +738,40 @@ class Gateway:
                 if not watch.hung or (task is not None and task.uncancel() > 0):
                     error = False  # the client left (aiohttp closed the replica's connection), or the gateway stops
                     raise
-                log.warning("ejecting replica %s: no response within %.0f s and no answer to its health check",
-                            target.name, self.limits.first_byte_timeout_s)
-                self._eject(target, None)
+                log.warning("replica %s is hung: no response within %.0f s, %d failed health checks in a row and no "
+                            "progress", target.name, self.limits.first_byte_timeout_s, self.limits.outliers.failed_probes)
+                if not self._eject(target, Reason.HUNG):
+                    self._failed(target)
                 return AttemptFailure.SILENT
-            except CONNECT_FAILURES as exc:  # nothing of the request was written
-                self._eject(target, exc)
+            except CONNECT_FAILURES:  # nothing of the request was written
+                self._failed(target)
                 return AttemptFailure.CONNECT
             except UNREACHABLE as exc:  # written (at least in part): the replica may have it
                 if isinstance(body, _BodyStream) and body.failure is not None:
                     error = False
                     raise body.failure from None  # the client's fault, not the replica's
-                self._eject(target, exc)
+                self._failed(target)
                 return AttemptFailure.SILENT if isinstance(exc, TimeoutError) else AttemptFailure.DROPPED
             finally:
                 watch.stop()
+            gateway_failure = 502 <= upstream.status <= 504  # behind the replica, or the engine refusing work
+            if gateway_failure:
+                self._failed(target)
+            chunks = self.chunks
             async with upstream:
                 skip = RESPONSE_SKIP | {b"content-length"} if rewrite else RESPONSE_SKIP
                 response_headers = [(k, v) for k, v in upstream.raw_headers if k.lower() not in skip]
                 response_headers.append((b"x-corral-replica", target.name.encode()))
                 try:
                     await send({"type": "http.response.start", "status": upstream.status, "headers": response_headers})
-                    chunks = upstream.content.iter_any()
+                    body_chunks = upstream.content.iter_any()
                     events = upstream.content_type == "text/event-stream"
                     if rewrite:
-                        chunks = _rewritten(chunks, route.model, events, self.limits.max_body_bytes)
+                        body_chunks = _rewritten(body_chunks, route.model, events, self.limits.max_body_bytes)
                     if events or upstream.content_type == "application/json":
                         usage = UsageScan()
-                    async for chunk in chunks:
+                    async for chunk in body_chunks:
+                        chunks[target.name] += 1
                         if usage is not None:
                             if events and first_byte is None and chunk:
                                 first_byte = time.perf_counter() - started
@@ -702,7 +780,7 @@ class Gateway:
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                     # Died mid-response: nothing left to retry. Returning without ending the response makes
                     # the HTTP server close the connection, so the client sees an incomplete response.
-                    self._eject(target, exc)
+                    self._failed(target)
                     log.warning("replica %s failed mid-response (%s); the client's connection is aborted",
                                 target.name, exc.__class__.__name__)
                     return None
@@ -712,6 +790,8 @@ class Gateway:
                     raise
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 error = upstream.status >= 500
+                if not gateway_failure and target.name in self.outliers:
+                    self._succeeded(target.name)  # a whole answer: its failures in a row start again
                 return None
         finally:
             self.stats.finish(route.service, target.name, time.perf_counter() - started, error, first_byte,
@@ -721,20 +801,82 @@ class Gateway:
             async with self._drained:
                 self._drained.notify_all()
 
-    # ejection ----------------------------------------------------------------------------------
-    def _eject(self, target: Target, reason: Exception | None) -> None:
-        if target.name not in self.ejected and reason is not None:
-            log.warning("ejecting replica %s: %s", target.name, reason.__class__.__name__)
-        self.ejected[target.name] = target
+    # outlier detection (domain/outliers.py) ------------------------------------------------------
+    def _report(self, event: OutlierEvent) -> None:
+        if self.on_outlier is not None:
+            try:
+                self.on_outlier(event)
+            except Exception:  # noqa: BLE001 (recording it must not break the request that caused it)
+                log.exception("could not record the outlier event of %s", event.replica)
 
-    def probe(self, target: Target) -> asyncio.Future[bool]:
-        """Whether `target` answers its health check (one check at a time per replica, shared)."""
-        future = self._probes.get(target.name)
+    def _failed(self, target: Target) -> None:
+        """A gateway failure on `target`: counted; ejected once due (and checked until a check passes)."""
+        state = self.outliers[target.name] = failed(self.outliers.get(target.name, _IN_ROTATION))
+        if (reason := due(state, self.limits.outliers)) is not None:
+            self._eject(target, reason)
+
+    def _succeeded(self, name: str) -> None:
+        state = self.outliers.get(name)
+        if state is not None and (state.failures or state.capped):
+            self.outliers[name] = succeeded(state)
+
+    def _eject(self, target: Target, reason: Reason) -> bool:
+        """Take `target` out of rotation unless a business it serves would pass the cap; whether it is out."""
+        policy = self.limits.outliers
+        state = self.outliers.get(target.name, _IN_ROTATION)
+        if state.ejected:
+            return True
+        if not may_eject(target.name, self._members.values(), self.ejected, policy):
+            if not state.capped:  # reported once a streak
+                self.outliers[target.name] = capped(state)
+                log.warning("not ejecting replica %s (%s): its business is at the ejection cap (%g%%)", target.name,
+                            policy.describe(reason), policy.max_ejection_percent)
+                self._report(capped_event(target.name, state, reason, policy))
+            return False
+        state = self.outliers[target.name] = eject(state, policy, time.time(), reason)
+        if target.name in self._live:
+            self.ejected[target.name] = target
+        log.warning("ejecting replica %s: %s; out for %g s", target.name, policy.describe(reason),
+                    (state.until or 0.0) - (state.ejected_at or 0.0))
+        self._report(ejected_event(target.name, state, policy))
+        return True
+
+    def ejection_views(self) -> dict[str, EjectionView]:
+        """The replicas out of rotation now, for the pods view."""
+        return {name: ejection_view(self.outliers[name], self.limits.outliers) for name in self.ejected
+                if name in self.outliers}
+
+    def hung_check(self, target: Target, chunks: int) -> asyncio.Future[bool]:
+        """Whether `target`, silent past the first-byte timeout, is hung; `chunks`: its `chunks` count when the
+        waiting began. One check at a time per replica, shared by the requests waiting on it."""
+        future = self._hung_checks.get(target.name)
         if future is None or future.done():
-            future = asyncio.ensure_future(self._healthy(target, self.limits.health_probe_timeout_s))
-            self._probes[target.name] = future
-            future.add_done_callback(lambda f, name=target.name: self._probes.pop(name, None) if self._probes.get(name) is f else None)
+            future = asyncio.ensure_future(self._hung(target, chunks))
+            self._hung_checks[target.name] = future
+            future.add_done_callback(
+                lambda f, name=target.name: self._hung_checks.pop(name, None) if self._hung_checks.get(name) is f else None)
         return asyncio.shield(future)
+
+    async def _hung(self, target: Target, chunks: int) -> bool:
+        """Hung after `failed_probes` failed health checks in a row (`probe_interval_s` apart at least) with no sign
+        of progress: no response chunk from it since `chunks` was read, its engine's token counters still."""
+        policy, timeout = self.limits.outliers, self.limits.health_probe_timeout_s
+        loop = asyncio.get_running_loop()
+        failures, counter = 0, None
+        while True:
+            started = loop.time()
+            ok, reading = await asyncio.gather(self._healthy(target, timeout), self._progress(target, timeout))
+            if ok:
+                return False
+            failures += 1
+            progressed = self.chunks.get(target.name, 0) != chunks or (
+                reading is not None and counter is not None and reading != counter)
+            if progressed:
+                return False
+            if hung(failures, progressed, policy):
+                return True
+            counter = reading if reading is not None else counter
+            await asyncio.sleep(max(0.0, self.limits.probe_interval_s - (loop.time() - started)))
 
     async def _healthy(self, target: Target, timeout_s: float) -> bool:
         try:
@@ -745,14 +887,65 @@ class Gateway:
         except (aiohttp.ClientError, asyncio.TimeoutError):
             return False
 
-    async def _probe_ejected(self) -> None:
+    async def _progress(self, target: Target, timeout_s: float) -> float | None:
+        """The engine's token counters (`/metrics`), or None (no answer in time, none reported)."""
+        try:
+            async with self._session.get(  # type: ignore[union-attr]
+                target.endpoint + "/metrics", timeout=aiohttp.ClientTimeout(total=timeout_s)
+            ) as response:
+                if response.status != 200:
+                    return None
+                return progress_counter(await response.text(errors="replace"))
+        except (aiohttp.ClientError, asyncio.TimeoutError, UnicodeError):
+            return None
+
+    async def _watch_outliers(self) -> None:
         while True:
-            await asyncio.sleep(0.5)
-            for name, target in list(self.ejected.items()):
-                if await self._healthy(target, 1.0):
-                    log.info("replica %s is healthy again; back in rotation", name)
-                    self.ejected.pop(name, None)
-                    self._wake_all()
+            await asyncio.sleep(self.limits.probe_interval_s)
+            try:
+                await self.probe_round()
+                self.prune()
+            except Exception:  # noqa: BLE001 (one bad round must not end the checks)
+                log.exception("outlier checks failed")
+
+    async def probe_round(self) -> None:
+        """Health-check the suspected replicas and the ejected ones past their time, and apply the results."""
+        now = time.time()
+        targets = {t.name: t for route in self.table.values() for t in route.targets}
+        checked = [targets[name] for name, state in self.outliers.items()
+                   if name in targets and wants_probe(state, now)]
+        if not checked:
+            return
+        results = await asyncio.gather(*(self._healthy(t, self.limits.health_probe_timeout_s) for t in checked))
+        now, policy = time.time(), self.limits.outliers
+        for target, ok in zip(checked, results, strict=True):
+            before = self.outliers.get(target.name)
+            if before is None:
+                continue  # pruned meanwhile
+            after = self.outliers[target.name] = probed(before, policy, now, ok)
+            if before.ejected and not after.ejected:
+                self.ejected.pop(target.name, None)
+                log.info("replica %s is healthy again; back in rotation", target.name)
+                self._report(readmitted_event(target.name, after, now - (before.ejected_at or now), policy))
+                self._wake_all()
+            elif (reason := due(after, policy)) is not None:
+                self._eject(target, reason)
+
+    def prune(self) -> None:
+        """Drop the counters and records of replicas and services gone for `counters_retention_s` (nothing in
+        flight on them)."""
+        now, keep = time.time(), self.limits.counters_retention_s
+        replicas = prunable(self._departed, now, keep, self.stats.in_flight_by_replica)
+        services = prunable(self._services_departed, now, keep, {s for s, n in self.stats.held.items() if n > 0})
+        if not replicas and not services:
+            return
+        self.stats.prune(replicas, services)
+        for name in replicas:
+            del self._departed[name]
+            self.outliers.pop(name, None)
+            self.chunks.pop(name, None)
+        for service in services:
+            del self._services_departed[service]
 
 
 async def _rewritten(chunks: AsyncIterator[bytes], tag: str, events: bool, limit: int) -> AsyncIterator[bytes]:

@@ -37,6 +37,7 @@ class Target:
     endpoint: str
     rewrite_model: bool = False  # the engine does not answer to the tag: the gateway maps it (see above)
     concurrency: int | None = None  # requests it runs at once (its engine's batch limit); None: no limit
+    health_path: str = "/health"  # its engine's health endpoint (the nginx plane's outlier checks)
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,14 @@ def build_routes(services: Iterable[Service], pods: Iterable[Pod],
     """Each service's ready replicas (`domain.models.selected_pods`: an index by label pair, since this runs on
     every change, before its API call returns). `deployments`
     give each replica its batch limit (`Target.concurrency`); without them every limit is unknown."""
-    limits = {d.name: configured_batch_limit(d.engine, d.engine_args) for d in deployments}
+    listed_deployments = list(deployments)
+    limits = {d.name: configured_batch_limit(d.engine, d.engine_args) for d in listed_deployments}
+    health: dict[str, str] = {}
+    for d in listed_deployments:
+        try:
+            health[d.name] = get_engine(d.engine).health_path
+        except Exception:  # an engine this control plane does not know: the common path
+            health[d.name] = "/health"
     ready = [p for p in pods if p.ready and p.endpoint]
     listed = list(services)
     selected = selected_pods(listed, ready)
@@ -94,7 +102,8 @@ def build_routes(services: Iterable[Service], pods: Iterable[Pod],
 
     table: RoutingTable = {}
     for service in listed:
-        targets = tuple(Target(pod.name, pod.endpoint, rewrite(pod), limits.get(pod.deployment))  # type: ignore[arg-type]
+        targets = tuple(Target(pod.name, pod.endpoint, rewrite(pod), limits.get(pod.deployment),  # type: ignore[arg-type]
+                               health.get(pod.deployment, "/health"))
                         for pod in selected[service.name])
         table[service.name] = Route(
             service=service.name,

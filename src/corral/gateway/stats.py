@@ -115,7 +115,24 @@ class TrafficStats:
         """A request of `service` lost its client before its response ended (its work was stopped)."""
         self.client_cancelled[service] += 1
 
+    def prune(self, replicas: Collection[str] = (), services: Collection[str] = ()) -> None:
+        """Drop the counters of `replicas` and `services` that left (domain/load.py: `prunable` says when)."""
+        gone_r, gone_s = set(replicas), set(services)
+        for table in (self.by_pair, self.in_flight_by_pair):
+            for pair in [p for p in table if p[0] in gone_s or p[1] in gone_r]:
+                del table[pair]
+        for replica in gone_r:
+            self.in_flight_by_replica.pop(replica, None)
+        for key in [k for k in self.rejected if k[0] in gone_s]:
+            del self.rejected[key]
+        for table in (self.held, self.held_wait, self.held_wait_sum, self.client_cancelled):
+            for service in gone_s:
+                table.pop(service, None)  # type: ignore[attr-defined]
+
     # readers -----------------------------------------------------------------------------------
+    async def refresh(self) -> None:
+        """Nothing to read: these are the live counters (the nginx plane's `NginxStats.refresh` reads nginx's)."""
+
     def sample(self) -> Sample:
         """The counters as they are now (the load monitor's reading)."""
         unserved: dict[str, int] = {}
@@ -188,8 +205,9 @@ class TrafficCollector(Collector):
         in_flight = GaugeMetricFamily("corral_gateway_in_flight", "Requests in flight on a replica.", labels=["replica"])
         for replica, n in sorted(stats.in_flight_by_replica.items()):
             in_flight.add_metric([replica], n)
-        ejected = GaugeMetricFamily("corral_gateway_ejected", "Replicas the data plane took out of rotation (unreachable "
-                                                              "or hung) until healthy.", labels=["replica"])
+        ejected = GaugeMetricFamily("corral_gateway_ejected", "Replicas the data plane took out of rotation (failures "
+                                    "in a row, failed health checks, hung) until their ejection time passed and they "
+                                    "passed their health checks.", labels=["replica"])
         for replica in sorted(stats.ejected):
             ejected.add_metric([replica], 1)
         rejected = CounterMetricFamily("corral_gateway_rejected", "Requests answered by the gateway itself (400, 404, "

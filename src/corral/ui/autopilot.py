@@ -18,6 +18,8 @@ from corral.ui.live import ClientEvents, act, live, notify, runtime
 from corral.views import AutopilotSpec, BusinessPolicySpec
 
 EVENTS = (EventType.AUTOPILOT, EventType.HISTORY)
+# A dialog's fields take the dialog's width: a field sized to its value cut its label to "warm …" or "min rep…".
+FIELD = "w-full"
 
 
 def _problem(exc: ValidationError) -> str:
@@ -64,14 +66,15 @@ def settings_dialog(pool: str) -> None:
     with ui.dialog() as dialog, ui.card().classes("w-[30rem]").props('data-testid="autopilot-dialog"'):
         ui.label(f"Autopilot of {pool}").classes("text-lg font-medium")
         enabled = ui.switch("enabled", value=now.enabled).props('data-testid="autopilot-enabled"')
-        spares = ui.number("warm spares (unassigned ready replicas to keep)", value=now.warmSpares, min=0, max=64, precision=0)
-        cooldown = ui.number("cooldown, s (a moved replica stays)", value=now.cooldownSeconds, min=0, max=86_400)
+        spares = ui.number("warm spares (unassigned ready replicas to keep)", value=now.warmSpares, min=0, max=64, precision=0) \
+            .classes(FIELD)
+        cooldown = ui.number("cooldown, s (a moved replica stays)", value=now.cooldownSeconds, min=0, max=86_400).classes(FIELD)
         with ui.row():
             scale_out = ui.switch("scale out", value=now.scaleOut).tooltip("add replicas when moves cannot meet demand")
             scale_in = ui.switch("scale in", value=now.scaleIn).tooltip("remove idle spares above the warm spares")
-        ceiling = ui.number("max replicas (empty: none)", value=now.maxReplicas, min=0, max=256, precision=0)
+        ceiling = ui.number("max replicas (empty: none)", value=now.maxReplicas, min=0, max=256, precision=0).classes(FIELD)
         slots = ui.number("replica concurrency (empty: the engine's --max-num-seqs)", value=now.replicaConcurrency,
-                          min=1, precision=0)
+                          min=1, precision=0).classes(FIELD)
         problem = ui.label().classes("text-negative text-sm").props('data-testid="autopilot-problem"')
 
         def build() -> AutopilotSpec:
@@ -113,13 +116,15 @@ def policy_dialog(service: str, saved: Any = None) -> None:
     now = runtime().autopilot.policy(service)
     with ui.dialog() as dialog, ui.card().classes("w-[28rem]").props('data-testid="policy-dialog"'):
         ui.label(f"Autopilot policy of {service}").classes("text-lg font-medium")
-        low = ui.number("min replicas", value=now.minReplicas, min=0, max=256, precision=0)
-        high = ui.number("max replicas (empty: none)", value=now.maxReplicas, min=0, max=256, precision=0)
-        priority = ui.number("priority (higher wins under scarcity)", value=now.priority, min=-1000, max=1000, precision=0)
-        waiting = ui.number("target: waiting requests per replica", value=now.target.waitingPerReplica, min=0)
-        ttft = ui.number("target: TTFT p90, ms (empty: none)", value=now.target.ttftP90Ms, min=1)
+        low = ui.number("min replicas", value=now.minReplicas, min=0, max=256, precision=0).classes(FIELD)
+        high = ui.number("max replicas (empty: none)", value=now.maxReplicas, min=0, max=256, precision=0).classes(FIELD)
+        priority = ui.number("priority (higher wins under scarcity)", value=now.priority, min=-1000, max=1000, precision=0) \
+            .classes(FIELD)
+        waiting = ui.number("target: waiting requests per replica", value=now.target.waitingPerReplica, min=0).classes(FIELD)
+        ttft = ui.number("target: TTFT p90, ms (empty: none)", value=now.target.ttftP90Ms, min=1).classes(FIELD)
         concurrency = ui.number("target: running + waiting per replica (empty: none)",
-                                value=now.target.concurrencyPerReplica, min=0.1).props('data-testid="policy-concurrency"')
+                                value=now.target.concurrencyPerReplica, min=0.1).classes(FIELD) \
+            .props('data-testid="policy-concurrency"')
         problem = ui.label().classes("text-negative text-sm").props('data-testid="policy-problem"')
 
         def build() -> BusinessPolicySpec:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import html
 import secrets
 import time
@@ -21,8 +22,9 @@ from corral.domain.hyperparameters import CHOICES, DEFAULTS, SWITCHES, TEXTS
 from corral.domain.tasks import FINISHED, TaskState
 from corral.events import EventType
 from corral.finetune.dataset import read_dataset
-from corral.finetune.intake import training_estimate
+from corral.finetune.intake import PREVIEW_TIMEOUT_S, training_estimate
 from corral.paths import confine_dataset
+from corral.ui.inference import engine_choices
 from corral.ui.live import ClientEvents, act, live, notify, runtime
 from corral.views import ExportState, FinetuneTask, GpuInfo, PreviewResult, gpu_info
 
@@ -124,7 +126,11 @@ def _submit_form() -> None:
         estimate.set_text(f"estimated GPU memory for {spec.display} {method.value}: {memory.total_gb:.1f} GB"
                           + (f" on each of {count} GPUs (one data-parallel process per GPU, each with a whole copy)" if count > 1 else ""))
 
+    checks = [0]  # the newest dataset check: an older one that ends later (a big file typed over) never writes its note
+
     async def check_dataset() -> None:
+        checks[0] += 1
+        mine = checks[0]
         path = (dataset.value or "").strip()
         if not path:
             dataset_note.set_text("")
@@ -132,9 +138,15 @@ def _submit_form() -> None:
         try:  # only files under the dataset roots are opened: the note never tells what another file holds
             confined = confine_dataset(path, runtime().settings.dataset_roots)
             count = len((await run.io_bound(read_dataset, confined)).examples)
-            dataset_note.set_text(f"✓ {count} examples").classes(replace="text-xs text-positive")
+            text, colour = f"✓ {count} examples", "text-positive"
         except CorralError as exc:
-            dataset_note.set_text(exc.message).classes(replace="text-xs text-negative")
+            text, colour = exc.message, "text-negative"
+        if mine == checks[0] and path == (dataset.value or "").strip():
+            dataset_note.set_text(text).classes(replace=f"text-xs {colour}")
+
+    def dataset_changed() -> None:
+        if error.text:  # the last submit's error was about the form before this dataset (an upload too): not this one
+            error.set_text("")
 
     async def received(event: ui_events.UploadEventArguments) -> None:
         settings = runtime().settings
@@ -165,17 +177,45 @@ def _submit_form() -> None:
         element.on_value_change(update_estimate)
     dataset.on("blur", check_dataset)
     dataset.on_value_change(check_dataset)
+    dataset.on_value_change(dataset_changed)
     upload.on_upload(received)
     update_estimate()
     preview_box = ui.column().classes("w-full gap-1").props('data-testid="ft-preview-box"')
 
+    previewing: list[asyncio.Task[Any] | None] = [None]
+
     async def show_preview() -> None:
-        preview_button.props("loading")
-        result, problem = await act(lambda: runtime().finetune.preview(
-            base_model=(base_model.value or "").strip(), dataset_path=(dataset.value or "").strip(),
-            max_seq_len=fields["maxSeqLen"].value, train_on_prompt=bool(fields["trainOnPrompt"].value), examples=3,
-            chat_template=fields["chatTemplate"].value))
-        preview_button.props(remove="loading")
+        if previewing[0] is not None and not previewing[0].done():
+            return  # one at a time: the button is disabled while it runs
+        previewing[0] = asyncio.current_task()
+        model, data = (base_model.value or "").strip(), (dataset.value or "").strip()
+        started = time.monotonic()
+        preview_box.clear()
+        with preview_box, ui.row().classes("items-center gap-2 no-wrap").props('data-testid="ft-preview-progress"'):
+            ui.spinner(size="sm")
+            doing = ui.label().classes("text-sm text-grey-8")
+            ui.button("Cancel", on_click=lambda: previewing[0] and previewing[0].cancel()).props(
+                'flat dense data-testid="ft-preview-cancel"')
+
+            def tick() -> None:
+                doing.set_text(preview_progress(model, data, time.monotonic() - started))
+
+            tick()
+            ui.timer(1.0, tick)  # goes with the row when the result replaces it
+        preview_button.disable()
+        try:
+            result, problem = await act(lambda: runtime().finetune.preview(
+                base_model=model, dataset_path=data,
+                max_seq_len=fields["maxSeqLen"].value, train_on_prompt=bool(fields["trainOnPrompt"].value), examples=3,
+                chat_template=fields["chatTemplate"].value))
+        except asyncio.CancelledError:  # Cancel: the preview's child process is killed with it
+            preview_box.clear()
+            with preview_box:
+                ui.label(f"preview cancelled after {time.monotonic() - started:.0f} s").classes("text-sm text-grey-8") \
+                    .props('data-testid="ft-preview-error"')
+            raise
+        finally:
+            preview_button.enable()
         preview_box.clear()
         with preview_box:
             if problem:
@@ -199,18 +239,22 @@ def _hyperparameter_field(key: str, value: Any) -> Any:
     field = ui.number(key, value=value).classes("w-36").props(f'data-testid="hp-{key}"')
     if value is None and key == "learningRate":
         field.props('placeholder="1e-4 (LoRA), 1e-5 (full)"')
+    if value is None and key == "loraAlpha":
+        field.props('placeholder="2 × loraRank"')
     return field
 
 
 def _preview(result: PreviewResult) -> None:
     """The dataset as the trainer sees it: counts, the first examples with the trained tokens highlighted, and the
     length histogram with what `maxSeqLen` cuts."""
-    cut = f"{result.truncated} truncated on the prompt side, {result.dropped} dropped" + (
+    cut = f"{result.truncated} truncated at turn boundaries ({result.turnsCut} earlier messages left out), {result.dropped} dropped" + (
         " (" + "; ".join(f"{n} × {why}" for why, n in result.dropReasons.items()) + ")" if result.dropReasons else "")
     share = f"{100 * result.trainedTokens / result.totalTokens:.0f}%" if result.totalTokens else "0%"
     ui.label(f"{result.format}: {result.count} examples; {cut} at maxSeqLen {result.maxSeqLen}; {share} of the tokens trained"
              + ("" if result.analyzed == result.count else f" (first {result.analyzed} analysed)")) \
         .classes("text-sm").props('data-testid="ft-preview-summary"')
+    for warning in result.warnings:  # the end of a turn against the model's EOS, markers that are not tokens
+        ui.label(f"⚠ {warning}").classes("text-sm text-warning").props('data-testid="ft-preview-warning"')
     ui.label("highlighted: what the loss covers").classes("text-xs text-grey-8")
     for number, example in enumerate(result.examples):
         parts, at = [], 0
@@ -241,6 +285,7 @@ def _upload_widget() -> ui.upload:
     settings = runtime().settings
     upload = ui.upload(label="upload", auto_upload=True, max_file_size=settings.upload_max_bytes, max_files=1) \
         .props('accept=.jsonl flat dense data-testid="ft-upload"').classes("w-40")
+    upload.add_slot("header", UPLOAD_HEADER.replace("IDLE", f".jsonl, ≤ {size_text(settings.upload_max_bytes)}"))
     if settings.api_token:
         def accepted(given: Any) -> bool:
             return token_accepted(str(given or ""), settings.api_token)
@@ -248,6 +293,40 @@ def _upload_widget() -> ui.upload:
         upload.set_enabled(accepted(app.storage.user.get("token")))  # the binding below moves only once a token is saved
         upload.bind_enabled_from(app.storage.user, "token", backward=accepted)
     return upload
+
+
+# Quasar's header read "0.0B / 0.00%" whenever no upload runs (after a good one too); this one shows the progress only
+# while a file goes up, else what it takes.
+UPLOAD_HEADER = r"""
+<div class="q-uploader__header-content column">
+  <div class="flex flex-center no-wrap q-gutter-xs">
+    <q-spinner v-if="props.isUploading" class="q-uploader__spinner" />
+    <div class="col column justify-center">
+      <div class="q-uploader__title">upload</div>
+      <div class="q-uploader__subtitle" data-testid="ft-upload-state">{{ props.isUploading ? props.uploadProgressLabel : 'IDLE' }}</div>
+    </div>
+    <q-btn v-if="props.canAddFiles" type="a" icon="add_box" flat dense @click="props.pickFiles"><q-uploader-add-trigger /></q-btn>
+    <q-btn v-if="props.isUploading" type="a" icon="clear" flat dense @click="props.abort" />
+  </div>
+</div>
+"""
+
+
+def size_text(size: int) -> str:
+    """`256 MB`, `1.5 kB`: a byte count as people read it (powers of 1,024)."""
+    value = float(size)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" or value >= 10 or value.is_integer() else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def preview_progress(model: str, dataset: str, elapsed_s: float) -> str:
+    """What a running preview does, and for how long (it loads transformers and a tokenizer in a child process:
+    seconds to a minute)."""
+    return (f"loading the tokenizer of {Path(model).name or model} and tokenizing {Path(dataset).name or dataset} in a child "
+            f"process… {elapsed_s:.0f} s (gives up after {PREVIEW_TIMEOUT_S:.0f} s)")
 
 
 async def _submit(base_model: str, dataset: str, method: str, priority: str, gpus: int, timeout_s: float,
@@ -394,9 +473,15 @@ ACTIONS_CELL = r"""
 
 
 # task detail ----------------------------------------------------------------------------------
-def _curve_chart(title: str, names: list[str], y_name: str, test_id: str) -> ui.echart:
+# The tooltip's figures rounded as the summary line shows them (ECharts shows a float as stored: 5.92929744720459).
+LOSS_FORMAT = "v => v == null ? '–' : Number(v).toPrecision(4)"
+RATE_FORMAT = "v => v == null ? '–' : Number(v).toExponential(2)"
+
+
+def _curve_chart(title: str, names: list[str], y_name: str, test_id: str, value_format: str = LOSS_FORMAT) -> ui.echart:
     return ui.echart({
-        "title": {"text": title, "textStyle": {"fontSize": 13}}, "tooltip": {"trigger": "axis"}, "animation": False,
+        "title": {"text": title, "textStyle": {"fontSize": 13}}, "tooltip": {"trigger": "axis", ":valueFormatter": value_format},
+        "animation": False,
         "grid": {"left": 60, "right": 15, "top": 35, "bottom": 40},
         "xAxis": {"type": "value", "name": "step", "nameLocation": "middle", "nameGap": 24, "minInterval": 1},
         "yAxis": {"type": "value", "name": y_name, "scale": True},
@@ -416,7 +501,7 @@ def _show_detail(container: ui.column, events: ClientEvents, task_id: str) -> No
             ui.button(icon="close", on_click=container.clear).props("flat round dense")
         with ui.row().classes("w-full gap-0 no-wrap items-start"):
             loss_chart = _curve_chart("loss", ["train", "eval"], "loss", "loss-chart")
-            lr_chart = _curve_chart("learning rate", ["lr"], "lr", "lr-chart")
+            lr_chart = _curve_chart("learning rate", ["lr"], "lr", "lr-chart", RATE_FORMAT)
         curve = ui.label().classes("text-xs text-grey-8").props('data-testid="loss-summary"')
         with ui.element("div").classes("w-full h-48 overflow-auto flex flex-col-reverse"):  # reversed: stays scrolled to the end
             log = ui.code("", language="text").classes("w-full text-xs").props('data-testid="task-log"')
@@ -578,10 +663,21 @@ def _chat_box(targets: list[dict[str, str]], unserved: list[str]) -> None:
     button = ui.button("Send", icon="send", on_click=send).props('dense data-testid="chat-send"')
 
 
+def deploy_engines(task: FinetuneTask) -> tuple[dict[str, str], str]:
+    """The engines "Deploy as pool" offers (those that cannot run here say so, as on the Inference page) and its
+    default: vLLM for an adapter (it serves the LoRA on its base model) and `transformers` for full weights when
+    installed, else the Inference page's default (the first engine installed here)."""
+    labels, default = engine_choices(runtime().settings.backend)
+    preferred = "vllm" if task.method != "full" else "transformers"
+    if preferred in labels and "not installed" not in labels[preferred]:
+        default = preferred
+    return labels, default
+
+
 def _deploy_control(task: FinetuneTask) -> None:
     with ui.row().classes("items-center gap-2"):
-        engine = ui.select(["vllm", "sglang", "transformers"], value="vllm" if task.method != "full" else "transformers",
-                           label="Engine").classes("w-36")
+        engines, default = deploy_engines(task)
+        engine = ui.select(engines, value=default, label="Engine").classes("w-64").props('data-testid="deploy-engine"')
         tag = ui.input("Model tag", value=task.id).classes("w-48")
         replicas = ui.number("Replicas", value=1, min=1, max=64, precision=0).classes("w-24")
 

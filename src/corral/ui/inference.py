@@ -11,7 +11,9 @@ one `assign` event back to Python.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from datetime import datetime, timezone
 from typing import Any
 
@@ -176,7 +178,43 @@ def _service_form(events: ClientEvents) -> None:
 
 
 # test panel -----------------------------------------------------------------------------------
+MAX_TOKENS_DEFAULT = 128  # an engine's own default can be 1,024 tokens or more: minutes for a small model on a CPU
+MAX_TOKENS_LIMIT = 4096
+DRAW_INTERVAL_S = 0.1  # a streamed answer is redrawn at most this often (a redraw sends the whole text)
+
+
+def bounded_max_tokens(value: Any) -> int | None:
+    """The panel's `max_tokens`: a whole number in 1..MAX_TOKENS_LIMIT, or None for anything else."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    if not number.is_integer() or not 1 <= number <= MAX_TOKENS_LIMIT:
+        return None
+    return int(number)
+
+
+def chat_body(model: str, message: str, max_tokens: int) -> dict[str, Any]:
+    """What the Test panel sends: one user message, streamed, bounded by `max_tokens`."""
+    return {"model": model, "messages": [{"role": "user", "content": message}], "stream": True, "max_tokens": max_tokens}
+
+
+def answer_status(seconds: float, chunks: int, finish: str | None, max_tokens: int, stopped: bool = False) -> str:
+    """`done in 1.3 s · 128 chunks · finish: length (max_tokens 128 reached)`, or `stopped after …`."""
+    head = f"stopped after {seconds:.1f} s" if stopped else f"done in {seconds:.1f} s"
+    parts = [head, f"{chunks} chunk{'s' if chunks != 1 else ''}"]
+    if finish and not stopped:
+        parts.append(f"finish: {finish}" + (f" (max_tokens {max_tokens} reached)" if finish == "length" else ""))
+    return " · ".join(parts)
+
+
 def _test_panel(events: ClientEvents) -> None:
+    """A streamed chat through a business service. Send always works: it stops the answer in flight (if any) and asks
+    again, with the service chosen now; Stop closes the stream (the gateway then stops the replica's work). What the
+    panel shows belongs to the newest request only: the replica line is cleared when a request starts and set from
+    that request's `x-corral-replica` header."""
     def options() -> dict[str, str]:
         return {s.name: f"{s.displayName} → {s.modelName} ({s.readyReplicas} ready)"
                 for s in runtime().controller.list_business_services()}
@@ -189,36 +227,86 @@ def _test_panel(events: ClientEvents) -> None:
 
     live(events, POD_EVENTS, refresh_options)
     message = ui.textarea("Message", value="Hello! Who are you?").classes("w-full").props("autogrow")
+    with ui.row().classes("w-full items-center gap-2 no-wrap"):
+        max_tokens = ui.number("Max tokens", value=MAX_TOKENS_DEFAULT, min=1, max=MAX_TOKENS_LIMIT, precision=0) \
+            .classes("w-32").props('dense data-testid="test-max-tokens"') \
+            .tooltip(f"max_tokens of the request (1..{MAX_TOKENS_LIMIT}): the answer stops there")
+        button = ui.button("Send", icon="send").props('data-testid="test-send"')
+        stop_button = ui.button("Stop", icon="stop").props('outline color=negative data-testid="test-stop"')
+        stop_button.set_enabled(False)
     reply = ui.markdown().classes("w-full bg-grey-2 rounded p-2 min-h-12").props('data-testid="test-reply"')
     replica = ui.label().classes("text-sm text-grey-8").props('data-testid="test-replica"')
+    status = ui.label().classes("text-xs text-grey-8 -mt-3").props('data-testid="test-status"')
+    current: list[asyncio.Task[Any] | None] = [None]  # the request whose answer the panel shows
 
     async def send() -> None:
+        me = asyncio.current_task()
+        previous, current[0] = current[0], me
+        if previous is not None and not previous.done():  # a new Send replaces the answer in flight
+            previous.cancel()
+            await asyncio.wait({previous})
+        stop_button.set_enabled(False)
+        replica.set_text("")
         if not service.value:
             replica.set_text("pick a business service first")
             return
-        view = next(s for s in runtime().controller.list_business_services() if s.name == service.value)
-        body = {"model": view.modelName, "messages": [{"role": "user", "content": message.value}], "stream": True}
-        text = ""
+        limit = bounded_max_tokens(max_tokens.value)
+        if limit is None:
+            status.set_text(f"max tokens: a whole number from 1 to {MAX_TOKENS_LIMIT}")
+            return
+        view = next((s for s in runtime().controller.list_business_services() if s.name == service.value), None)
+        if view is None or not view.baseUrl:
+            replica.set_text(f"{service.value}: no such business service any more")
+            return
+        mine = lambda: current[0] is me  # noqa: E731 (a cancelled request never writes over a newer one)
+        text, chunks, finish, started, drawn = "", 0, None, time.monotonic(), 0.0
         reply.set_content("…")
-        button.props("loading")
+        replica.set_text(f"asking {view.name}…")
+        status.set_text("")
+        stop_button.set_enabled(True)
         try:
             async with httpx.AsyncClient(timeout=120) as client, \
-                    client.stream("POST", f"{view.baseUrl}/chat/completions", json=body) as response:
+                    client.stream("POST", f"{view.baseUrl}/chat/completions",
+                                  json=chat_body(view.modelName, message.value or "", limit)) as response:
                 replica.set_text(f"answered by {response.headers.get('x-corral-replica', '?')} (HTTP {response.status_code})")
                 if response.status_code != 200:
                     reply.set_content(f"`{_error_text(await response.aread())[:500]}`")
+                    status.set_text("")
                     return
                 async for line in response.aiter_lines():
-                    if line.startswith("data: ") and line != "data: [DONE]":
-                        choices = json.loads(line[6:]).get("choices") or [{}]
-                        text += choices[0].get("delta", {}).get("content") or ""
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    choice = (json.loads(line[6:]).get("choices") or [{}])[0]
+                    if piece := (choice.get("delta") or {}).get("content"):
+                        text += piece
+                        chunks += 1
+                    finish = choice.get("finish_reason") or finish
+                    if (now := time.monotonic()) - drawn >= DRAW_INTERVAL_S:
+                        drawn = now
                         reply.set_content(text)
-        except httpx.HTTPError as exc:
-            replica.set_text(f"request failed: {exc}")
+                        status.set_text(f"streaming · {chunks} chunks · {now - started:.1f} s")
+            reply.set_content(text or "(empty answer)")
+            status.set_text(answer_status(time.monotonic() - started, chunks, finish, limit))
+        except asyncio.CancelledError:  # Stop, a newer Send, or the browser went away: the stream is closed
+            if mine():
+                reply.set_content(text or "(stopped before the first chunk)")
+                status.set_text(answer_status(time.monotonic() - started, chunks, None, limit, stopped=True))
+            raise
+        except (httpx.HTTPError, ValueError) as exc:
+            if mine():
+                replica.set_text(f"request failed: {exc}")
+                status.set_text("")
         finally:
-            button.props(remove="loading")
+            if mine():
+                stop_button.set_enabled(False)
 
-    button = ui.button("Send", icon="send", on_click=send).props('data-testid="test-send"')
+    def stop() -> None:
+        if current[0] is not None and not current[0].done():
+            current[0].cancel()
+
+    button.on_click(send)
+    stop_button.on_click(stop)
+    ui.context.client.on_delete(stop)
 
 
 def _error_text(body: bytes) -> str:

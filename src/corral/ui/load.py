@@ -96,21 +96,14 @@ def rate(value: float | None, unit: str = "req/s") -> str:
 def ms(value: float | None) -> str:
     if value is None:
         return "–"
-    return f"{value:.1f} ms" if value < 10 else f"{value:.0f} ms" if value < 1000 else f"{value / 1000:.2f} s"
+    # Thresholds at what the rounding shows: 999.7 ms is `1.00 s`, never `1000 ms`.
+    return f"{value:.1f} ms" if value < 9.95 else f"{value:.0f} ms" if value < 999.5 else f"{value / 1000:.2f} s"
 
 
 def percentiles(values: tuple[float | None, ...]) -> str:
-    """`42 / 50 / 67 ms`: one unit for the set (seconds once any is a second or more); – for a missing one."""
-    if all(v is None for v in values):
-        return " / ".join("–" for _ in values)
-    seconds = max(v for v in values if v is not None) >= 1000
-
-    def one(v: float | None) -> str:
-        if v is None:
-            return "–"
-        return f"{v / 1000:.2f}" if seconds else f"{v:.1f}" if v < 10 else f"{v:.0f}"
-
-    return " / ".join(one(v) for v in values) + (" s" if seconds else " ms")
+    """`5.0 ms / 2.60 s / 2.92 s`: each figure in the unit that fits it (ms below a second), so a fast p50 next to a
+    slow tail never reads `0.00 s`; – for a missing one."""
+    return " / ".join(ms(v) for v in values)
 
 
 def figures(load: ServiceLoad | None) -> dict[str, str]:
@@ -136,7 +129,8 @@ class ServiceFigures:
     def __init__(self, service: str) -> None:
         self.labels: dict[str, ui.label] = {}
         with ui.row().classes("w-full gap-x-6 gap-y-1 items-start no-wrap"):
-            with ui.grid(columns=2).classes("gap-x-3 gap-y-0 text-sm shrink-0 w-80"):
+            # Captions as wide as they need, the figures the rest: `123 ms / 2.60 s / 12.34 s` stays on one line.
+            with ui.grid(columns="auto 1fr").classes("gap-x-3 gap-y-0 text-sm shrink-0 w-96"):
                 for key, caption in FIGURES:
                     ui.label(caption).classes("text-grey-7")
                     self.labels[key] = ui.label().classes("font-mono").props(f'data-testid="load-{service}-{key}"')

@@ -27,6 +27,7 @@ from corral.backends.local import process
 from corral.config import Settings
 from corral.domain.history import Action, HistoryDraft, Outcome
 from corral.domain.models import PodPhase
+from corral.domain.outliers import OutlierPolicy, Readiness, readiness
 from corral.engines import get_engine
 from corral.events import EventType
 from corral.store.state import ReplicaRecord, StateStore
@@ -43,6 +44,10 @@ class ReplicaSupervisor:
         self.report = report
         self._handles: dict[str, subprocess.Popen] = {}
         self._failures: dict[str, int] = {}
+        # Readiness from health checks in a row, not one check (domain/outliers.py): CORRAL_HEALTH_*_THRESHOLD.
+        self._readiness: dict[str, Readiness] = {}
+        self._probes = OutlierPolicy(failed_probes=settings.health_failure_threshold,
+                                     passed_probes=settings.health_success_threshold)
         self._restart_at: dict[str, float] = {}
         self._stopping: set[str] = set()
         self._http = httpx.AsyncClient(timeout=2.0)
@@ -185,6 +190,7 @@ class ReplicaSupervisor:
             self._stopping.discard(record.name)
             self._handles.pop(record.name, None)
             self._failures.pop(record.name, None)
+            self._readiness.pop(record.name, None)
             self._restart_at.pop(record.name, None)
 
     # supervision -----------------------------------------------------------------------------
@@ -197,11 +203,14 @@ class ReplicaSupervisor:
         if not process.is_alive(record.pid, record.pid_start, self._handles.get(record.name)):
             self._on_dead(record)
             return
-        ready = await self._probe(record, health_path)
+        ok = await self._probe(record, health_path)
         if record.name in self._stopping:
             return
+        state = self._readiness.get(record.name) or Readiness(ready=record.ready, was_ready=record.ready)
+        state = self._readiness[record.name] = readiness(state, ok, self._probes)
+        ready = state.ready
         phase = PodPhase.RUNNING if ready or record.phase == PodPhase.RUNNING else PodPhase.PENDING
-        if ready:
+        if ok:
             self._failures.pop(record.name, None)
         if (phase, ready) != (record.phase, record.ready):
             self.store.update_replica(record.name, phase=phase, ready=ready)
@@ -209,6 +218,7 @@ class ReplicaSupervisor:
 
     def _on_dead(self, record: ReplicaRecord) -> None:
         now = time.monotonic()
+        self._readiness.pop(record.name, None)  # a restarted process is ready at its first passed check
         if record.phase != PodPhase.CRASH_LOOP:
             failures = self._failures.get(record.name, 0)
             delay = min(self.settings.restart_backoff_max_s, 2.0**failures)

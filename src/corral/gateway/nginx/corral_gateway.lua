@@ -2,16 +2,29 @@
 -- (POST /routes on the control socket), so an assignment takes effect without an nginx reload.
 -- Same behaviour as the Python gateway (corral/gateway/proxy.py): least outstanding requests with
 -- random ties, one retry on another replica only when no byte of the request was written to the first
--- (corral/domain/retries.py) and within the service's retry budget, ejection of a failing replica,
--- `x-corral-replica`, 400/404/413/503 JSON bodies, per-service/replica counters and in-flight
--- counts, and the same rule for which paths go through (only the OpenAI API: `/s/<service>/v1/...`).
+-- (corral/domain/retries.py) and within the service's retry budget, outlier detection (corral/domain/outliers.py:
+-- thresholds, growing ejection times, the cap per business), `x-corral-replica`, 400/404/413/503 JSON bodies,
+-- per-service/replica counters and in-flight counts, and the same rule for which paths go through (only the
+-- OpenAI API: `/s/<service>/v1/...`).
 -- The counters are those of corral/gateway/stats.py, in the `corral_stats` shared dict (read by
 -- NginxStats): per "<service>|<replica>" `rq:` requests, `er:` errors, `lt:` latency sum, `lb:…|<i>`
 -- latency bucket i, `ts:`/`tb:…|<i>` first-byte sum and buckets (streamed responses), `tk:` completion
--- tokens and `tu:` responses with usage, `ip:` in flight; per replica `if:` in flight, `ej:` ejected;
--- `rj:<service>|<code>` rejections; per service `hq:` requests held now, `hs:` their wait summed and
--- `hb:…|<i>` wait bucket i, `cc:` requests whose client left before the response ended. Bucket bounds come
--- from Python (`configure`), so both planes agree.
+-- tokens and `tu:` responses with usage, `ip:` in flight; per replica `if:` in flight, and its outlier
+-- record: `ej:` ejected until (present while ejected), `ea:` ejected at, `en:` ejections in a row, `ew:` why,
+-- `ot:` readmitted at, `oc:` gateway failures in a row, `cp:` cap refusals (`sp:` suspected, `pf:`/`pp:`
+-- failed/passed checks in a row, `cs:` capped this streak: internal); `rj:<service>|<code>` rejections; per
+-- service `hq:` requests held now, `hs:` their wait summed and `hb:…|<i>` wait bucket i, `cc:` requests whose
+-- client left before the response ended. Bucket bounds come from Python (`configure`), so both planes agree.
+-- Read incrementally (`get_stats`): the keys are grouped in units (`p:<service>|<replica>`, `r:<replica>`,
+-- `s:<service>`); whoever changes a unit's counters then marks it (`mark`: a `d:` flag, and the unit appended
+-- to a change log `c:<seq>` once until it is read), and a read answers only the units logged since the
+-- reader's last one, never scanning (and locking) the whole dict but at the first read after a start. The
+-- control plane prunes the units of replicas and services that left (`prune`), so the dict stays bounded.
+-- Outlier detection: a gateway failure (the balancer's last failure; the last attempt's 502/503/504; a
+-- response cut mid-way) counts in `oc:` and marks the replica suspected; `failures` in a row eject it, and
+-- so do `probes` failed health checks in a row (worker 0 checks suspected replicas, and ejected ones past
+-- their time, every `interval` seconds: `probe_round`); `passes` passed checks bring an ejected one back.
+-- One ejection is decided at a time (the `lk:eject` lock), so workers never pass the cap together.
 -- The retry budget (domain/retries.py): per service and second, `q:<service>|<second>` requests and
 -- `r:<service>|<second>` retries in the `corral_retry` dict, expiring after the window. Two workers may
 -- both take the last retry of a window: the budget can be passed by one retry per extra worker.
@@ -35,7 +48,6 @@ local semaphore = require "ngx.semaphore"
 local routes_dict = ngx.shared.corral_routes
 local stats = ngx.shared.corral_stats
 local retry_dict = ngx.shared.corral_retry
-local EJECT_SECONDS = 5
 -- The same messages and path rules as corral/gateway/proxy.py (path_error).
 local MSG_CONTROL_CHARS = "the request path contains control characters"
 local MSG_NOT_API = "only the OpenAI API is served here: /s/<service>/v1/..."
@@ -51,11 +63,28 @@ local wakers = {}  -- service → this worker's semaphore its held requests wait
 -- status), via configure()
 local RETRY = { percent = 20, min = 3, window = 10, spent_suffix = "", not_retried = {} }
 local NGX_BUSY = -3  -- the balancer's "no peer": nginx answers 502 (error_page: @unavailable), no next try
+-- proxy.py's GatewayLimits.outliers and probe interval (domain/outliers.py), via configure()
+local OUTLIER = { failures = 5, probes = 3, passes = 2, base = 5, max = 300, percent = 50, decay = 60,
+                  interval = 0.5, timeout = 1 }
 
-function _M.configure(buckets, hold, retry)
+function _M.configure(buckets, hold, retry, outlier)
   BUCKETS = buckets
   if hold then HOLD = hold end
   if retry then RETRY = retry end
+  if outlier then OUTLIER = outlier end
+end
+
+-- the change log (see the top): after changing a unit's counters, log it once until a read takes it
+local function mark(unit)
+  if stats:add("d:" .. unit, true) then
+    local seq = stats:incr("seq", 1, 0)
+    stats:set("c:" .. seq, unit)
+  end
+end
+
+local function reject(service, status)
+  stats:incr("rj:" .. service .. "|" .. status, 1, 0)
+  mark("s:" .. service)
 end
 
 -- a request of `service` to count in its retry budget (once, at its first attempt)
@@ -174,6 +203,7 @@ local function claim(ctx, route, tried, rewrite)
     if target.concurrency == nil or in_flight <= target.concurrency then
       ctx.claimed = target.name
       ngx.var.corral_claim = target.name
+      mark("r:" .. target.name)
       return target
     end
     stats:incr("if:" .. target.name, -1, 0)
@@ -188,6 +218,7 @@ local function release(ctx)
   ctx.claimed = nil
   ngx.var.corral_claim = ""
   stats:incr("if:" .. name, -1, 0)
+  mark("r:" .. name)
   local waker = wakers[ctx.service]
   if waker and waker:count() < 0 then waker:post(1) end
 end
@@ -215,6 +246,7 @@ local function unhold(ctx)
   stats:incr("hq:" .. ctx.service, -1, 0)
   stats:incr("hs:" .. ctx.service, seconds, 0)
   stats:incr("hb:" .. ctx.service .. "|" .. bucket(seconds), 1, 0)
+  mark("s:" .. ctx.service)
 end
 
 -- hold the request until a replica of its service is free: that route and replica (claimed), or the
@@ -223,9 +255,10 @@ local function hold(ctx, service, route)
   local held = HOLD.timeout > 0 and HOLD.queue > 0 and stats:incr("hq:" .. service, 1, 0)
   if not held or held > HOLD.queue then
     if held then stats:incr("hq:" .. service, -1, 0) end
-    stats:incr("rj:" .. service .. "|503", 1, 0)
+    reject(service, 503)
     return json_exit(503, waiting_reason(route) .. (held and HOLD.full_suffix or ""), HOLD.retry_after)
   end
+  mark("s:" .. service)
   ngx.update_time()
   ctx.held_since = ngx.now()
   local deadline = ctx.held_since + HOLD.timeout
@@ -243,7 +276,7 @@ local function hold(ctx, service, route)
     local current = routes()[service]
     if not current then
       unhold(ctx)
-      stats:incr("rj:|404", 1, 0)
+      reject("", 404)
       return json_exit(404, "service '" .. service .. "' not found")
     end
     route = current
@@ -254,8 +287,177 @@ local function hold(ctx, service, route)
     end
   end
   unhold(ctx)
-  stats:incr("rj:" .. service .. "|503", 1, 0)
+  reject(service, 503)
   return json_exit(503, waiting_reason(route) .. HOLD.held_suffix, HOLD.retry_after)
+end
+
+-- outlier detection (corral/domain/outliers.py, the same rules and numbers) ---------------------------------
+local function forgiven(name, now)  -- ejections in a row, less one per `decay` seconds back in rotation
+  local n = stats:get("en:" .. name) or 0
+  local back = stats:get("ot:" .. name)
+  if back and OUTLIER.decay > 0 then n = math.max(0, n - math.floor(math.max(0, now - back) / OUTLIER.decay)) end
+  return n
+end
+
+local function ejection_seconds(n)
+  return math.min(OUTLIER.base * math.max(n, 1), math.max(OUTLIER.max, OUTLIER.base))
+end
+
+-- whether ejecting `name` keeps every service that routes to it within the cap (outliers.may_eject)
+local function may_eject(name)
+  for _, route in pairs(routes()) do
+    local member, out = false, 0
+    for _, target in ipairs(route.targets) do
+      if target.name == name then
+        member = true
+      elseif stats:get("ej:" .. target.name) then
+        out = out + 1
+      end
+    end
+    if member and out + 1 > math.floor(OUTLIER.percent * #route.targets / 100 + 1e-9) then return false end
+  end
+  return true
+end
+
+-- take `name` out of rotation unless the cap forbids it (counted in `cp:` once a streak); whether it is out
+local function eject(name, reason)
+  if stats:get("ej:" .. name) then return true end
+  if not stats:add("lk:eject", true, 1) then return false end  -- another worker decides one: the next failure retries
+  local out = may_eject(name)
+  if out then
+    ngx.update_time()
+    local now = ngx.now()
+    local n = forgiven(name, now) + 1
+    stats:set("en:" .. name, n)
+    stats:set("ea:" .. name, now)
+    stats:set("ew:" .. name, reason)
+    stats:set("oc:" .. name, 0)
+    for _, kind in ipairs({ "sp:", "pf:", "pp:", "cs:" }) do stats:delete(kind .. name) end
+    stats:set("ej:" .. name, now + ejection_seconds(n))
+    ngx.log(ngx.WARN, "ejecting replica ", name, " (", reason, "): out for ", ejection_seconds(n), " s")
+  elseif stats:add("cs:" .. name, true) then
+    stats:incr("cp:" .. name, 1, 0)
+  end
+  stats:delete("lk:eject")
+  mark("r:" .. name)
+  return out
+end
+
+-- a gateway failure of `name` (connection refused, reset or timed out; a 502/503/504 answer; cut mid-response)
+local function gateway_failure(name)
+  local n = stats:incr("oc:" .. name, 1, 0)
+  local ejected = stats:get("ej:" .. name)
+  if not ejected then stats:set("sp:" .. name, true) end
+  mark("r:" .. name)
+  if not ejected and OUTLIER.failures > 0 and n >= OUTLIER.failures then eject(name, "failures") end
+end
+
+local function succeeded(name)
+  if (stats:get("oc:" .. name) or 0) > 0 then
+    stats:set("oc:" .. name, 0)
+    stats:delete("cs:" .. name)
+    mark("r:" .. name)
+  end
+end
+
+-- log phase: the last attempt's outcome, unless the balancer counted it (its failure led to a retry decision)
+local function judge_last_attempt(ctx)
+  local replica = ngx.var.corral_replica
+  local attempts = tonumber(ngx.var.corral_attempts) or 0
+  if not replica or replica == "" or attempts == 0 or tonumber(ngx.var.corral_judged) == attempts then return end
+  local status = last_number(ngx.var.upstream_status)
+  if status == 502 or status == 503 or status == 504 then
+    gateway_failure(replica)
+  elseif not status or ngx.var.request_completion ~= "OK" then
+    return  -- no answer to judge, or its client left before the end (proxy.py counts neither)
+  elseif ctx.target and not ctx.eof then
+    gateway_failure(replica)  -- cut mid-response: nginx ended the request without the response's end
+  else
+    succeeded(replica)
+  end
+end
+
+-- one health check: whether `target` answers 200 on its engine's health path within the timeout
+local function check(target)
+  local sock = ngx.socket.tcp()
+  sock:settimeout(OUTLIER.timeout * 1000)
+  local ok = sock:connect(target.host, target.port)
+  if not ok then return false end
+  local sent = sock:send("GET " .. (target.health or "/health") .. " HTTP/1.0\r\nHost: " .. target.host
+    .. "\r\nUser-Agent: corral-gateway\r\n\r\n")
+  local line = sent and sock:receive("*l")
+  sock:close()
+  return line ~= nil and line:match("^HTTP/%d%.%d 200") ~= nil
+end
+
+-- a check's result (outliers.probed): an ejected replica past its time comes back after `passes` passes in a
+-- row; a suspected one is cleared by a pass and ejected after `probes` failures in a row
+local function probed(name, passed)
+  ngx.update_time()
+  local now = ngx.now()
+  local until_ = stats:get("ej:" .. name)
+  if until_ then
+    if now < until_ then return end
+    if not passed then
+      stats:set("pp:" .. name, 0)
+      return
+    end
+    if stats:incr("pp:" .. name, 1, 0) < OUTLIER.passes then return end
+    for _, kind in ipairs({ "ej:", "ea:", "ew:", "pp:" }) do stats:delete(kind .. name) end
+    stats:set("ot:" .. name, now)
+    stats:set("oc:" .. name, 0)
+    mark("r:" .. name)
+    ngx.log(ngx.WARN, "replica ", name, " is healthy again; back in rotation")
+    wake_all()
+  elseif stats:get("sp:" .. name) then
+    if passed then
+      stats:delete("sp:" .. name)
+      stats:delete("pf:" .. name)
+    elseif stats:incr("pf:" .. name, 1, 0) >= OUTLIER.probes then
+      eject(name, "probes")
+    end
+  end
+end
+
+local probing = false
+
+-- worker 0, every `interval` seconds: check the suspected replicas and the ejected ones past their time
+local function check_due()
+  ngx.update_time()
+  local now = ngx.now()
+  local seen, due = {}, {}
+  for _, route in pairs(routes()) do
+    for _, target in ipairs(route.targets) do
+      if not seen[target.name] then
+        seen[target.name] = true
+        local until_ = stats:get("ej:" .. target.name)
+        if (until_ and now >= until_) or (not until_ and stats:get("sp:" .. target.name)) then
+          due[#due + 1] = target
+        end
+      end
+    end
+  end
+  local threads = {}
+  for i, target in ipairs(due) do threads[i] = ngx.thread.spawn(check, target) end
+  for i, target in ipairs(due) do
+    local ok, passed = ngx.thread.wait(threads[i])
+    probed(target.name, ok and passed)
+  end
+end
+
+local function probe_round(premature)
+  if premature or probing then return end
+  probing = true
+  local ok, err = pcall(check_due)
+  probing = false
+  if not ok then ngx.log(ngx.ERR, "outlier checks failed: ", err) end
+end
+
+function _M.init_worker()
+  if ngx.worker.id() == 0 then
+    local ok, err = ngx.timer.every(OUTLIER.interval, probe_round)
+    if not ok then ngx.log(ngx.ERR, "cannot start the outlier checks: ", err) end
+  end
 end
 
 -- `/v1/` then non-empty segments of plain URL characters: no `%` left, no `.`/`..` segment
@@ -288,7 +490,7 @@ local function checked(path)
   end
   local route = routes()[service]
   if not api_path(rest) then
-    stats:incr("rj:" .. (route and service or "") .. "|404", 1, 0)
+    reject(route and service or "", 404)
     return json_exit(404, MSG_NOT_API)
   end
   return service, rest, route
@@ -305,7 +507,7 @@ end
 function _M.route()
   local service, rest, route = checked(client_path())
   if not route then
-    stats:incr("rj:|404", 1, 0)  -- the name is the client's: one counter per name would grow without bound
+    reject("", 404)  -- the name is the client's: one counter per name would grow without bound
     return json_exit(404, "service '" .. service .. "' not found")
   end
   if route.models and rest == "/v1/models" and ngx.req.get_method() == "GET" then
@@ -345,6 +547,7 @@ local MAX_BUFFERED = 32 * 1024 * 1024
 -- back to the tag (each server-sent event, or a JSON body whole)
 function _M.body()
   local ctx = ngx.ctx
+  if ngx.arg[2] then ctx.eof = true end  -- the response's end came (not cut mid-way)
   if ctx.scan then
     local chunk = ngx.arg[1]
     if chunk and chunk ~= "" then
@@ -402,6 +605,7 @@ local function finish(ctx, failed)
     stats:incr("tu:" .. key, 1, 0)
     ctx.tokens = nil
   end
+  mark("p:" .. key)
 end
 
 -- balancer phase: runs once per attempt; a second run is the retry after a failure. nginx itself passes no
@@ -411,7 +615,8 @@ function _M.balance()
   local ctx = ngx.ctx
   local failed, status = balancer.get_last_failure()
   if failed then
-    stats:set("ej:" .. ctx.target.name, true, EJECT_SECONDS)
+    ngx.var.corral_judged = ngx.var.corral_attempts  -- this attempt's failure is counted here, not in the log phase
+    gateway_failure(ctx.target.name)
     finish(ctx, true)
     ngx.var.corral_started = ""
     release(ctx)
@@ -435,7 +640,9 @@ function _M.balance()
   ngx.update_time()
   ctx.counted, ctx.started = ctx.target.name, ngx.now()
   ngx.var.corral_replica, ngx.var.corral_started = ctx.target.name, ctx.started
+  ngx.var.corral_attempts = (tonumber(ngx.var.corral_attempts) or 0) + 1
   stats:incr("ip:" .. ctx.service .. "|" .. ctx.target.name, 1, 0)
+  mark("p:" .. ctx.service .. "|" .. ctx.target.name)
   local ok, err = balancer.set_current_peer(ctx.target.host, ctx.target.port)
   if not ok then ngx.log(ngx.ERR, "set_current_peer: ", err) end
 end
@@ -465,9 +672,13 @@ function _M.log()
     if started then ctx.counted, ctx.started = ngx.var.corral_replica, started end
   end
   if ctx.counted then finish(ctx, ngx.status >= 500) end
+  judge_last_attempt(ctx)
   release(ctx)  -- also a place claimed by a request that never reached its replica (e.g. a body too large)
   unhold(ctx)  -- a request cut while held
-  if ngx.var.request_completion ~= "OK" then stats:incr("cc:" .. ctx.service, 1, 0) end  -- its client left
+  if ngx.var.request_completion ~= "OK" then  -- its client left
+    stats:incr("cc:" .. ctx.service, 1, 0)
+    mark("s:" .. ctx.service)
+  end
 end
 
 -- error_page targets for requests nginx refused itself (malformed, or the body too large)
@@ -496,7 +707,7 @@ function _M.unavailable()
       status, message = 503, route and route.message or ("service '" .. service .. "' not found")
     end
   end
-  stats:incr("rj:" .. service .. "|" .. status, 1, 0)
+  reject(service, status)
   return json_exit(status, message)
 end
 
@@ -550,13 +761,128 @@ function _M.get_version()
   answer_version(routes_dict:get("version") or 0)
 end
 
+-- GET /stats?since=<seq>&epoch=<epoch>: the units logged after `since` (all of them after a start: the
+-- first read, or `epoch` not this nginx's), as {epoch, seq, full, units = {unit = {key = value}}}. The reader
+-- sends the `seq` of its last answer as `since`: the log entries up to it are dropped then (an answer lost
+-- on its way is read again). A log entry being written (its number taken, not yet set) ends the answer
+-- there; one missing for a second is skipped.
+local PAIR_KEYS = { "rq", "er", "lt", "ts", "tk", "tu", "ip" }
+local REPLICA_KEYS = { "if", "ej", "ea", "en", "ew", "ot", "oc", "cp" }
+local REPLICA_INTERNAL = { "sp", "pf", "pp", "cs" }
+local SERVICE_KEYS = { "hq", "hs", "cc" }
+local REJECTED = { 400, 404, 413, 502, 503, 504 }
+local UNIT_OF = { rq = "p", er = "p", lt = "p", ts = "p", tk = "p", tu = "p", ip = "p", lb = "p", tb = "p",
+                  ["if"] = "r", ej = "r", ea = "r", en = "r", ew = "r", ot = "r", oc = "r", cp = "r",
+                  hq = "s", hs = "s", cc = "s", hb = "s", rj = "s" }
+
+-- the keys of a unit, with `fn(key)` each
+local function each_key(unit, fn, internal)
+  local kind, rest = unit:sub(1, 1), unit:sub(3)
+  if kind == "p" then
+    for _, k in ipairs(PAIR_KEYS) do fn(k .. ":" .. rest) end
+    for i = 0, #BUCKETS - 1 do
+      fn("lb:" .. rest .. "|" .. i)
+      fn("tb:" .. rest .. "|" .. i)
+    end
+  elseif kind == "r" then
+    for _, k in ipairs(REPLICA_KEYS) do fn(k .. ":" .. rest) end
+    if internal then for _, k in ipairs(REPLICA_INTERNAL) do fn(k .. ":" .. rest) end end
+  elseif kind == "s" then
+    for _, k in ipairs(SERVICE_KEYS) do fn(k .. ":" .. rest) end
+    for i = 0, #BUCKETS - 1 do fn("hb:" .. rest .. "|" .. i) end
+    for _, code in ipairs(REJECTED) do fn("rj:" .. rest .. "|" .. code) end
+  end
+end
+
+local function read_unit(unit)
+  local values = {}
+  each_key(unit, function(key)
+    local value = stats:get(key)
+    if value ~= nil then values[key] = value end
+  end)
+  return values
+end
+
+-- the unit a key belongs to (nil: bookkeeping)
+local function unit_of_key(key)
+  local kind, rest = key:match("^(%a+):(.*)$")
+  local unit = kind and UNIT_OF[kind]
+  if not unit then return nil end
+  if kind == "lb" or kind == "tb" or kind == "hb" or kind == "rj" then rest = rest:match("^(.*)|[^|]*$") or rest end
+  return unit .. ":" .. rest
+end
+
+local function epoch()
+  local value = stats:get("epoch")
+  if not value then
+    stats:add("epoch", string.format("%.6f-%d", ngx.now(), math.random(1000000000)))
+    value = stats:get("epoch")
+  end
+  return value
+end
+
 function _M.get_stats()
-  local out = {}
-  for _, key in ipairs(stats:get_keys(0)) do
-    out[key] = stats:get(key)
+  local now_epoch = epoch()
+  local since = tonumber(ngx.var.arg_since)
+  local acked = stats:get("acked") or 0
+  local full = since == nil or ngx.var.arg_epoch ~= now_epoch or since < acked
+  local seq = stats:get("seq") or 0
+  local units, last = {}, acked
+  if not full then
+    for k = acked + 1, since do stats:delete("c:" .. k) end
+    stats:set("acked", since)
+    last = since
+  end
+  ngx.update_time()
+  for k = last + 1, seq do
+    local unit = stats:get("c:" .. k)
+    if unit == nil then
+      local gap = stats:get("g:" .. k)
+      if not gap then stats:set("g:" .. k, ngx.now(), 10) end
+      if not gap or ngx.now() - gap < 1 then break end
+    else
+      stats:delete("d:" .. unit)  -- first: a change after it logs the unit again
+      if not full and units[unit] == nil then units[unit] = read_unit(unit) end
+      if full then stats:delete("c:" .. k) end
+    end
+    last = k
+  end
+  if full then  -- every unit (a scan of the whole dict: only after a start)
+    stats:set("acked", last)
+    for _, key in ipairs(stats:get_keys(0)) do
+      local unit = unit_of_key(key)
+      if unit then
+        local values = units[unit]
+        if not values then
+          values = {}
+          units[unit] = values
+        end
+        values[key] = stats:get(key)
+      end
+    end
   end
   ngx.header["content-type"] = "application/json"
-  ngx.say(cjson.encode(out))
+  ngx.say(cjson.encode({ epoch = now_epoch, seq = last, full = full, units = units }))
+end
+
+-- POST /prune with {"units": [...]}: drop the counters of replicas and services that left (the control plane
+-- decides when: after the load window read their last counts, with nothing in flight)
+function _M.prune()
+  local body = request_body()
+  local decoded = body and cjson.decode(body)
+  if type(decoded) ~= "table" or type(decoded.units) ~= "table" then
+    return json_exit(400, "body must be {\"units\": [...]}")
+  end
+  local pruned = 0
+  for _, unit in ipairs(decoded.units) do
+    if type(unit) == "string" then
+      each_key(unit, function(key) stats:delete(key) end, true)
+      stats:delete("d:" .. unit)
+      pruned = pruned + 1
+    end
+  end
+  ngx.header["content-type"] = "application/json"
+  ngx.say(cjson.encode({ pruned = pruned }))
 end
 
 return _M
