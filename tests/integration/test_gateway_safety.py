@@ -78,6 +78,11 @@ class FakeReplica:
                 if mode == "ok":
                     _answer(writer, json.dumps({"path": path}).encode())
                     continue
+                if mode in ENGINE_ERRORS:
+                    status, content_type, body = ENGINE_ERRORS[mode]
+                    writer.write(f"HTTP/1.1 {status} Oops\r\ncontent-type: {content_type}\r\ncontent-length: "
+                                 f"{len(body)}\r\n\r\n".encode() + body)
+                    continue
                 if mode == "drop":
                     return
                 if mode == "stream":
@@ -96,6 +101,17 @@ class FakeReplica:
             return
         finally:
             writer.close()
+
+
+# What engines answer that is not OpenAI-shaped (transformers serve is FastAPI), or names a local path.
+ENGINE_ERRORS = {
+    "detail400": (400, "application/json", b'{"detail": "Cannot apply chat template to an empty conversation"}'),
+    "pinned404": (404, "application/json",
+                  b'{"detail": "Server is pinned to \'/home/me/models/tiny-model\'; requested \'no-such-model\'"}'),
+    "text500": (500, "text/plain", b"could not convert string to float: 'hot'"),
+    "openai400": (400, "application/json", b'{"error": {"message": "The model `/models/x` is busy", "type": '
+                                           b'"BadRequestError", "param": "model", "code": 400}}'),
+}
 
 
 def _answer(writer: asyncio.StreamWriter, body: bytes) -> None:
@@ -339,3 +355,23 @@ async def test_a_held_request_whose_client_left_is_not_sent_on(plane: Plane, rep
     status, body, _ = await waiting
     assert status == 200, body
     assert replica.requests == ["ok"]
+
+
+# Issue 30, item 1: engine errors reach OpenAI SDKs with the engine's reason ----------------------------------
+@pytest.mark.parametrize(("mode", "status", "message", "kind", "param"), [
+    ("detail400", 400, "Cannot apply chat template to an empty conversation", "invalid_request_error", None),
+    ("pinned404", 404, "Server is pinned to 'm'; requested 'no-such-model'", "not_found_error", None),
+    ("text500", 500, "could not convert string to float: 'hot'", "server_error", None),
+    ("openai400", 400, "The model `m` is busy", "BadRequestError", "model"),
+])
+async def test_an_engine_error_reaches_the_client_in_openai_shape_without_a_local_path(
+        plane: Plane, replicas: list[FakeReplica], mode: str, status: int, message: str, kind: str,
+        param: str | None) -> None:
+    """The openai SDK printed only "Error code: 400" for transformers serve's `{"detail": …}`, and an unknown model
+    answered with the server's local path: on both planes the body is OpenAI's, the reason kept, the tag named."""
+    await plane.push(route(Target("r0", replicas[0].endpoint)))
+    got, body, headers = await post(plane, mode)
+    assert got == status and headers.get("x-corral-replica") == "r0"
+    assert body == {"error": {"message": message, "type": kind, "param": param, "code": status}}, body
+    assert "/home/me" not in json.dumps(body)
+    await until_value(plane.in_flight, 0, "no request left in flight")

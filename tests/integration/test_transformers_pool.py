@@ -36,3 +36,22 @@ def test_pool_of_two_transformers_replicas_answers_chat(corral: CorralServer, ti
         body = reply.json()
         assert body["object"] == "chat.completion" and body["usage"]["completion_tokens"] >= 1
         assert body["choices"][0]["message"]["role"] == "assistant"
+
+    # Through a business service, with the openai SDK (issue 30): transformers serve answers FastAPI's {"detail": …},
+    # which the SDK showed as a bare "Error code: 400"; the gateway gives it OpenAI's shape, reason kept, and an
+    # engine's message never shows the model's path on this machine (the tag instead).
+    import openai
+
+    corral.ok("POST", "/api/deploy-service", json={"serviceName": "tiny", "modelPool": pool, "businessTag": "production"})
+    corral.ok("POST", "/api/assign-pod", json={"podName": pods[0]["name"], "businessTag": "production"})
+    client = openai.OpenAI(base_url=f"{corral.gateway_url}/s/tiny-nlb/v1", api_key="unused", max_retries=0, timeout=60)
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.chat.completions.create(model="tiny-qwen", messages=[], max_tokens=4)
+    assert 400 <= refused.value.status_code < 500
+    reason = str(refused.value)
+    assert "error code" in reason.lower() and len(refused.value.message) > len(f"Error code: {refused.value.status_code}")
+    assert refused.value.body is not None and refused.value.body.get("message"), refused.value.body  # type: ignore[union-attr]
+    assert str(tiny_model) not in reason
+    with pytest.raises(openai.APIStatusError) as unknown:
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert str(tiny_model) not in str(unknown.value) and "tiny-qwen" in str(unknown.value), str(unknown.value)

@@ -297,12 +297,12 @@ def table_payload(table: RoutingTable) -> bytes:
             if t.health_path != "/health":
                 target["health"] = t.health_path
             targets.append(target)
+        # `model`: the tag, for rewriting a request's model where an engine does not answer to it, and for naming the
+        # model in an engine's error instead of its path on disk (domain/engine_errors.py).
         routes[name] = {"message": route.no_replica_message(), "busy": route.busy_message(),
-                        "targets": targets}
+                        "targets": targets, "model": route.model}
         if route.answers_models():
             routes[name]["models"] = route.models_list()
-        if any(t.rewrite_model for t in route.targets):
-            routes[name]["model"] = route.model
     return json.dumps(routes).encode()
 
 

@@ -85,6 +85,7 @@ import aiohttp
 from yarl import URL
 
 from corral.aio import within
+from corral.domain.engine_errors import ERROR_BODY_MAX_BYTES, ERROR_TYPES, openai_error
 from corral.domain.load import COUNTERS_RETENTION_S, Sample, departures, prunable
 from corral.domain.outliers import (
     Outlier,
@@ -148,9 +149,7 @@ def path_error(path: str) -> tuple[int, str] | None:
     return 404, MSG_NOT_API
 
 
-# An error's OpenAI `type` by status (vLLM and OpenAI use these names).
-ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 408: "invalid_request_error",
-               413: "invalid_request_error", 503: "service_unavailable_error", 504: "timeout_error"}
+# An error's OpenAI `type` by status: ERROR_TYPES (corral.domain.engine_errors, shared with engines' errors).
 
 
 def error_body(status: int, message: str) -> dict[str, Any]:
@@ -763,7 +762,21 @@ class Gateway:
                 response_headers = [(k, v) for k, v in upstream.raw_headers if k.lower() not in skip]
                 response_headers.append((b"x-corral-replica", target.name.encode()))
                 try:
-                    await send({"type": "http.response.start", "status": upstream.status, "headers": response_headers})
+                    if upstream.status >= 400 and upstream.content_type != "text/event-stream":
+                        # An engine's error: in OpenAI's shape with its reason, no local path (domain.engine_errors).
+                        raw = await upstream.content.read(ERROR_BODY_MAX_BYTES + 1)
+                        if len(raw) <= ERROR_BODY_MAX_BYTES and upstream.content.at_eof():
+                            payload = json.dumps(openai_error(upstream.status, raw, route.model)).encode()
+                            kept = [(k, v) for k, v in response_headers if k.lower() not in (b"content-type", b"content-length")]
+                            await send({"type": "http.response.start", "status": upstream.status, "headers": [
+                                *kept, (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+                            await send({"type": "http.response.body", "body": payload, "more_body": False})
+                            error = upstream.status >= 500
+                            return None
+                        await send({"type": "http.response.start", "status": upstream.status, "headers": response_headers})
+                        await send({"type": "http.response.body", "body": raw, "more_body": True})
+                    else:
+                        await send({"type": "http.response.start", "status": upstream.status, "headers": response_headers})
                     body_chunks = upstream.content.iter_any()
                     events = upstream.content_type == "text/event-stream"
                     if rewrite:

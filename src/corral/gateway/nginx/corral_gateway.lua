@@ -162,8 +162,67 @@ local function routes()
 end
 
 -- OpenAI's error shape, as proxy.py's error_body (SDKs show error.message)
-local ERROR_TYPES = { [400] = "invalid_request_error", [404] = "not_found_error", [408] = "invalid_request_error",
-                      [413] = "invalid_request_error", [503] = "service_unavailable_error", [504] = "timeout_error" }
+local ERROR_TYPES = { [400] = "invalid_request_error", [401] = "authentication_error", [403] = "permission_error",
+                      [404] = "not_found_error", [408] = "invalid_request_error", [413] = "invalid_request_error",
+                      [422] = "invalid_request_error", [429] = "rate_limit_error", [503] = "service_unavailable_error",
+                      [504] = "timeout_error" }
+
+-- An engine's error answer in OpenAI's shape, its reason kept and no local path: as domain/engine_errors.py.
+local ERROR_BODY_MAX = 65536
+local QUOTES = { "'", '"', "`" }
+
+local function scrub_paths(message, tag)
+  for _, q in ipairs(QUOTES) do
+    message = message:gsub(q .. "/[^" .. q .. "\n]*" .. q, function() return q .. tag .. q end)
+  end
+  return message
+end
+
+local function detail_text(detail)
+  if type(detail) == "string" then return detail end
+  if type(detail) == "table" then
+    local parts = {}
+    for _, item in ipairs(detail) do
+      if type(item) == "table" then
+        local where = {}
+        if type(item.loc) == "table" then
+          for _, x in ipairs(item.loc) do if x ~= "body" then where[#where + 1] = tostring(x) end end
+        end
+        local msg = item.msg ~= nil and tostring(item.msg) or ""
+        parts[#parts + 1] = (#where > 0) and (table.concat(where, ".") .. ": " .. msg) or msg
+      else
+        parts[#parts + 1] = tostring(item)
+      end
+    end
+    if #parts > 0 or next(detail) == nil then return table.concat(parts, "; ") end
+  end
+  return cjson.encode(detail) or tostring(detail)
+end
+
+local function openai_error(status, body, tag)
+  local payload = cjson.decode(body)
+  local kind = ERROR_TYPES[status] or (status >= 500 and "server_error" or "invalid_request_error")
+  local param, code, message = cjson.null, status, nil
+  local inner = type(payload) == "table" and payload.error or nil
+  if type(inner) == "table" and type(inner.message) == "string" then  -- OpenAI's (vLLM's, SGLang's) shape
+    message = inner.message
+    if type(inner.type) == "string" then kind = inner.type end
+    if type(inner.param) == "string" then param = inner.param end
+    if type(inner.code) == "number" or type(inner.code) == "string" then code = inner.code end
+  elseif type(payload) == "table" and payload.detail ~= nil then  -- FastAPI's (transformers serve)
+    message = detail_text(payload.detail)
+  elseif type(payload) == "table" and type(payload.message) == "string" then  -- vLLM's older shape
+    message = payload.message
+    if type(payload.param) == "string" then param = payload.param end
+  elseif type(payload) == "table" and type(inner) == "string" then
+    message = inner
+  else
+    message = body:match("^%s*(.-)%s*$")
+    if message == "" then message = "the engine answered " .. status .. " without a reason" end
+  end
+  message = scrub_paths(message, tag):sub(1, 2000)
+  return cjson.encode({ error = { message = message, type = kind, param = param, code = code } })
+end
 
 local function json_exit(status, message, retry_after)
   ngx.status = status
@@ -548,6 +607,20 @@ local MAX_BUFFERED = 32 * 1024 * 1024
 function _M.body()
   local ctx = ngx.ctx
   if ngx.arg[2] then ctx.eof = true end  -- the response's end came (not cut mid-way)
+  if ctx.engine_error then  -- buffered whole (bounded), answered in OpenAI's shape at its end
+    local pending = (ctx.pending_error or "") .. (ngx.arg[1] or "")
+    if #pending > ERROR_BODY_MAX then
+      ngx.arg[1], ctx.pending_error, ctx.engine_error = pending, nil, false
+      return
+    end
+    if ngx.arg[2] then
+      ctx.pending_error = nil
+      ngx.arg[1] = openai_error(ngx.status, pending, ctx.route and ctx.route.model or "")
+    else
+      ngx.arg[1], ctx.pending_error = "", pending
+    end
+    return
+  end
   if ctx.scan then
     local chunk = ngx.arg[1]
     if chunk and chunk ~= "" then
@@ -656,6 +729,11 @@ function _M.header()
   if type(content_type) ~= "string" then content_type = "" end
   ctx.events = content_type:find("text/event-stream", 1, true) ~= nil
   ctx.scan = ctx.events or content_type:find("application/json", 1, true) ~= nil
+  if ngx.status >= 400 and not ctx.events then
+    ctx.engine_error, ctx.scan = true, false
+    ngx.header["content-length"] = nil
+    ngx.header["content-type"] = "application/json"
+  end
   if ctx.rewrite then ngx.header["content-length"] = nil end
 end
 
