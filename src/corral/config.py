@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     )
     health_interval_s: float = Field(default=0.5, gt=0, description="replica supervision period")
     stop_grace_s: float = Field(default=10.0, ge=0, description="SIGTERM to SIGKILL grace when stopping a replica")
+    replica_user: str | None = Field(
+        default=None, min_length=1, max_length=32, pattern=r"^[a-z_][a-z0-9_-]*$",
+        description="as root: run local engine replicas as this unprivileged user (e.g. nobody), so that a replica "
+        "cannot reach the gateway's control channel, Corral's data dir or the other replicas; it needs read access to "
+        "the engine's Python and the model files. Ignored (with a warning) when Corral does not run as root")
     stop_replicas_on_exit: bool = Field(
         default=False, description="`corral serve` stops this machine's replicas when it exits (by default they keep "
         "serving business traffic, and the next `corral serve` adopts them; with this, it starts them again)")

@@ -82,8 +82,15 @@ def _after_exit(settings) -> None:
         return
     running = len(find_replicas(home))
     if running:
-        console.print(f"Corral stopped; {running} replica(s) keep running and serving business traffic — the next "
-                      "`corral serve` adopts them. To stop them with Corral: `corral serve --stop-replicas-on-exit`; "
+        from corral.gateway.nginx_plane import generation_processes
+
+        if generation_processes(home / "gateway"):
+            serving = (f"keep running and serving business traffic: the gateway on port {settings.gateway_port} (nginx) "
+                       "keeps routing to them with the last routing table")
+        else:  # the Python gateway lives in `corral serve`
+            serving = "keep running; business traffic resumes when the gateway does"
+        console.print(f"Corral stopped; {running} replica(s) {serving} — the "
+                      "next `corral serve` adopts them. To stop them with Corral: `corral serve --stop-replicas-on-exit`; "
                       "to remove them: `corral delete DEPLOYMENT` while Corral runs.", highlight=False, soft_wrap=True)
 
 

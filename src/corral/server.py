@@ -27,6 +27,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from corral.api.app import create_app
 from corral.config import Settings
+from corral.gateway.nginx_plane import NginxGateway
 from corral.gateway.proxy import GatewayLimits
 from corral.runtime import Runtime
 
@@ -214,6 +215,10 @@ class _GatewayServer(uvicorn.Server):
 
 async def serve(settings: Settings, log_level: str = "info") -> None:
     runtime = Runtime(settings)
+    if isinstance(runtime.gateway, NginxGateway) and settings.backend == "local" and not settings.stop_replicas_on_exit:
+        # The data plane outlives its control plane: replicas keep serving after `corral serve` exits, and so does
+        # nginx in front of them, adopted by the next `corral serve` (no refused connection, no 404 on a restart).
+        runtime.gateway.outlive_control_plane = True
     limits = runtime.gateway.limits
     protocol = deadline_protocol(limits)
     # A shutdown waits for open connections only so long: API calls are short (a stuck one must not keep

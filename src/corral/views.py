@@ -581,6 +581,9 @@ class DataPlaneStatus(Contract):
     appliedVersion: int = Field(description="below desiredVersion: the gateway has not confirmed the latest routing table")
     lastError: str | None
     pushes: int
+    faults: int = Field(description="times the gateway served a routing table version above the desired one (a table "
+                                    "Corral never pushed), each replaced at once")
+    lastFault: str | None = None
 
 
 class EngineInfo(Contract):

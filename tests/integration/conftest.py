@@ -102,6 +102,9 @@ class CorralServer:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        from corral.gateway.nginx_plane import stop_generations
+
+        stop_generations(self.data_dir / "gateway", timeout_s=2.0)  # nginx outlives `corral serve` too, by design
 
     # API helpers ---------------------------------------------------------------------------------
     def ok(self, method: str, path: str, **kwargs) -> dict | list:

@@ -4,6 +4,7 @@ reconciler applies the latest table once nginx is back (unit tests: tests/unit/t
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import stat
@@ -17,7 +18,15 @@ import httpx
 import pytest
 from aiohttp import web
 
-from corral.gateway.nginx_plane import CONTROL_BODY_BUFFER, NginxGateway, missing_parts, table_payload
+from corral.gateway.nginx_plane import (
+    CONTROL_BODY_BUFFER,
+    CONTROL_SECRET_ENV,
+    CONTROL_SECRET_HEADER,
+    NginxGateway,
+    control_secret,
+    missing_parts,
+    table_payload,
+)
 from corral.gateway.routing import Route, RoutingTable, Target
 from corral.gateway.sync import DataPlaneLagging, RoutingSync
 from tests.conftest import wait_for, wait_for_async
@@ -99,7 +108,8 @@ async def test_a_table_of_500_services_and_1000_targets_applies_on_nginx(nginx: 
         sync.mark_dirty()
         assert await sync.sync() == 2
         assert await routed_to(nginx, "service-499-nlb") in {"simulator-qwen-06b-pool-499-2", "simulator-qwen-06b-pool-499-3"}
-        assert sync.status() == {"desiredVersion": 2, "appliedVersion": 2, "lastError": None, "pushes": 2}
+        assert sync.status() == {"desiredVersion": 2, "appliedVersion": 2, "lastError": None, "pushes": 2,
+                                 "faults": 0, "lastFault": None}
     finally:
         await sync.close()
 
@@ -207,3 +217,66 @@ def test_a_distribution_is_one_push(tmp_path: Path, data_plane: str) -> None:
 def _served(corral: CorralServer, service: str) -> set[str]:
     with httpx.Client(base_url=f"{corral.gateway_url}/s/{service}-nlb/v1", timeout=30) as client:
         return {client.post("/chat/completions", json=CHAT).headers["x-corral-replica"] for _ in range(20)}
+
+
+async def test_the_control_channel_refuses_a_call_without_its_secret_and_a_foreign_table_is_replaced(
+        nginx: NginxGateway, upstream: str) -> None:
+    """A process that reaches the control socket but was never given the secret (as a replica is not) can neither
+    read nor change routing (403); one that pushes a table anyway (here with the secret, as a compromised
+    process could) is found by the reconciler, counted as a fault and replaced."""
+    mine, foreign = big_table(upstream, services=2), big_table(upstream, services=2, offset=4)
+    sync = RoutingSync(lambda: mine, nginx, verify_interval_s=0.1)
+    sync.start()
+    try:
+        assert await sync.sync() == 1
+        connector = aiohttp.UnixConnector(path=str(nginx.control_socket))
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for method, path in (("POST", "/routes?version=500"), ("GET", "/version"), ("GET", "/stats"),
+                                 ("POST", "/prune"), ("POST", "/routes?version=500&replace=1")):
+                for headers in ({}, {CONTROL_SECRET_HEADER: "not-the-secret"}):
+                    async with session.request(method, "http://nginx" + path, data=table_payload(foreign),
+                                               headers=headers) as answer:
+                        assert answer.status == 403, (method, path, headers)
+            assert await nginx.served_version() == 1
+            secret = control_secret(nginx.control_socket.parent)
+            assert stat.S_IMODE(os.stat(nginx.control_socket.parent / "secret").st_mode) == 0o600
+            assert secret not in (nginx.workdir / "nginx.conf").read_text() and CONTROL_SECRET_ENV not in os.environ
+            async with session.post("http://nginx/routes?version=500", data=table_payload(foreign),
+                                    headers={CONTROL_SECRET_HEADER: secret}) as answer:
+                assert answer.status == 200 and (await answer.json())["version"] == 500
+        await wait_for_async(lambda: sync.faults == 1, timeout=5, what="the foreign table found")
+        await wait_for_async(lambda: sync.status()["appliedVersion"] == 1, timeout=5, what="the table replaced")
+        assert await nginx.served_version() == 1
+        assert await routed_to(nginx, "service-1-nlb") in {"simulator-qwen-06b-pool-1-0", "simulator-qwen-06b-pool-1-1"}
+        assert "500" in sync.status()["lastFault"]
+    finally:
+        await sync.close()
+
+
+def established_to(port: int) -> int:
+    """TCP connections established to `port` on this machine (/proc/net/tcp: state 01), seen from either end."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, state = fields[1], fields[3]
+        if state == "01" and int(local.split(":")[1], 16) == port:
+            count += 1
+    return count
+
+
+async def test_a_request_before_the_first_push_waits_for_the_table_instead_of_a_404(nginx: NginxGateway,
+                                                                                    upstream: str) -> None:
+    """A fresh nginx listens before the control plane's first push: a request for an existing service that comes in
+    between waits for the table (it got `404 service not found` before)."""
+    assert await nginx.served_version() == 0
+    async with aiohttp.ClientSession() as client:
+        async def ask() -> tuple[int, str]:
+            async with client.get(f"http://127.0.0.1:{nginx.port}/s/service-0-nlb/v1/models") as response:
+                return response.status, await response.text()
+
+        request = asyncio.create_task(ask())
+        await wait_for_async(lambda: established_to(nginx.port) > 0, timeout=5, what="the request's connection")
+        assert not request.done()
+        assert await nginx.push(big_table(upstream, services=1), 1) == 1
+        status, text = await asyncio.wait_for(request, 10)
+    assert status == 200, text

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import httpx
+import pytest
+
 from tests.integration.conftest import CorralServer
 
 
@@ -22,6 +25,7 @@ def test_serve_says_on_exit_that_replicas_keep_running_or_stops_them(tmp_path) -
     """A newcomer's Ctrl+C left the replicas running without a word. Corral says so on exit, and
     `--stop-replicas-on-exit` (CORRAL_STOP_REPLICAS_ON_EXIT) stops them with it."""
     from corral.backends.local.process import find_replicas
+    from corral.gateway.nginx_plane import missing_parts
     from tests.integration.conftest import deploy_sim_pool, running_corral
 
     with running_corral(tmp_path / "kept") as server:
@@ -31,12 +35,17 @@ def test_serve_says_on_exit_that_replicas_keep_running_or_stops_them(tmp_path) -
         log = (server.data_dir / "serve.log").read_text()
         assert "2 replica(s) keep running" in log and "--stop-replicas-on-exit" in log, log[-2000:]
         assert len(find_replicas(server.data_dir.resolve())) == 2
+        if not missing_parts():  # the nginx gateway outlives `corral serve` with them, still answering
+            assert "keeps routing to them" in log
+            assert httpx.get(f"{server.gateway_url}/s/nope-nlb/v1/models", timeout=5).status_code == 404
     with running_corral(tmp_path / "stopped", {"CORRAL_STOP_REPLICAS_ON_EXIT": "1"}) as server:
         deploy_sim_pool(server, replicas=2)
         server.wait_ready("simulator-qwen-06b-pool", 2)
         server.stop()
         assert "2 replica(s) stopped with it" in (server.data_dir / "serve.log").read_text()
         assert find_replicas(server.data_dir.resolve()) == {}
+        with pytest.raises(httpx.ConnectError):  # and the gateway with them
+            httpx.get(f"{server.gateway_url}/s/nope-nlb/v1/models", timeout=5)
 
 
 def test_a_simulator_replicas_log_says_what_it_serves(corral: CorralServer) -> None:

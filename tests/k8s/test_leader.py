@@ -8,15 +8,24 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
-from corral.backends.kubernetes import client_from
+from corral.backends.kubernetes import client_from, leader
 from corral.backends.kubernetes.leader import LEASE_NAME, LeaderElection
 from tests.conftest import wait_for_async
 from tests.k8s.cluster import NAMESPACE, kubeconfig
+from tests.k8s.conftest import FAST_LEASE
 from tests.k8s.test_reflector import open_backend
 
 LEASES = "coordination.k8s.io/v1/leases"
+
+
+@pytest.fixture(autouse=True)
+def fast_lease(cluster, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """These tests wait for leases to be renewed and to expire: a short lease keeps them short (set after the
+    `cluster` fixture's longer one)."""
+    monkeypatch.setattr(leader, "TIMING", FAST_LEASE)
 
 
 async def test_one_corral_leads_the_other_waits(cluster, tmp_path: Path) -> None:  # noqa: ANN001

@@ -31,12 +31,12 @@ class FakePlane:
         self.running = asyncio.Event()
         self.running.set()
 
-    async def push(self, table: RoutingTable, version: int) -> int:
+    async def push(self, table: RoutingTable, version: int, replace: bool = False) -> int:
         self.pushed.append(version)
         await self.running.wait()
         if self.error:
             raise self.error
-        if version > self.version:
+        if replace or version > self.version:
             self.table, self.version = table, version
         return self.version
 
@@ -75,7 +75,8 @@ async def test_first_sync_pushes_the_table_and_returns_the_acknowledged_version(
     source, plane, sync = env
     assert await sync.sync() == 1
     assert plane.table == table_of(1) and plane.pushed == [1]
-    assert sync.status() == {"desiredVersion": 1, "appliedVersion": 1, "lastError": None, "pushes": 1}
+    assert sync.status() == {"desiredVersion": 1, "appliedVersion": 1, "lastError": None, "pushes": 1,
+                           "faults": 0, "lastFault": None}
     assert await sync.sync() == 1 and plane.pushed == [1]  # nothing marked: no rebuild, no push
     assert source.builds == 1
 
@@ -224,3 +225,24 @@ async def test_the_python_gateway_swaps_its_table_and_never_goes_back() -> None:
     assert await gateway.push(table_of(2), 5) == 5 and gateway.table == table_of(2)
     assert await gateway.push(table_of(3), 4) == 5 and gateway.table == table_of(2)  # a stale push changes nothing
     assert await gateway.served_version() == 5
+
+
+async def test_a_version_above_the_desired_one_is_a_fault_repaired_by_replacing_the_table(env) -> None:
+    """Something else put version 99 in the data plane (a table Corral never pushed): the verify loop counts a fault,
+    shows it, and replaces the table with the desired one, although 99 > 1 (versions otherwise only go forward)."""
+    source, plane, sync = env
+    sync.start()
+    assert await sync.sync() == 1
+    foreign = table_of(3)
+    plane.table, plane.version = foreign, 99
+    await wait_for_async(lambda: plane.version == 1, timeout=5, what="the foreign table replaced")
+    assert plane.table == table_of(1)
+    status = sync.status()
+    assert status["faults"] == 1 and "99" in status["lastFault"] and status["appliedVersion"] == 1
+
+
+async def test_a_push_answered_with_a_foreign_version_is_not_an_acknowledgement(env) -> None:
+    source, plane, sync = env
+    plane.table, plane.version = table_of(5), 50  # before the first push
+    assert await sync.sync() == 1
+    assert plane.table == table_of(1) and plane.version == 1 and sync.faults == 1

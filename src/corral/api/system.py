@@ -51,7 +51,8 @@ def estimate(  # sync: FastAPI runs it in a worker thread, since sizing reads co
 
 @router.get("/data-plane", response_model=DataPlaneStatus)
 async def data_plane(request: Request) -> Any:
-    """The gateway's routing reconciler: `{dataPlane, desiredVersion, appliedVersion, lastError, pushes}`.
-    `appliedVersion < desiredVersion` means the gateway has not confirmed the latest routing table yet."""
+    """The gateway's routing reconciler: `{dataPlane, desiredVersion, appliedVersion, lastError, pushes, faults,
+    lastFault}`. `appliedVersion < desiredVersion` means the gateway has not confirmed the latest routing table yet;
+    `faults` counts versions served above the desired one (a table Corral never pushed), each replaced at once."""
     runtime = request.app.state.runtime
     return {"dataPlane": runtime.data_plane, **runtime.routing.status()}

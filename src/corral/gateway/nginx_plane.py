@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -83,6 +84,8 @@ ROUTES_DICT = "64m"
 MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes
 STATS_REFRESH_S = 1.0  # background refresh of the counters snapshot
 STATS_READ_TIMEOUT_S = 0.25  # an on-demand read of the counters (`NginxStats.refresh`), only while nginx answers
+CONTROL_SECRET_ENV = "CORRAL_CONTROL_SECRET"  # nginx's environment only: never a replica's, never its config file
+CONTROL_SECRET_HEADER = "X-Corral-Control"
 
 
 def nginx_binary() -> str | None:
@@ -156,6 +159,7 @@ def render_config(workdir: Path, host: str, port: int, control_socket: Path, con
 {modules}
 {user}worker_processes {workers};
 daemon off;
+env {CONTROL_SECRET_ENV};  # the control channel's secret (`control_secret`), for init_by_lua: not in this file
 pid {workdir}/nginx.pid;
 error_log {workdir}/error.log warn;
 worker_shutdown_timeout {max(1, int(drain_timeout_s))}s;
@@ -252,6 +256,98 @@ def control_socket_path(workdir: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"corral-{os.getuid()}-{digest}" / "control.sock"
 
 
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(when `pid` started: field 22 of /proc/<pid>/stat, its parent); None if it is gone or a zombie."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2:].split()
+    return None if fields[0] in ("Z", "X") else (fields[19], int(fields[1]))
+
+
+def _started(pid: int) -> str | None:
+    return stat[0] if (stat := _stat(pid)) else None
+
+
+def generation_processes(workdir: Path) -> dict[int, str]:
+    """Every live nginx process of this workdir, of any generation, pid → start time: an `nginx` process (its
+    `comm`) started with this prefix, or holding the workdir's error log or output open (the workers inherit them;
+    a worker's command line names no prefix). A worker whose master was SIGKILLed is found this way too."""
+    workdir = workdir.resolve()
+    prefix = os.fsencode(workdir)
+    marks = {str(workdir / "error.log"), str(workdir / "nginx.out")}
+    found: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() != "nginx" or (started := _started(int(entry.name))) is None:
+                continue
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            ours = any(a == b"-p" and b == prefix for a, b in zip(args, args[1:], strict=False))
+            if not ours:
+                for fd in (entry / "fd").iterdir():
+                    try:
+                        if os.readlink(fd) in marks:
+                            ours = True
+                            break
+                    except OSError:
+                        continue
+        except OSError:
+            continue  # gone, or not ours to read
+        if ours:
+            found[int(entry.name)] = started
+    return found
+
+
+def stop_generations(workdir: Path, timeout_s: float = 5.0, keep: int | None = None) -> None:
+    """Stop every nginx process of `workdir` (`generation_processes`) but the master `keep` and its workers:
+    SIGTERM, then SIGKILL what is left after `timeout_s`; returns once all are gone (else raises)."""
+    processes = {pid: start for pid, start in generation_processes(workdir).items()
+                 if keep is None or (pid != keep and (stat := _stat(pid)) is not None and stat[1] != keep)}
+    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 2.0)):
+        left = {pid: start for pid, start in processes.items() if _started(pid) == start}
+        if not left:
+            return
+        log.warning("stopping %d process(es) of an earlier nginx of %s (%s): %s", len(left), workdir, sig.name,
+                    sorted(left))
+        for pid in left:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and any(_started(pid) == start for pid, start in left.items()):
+            time.sleep(0.02)
+    if left := [pid for pid, start in processes.items() if _started(pid) == start]:
+        raise RuntimeError(f"nginx processes of an earlier generation of {workdir} would not stop: {left}")
+
+
+class _Adopted:
+    """A running nginx master this control plane adopted (it did not start it): what the plane uses of `Popen`."""
+
+    def __init__(self, pid: int, started: str) -> None:
+        self.pid, self._started, self.returncode = pid, started, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and _started(self.pid) != self._started:
+            self.returncode = -1  # not our child: its exit status is unknown
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def wait(self) -> int:
+        while (code := self.poll()) is None:
+            time.sleep(0.05)
+        return code
+
+
 class _UnixHTTPConnection(http.client.HTTPConnection):
     def __init__(self, path: Path, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
@@ -268,12 +364,33 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def blocking_control_get(control_socket: Path, path: str, timeout_s: float) -> dict[str, Any]:
+def control_secret(control_dir: Path, renew: bool = False) -> str:
+    """The control channel's secret: every call on the control socket carries it (`CONTROL_SECRET_HEADER`), and
+    the Lua code refuses a call without it (403). The socket is already 0600 in a 0700 directory; the secret is
+    a second lock for whatever can reach the socket but was never given the secret: it lives in that private
+    directory (0600) and in nginx's environment, never in a replica's environment, arguments or files, nor in
+    nginx.conf. A new nginx gets a new one (`renew`); a control plane that adopts a running nginx reads it.
+    A replica running as the same user could still read the file (or nginx's /proc environ): the boundary
+    against replicas is a different user (`CORRAL_REPLICA_USER`, README "Security")."""
+    path = control_dir / "secret"
+    if not renew:
+        try:
+            return path.read_text().strip()
+        except OSError:
+            pass
+    secret = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(secret)
+    return secret
+
+
+def blocking_control_get(control_socket: Path, path: str, timeout_s: float, secret: str) -> dict[str, Any]:
     """One GET on the control socket, for code that cannot await and runs off the event loop or before it
     serves (start-up, in a thread on a restart)."""
     connection = _UnixHTTPConnection(control_socket, timeout_s)
     try:
-        connection.request("GET", path)
+        connection.request("GET", path, headers={CONTROL_SECRET_HEADER: secret})
         response = connection.getresponse()
         data = response.read()
     finally:
@@ -420,7 +537,13 @@ class NginxGateway:
         self.limits = limits or GatewayLimits()
         self._config: dict[str, Any] = dict(connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s,
                                             drain_timeout_s=drain_timeout_s, workers=workers, limits=self.limits)
-        self._process: subprocess.Popen | None = None
+        self._process: subprocess.Popen | _Adopted | None = None
+        # Added to every version pushed: the version an adopted nginx served (a new control plane counts from 1).
+        self._version_base = 0
+        self._secret = ""  # the control channel's (`control_secret`), set when nginx is started or adopted
+        # `corral serve` whose replicas outlive it (the default): nginx keeps serving them with the last table when
+        # it stops, and the next one adopts it (`_adopt`), so a restart has no gap. Off: `close` stops nginx.
+        self.outlive_control_plane = False
         self._session: aiohttp.ClientSession | None = None
         self._restart_lock = asyncio.Lock()
         self._read_lock = asyncio.Lock()  # one counters read at a time (each takes what changed since the last)
@@ -444,29 +567,60 @@ class NginxGateway:
     # lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
         """Start nginx (blocking until its control socket answers: nothing is served before) and the
-        counters refresher. Its routing table is empty (version 0) until the first push."""
-        self._launch_and_wait()
+        counters refresher. Its routing table is empty (version 0) until the first push. A healthy nginx of this
+        workdir that a control plane left running (killed, crashed) is adopted instead: it serves its table until
+        the first push, with no gap (`_adopt`)."""
+        if not self._adopt():
+            self._launch_and_wait()
         if self._stats_task is None:
             self._stats_task = asyncio.get_running_loop().create_task(self._refresh_stats(), name="nginx-stats")
+
+    def _adopt(self) -> bool:
+        """Adopt the running nginx of `nginx.pid` if it has this configuration and answers its control socket;
+        stop every other process of an earlier generation (`stop_generations`)."""
+        (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
+        private_dir(self.control_socket.parent)
+        try:
+            master = int((self.workdir / "nginx.pid").read_text().strip())
+            same = (self.workdir / "nginx.conf").read_text() == render_config(
+                self.workdir, self.host, self.port, self.control_socket, **self._config)
+        except (OSError, ValueError):
+            return False
+        started = _started(master)
+        if not same or started is None or master not in generation_processes(self.workdir):
+            return False
+        try:
+            self._secret = control_secret(self.control_socket.parent)
+            version = int(blocking_control_get(self.control_socket, "/version", 1.0, self._secret)["version"])
+        except (OSError, http.client.HTTPException, RuntimeError, ValueError, KeyError, TypeError):
+            return False
+        stop_generations(self.workdir, keep=master)
+        self._process, self._version_base = _Adopted(master, started), version
+        self._stats_live = True
+        log.info("adopted the running nginx data plane (pid %d, table version %d) on %s:%d", master, version,
+                 self.host, self.port)
+        return True
 
     def _launch_and_wait(self) -> None:
         (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
         private_dir(self.control_socket.parent)
         self._stop_leftover()
         self.control_socket.unlink(missing_ok=True)
+        self._secret = control_secret(self.control_socket.parent, renew=True)
         conf = self.workdir / "nginx.conf"
         conf.write_text(render_config(self.workdir, self.host, self.port, self.control_socket, **self._config))
         binary = nginx_binary()
         assert binary, missing_parts()
         log_file = open(self.workdir / "nginx.out", "ab")  # noqa: SIM115 (kept open for the child)
         self._process = subprocess.Popen([binary, "-c", str(conf), "-p", str(self.workdir)], umask=0o077,
-                                         stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                         stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, CONTROL_SECRET_ENV: self._secret})
         deadline = time.monotonic() + 15
         while True:
             if self._process.poll() is not None:
                 raise RuntimeError(f"nginx exited at start: {(self.workdir / 'nginx.out').read_text()[-2000:]}")
             try:
-                blocking_control_get(self.control_socket, "/version", 1.0)
+                blocking_control_get(self.control_socket, "/version", 1.0, self._secret)
                 break
             except (OSError, http.client.HTTPException, RuntimeError, ValueError):
                 if time.monotonic() > deadline:
@@ -485,26 +639,25 @@ class NginxGateway:
                 pass
         if self._session:
             await self._session.close()
+        if self.outlive_control_plane and self._process and self._process.poll() is None:
+            log.info("the nginx data plane (pid %d) keeps serving the replicas with the last routing table; the next "
+                     "`corral serve` adopts it", self._process.pid)
+            return
         if self._process and self._process.poll() is None:
             self._process.send_signal(signal.SIGQUIT)  # graceful: in-flight requests finish
             try:
                 await within(self._config["drain_timeout_s"] + 5, asyncio.to_thread(self._process.wait))
             except TimeoutError:
                 self._process.kill()
+        try:
+            await asyncio.to_thread(stop_generations, self.workdir)  # the workers of a master that was SIGKILLed
+        except RuntimeError as exc:
+            log.error("%s", exc)
 
     def _stop_leftover(self) -> None:
-        """An nginx left by a control plane that died holds the port: stop it."""
-        pid_file = self.workdir / "nginx.pid"
-        try:
-            pid = int(pid_file.read_text().strip())
-            if b"nginx" not in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return  # the pid was reused by something else
-            os.kill(pid, signal.SIGTERM)
-        except (OSError, ValueError):
-            return
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-            time.sleep(0.05)
+        """Every process of an earlier nginx generation of this workdir (a master left by a control plane that
+        died, the workers of a master killed with SIGKILL) holds the port with an old table: stop them all."""
+        stop_generations(self.workdir)
 
     async def _ensure_running(self) -> None:
         if self._process is None:
@@ -528,16 +681,18 @@ class NginxGateway:
 
     async def _control(self, method: str, path: str, body: bytes | None = None, timeout_s: float | None = None) -> Any:
         timeout = aiohttp.ClientTimeout(total=timeout_s or self.control_timeout_s)
-        async with self._client().request(method, "http://nginx" + path, data=body, timeout=timeout) as response:
+        async with self._client().request(method, "http://nginx" + path, data=body, timeout=timeout,
+                                          headers={CONTROL_SECRET_HEADER: self._secret}) as response:
             data = await response.read()
             if response.status != 200:
                 raise RuntimeError(f"nginx control {path}: {response.status} {data[:300]!r}")
             return json.loads(data)
 
     # routing -----------------------------------------------------------------------------------
-    async def push(self, table: RoutingTable, version: int) -> int:
+    async def push(self, table: RoutingTable, version: int, replace: bool = False) -> int:
         """Give nginx `table` as `version`; returns the version nginx serves now (never older than one
-        it served: a stale push does not replace a newer table). Restarts nginx if it exited."""
+        it served: a stale push does not replace a newer table, unless `replace`: the repair of a version
+        nobody here pushed, `sync.RoutingSync`). Restarts nginx if it exited."""
         now = time.time()
         live_before = {t.name for route in self.table.values() for t in route.targets}
         live = {t.name for route in table.values() for t in route.targets}
@@ -546,8 +701,9 @@ class NginxGateway:
         self.table = table
         await self._ensure_running()
         body = table_payload(table) if len(table) < 2000 else await asyncio.to_thread(table_payload, table)
-        answer = await self._control("POST", f"/routes?version={int(version)}", body)
-        return int(answer["version"])
+        query = f"version={int(version) + self._version_base}" + ("&replace=1" if replace else "")
+        answer = await self._control("POST", f"/routes?{query}", body)
+        return max(0, int(answer["version"]) - self._version_base)
 
     async def served_version(self) -> int:
         """The version of the table nginx serves; 0 when nginx restarted (empty shared memory) or exited."""

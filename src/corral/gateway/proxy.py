@@ -487,10 +487,10 @@ class Gateway:
         if self._session:
             await self._session.close()
 
-    async def push(self, table: RoutingTable, version: int) -> int:
+    async def push(self, table: RoutingTable, version: int, replace: bool = False) -> int:
         """Serve `table` from the next request on (an in-memory swap); returns the version served. A
-        version older than the one served changes nothing."""
-        if version > self.version:
+        version older than the one served changes nothing, unless `replace` (see `sync.DataPlane`)."""
+        if replace or version > self.version:
             self.set_table(table)
             self.version = version
         return self.version

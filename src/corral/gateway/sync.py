@@ -13,6 +13,12 @@ empty shared memory gets the table again, and an nginx that exited is restarted 
 
 One push at a time: concurrent `sync()` callers wait for the same push, and a push always carries
 the newest table, so a burst of changes costs one push (see `status()["pushes"]`).
+
+A data plane that serves a version above the one desired here serves a table this control plane never pushed
+(something else reached the control channel, or a bug): a fault, not an acknowledgement. It is counted and
+shown (`status()["faults"]`, `lastFault`, in `/api/system/data-plane`), and repaired at once by replacing the
+table with the desired one (`push(..., replace=True)`: the data plane's rule that versions only go forward would
+otherwise keep the foreign table for good).
 """
 
 from __future__ import annotations
@@ -34,8 +40,9 @@ log = logging.getLogger("corral.gateway.sync")
 class DataPlane(Protocol):
     """What the reconciler needs of a data plane (`proxy.Gateway`, `nginx_plane.NginxGateway`)."""
 
-    async def push(self, table: RoutingTable, version: int) -> int:
-        """Serve `table` as `version`; return the version now served (a newer one is never replaced)."""
+    async def push(self, table: RoutingTable, version: int, replace: bool = False) -> int:
+        """Serve `table` as `version`; return the version now served (a newer one is never replaced, unless
+        `replace`)."""
         ...
 
     async def served_version(self) -> int:
@@ -70,6 +77,8 @@ class RoutingSync:
         self._desired = 0  # version of `_table`
         self._applied = 0  # highest version the data plane acknowledged
         self._last_error: str | None = None
+        self.faults = 0  # versions served above the desired one (see the module's docstring)
+        self._last_fault: str | None = None
         self._failures = 0  # consecutive; drives the back-off
         self._wake = asyncio.Event()
         self._waiters: list[tuple[int, asyncio.Future[int]]] = []
@@ -112,7 +121,7 @@ class RoutingSync:
 
     def status(self) -> dict[str, Any]:
         return {"desiredVersion": self._desired, "appliedVersion": self._applied, "lastError": self._last_error,
-                "pushes": self.pushes}
+                "pushes": self.pushes, "faults": self.faults, "lastFault": self._last_fault}
 
     def start(self) -> None:
         if self._loop_task is None:
@@ -173,7 +182,26 @@ class RoutingSync:
             if served < version:
                 self._failed(f"the gateway answered version {served} to the push of version {version}")
                 return
+            if served > self._desired:
+                await self._repair(served, table, version)
+                return
             self._acknowledged(served)
+
+    async def _repair(self, served: int, table: RoutingTable, version: int) -> None:
+        """The data plane serves `served`, above every version pushed from here: replace its table with ours."""
+        self.faults += 1
+        self._last_fault = (f"the gateway served routing table version {served}, above the desired {version}: "
+                            "a table Corral never pushed; replaced")
+        log.error("%s", self._last_fault)
+        try:
+            served = await within(self.push_timeout_s, self.plane.push(table, version, replace=True))
+        except Exception as exc:
+            self._failed(f"replacing routing table version {version} failed: {exc.__class__.__name__}: {exc}")
+            return
+        if served != version:
+            self._failed(f"the gateway answered version {served} to the replacement by version {version}")
+            return
+        self._acknowledged(served)
 
     def _acknowledged(self, served: int) -> None:
         if self._failures:
@@ -220,7 +248,9 @@ class RoutingSync:
             self._failed(f"the gateway did not report its routing table version: {exc.__class__.__name__}: {exc}")
             return
         pushing = self._push_task is not None and not self._push_task.done()
-        if served < applied and self._applied == applied and not pushing:
+        if served > self._desired and not pushing and self._table is not None:
+            await self._repair(served, self._table, self._desired)
+        elif served < applied and self._applied == applied and not pushing:
             log.warning("the gateway serves routing table version %d, not %d (restarted?); pushing it again", served, applied)
             self._applied = served
             self._wake.set()

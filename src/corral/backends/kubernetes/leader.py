@@ -57,14 +57,16 @@ def _exit() -> None:
 
 class LeaderElection:
     def __init__(self, client: AsyncClient, namespace: str, identity: str | None = None, *, duration_s: float | None = None,
-                 renew_deadline_s: float | None = None, retry_s: float | None = None, on_lost: Callable[[], None] = _exit) -> None:
+                 renew_deadline_s: float | None = None, retry_s: float | None = None, on_lost: Callable[[], None] | None = None) -> None:
         duration_s = TIMING["duration_s"] if duration_s is None else duration_s
         renew_deadline_s = TIMING["renew_deadline_s"] if renew_deadline_s is None else renew_deadline_s
         retry_s = TIMING["retry_s"] if retry_s is None else retry_s
         self.client, self.namespace = client, namespace
         self.identity = identity or f"{os.environ.get('HOSTNAME') or socket.gethostname()}_{uuid.uuid4().hex[:8]}"
         self.duration_s, self.renew_deadline_s, self.retry_s = duration_s, renew_deadline_s, retry_s
-        self.on_lost = on_lost
+        # Looked up when the lease is lost, not bound here: a test suite replaces `_exit` (one process runs many
+        # control planes there, and a lost lease must fail the test that lost it, not end the whole run).
+        self.on_lost = on_lost if on_lost is not None else (lambda: _exit())
         self.leading = False
         self._observed: tuple[str | None, str | None] = (None, None)  # (holder, renewTime) last seen
         self._observed_at = 0.0  # monotonic time it was first seen

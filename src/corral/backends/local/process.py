@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from corral.engines.base import redact_args
+
+log = logging.getLogger("corral.local")
 
 # Every replica process carries these, so that it is found by what it is, not by a pid saved later:
 # a control plane killed between starting a process and recording its pid finds it on restart.
@@ -143,7 +147,32 @@ def stop_all(home: Path, grace_s: float) -> int:
     return len(found)
 
 
-def spawn(argv: list[str], env: dict[str, str], log_path: Path) -> Started:
+# Corral's own secrets, never inherited by a replica or a trainer (they get the environment of `corral serve`
+# otherwise): the API token, and the gateway's control secret (gateway/nginx_plane.py; it is never in Corral's
+# environment, but a wrapper script could export it).
+HIDDEN_FROM_CHILDREN = frozenset({"CORRAL_API_TOKEN", "CORRAL_CONTROL_SECRET"})
+
+
+def child_user(name: str | None) -> pwd.struct_passwd | None:
+    """The account replicas run as (`CORRAL_REPLICA_USER`), when this process may switch to it (root); None:
+    they run as Corral's user. An unknown name is an error at start, not at the first launch."""
+    if name is None:
+        return None
+    try:
+        account = pwd.getpwnam(name)
+    except KeyError:
+        raise ValueError(f"CORRAL_REPLICA_USER: no user named {name!r} on this machine") from None
+    if os.geteuid() != 0:
+        log.warning("CORRAL_REPLICA_USER=%s is ignored: Corral does not run as root, replicas run as its user", name)
+        return None
+    if account.pw_uid == 0:
+        raise ValueError(f"CORRAL_REPLICA_USER: {name!r} is root; name an unprivileged user")
+    return account
+
+
+def spawn(argv: list[str], env: dict[str, str], log_path: Path, user: pwd.struct_passwd | None = None) -> Started:
+    """Start `argv` in a session of its own (its process group is stopped as one), its output appended to
+    `log_path` (opened here, so a replica running as `user` needs no access to Corral's data dir)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         log.write(f"\n--- {time.strftime('%Y-%m-%dT%H:%M:%S')} starting: {redact_args(argv)!r}\n".encode())  # no secret values
@@ -153,9 +182,10 @@ def spawn(argv: list[str], env: dict[str, str], log_path: Path) -> Started:
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **env},
+            env={**{k: v for k, v in os.environ.items() if k not in HIDDEN_FROM_CHILDREN}, **env},
             start_new_session=True,
             close_fds=True,
+            **({"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []} if user is not None else {}),
         )
     return Started(handle.pid, process_start_time(handle.pid), handle)
 

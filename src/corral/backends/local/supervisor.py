@@ -43,6 +43,7 @@ class ReplicaSupervisor:
         self.store = store
         self.report = report
         self._handles: dict[str, subprocess.Popen] = {}
+        self._user = process.child_user(settings.replica_user)  # as root, replicas run unprivileged
         self._failures: dict[str, int] = {}
         # Readiness from health checks in a row, not one check (domain/outliers.py): CORRAL_HEALTH_*_THRESHOLD.
         self._readiness: dict[str, Readiness] = {}
@@ -129,7 +130,7 @@ class ReplicaSupervisor:
         # it goes into the process's environment only, never into its command line or a log.
         env = {**self.store.secret_env(deployment.name), **spec.env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, record.gpu_ids)),
                **process.identity_env(record.name, self.settings.data_dir)}
-        started = process.spawn(spec.argv, env, Path(record.log_path))
+        started = process.spawn(spec.argv, env, Path(record.log_path), self._user)
         failpoints.reached("replica.spawned")  # before its pid is recorded: found again by its environment
         self._handles[record.name] = started.handle  # type: ignore[assignment]
         restarts = record.restarts + (1 if restart else 0)

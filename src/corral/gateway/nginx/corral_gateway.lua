@@ -42,6 +42,7 @@
 -- a request of the service; events in another worker (nginx has no cross-worker signal) are caught by
 -- re-checking every `recheck` seconds, and so is an ejection expiring.
 local balancer = require "ngx.balancer"
+local bit = require "bit"
 local cjson = require "cjson.safe"
 local semaphore = require "ngx.semaphore"
 
@@ -563,8 +564,24 @@ function _M.no_route()
 end
 
 -- access phase: which service, is there a replica, and the URI the replica gets
+-- A fresh nginx serves no table until the control plane's first push, milliseconds after it listens: a request
+-- that comes first waits for that table (at most the hold timeout) rather than hear that an existing service
+-- does not exist. Version 0 means no push yet (the control plane's versions start at 1).
+local function after_first_table(path)
+  ngx.update_time()
+  local deadline = ngx.now() + math.max(HOLD.timeout, 1)
+  while (routes_dict:get("version") or 0) == 0 and ngx.now() < deadline do
+    ngx.sleep(0.01)
+    ngx.update_time()
+  end
+  return checked(path)
+end
+
 function _M.route()
   local service, rest, route = checked(client_path())
+  if not route and (routes_dict:get("version") or 0) == 0 then
+    service, rest, route = after_first_table(client_path())
+  end
   if not route then
     reject("", 404)  -- the name is the client's: one counter per name would grow without bound
     return json_exit(404, "service '" .. service .. "' not found")
@@ -803,6 +820,21 @@ local function request_body()
   return body
 end
 
+-- The control channel's secret (nginx_plane.control_secret), from nginx's environment at init: every control call
+-- carries it in X-Corral-Control; compared in constant time.
+local CONTROL_SECRET = os.getenv("CORRAL_CONTROL_SECRET")
+
+local function control_allowed()
+  local given = ngx.var.http_x_corral_control
+  if CONTROL_SECRET and CONTROL_SECRET ~= "" and type(given) == "string" and #given == #CONTROL_SECRET then
+    local diff = 0
+    for i = 1, #given do diff = bit.bor(diff, bit.bxor(given:byte(i), CONTROL_SECRET:byte(i))) end
+    if diff == 0 then return true end
+  end
+  json_exit(403, "the control channel needs its secret (X-Corral-Control)")
+  return false
+end
+
 local function answer_version(version)
   ngx.header["content-type"] = "application/json"
   ngx.say(cjson.encode({ version = version }))
@@ -811,6 +843,7 @@ end
 -- POST /routes?version=N with the table as JSON. Versions only go forward: a stale push (e.g. one
 -- queued while nginx was stopped) never replaces a newer table. Answers the version now served.
 function _M.set_routes()
+  if not control_allowed() then return end
   local version = tonumber(ngx.var.arg_version)
   if not version then return json_exit(400, "?version=<n> is required") end
   local body = request_body()
@@ -821,7 +854,8 @@ function _M.set_routes()
     ngx.sleep(0.001)
   end
   local current = routes_dict:get("version") or 0
-  if version > current then
+  -- `replace=1`: the control plane repairs a table it never pushed (a version above its own), see sync.py
+  if version > current or ngx.var.arg_replace == "1" then
     local ok, err = routes_dict:set("table", body)
     if not ok then
       routes_dict:delete("lock")
@@ -836,6 +870,7 @@ function _M.set_routes()
 end
 
 function _M.get_version()
+  if not control_allowed() then return end
   answer_version(routes_dict:get("version") or 0)
 end
 
@@ -900,6 +935,7 @@ local function epoch()
 end
 
 function _M.get_stats()
+  if not control_allowed() then return end
   local now_epoch = epoch()
   local since = tonumber(ngx.var.arg_since)
   local acked = stats:get("acked") or 0
@@ -946,6 +982,7 @@ end
 -- POST /prune with {"units": [...]}: drop the counters of replicas and services that left (the control plane
 -- decides when: after the load window read their last counts, with nothing in flight)
 function _M.prune()
+  if not control_allowed() then return end
   local body = request_body()
   local decoded = body and cjson.decode(body)
   if type(decoded) ~= "table" or type(decoded.units) ~= "table" then
