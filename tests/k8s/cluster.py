@@ -5,7 +5,8 @@ over real HTTP by kmock, and the controllers and kubelet behaviour a cluster add
 - every object carries `metadata.resourceVersion` (one increasing counter, as etcd's revision),
   `uid`, `creationTimestamp` and, for Deployments, Jobs and HPAs, a `generation` bumped on spec changes;
 - lists answer at a resourceVersion; watches start from one (`resourceVersion` unset or "0": the
-  current objects as ADDED first), send BOOKMARKs when `allowWatchBookmarks=true`, end cleanly after
+  current objects as ADDED first), send BOOKMARKs when `allowWatchBookmarks=true` (unless
+  `send_bookmarks` is off: a server without the watch cache), end cleanly after
   `timeoutSeconds`, answer an ERROR event with a 410 `Expired` Status for a version older than the
   retained history (`compact()`), and filter by `labelSelector` the way the watch cache does (an
   object that stops matching arrives as DELETED); `cut_watches()` drops every open watch connection,
@@ -20,6 +21,7 @@ over real HTTP by kmock, and the controllers and kubelet behaviour a cluster add
   (`omitempty`), lists and watches honour `fieldSelector` (on old and new objects, as label
   selectors), `refuse_watches` answers watches 429 (with `Retry-After`) or 5xx, and `delays`
   slows every answer to one client (by its bearer token, `kubeconfig(..., token=)`) both ways.
+- the AWS Load Balancer Controller's TargetGroupBinding kind is served (stored as given; no controller).
 
 `MiniControllers` (kube-controller-manager, scheduler and kubelet, in-process on the same store):
 - ReplicaSet/Deployment: keeps each Deployment's *active* pods (not Failed/Succeeded, not being
@@ -94,6 +96,8 @@ KINDS: dict[str, Kind] = {
     "coordination.k8s.io/v1/leases": Kind("Lease", "coordination.k8s.io/v1"),
     "/v1/persistentvolumeclaims": Kind("PersistentVolumeClaim", "v1", status=True),
     "policy/v1/poddisruptionbudgets": Kind("PodDisruptionBudget", "policy/v1", status=True, generation=True),
+    # The AWS Load Balancer Controller's custom resource (a Service's target group); no controller acts on it here.
+    "elbv2.k8s.aws/v1beta1/targetgroupbindings": Kind("TargetGroupBinding", "elbv2.k8s.aws/v1beta1", generation=True),
 }
 PODS, DEPLOYMENTS, SERVICES, JOBS, SLICES = ("/v1/pods", "apps/v1/deployments", "/v1/services", "batch/v1/jobs",
                                              "discovery.k8s.io/v1/endpointslices")
@@ -254,6 +258,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         self.floor: dict[str, int] = dict.fromkeys(KINDS, 0)  # watches from before this version get 410
         self.watchers: dict[str, set[Watcher]] = {key: set() for key in KINDS}
         self.bookmark_interval_s = 0.5
+        self.send_bookmarks = True  # False: an API server without the watch cache, which sends none
         self.default_watch_timeout_s = 60.0
         self.logs: dict[str, str] = {}
         self.writes: list[tuple[str, str, str, dict | None]] = []  # (verb, plural, name, body): for assertions
@@ -570,7 +575,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             backlog = [e for e in (watcher.translate(x.kind, x.old, x.new) for x in self.history[plural] if x.rv > int(since)) if e]
         self.watchers[plural].add(watcher)  # in the same step as the backlog: no event falls in between
         timeout = float(params.get("timeoutSeconds") or self.default_watch_timeout_s)
-        bookmarks = params.get("allowWatchBookmarks") == "true"
+        bookmarks = params.get("allowWatchBookmarks") == "true" and self.send_bookmarks
         response = aiohttp.web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
         try:
             await response.prepare(raw)

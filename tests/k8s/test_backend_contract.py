@@ -65,19 +65,27 @@ async def test_pool_services_and_assignment_are_cluster_objects(runtime: Runtime
     # Businesses are discovered from the cluster's services.
     assert [s.businessTag for s in runtime.controller.list_business_services()] == ["production", "testing"]
 
-    # Assign = a merge patch of the pod's label; complete once the EndpointSlices follow.
-    await runtime.controller.assign_pod(pods[0], "production", "qwen-7b")
-    assert (await client.get(Pod, pods[0])).to_dict()["metadata"]["labels"]["business"] == "production"
+    # Assign = a merge patch of the pod's label; complete once the EndpointSlices follow (an internal service).
+    await runtime.controller.assign_pod(pods[0], "testing", "qwen-7b")
+    assert (await client.get(Pod, pods[0])).to_dict()["metadata"]["labels"]["business"] == "testing"
     cutover = await wait_for_async(lambda: runtime.store.history(action="cutover", target=pods[0]), what="the cut-over")
     assert cutover[0]["outcome"] == "success" and "traffic follows after" in cutover[0]["message"]
     assert any(kind == "assignment_complete" and data["podName"] == pods[0] for kind, data in events)
     metrics = "\n".join(runtime.backend.metrics())
     assert "corral_cutover_seconds_count 1" in metrics and 'corral_cutover_seconds{quantile="0.5"}' in metrics
     desired = (await client.get(Deployment, pool)).to_dict()["metadata"]["annotations"]["corral.dev/desired-assignment"]
-    assert json.loads(desired) == {"production": 1}
+    assert json.loads(desired) == {"testing": 1}
 
     result = await runtime.controller.distribute(pool, None, {"production": 2, "testing": 1})
     assert result.podDistribution == {"unassigned": 1, "production": 2, "testing": 1}
+    # The external (LoadBalancer) service: no AWS Load Balancer Controller here, so its targets' health cannot be read,
+    # and the cut-over is recorded as such, never as done.
+    external = [p.name for p in runtime.backend.list_pods(pool) if p.business == "production"]
+    rows = await wait_for_async(lambda: [r for p in external for r in runtime.store.history(action="cutover", target=p)]
+                                if all(runtime.store.history(action="cutover", target=p) for p in external) else None,
+                                what="the external cut-overs")
+    assert {r["outcome"] for r in rows} == {"unconfirmed"} and "external targets may take minutes" in rows[0]["message"]
+    assert not any(kind == "assignment_complete" and data["podName"] in external for kind, data in events)
     labels = [p.to_dict()["metadata"]["labels"]["business"] async for p in client.list(Pod, labels={"pool": pool})
               if not p.metadata.deletionTimestamp]
     assert sorted(labels) == ["production", "production", "testing", "unassigned"]

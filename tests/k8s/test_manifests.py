@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
+from corral.config import Settings
 from corral.domain import labels as L
 from corral.domain.manifests import (
+    KUEUE_QUEUE,
     ClusterOptions,
     deployment_manifest,
     disruption_budget_manifest,
@@ -94,6 +97,20 @@ def test_shipped_manifests_validate() -> None:
     cluster_role = next(d for d in documents if d["kind"] == "ClusterRole")
     # Cluster-wide, read-only: nodes and bound pods, for the GPU inventory as the scheduler counts it.
     assert cluster_role["rules"] == [{"apiGroups": [""], "resources": ["nodes", "pods"], "verbs": ["list", "watch"]}]
+
+
+@pytest.mark.parametrize("queue", [None, "gpu-team"])
+def test_replicas_are_counted_by_kueue_when_asked(queue: str | None) -> None:
+    options = ClusterOptions(namespace="corral", serving_queue=queue)
+    for deployment in (POOL, STANDARD):
+        manifest = deployment_manifest(deployment, [], options)
+        validate(manifest)
+        # Kueue's `deployment` integration reads the Deployment's label; its plain-Pod integration (older Kueue) the pods'.
+        assert manifest["metadata"]["labels"].get(KUEUE_QUEUE) == queue
+        assert manifest["spec"]["template"]["metadata"]["labels"].get(KUEUE_QUEUE) == queue
+        assert KUEUE_QUEUE not in manifest["spec"]["selector"]["matchLabels"]  # the selector never changes with it
+    with pytest.raises(ValidationError, match="kueue_serving_queue"):  # a LocalQueue's name, or nothing
+        Settings(kueue_serving_queue="Not A Queue")
 
 
 @pytest.mark.parametrize("kueue", [None, "team-a"])

@@ -168,3 +168,32 @@ async def test_a_compacted_version_relists(cluster, tmp_path: Path) -> None:  # 
         await wait_for_async(lambda: victim not in {p.name for p in backend.list_pods()}, timeout=10, what="the relist")
         assert deleted(reports, victim) and backend.reflectors["pods"].errors == 0
         assert "other-0" not in backend.objects["pods"]  # the relist keeps the selector
+
+
+async def test_a_watch_silent_past_its_bookmarks_is_watched_again_without_relisting(cluster, tmp_path: Path) -> None:  # noqa: ANN001
+    api, controllers, config = cluster
+    # The server ends no watch for a minute and the read timeout is further away still: only the bookmarks tell.
+    patient = WatchSettings(min_timeout_s=60.0, read_grace_s=60.0, backoff_initial_s=0.05, backoff_max_s=0.2, idle_s=1.5)
+    async with open_backend(config, tmp_path, patient) as (backend, reports):
+        victim = (await ready_pool(api, backend))[0]
+        pods = backend.reflectors["pods"]
+        await wait_for_async(lambda: pods.bookmarks >= 1, timeout=5, what="a bookmark (the emulator sends one every 0.5 s)")
+        controllers.paused = True
+        assert api.stall_watches() >= 6  # half-open: the connections stay, nothing arrives on them
+        api.delete(PODS, victim, grace_s=0)
+        await wait_for_async(lambda: victim not in {p.name for p in backend.list_pods()}, timeout=8, what="the dead watch replaced")
+        assert pods.dead >= 1 and "DeadWatch" in (pods.last_error or "") and deleted(reports, victim)
+        assert pods.lists == 1 and pods.rewatches >= 1  # watched again from the last version: the cache replayed the deletion
+
+
+async def test_a_quiet_watch_without_bookmarks_is_not_taken_for_dead(cluster, tmp_path: Path) -> None:  # noqa: ANN001
+    api, controllers, config = cluster
+    api.send_bookmarks = False  # a server without the watch cache sends no bookmarks: silence proves nothing
+    quick = WatchSettings(min_timeout_s=1.0, read_grace_s=1.5, backoff_initial_s=0.05, backoff_max_s=0.2, idle_s=0.3)
+    async with open_backend(config, tmp_path, quick) as (backend, _):
+        await ready_pool(api, backend)
+        controllers.paused = True  # nothing changes: the watches stay silent until the server ends them (1-2 s)
+        pods = backend.reflectors["pods"]
+        watched = pods.watches
+        await wait_for_async(lambda: pods.watches >= watched + 2, timeout=10, what="two quiet watches ended by the server")
+        assert pods.bookmarks == 0 and pods.dead == 0 and pods.errors == 0 and pods.lists == 1

@@ -49,6 +49,9 @@ class Outcome(StrEnum):
     RESTARTING = "restarting"
     CORRECTED = "corrected"
     TIMEOUT = "timeout"
+    # What Corral can see is done, the rest cannot be read: an external service's load balancer targets (Kubernetes,
+    # no readiness gate reporting their health), which register minutes after the endpoints change.
+    UNCONFIRMED = "unconfirmed"
 
 
 @dataclass

@@ -50,6 +50,7 @@ ASSIGNED_COST = "1000"
 UNASSIGNED_COST = "-100"
 CHOSEN_COST = "-1000"
 FINETUNE_TASK = "corral.dev/finetune-task"  # label of a finetune task's Job and its pods
+KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"  # Kueue's label: the LocalQueue whose quota admits a workload
 
 
 def deletion_cost(business: str | None) -> str:
@@ -86,6 +87,13 @@ class ClusterOptions:
     # Finetune Jobs' trainer pods ask for CPU and memory beside their GPUs, so that they are not BestEffort.
     trainer_cpu_request: str = "4"
     trainer_memory_request: str = "32Gi"
+    # A watch silent (no event, no bookmark) for longer than this is dead and replaced, once the API server was seen
+    # to send bookmarks (about one a minute): `backends.kubernetes.reflector`.
+    watch_idle_s: float = 150.0
+    # A Kueue LocalQueue for replica Deployments (pools and standard deployments): Kueue's `deployment` integration
+    # then admits each replica pod as a workload of its own, against the same quota as finetune Jobs. None: Kueue
+    # does not see them (and admits Jobs onto GPUs that replicas hold, unless quotas leave room for them).
+    serving_queue: str | None = None
 
 
 def deployment_manifest(deployment: Deployment, container_args: list[str], options: ClusterOptions = ClusterOptions(),
@@ -140,6 +148,10 @@ def deployment_manifest(deployment: Deployment, container_args: list[str], optio
         pod_spec["serviceAccountName"] = options.service_account
     if options.priority_class:
         pod_spec["priorityClassName"] = options.priority_class
+    # Kueue: the Deployment's label is what its `deployment` integration reads (Kueue 0.10+); the pod template's is
+    # what the older plain-Pod integration reads, and what Kueue's own webhook would copy there. Each pod is then
+    # gated (`kueue.x-k8s.io/admission`) until Kueue admits it: a replica beyond the quota stays Pending.
+    queue = {KUEUE_QUEUE: options.serving_queue} if options.serving_queue else {}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -150,6 +162,7 @@ def deployment_manifest(deployment: Deployment, container_args: list[str], optio
                 L.MODEL: deployment.model_tag,
                 L.DEPLOYMENT_TYPE: L.MODEL_POOL if deployment.is_pool else L.STANDARD,
                 MANAGED_BY: CORRAL,
+                **queue,
             },
             "annotations": {
                 ANNOTATION_ENGINE: deployment.engine,
@@ -167,7 +180,7 @@ def deployment_manifest(deployment: Deployment, container_args: list[str], optio
             # A rollout is failed (`kubectl rollout status`, Argo CD's health) only once a new pod had the whole
             # startup probe's patience to load its model, plus the default 600 s for scheduling and the image pull.
             "progressDeadlineSeconds": progress_deadline_s(options),
-            "template": {"metadata": {"labels": {**deployment.new_pod_labels(), MANAGED_BY: CORRAL},
+            "template": {"metadata": {"labels": {**deployment.new_pod_labels(), MANAGED_BY: CORRAL, **queue},
                                       **({"annotations": {DELETION_COST: UNASSIGNED_COST}} if deployment.is_pool else {})},
                          "spec": pod_spec},
         },

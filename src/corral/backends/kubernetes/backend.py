@@ -27,7 +27,13 @@ What the cluster does behind Corral's back is handled here:
   controller's reconciler assigns replacements (`domain.assignment.plan_restore`) under the pool's lock.
 - Cut-over is eventually consistent (label → EndpointSlice → kube-proxy/LB): an assignment is
   recorded complete (`cutover` in the history, with its delay) once the pod is in the new business's
-  EndpointSlice and out of the old one.
+  EndpointSlice and out of the old one. For an external business service (a LoadBalancer: an AWS NLB
+  with IP targets) that is not yet traffic: the AWS Load Balancer Controller registers the pod's IP
+  in the target group, and the NLB's health checks pass, minutes later. Where the pod carries the
+  controller's readiness gate for the service's TargetGroupBinding (`target-health.elbv2.k8s.aws/…`),
+  the cut-over is complete once that condition is True; where it carries none — the webhook injects
+  gates only into pods created while a Service selects them, and pool pods are created unassigned —
+  it is recorded `unconfirmed`: "endpoints updated; external targets may take minutes", never as done.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from typing import Any
 from lightkube import ALL_NS, AsyncClient, KubeConfig
 from lightkube.codecs import from_dict
 from lightkube.core.exceptions import ApiError
+from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.apps_v1 import Deployment as K8sDeployment
 from lightkube.resources.autoscaling_v2 import HorizontalPodAutoscaler as K8sHPA
 from lightkube.resources.batch_v1 import Job as K8sJob
@@ -58,7 +65,7 @@ from lightkube.types import PatchType
 from corral.backends.base import Backend, Report, save_manifests
 from corral.backends.kubernetes import convert
 from corral.backends.kubernetes.leader import LeaderElection
-from corral.backends.kubernetes.reflector import DELETED, Reflector, Store, WatchSettings
+from corral.backends.kubernetes.reflector import DELETED, Reflector, Store, WatchSettings, watch_settings
 from corral.domain import labels as L
 from corral.domain.errors import Conflict
 from corral.domain.gpu_ledger import GpuClaim, Holder
@@ -95,6 +102,11 @@ KINDS: dict[str, tuple[Any, bool, bool]] = {
 # (kube-scheduler's own field selector), whoever owns it. Only what the GPU arithmetic needs is kept of them.
 BOUND_PODS = "spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed"
 CUTOVER_TIMEOUT_S = 120.0
+# An NLB registers an IP target and passes its health checks in minutes (registration ~1-3 min, then the health
+# check's healthy threshold × interval); the controller then sets the pod's readiness gate condition.
+EXTERNAL_CUTOVER_TIMEOUT_S = 600.0
+BINDINGS_TTL_S = 30.0  # TargetGroupBindings read at most this often (a distribution moves many pods at once)
+TargetGroupBinding = create_namespaced_resource("elbv2.k8s.aws", "v1beta1", "TargetGroupBinding", "targetgroupbindings")
 SCALE_VERIFY_TIMEOUT_S = 300.0
 SCALE_ATTEMPTS = 8
 SCALE_SETTLE_S = 1.0
@@ -176,6 +188,8 @@ class KubernetesBackend(Backend):
         self._cutovers: dict[str, tuple[str, str, float]] = {}  # pod → (from, to, started at)
         self.cutover_seconds: collections.deque[float] = collections.deque(maxlen=10_000)  # label patch → EndpointSlices
         self.cutover_timeouts = 0
+        self.cutover_unconfirmed = 0  # external cut-overs whose load balancer targets could not be read
+        self._bindings: tuple[float, dict[str, str], str | None] | None = None  # (read at, TargetGroupBinding → Service, error)
         self.cost_patches = 0
         self.leader: LeaderElection | None = None
 
@@ -185,6 +199,8 @@ class KubernetesBackend(Backend):
         if self.cluster_options.leader_election:
             self.leader = LeaderElection(self.client, self.namespace)
             await self.leader.acquire()  # a standby Corral waits here, and serves nothing, until it leads
+        if self.watch_settings is None:
+            self.watch_settings = watch_settings(idle_s=self.cluster_options.watch_idle_s)
         for kind, (resource, managed, required) in KINDS.items():
             reflector = Reflector(self.client, resource, self.stores[kind], self.namespace, {MANAGED_BY: CORRAL} if managed else None,
                                   self.watch_settings)
@@ -585,7 +601,9 @@ class KubernetesBackend(Backend):
                 lines.append(f'corral_cutover_seconds{{quantile="{q}"}} {delays[min(len(delays) - 1, int(q * len(delays)))]:.4f}')
         lines += [f"corral_cutover_seconds_sum {sum(delays):.4f}", f"corral_cutover_seconds_count {len(delays)}",
                   "# HELP corral_cutover_timeouts_total Assignments whose EndpointSlices did not follow in time.",
-                  "# TYPE corral_cutover_timeouts_total counter", f"corral_cutover_timeouts_total {self.cutover_timeouts}"]
+                  "# TYPE corral_cutover_timeouts_total counter", f"corral_cutover_timeouts_total {self.cutover_timeouts}",
+                  "# HELP corral_cutover_unconfirmed_total External assignments whose load balancer target health cannot be read.",
+                  "# TYPE corral_cutover_unconfirmed_total counter", f"corral_cutover_unconfirmed_total {self.cutover_unconfirmed}"]
         lines += ["# HELP corral_kubernetes_lists_total Lists per kind (a relist follows a 410 Gone or a failed watch).",
                   "# TYPE corral_kubernetes_lists_total counter"]
         lines += [f'corral_kubernetes_lists_total{{kind="{k}"}} {r.lists}' for k, r in sorted(self.reflectors.items())]
@@ -611,19 +629,80 @@ class KubernetesBackend(Backend):
             arrived = target == L.UNASSIGNED or name in routed.get(target, set())
             left = source == L.UNASSIGNED or name not in routed.get(source, set())
             if arrived and left:
-                delay_ms = round((now - started) * 1000, 1)
-                self.cutover_seconds.append(now - started)
                 del self._cutovers[name]
-                self.report(EventType.ASSIGNMENT_COMPLETE,
-                            {"podName": name, "from": source, "to": target, "delayMs": delay_ms},
-                            history=HistoryDraft(Action.CUTOVER, name, before={"business": source}, after={"business": target},
-                                                 message=f"traffic follows after {delay_ms} ms (EndpointSlices updated)"))
+                external = sorted(s.name for s in self.list_services()
+                                  if s.is_business_service and s.is_external and s.business == target != L.UNASSIGNED)
+                if external:  # the endpoints are only the first step: the load balancer's targets follow
+                    self._spawn(self._external_cutover(name, source, target, started, now, external), f"cutover-{name}")
+                else:
+                    self._cutover_done(name, source, target, started, now, "EndpointSlices updated")
             elif now - started > CUTOVER_TIMEOUT_S:
                 self.cutover_timeouts += 1
                 del self._cutovers[name]
                 self.report(None, history=HistoryDraft(Action.CUTOVER, name, before={"business": source}, after={"business": target},
                                                        message=f"EndpointSlices did not follow within {CUTOVER_TIMEOUT_S:.0f} s"),
                             outcome=Outcome.TIMEOUT)
+
+    def _cutover_done(self, name: str, source: str, target: str, started: float, now: float, how: str) -> None:
+        delay_ms = round((now - started) * 1000, 1)
+        self.cutover_seconds.append(now - started)
+        self.report(EventType.ASSIGNMENT_COMPLETE, {"podName": name, "from": source, "to": target, "delayMs": delay_ms},
+                    history=HistoryDraft(Action.CUTOVER, name, before={"business": source}, after={"business": target},
+                                         message=f"traffic follows after {delay_ms} ms ({how})"))
+
+    async def _target_group_bindings(self) -> tuple[dict[str, str], str | None]:
+        """The namespace's TargetGroupBindings (the AWS Load Balancer Controller's) → the Service each binds, read at most
+        every `BINDINGS_TTL_S`; with the reason when they cannot be read (no such controller, RBAC)."""
+        now = time.monotonic()
+        if self._bindings is None or now - self._bindings[0] > BINDINGS_TTL_S:
+            try:
+                found = {b.metadata.name: ((b.to_dict().get("spec") or {}).get("serviceRef") or {}).get("name")
+                         async for b in self.client.list(TargetGroupBinding, namespace=self.namespace)}
+                self._bindings = (now, {k: v for k, v in found.items() if k and v}, None)
+            except ApiError as exc:
+                self._bindings = (now, {}, f"TargetGroupBindings cannot be read: {exc.status.code} {exc.status.reason}")
+            except Exception as exc:  # the API server is away: not cached
+                return {}, f"TargetGroupBindings cannot be read: {type(exc).__name__}"
+        return self._bindings[1], self._bindings[2]
+
+    async def _external_cutover(self, name: str, source: str, target: str, started: float, routed: float,
+                                services: list[str]) -> None:
+        """An assignment to an external business service, once its EndpointSlices followed: complete when the load
+        balancer reports the pod's target healthy (the readiness gate condition of the service's TargetGroupBinding);
+        `unconfirmed` where no such condition can be read — never recorded as done on the endpoints alone."""
+        before, after = {"business": source}, {"business": target}
+        endpoints_ms = round((routed - started) * 1000, 1)
+        bindings, error = await self._target_group_bindings()
+        ours = sorted(b for b, service in bindings.items() if service in services)
+        gates = [b for b in convert.target_health_gates(self.objects["pods"].get(name) or {}) if b in ours]
+        if not gates:
+            why = (error or (f"no TargetGroupBinding binds {', '.join(services)} (no AWS Load Balancer Controller, or it has not "
+                             "made one yet)" if not ours else
+                             f"the pod has no readiness gate for {', '.join(ours)}: the AWS Load Balancer Controller injects them "
+                             "only into pods created while a Service selects them, and pool pods are created unassigned"))
+            self.cutover_unconfirmed += 1
+            self.report(None, history=HistoryDraft(
+                Action.CUTOVER, name, before=before, after=after,
+                message=f"endpoints updated after {endpoints_ms} ms; external targets may take minutes (the load balancer "
+                        f"registers and health-checks IP targets in its own time, and their health cannot be read here: {why})"),
+                outcome=Outcome.UNCONFIRMED)
+            return
+
+        def healthy() -> bool:
+            pod = self.objects["pods"].get(name)
+            return pod is not None and all(convert.target_healthy(pod, gate) for gate in gates)
+
+        await self._until(lambda: healthy() or name not in self.objects["pods"], EXTERNAL_CUTOVER_TIMEOUT_S)
+        if healthy():
+            self._cutover_done(name, source, target, started, time.monotonic(),
+                               f"endpoints after {endpoints_ms} ms; load balancer target healthy: {', '.join(gates)}")
+            return
+        self.cutover_timeouts += 1
+        gone = name not in self.objects["pods"]
+        self.report(None, history=HistoryDraft(Action.CUTOVER, name, before=before, after=after, message=(
+            "the pod was deleted before its load balancer target became healthy" if gone else
+            f"endpoints updated after {endpoints_ms} ms, but the load balancer target ({', '.join(gates)}) was not healthy "
+            f"within {EXTERNAL_CUTOVER_TIMEOUT_S:.0f} s")), outcome=Outcome.TIMEOUT)
 
     async def _until(self, condition: Any, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -151,3 +151,19 @@ def endpoint_pods(slices: list[dict[str, Any]], service_name: str) -> set[str]:
             if (endpoint.get("conditions") or {}).get("ready", True) and (endpoint.get("targetRef") or {}).get("name"):
                 names.add(endpoint["targetRef"]["name"])
     return names
+
+
+TARGET_HEALTH = "target-health.elbv2.k8s.aws/"  # the AWS Load Balancer Controller's pod readiness gates: <prefix><TargetGroupBinding>
+
+
+def target_health_gates(pod: dict[str, Any]) -> list[str]:
+    """The TargetGroupBindings whose target health this pod reports: the AWS Load Balancer Controller's webhook
+    injects a readiness gate per binding whose Service selects the pod — when the pod is created, never after."""
+    gates = ((pod.get("spec") or {}).get("readinessGates")) or []
+    return [g["conditionType"].removeprefix(TARGET_HEALTH) for g in gates if str(g.get("conditionType", "")).startswith(TARGET_HEALTH)]
+
+
+def target_healthy(pod: dict[str, Any], binding: str) -> bool:
+    """Whether the controller has set the pod's gate condition for that binding True: its IP is a healthy target."""
+    wanted = TARGET_HEALTH + binding
+    return any(c.get("type") == wanted and c.get("status") == "True" for c in (pod.get("status") or {}).get("conditions") or [])

@@ -21,10 +21,19 @@ What it does, and where client-go does the same (k8s.io/client-go/tools/cache/re
   from the last version after a back-off**; the watch cache replays what happened meanwhile,
   deletions included, or answers 410 if that is too old. Only when that re-watch fails too (before
   it delivered anything) is the store relisted and replaced.
+- **Dead watches, told by their bookmarks**: kube-apiserver's watch cache sends a watcher that
+  allows bookmarks one roughly every minute, and one 2 s before its timeout
+  (`cacheWatcher.nextBookmarkTime`, staging/src/k8s.io/apiserver/pkg/storage/cacher), whether or not
+  anything changed. So once a reflector has seen the server send bookmarks, a watch silent for
+  longer than `idle_s` (neither an event nor a bookmark) is dead — a half-open connection, a stuck
+  proxy, an API server that lost its etcd watch — and is replaced by a watch from the last
+  resourceVersion (a failed re-watch relists, as for any failure). Where no bookmark has come yet (a
+  server without the watch cache), a quiet watch may be quiet for good reason, and only the read
+  timeout below applies. client-go relies on HTTP/2 health-check pings (ReadIdleTimeout 30 s,
+  k8s.io/apimachinery/pkg/util/net/http.go), which a connection kept alive by a proxy passes while
+  nothing flows behind it.
 - **A read timeout** on the watch request (its timeoutSeconds plus a grace): the server promised
-  to end the stream by then, so silence past it means a dead (half-open) connection — noticed and
-  replaced, where client-go relies on HTTP/2 health-check pings (ReadIdleTimeout 30 s,
-  k8s.io/apimachinery/pkg/util/net/http.go).
+  to end the stream by then, so silence past it means a dead (half-open) connection, bookmarks or not.
 - **Back-off** between failed attempts: 0.8 s doubling to 30 s, with jitter (the reflector's
   defaults), reset by a watch that worked.
 
@@ -37,6 +46,7 @@ object that was deleted meanwhile (a deleted uid never returns: uids are unique 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -60,12 +70,20 @@ Change = Callable[[str, str, "dict[str, Any] | None", "dict[str, Any]"], None]  
 class WatchSettings:
     min_timeout_s: float = 300.0  # each watch asks for timeoutSeconds in [min, 2·min) (client-go: 5 min)
     read_grace_s: float = 30.0  # silence beyond timeoutSeconds + this = a dead connection
+    # Silence (no event, no bookmark) beyond this = a dead watch, once the server was seen to send bookmarks
+    # (about one a minute): 2.5 bookmark periods, so that one late bookmark is not taken for a dead watch.
+    idle_s: float = 150.0
     backoff_initial_s: float = 0.8
     backoff_max_s: float = 30.0
     connect_timeout_s: float = 10.0
 
 
 DEFAULTS = WatchSettings()
+
+
+def watch_settings(**changes: Any) -> WatchSettings:
+    """The defaults with some settings changed (read when called: tests shorten the defaults)."""
+    return dataclasses.replace(DEFAULTS, **changes)
 
 
 def resource_version(obj: dict[str, Any] | None) -> int | None:
@@ -183,6 +201,10 @@ class WatchFailed(Exception):
     pass
 
 
+class DeadWatch(WatchFailed):
+    """A watch silent (no event, no bookmark) for longer than `WatchSettings.idle_s` from a server that sends bookmarks."""
+
+
 class Throttled(WatchFailed):
     """429 Too Many Requests; `retry_after`: the seconds the server asked for (its `Retry-After`), if any."""
 
@@ -215,6 +237,8 @@ class Reflector:
         self.expired = 0
         self.throttled = 0  # 429s, each followed by a re-watch (or a list, if none had worked yet) after Retry-After
         self.rewatches = 0  # watches resumed from the last version after a failure, without relisting
+        self.bookmarks = 0  # BOOKMARK events received: once there is one, a silent watch is a dead one (`idle_s`)
+        self.dead = 0  # watches given up as dead: silent for longer than `idle_s` (counted in `errors` too)
         self.last_error: str | None = None
         self.delivered = 0  # events and bookmarks of the current watch
         self.synced = asyncio.Event()
@@ -278,25 +302,42 @@ class Reflector:
             if response.status_code >= 400:
                 await response.aread()
                 raise WatchFailed(f"watch {self.store.kind}: HTTP {response.status_code} {response.text[:200]}")
-            async for line in response.aiter_lines():
-                if not line.strip():
-                    continue
-                event = msgspec.json.decode(line)
-                kind, obj = event.get("type"), event.get("object") or {}
-                if kind == "ERROR":
-                    if obj.get("code") == 410:
-                        raise Expired(obj.get("message") or "410 Gone")
-                    if obj.get("code") == 429:
-                        raise Throttled(f"watch {self.store.kind}: 429 {obj.get('message')}", None)
-                    raise WatchFailed(f"watch {self.store.kind}: {obj.get('code')} {obj.get('reason')}: {obj.get('message')}")
-                self.delivered += 1
-                version = (obj.get("metadata") or {}).get("resourceVersion")
-                if kind in (ADDED, MODIFIED, DELETED):
-                    self.store.event(kind, obj)
-                if version:
-                    self.version = version  # BOOKMARKs only move this on
+            loop = asyncio.get_running_loop()
+            try:
+                # The silence bound, re-armed by every line (an event or a bookmark); unarmed until the server is
+                # known to send bookmarks.
+                async with asyncio.timeout_at(loop.time() + self.settings.idle_s if self.bookmarks else None) as silence:
+                    async for line in response.aiter_lines():
+                        if line.strip():
+                            self._line(line)
+                        if self.bookmarks:
+                            silence.reschedule(loop.time() + self.settings.idle_s)
+            except TimeoutError:
+                if not silence.expired():
+                    raise
+                raise DeadWatch(f"watch {self.store.kind}: neither an event nor a bookmark for {self.settings.idle_s:g} s "
+                                f"(the server sends bookmarks): a dead watch") from None
         finally:
             await response.aclose()
+
+    def _line(self, line: str) -> None:
+        """One line of a watch stream: an event into the store, a bookmark's version kept, an ERROR raised."""
+        event = msgspec.json.decode(line)
+        kind, obj = event.get("type"), event.get("object") or {}
+        if kind == "ERROR":
+            if obj.get("code") == 410:
+                raise Expired(obj.get("message") or "410 Gone")
+            if obj.get("code") == 429:
+                raise Throttled(f"watch {self.store.kind}: 429 {obj.get('message')}", None)
+            raise WatchFailed(f"watch {self.store.kind}: {obj.get('code')} {obj.get('reason')}: {obj.get('message')}")
+        self.delivered += 1
+        version = (obj.get("metadata") or {}).get("resourceVersion")
+        if kind in (ADDED, MODIFIED, DELETED):
+            self.store.event(kind, obj)
+        elif kind == "BOOKMARK":
+            self.bookmarks += 1
+        if version:
+            self.version = version  # BOOKMARKs only move this on
 
     async def run(self) -> None:
         """List (when needed) and watch, for ever. Cancel to stop."""
@@ -327,6 +368,7 @@ class Reflector:
                 delay = min(delay * 2, self.settings.backoff_max_s)
             except Exception as exc:  # a cut or silent connection, an API server restart, a 5xx: re-watch, then relist
                 self.errors += 1
+                self.dead += isinstance(exc, DeadWatch)
                 if self.delivered:  # the watch had worked until now: start the back-off again
                     delay = self.settings.backoff_initial_s
                     resuming = False
