@@ -73,6 +73,9 @@ class Corral:
             wait_until(lambda: not self.pods_rows(), 30, "replicas to stop")
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(30)
+        from corral.gateway.nginx_plane import stop_generations
+
+        stop_generations(self.dir / "gateway", timeout_s=5.0)  # nginx outlives `corral serve`, by design: not a bench's
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def pods_rows(self) -> list:

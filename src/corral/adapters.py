@@ -41,6 +41,7 @@ from typing import Any, Protocol
 
 import httpx
 
+from corral.aio import woken_or_every
 from corral.backends.base import Backend
 from corral.domain.adapters import (
     Adapter,
@@ -53,6 +54,7 @@ from corral.domain.adapters import (
     static_names,
 )
 from corral.domain.errors import Conflict, Hint, NotFound
+from corral.domain.finetune_request import ADAPTER_METHODS
 from corral.domain.history import Action, AdapterProbe, HistoryDraft, Intent, Observed, Outcome
 from corral.domain.models import Deployment, Pod
 from corral.domain.tasks import TaskState
@@ -229,10 +231,7 @@ class AdapterManager:
 
     async def _run(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.interval_s):
-                    await self._wake.wait()
-            self._wake.clear()
+            await woken_or_every(self._wake, self.interval_s)
             try:
                 await self.reconcile()
             except Exception:  # one bad pass must not end the loop
@@ -382,6 +381,10 @@ class AdapterManager:
         ready = [p for p in pods if p.ready]
         return [self._view(a, ready) for a in self._desired.get(pool, [])]
 
+    def loaded(self) -> dict[str, frozenset[str]]:
+        """Replica → the adapters it had loaded at the last look (replica picking's LoRA filter, corral.replica_inputs)."""
+        return {name: frozenset(seen.loaded) for name, seen in self._seen.items() if seen.loaded}
+
     # helpers -----------------------------------------------------------------------------------
     def _view(self, adapter: Adapter, ready: list[Pod]) -> AdapterView:
         loaded_on = sum(1 for p in ready if (seen := self._seen.get(p.name)) is not None and seen.identity == _identity(p)
@@ -427,7 +430,7 @@ def task_adapter(task: FinetuneTask) -> tuple[str, int]:
 
     if task.status != TaskState.COMPLETED or not task.output:
         raise Conflict(f"task {task.id} is {task.status}; only a completed task's adapter can be added to a pool")
-    if task.method not in ("lora", "qlora"):
+    if task.method not in ADAPTER_METHODS:
         raise Conflict(f"task {task.id} is a {task.method} finetune and has no LoRA adapter", Hint.DEPLOY_AS_POOL,
                        task=task.id)
     path = Path(task.output)

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, NoReturn, Optional
 
 import httpx
 import typer
-from rich.console import Console
+from rich.console import Console, Group
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -26,6 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from corral.domain.errors import Hint, InvalidInput, Wording, worded
+from corral.domain.usage import GroupBy
 
 app = typer.Typer(help="Corral: model pools assigned to business services, on your GPUs.", no_args_is_help=True)
 service_app = typer.Typer(help="Business services: stable endpoints selecting {model, business}.", no_args_is_help=True)
@@ -334,6 +335,8 @@ POD_COLUMNS = [
     Column("Endpoint", lambda p: p["endpoint"]),
     Column("Restarts", lambda p: p["restarts"]),
     Column("GPU ids", lambda p: ",".join(map(str, p.get("gpuIds") or [])), wide=True),
+    Column("Sleep", lambda p: (p.get("sleep") or "awake") + (f" (level {p['sleepLevel']})" if p.get("sleepLevel") else ""),
+           wide=True),
     Column("Labels", lambda p: _labels(p.get("labels")), wide=True),
     Column("Created", lambda p: (p.get("createdAt") or "")[:19], wide=True),
 ]
@@ -368,6 +371,23 @@ def delete(
         typer.confirm(f"Delete deployment {name} and stop its replicas?", abort=True)
     Client(url, token).call("DELETE", f"/api/deployments/{name}", params={"force": str(force).lower()})
     console.print(f"deleted {name}")
+
+
+@app.command()
+def sleep(pod: str, level: int = typer.Option(1, "--level", min=1, max=2,
+                                              help="1: weights offloaded to host memory (fast wake); 2: discarded"),
+          url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+    """Put a replica to sleep (its engine needs a sleep mode, e.g. vLLM with --enable-sleep-mode): it leaves routing
+    and gives its GPU memory back; `corral wake` brings it back in seconds."""
+    result = Client(url, token).call("POST", f"/api/pods/{pod}/sleep", json={"level": level})
+    console.print(f"{pod} is {result['sleep']} (level {result['sleepLevel']}) after {result['seconds']:.2f} s")
+
+
+@app.command()
+def wake(pod: str, url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+    """Wake a sleeping replica: it serves again once its weights are back on the GPU."""
+    result = Client(url, token).call("POST", f"/api/pods/{pod}/wake")
+    console.print(f"{pod} is {result['sleep']} after {result['seconds']:.2f} s")
 
 
 @app.command()
@@ -417,6 +437,27 @@ def _load_cells(load: dict) -> list[str]:
             _figure(ttfb["p95"]), _figure(load["tokensPerSecond"])]
 
 
+def _sharing_table(sharing: dict) -> Table | None:
+    """`GET /api/gpus/sharing` for `corral top`: the GPUs where replicas sleep (None when no replica sleeps)."""
+    gpus = [g for g in sharing.get("gpus", []) if g["sleeping"]]
+    if not gpus:
+        return None
+    timings = {m["model"]: m for m in sharing.get("models", [])}
+    table = Table(title="Shared GPUs: awake and sleeping replicas (wake p50/p95 s, measured)", title_justify="left")
+    for column in ("GPU", "Awake", "Sleeping"):
+        table.add_column(column, overflow="fold")
+
+    def wake(model: str) -> str:
+        t = timings.get(model)
+        return f" {t['wakeP50S']}/{t['wakeP95S']}" if t and t.get("wakeP50S") is not None else ""
+
+    for g in gpus:
+        awake = f"{g['awake']} ({g['awakeModel']})" if g["awake"] else "-"
+        sleeping = ", ".join(f"{s['pod']} ({s['model']}, level {s['level']}{wake(s['model'])})" for s in g["sleeping"])
+        table.add_row(g["unit"], awake, sleeping)
+    return table
+
+
 def _load_table(load: dict) -> Table:
     """`GET /api/load` as one table: each business service (bold), then its replicas (indented)."""
     table = Table(title=f"Load over the last {load['windowSeconds']} s, {time.strftime('%H:%M:%S')}", title_justify="left")
@@ -449,6 +490,11 @@ def top(
     def fetch() -> dict:
         return client.call("GET", "/api/load", params={"window": window})
 
+    def frame(load: dict) -> Group:
+        """The load table, and the GPUs where replicas sleep (sharedGpus pools) under it."""
+        sharing = _sharing_table(client.call("GET", "/api/gpus/sharing"))
+        return Group(_load_table(load), *([sharing] if sharing is not None else []))
+
     load = fetch()
     if _dump(output, load):
         return
@@ -457,15 +503,15 @@ def top(
             sys.stdout.write(f"{service['service']}\n")
         return
     if once or not console.is_terminal:
-        (console if console.is_terminal else Console(width=100_000, soft_wrap=False)).print(_load_table(load))
+        (console if console.is_terminal else Console(width=100_000, soft_wrap=False)).print(frame(load))
         return
     from rich.live import Live
 
     try:
-        with Live(_load_table(load), console=console, refresh_per_second=4) as live:
+        with Live(frame(load), console=console, refresh_per_second=4) as live:
             while True:
                 time.sleep(1)  # the refresh period (the API keeps the window; nothing to wait for)
-                live.update(_load_table(fetch()))
+                live.update(frame(fetch()))
     except KeyboardInterrupt:
         pass
 
@@ -695,6 +741,39 @@ def history(
 
 
 @app.command()
+def usage(
+    start: Optional[str] = typer.Option(None, "--from", help="ISO 8601 start (default: 24 hours before --to); no zone: UTC"),
+    to: Optional[str] = typer.Option(None, "--to", help="ISO 8601 end (default: now)"),
+    group_by: GroupBy = typer.Option(GroupBy.BUSINESS, "--group-by", help="business, key, or hour"),
+    as_csv: bool = typer.Option(False, "--csv", help="the rows as CSV (for a spreadsheet)"),
+    output: str = OUTPUT_OPTION,
+    url: Optional[str] = URL_OPTION,
+    token: Optional[str] = TOKEN_OPTION,
+) -> None:
+    """What each business used: requests, tokens, errors, held and rejected requests, GPU-seconds (hourly rows)."""
+    _check_output(output)
+    params: dict[str, Any] = {"groupBy": group_by.value} | ({"from": start} if start else {}) | ({"to": to} if to else {})
+    client = Client(url, token)
+    if as_csv:
+        sys.stdout.write(client.send("GET", "/api/usage", params={**params, "format": "csv"}).text)
+        return
+    report = client.call("GET", "/api/usage", params=params)
+    _listing(output, f"Usage {report['from'][:19]} → {report['to'][:19]} (UTC)", [
+        Column("Hour", lambda r: (r["hour"] or "")[:16], wide=group_by is not GroupBy.HOUR),
+        Column("Business", lambda r: r["business"]),
+        Column("Key", lambda r: r["keyId"] or "", wide=group_by is not GroupBy.KEY),
+        Column("Requests", lambda r: r["requests"]),
+        Column("Prompt tok", lambda r: r["promptTokens"]),
+        Column("Completion tok", lambda r: r["completionTokens"]),
+        Column("Errors", lambda r: r["errors"]),
+        Column("Held", lambda r: r["held"]),
+        Column("Rejected", lambda r: r["rejected"]),
+        Column("Replica-s", lambda r: f"{r['replicaSeconds']:.0f}", wide=True),
+        Column("GPU-s", lambda r: f"{r['gpuSeconds']:.0f}"),
+    ], report["rows"], name="business")
+
+
+@app.command()
 def gpus(output: str = OUTPUT_OPTION, url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
     """Detected GPUs (NVML) and the finetune recommendation for them."""
     _check_output(output)
@@ -725,12 +804,12 @@ def gpus(output: str = OUTPUT_OPTION, url: Optional[str] = URL_OPTION, token: Op
 def estimate(
     model: str = typer.Argument(..., help="e.g. qwen2.5-coder-7b"),
     method: str = typer.Option("lora", help="full | lora | qlora | freeze"),
-    seq_len: int = typer.Option(2048, "--seq-len"),
-    batch_size: int = typer.Option(1, "--batch-size"),
+    seq_len: int = typer.Option(1024, "--seq-len", help="the submit's default maxSeqLen"),
+    batch_size: int = typer.Option(4, "--batch-size", help="the submit's default batchSize"),
     url: Optional[str] = URL_OPTION,
     token: Optional[str] = TOKEN_OPTION,
 ) -> None:
-    """GPU memory to finetune and to serve a model."""
+    """GPU memory to finetune and to serve a model (by default the task a submit with default hyperparameters creates)."""
     params = {"model": model, "method": method, "seqLen": seq_len, "batchSize": batch_size}
     result = Client(url, token).call("GET", "/api/system/estimate", params=params)
     training, serving = result["training"], result["serving"]
@@ -755,8 +834,9 @@ def _status_cell(task: dict) -> Text:
 @finetune_app.command("submit")
 def finetune_submit(
     base_model: str = typer.Argument(..., help="local model directory or hub id"),
-    dataset: Path = typer.Argument(..., help="JSONL or a JSON array: messages, ShareGPT, Alpaca, prompt/completion or text"),
-    method: str = typer.Option("lora", help="lora | qlora | full"),
+    dataset: Path = typer.Argument(..., help="JSONL or a JSON array: messages, ShareGPT, Alpaca, prompt/completion or text "
+                                   "(dpo, orpo: prompt/chosen/rejected pairs); or a Parquet / Arrow file, a datasets directory"),
+    method: str = typer.Option("lora", help="lora | qlora | full | dpo | orpo"),
     priority: str = typer.Option("normal", help="high | normal | low"),
     gpus: Optional[int] = typer.Option(None, help="GPUs (default 1, or 0 without GPU)"),
     timeout_s: Optional[float] = typer.Option(None, "--timeout", help="seconds before the task is cancelled (default 6 h)"),
@@ -1002,6 +1082,87 @@ def adapters_remove(pool: str, name: str, url: Optional[str] = URL_OPTION, token
     """Remove an adapter from a pool: unloaded from every replica."""
     Client(url, token).call("DELETE", f"/api/deployments/{pool}/adapters/{name}")
     console.print(f"removed adapter {name} from {pool}", highlight=False)
+
+
+# API keys and quotas of business services (corral.tenancy) --------------------------------------------------------
+keys_app = typer.Typer(help="API keys and quotas of business services: who may call a business's endpoint, how much.",
+                       no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+LIMIT_HELP = "a whole number (0 refuses all), or 'none' for no limit"
+
+
+def _limit(value: Optional[str], option: str) -> Optional[int]:
+    if value is None or value.lower() == "none":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        fail(f"{option} must be {LIMIT_HELP}; got {value!r}")
+
+
+def _limits(rpm: Optional[str], tpm: Optional[str], tpd: Optional[str]) -> dict[str, Optional[int]]:
+    return {"requestsPerMinute": _limit(rpm, "--rpm"), "tokensPerMinute": _limit(tpm, "--tpm"),
+            "tokensPerDay": _limit(tpd, "--tpd")}
+
+
+@keys_app.command("create")
+def keys_create(service: str = typer.Argument(..., help="the business service (e.g. production-nlb)"),
+                name: Optional[str] = typer.Option(None, "--name", help="what the key is for"),
+                expires: Optional[str] = typer.Option(None, "--expires", help="when it stops working (ISO 8601, with a zone)"),
+                rpm: Optional[str] = typer.Option(None, "--rpm", help="this key's requests per minute: " + LIMIT_HELP),
+                tpm: Optional[str] = typer.Option(None, "--tpm", help="this key's tokens per minute: " + LIMIT_HELP),
+                tpd: Optional[str] = typer.Option(None, "--tpd", help="this key's tokens per UTC day: " + LIMIT_HELP),
+                url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+    """Create an API key: printed once, here; Corral keeps only its hash. Clients send it as `Authorization: Bearer`."""
+    body: dict[str, Any] = {"name": name, "expiresAt": expires, "limits": _limits(rpm, tpm, tpd)}
+    made = Client(url, token).call("POST", f"/api/business-services/{service}/keys", json=body)
+    console.print(f"created key {made['id']} of {service}; it is shown this once, keep it now:", highlight=False)
+    print(made["key"])  # alone on its line, unstyled: easy to copy or pipe
+
+
+KEY_COLUMNS = [
+    Column("Id", lambda k: k["id"]),
+    Column("Name", lambda k: k.get("name")),
+    Column("Prefix", lambda k: k["prefix"] + "…"),
+    Column("Created", lambda k: (k.get("createdAt") or "")[:19]),
+    Column("Last used", lambda k: (k.get("lastUsedAt") or "")[:19]),
+    Column("Expires", lambda k: (k.get("expiresAt") or "")[:19]),
+    Column("Limits", lambda k: _compact({n: v for n, v in k["limits"].items() if v is not None}), wide=True),
+]
+
+
+@keys_app.command("list")
+def keys_list(service: str, output: str = OUTPUT_OPTION, url: Optional[str] = URL_OPTION,
+              token: Optional[str] = TOKEN_OPTION) -> None:
+    """A business service's keys, without their secrets."""
+    _listing(output, f"API keys of {service}", KEY_COLUMNS,
+             Client(url, token).call("GET", f"/api/business-services/{service}/keys"), name="id")
+
+
+@keys_app.command("revoke")
+def keys_revoke(service: str, key_id: str, url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+    """Revoke a key: the gateway refuses it once this returns."""
+    Client(url, token).call("DELETE", f"/api/business-services/{service}/keys/{key_id}")
+    console.print(f"revoked key {key_id} of {service}", highlight=False)
+
+
+@keys_app.command("access")
+def keys_access(service: str,
+                auth: Optional[str] = typer.Option(None, "--auth", help="keys (a key is needed) | none (open)"),
+                rpm: Optional[str] = typer.Option(None, "--rpm", help="the service's requests per minute: " + LIMIT_HELP),
+                tpm: Optional[str] = typer.Option(None, "--tpm", help="the service's tokens per minute: " + LIMIT_HELP),
+                tpd: Optional[str] = typer.Option(None, "--tpd", help="the service's tokens per UTC day: " + LIMIT_HELP),
+                url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+    """Show, or change, a business service's auth mode and quotas (a limit not given keeps its value)."""
+    client = Client(url, token)
+    path = f"/api/business-services/{service}/access"
+    current = client.call("GET", path)
+    if auth is not None or rpm is not None or tpm is not None or tpd is not None:
+        given = {"requestsPerMinute": (rpm, "--rpm"), "tokensPerMinute": (tpm, "--tpm"), "tokensPerDay": (tpd, "--tpd")}
+        limits = {**current["limits"], **{k: _limit(v, option) for k, (v, option) in given.items() if v is not None}}
+        current = client.call("PUT", path, json={"auth": auth, "limits": limits})
+    limits = _compact({n: v for n, v in current["limits"].items() if v is not None}) or "no limits"
+    console.print(f"{service}: auth {current['auth']}, {current['keys']} key(s), {limits}", highlight=False)
 
 
 def _compact(value: Any) -> str:

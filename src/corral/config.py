@@ -77,12 +77,24 @@ class Settings(BaseSettings):
         "pins clash with Corral's): local vLLM replicas run `<it> -m vllm.entrypoints.openai.api_server`; default: Corral's"
     )
     health_interval_s: float = Field(default=0.5, gt=0, description="replica supervision period")
+    sleep_host_memory_gb: float | None = Field(
+        default=None, ge=0, le=1_048_576, description="host memory that level-1 sleeping replicas' weights may take "
+        "(issue 31: GPUs shared by sharedGpus pools); placing or sleeping beyond it is refused; unset: not limited")
     stop_grace_s: float = Field(default=10.0, ge=0, description="SIGTERM to SIGKILL grace when stopping a replica")
     replica_user: str | None = Field(
         default=None, min_length=1, max_length=32, pattern=r"^[a-z_][a-z0-9_-]*$",
         description="as root: run local engine replicas as this unprivileged user (e.g. nobody), so that a replica "
         "cannot reach the gateway's control channel, Corral's data dir or the other replicas; it needs read access to "
         "the engine's Python and the model files. Ignored (with a warning) when Corral does not run as root")
+    sleep_idle_s: float = Field(
+        default=60.0, ge=0, le=86_400, description="sharedGpus pools: an awake replica with no request for this long "
+        "sleeps (level 1), leaving its GPU free for another model's wake (0: never; domain/model_swap.py)")
+    sleep_calm_s: float = Field(
+        default=5.0, ge=0, le=86_400, description="sharedGpus pools: an awake replica with no request in flight nor for "
+        "this long may be put to sleep for another model's waiting requests")
+    sleep_min_awake_s: float = Field(
+        default=30.0, ge=0, le=86_400, description="sharedGpus pools: a replica woken stays awake at least this long "
+        "(the hysteresis that keeps two models from trading a GPU on every request)")
     stop_replicas_on_exit: bool = Field(
         default=False, description="`corral serve` stops this machine's replicas when it exits (by default they keep "
         "serving business traffic, and the next `corral serve` adopts them; with this, it starts them again)")
@@ -122,6 +134,10 @@ class Settings(BaseSettings):
         default="auto", description="nginx (+ Lua) when installed, else Corral's Python gateway"
     )
     gateway_workers: int = Field(default=1, ge=1, le=64, description="nginx worker processes of the nginx data plane")
+    usage_flush_s: float = Field(
+        default=30.0, ge=1, le=60, description="how often metering writes the gateway's counters as hourly usage rows: a "
+        "crash loses at most this much traffic (corral.metering)")
+    usage_retention_days: int = Field(default=90, ge=1, le=3650, description="hourly usage rows older than this are pruned")
     load_sampling: bool = Field(
         default=True, description="sample the gateway's counters once a second for the live load (API, /ws, UI, "
         "`corral top`); off: every load figure is zero"

@@ -57,6 +57,7 @@ from corral.domain.models import Deployment, Pod, Service, selected_pods
 from corral.domain.preemption import PreemptionOutcome, PreemptionRequest
 from corral.domain.scaling import ScalePlan, plan_pool_scale, plan_standard_scale
 from corral.domain.status import assignment_summary, pod_distribution, pool_status
+from corral.domain.tenancy import AuthMode, ServiceAccess, default_auth
 from corral.engines import get_engine, redact_args
 from corral.events import EventBus, EventType
 from corral.intents import Intents
@@ -75,6 +76,7 @@ from corral.views import (
     PodView,
     PoolDeploymentView,
     PoolStatus,
+    RoutingSpec,
     ScaleResult,
     StandardDeploymentView,
     UnpinResult,
@@ -139,6 +141,7 @@ class Controller:
             "currentReplicas": len(pods),
             "readyReplicas": sum(p.ready for p in pods),
             "gpusPerReplica": deployment.gpus_per_replica,
+            "sharedGpus": deployment.shared_gpus,
             "engineArgs": list(deployment.engine_args),  # the view shows secret values as *** (views._DeploymentFields)
             "secretEnv": self.store.secret_env_names().get(deployment.name),  # names only, never values; absent: none
             "selector": deployment.selector,
@@ -170,6 +173,8 @@ class Controller:
             restarts=pod.restarts,
             gpuIds=list(pod.gpu_ids),
             createdAt=pod.created_at.isoformat() if pod.created_at else None,
+            sleep=pod.sleep,
+            sleepLevel=int(pod.sleep_level) if pod.sleep_level else None,
         )
 
     def _pod_views(self, pods: Sequence[Pod], everyone: bool) -> list[PodView]:
@@ -213,6 +218,7 @@ class Controller:
             replicas=len(pods),
             readyReplicas=sum(p.ready for p in pods),
             createdAt=service.created_at.isoformat() if service.created_at else None,
+            routing=RoutingSpec.model_validate(self.store.routings().get(service.name) or {}),
         )
 
     def list_deployments(self) -> list[PoolDeploymentView | StandardDeploymentView]:
@@ -278,8 +284,13 @@ class Controller:
         name = L.pool_name(engine.name, model_tag) if spec.deploy_as_pool else L.standard_deployment_name(engine.name, model_tag)
         deployment = Deployment(
             name=name, engine=engine.name, model_id=spec.model_id.strip(), model_tag=model_tag, is_pool=spec.deploy_as_pool,
-            replicas=spec.replicas, gpus_per_replica=gpus, engine_args=tuple(engine_args),
+            replicas=spec.replicas, gpus_per_replica=gpus, engine_args=tuple(engine_args), shared_gpus=spec.shared_gpus,
         )
+        if spec.shared_gpus:
+            if not getattr(self.backend, "supports_sleep", False):
+                raise InvalidInput("sharedGpus needs the local backend for now (sleeping replicas are kept in its rows)")
+            if engine.sleep_support(list(engine_args)) is None:
+                raise InvalidInput(f"sharedGpus needs replicas that can sleep: {engine.sleep_refusal(list(engine_args))}")
         service = None
         if not deployment.is_pool:  # a standard deployment gets its own service (spec 01, /api/deploy)
             service = Service(
@@ -332,7 +343,9 @@ class Controller:
 
     # business services -----------------------------------------------------------------------
     async def deploy_service(self, service_name: str, model_pool: str, business_tag: str, is_external: bool,
-                             llm_routing: bool = False) -> DeployServiceResult:
+                             llm_routing: bool = False, auth: AuthMode | None = None) -> DeployServiceResult:
+        """`auth`: who may call it (domain.tenancy; default: keys when external, else open), written before the
+        service exists, so a key-protected one is never open, not even for a moment."""
         name = L.service_name(service_name)
         business = L.check_business_tag(business_tag)
         async with self._locked(model_pool):
@@ -346,6 +359,8 @@ class Controller:
             )
             intent = Intent([HistoryDraft(Action.DEPLOY_SERVICE, name, after=dict(service.selector),
                                           message=f"business '{business}' of model '{pool.model_tag}'")])
+            # (written whatever the mode: it replaces what a failed creation under this name may have left)
+            self.store.set_access(ServiceAccess(name, auth or default_auth(is_external)))
             async with self.intents.carrying_out(intent):
                 await self.backend.create_service(service, intent)
                 manifest_path = self.backend.write_manifests(name, [service_manifest(service, self.backend.cluster_options)])
@@ -353,6 +368,29 @@ class Controller:
                 self.bus.publish(EventType.SERVICE_DEPLOYMENT, {"action": "created", "service": view})
                 await self.intents.confirm(intent)
         return DeployServiceResult(success=True, service=view, manifestPath=manifest_path)
+
+    def routing(self, name: str) -> RoutingSpec:
+        """A business service's replica picking (least-load unless set)."""
+        self._business_service(name)
+        return RoutingSpec.model_validate(self.store.routings().get(name) or {})
+
+    async def set_routing(self, name: str, spec: RoutingSpec) -> RoutingSpec:
+        """Record the new picking (and its history row), then wait until the data plane picks by it."""
+        before = self.routing(name)
+        self.store.set_routing(name, spec.wire(), HistoryDraft(Action.ROUTING, name, before=before.wire(), after=spec.wire(),
+                                                               message=f"replica picking: {spec.policy.value}"))
+        service = self._business_service(name)
+        self.bus.publish(EventType.SERVICE_DEPLOYMENT, {"action": "updated", "service": self.service_view(service)})
+        if self.intents.confirmed is not None:  # the routing table carries the policy: the gateway applies it
+            await self.intents.confirmed()
+        return spec
+
+    def _business_service(self, name: str) -> Service:
+        service = self.backend.get_service(name)
+        if service is None or not service.is_business_service:
+            raise L.unknown_name(name, "business service", NotFound(f"business service '{name}' not found",
+                                                                      Hint.LIST_SERVICES))
+        return service
 
     async def delete_service(self, name: str, force: bool = False) -> DeleteServiceResult:
         service = self.backend.get_service(name)
@@ -380,6 +418,7 @@ class Controller:
             async with self.intents.carrying_out(intent):
                 await self.backend.delete_service(name, {p.name: L.UNASSIGNED for p in stranded}, intent)
                 self.store.forget_autopilot(service=name)
+                self.store.forget_tenancy(name)  # its access and keys (a service re-created under its name has none)
                 for pod in stranded:
                     self._announce_assignment(pod, L.UNASSIGNED, reason=reason)
                 for pool in sorted({p.deployment for p in stranded}):
@@ -866,8 +905,12 @@ def _redacted_manifests(documents: list[dict], secret_env: Mapping[str, str]) ->
 
 
 def _assign_draft(pod: Pod, business: str, reason: str = "") -> HistoryDraft:
-    return HistoryDraft(Action.ASSIGN, pod.name, before={"business": pod.business or L.UNASSIGNED}, after={"business": business},
-                        message=reason)
+    # The replica's `pool` and `gpus` too (in both: they do not change, so summaries leave them out): metering bills
+    # a business the GPUs of the replicas it held from these rows (corral.domain.usage); without GPU ids seen (a
+    # cluster's pod), the pool's GPUs per replica are used.
+    held: dict[str, Any] = {"pool": pod.deployment} | ({"gpus": len(pod.gpu_ids)} if pod.gpu_ids else {})
+    return HistoryDraft(Action.ASSIGN, pod.name, before={"business": pod.business or L.UNASSIGNED, **held},
+                        after={"business": business, **held}, message=reason)
 
 
 def _brief(view: PoolDeploymentView | StandardDeploymentView) -> dict[str, Any]:

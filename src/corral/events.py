@@ -22,7 +22,7 @@ class EventType(StrEnum):
     """The `type` of every message on the bus (and on `/ws`); its value is the wire name."""
 
     DEPLOYMENT = "deployment"  # {action: created, deployment: <deployment view>} | {action: deleted, name}
-    SERVICE_DEPLOYMENT = "service_deployment"  # {action: created, service: <service view>} | {action: deleted, name}
+    SERVICE_DEPLOYMENT = "service_deployment"  # {action: created|updated, service: <service view>} | {action: deleted, name}
     POD_ASSIGNMENT = "pod_assignment"  # {podName, deployment, modelName, from, to, reason?}
     DISTRIBUTION = "distribution"  # the distribute result
     SCALE = "scale"  # the scale result

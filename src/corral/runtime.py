@@ -25,7 +25,9 @@ from corral.domain.gpu_ledger import GpuLedger, units_from_devices
 from corral.domain.history import Action, HistoryDraft, Outcome, TaskSeen
 from corral.domain.load import WINDOW_MIN_S
 from corral.domain.memory import find_model
+from corral.domain.model_swap import SwapPolicy
 from corral.domain.outliers import Change, OutlierEvent
+from corral.domain.replica_picking import Routing
 from corral.domain.tasks import TaskState
 from corral.engines import get_engine, set_interpreter
 from corral.events import EventBus, EventType
@@ -38,9 +40,14 @@ from corral.gateway.proxy import Gateway, GatewayLimits
 from corral.gateway.routing import RoutingTable, build_routes
 from corral.gateway.sync import DataPlaneLagging, RoutingSync
 from corral.gpus.inventory import GpuInventory
+from corral.metering import Metering
+from corral.model_swaps import ModelSwaps
 from corral.paths import make_private_dir
 from corral.platform import build_platform
+from corral.replica_inputs import ReplicaInputsFeed
+from corral.sleeping import SleepManager
 from corral.store.state import StateStore
+from corral.tenancy import Tenancy
 from corral.views import gpu_info
 
 log = logging.getLogger("corral.runtime")
@@ -62,9 +69,15 @@ class Runtime:
         self.gateway = self._make_gateway(settings)
         # The data plane's reconciler: events mark the table dirty; mutations await `sync` (one push each).
         self.routing = RoutingSync(self._build_routes, self.gateway, timeout_s=settings.gateway_apply_timeout_s)
+        # Businesses as tenants: keys and quotas, pushed to the data plane with the routing table (corral.tenancy).
+        self.tenancy = Tenancy(self.store, self.backend.get_service, self.routing.mark_dirty, self.routing.sync,
+                               last_used=self.gateway.keys_last_used, windows=self.gateway.quota_windows)
         self.backend.set_drain(self.gateway.drain)
         # LoRA adapters of running vLLM pools: desired state, loaded on every ready replica (corral.adapters).
         self.adapters = AdapterManager(self.backend, self.store, self.bus)
+        # Sleeping replicas: sleep and wake, intent first, and the loop that keeps each in its recorded state.
+        self.sleeping = SleepManager(self.backend, self.store, self.bus, gpu_ledger=self.gpu_ledger,
+                                     routes_applied=self.routing.sync, interval_s=max(settings.health_interval_s, 0.5))
         self.controller = Controller(self.backend, self.store, self.bus, base_url=self.service_base_url,
                                      traffic=self.gateway.stats.replica_summary, routes_applied=self.routing.sync,
                                      adapters=self.adapters.views, ejections=self.gateway.ejection_views)
@@ -74,6 +87,10 @@ class Runtime:
         # (views), `.watch()` for a `load` bus event once a second (corral.gateway.monitor).
         self.load = LoadMonitor(self.gateway.read_counters, lambda: self.gateway.table, self.controller.list_business_services,
                                 self.bus, enabled=settings.load_sampling)
+        # Usage per business and hour, flushed from the gateway's counters; GPU-seconds from the history (corral.metering).
+        self.metering = Metering(self.store, lambda: self.gateway.stats, lambda: self.gateway.table,
+                                 lambda: [p.name for p in self.backend.list_pods()], settings.usage_flush_s,
+                                 settings.usage_retention_days)
         self.finetune = FinetuneManager(
             settings, self.store, self.bus, inventory=self.platform.fresh_inventory,
             ledger=self.gpu_ledger, controller=self.controller, runner=self.platform.runner,
@@ -84,6 +101,19 @@ class Runtime:
         self.autopilot = Autopilot(self.controller, self.store, self.bus, traffic=self._service_traffic,
                                    free_gpu_units=self._free_gpu_units,
                                    interval_s=settings.autopilot_interval_s, in_flight=self._in_flight_by_replica)
+        # Warm capacity across models (corral.model_swaps): on GPUs sharedGpus pools share, a model with requests held
+        # and nothing awake is woken, a calm one put to sleep for it; the Python gateway pokes it on every held request.
+        self.model_swaps = ModelSwaps(self.backend, self.sleeping, traffic=lambda: self.load.traffic(WINDOW_MIN_S),
+                                      held_now=self._held_now, in_flight=self._in_flight_by_replica,
+                                      drain_timeout_s=settings.drain_timeout_s,
+                                      policy=SwapPolicy(calm_s=settings.sleep_calm_s,
+                                                        min_awake_s=settings.sleep_min_awake_s,
+                                                        idle_sleep_s=settings.sleep_idle_s))
+        if isinstance(self.gateway, Gateway):
+            self.gateway.on_held = self.model_swaps.poke
+        # Replica picking's engine inputs (waiting, KV cache, loaded adapters), pushed to the data plane every second.
+        self.replica_inputs = ReplicaInputsFeed(lambda: self.gateway.table, self.backend.list_pods, self.adapters.loaded,
+                                                self.gateway.push_inputs)
 
     def _tasks_seen(self) -> dict[str, TaskSeen]:
         """Every finetune task's state, GPUs and whether it was asked to give them (read once, on a start that found
@@ -99,6 +129,12 @@ class Runtime:
             return self.load.in_flight_by_replica()
         return dict(stats.in_flight_by_replica)
 
+    def _held_now(self) -> dict[str, int]:
+        """Requests the gateway holds per service now (the Python gateway's live count; nginx's last read copy)."""
+        if isinstance(self.gateway, NginxGateway):
+            return dict(self.gateway.traffic_now().held)
+        return dict(self.gateway.stats.held)
+
     @property
     def gpu_inventory(self) -> GpuInventory:
         return self.platform.inventory
@@ -108,7 +144,9 @@ class Runtime:
         and the launched finetune tasks. Replica placement, the finetune queue and the reclaim planner
         all read this snapshot, so no GPU (or MIG slice of it) is given out twice."""
         units = units_from_devices(self.platform.fresh_inventory().schedulable_units())
-        return GpuLedger.build(units, [*self.backend.gpu_claims(), *self.finetune.gpu_claims()])
+        budget = self.settings.sleep_host_memory_gb
+        return GpuLedger.build(units, [*self.backend.gpu_claims(), *self.finetune.gpu_claims()],
+                               host_budget_bytes=None if budget is None else budget * 1024**3)
 
     def _free_gpu_units(self) -> int:
         """GPU units no replica or finetune task holds, for the autopilot's decision (could a scale-out be
@@ -146,10 +184,14 @@ class Runtime:
         except DataPlaneLagging as exc:  # the reconciler keeps pushing
             log.warning("%s", exc.message)
         self.load.start()
+        self.metering.start()
         await self.finetune.start()
         await self.controller.start()  # after recovery: closes the history rows a stopped control plane left pending
         await self.adapters.start()
+        self.sleeping.start()
+        self.model_swaps.start()
         await self.autopilot.start()
+        self.replica_inputs.start()
         if self.platform.watches_inventory:
             self._gpu_task = asyncio.create_task(self._watch_gpus(), name="gpu-inventory")
         # What is alive after start-up (modules, settings, caches) is never garbage: frozen, it is no longer
@@ -161,10 +203,14 @@ class Runtime:
         The gateway may take the drain timeout, so that in-flight requests finish."""
         if self._gpu_task:
             self._gpu_task.cancel()
-        steps = [("autopilot", self.autopilot.close, 5.0), ("adapter reconciler", self.adapters.close, 5.0), ("load monitor", self.load.close, 5.0),
+        steps = [("autopilot", self.autopilot.close, 5.0), ("replica inputs", self.replica_inputs.close, 5.0),
+                 ("adapter reconciler", self.adapters.close, 5.0), ("model swaps", self.model_swaps.close, 5.0),
+                 ("sleep reconciler", self.sleeping.close, 5.0),
+                 ("load monitor", self.load.close, 5.0),
                  ("controller", self.controller.close, 10.0), ("finetune manager", self.finetune.close, 10.0),
                  ("routing reconciler", self.routing.close, 10.0),
                  ("gateway", self.gateway.close, self.settings.drain_timeout_s + 10),
+                 ("metering", self.metering.close, 5.0),  # after the gateway: the drained requests are flushed too
                  ("backend", self.backend.close, 10.0)]
         for what, close, bound in steps:
             try:
@@ -180,7 +226,7 @@ class Runtime:
             inventory = await self.platform.read_inventory()
             if inventory != self.platform.inventory:
                 self.platform.inventory = inventory
-                self.bus.publish(EventType.GPU_INVENTORY, gpu_info(inventory, self.catalogue))
+                self.bus.publish(EventType.GPU_INVENTORY, gpu_info(inventory, self.catalogue, self.settings.finetune_memory_margin_gb))
 
     def _service_traffic(self) -> dict[str, ServiceTraffic]:
         """The gateway's view of each business service over the shortest window, for the autopilot: from the
@@ -197,7 +243,10 @@ class Runtime:
         return f"http://{host}:{self.settings.gateway_port}/s/{service}/v1"
 
     def _build_routes(self) -> RoutingTable:
-        return build_routes(self.backend.list_services(), self.backend.list_pods(), self.backend.list_deployments())
+        routings = {name: Routing.from_wire(raw) for name, raw in self.store.routings().items()}  # replica picking
+        services = self.backend.list_services()
+        return build_routes(services, self.backend.list_pods(), self.backend.list_deployments(),
+                            access=self.tenancy.route_access(services), routings=routings)
 
     def _on_event(self, type_: EventType, data: dict[str, Any]) -> None:
         # Every serving event may change which replicas a service selects (labels, readiness, services):

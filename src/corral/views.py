@@ -17,6 +17,7 @@ Code reads a view by attribute (`view.modelName`); what leaves as JSON is `view.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (
@@ -34,7 +35,9 @@ from corral.domain.errors import ErrorKind, Hint
 from corral.domain.history import Action, Outcome
 from corral.domain.memory import GIB
 from corral.domain.models import PodPhase
-from corral.domain.recommendation import DeviceMemory, recommend
+from corral.domain.recommendation import PREFLIGHT_MARGIN_GB, DeviceMemory, recommend
+from corral.domain.replica_picking import WEIGHT_MAX, Routing, RoutingPolicy, RoutingWeights
+from corral.domain.sleep import SleepState
 from corral.domain.tasks import TaskState
 from corral.engines.base import redact_args
 from corral.gpus.inventory import GpuDevice, GpuInventory
@@ -123,6 +126,10 @@ class PodView(Contract):
     createdAt: str | None
     ejection: EjectionView | None = Field(default=None, description="set while the gateway keeps the replica out of "
                                                                     "rotation (its failures; it may still be ready)")
+    sleep: SleepState = Field(default=SleepState.AWAKE, description="awake | sleeping | waking (sleep mode: only an "
+                                                                    "awake replica serves)")
+    sleepLevel: int | None = Field(default=None, description="the level it sleeps (or is going to sleep) at: 1 weights "
+                                                             "in host memory, 2 discarded; null when wanted awake")
 
 
 class _DeploymentFields(OmittingContract):
@@ -138,6 +145,8 @@ class _DeploymentFields(OmittingContract):
     currentReplicas: int
     readyReplicas: int
     gpusPerReplica: int
+    sharedGpus: bool = Field(default=False, description="its replicas may share GPUs with sleeping replicas of other "
+                                                        "sharedGpus pools")
     engineArgs: list[str] = Field(description="extra engine arguments; the values of secret flags (--api-key, ...) "
                                               "are shown as ***")
     secretEnv: list[str] | None = Field(default=None, description="names of the environment variables given to its "
@@ -151,6 +160,52 @@ class _DeploymentFields(OmittingContract):
     def _redacted(cls, value: list[str]) -> list[str]:
         """Whoever builds a view, a secret engine argument never leaves in one (API, UI, events)."""
         return redact_args(value)
+
+
+class SleepResult(Contract):
+    """A replica put to sleep or woken (POST /api/pods/{name}/sleep|wake), once the engine answered."""
+
+    pod: str
+    sleep: SleepState
+    sleepLevel: int | None
+    seconds: float = Field(description="how long the engine took (0 when it was there already)")
+    historyId: int | None = Field(description="the history row of the change; null when nothing changed")
+
+
+class SleeperView(Contract):
+    pod: str
+    model: str
+    level: int = Field(description="1: weights in host memory (fast wake); 2: weights discarded")
+
+
+class SharedGpuView(Contract):
+    """One GPU unit: its awake replica and the replicas asleep on it (sharedGpus pools)."""
+
+    unit: str
+    awake: str | None = Field(description="the replica holding the GPU's memory now (null: none)")
+    awakeModel: str | None
+    sleeping: list[SleeperView]
+
+
+class SleepTimingView(Contract):
+    """One model's sleep and wake times, measured by Corral over its last calls (seconds)."""
+
+    model: str
+    sleepP50S: float | None
+    sleepP95S: float | None
+    wakeP50S: float | None
+    wakeP95S: float | None
+    sleeps: int
+    wakes: int
+
+
+class GpuSharingView(Contract):
+    """GET /api/gpus/sharing: each GPU with its awake and sleeping replicas, the times measured, host memory."""
+
+    gpus: list[SharedGpuView]
+    models: list[SleepTimingView]
+    hostBytesUsed: float = Field(description="level-1 sleepers' weights in host memory")
+    hostBytesBudget: float | None = Field(description="CORRAL_SLEEP_HOST_MEMORY_GB in bytes; null: not limited")
 
 
 class AdapterView(Contract):
@@ -195,6 +250,28 @@ class StandardDeploymentView(_DeploymentFields):
 DeploymentView = Annotated[Union[PoolDeploymentView, StandardDeploymentView], Field(discriminator="type")]
 
 
+class RoutingWeightsSpec(Contract):
+    """The prefix-aware scorers' weights (domain/replica_picking.py); each 0-100."""
+
+    prefix: float = Field(default=RoutingWeights.prefix, ge=0, le=WEIGHT_MAX,
+                          description="share of the prompt's leading blocks the replica served last")
+    queue: float = Field(default=RoutingWeights.queue, ge=0, le=WEIGHT_MAX,
+                         description="requests in flight at the gateway plus the engine's waiting ones (fewer is better)")
+    kvCache: float = Field(default=RoutingWeights.kv_cache, ge=0, le=WEIGHT_MAX,
+                           description="the engine's free KV cache")
+
+
+class RoutingSpec(Contract):
+    """`PUT/GET /api/business-services/{name}/routing`: how the gateway picks the replica of each request."""
+
+    policy: RoutingPolicy = Field(default=RoutingPolicy.LEAST_LOAD,
+                                  description="least-load (fewest in flight) or prefix-aware (prefix cache, queue, KV cache)")
+    weights: RoutingWeightsSpec = Field(default_factory=RoutingWeightsSpec)
+
+    def domain(self) -> Routing:
+        return Routing.from_wire(self.wire())
+
+
 class BusinessServiceView(Contract):
     name: str
     displayName: str
@@ -210,6 +287,7 @@ class BusinessServiceView(Contract):
     replicas: int
     readyReplicas: int
     createdAt: str | None
+    routing: RoutingSpec = Field(default_factory=RoutingSpec, description="how the gateway picks its replica per request")
 
 
 class ReplicaTraffic(Contract):
@@ -399,6 +477,11 @@ class TaskProgress(TypedDict, total=False):
     dropped: int
     trainExamples: int
     evalExamples: int
+    packedRows: int  # with packing: the rows the training examples were packed into (what a batch holds)
+    padTokens: int  # padding tokens in the training batches so far (since the trainer last started)
+    batchTokens: int  # all tokens of those batches, padding included (padTokens / batchTokens: the share wasted)
+    earlyStopped: int  # the step where early stopping ended the training (its eval loss stopped improving)
+    logDir: str  # reportTo tensorboard: the TensorBoard event files' directory (`tensorboard --logdir` it)
 
 
 class FinetuneTask(Contract):
@@ -420,6 +503,8 @@ class FinetuneTask(Contract):
     reclaimed: dict[str, int] = Field(description="pool → replicas scaled in for it, restored when it ends")
     preemptible: bool = Field(default=True, description="a business of higher priority may take its GPUs: it saves a "
                               "checkpoint, waits in the queue and resumes from it")
+    datasets: list[DatasetSource] | None = Field(default=None, description="a mix's sources (the request's `datasets`) with "
+                                                  "their counts; null: the one datasetPath (then the first source's path)")
     startBy: str | None = Field(default=None, description="while queued with GPUs reserved for it (easy-backfill with "
                                 "slack): it starts by then at the latest, if running tasks end by their estimated ends "
                                 "(timeouts, or their trainers' ETAs when sooner)")
@@ -449,6 +534,27 @@ class LengthBin(Contract):
     overMaxSeqLen: bool = Field(description="examples in this bin are cut (or dropped) at maxSeqLen")
 
 
+class DatasetSource(Contract):
+    """One source of a mix (`datasets`): its examples, and those taken at its ratio."""
+
+    path: str
+    ratio: float
+    examples: int = Field(description="examples in the source")
+    taken: int = Field(description="examples trained from it: its ratio of them, at least one")
+    format: str
+
+
+class PackingPreview(Contract):
+    """Rows and padding of one epoch, unpacked and packed (the `packing` hyperparameter), at the preview's batchSize and
+    maxSeqLen; padding estimated in one shuffled order (the Trainer's is its own), over the analyzed examples."""
+
+    batchSize: int
+    rows: int = Field(description="rows unpacked: one per example kept")
+    packedRows: int = Field(description="rows packed: several examples in each, at most maxSeqLen tokens a row")
+    padTokens: int = Field(description="padding tokens per epoch unpacked (each row filled to its batch's longest)")
+    packedPadTokens: int = Field(description="padding tokens per epoch packed")
+
+
 class PreviewResult(Contract):
     format: str = Field(description="messages, sharegpt, alpaca, prompt-completion, text, or mixed (…)")
     formats: dict[str, int]
@@ -469,6 +575,8 @@ class PreviewResult(Contract):
     maxSeqLen: int
     trainOnPrompt: bool
     lengthHistogram: list[LengthBin] = Field(description="examples by token length before truncation")
+    packing: PackingPreview | None = Field(default=None, description="padding with and without packing")
+    sources: list[DatasetSource] = Field(default_factory=list, description="a mix's sources (`datasets`), with their counts")
 
 
 class TaskCurves(Contract):
@@ -541,14 +649,23 @@ class GpuInfo(Contract):
     migInstances: int
 
 
-def gpu_info(inventory: GpuInventory, catalogue: list) -> GpuInfo:
-    """The detected GPUs (whole GPUs and MIG instances) with a recommendation computed from them."""
+def gpu_info(inventory: GpuInventory, catalogue: list, margin_gb: float = PREFLIGHT_MARGIN_GB) -> GpuInfo:
+    """The detected GPUs (whole GPUs and MIG instances) with a recommendation computed from them: sized as the
+    submit's preflight sizes a task (`margin_gb`: `CORRAL_FINETUNE_MEMORY_MARGIN_GB`), QLoRA advised only where
+    bitsandbytes is installed (looked up, not imported)."""
     units = inventory.schedulable_units()
     text, warning = recommend([DeviceMemory(d.name, d.memory_total_bytes) for d in units], catalogue,
-                              no_gpu_reason=inventory.error)
+                              no_gpu_reason=inventory.error, qlora_available=_importable("bitsandbytes"), margin_gb=margin_gb)
     return GpuInfo(available=inventory.available, count=len(units), devices=[GpuDeviceView.of(d) for d in units],
                    recommendation=text, warning=warning, driverVersion=inventory.driver_version,
                    migInstances=len(inventory.mig_instances))
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a broken install, or a module without a spec
+        return False
 
 
 class MemoryFigures(Contract):
@@ -604,7 +721,7 @@ class Health(Contract):
 __all__ = [
     "AssignResult", "BusinessServiceView", "Contract", "DataPlaneStatus", "DeleteResult", "DeleteServiceResult",
     "DeployResult", "DeployServiceResult", "DeploymentView", "DistributeDryRun", "DistributeResult", "EngineInfo",
-    "ErrorBody", "Estimate", "FinetuneTask", "GpuDeviceView", "GpuInfo", "GpuProcessView", "Health", "HistoryEntry",
+    "ErrorBody", "Estimate", "GpuSharingView", "SharedGpuView", "SleeperView", "SleepTimingView", "FinetuneTask", "GpuDeviceView", "GpuInfo", "GpuProcessView", "Health", "HistoryEntry",
     "LatencyMs", "LengthBin", "LoadOverview", "LoadPoint", "MemoryFigures", "Move", "Number", "OmittingContract", "PodView", "PoolDeploymentView", "PoolStatus",
     "PreviewExample", "PreviewResult", "PreviewSpan", "QueueSummary", "HeldWaitMs",
     "ReplicaLoad", "ReplicaTraffic", "ScaleRefusal", "ScaleResult", "ServiceLoad", "ServingMemory", "StandardDeploymentView", "TaskProgress", "TtfbMs", "gpu_info",
@@ -750,3 +867,58 @@ class AutopilotStatus(Contract):
     waitingFor: list[str]  # what the last decision could not do, and why
     replicaConcurrency: int = 8  # the batch limit the autopilot uses ...
     replicaConcurrencySource: Literal["settings", "engine", "default"] = "default"  # ... and where it came from
+
+
+# businesses as tenants: keys and quotas (corral.tenancy) ------------------------------------------
+class QuotaLimits(Contract):
+    """A business service's or a key's limits; null: no limit of that kind; 0: refuse every request."""
+
+    requestsPerMinute: int | None = None
+    tokensPerMinute: int | None = Field(default=None, description="prompt + completion tokens a minute")
+    tokensPerDay: int | None = Field(default=None, description="prompt + completion tokens a UTC day")
+
+
+class QuotaUsed(Contract):
+    """What the gateway counted in the current windows (the minute, the UTC day), as last read from it."""
+
+    requestsThisMinute: int = 0
+    tokensThisMinute: int = 0
+    tokensToday: int = 0
+
+
+class ServiceAccessView(Contract):
+    service: str
+    auth: Literal["none", "keys"] = Field(description="`keys`: only requests with one of its keys reach a replica")
+    limits: QuotaLimits
+    keys: int = Field(description="how many keys it has")
+    used: QuotaUsed = Field(default_factory=QuotaUsed, description="counted against its limits now")
+
+
+class ApiKeyView(Contract):
+    """A key as listed: never the key itself (only its first characters, `prefix`)."""
+
+    id: str
+    name: str | None
+    prefix: str
+    createdAt: str | None
+    lastUsedAt: str | None
+    expiresAt: str | None
+    limits: QuotaLimits
+    used: QuotaUsed = Field(default_factory=QuotaUsed, description="counted against its own limits now")
+
+
+class ApiKeyCreated(Contract):
+    """A new key: `key` is shown here once and never again (Corral keeps its SHA-256 only)."""
+
+    id: str
+    key: str
+    name: str | None
+    prefix: str
+    createdAt: str | None
+    expiresAt: str | None
+    limits: QuotaLimits
+
+
+class ApiKeyRevoked(Contract):
+    revoked: str
+    service: str

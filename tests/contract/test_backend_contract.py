@@ -58,8 +58,10 @@ async def test_assign_relabels_one_pod(plane: Plane) -> None:
     assert pod is not None and pod.business == "production"
     assert plane.distribution() == {"production": 1, L.UNASSIGNED: 3}
     [row] = plane.history("assign")
-    assert (row["target"], row["before"], row["after"], row["outcome"]) == (
-        pods[0], {"business": L.UNASSIGNED}, {"business": "production"}, "success")
+    # (the pool, and the replica's GPUs where it has any, ride along for metering's GPU-seconds: domain/usage.py)
+    assert (row["target"], row["before"]["business"], row["after"]["business"], row["outcome"]) == (
+        pods[0], L.UNASSIGNED, "production", "success")
+    assert row["before"]["pool"] == row["after"]["pool"] == plane.pool
 
     again = await plane.controller.assign_pod(pods[0], "production", None)
     assert again.changed is False

@@ -199,3 +199,76 @@ def test_a_crash_between_a_preemption_and_its_scale_still_ends_with_the_replica(
              and h["message"].startswith("preempting for business 'chat'")]
     # Killed before the trainer was asked: that preemption did not happen (failed), and the redo asked it (success).
     assert asked == (["success", "failed"] if failpoint == "preempt.intent-recorded" else ["success"]), asked
+
+
+def test_a_high_priority_task_preempts_a_low_preemptible_one_which_resumes_after_it(
+        one_gpu: tuple[CorralServer, Path], tiny_model: Path, dataset: Path) -> None:  # noqa: F811
+    """Issue 27 item 4: a low-priority preemptible task trains on the only GPU; a high-priority task arrives. The low
+    one is asked to checkpoint (the preemption signal), saves and goes back to the queue; the high one trains on the
+    GPU and completes; then the low one resumes from its checkpoint (its first step is the one after it)."""
+    corral, _ = one_gpu
+    # 104 steps (8 epochs of 13): still training when the high task arrives (it preempts as it is submitted).
+    # Its first run stops at the preemption; its second is cancelled once it has resumed.
+    low = submit(corral, tiny_model, dataset, gpus=1, priority="low", hyperparameters={"epochs": 8, "saveSteps": 2})["id"]
+    checkpoints = corral.data_dir / "finetune" / low / "checkpoints"
+    wait_for(lambda: any((c / "trainer_state.json").exists() for c in checkpoints.glob("checkpoint-*")), timeout=120,
+             what="a checkpoint")
+    assert task(corral, low)["units"] == ["0"]
+
+    high = submit(corral, tiny_model, dataset, gpus=1, priority="high")["id"]
+    preempted = wait_for(lambda: (t := task(corral, low))["status"] == "queued" and t, timeout=60, what="the low task to yield")
+    assert f"preempted by finetune task {high} (priority 10)" in preempted["reason"], preempted["reason"]
+    stopped_at = next(e for e in progress_events(corral, low) if e["event"] == "preempted")["step"]
+    assert (checkpoints / f"checkpoint-{stopped_at}" / "trainer_state.json").exists()  # saved on the signal
+    done = finished(corral, high, timeout=120)
+    assert done["status"] == "completed" and done["units"] == ["0"], done["reason"]
+
+    # The low task resumes by itself from its checkpoint (running it to the end is the business test's: not again here).
+    def second_run() -> list[dict]:  # whole lines only: the trainer may be writing the last one
+        text = (corral.data_dir / "finetune" / low / "progress.jsonl").read_text()
+        events = [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line.strip()]
+        resumed_at = next((i for i, e in enumerate(events) if e["event"] == "preparing" and e["resume"]), None)
+        return [e for e in events[resumed_at:] if e["event"] == "step"] if resumed_at is not None else []
+
+    assert wait_for(second_run, timeout=120, what="the low task to resume")[0]["step"] == stopped_at + 1
+    corral.ok("POST", f"/api/finetune/tasks/{low}/cancel")
+    log = corral.http.get(f"/api/finetune/tasks/{low}/logs", params={"tail": 5000}).text
+    assert f"preempting for finetune task {high} (priority high, 10)" in log and f"resuming from checkpoint-{stopped_at}" in log
+    history = corral.ok("GET", "/api/history", params={"target": low})
+    asked = [h for h in history if h["message"].startswith(f"preempting for finetune task {high}")]
+    assert [h["outcome"] for h in asked] == ["success"], history  # the intent row, completed once it was back in the queue
+    started = sorted(h["id"] for h in corral.ok("GET", "/api/history", params={"target": high})
+                     if h["message"].startswith("started on 0"))
+    low_starts = sorted(h["id"] for h in history if h["message"].startswith("started on 0"))
+    assert len(low_starts) == 2 and low_starts[0] < started[0] < low_starts[1]  # low, high, then low again
+
+
+def test_a_crash_between_a_task_preemptions_intent_and_its_signal_applies_all_of_it_after_the_restart(
+        one_gpu: tuple[CorralServer, Path], tiny_model: Path, dataset: Path) -> None:  # noqa: F811
+    """`corral serve` is killed (SIGKILL at the failpoint) right after the preemption's intent is written and before
+    the low task is marked or signalled: on restart that row is judged (nothing of it happened: the trainer kept its
+    GPU), and the next round carries the preemption out again; the high task gets the GPU, nothing stays pending."""
+    corral, _ = one_gpu
+    low = submit(corral, tiny_model, dataset, gpus=1, priority="low", hyperparameters={"epochs": 200, "saveSteps": 2})["id"]
+    checkpoints = corral.data_dir / "finetune" / low / "checkpoints"
+    wait_for(lambda: any((c / "trainer_state.json").exists() for c in checkpoints.glob("checkpoint-*")), timeout=120,
+             what="a checkpoint")
+    corral.stop()  # the trainer outlives it (re-adopted)
+    corral.extra_env["CORRAL_FAILPOINTS"] = "preempt-task.intent-recorded"
+    corral.start()
+    with pytest.raises(httpx.HTTPError):  # the submit's round preempts: killed there
+        submit(corral, tiny_model, dataset, gpus=1, priority="high")
+    assert corral.process is not None and corral.process.wait(timeout=30) == -9, "killed by its failpoint"
+    del corral.extra_env["CORRAL_FAILPOINTS"]
+    corral.start()
+
+    [high] = [t["id"] for t in corral.ok("GET", "/api/finetune/tasks") if t["priority"] == "high"]  # stored before the round
+    waiting = wait_for(lambda: (t := task(corral, low))["status"] == "queued" and t, timeout=60, what="the low task to yield")
+    assert f"preempted by finetune task {high} (priority 10)" in waiting["reason"]
+    wait_for(lambda: task(corral, high)["units"] == ["0"], timeout=60, what="the high task on GPU 0")
+    history = corral.ok("GET", "/api/history", params={"limit": 500})
+    assert [h for h in history if h["outcome"] == "pending"] == []
+    asked = [h["outcome"] for h in history if h["target"] == low and h["message"].startswith(f"preempting for finetune task {high}")]
+    assert sorted(asked) == ["failed", "success"], asked  # the interrupted one did not happen; the redo did
+    for task_id in (high, low):
+        corral.ok("POST", f"/api/finetune/tasks/{task_id}/cancel")

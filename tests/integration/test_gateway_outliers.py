@@ -489,7 +489,8 @@ async def test_nginx_counters_are_read_incrementally(nginx_plane: Plane, engines
     engines[1].release.set()
     assert await waiting == (200, "r1")
     raw = await nginx.read_stats()
-    assert raw["if:r1"] == 0 and nginx.last_read[1] == frozenset({f"p:{SERVICE}|r1", "r:r1"})
+    # (and the service's usage unit, keyless here, counted once the request ended: metering)
+    assert raw["if:r1"] == 0 and nginx.last_read[1] == frozenset({f"p:{SERVICE}|r1", "r:r1", f"m:{SERVICE}|"})
     # The copy agrees with nginx's own memory (a full read).
     assert parse_stats(raw).sample() == (await counters(nginx_plane)).sample()
 

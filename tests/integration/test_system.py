@@ -23,8 +23,10 @@ def test_gpu_info_has_the_spec_shape(corral: CorralServer) -> None:
 def test_estimate_endpoint(corral: CorralServer) -> None:
     lora = corral.ok("GET", "/api/system/estimate", params={"model": "qwen2.5-coder-7b", "method": "lora"})
     qlora = corral.ok("GET", "/api/system/estimate", params={"model": "qwen2.5-coder-7b", "method": "qlora"})
-    assert lora["displayName"] == "Qwen 2.5 Coder 7B" and 16 < lora["training"]["totalGb"] < 24
+    # The submit's defaults (maxSeqLen 1024, batchSize 4): the default 7B LoRA task needs 24 GiB, no longer fits 24 GB.
+    assert lora["displayName"] == "Qwen 2.5 Coder 7B" and 23 < lora["training"]["totalGb"] < 26
     assert qlora["training"]["totalGb"] < lora["training"]["totalGb"]
+    assert 3.9 < qlora["training"]["breakdownGb"]["fp32Casts"] < 4.2  # embeddings and output layer cast to fp32 by peft
     assert set(lora["training"]["breakdownGb"]) == {"weights", "trainable", "activations", "logits", "overhead"}
     assert lora["serving"]["breakdownGb"]["weights"] > 14
     unknown = corral.http.get("/api/system/estimate", params={"model": "gpt-9"})

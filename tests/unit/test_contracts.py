@@ -52,6 +52,7 @@ def legacy_deployment_view(controller: Controller, deployment: Deployment, pods:
         "engine": deployment.engine, "isSimulator": get_engine(deployment.engine).is_simulator, "modelId": deployment.model_id,
         "modelName": deployment.model_tag, "replicas": deployment.replicas, "currentReplicas": len(pods),
         "readyReplicas": sum(p.ready for p in pods), "gpusPerReplica": deployment.gpus_per_replica,
+        "sharedGpus": deployment.shared_gpus,  # (issue 31: GPUs shared with other pools' sleeping replicas)
         "engineArgs": list(deployment.engine_args), "selector": deployment.selector,
         "createdAt": deployment.created_at.isoformat() if deployment.created_at else None,
     }
@@ -71,6 +72,7 @@ def legacy_pod_view(pod: Pod) -> dict:
         "isPoolPod": pod.is_pool_pod, "business": pod.business, "model": pod.model, "endpoint": pod.endpoint,
         "restarts": pod.restarts, "gpuIds": list(pod.gpu_ids), "createdAt": pod.created_at.isoformat() if pod.created_at else None,
         "ejection": None,  # (issue 25: set while the gateway keeps the replica out of rotation)
+        "sleep": pod.sleep.value, "sleepLevel": int(pod.sleep_level) if pod.sleep_level else None,  # (issue 31)
     }
 
 
@@ -82,6 +84,8 @@ def legacy_service_view(controller: Controller, service: Service, pods: list[Pod
         "llmRouting": service.llm_routing, "type": "LoadBalancer" if service.is_external else "ClusterIP",
         "selector": dict(service.selector), "labels": dict(service.labels), "replicas": len(pods),
         "readyReplicas": sum(p.ready for p in pods), "createdAt": service.created_at.isoformat() if service.created_at else None,
+        # added with replica picking (issue 25): the default, least-load
+        "routing": {"policy": "least-load", "weights": {"prefix": 5.0, "queue": 1.0, "kvCache": 1.0}},
     }
 
 
@@ -92,6 +96,7 @@ def legacy_task_view(task: TaskRecord) -> dict:
         "memoryGb": task.memory_gb, "timeoutSeconds": task.timeout_s, "hyperparameters": task.hyperparameters,
         "examples": task.examples, "progress": task.progress, "units": task.units, "output": task.output,
         "reclaimed": task.reclaimed or {}, "preemptible": task.preemptible,  # added with preemption (issue 15)
+        "datasets": task.datasets,  # added with dataset mixes (issue 27): a mix's sources, null for one datasetPath
         # added with easy-backfill's slack (issue 15): the head's promised start, while it is queued
         "startBy": task.promised_start.isoformat() if task.promised_start and task.status == "queued" else None,
         "createdAt": task.created_at.isoformat() if task.created_at else None,

@@ -29,7 +29,8 @@ def test_defaults_follow_llama_factory() -> None:
     assert lora["gradientCheckpointing"] is True and lora["trainOnPrompt"] is False and lora["precision"] == "auto"
     assert lora["valSize"] == 0 and lora["saveTotalLimit"] == 2 and lora["loraTarget"] == "all"
     assert lora["useDora"] is False and lora["useRslora"] is False
-    assert "learningRate: a positive number at most 1 (default 1e-4 for lora and qlora, 1e-5 for full)" in hyperparameters.HYPERPARAMETERS_HELP
+    assert ("learningRate: a positive number at most 1 (default 1e-4 for lora and qlora, 1e-5 for full, 5e-6 for dpo and orpo)"
+            in hyperparameters.HYPERPARAMETERS_HELP)
 
 
 def test_lora_alpha_is_twice_the_rank_and_dropout_zero_unless_given() -> None:
@@ -135,15 +136,23 @@ def test_vllm_gets_the_adapter_under_the_tag_with_its_rank(tmp_path: Path) -> No
     assert "--tokenizer" not in vllm_lora_args("t", adapter(8))
 
 
-def test_memory_must_fit_the_largest_gpu() -> None:
+def test_memory_must_fit_the_largest_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import corral.finetune.intake as intake
+
     inventory = GpuInventory(devices=(GpuDevice(0, "NVIDIA GeForce RTX 3060", 12 * GIB), GpuDevice(1, "NVIDIA A10", 24 * GIB)))
     hp = hyperparameters.validate({}, "full")
     need = training_estimate("Qwen/Qwen2.5-Coder-7B", "full", hp)[1].total_gb  # type: ignore[index]
+    monkeypatch.setattr(intake, "importable", lambda name: True)  # bitsandbytes installed: qlora is advice Corral follows
     with pytest.raises(InvalidInput) as refused:
         check_fits(need, False, inventory, "Qwen/Qwen2.5-Coder-7B", "full", hp, 1)
     message = refused.value.message
     assert f"Qwen 2.5 Coder 7B full needs an estimated {need:.1f} GB per GPU" in message
     assert "the largest GPU here (NVIDIA A10, 24.0 GB): use qlora" in message
+    with pytest.raises(InvalidInput, match=r"24.0 GB\): use a smaller maxSeqLen") as refused:  # qlora: one GPU only
+        check_fits(need, False, inventory, "Qwen/Qwen2.5-Coder-7B", "full", hp, 2)
+    monkeypatch.setattr(intake, "importable", lambda name: name != "bitsandbytes")
+    with pytest.raises(InvalidInput, match=r"24.0 GB\): use a smaller maxSeqLen"):  # no bitsandbytes: no qlora advice
+        check_fits(need, False, inventory, "Qwen/Qwen2.5-Coder-7B", "full", hp, 1)
     small = training_estimate("qwen2.5-coder-0.5b", "lora", hyperparameters.validate({}))[1].total_gb  # type: ignore[index]
     check_fits(small, False, inventory, "qwen2.5-coder-0.5b", "lora", hyperparameters.validate({}), 1)  # fits: no refusal
     with pytest.raises(InvalidInput, match=r"gpus.memoryGb asks for 30.0 GB per GPU, more than the largest GPU here \(NVIDIA A10"):

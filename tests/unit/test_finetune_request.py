@@ -12,7 +12,7 @@ from corral.domain.errors import InvalidInput
 
 
 @pytest.mark.parametrize(("check", "message"), [
-    (lambda: rules.check_method("dpo"), "method must be one of lora, qlora, full, got 'dpo'"),
+    (lambda: rules.check_method("ppo"), "method must be one of lora, qlora, full, dpo, orpo, got 'ppo'"),
     (lambda: rules.check_priority("urgent"), "priority must be high, normal or low, got 'urgent'"),
     (lambda: rules.check_priority(None), "priority must be high, normal or low, got 'None'"),
     (lambda: rules.check_preemptible("yes", "normal"), "preemptible must be true or false, got yes"),

@@ -43,7 +43,7 @@ def test_a_calm_replica_gives_its_unit_and_a_busy_one_does_not_until_the_model_s
     assert (taken.sleep, taken.drain, taken.reason) == ("a0", True, Reason.DONOR_LESS_DEMAND)
     # not from a model asked as much as the starving one, until its requests near their hold deadline: turns
     assert decide(busy_a, demand | {"b": ModelDemand(9, 90.0, 1.0)}, now=100.0, policy=POLICY) == []
-    [turn] = decide(busy_a, demand | {"b": ModelDemand(9, 79.0, 1.0)}, now=100.0, policy=POLICY)
+    [turn] = decide(busy_a, demand | {"b": ModelDemand(9, 70.0, 1.0)}, now=100.0, policy=POLICY)
     assert (turn.sleep, turn.reason) == ("a0", Reason.TAKING_TURNS)
 
 

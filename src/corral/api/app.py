@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import corral
-from corral.api import autopilot, events, finetune, load, serving, system
+from corral.api import autopilot, events, finetune, load, serving, sleep, system, tenancy, usage
 from corral.api.doors import (
     API_CATCH_ALL,
     DOOR_REFUSALS,
@@ -69,10 +69,13 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         lifespan=lifespan,
     )
     app.include_router(serving.router)
+    app.include_router(sleep.router)
     app.include_router(load.router)
     app.include_router(system.router)
     app.include_router(finetune.router)
     app.include_router(autopilot.router)
+    app.include_router(usage.router)
+    app.include_router(tenancy.router)
     app.include_router(events.router)
     app.add_middleware(WebDoors)  # host, origin, content type and body size, before any route (corral.api.doors)
 
@@ -104,6 +107,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
                   for (d, b, r), n in sorted(counts.items())]
         lines += rt.backend.metrics()
         lines += rt.autopilot.metrics()
+        lines += rt.metering.metrics()
+        lines += rt.sleeping.metrics()
         return "\n".join(lines) + "\n" + rt.gateway.stats.prometheus()
 
     @app.exception_handler(CorralError)

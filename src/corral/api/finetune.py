@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 from corral.api.auth import require_token
 from corral.api.schemas import ENGINE_LENGTH, PATH_LENGTH, Body, Name, errors, plain_text
 from corral.backends.local.process import tail_lines
+from corral.domain.finetune_request import MAX_DATASET_SOURCES
 from corral.domain.hyperparameters import HYPERPARAMETERS_HELP
 from corral.domain.tasks import FINISHED
 from corral.finetune.manager import FinetuneManager
@@ -36,11 +37,25 @@ class GpuRequest(BaseModel):
     memoryGb: float | None = Field(default=None, description="free memory each GPU must have; default: estimated")
 
 
+class DatasetEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(max_length=PATH_LENGTH, description="as datasetPath: under the dataset folders")
+    ratio: float = Field(default=1.0, description="the share of its examples trained, above 0 and at most 1")
+
+
+DATASETS_HELP = (f"instead of datasetPath: several datasets mixed, 1 to {MAX_DATASET_SOURCES} {{path, ratio}} (each "
+                 "source's ratio of its examples, chosen with the seed)")
+
+
 class SubmitRequest(Body):
     baseModel: str = Field(max_length=PATH_LENGTH, description="local model directory or hub id")
-    datasetPath: str = Field(max_length=PATH_LENGTH, description="JSONL or a JSON array: OpenAI `messages`, ShareGPT "
-                             "`conversations`, Alpaca `instruction`/`input`/`output`, `prompt`/`completion`, or `text`")
-    method: str = Field(default="lora", max_length=16, description="lora | qlora | full")
+    datasetPath: str | None = Field(default=None, max_length=PATH_LENGTH, description="JSONL or a JSON array: OpenAI `messages`, "
+                                    "ShareGPT `conversations`, Alpaca `instruction`/`input`/`output`, `prompt`/`completion`, "
+                                    "or `text`; or their rows in a Parquet or Arrow file, or a Hugging Face `datasets` "
+                                    "directory (save_to_disk)")
+    datasets: list[DatasetEntry] | None = Field(default=None, max_length=MAX_DATASET_SOURCES, description=DATASETS_HELP)
+    method: str = Field(default="lora", max_length=16, description="lora | qlora | full | dpo | orpo (dpo, orpo: a LoRA "
+                        "adapter trained on preference data, `chosen`/`rejected`, with TRL)")
     priority: str = Field(default="normal", max_length=16, description="high | normal | low (10 / 0 / -10 on the scale of "
                           "business policy priorities)")
     preemptible: bool | None = Field(default=None, description="a business of higher priority may take its GPUs (it saves a "
@@ -65,17 +80,22 @@ async def submit(body: SubmitRequest, request: Request) -> Any:
     gpus, memory = (body.gpus.count, body.gpus.memoryGb) if isinstance(body.gpus, GpuRequest) else (body.gpus, None)
     return manager(request).submit(base_model=body.baseModel, dataset_path=body.datasetPath, method=body.method,
                                    priority=body.priority, gpus=gpus, memory_gb=memory, timeout_s=body.timeoutSeconds,
-                                   hyperparameters=body.hyperparameters, preemptible=body.preemptible)
+                                   hyperparameters=body.hyperparameters, preemptible=body.preemptible,
+                                   datasets=None if body.datasets is None else [d.model_dump() for d in body.datasets])
 
 
 class PreviewRequest(Body):
     baseModel: str = Field(max_length=PATH_LENGTH, description="local model directory or hub id (its tokenizer is used)")
-    datasetPath: str = Field(max_length=PATH_LENGTH, description="as for a task: under the dataset folders")
+    datasetPath: str | None = Field(default=None, max_length=PATH_LENGTH, description="as for a task: under the dataset folders")
+    datasets: list[DatasetEntry] | None = Field(default=None, max_length=MAX_DATASET_SOURCES, description=DATASETS_HELP)
     maxSeqLen: int | None = Field(default=None, description="default: the maxSeqLen hyperparameter's default")
     trainOnPrompt: bool | None = Field(default=None, description="default false: the loss covers the assistant's turns only")
     chatTemplate: str | None = Field(default=None, max_length=32, description="as the chatTemplate hyperparameter: model (the "
                                      "tokenizer's own, the default) or a built-in template's name")
     examples: int = Field(default=5, ge=0, le=50, description="how many examples to show")
+    method: str = Field(default="lora", max_length=16, description="as for a task: dpo and orpo read preference pairs")
+    batchSize: int | None = Field(default=None, description="as the batchSize hyperparameter (default its default): the "
+                                                            "padding with and without packing is counted in batches of it")
 
 
 @router.post("/preview", dependencies=mutating, response_model=PreviewResult, responses=errors(400, 401))
@@ -83,7 +103,10 @@ async def preview(body: PreviewRequest, request: Request) -> Any:
     """What the trainer would make of a dataset before any GPU is spent: its format, the first examples with the
     tokens the loss covers (`spans`), how many are truncated or dropped at `maxSeqLen`, and their lengths."""
     return await manager(request).preview(base_model=body.baseModel, dataset_path=body.datasetPath, max_seq_len=body.maxSeqLen,
-                                          train_on_prompt=body.trainOnPrompt, examples=body.examples, chat_template=body.chatTemplate)
+                                          train_on_prompt=body.trainOnPrompt, examples=body.examples, chat_template=body.chatTemplate,
+                                          batch_size=body.batchSize,
+                                          datasets=None if body.datasets is None else [d.model_dump() for d in body.datasets],
+                                          method=body.method)
 
 
 @router.get("/tasks", response_model=list[FinetuneTask])

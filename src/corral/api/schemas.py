@@ -4,7 +4,7 @@ Response bodies are the shared view models of `corral.views`; the error response
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
@@ -62,6 +62,14 @@ class DeployRequest(Body):
         default_factory=dict,
         description="environment variables for every replica, e.g. {\"VLLM_API_KEY\": \"...\"}: stored, passed to the "
                     "engine's process, never returned (deployments list their names only) and never logged")
+    sharedGpus: bool = Field(default=False, description="a pool whose replicas may share a GPU with sleeping replicas of "
+                             "other sharedGpus pools (at most one awake per GPU); its engine needs a sleep mode "
+                             "(vLLM/simulator: --enable-sleep-mode in engineArgs)")
+
+
+class SleepRequest(Body):
+    level: int = Field(default=1, ge=1, le=2, description="1: weights offloaded to host memory (fast wake); 2: weights discarded "
+                                              "(no host memory, slower wake)")
 
 
 class DeployServiceRequest(Body):
@@ -70,6 +78,8 @@ class DeployServiceRequest(Body):
     businessTag: Name
     isExternal: bool = False
     llmRouting: bool = Field(default=False, description="kubernetes: a vllm-router (KV-cache-aware) beside the service")
+    auth: Literal["none", "keys"] | None = Field(default=None, description="who may call it: `keys` (the default when "
+                                                 "isExternal) needs one of its API keys, `none` (otherwise) anyone")
 
 
 class AssignPodRequest(Body):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Union
 
-from fastapi import APIRouter, Depends, Query, Request, status
+from fastapi import APIRouter, Depends, Path, Query, Request, status
 from fastapi.responses import PlainTextResponse
 
 from corral.api.auth import require_token
@@ -22,6 +22,7 @@ from corral.domain import labels as L
 from corral.domain.deploy_request import DeploySpec
 from corral.domain.errors import Hint, NotFound
 from corral.domain.history import Action
+from corral.domain.tenancy import AuthMode
 from corral.views import (
     AdapterRemoveResult,
     AdapterView,
@@ -38,6 +39,7 @@ from corral.views import (
     HistoryEntry,
     PodView,
     PoolStatus,
+    RoutingSpec,
     ScaleRefusal,
     ScaleResult,
 )
@@ -59,7 +61,7 @@ async def deploy(body: DeployRequest, request: Request) -> Any:
     spec = DeploySpec(
         engine=body.engine, model_id=body.modelId, model_tag=body.modelTag, replicas=body.replicas,
         deploy_as_pool=body.deployAsPool, gpus_per_replica=body.gpusPerReplica, engine_args=body.engineArgs,
-        secret_env=body.secretEnv,
+        secret_env=body.secretEnv, shared_gpus=body.sharedGpus,
     )
     return await controller(request).deploy(spec)
 
@@ -114,9 +116,11 @@ async def pod_logs(name: str, request: Request, tail: int = Query(default=200, g
 @router.post("/deploy-service", dependencies=mutating, status_code=status.HTTP_201_CREATED,
              response_model=DeployServiceResult, responses=errors(400, 401, 404, 409, 503))
 async def deploy_service(body: DeployServiceRequest, request: Request) -> Any:
-    """Create the business service `<serviceName>-nlb` selecting `{model, business}`."""
+    """Create the business service `<serviceName>-nlb` selecting `{model, business}`; `auth` (default: `keys` when
+    `isExternal`, else `none`) says whether its callers need one of its API keys (POST .../keys)."""
     return await controller(request).deploy_service(body.serviceName, body.modelPool, body.businessTag, body.isExternal,
-                                                    llm_routing=body.llmRouting)
+                                                    llm_routing=body.llmRouting,
+                                                    auth=AuthMode(body.auth) if body.auth else None)
 
 
 @router.get("/business-services", response_model=list[BusinessServiceView])
@@ -128,8 +132,22 @@ async def business_services(request: Request) -> Any:
 @router.delete("/business-services/{name}", dependencies=mutating, response_model=DeleteServiceResult,
                responses=errors(400, 401, 404, 409, 503))
 async def delete_business_service(name: str, request: Request, force: bool = False) -> Any:
-    """Delete a business service; if its pods would be stranded, `force=true` unassigns them."""
+    """Delete a business service; if its pods would be stranded, `force=true` unassigns them. Its API keys go too."""
     return await controller(request).delete_service(name, force=force)
+
+
+@router.get("/business-services/{name}/routing", response_model=RoutingSpec, responses=errors(400, 404))
+async def get_routing(request: Request, name: str = Path(max_length=L.MAX_NAME_LENGTH)) -> Any:
+    """How the gateway picks the replica of each request of the service (default: least-load)."""
+    return controller(request).routing(name)
+
+
+@router.put("/business-services/{name}/routing", dependencies=mutating, response_model=RoutingSpec,
+            responses=errors(400, 401, 404, 503))
+async def put_routing(body: RoutingSpec, request: Request, name: str = Path(max_length=L.MAX_NAME_LENGTH)) -> Any:
+    """`{"policy": "least-load" | "prefix-aware", "weights": {"prefix": 3, "queue": 2, "kvCache": 2}}` (weights
+    0-100). Recorded with a `routing` history row; answers once the gateway picks by it."""
+    return await controller(request).set_routing(name, body)
 
 
 @router.post("/assign-pod", dependencies=mutating, response_model=AssignResult, responses=errors(400, 401, 404, 409, 503))

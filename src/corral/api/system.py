@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 
 from corral.api.schemas import errors
+from corral.domain.hyperparameters import DEFAULTS as SUBMIT_DEFAULTS
 from corral.domain.memory import METHODS, TrainingSetup, serving_memory, training_memory
 from corral.model_files import size_model
 from corral.views import DataPlaneStatus, Estimate, GpuInfo, gpu_info
@@ -19,7 +20,7 @@ router = APIRouter(prefix="/api/system", tags=["system"])
 async def get_gpu_info(request: Request) -> Any:
     """`{available, count, devices: [{id, name, memory_gb, …}], recommendation}`; detected through NVML."""
     runtime = request.app.state.runtime
-    return gpu_info(runtime.gpu_inventory, runtime.catalogue)
+    return gpu_info(runtime.gpu_inventory, runtime.catalogue, runtime.settings.finetune_memory_margin_gb)
 
 
 @router.get("/estimate", response_model=Estimate, responses=errors(400))
@@ -28,9 +29,10 @@ def estimate(  # sync: FastAPI runs it in a worker thread, since sizing reads co
                        "or a hub id (Org/Name) found in the Hugging Face cache or, by name, in the catalogue"),
     method: str = Query(default="lora", description=" | ".join(METHODS)),
     quantBits: int = Query(default=4, description="qlora: 4 or 8"),  # noqa: N803 (API field names are camelCase)
-    seqLen: int = Query(default=2048, ge=1, le=1_048_576),  # noqa: N803
-    batchSize: int = Query(default=1, ge=1, le=4096),  # noqa: N803
-    loraRank: int = Query(default=8, ge=1, le=4096),  # noqa: N803
+    # The submit's defaults (`domain.hyperparameters`): an estimate asked without them is the default task's.
+    seqLen: int = Query(default=SUBMIT_DEFAULTS["maxSeqLen"], ge=1, le=1_048_576),  # noqa: N803
+    batchSize: int = Query(default=SUBMIT_DEFAULTS["batchSize"], ge=1, le=4096),  # noqa: N803
+    loraRank: int = Query(default=SUBMIT_DEFAULTS["loraRank"], ge=1, le=4096),  # noqa: N803
     contextTokens: int = Query(default=4096, ge=1, le=10_000_000),  # noqa: N803
     concurrency: int = Query(default=8, ge=1, le=100_000),
 ) -> Any:

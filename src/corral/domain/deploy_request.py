@@ -46,6 +46,7 @@ class DeploySpec:
     engine_args: list[str] | str = ()  # type: ignore[assignment]
     # Environment variables given to every replica (API keys, tokens): stored, never shown (only their names).
     secret_env: Mapping[str, str] | None = field(default=None, repr=False, compare=False)  # never in a repr (logs)
+    shared_gpus: bool = False  # `sharedGpus`: replicas may share GPU units with sleeping ones of other such pools
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,10 @@ from typing import Any
 from corral.domain.errors import InvalidInput
 from corral.domain.queue import Priority
 
-METHODS = ("lora", "qlora", "full")
+METHODS = ("lora", "qlora", "full", "dpo", "orpo")
+# The preference methods (TRL's DPO and ORPO trainers on `chosen`/`rejected` data) train a LoRA adapter, like lora.
+PREFERENCE_METHODS = ("dpo", "orpo")
+ADAPTER_METHODS = ("lora", "qlora", *PREFERENCE_METHODS)  # a result that is a LoRA adapter (merged, or added to a pool)
 MAX_PATH = 4096  # characters of baseModel and datasetPath
 MAX_GPUS = 64
 MAX_MEMORY_GB = 1_000_000.0
@@ -93,3 +96,33 @@ def check_timeout(timeout: Any) -> float:
         raise InvalidInput(f"timeoutSeconds must be a positive number of seconds, at most {MAX_TIMEOUT_S:.0f} (366 days), "
                            f"got {short(timeout)}")
     return float(timeout)
+
+
+MAX_DATASET_SOURCES = 16  # `datasets` entries of a mix
+
+
+def check_dataset_sources(dataset_path: Any, datasets: Any) -> list[tuple[str, float]]:
+    """The dataset(s) a request names, as (path, ratio): `datasetPath` alone (ratio 1), or `datasets`, a list of
+    1 to 16 `{path, ratio}` (ratio in (0, 1]: the share of that source's examples trained; default 1), each path
+    once. Exactly one of the two."""
+    if datasets is None:
+        check_path_text(dataset_path, "datasetPath")
+        return [(dataset_path, 1.0)]
+    if dataset_path is not None:
+        raise InvalidInput("give datasetPath or datasets, not both")
+    if not isinstance(datasets, list) or not 1 <= len(datasets) <= MAX_DATASET_SOURCES:
+        raise InvalidInput(f"datasets must be a list of 1 to {MAX_DATASET_SOURCES} {{path, ratio}} entries, got "
+                           f"{len(datasets) if isinstance(datasets, list) else short(datasets)}")
+    sources: list[tuple[str, float]] = []
+    for i, entry in enumerate(datasets):
+        if not isinstance(entry, dict) or set(entry) - {"path", "ratio"}:
+            raise InvalidInput(f"datasets[{i}] must be {{path, ratio}}, got {short(entry)}")
+        path, ratio = entry.get("path"), entry.get("ratio", 1.0)
+        check_path_text(path, f"datasets[{i}].path")
+        if not finite(ratio) or not 0 < ratio <= 1:
+            raise InvalidInput(f"datasets[{i}].ratio must be a number above 0 and at most 1 (the share of its examples "
+                               f"trained), got {short(ratio)}")
+        if any(path == seen for seen, _ in sources):
+            raise InvalidInput(f"datasets[{i}].path '{short(path)}' is named twice: give each source once, with its ratio")
+        sources.append((path, float(ratio)))
+    return sources

@@ -14,6 +14,13 @@ GPU 0, `"0/mig1"` for MIG instance 1 carved from GPU 0.
 
 Snapshots are values: `hold`, `release` and `claim` return a new ledger, so a planner can try
 "what if" without touching what others read.
+
+Shared units (issue 31): replicas of pools deployed with `sharedGpus: true` may hold the *same* unit when at most
+one of them is awake there; the others sleep (corral.domain.sleep). The awake one uses the unit's GPU memory; a
+level-1 sleeper's weights sit in host memory, counted against the host budget (`host_budget_bytes`, the setting
+CORRAL_SLEEP_HOST_MEMORY_GB); a level-2 sleeper costs neither. Sharing is by exact unit id only (never a whole GPU
+with a slice of it), and a holder that is not shared never shares a unit. `hold_shared`, `set_sleep`,
+`place_shared` keep these rules; `awake_on`, `sleepers_on`, `host_bytes_used` read them (the swap decision does).
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ from types import MappingProxyType
 from typing import Protocol
 
 from corral.domain.errors import Conflict
+from corral.domain.sleep import SleepLevel
+
+GIB = 1024**3
 
 
 class HolderKind(StrEnum):
@@ -150,6 +160,9 @@ class GpuClaim:
     holder: Holder
     units: tuple[str, ...] = ()
     count: int = 0
+    shared: bool = False  # of a pool with sharedGpus: may share its units with other shared holders
+    sleeping: SleepLevel | None = None  # asleep at this level (None: awake)
+    host_bytes: float = 0.0  # its weights' bytes: what a level-1 sleep keeps in host memory
 
 
 @dataclass(frozen=True)
@@ -158,6 +171,10 @@ class GpuLedger:
 
     units: tuple[GpuUnit, ...] = ()
     holdings: Mapping[Holder, tuple[str, ...]] = field(default_factory=dict)
+    shared: frozenset[Holder] = frozenset()  # holders that may share a unit (module docstring)
+    sleeping: Mapping[Holder, SleepLevel] = field(default_factory=dict)  # holders asleep, and at what level
+    host_bytes: Mapping[Holder, float] = field(default_factory=dict)  # each holder's weights (level-1 host cost)
+    host_budget_bytes: float | None = None  # host memory level-1 sleepers may use; None: not limited
     _by_unit: Mapping[str, Holder] = field(init=False, repr=False, compare=False)
     _index: Mapping[str, GpuUnit] = field(init=False, repr=False, compare=False)
 
@@ -175,7 +192,8 @@ class GpuLedger:
 
     # building ----------------------------------------------------------------------------------
     @classmethod
-    def build(cls, units: Iterable[GpuUnit], claims: Iterable[GpuClaim] = ()) -> GpuLedger:
+    def build(cls, units: Iterable[GpuUnit], claims: Iterable[GpuClaim] = (), *,
+              host_budget_bytes: float | None = None) -> GpuLedger:
         """The snapshot of what is observed. Lenient on purpose: what is running holds its units even
         when the books disagree (a unit gone from the inventory, two holders from before this ledger
         existed) — such units are simply not free; `conflicts()` lists them. Exact claims first, then
@@ -185,7 +203,9 @@ class GpuLedger:
         for claim in claims:
             if claim.units:
                 holdings[claim.holder] = tuple(dict.fromkeys(holdings.get(claim.holder, ()) + claim.units))
-        ledger = cls(tuple(units), holdings)
+        ledger = cls(tuple(units), holdings, frozenset(c.holder for c in claims if c.shared),
+                     {c.holder: c.sleeping for c in claims if c.sleeping is not None},
+                     {c.holder: c.host_bytes for c in claims if c.host_bytes}, host_budget_bytes)
         for claim in claims:
             if claim.count > 0:
                 free = ledger._pick(ledger.free_units(whole_only=True), claim.count, 0.0)
@@ -232,14 +252,123 @@ class GpuLedger:
         )
 
     def conflicts(self) -> list[tuple[str, str]]:
-        """Pairs of held units that overlap (should never happen; observed state can still show it)."""
+        """Pairs of held units that overlap (should never happen; observed state can still show it). Two shared
+        holders on the same unit are no conflict unless both are awake."""
         pairs = []
         for holder, ids in self.holdings.items():
             for other, other_ids in self.holdings.items():
                 if other <= holder:
                     continue
-                pairs += [(a, b) for a in ids for b in other_ids if units_overlap(a, b)]
+                sharing = holder in self.shared and other in self.shared and (holder in self.sleeping or other in self.sleeping)
+                pairs += [(a, b) for a in ids for b in other_ids if units_overlap(a, b) and not (sharing and a == b)]
         return pairs
+
+    # sharing (issue 31) -------------------------------------------------------------------------
+    def holders_on(self, unit_id: str) -> tuple[Holder, ...]:
+        """Every holder of exactly `unit_id` (several only on a shared unit)."""
+        return tuple(h for h, ids in self.holdings.items() if unit_id in ids)
+
+    def awake_on(self, unit_id: str) -> Holder | None:
+        """The holder of `unit_id` that is awake (uses its GPU memory), or None."""
+        return next((h for h in self.holders_on(unit_id) if h not in self.sleeping), None)
+
+    def sleepers_on(self, unit_id: str) -> tuple[Holder, ...]:
+        return tuple(h for h in self.holders_on(unit_id) if h in self.sleeping)
+
+    def sleep_level(self, holder: Holder) -> SleepLevel | None:
+        return self.sleeping.get(holder)
+
+    def host_bytes_used(self) -> float:
+        """Host memory held by level-1 sleepers' weights."""
+        return sum(self.host_bytes.get(h, 0.0) for h, level in self.sleeping.items() if level == SleepLevel.OFFLOAD)
+
+    def host_bytes_free(self) -> float | None:
+        """What the host budget has left; None when there is no budget."""
+        return None if self.host_budget_bytes is None else self.host_budget_bytes - self.host_bytes_used()
+
+    def hold_shared(self, holder: Holder, unit_ids: Iterable[str], *, sleeping: SleepLevel | None = None,
+                    host_bytes: float = 0.0) -> GpuLedger:
+        """A ledger where `holder`, a shared holder, also holds `unit_ids`: each free, or held (that exact id) by
+        shared holders only, none of them awake if `holder` is. Conflict naming what stands in the way otherwise."""
+        ids = tuple(unit_ids)
+        ledger = self._replace(shared=self.shared | {holder}, host_bytes={**self.host_bytes, holder: float(host_bytes)})
+        ledger = ledger._set_level(holder, sleeping)
+        ledger._check_host_budget(holder)
+        for unit_id in ids:
+            if (why := ledger._cannot_share(holder, unit_id, sleeping)) is not None:
+                raise Conflict(f"GPU {unit_id} cannot go to {holder}: {why}")
+            ledger = ledger._with(holder, (unit_id,))
+        return ledger
+
+    def set_sleep(self, holder: Holder, level: SleepLevel | None) -> GpuLedger:
+        """A ledger where `holder` sleeps at `level` (None: awake). Conflict if waking it would make two awake on one
+        unit, or a level-1 sleep would exceed the host budget."""
+        if level is None:
+            for unit_id in self.units_of(holder):
+                awake = self.awake_on(unit_id)
+                if awake is not None and awake != holder:
+                    raise Conflict(f"{holder} cannot wake on GPU {unit_id}: {awake} is awake there; put it to sleep first")
+        ledger = self._set_level(holder, level)
+        ledger._check_host_budget(holder)
+        return ledger
+
+    def place_shared(self, holder: Holder, count: int, *, sleeping: SleepLevel | None = None, host_bytes: float = 0.0,
+                     who: str | None = None) -> tuple[str, ...]:
+        """Units for a new shared holder: free whole units first (lowest first), then units held only by shared
+        holders with none awake there when `holder` starts awake. Conflict naming the awake replica to put to sleep
+        (the swap decision orchestrates that; placement does not) or the host budget."""
+        if count <= 0:
+            return ()
+        probe = self._replace(shared=self.shared | {holder},
+                              host_bytes={**self.host_bytes, holder: float(host_bytes)})._set_level(holder, sleeping)
+        probe._check_host_budget(holder, who)
+        chosen = [u.id for u in self.free_units(whole_only=True)][:count]
+        blocked: list[str] = []
+        for unit in self.units:
+            if len(chosen) >= count:
+                break
+            if not unit.whole or unit.id in chosen or not self.holders_on(unit.id):
+                continue
+            why = probe._cannot_share(holder, unit.id, sleeping)
+            if why is None:
+                chosen.append(unit.id)
+            elif (awake := self.awake_on(unit.id)) is not None and awake in self.shared:
+                blocked.append(f"GPU {unit.id} ({awake} is awake there: put it to sleep first)")
+        if len(chosen) < count:
+            where = "; ".join(blocked) or "no free GPU and no GPU shared only by sleeping replicas of sharedGpus pools"
+            raise Conflict(f"{who or holder} needs {count} GPU(s) to share but found {len(chosen)}: {where}")
+        return tuple(chosen)
+
+    def _cannot_share(self, holder: Holder, unit_id: str, sleeping: SleepLevel | None) -> str | None:
+        if self.unit(unit_id) is None:
+            return "it is not a detected GPU unit"
+        others = [h for h in self.holders_on(unit_id) if h != holder]
+        blocking = self.holder_of(unit_id)
+        if blocking is not None and blocking != holder and blocking not in others:
+            return f"it overlaps a unit held by {blocking}"  # a whole GPU and a slice are never shared
+        if unshared := [h for h in others if h not in self.shared]:
+            return f"it is held by {unshared[0]}, which does not share GPUs (sharedGpus is off)"
+        if sleeping is None and (awake := next((h for h in others if h not in self.sleeping), None)) is not None:
+            return f"{awake} is awake there; at most one replica is awake on a shared GPU: put it to sleep first"
+        return None
+
+    def _check_host_budget(self, holder: Holder, who: str | None = None) -> None:
+        free = self.host_bytes_free()
+        if free is not None and free < 0 and self.sleeping.get(holder) == SleepLevel.OFFLOAD:
+            raise Conflict(f"{who or holder} cannot sleep at level 1: its weights ({self.host_bytes.get(holder, 0) / GIB:.1f}GB) "
+                           f"would take host memory to {self.host_bytes_used() / GIB:.1f}GB, beyond the budget "
+                           f"CORRAL_SLEEP_HOST_MEMORY_GB={self.host_budget_bytes / GIB:g}; use level 2 or raise the budget")
+
+    def _set_level(self, holder: Holder, level: SleepLevel | None) -> GpuLedger:
+        sleeping = {h: v for h, v in self.sleeping.items() if h != holder}
+        if level is not None:
+            sleeping[holder] = SleepLevel(level)
+        return self._replace(sleeping=sleeping)
+
+    def _replace(self, **changes: object) -> GpuLedger:
+        fields = {"units": self.units, "holdings": self.holdings, "shared": self.shared, "sleeping": self.sleeping,
+                  "host_bytes": self.host_bytes, "host_budget_bytes": self.host_budget_bytes} | changes
+        return GpuLedger(**fields)  # type: ignore[arg-type]
 
     # placing -----------------------------------------------------------------------------------
     def place(self, holder: Holder, count: int, *, whole_only: bool = False, min_free_bytes: float = 0.0,
@@ -276,16 +405,19 @@ class GpuLedger:
     def release(self, holder: Holder) -> GpuLedger:
         """A ledger without `holder`'s units. Their memory counts as free again (its total): what the
         holder used is given back once it is gone, whatever the last reading said."""
-        ids = set(self.units_of(holder))
+        # A shared unit's memory is the awake holder's: given back only when nobody holds the unit any more.
+        ids = {u for u in self.units_of(holder) if all(h == holder for h in self.holders_on(u))}
         units = tuple(GpuUnit(u.device, u.mig, u.memory_total_bytes, u.memory_total_bytes, u.uuid) if u.id in ids else u
                       for u in self.units)
-        return GpuLedger(units, {h: u for h, u in self.holdings.items() if h != holder})
+        return self._replace(units=units, holdings={h: u for h, u in self.holdings.items() if h != holder},
+                             shared=self.shared - {holder}, sleeping={h: v for h, v in self.sleeping.items() if h != holder},
+                             host_bytes={h: v for h, v in self.host_bytes.items() if h != holder})
 
     # helpers -----------------------------------------------------------------------------------
     def _with(self, holder: Holder, unit_ids: tuple[str, ...]) -> GpuLedger:
         holdings = dict(self.holdings)
         holdings[holder] = tuple(dict.fromkeys(holdings.get(holder, ()) + unit_ids))
-        return GpuLedger(self.units, holdings)
+        return self._replace(holdings=holdings)
 
     @staticmethod
     def _pick(free: Iterable[GpuUnit], count: int, min_free_bytes: float) -> list[GpuUnit]:

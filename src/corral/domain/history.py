@@ -34,10 +34,15 @@ class Action(StrEnum):
     SCALE_VERIFY = "scale-verify"
     AUTOPILOT = "autopilot"  # one decision of a pool's autopilot (its moves are `assign` rows before it)
     POLICY = "policy"  # a business's autopilot policy or a pool's autopilot settings changed
+    ROUTING = "routing"  # a business service's replica picking changed (domain/replica_picking.py)
     PIN = "pin"  # a replica pinned where a person put it, or unpinned
     FINETUNE = "finetune"  # a finetune task submitted, started, preempted, completed, failed or cancelled
     ADAPTER_ADD = "adapter-add"  # a LoRA adapter added to a running vLLM pool (corral.adapters)
     ADAPTER_REMOVE = "adapter-remove"
+    API_KEY = "api-key"  # a business service's API key created or revoked (its id and prefix, never the key)
+    ACCESS = "access"  # a business service's auth mode or quotas changed
+    SLEEP = "sleep"  # a replica put to sleep (its weights offloaded or discarded; domain/sleep.py)
+    WAKE = "wake"  # a sleeping replica woken
 
 
 class Outcome(StrEnum):
@@ -111,6 +116,10 @@ def judge_interrupted(row: Mapping[str, Any], now: Observed) -> tuple[Outcome, s
     action, target, after = row["action"], row["target"], row.get("after") or {}
     if action in (Action.ADAPTER_ADD, Action.ADAPTER_REMOVE):
         return judge_adapter(row, now.adapters)
+    if action in (Action.SLEEP, Action.WAKE):
+        # The sleep reconciler's (backends/local/sleep.py): it drives the replica to its recorded desired state
+        # once it is ready, and completes the row then (or fails it when the replica is gone).
+        return Outcome.PENDING, "left to the sleep reconciler, which asks the replica's engine"
     if action == Action.FINETUNE:
         return _judge_preemption(row, now.tasks)
     if action == Action.SCALE and (redo := ScaleRedo.of(row)) is not None:
@@ -133,6 +142,11 @@ def judge_interrupted(row: Mapping[str, Any], now: Observed) -> tuple[Outcome, s
         wanted = {b: n for b, n in after.items() if n}
         have = {b: n for b, n in pod_distribution([p for p in now.pods if p.deployment == target]).items() if n}
         done = wanted == have
+    elif action in (Action.API_KEY, Action.ACCESS):
+        # A key or an access setting is written with its pending row, in one transaction; what was left is the routing
+        # push, which the reconciler makes on every start. (A created key whose answer was lost is unknown to anyone:
+        # listed by id and prefix, it can be revoked.)
+        done = True
     elif action == Action.AUTOPILOT:  # an autopilot decision's summary row: `after` is {replica: its new business}
         where = {p.name: p.business for p in now.pods if p.deployment == target}
         done = isinstance(after, Mapping) and bool(after) and all(where.get(pod) == business for pod, business in after.items())

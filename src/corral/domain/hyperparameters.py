@@ -56,10 +56,12 @@ Real = Annotated[float, BeforeValidator(_a_number)]
 Switch = Annotated[bool, BeforeValidator(_a_switch)]
 Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
+ReportTo = Literal["auto", "tensorboard", "none"]
 ChatTemplate = Literal[TEMPLATE_NAMES]  # type: ignore[valid-type]
 SCHEDULERS: tuple[str, ...] = Scheduler.__args__  # type: ignore[attr-defined]
 PRECISIONS: tuple[str, ...] = Precision.__args__  # type: ignore[attr-defined]
-LEARNING_RATES = {"lora": 1e-4, "qlora": 1e-4, "full": 1e-5}  # LLaMA-Factory's examples
+REPORT_TO: tuple[str, ...] = ReportTo.__args__  # type: ignore[attr-defined]
+LEARNING_RATES = {"lora": 1e-4, "qlora": 1e-4, "full": 1e-5, "dpo": 5e-6, "orpo": 5e-6}  # LLaMA-Factory's examples
 MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,127}")  # `fullmatch`: `$` would pass a trailing newline
 
 
@@ -86,6 +88,8 @@ class Hyperparameters(BaseModel):
         description="'all' (every linear layer) or module names separated by commas (e.g. q_proj,v_proj)")
     useDora: Switch = Field(default=False, description="true or false (weight-decomposed LoRA)")
     useRslora: Switch = Field(default=False, description="true or false (rank-stabilised LoRA scaling)")
+    packing: Switch = Field(default=False, description="true or false (several examples in each maxSeqLen row, each "
+                                                        "attending to itself only: fewer padding tokens and steps)")
     maxSeqLen: Integer = Field(default=1024, ge=16, le=1_048_576, description="an integer from 16 to 1048576")
     trainOnPrompt: Switch = Field(default=False, description="true or false (false: the loss covers the assistant's turns only)")
     chatTemplate: Annotated[ChatTemplate, BeforeValidator(_a_name)] = Field(
@@ -94,9 +98,22 @@ class Hyperparameters(BaseModel):
     gradientCheckpointing: Switch = Field(default=True, description="true or false")
     precision: Annotated[Precision, BeforeValidator(_a_name)] = Field(
         default="auto", description="one of auto (bf16 where the GPU supports it, else fp16; fp32 on the CPU), bf16, fp16, fp32")
+    prefBeta: Real = Field(default=0.1, gt=0, le=100, description="a positive number at most 100 (dpo and orpo: DPO's "
+                                                                  "beta, ORPO's lambda; LLaMA-Factory's pref_beta)")
+    pureBf16: Switch = Field(default=False, description="true or false (method full only: weights, gradients and Adam's "
+                                                        "states in bf16, no fp32 master copy: about half the memory, and "
+                                                        "updates below bf16's precision are lost)")
     valSize: Real = Field(default=0, ge=0, le=1_000_000,
                           description="a share of the examples below 1 (e.g. 0.1), or a whole number of examples, held out for "
                                       "the eval loss (0: none)")
+    reportTo: Annotated[ReportTo, BeforeValidator(_a_name)] = Field(
+        default="auto", description="one of auto (tensorboard when it is installed, else none), tensorboard (event files in the "
+                                    "task's directory: progress.logDir), none")
+    earlyStoppingPatience: Integer = Field(
+        default=0, ge=0, le=1000, description="an integer from 0 (off) to 1000: stop after this many evaluations in a row "
+                                              "without the eval loss improving (needs valSize)")
+    earlyStoppingThreshold: Real = Field(default=0.0, ge=0, le=1e6, description="a number from 0 to 1000000: the least "
+                                                                                 "drop of the eval loss that counts as better")
     saveSteps: Integer = Field(default=50, ge=1, le=1_000_000, description="an integer from 1 to 1000000")
     saveTotalLimit: Integer = Field(default=2, ge=1, le=1000, description="an integer from 1 to 1000 (checkpoints kept)")
     seed: Integer = Field(default=42, ge=0, le=2**32 - 1, description=f"an integer from 0 to {2**32 - 1}")
@@ -122,9 +139,10 @@ DEFAULTS: dict[str, Any] = Hyperparameters().model_dump()
 INTEGERS = frozenset(name for name, f in Hyperparameters.model_fields.items()
                      if f.annotation is int or f.annotation == Integer | None)  # loraAlpha: an int, or by rank
 SWITCHES = frozenset(name for name, f in Hyperparameters.model_fields.items() if f.annotation is bool)
-CHOICES: dict[str, tuple[str, ...]] = {"lrScheduler": SCHEDULERS, "precision": PRECISIONS, "chatTemplate": TEMPLATE_NAMES}
+CHOICES: dict[str, tuple[str, ...]] = {"lrScheduler": SCHEDULERS, "precision": PRECISIONS, "chatTemplate": TEMPLATE_NAMES,
+                                        "reportTo": REPORT_TO}
 TEXTS = frozenset({"loraTarget"})
-_SHOWN_DEFAULTS = {"learningRate": "1e-4 for lora and qlora, 1e-5 for full", "loraAlpha": "2 × loraRank"}
+_SHOWN_DEFAULTS = {"learningRate": "1e-4 for lora and qlora, 1e-5 for full, 5e-6 for dpo and orpo", "loraAlpha": "2 × loraRank"}
 BY_OTHERS = ("learningRate", "loraAlpha")  # defaults that depend on other values: null means "not given"
 HYPERPARAMETERS_HELP = "name → value; unknown names are refused. " + "; ".join(
     f"{name}: {f.description} (default {_SHOWN_DEFAULTS.get(name, f.default)})" for name, f in Hyperparameters.model_fields.items())
@@ -160,6 +178,13 @@ def validate(values: Mapping[str, Any] | Hyperparameters | None, method: str = "
             name = str(exc.errors()[0]["loc"][0])
             rule = Hyperparameters.model_fields[name].description
             raise InvalidInput(f"hyperparameter {name} must be {rule}, got {_shown(values[name])}") from None
+    if checked["pureBf16"] and method != "full":
+        raise InvalidInput(f"hyperparameter pureBf16 is for method full (a {method} task keeps the base model in "
+                           f"{'4' if method == 'qlora' else '16'}-bit already and trains only the adapter): set pureBf16 false, "
+                           "or use method full")
+    if checked["earlyStoppingPatience"] and not checked["valSize"]:
+        raise InvalidInput("hyperparameter earlyStoppingPatience needs an eval split to watch: set valSize (e.g. 0.1), or "
+                           "earlyStoppingPatience 0")
     if checked["learningRate"] is None:
         checked["learningRate"] = default_learning_rate(method)
     if checked["loraAlpha"] is None:

@@ -109,7 +109,7 @@ class ModelShape(AttentionWidths):
             explicit_head_dim=self.head_dim if self.head_dim != self.hidden // self.heads else 0,
             experts=self.experts, experts_per_token=self.experts_per_token, expert_ffn=self.expert_ffn,
             shared_ffn=self.shared_ffn, moe_layers=self.moe_layers, active_params=float(max(active, 0)),
-            dtype=dtype or self.dtype,
+            dtype=dtype or self.dtype, tied_embeddings=self.tie_embeddings,
         )
 
 

@@ -8,6 +8,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from corral.domain import labels as L
+from corral.domain.sleep import SleepLevel, SleepState
 
 
 class PodPhase(StrEnum):
@@ -30,6 +31,9 @@ class Pod:
     restarts: int = 0
     created_at: datetime | None = None
     gpu_ids: tuple[int, ...] = ()
+    # Sleep mode (domain/sleep.py): only an awake replica is a routing target (gateway/routing.py).
+    sleep: SleepState = SleepState.AWAKE
+    sleep_level: SleepLevel | None = None  # the level it sleeps (or is to sleep) at; None when wanted awake
 
     @property
     def model(self) -> str | None:
@@ -56,6 +60,7 @@ class Deployment:
     gpus_per_replica: int = 0
     engine_args: tuple[str, ...] = ()
     created_at: datetime | None = None
+    shared_gpus: bool = False  # its replicas may share a GPU unit with other sharedGpus pools' sleepers (gpu_ledger)
 
     @property
     def selector(self) -> dict[str, str]:

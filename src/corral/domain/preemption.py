@@ -1,4 +1,5 @@
-"""Preemption: which running finetune tasks give their GPUs to a replica of a higher-priority business. Pure.
+"""Preemption: which running finetune tasks give their GPUs to a replica of a higher-priority business, or to a
+higher-priority waiting finetune task (`plan_task_preemption`, below). Pure.
 
 GPUs are shared both ways on one priority scale (`domain.queue.PRIORITY_LEVELS`: a task's low / normal /
 high is -10 / 0 / 10; a business's priority is its autopilot policy's integer, 0 without one). When a
@@ -21,9 +22,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 from corral.domain.gpu_ledger import GpuLedger, Holder
 from corral.domain.history import HistoryDraft, Intent
+from corral.domain.queue import Demand, Unit, fit
 
 DEFAULT_BUSINESS_PRIORITY = 0  # a business without an autopilot policy, and a pool without businesses
 
@@ -141,3 +144,101 @@ def _without(ledger: GpuLedger, tasks: Sequence[TaskOnGpu]) -> GpuLedger:
     for task in tasks:
         ledger = ledger.release(Holder.task(task.id))
     return ledger
+
+
+# Finetune tasks preempting finetune tasks ------------------------------------------------------------------------
+# A high-priority task waiting for GPUs takes them from lower-priority preemptible running tasks, with the rules above
+# (Kueue's `withinClusterQueue: LowerPriority`): never a task at its priority or above, never one that is not
+# preemptible; the fewest victims, lowest priority first, then the fewest steps lost, then the most recently started;
+# none when even all of them would not let it start. The manager carries it out like a business's preemption
+# (`corral.finetune.preemption`): intent first, the signal, the checkpoint, back to the queue, resumed later.
+
+
+class TaskPreemptionBlock(StrEnum):
+    """Why a waiting task preempts nobody (`TaskPreemptionPlan.blocked`)."""
+
+    CPU = "cpu"  # it trains on the CPU: CPU slots are not taken from running tasks
+    NO_CANDIDATE = "no-candidate"  # no running task strictly below it is preemptible and holds a GPU
+    NOT_ENOUGH = "not-enough"  # stopping every candidate would still not let it start
+
+
+class VictimReason(StrEnum):
+    """Why a running task was chosen (`Victim.reason`): the only reason there is, kept typed so that a caller (and a
+    test) states it rather than infers it."""
+
+    LOWER_PRIORITY_PREEMPTIBLE = "lower-priority-preemptible"
+
+
+@dataclass(frozen=True)
+class Victim:
+    task: str
+    level: int  # its priority on the shared scale, strictly below the preemptor's
+    steps_lost: int  # steps since its last checkpoint (saved on the signal: normally none are lost)
+    reason: VictimReason = VictimReason.LOWER_PRIORITY_PREEMPTIBLE
+
+    def describe(self, preemptor_level: int) -> str:
+        return (f"{self.task} (priority {self.level} < {preemptor_level}, preemptible, {self.steps_lost} step(s) since its "
+                "last checkpoint)")
+
+
+@dataclass(frozen=True)
+class TaskPreemptionPlan:
+    task: str  # the waiting task the GPUs are for
+    level: int
+    victims: tuple[Victim, ...] = ()  # in the order chosen
+    units: tuple[str, ...] = ()  # what the task gets once the victims (and the tasks already leaving for it) are gone
+    blocked: TaskPreemptionBlock | None = None  # set when preemption would be needed and cannot help
+    detail: str = ""  # the numbers behind `blocked`
+
+    @property
+    def needed(self) -> bool:
+        return bool(self.victims)
+
+    def describe(self) -> str:
+        if self.victims:
+            return f"preempting {', '.join(v.describe(self.level) for v in self.victims)} for {self.task}"
+        if self.blocked is TaskPreemptionBlock.NO_CANDIDATE:
+            return f"no preemptible finetune task below priority {self.level} holds a GPU"
+        if self.blocked is TaskPreemptionBlock.NOT_ENOUGH:
+            return f"stopping every preemptible finetune task below priority {self.level} would not let it start ({self.detail})"
+        if self.blocked is TaskPreemptionBlock.CPU:
+            return "a CPU task preempts nobody"
+        return f"{self.task} fits without preempting anyone"
+
+
+def plan_task_preemption(task: str, level: int, demand: Demand, running: Sequence[TaskOnGpu], ledger: GpuLedger,
+                         leaving: Sequence[str] = ()) -> TaskPreemptionPlan:
+    """The running tasks to preempt so that waiting `task` (at `level`) can start on `demand` (units with at least
+    `demand.memory_per_gpu` bytes free each: its estimate plus the preflight's margin). `ledger`: the queue's (GPUs
+    kept for replicas held). `leaving`: tasks already asked to give their GPUs to `task` (still stopping): planned as
+    gone, so a second round does not pick more victims while the first ones save. No victims when it fits already."""
+    if demand.gpus == 0:
+        return TaskPreemptionPlan(task, level, blocked=TaskPreemptionBlock.CPU)
+    for gone in leaving:
+        ledger = ledger.release(Holder.task(gone))
+    if (units := _fits(demand, ledger)) is not None:
+        return TaskPreemptionPlan(task, level, units=units)
+    candidates = victim_order([t for t in running if t.preemptible and t.level < level and t.units and t.id not in leaving])
+    if not candidates:
+        return TaskPreemptionPlan(task, level, blocked=TaskPreemptionBlock.NO_CANDIDATE)
+    chosen: list[TaskOnGpu] = []
+    after = ledger
+    for candidate in candidates:
+        after = after.release(Holder.task(candidate.id))
+        chosen.append(candidate)
+        if _fits(demand, after) is not None:
+            break
+    else:
+        enough = sum(1 for u in after.free_units() if u.memory_free_bytes >= demand.memory_per_gpu)
+        return TaskPreemptionPlan(task, level, blocked=TaskPreemptionBlock.NOT_ENOUGH,
+                                  detail=f"{enough} of the {demand.gpus} GPU(s) with {demand.memory_per_gpu / 1024**3:.1f} GiB")
+    for candidate in reversed(chosen[:-1]):  # the fewest: drop a victim a later one made unnecessary
+        rest = [t for t in chosen if t is not candidate]
+        if _fits(demand, _without(ledger, rest)) is not None:
+            chosen = rest
+    units = _fits(demand, _without(ledger, chosen)) or ()
+    return TaskPreemptionPlan(task, level, tuple(Victim(t.id, t.level, t.steps_since_checkpoint) for t in chosen), units)
+
+
+def _fits(demand: Demand, ledger: GpuLedger) -> tuple[str, ...] | None:
+    return fit(demand, [Unit(u.id, u.memory_free_bytes) for u in ledger.free_units()], 0)

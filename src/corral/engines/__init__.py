@@ -10,7 +10,9 @@ from corral.engines import servers  # noqa: F401
 from corral.engines.base import (
     REDACTED,
     Engine,
+    HttpCall,
     LaunchSpec,
+    SleepSupport,
     engine_names,
     get_engine,
     is_secret_flag,
@@ -19,4 +21,4 @@ from corral.engines.base import (
 )
 
 __all__ = ["Engine", "LaunchSpec", "get_engine", "engine_names", "redact_args", "is_secret_flag", "REDACTED",
-           "set_interpreter"]
+           "set_interpreter", "SleepSupport", "HttpCall"]

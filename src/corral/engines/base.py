@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from corral.domain.errors import InvalidInput
+from corral.domain.sleep import SleepLevel
 
 # Flags whose value is a secret (an API key, a token, a password): shown as `***` wherever Corral shows an
 # engine's command line (API, UI, manifests it writes, the replica log's header). Besides these names, any
@@ -62,6 +63,58 @@ class LaunchSpec:
 
 
 @dataclass(frozen=True)
+class HttpCall:
+    """One HTTP request to a replica (path relative to its address): what a sleep-mode action sends."""
+
+    method: str
+    path: str
+    params: tuple[tuple[str, str], ...] = ()
+    json: Mapping[str, object] | None = field(default=None, hash=False)
+
+
+@dataclass(frozen=True)
+class SleepSupport:
+    """How an engine sleeps and wakes (corral.domain.sleep), as the HTTP calls that do it.
+
+    `levels`: the levels it offers. `state`: the call that reports whether it sleeps (vLLM's `GET /is_sleeping`,
+    answering `{"is_sleeping": bool}`); None when the engine has none, and Corral then trusts its own record."""
+
+    levels: frozenset[SleepLevel]
+    sleep_path: str
+    wake_path: str
+    state: HttpCall | None = None
+    level_param: str | None = None  # the query parameter that carries the level (vLLM: `level`)
+    body: Mapping[str, object] | None = field(default=None, hash=False)  # a JSON body both calls send (SGLang)
+    reload_weights: HttpCall | None = None  # what reloads discarded weights after a level-2 sleep (wake_calls)
+
+    def sleep_call(self, level: SleepLevel) -> HttpCall:
+        params = ((self.level_param, str(int(level))),) if self.level_param else ()
+        return HttpCall("POST", self.sleep_path, params, self.body)
+
+    def wake_calls(self, level: SleepLevel) -> tuple[HttpCall, ...]:
+        """The calls that wake a replica asleep at `level`, in order. vLLM's level 2 discarded the weights: waking
+        allocates them (`?tags=weights`), reloads them from disk (`/collective_rpc` `reload_weights`), then
+        allocates the KV cache (`?tags=kv_cache`) — its documented sequence; level 1 is one call."""
+        if level == SleepLevel.DISCARD and self.reload_weights is not None:
+            return (HttpCall("POST", self.wake_path, (("tags", "weights"),), self.body), self.reload_weights,
+                    HttpCall("POST", self.wake_path, (("tags", "kv_cache"),), self.body))
+        return (HttpCall("POST", self.wake_path, (), self.body),)
+
+    @staticmethod
+    def is_sleeping(answer: object) -> bool | None:
+        """The engine's answer to `state`: True/False, None when it is not the expected shape."""
+        value = answer.get("is_sleeping") if isinstance(answer, Mapping) else None
+        return value if isinstance(value, bool) else None
+
+    def refusal(self, level: SleepLevel) -> str | None:
+        """Why `level` cannot be asked of this engine, or None."""
+        if level in self.levels:
+            return None
+        offered = " or ".join(str(int(v)) for v in sorted(self.levels))
+        return f"this engine sleeps at level {offered} only, not level {int(level)}"
+
+
+@dataclass(frozen=True)
 class Engine:
     """One inference server. `server_args` are what the container gets; `launch` adds the local executable."""
 
@@ -80,6 +133,15 @@ class Engine:
 
     def server_args(self, *, model_id: str, model_tag: str, port: int, host: str, gpus: int, extra: list[str]) -> list[str]:
         raise NotImplementedError
+
+    def sleep_support(self, extra: list[str]) -> SleepSupport | None:
+        """How a replica started with engine arguments `extra` sleeps and wakes; None when it cannot (the engine has
+        no sleep mode, or it is off in `extra`)."""
+        return None
+
+    def sleep_refusal(self, extra: list[str]) -> str:
+        """Why a replica of this engine cannot sleep, for the API's 409."""
+        return f"engine '{self.name}' has no sleep mode"
 
     def launch(
         self, *, model_id: str, model_tag: str, port: int, host: str, gpus: int, extra: list[str], replica: str

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from corral.domain.adapters import lora_module_names
-from corral.engines.base import Engine, LaunchSpec, register
+from corral.domain.sleep import SleepLevel
+from corral.engines.base import Engine, HttpCall, LaunchSpec, SleepSupport, register
 
 
 def _has_flag(extra: list[str], *flags: str) -> bool:
@@ -16,6 +17,23 @@ def _has_flag(extra: list[str], *flags: str) -> bool:
 
 
 CPU_KV_CACHE_BYTES = 1024**3  # vLLM on the CPU (no GPU given): each replica's KV cache
+
+# vLLM's sleep mode (`--enable-sleep-mode`): its endpoints exist only with VLLM_SERVER_DEV_MODE=1, which Corral sets
+# for such a replica (they are reachable on the replica's own loopback port only; the gateway never forwards them).
+# The simulator answers the same calls (corral.engines.simulator).
+VLLM_SLEEP_FLAG = "--enable-sleep-mode"
+VLLM_SLEEP = SleepSupport(
+    levels=frozenset(SleepLevel), sleep_path="/sleep", level_param="level", wake_path="/wake_up",
+    state=HttpCall("GET", "/is_sleeping"),
+    reload_weights=HttpCall("POST", "/collective_rpc", json={"method": "reload_weights"}),
+)
+# SGLang's memory saver (`--enable-memory-saver`) releases and resumes GPU memory; with `--enable-weights-cpu-backup`
+# the weights are kept in host memory (level 1). Without the backup they are lost and resuming would need a weight
+# update Corral does not drive, so Corral offers SGLang level 1 only. SGLang has no "is it sleeping" endpoint:
+# Corral trusts its own record for it.
+SGLANG_SLEEP_FLAGS = ("--enable-memory-saver", "--enable-weights-cpu-backup")
+SGLANG_SLEEP = SleepSupport(levels=frozenset({SleepLevel.OFFLOAD}), sleep_path="/release_memory_occupation",
+                            wake_path="/resume_memory_occupation", body={})
 
 
 @dataclass(frozen=True)
@@ -44,7 +62,15 @@ class VllmEngine(Engine):
             # Adapters are added to a running pool (corral.adapters) through /v1/load_lora_adapter, which vLLM
             # serves only with this set.
             env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+        if _has_flag(extra, VLLM_SLEEP_FLAG):
+            env["VLLM_SERVER_DEV_MODE"] = "1"  # /sleep, /wake_up, /is_sleeping exist only in dev mode
         return LaunchSpec(argv=spec.argv, env=env)
+
+    def sleep_support(self, extra):
+        return VLLM_SLEEP if _has_flag(extra, VLLM_SLEEP_FLAG) else None
+
+    def sleep_refusal(self, extra):
+        return f"engine '{self.name}' sleeps only when started with {VLLM_SLEEP_FLAG} in engineArgs"
 
 
 @dataclass(frozen=True)
@@ -54,6 +80,12 @@ class SglangEngine(Engine):
         if gpus > 1 and not _has_flag(extra, "--tp", "--tp-size"):
             args += ["--tp", str(gpus)]
         return args + extra
+
+    def sleep_support(self, extra):
+        return SGLANG_SLEEP if all(_has_flag(extra, flag) for flag in SGLANG_SLEEP_FLAGS) else None
+
+    def sleep_refusal(self, extra):
+        return f"engine '{self.name}' sleeps only when started with {' and '.join(SGLANG_SLEEP_FLAGS)} in engineArgs"
 
 
 @dataclass(frozen=True)
@@ -80,6 +112,12 @@ class TransformersEngine(Engine):
 class SimulatorEngine(Engine):
     def server_args(self, *, model_id, model_tag, port, host, gpus, extra):
         return ["--model", model_tag, "--host", host, "--port", str(port), *extra]
+
+    def sleep_support(self, extra):
+        return VLLM_SLEEP if _has_flag(extra, VLLM_SLEEP_FLAG) else None  # vLLM's endpoints and answers
+
+    def sleep_refusal(self, extra):
+        return f"engine '{self.name}' sleeps only when started with {VLLM_SLEEP_FLAG} in engineArgs"
 
 
 # What each engine's command line gets from Corral (see `server_args`); engineArgs may not set these.

@@ -34,6 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
+from corral.domain.sleep import OFFLOAD_BANDWIDTH_GBPS, RELOAD_BANDWIDTH_GBPS, SleepLevel, SleepTiming
 from corral.engines.sim_model import (
     E2E_BUCKETS,
     ITL_BUCKETS,
@@ -52,6 +53,7 @@ from corral.engines.sim_model import (
     render_histogram,
     request_problem,
 )
+from corral.engines.sim_sleep import SimSleep
 
 # Sleeping is coarse (an event-loop wake-up costs tens of µs): tokens due within this much are sent at
 # once, and the schedule is absolute, so short sleeps neither pile up nor drift.
@@ -165,18 +167,21 @@ class SimEngine:
 
 
 def build_app(model: str, timing: TimingModel | None = None, *, default_max_tokens: int = 16, startup_s: float = 0.0,
-              api_key: str | None = None, prefix_caching: bool = False, log_stats_s: float = 0.0) -> Starlette:
+              api_key: str | None = None, prefix_caching: bool = False, log_stats_s: float = 0.0,
+              sleep_mode: SleepTiming | None = None) -> Starlette:
     timing = timing or TimingModel()
     replica = os.environ.get("CORRAL_REPLICA_NAME", "simulator")
     fingerprint = f"corral-simulator:{replica}"
     headers = {"x-simulator-replica": replica}
     ready_at = time.monotonic() + startup_s
     engine = SimEngine(model, timing, prefix_caching)
+    sleeper = SimSleep(sleep_mode) if sleep_mode is not None else None  # vLLM's sleep mode (engines/sim_sleep.py)
 
     async def health(_: Request) -> JSONResponse:
         if time.monotonic() < ready_at:
             return JSONResponse({"status": "loading"}, status_code=503)
-        return JSONResponse({"status": "ok", "simulator": True, "replica": replica})
+        return JSONResponse({"status": "ok", "simulator": True, "replica": replica}
+                            | ({"sleeping": sleeper.is_sleeping} if sleeper is not None else {}))
 
     async def metrics(_: Request) -> PlainTextResponse:
         return PlainTextResponse(engine.metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -196,6 +201,8 @@ def build_app(model: str, timing: TimingModel | None = None, *, default_max_toke
     async def complete(request: Request) -> JSONResponse | StreamingResponse:
         if (refusal := refused(request)) is not None:
             return refusal
+        if sleeper is not None and (asleep := sleeper.refusal()) is not None:
+            return asleep
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -293,6 +300,7 @@ def build_app(model: str, timing: TimingModel | None = None, *, default_max_toke
             Route("/v1/models", models),
             Route("/v1/chat/completions", complete, methods=["POST"]),
             Route("/v1/completions", complete, methods=["POST"]),
+            *(sleeper.routes() if sleeper is not None else []),
         ],
         lifespan=lifespan,
     )
@@ -323,6 +331,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="an LRU cache of prompt-prefix blocks that shortens prefill on a hit (vLLM's flag)")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens when the request sets none")
     parser.add_argument("--startup-s", type=float, default=0.0, help="time /health answers 503 (model loading)")
+    parser.add_argument("--enable-sleep-mode", action="store_true",
+                        help="vLLM's sleep mode: POST /sleep?level=1|2, POST /wake_up, GET /is_sleeping (engines/sim_sleep.py)")
+    parser.add_argument("--weights-gb", type=float, default=1.0,
+                        help="the model weights' size, which sets the modelled sleep and wake times")
+    parser.add_argument("--sleep-bandwidth-gbps", type=float, default=OFFLOAD_BANDWIDTH_GBPS,
+                        help="host<->device copy speed of a level-1 sleep and wake (GB/s)")
+    parser.add_argument("--reload-bandwidth-gbps", type=float, default=RELOAD_BANDWIDTH_GBPS,
+                        help="weight reload speed of a level-2 wake (GB/s, from disk)")
     parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 (default: $SIMULATOR_API_KEY)")
     args = parser.parse_args(argv)
     try:
@@ -334,15 +350,24 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(exc))
     if args.max_tokens < 1:
         parser.error(f"--max-tokens must be ≥ 1, got {args.max_tokens}")
+    sleep_mode = None
+    if args.enable_sleep_mode:
+        try:
+            sleep_mode = SleepTiming(weights_gb=args.weights_gb, offload_bandwidth_gbps=args.sleep_bandwidth_gbps,
+                                     reload_bandwidth_gbps=args.reload_bandwidth_gbps)
+        except ValueError as exc:
+            parser.error(f"sleep mode: {exc}")
 
     import uvicorn
 
     app = build_app(args.model, timing, default_max_tokens=args.max_tokens, startup_s=args.startup_s,
                     api_key=args.api_key or os.environ.get("SIMULATOR_API_KEY") or None,
-                    prefix_caching=args.enable_prefix_caching, log_stats_s=10.0)
+                    prefix_caching=args.enable_prefix_caching, log_stats_s=10.0, sleep_mode=sleep_mode)
     print(f"INFO [simulator] Corral's simulated engine (no model runs) serving {args.model!r} on {args.host}:{args.port}: "
           f"max-num-seqs {timing.max_num_seqs}, {args.tokens_per_second:g} tokens/s per sequence, TTFT {args.ttft_ms:g} ms, "
-          f"prefix caching {'on' if args.enable_prefix_caching else 'off'}, ready in {args.startup_s:g} s", flush=True)
+          f"prefix caching {'on' if args.enable_prefix_caching else 'off'}, ready in {args.startup_s:g} s"
+          + (f", sleep mode on ({args.weights_gb:g} GB of weights: level-1 wake {sleep_mode.wake_s(SleepLevel.OFFLOAD):.2f} s, "
+             f"level-2 wake {sleep_mode.wake_s(SleepLevel.DISCARD):.2f} s)" if sleep_mode else ""), flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

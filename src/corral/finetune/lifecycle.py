@@ -78,12 +78,16 @@ class Lifecycle:
             dataset_path=request.dataset_path, method=request.method, priority=request.priority,
             hyperparameters=request.hyperparameters, gpus=request.gpus, timeout_s=request.timeout_s,
             examples=request.examples, memory_gb=request.memory_gb, created_at=now(), preemptible=request.preemptible,
+            datasets=request.dataset_sources,
         )
         directory = self.files.dir(task.id)
         directory.mkdir(parents=True, exist_ok=True)
         try:
             # The dataset as validated, copied beside the task: a file replaced or edited later changes nothing of it.
-            self.files.snapshot_dataset(task.id, Path(request.dataset_path), request.dataset_sha256)
+            if request.dataset_snapshot is not None:  # a table or a mix: the records validated, as JSONL
+                self.files.write_snapshot(task.id, request.dataset_snapshot)
+            else:
+                self.files.snapshot_dataset(task.id, Path(request.dataset_path), request.dataset_sha256)
             self.tasks.add(task)
         except BaseException:  # nothing left behind: no directory without its task
             shutil.rmtree(directory, ignore_errors=True)
@@ -277,9 +281,11 @@ def _history_event(before: TaskState, after: TaskState, admission: bool,
 
 # wording -------------------------------------------------------------------------------------------
 def describe_preemptor(by: Mapping[str, Any] | None) -> str:
-    """Who preempted a task, from its `preempted_by`: "business '<b>' (priority P)"."""
+    """Who preempted a task, from its `preempted_by`: "business '<b>' (priority P)" or "finetune task <id> (priority P)"."""
     if not by:
         return "a higher-priority business"
+    if by.get("task"):  # a higher-priority finetune task (`Preemption.for_waiting_task`)
+        return f"finetune task {by['task']} (priority {by.get('priority')})"
     return PreemptionRequest(str(by.get("pool") or ""), by.get("business"), int(by.get("priority") or 0), 0).describe()
 
 
@@ -294,7 +300,7 @@ def task_view(task: TaskRecord) -> FinetuneTask:
         datasetPath=task.dataset_path, method=task.method, priority=task.priority, gpus=task.gpus,
         memoryGb=task.memory_gb, timeoutSeconds=task.timeout_s, hyperparameters=task.hyperparameters,
         examples=task.examples, progress=task.progress, units=task.units, output=task.output,  # type: ignore[arg-type]
-        reclaimed=task.reclaimed or {}, preemptible=task.preemptible,
+        reclaimed=task.reclaimed or {}, preemptible=task.preemptible, datasets=task.datasets,
         createdAt=task.created_at.isoformat() if task.created_at else None,
         startBy=task.promised_start.isoformat() if task.promised_start and task.status == TaskState.QUEUED else None,
         startedAt=task.started_at.isoformat() if task.started_at else None,

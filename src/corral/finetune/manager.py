@@ -98,22 +98,25 @@ class FinetuneManager:
         self.reclaim.restore_due()
 
     # tasks -------------------------------------------------------------------------------------
-    def submit(self, *, base_model: str, dataset_path: str, method: str = "lora", priority: str = "normal",
+    def submit(self, *, base_model: str, dataset_path: str | None, method: str = "lora", priority: str = "normal",
                gpus: int | None = None, memory_gb: float | None = None, timeout_s: float | None = None,
-               hyperparameters: Mapping[str, Any] | None = None, preemptible: bool | None = None) -> FinetuneTask:
+               hyperparameters: Mapping[str, Any] | None = None, preemptible: bool | None = None,
+               datasets: list[Any] | None = None) -> FinetuneTask:
         """Validate everything, then queue: a task that cannot start now is `queued`, never refused. A refusal
         (InvalidInput: 400) creates nothing: no row, no task directory."""
         request = self.intake.check_submit(base_model=base_model, dataset_path=dataset_path, method=method, priority=priority,
                                            gpus=gpus, memory_gb=memory_gb, timeout_s=timeout_s,
-                                           hyperparameters=hyperparameters, preemptible=preemptible)
+                                           hyperparameters=hyperparameters, preemptible=preemptible, datasets=datasets)
         task = self.lifecycle.create(request)
         self.tick()
         return self.get(task.id)
 
-    async def preview(self, *, base_model: str, dataset_path: str, max_seq_len: int | None = None,
-                      train_on_prompt: bool | None = None, examples: int = 5, chat_template: str | None = None) -> PreviewResult:
+    async def preview(self, *, base_model: str, dataset_path: str | None, max_seq_len: int | None = None,
+                      train_on_prompt: bool | None = None, examples: int = 5, chat_template: str | None = None,
+                      batch_size: int | None = None, datasets: list[Any] | None = None, method: str = "lora") -> PreviewResult:
         return await self.intake.preview(base_model=base_model, dataset_path=dataset_path, max_seq_len=max_seq_len,
-                                         train_on_prompt=train_on_prompt, examples=examples, chat_template=chat_template)
+                                         train_on_prompt=train_on_prompt, examples=examples, chat_template=chat_template,
+                                         batch_size=batch_size, datasets=datasets, method=method)
 
     async def cancel(self, task_id: str) -> FinetuneTask:
         await self.lifecycle.cancel(task_id)

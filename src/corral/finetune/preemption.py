@@ -1,4 +1,5 @@
-"""Preemption: a business above a running task needs its GPUs (the controller's scale-out asks, `preempting`).
+"""Preemption: a business above a running task needs its GPUs (the controller's scale-out asks, `preempting`), or a
+waiting task above it does (the queue round asks, `for_waiting_task`: the same steps, without a scale to carry out).
 
 Which tasks give way is `domain.preemption.plan_preemption`'s. Each is asked to save a checkpoint and stop (intent
 first: a pending History row and `preempted_by` on the task before the signal), waits in the queue with the reason,
@@ -19,6 +20,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -33,10 +35,12 @@ from corral.domain.preemption import (
     PreemptionPlan,
     PreemptionRequest,
     TaskOnGpu,
+    TaskPreemptionPlan,
     plan_preemption,
+    plan_task_preemption,
     steps_since,
 )
-from corral.domain.queue import Priority
+from corral.domain.queue import Demand, Priority
 from corral.domain.tasks import ACTIVE, TaskState
 from corral.finetune.lifecycle import Lifecycle
 from corral.finetune.runners import TrainerRunner
@@ -63,6 +67,10 @@ class Preemption:
         self._reserved: dict[int, int] = {}
         self._keys = itertools.count()
         self._preemptions = asyncio.Lock()  # one at a time: two scale-outs never pick the same victims
+        # Tasks preempted for a waiting task: victim id → (its intent row, when it was asked, monotonic). Completed once
+        # the victim is back in the queue; after a restart the rows are judged instead (`domain.history`).
+        self._for_tasks: dict[str, tuple[Intent | None, float]] = {}
+        self._stopping: set[asyncio.Task] = set()  # stops of trainers that did not save in time (referenced until done)
 
     def preempting(self, request: PreemptionRequest) -> AbstractAsyncContextManager[PreemptionOutcome]:
         """Free `request.gpus` whole GPUs for new replicas of `request.pool`, then let the caller scale inside the
@@ -100,6 +108,83 @@ class Preemption:
             self._reserved.pop(key, None)
             self._kept_for_replicas.pop(key, None)
 
+    # a waiting task preempting running ones ---------------------------------------------------------------------
+    def for_waiting_task(self, task: TaskRecord, ledger: GpuLedger, memory_per_gpu: float) -> TaskPreemptionPlan:
+        """The queue round's head `task` waits for GPUs: preempt the running tasks `domain.preemption.plan_task_preemption`
+        picks (intent first: one pending History row per victim, written together, then each victim's `preempted_by`,
+        then its signal). They save a checkpoint, go back to the queue and resume from it later; `task` starts on their
+        GPUs in a later round (the queue's order puts it first). Tasks already leaving for it are planned as gone and,
+        after a control-plane restart, asked again. `ledger`: the queue's; `memory_per_gpu`: estimate + margin."""
+        level = Priority.parse(task.priority).level
+        candidates, leaving = [], []
+        for running in self.lifecycle.launched():
+            if running.status not in ACTIVE or not running.units:
+                continue
+            if running.preempted_by:
+                if running.preempted_by.get("task") == task.id:
+                    leaving.append(running)
+                continue
+            if self.runner.can_preempt(running):
+                candidates.append(self._on_gpu(running))
+        for gone in leaving:
+            if gone.id not in self._for_tasks:  # asked before a control-plane restart: the signal may never have left
+                self.files.note(gone.id, f"preempted for finetune task {task.id} before a control-plane restart: asked again "
+                                         "to save a checkpoint and stop")
+                self.runner.preempt(gone)  # the trainer's handler only sets a flag: a second signal changes nothing
+                self._for_tasks[gone.id] = (None, time.monotonic())  # its row was judged on restart
+        plan = plan_task_preemption(task.id, level, Demand(task.gpus, memory_per_gpu), candidates, ledger,
+                                    [t.id for t in leaving])
+        if plan.needed:
+            self._ask_for_task(task, plan)
+        return plan
+
+    def leaving(self) -> dict[str, list[str]]:
+        """Waiting task → the running tasks asked to give their GPUs to it, not back in the queue yet."""
+        by_task: dict[str, list[str]] = {}
+        for task in self.lifecycle.launched():
+            if task.preempted_by and task.preempted_by.get("task"):
+                by_task.setdefault(str(task.preempted_by["task"]), []).append(task.id)
+        return by_task
+
+    def follow_task_preemptions(self) -> None:
+        """Each round: complete the row of a victim back in the queue; stop a trainer that has not saved within
+        `preempt_timeout_s` (it resumes from its last checkpoint, losing the steps since)."""
+        for victim_id, (row, asked_at) in list(self._for_tasks.items()):
+            victim = self.lifecycle.get(victim_id)
+            if victim.status not in ACTIVE or not victim.preempted_by:
+                self._for_tasks.pop(victim_id)
+                if row is not None:
+                    _complete_preemption(self.lifecycle.intents, row, victim)
+            elif time.monotonic() - asked_at > self.settings.preempt_timeout_s and self.runner.alive(victim):
+                self.files.note(victim_id, f"the trainer did not save within {self.settings.preempt_timeout_s:.0f} s "
+                                           "(preempt_timeout_s): stopping it; it resumes from its last checkpoint")
+                self._for_tasks[victim_id] = (row, math.inf)  # stopped once
+                stopping = asyncio.get_running_loop().create_task(self.runner.stop(victim))
+                self._stopping.add(stopping)
+                stopping.add_done_callback(self._stopping.discard)
+
+    def _ask_for_task(self, task: TaskRecord, plan: TaskPreemptionPlan) -> None:
+        by = {"task": task.id, "priority": plan.level}
+        victims = [self.lifecycle.get(v.task) for v in plan.victims]
+        messages = {v.task: (f"preempting for finetune task {task.id} (priority {task.priority}, {plan.level}), which needs "
+                             f"{task.gpus} GPU(s): {v.describe(plan.level)}; asked the trainer to save a checkpoint at its "
+                             f"next step and stop (step {victim.progress.get('step', 0)})")
+                    for v, victim in zip(plan.victims, victims, strict=True)}
+        drafts = [_preemption_row(victim, by, messages[victim.id]) for victim in victims]
+        intent = Intent(drafts)
+        self.lifecycle.intents.begin(intent)  # every victim's row, pending, in one transaction: the whole change or none
+        failpoints.reached("preempt-task.intent-recorded")
+        for victim, draft, row_id in zip(victims, drafts, intent.ids, strict=True):
+            self.tasks.update(victim.id, preempted_by=by)
+            self.files.note(victim.id, messages[victim.id])
+            log.info("finetune task %s: %s", victim.id, messages[victim.id])
+            self._for_tasks[victim.id] = (Intent([draft], ids=[row_id]), time.monotonic())
+            if not self.runner.preempt(victim):
+                self.files.note(victim.id, "the trainer could not be signalled; it is stopped instead")
+                self._for_tasks[victim.id] = (self._for_tasks[victim.id][0], -math.inf)  # the next round stops it
+        self.files.note(task.id, plan.describe())
+        failpoints.reached("preempt-task.asked")
+
     def keep_for_replicas(self, ledger: GpuLedger) -> GpuLedger:
         """The ledger the queue reads, with the GPUs a preemption freed held for the replicas it freed them for."""
         for key, units in self._kept_for_replicas.items():
@@ -125,14 +210,16 @@ class Preemption:
                     leaving.append(task)
                     ledger = ledger.release(Holder.task(task.id))
                 continue
-            if not self.runner.can_preempt(task):
-                continue
-            checkpoint = self.files.checkpoint(task.id)
-            candidates.append(TaskOnGpu(
-                task.id, Priority.parse(task.priority).level, task.preemptible, tuple(task.units),
-                steps_since(task.progress.get("step"), int(checkpoint.rsplit("-", 1)[1]) if checkpoint else None),
-                task.started_at.timestamp() if task.started_at else 0.0))
+            if self.runner.can_preempt(task):
+                candidates.append(self._on_gpu(task))
         return plan_preemption(request.gpus, request.priority, candidates, ledger), leaving
+
+    def _on_gpu(self, task: TaskRecord) -> TaskOnGpu:
+        """A running task as the preemption plans see it."""
+        checkpoint = self.files.checkpoint(task.id)
+        return TaskOnGpu(task.id, Priority.parse(task.priority).level, task.preemptible, tuple(task.units),
+                         steps_since(task.progress.get("step"), int(checkpoint.rsplit("-", 1)[1]) if checkpoint else None),
+                         task.started_at.timestamp() if task.started_at else 0.0)
 
     def _ask_to_checkpoint(self, victims: Sequence[str], request: PreemptionRequest
                            ) -> tuple[dict[str, Intent | None], Intent | None]:

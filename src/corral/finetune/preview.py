@@ -15,17 +15,25 @@ from pathlib import Path
 from typing import Any
 
 from corral.domain.errors import CorralError
-from corral.finetune import templates
+from corral.domain.finetune_request import PREFERENCE_METHODS
+from corral.finetune import packing, templates
 from corral.finetune.checks import no_chat_template
-from corral.finetune.dataset import read_dataset
+from corral.finetune.dataset import read_sources
 from corral.finetune.examples import Encoded, Encoder, TemplateError, length_histogram
+from corral.finetune.formats import parse
+from corral.finetune.preference import parse_preference
 
 MAX_ANALYZED = 20_000  # examples tokenized for the counts and the histogram (`analyzed` in the answer says how many)
 
 
 def preview(base_model: str, dataset_path: Path, max_seq_len: int, train_on_prompt: bool, shown: int = 5,
-            tokenizer: Any = None, chat_template: str = templates.MODEL) -> dict[str, Any]:
-    dataset = read_dataset(dataset_path)  # first: a bad line is reported without loading anything
+            tokenizer: Any = None, chat_template: str = templates.MODEL, batch_size: int = 4, seed: int = 42,
+            sources: list[tuple[Path, float]] | None = None, method: str = "lora") -> dict[str, Any]:
+    """`sources`: a mix's (path, ratio), mixed as a submit does (`dataset.mix`, same seed); else `dataset_path`. For dpo
+    and orpo the examples are preference pairs, shown and counted with their chosen answer."""
+    preferred = method in PREFERENCE_METHODS
+    dataset = read_sources(sources or [(dataset_path, 1.0)], seed, mixed=sources is not None,  # first: a bad line is
+                           parser=parse_preference if preferred else parse)  # reported without loading anything
     if tokenizer is None:
         from transformers import AutoTokenizer
 
@@ -34,7 +42,10 @@ def preview(base_model: str, dataset_path: Path, max_seq_len: int, train_on_prom
         raise CorralError(no_chat_template(base_model, dataset.format))
     warnings = end_of_turn_warnings(tokenizer, chat_template, base_model) if dataset.chat else []
     encoder = Encoder(tokenizer, max_seq_len, train_on_prompt)  # after `end_of_turn_warnings`: the EOS the trainer uses
-    analyzed = dataset.examples[:MAX_ANALYZED]
+    analyzed = [pair.side("chosen") for pair in dataset.examples[:MAX_ANALYZED]] if preferred else dataset.examples[:MAX_ANALYZED]
+    if preferred:
+        warnings.append(f"preference pairs ({method}): shown and counted with their chosen answer; the rejected one is "
+                        "trained against it (each pair runs both)")
     try:
         encoding = encoder.encode_all(analyzed)
     except TemplateError as exc:
@@ -47,6 +58,9 @@ def preview(base_model: str, dataset_path: Path, max_seq_len: int, train_on_prom
         "trainedTokens": sum(e.trained_tokens for e in encoding.encoded), "totalTokens": sum(len(e.input_ids) for e in encoding.encoded),
         "maxSeqLen": max_seq_len, "trainOnPrompt": train_on_prompt,
         "lengthHistogram": length_histogram(encoding.lengths, max_seq_len),
+        "sources": dataset.sources,
+        "packing": None if preferred else {
+            "batchSize": batch_size, **packing.estimate([len(e.input_ids) for e in encoding.encoded], max_seq_len, batch_size, seed).as_json()},
     }
 
 
@@ -98,7 +112,10 @@ def main() -> None:
     request = json.loads(sys.stdin.read())
     try:
         answer = preview(request["baseModel"], Path(request["datasetPath"]), int(request["maxSeqLen"]), bool(request["trainOnPrompt"]),
-                         int(request.get("examples", 5)), chat_template=request.get("chatTemplate", templates.MODEL))
+                         int(request.get("examples", 5)), chat_template=request.get("chatTemplate", templates.MODEL),
+                         batch_size=int(request.get("batchSize", 4)), seed=int(request.get("seed", 42)),
+                         sources=[(Path(s["path"]), float(s["ratio"])) for s in request["datasets"]] if request.get("datasets") else None,
+                         method=request.get("method", "lora"))
     except CorralError as exc:
         answer = {"error": exc.message}
     except (OSError, ValueError) as exc:  # the tokenizer cannot be loaded (a hub id offline, a broken directory)

@@ -25,7 +25,8 @@ class ProgressEvent(StrEnum):
 
 # What a line's fields add to a task's `progress` (the view's TaskProgress).
 PROGRESS_KEYS = ("step", "totalSteps", "loss", "learningRate", "epoch", "eta", "evalLoss", "truncated", "turnsCut", "dropped",
-                 "trainExamples", "evalExamples")
+                 "trainExamples", "evalExamples", "packedRows", "padTokens", "batchTokens", "logDir",
+                 "earlyStopped")
 
 
 def parse(line: str) -> dict[str, Any] | None:

@@ -72,6 +72,7 @@ class QueueRound:
         self.controller = controller  # its queries: the replicas starting on GPUs (the preflight)
 
     def run(self) -> None:
+        self.preemption.follow_task_preemptions()  # victims back in the queue: their rows completed
         waiting = [t for t in self.tasks.list(WAITING) if not t.pid_start]
         if not waiting:
             return
@@ -120,14 +121,29 @@ class QueueRound:
             started.append(task_id)
         running_ids = [t.id for t in running] + started
         self.reclaim.maybe_reclaim([by_id[t] for t in decision.waiting], ledger)
+        self._preempt_for_head(decision.waiting, by_id, ledger, margin)
+        leaving = self.preemption.leaving()
         for task_id, wait in decision.waiting.items():
             task = by_id[task_id]
-            reason = self._reason(task, wait, room, margin, running_ids, decision.reservations.get(task_id))
+            reason = self._reason(task, wait, room, margin, running_ids, decision.reservations.get(task_id),
+                                  leaving.get(task_id, []))
             if task.status != TaskState.QUEUED or task.reason != reason:
                 self.lifecycle.set_status(task_id, TaskState.QUEUED, reason)
 
+    def _preempt_for_head(self, waiting: dict[str, Wait], by_id: dict[str, TaskRecord], ledger: GpuLedger, margin: float) -> None:
+        """The first waiting task (the queue's order: the highest priority, then the oldest), when GPUs are what it
+        waits for, takes them from lower-priority preemptible running tasks (`Preemption.for_waiting_task`); not while
+        unassigned replicas are being reclaimed for it (that frees GPUs without stopping anyone's training)."""
+        head = next(((task_id, wait) for task_id, wait in waiting.items() if by_id[task_id].gpus), None)
+        if head is None or head[1].reason is not WaitReason.GPUS:
+            return
+        task = self.lifecycle.get(head[0])
+        if not task.gpus or task.reclaimed:
+            return
+        self.preemption.for_waiting_task(by_id[task.id], ledger, task.memory_gb * GIB + margin)
+
     def _reason(self, task: TaskRecord, wait: Wait, room: tuple[preflight.UnitRoom, ...], margin: float,
-                running_ids: list[str], held: Reservation | None) -> str:
+                running_ids: list[str], held: Reservation | None, leaving: list[str]) -> str:
         """A waiting task's reason: why it waits, what runs, the GPUs reserved for it, its preemption and reclaim."""
         why = wait.describe()
         if wait.reason is WaitReason.GPUS:  # too few units with the memory: the numbers when memory is why
@@ -139,6 +155,8 @@ class QueueRound:
                 f": it starts by {queue_time(held.promised_start):%Y-%m-%d %H:%M} UTC at the latest")
         if task.preempted_by:
             reason = f"{preempted_reason(task.preempted_by)}; {reason}"
+        if leaving:
+            reason += f"; preempting {', '.join(leaving)} for it (they save a checkpoint, then give their GPUs)"
         if reclaimed := self.lifecycle.get(task.id).reclaimed:
             reason += f"; reclaiming unassigned replicas of {', '.join(f'{p} ({n})' for p, n in reclaimed.items())}"
         return reason

@@ -35,7 +35,8 @@ class TaskRecord:
     output: str | None = None
     reclaimed: dict[str, int] | None = None  # pool → replicas scaled in for this task, restored when it ends
     preemptible: bool = True  # a higher-priority business may take its GPUs (it checkpoints, re-queues, resumes)
-    preempted_by: dict[str, Any] | None = None  # {"business", "priority", "pool"} from the preemption request until it restarts
+    preempted_by: dict[str, Any] | None = None  # {"business", "priority", "pool"}, or {"task", "priority"}, until it restarts
+    datasets: list[dict[str, Any]] | None = None  # a mix's sources: path, ratio, examples, taken (None: datasetPath alone)
     promised_start: datetime | None = None  # easy-backfill: GPUs reserved for it, it starts by then (while queued)
     created_at: datetime | None = None
     started_at: datetime | None = None

@@ -51,6 +51,17 @@ class TaskFiles:
                                "what was validated): submit again once it is written")
         return target
 
+    def write_snapshot(self, task_id: str, data: bytes) -> Path:
+        """The records validated, as JSONL, for a dataset that is no one file to copy (a table, a directory, a mix)."""
+        target = self.dataset(task_id)
+        try:
+            target.write_bytes(data)
+        except OSError as exc:
+            target.unlink(missing_ok=True)
+            raise InvalidInput(f"the dataset could not be written into the task's directory ({exc.strerror or type(exc).__name__}): "
+                               "free disk space in Corral's data directory, then submit again") from None
+        return target
+
     def merged(self, task_id: str) -> Path:
         """Where an export puts the adapter merged into the base model."""
         return self.dir(task_id) / "merged"

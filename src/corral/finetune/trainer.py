@@ -123,10 +123,35 @@ def split_for_eval(count: int, val_size: float, seed: int) -> tuple[list[int], l
     return sorted(order[held:]), sorted(order[:held])
 
 
+def preference_trainer(method: str) -> tuple[Any, Any]:
+    """(arguments class, trainer class) of TRL for `dpo` or `orpo` (ORPO lives in trl.experimental since TRL 0.2x)."""
+    if method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        return DPOConfig, DPOTrainer
+    try:
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+    except ImportError:  # an older TRL
+        from trl import ORPOConfig, ORPOTrainer  # type: ignore[attr-defined,no-redef]
+    return ORPOConfig, ORPOTrainer
+
+
+def reporting(choice: str) -> list[str]:
+    """TrainingArguments' `report_to` for the `reportTo` hyperparameter: `auto` is TensorBoard when its package is
+    here (the Trainer's TensorBoardCallback writes through torch.utils.tensorboard, which needs it)."""
+    if choice == "auto":
+        import importlib.util
+
+        choice = "tensorboard" if importlib.util.find_spec("tensorboard") is not None else "none"
+    return [] if choice == "none" else [choice]
+
+
 def _arguments(cls: Any, **wanted: Any) -> Any:
     """TrainingArguments across transformers versions: `warmup_ratio` became a float `warmup_steps`,
     `gradient_checkpointing` became `activation_checkpointing`."""
     known = inspect.signature(cls.__init__).parameters
+    if "logging_dir" in wanted and "logging_dir" not in known:  # transformers 5: TENSORBOARD_LOGGING_DIR instead
+        wanted.pop("logging_dir")
     if "warmup_ratio" in wanted and "warmup_ratio" not in known:
         wanted["warmup_steps"] = wanted.pop("warmup_ratio")
     for old, new in (("gradient_checkpointing", "activation_checkpointing"),
@@ -147,10 +172,14 @@ def train(task_dir: Path) -> None:
         set_seed,
     )
 
+    from corral.domain.finetune_request import ADAPTER_METHODS, PREFERENCE_METHODS
     from corral.domain.hyperparameters import for_trainer
     from corral.finetune import templates
     from corral.finetune.dataset import read_dataset
-    from corral.finetune.examples import IGNORE, Encoder
+    from corral.finetune.examples import Encoder
+    from corral.finetune.formats import parse
+    from corral.finetune.packing import EVAL_MARK, Collator, packed_rows
+    from corral.finetune.preference import parse_preference
 
     config = json.loads((task_dir / "task.json").read_text())
     method = config["method"]
@@ -166,9 +195,16 @@ def train(task_dir: Path) -> None:
     cuda = torch.cuda.is_available()
     precision = pick_precision(hp["precision"], cuda, cuda and torch.cuda.is_bf16_supported())
     compute = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    pure_bf16 = method == "full" and hp["pureBf16"]
+    if pure_bf16:
+        if cuda and not torch.cuda.is_bf16_supported():
+            raise SystemExit("pureBf16 needs an Ampere or newer GPU (compute capability 8.0); this one has none: "
+                             "set pureBf16 false (fp32 master weights, fp16 computation)")
+        precision, compute = "pure bf16", torch.bfloat16
     if rank == 0:
         print(f"[trainer] {method} on {'CUDA' if cuda else 'the CPU'}, {precision} computation"
-              + (", fp32 master weights" if method == "full" else "")
+              + (", fp32 master weights" if method == "full" and not pure_bf16 else "")
+              + (": weights, gradients and optimizer states all in bf16" if pure_bf16 else "")
               + (f", data parallel over {size} processes ({'nccl' if cuda else 'gloo'})" if size > 1 else ""), flush=True)
     if size > 1:
         print(f"[trainer] rank {rank} of {size} started (pid {os.getpid()})", flush=True)
@@ -178,7 +214,7 @@ def train(task_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(config["baseModel"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dataset = read_dataset(Path(config["datasetPath"]))
+    dataset = read_dataset(Path(config["datasetPath"]), parse_preference if method in PREFERENCE_METHODS else parse)
     has_template = templates.apply(tokenizer, hp["chatTemplate"])
     replaced_eos = templates.replace_eos(tokenizer, hp["chatTemplate"])  # before encoding: the answers end with the new EOS
     if replaced_eos is not None and rank == 0:
@@ -193,24 +229,51 @@ def train(task_dir: Path) -> None:
         print(f"[trainer] warning: chat template {hp['chatTemplate']}: {', '.join(missing)} "
               f"{'is' if len(missing) == 1 else 'are'} not a token of this tokenizer; learned as text, and an engine will not "
               "stop at the end of a turn by itself: prefer a template whose markers the tokenizer has", flush=True)
-    encoder = Encoder(tokenizer, hp["maxSeqLen"], hp["trainOnPrompt"])
-    encoding = encoder.encode_all(dataset.examples)
-    examples = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoding.encoded]
-    train_ids, eval_ids = split_for_eval(len(examples), hp["valSize"], hp["seed"])
-    reasons = "; ".join(f"{n} × {why}" for why, n in encoding.drop_reasons.items())
-    if rank == 0:
-        print(f"[trainer] dataset: {len(dataset.examples)} examples, format {dataset.format}; {encoding.truncated} truncated to "
-              f"maxSeqLen {hp['maxSeqLen']} at turn boundaries ({encoding.turns_cut} earlier messages left out, system turns "
-              f"kept); {encoding.dropped} dropped" + (f" ({reasons})" if reasons else "")
-              + f"; {len(train_ids)} train, {len(eval_ids)} eval; "
-              f"{sum(e.trained_tokens for e in encoding.encoded)} of {sum(len(e.input_ids) for e in encoding.encoded)} tokens trained",
-              flush=True)
-    progress.write(event=ProgressEvent.DATASET, examples=len(dataset.examples), format=dataset.format, truncated=encoding.truncated,
-                   turnsCut=encoding.turns_cut, dropped=encoding.dropped, trainExamples=len(train_ids), evalExamples=len(eval_ids))
-    if not examples:
+    preference = method in PREFERENCE_METHODS
+    if preference:  # TRL tokenizes the pairs itself (prompt, chosen, rejected), truncating at maxSeqLen
+        pairs = [pair.for_trl() for pair in dataset.examples]
+        train_ids, eval_ids = split_for_eval(len(pairs), hp["valSize"], hp["seed"])
+        train_rows, eval_rows = [pairs[i] for i in train_ids], [pairs[i] for i in eval_ids]
+        dataset_facts: dict[str, Any] = {}  # what the encoding, packing and reporting add to the `dataset` progress line
+        if rank == 0:
+            print(f"[trainer] dataset: {len(pairs)} preference pairs, format {dataset.format}; {len(train_ids)} train, "
+                  f"{len(eval_ids)} eval; {method} with beta {hp['prefBeta']} (TRL)", flush=True)
+    else:
+        encoder = Encoder(tokenizer, hp["maxSeqLen"], hp["trainOnPrompt"])
+        encoding = encoder.encode_all(dataset.examples)
+        examples = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoding.encoded]
+        train_ids, eval_ids = split_for_eval(len(examples), hp["valSize"], hp["seed"])
+        reasons = "; ".join(f"{n} × {why}" for why, n in encoding.drop_reasons.items())
+        if rank == 0:
+            print(f"[trainer] dataset: {len(dataset.examples)} examples, format {dataset.format}; {encoding.truncated} truncated to "
+                  f"maxSeqLen {hp['maxSeqLen']} at turn boundaries ({encoding.turns_cut} earlier messages left out, system turns "
+                  f"kept); {encoding.dropped} dropped" + (f" ({reasons})" if reasons else "")
+                  + f"; {len(train_ids)} train, {len(eval_ids)} eval; "
+                  f"{sum(e.trained_tokens for e in encoding.encoded)} of {sum(len(e.input_ids) for e in encoding.encoded)} tokens trained",
+                  flush=True)
+        train_rows = [examples[i] for i in train_ids]
+        eval_rows = [{**examples[i], EVAL_MARK: True} for i in eval_ids]
+        dataset_facts = {"truncated": encoding.truncated, "turnsCut": encoding.turns_cut, "dropped": encoding.dropped}
+        if hp["packing"]:  # after the split: the eval examples are the same, packed or not
+            train_rows = packed_rows(train_rows, hp["maxSeqLen"])
+            eval_rows = [{**row, EVAL_MARK: True} for row in packed_rows(eval_rows, hp["maxSeqLen"])]
+            dataset_facts["packedRows"] = len(train_rows)
+            if rank == 0:
+                print(f"[trainer] packing: {len(train_ids)} train examples in {len(train_rows)} rows of at most {hp['maxSeqLen']} "
+                      "tokens, each example attending to itself only (position_ids restart per example)", flush=True)
+    report_to = reporting(hp["reportTo"])
+    log_dir = task_dir / "tensorboard"
+    if report_to:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(log_dir)  # transformers 5 reads it; older ones take `logging_dir`
+        dataset_facts["logDir"] = str(log_dir)
+    progress.write(event=ProgressEvent.DATASET, examples=len(dataset.examples), format=dataset.format, trainExamples=len(train_ids),
+                   evalExamples=len(eval_ids), **dataset_facts)
+    if not train_rows:  # after the counts: the progress says what was dropped, and why
         raise SystemExit(f"no example fits maxSeqLen {hp['maxSeqLen']} ({reasons}): raise maxSeqLen or shorten the answers")
 
-    model_kwargs: dict[str, Any] = {"dtype": torch.float32 if method == "full" else compute}
+    # A full finetune keeps fp32 master weights unless pureBf16: then the weights are bf16, and so are their gradients
+    # and AdamW's states (torch keeps them in the parameters' dtype), with no autocast needed.
+    model_kwargs: dict[str, Any] = {"dtype": torch.float32 if method == "full" and not pure_bf16 else compute}
     if method == "qlora":
         if not cuda:
             raise SystemExit("qlora needs a CUDA GPU (bitsandbytes 4-bit); use method 'lora' on CPU")
@@ -224,9 +287,10 @@ def train(task_dir: Path) -> None:
     set_seed(hp["seed"])
     model = AutoModelForCausalLM.from_pretrained(config["baseModel"], **model_kwargs)
     checkpointing = bool(hp["gradientCheckpointing"])
-    if checkpointing:
+    if checkpointing or hp["packing"]:
+        # No KV cache in training; packing needs none: transformers builds the packed rows' mask only without one.
         model.config.use_cache = False
-    if method in ("lora", "qlora"):
+    if method in ADAPTER_METHODS:  # dpo and orpo too: DPO's reference is this model with the adapter switched off
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
         if method == "qlora":
@@ -241,14 +305,10 @@ def train(task_dir: Path) -> None:
             lora["use_dora"] = True
         model = get_peft_model(model, LoraConfig(**lora))
 
-    def collate(batch: list[dict[str, list[int]]]) -> dict[str, Any]:
-        width = max(len(b["input_ids"]) for b in batch)
-        pad = tokenizer.pad_token_id
-        return {
-            "input_ids": torch.tensor([b["input_ids"] + [pad] * (width - len(b["input_ids"])) for b in batch]),
-            "labels": torch.tensor([b["labels"] + [IGNORE] * (width - len(b["labels"])) for b in batch]),
-            "attention_mask": torch.tensor([[1] * len(b["input_ids"]) + [0] * (width - len(b["input_ids"])) for b in batch]),
-        }
+    collate = Collator(pad_id=tokenizer.pad_token_id, packed=hp["packing"])  # counts the padding it adds (not TRL's batches)
+
+    def padding() -> dict[str, int]:
+        return {} if preference else {"padTokens": collate.pad_tokens, "batchTokens": collate.tokens}
 
     class Report(TrainerCallback):
         started = time.monotonic()
@@ -268,12 +328,35 @@ def train(task_dir: Path) -> None:
             eta = rate * (state.max_steps - state.global_step) if rate else None
             progress.write(event=ProgressEvent.STEP, step=state.global_step, totalSteps=state.max_steps, loss=logs["loss"],
                            learningRate=logs.get("learning_rate"), gradNorm=logs.get("grad_norm"),
-                           epoch=round(state.epoch or 0, 4), eta=eta)
+                           epoch=round(state.epoch or 0, 4), eta=eta, **padding())
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):  # noqa: ANN001, ANN201
             if metrics and "eval_loss" in metrics:
                 self.evaluated_at = state.global_step
                 progress.write(event=ProgressEvent.EVAL, step=state.global_step, evalLoss=metrics["eval_loss"])
+
+    class EarlyStop(TrainerCallback):
+        """Stop once the eval loss has not dropped by more than `earlyStoppingThreshold` below its best for
+        `earlyStoppingPatience` evaluations in a row. Not transformers' EarlyStoppingCallback: that one needs
+        load_best_model_at_end, which ties the checkpoint steps to the evaluation steps; this one needs nothing, and
+        the result is the model where it stopped. Its count starts again after a resume."""
+
+        best: float | None = None
+        waited = 0
+        stopped_at: int | None = None
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):  # noqa: ANN001, ANN201
+            loss = (metrics or {}).get("eval_loss")
+            if loss is None or not hp["earlyStoppingPatience"]:
+                return control
+            if self.best is None or loss < self.best - hp["earlyStoppingThreshold"]:
+                self.best, self.waited = loss, 0
+            else:
+                self.waited += 1
+            if self.waited >= hp["earlyStoppingPatience"] and state.global_step < state.max_steps:
+                control.should_training_stop = True
+                self.stopped_at = state.global_step
+            return control
 
     class Preempt(TrainerCallback):
         """Checkpoint and stop at the step end after a preemption request (all ranks at the same step)."""
@@ -293,15 +376,21 @@ def train(task_dir: Path) -> None:
                 self.stopped_at = state.global_step
             return control
 
+    arguments_class, trainer_class, objective = TrainingArguments, Trainer, {}
+    if preference:
+        arguments_class, trainer_class = preference_trainer(method)
+        # the chosen and the rejected answer each with their prompt, cut at maxSeqLen (TRL keeps the prompt's end)
+        objective = {"beta": hp["prefBeta"], "max_length": hp["maxSeqLen"]}
     args = _arguments(
-        TrainingArguments,
+        arguments_class, **objective,
         output_dir=str(checkpoints), num_train_epochs=hp["epochs"], per_device_train_batch_size=hp["batchSize"],
         per_device_eval_batch_size=hp["batchSize"], gradient_accumulation_steps=hp["gradientAccumulation"],
         learning_rate=hp["learningRate"], lr_scheduler_type=hp["lrScheduler"], warmup_ratio=hp["warmupRatio"],
         max_grad_norm=hp["maxGradNorm"], weight_decay=hp["weightDecay"],
         gradient_checkpointing=checkpointing and method != "qlora",  # prepare_model_for_kbit_training turned it on
         gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
-        logging_steps=1, save_strategy="steps", save_steps=hp["saveSteps"], save_total_limit=hp["saveTotalLimit"], report_to=[],
+        logging_steps=1, save_strategy="steps", save_steps=hp["saveSteps"], save_total_limit=hp["saveTotalLimit"],
+        report_to=report_to, logging_dir=str(log_dir),
         eval_strategy="steps" if eval_ids else "no", eval_steps=0.1 if eval_ids else None,
         use_cpu=not cuda, bf16=precision == "bf16", fp16=precision == "fp16", seed=hp["seed"], disable_tqdm=True,
         remove_unused_columns=False, ddp_backend=None if size == 1 else ("nccl" if cuda else "gloo"),
@@ -309,8 +398,16 @@ def train(task_dir: Path) -> None:
     )
     report = Report()
     preempt = Preempt()
-    trainer = Trainer(model=model, args=args, train_dataset=[examples[i] for i in train_ids],
-                      eval_dataset=[examples[i] for i in eval_ids] or None, data_collator=collate, callbacks=[report, preempt])
+    early = EarlyStop()
+    if preference:
+        import datasets
+
+        trainer = trainer_class(model=model, args=args, train_dataset=datasets.Dataset.from_list(train_rows),
+                                eval_dataset=datasets.Dataset.from_list(eval_rows) if eval_rows else None,
+                                processing_class=tokenizer, callbacks=[report, preempt, early])
+    else:
+        trainer = Trainer(model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows or None, data_collator=collate,
+                          callbacks=[report, preempt, early])
     trainer.train(resume_from_checkpoint=str(checkpoints / resume) if resume else None)
     if preempt.stopped_at is not None:
         saved = newest_checkpoint(checkpoints)
@@ -329,7 +426,12 @@ def train(task_dir: Path) -> None:
         if replaced_eos is not None:
             save_generation_config(config["baseModel"], output, templates.stop_token_ids(tokenizer, replaced_eos),
                                    tokenizer.pad_token_id)
-        progress.write(event=ProgressEvent.COMPLETED, output=str(output), step=trainer.state.global_step, totalSteps=trainer.state.max_steps)
+        if early.stopped_at is not None:
+            print(f"[trainer] early stopping at step {early.stopped_at} of {trainer.state.max_steps}: the eval loss has not "
+                  f"improved on {early.best:.4f} for {early.waited} evaluations", flush=True)
+        progress.write(event=ProgressEvent.COMPLETED, output=str(output), step=trainer.state.global_step, totalSteps=trainer.state.max_steps,
+                       **padding(),
+                       **({} if early.stopped_at is None else {"earlyStopped": early.stopped_at}))
         shutil.rmtree(checkpoints, ignore_errors=True)  # after `completed`: a restart in between never finds neither
     _leave_process_group(size)
 

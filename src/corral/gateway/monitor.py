@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from corral.aio import within
+from corral.aio import stop, within
 from corral.domain.errors import Hint, InvalidInput, NotFound
 from corral.domain.load import (
     SERIES_STEP_S,
@@ -107,13 +107,8 @@ class LoadMonitor:
             self._task = asyncio.create_task(self._run(), name="load-monitor")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await stop(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -38,7 +38,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -56,6 +56,8 @@ from corral.domain.outliers import (
     ejected_event,
     readmitted_event,
 )
+from corral.domain.replica_picking import ReplicaInputs, RoutingPolicy
+from corral.domain.tenancy import DAY_S, MINUTE_S, Limits, RouteAccess, Usage
 from corral.gateway.proxy import (
     NOT_RETRIED,
     RETRY_AFTER_S,
@@ -81,6 +83,7 @@ LUA_CPATH = "/usr/lib/x86_64-linux-gnu/lua/5.1/?.so;/usr/lib/aarch64-linux-gnu/l
 CONTROL_BODY_BUFFER = "64k"
 CONTROL_BODY_MAX = "32m"
 ROUTES_DICT = "64m"
+AFFINITY_DICT = "16m"  # ~100,000 prefix keys; nginx evicts the least recently used when full
 MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes
 STATS_REFRESH_S = 1.0  # background refresh of the counters snapshot
 STATS_READ_TIMEOUT_S = 0.25  # an on-demand read of the counters (`NginxStats.refresh`), only while nginx answers
@@ -170,8 +173,10 @@ http {{
   lua_package_path "{LUA_DIR}/?.lua;{LUA_PATH};;";
   lua_package_cpath "{LUA_CPATH};;";
   lua_shared_dict corral_routes {ROUTES_DICT};
+  lua_shared_dict corral_quota 8m;  # keys' last use and the quota windows (per service and key, minute and day)
   lua_shared_dict corral_stats 16m;
   lua_shared_dict corral_retry 4m;  # per service and second: requests and retries (the retry budget)
+  lua_shared_dict corral_affinity {AFFINITY_DICT};  # prefix key → replica (domain/replica_picking.py), LRU
   init_by_lua_block {{ corral = require "corral_gateway"; corral.configure({buckets}, {hold}, {retry}, {outlier}) }}
   init_worker_by_lua_block {{ corral.init_worker() }}  # worker 0 health-checks suspected and ejected replicas
   lua_socket_log_errors off;  # (a failed health check is an outcome, not an error to log)
@@ -228,8 +233,11 @@ http {{
     client_max_body_size {CONTROL_BODY_MAX};
     location = /routes {{ content_by_lua_block {{ corral.set_routes() }} }}
     location = /version {{ content_by_lua_block {{ corral.get_version() }} }}
+    location = /inputs {{ content_by_lua_block {{ corral.set_inputs() }} }}
     location = /stats {{ content_by_lua_block {{ corral.get_stats() }} }}
     location = /prune {{ content_by_lua_block {{ corral.prune() }} }}
+    location = /keys-used {{ content_by_lua_block {{ corral.keys_used() }} }}
+    location = /quota {{ content_by_lua_block {{ corral.quota_windows() }} }}
     location / {{ return 404; }}
   }}
 }}
@@ -400,6 +408,47 @@ def blocking_control_get(control_socket: Path, path: str, timeout_s: float, secr
     return json.loads(data)
 
 
+def _limits_payload(limits: Limits) -> dict[str, int]:
+    return {k: v for k, v in limits.wire().items() if v is not None}  # (absent: no limit; Lua reads a JSON null as a value)
+
+
+def access_payload(access: RouteAccess) -> dict[str, Any]:
+    """A service's verifier table and limits for the Lua code: keys by their SHA-256, never the keys."""
+    keys = {}
+    for k in access.keys:
+        entry: dict[str, Any] = {"id": k.id}
+        if k.expires_at is not None:
+            entry["exp"] = k.expires_at
+        if k.limits.any:
+            entry["limits"] = _limits_payload(k.limits)
+        keys[k.digest] = entry
+    payload: dict[str, Any] = {"auth": access.auth.value, "keys": keys}
+    if access.limits.any:
+        payload["limits"] = _limits_payload(access.limits)
+    if access.business is not None:
+        payload["business"] = access.business
+    return payload
+
+
+def quota_usage(counts: Mapping[str, int], now: float) -> dict[str, Usage]:
+    """The Lua quota keys (`r:`/`t:<scope>|<minute>`, `d:<scope>|<day>`) of the current windows, as `Usage` per scope."""
+    minute, day = int(now // MINUTE_S), int(now // DAY_S)
+    found: dict[str, Usage] = {}
+    for key, value in counts.items():
+        kind, _, rest = key.partition(":")
+        scope, _, stamp = rest.rpartition("|")
+        if not stamp.isdigit() or int(stamp) != (day if kind == "d" else minute):
+            continue
+        usage = found.setdefault(scope, Usage(minute=minute, day=day))
+        if kind == "r":
+            usage.requests = int(value)
+        elif kind == "t":
+            usage.tokens = int(value)
+        elif kind == "d":
+            usage.day_tokens = int(value)
+    return found
+
+
 def table_payload(table: RoutingTable) -> bytes:
     routes = {}
     for name, route in table.items():
@@ -420,6 +469,11 @@ def table_payload(table: RoutingTable) -> bytes:
                         "targets": targets, "model": route.model}
         if route.answers_models():
             routes[name]["models"] = route.models_list()
+        if route.access is not None:  # keys and quotas (the Lua `check_access`)
+            routes[name]["access"] = access_payload(route.access)
+        if route.routing.policy is RoutingPolicy.PREFIX_AWARE:  # else least-load (the Lua `pick`)
+            w = route.routing.weights
+            routes[name]["picking"] = {"prefix": w.prefix, "queue": w.queue, "kv": w.kv_cache}
     return json.dumps(routes).encode()
 
 
@@ -481,6 +535,9 @@ def parse_stats(raw: dict[str, float]) -> TrafficStats:
             service, _, index = rest.rpartition("|")
             if index.isdigit() and int(index) < buckets:
                 view.held_wait.setdefault(service, [0] * buckets)[int(index)] = int(value)
+        elif kind in METER_FIELDS:
+            service, _, key_id = rest.partition("|")
+            view.metered.setdefault((service, key_id or None), [0, 0, 0, 0])[METER_FIELDS[kind]] = int(value)
         elif kind in ("lb", "tb"):
             pair, _, index = rest.rpartition("|")
             service, _, replica = pair.partition("|")
@@ -495,6 +552,7 @@ def parse_stats(raw: dict[str, float]) -> TrafficStats:
     return view
 
 
+METER_FIELDS = {"mq": 0, "mp": 1, "mc": 2, "me": 3}  # per "<service>|<key id>": TrafficStats.metered's positions
 COUNTER_FIELDS = {"rq": "requests", "er": "errors", "lt": "latency_sum", "ts": "ttfb_sum", "tk": "tokens", "tu": "usage"}
 OUTLIER_KINDS = frozenset({"ej", "ea", "en", "ew", "ot", "oc"})
 
@@ -556,6 +614,9 @@ class NginxGateway:
         self._stats_read_at = 0.0  # monotonic time of the last successful read (the monitor's or the refresher's)
         self._stats_task: asyncio.Task | None = None
         self.table: RoutingTable = {}  # the last table pushed
+        # The quota windows as last read (`served_version`, once a second): given back to an nginx that restarted
+        # with empty shared memory, before its table (`push`), so a restart does not reset a tenant's counts.
+        self._quota_seen: dict[str, int] = {}
         self.stats = NginxStats(self)
         # Ejections, readmissions and cap refusals (decided by the Lua code, seen by the reads).
         self.on_outlier: Callable[[OutlierEvent], None] | None = None
@@ -688,6 +749,10 @@ class NginxGateway:
                 raise RuntimeError(f"nginx control {path}: {response.status} {data[:300]!r}")
             return json.loads(data)
 
+    async def keys_last_used(self) -> dict[str, float]:
+        """Key id → when a request last presented it (epoch seconds), as the Lua code saw it."""
+        return {str(k): float(v) for k, v in (await self._control("GET", "/keys-used")).items()}
+
     # routing -----------------------------------------------------------------------------------
     async def push(self, table: RoutingTable, version: int, replace: bool = False) -> int:
         """Give nginx `table` as `version`; returns the version nginx serves now (never older than one
@@ -701,6 +766,8 @@ class NginxGateway:
         self.table = table
         await self._ensure_running()
         body = table_payload(table) if len(table) < 2000 else await asyncio.to_thread(table_payload, table)
+        if self._quota_seen:  # (nginx adds only the windows it lacks: its own counts are never replaced)
+            await self._control("POST", "/quota", json.dumps(self._quota_seen).encode())
         query = f"version={int(version) + self._version_base}" + ("&replace=1" if replace else "")
         answer = await self._control("POST", f"/routes?{query}", body)
         return max(0, int(answer["version"]) - self._version_base)
@@ -709,7 +776,20 @@ class NginxGateway:
         """The version of the table nginx serves; 0 when nginx restarted (empty shared memory) or exited."""
         if self._process is None or self._process.poll() is not None:
             return 0
-        return int((await self._control("GET", "/version"))["version"])
+        served = max(0, int((await self._control("GET", "/version"))["version"]) - self._version_base)
+        if served and any(route.access is not None for route in self.table.values()):
+            self._quota_seen = {str(k): int(v) for k, v in (await self._control("GET", "/quota")).items()}
+        return served
+
+    def quota_windows(self) -> dict[str, Usage]:
+        """Each quota scope's current windows (`s:<service>`, `k:<key id>`), as last read from nginx."""
+        return quota_usage(self._quota_seen, time.time())
+
+    async def push_inputs(self, inputs: Mapping[str, ReplicaInputs]) -> None:
+        """The engines' figures per replica, for replica picking (domain/replica_picking.py; the Lua `inputs`)."""
+        if self._process is None or self._process.poll() is not None:
+            return  # the next push (every second) reaches the restarted nginx
+        await self._control("POST", "/inputs", json.dumps({name: i.wire() for name, i in inputs.items()}).encode())
 
     # counters ----------------------------------------------------------------------------------
     async def read_stats(self, timeout_s: float | None = None) -> dict[str, Any]:
@@ -762,6 +842,8 @@ class NginxGateway:
         """The counters as last read, as a `TrafficStats` (parsed once per read)."""
         if self._traffic is None:
             self._traffic = parse_stats(self._stats_raw)
+            # nginx's run: its counters only grow within it (metering); "" until read once (nothing to flush yet)
+            self._traffic.epoch = f"nginx-{self._stats_epoch}" if self._stats_epoch else ""
         return self._traffic
 
     async def _refresh_stats(self) -> None:
@@ -793,6 +875,8 @@ class NginxGateway:
                 service, _, replica = unit[2:].partition("|")
                 if replica in replicas or service in services:
                     units.append(unit)
+            elif unit.startswith("m:") and unit[2:].partition("|")[0] in services:  # metering's, per service and key
+                units.append(unit)
         await self._control("POST", "/prune", json.dumps({"units": units}).encode())
         for unit in units:
             self._units.pop(unit, None)

@@ -1,7 +1,8 @@
-"""Load-balancing policies: which replica of a service takes the next request.
+"""Load-balancing policies of the Python data plane for least-load services: which replica takes the next request.
 
-A policy is a pure choice over the candidates and their in-flight counts; new policies (prefix-cache
-aware, KV-load aware) implement the same `choose`.
+A policy is a pure choice over the candidates and their in-flight counts (`CORRAL_GATEWAY_POLICY`). A business
+service set to `prefix-aware` is picked by `corral.domain.replica_picking` instead (prefix cache, engine queue, KV
+cache), the same way on both data planes.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ body, and a streaming upstream call. Behaviour (the nginx data plane does the sa
   control characters (CR/LF: header injection) is refused with 400; dot segments, empty segments,
   percent-encoded leftovers and every other path (`/health`, `/metrics`, ...) with 404.
 - The service's route comes from the current routing table; no route → 404.
+- Keys and quotas (tenants.py, domain/tenancy.py): a key-protected business service's request without a valid
+  key gets 401, one over its service's or key's quota 429 with Retry-After, before anything else is done for it
+  (no body read, no replica picked, no hold); the verifier table comes with the route (no database call).
 - Hold, don't drop (Knative's activator): a request that finds no free replica (none ready or all
   ejected, or every one at its batch limit, `Target.concurrency`) waits in its service's queue, bounded
   by `hold_queue`, until a replica is assigned or frees up, or `hold_timeout_s` passes. It is woken, not
@@ -14,7 +17,11 @@ body, and a streaming upstream call. Behaviour (the nginx data plane does the sa
   none is free. Past the deadline, or when the queue is full, it gets 503 with `Retry-After`, naming
   the business. Held requests are counted per service (`TrafficStats.held`, with their wait in a
   histogram): demand the autopilot sees before any replica does.
-- The policy picks among replicas not ejected. Outlier detection, not a trigger (domain/outliers.py): a
+- Replica picking (domain/replica_picking.py): among replicas not ejected and below their batch limit (and, for
+  a request naming a LoRA adapter, those that report it loaded), a least-load service's policy takes the fewest
+  in flight, a prefix-aware one the best score of prefix affinity, queue and KV cache (the engines' figures come
+  by `push_inputs`, corral/replica_inputs.py); the nginx plane's `pick` decides alike.
+- Outlier detection, not a trigger (domain/outliers.py): a
   replica is ejected after `consecutive_failures` gateway failures in a row (connection refused, reset or timed
   out, no answer in time, hung, cut mid-response, a 502/503/504 answer; any other answer resets the count), or
   after a failure and then `failed_probes` failed health checks in a row (a failed replica is checked every
@@ -75,7 +82,7 @@ import logging
 import re
 import time
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -106,10 +113,21 @@ from corral.domain.outliers import (
     succeeded,
     wants_probe,
 )
+from corral.domain.replica_picking import (
+    Affinity,
+    PickRequest,
+    ReplicaInputs,
+    RoutingPolicy,
+    adapter_holders,
+    pick,
+    read_request,
+)
 from corral.domain.retries import AttemptFailure, RetryBudget, RetryWindow, retryable
+from corral.domain.tenancy import KEY_HEADERS, AuthMode, Usage
 from corral.gateway.policies import Policy
 from corral.gateway.routing import Route, RoutingTable, Target
 from corral.gateway.stats import TrafficStats, UsageScan
+from corral.gateway.tenants import ADMISSION, Admission, Refused, TenantWindows
 from corral.views import EjectionView
 
 if TYPE_CHECKING:
@@ -461,7 +479,12 @@ class Gateway:
         self._services_departed: dict[str, float] = {}  # service → when it left the table
         self._drained = asyncio.Condition()
         self._held: dict[str, deque[_Waiter]] = {}  # service → its held requests, first come first
+        self.on_held: Callable[[str], None] | None = None  # a request of this service is held (model swaps wake one)
         self._retries: dict[str, RetryWindow] = {}  # service → its requests and retries, for the retry budget
+        self.tenants = TenantWindows()  # key checks and quota windows (tenants.py)
+        # Replica picking (domain/replica_picking.py): prefix key → replica, and the engines' figures per replica
+        self.affinity = Affinity()
+        self.inputs: Mapping[str, ReplicaInputs] = {}
 
     # lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -498,6 +521,19 @@ class Gateway:
     async def served_version(self) -> int:
         return self.version
 
+    async def keys_last_used(self) -> dict[str, float]:
+        """Key id → when a request last presented it (epoch seconds)."""
+        return dict(self.tenants.last_used)
+
+    def quota_windows(self) -> dict[str, Usage]:
+        """Each quota scope's current windows (`s:<service>`, `k:<key id>`)."""
+        now = time.time()
+        return {scope: usage.copy().roll(now) for scope, usage in self.tenants.usage.items()}
+
+    async def push_inputs(self, inputs: Mapping[str, ReplicaInputs]) -> None:
+        """The engines' figures per replica, for replica picking (a swap: the next request reads them)."""
+        self.inputs = dict(inputs)
+
     async def read_counters(self) -> Sample:
         """The traffic counters now (the load monitor's once-a-second reading; see stats.py)."""
         return self.stats.sample()
@@ -517,18 +553,20 @@ class Gateway:
         self.ejected.clear()
         self.ejected.update({name: targets[name] for name, state in self.outliers.items()
                              if state.ejected and name in targets})
+        self.tenants.set_table(route.access for route in table.values() if route.access is not None)
         for service in [s for s in self._retries if s not in table]:
             del self._retries[service]
         self._wake_all()  # a replica may have been assigned (or its service removed)
 
     # holding -----------------------------------------------------------------------------------
-    def free_targets(self, route: Route, tried: Iterable[str] = ()) -> list[Target]:
+    def free_targets(self, route: Route, tried: Iterable[str] = (), only: frozenset[str] | None = None) -> list[Target]:
         """The replicas of `route` that may take a request now: in rotation, not tried, below their batch
-        limit."""
+        limit, and among `only` when given (those holding the LoRA adapter the request names)."""
         in_flight = self.stats.in_flight_by_replica
         skip = set(tried)
         return [t for t in route.targets if t.name not in self.ejected and t.name not in skip
-                and (t.concurrency is None or in_flight.get(t.name, 0) < t.concurrency)]
+                and (t.concurrency is None or in_flight.get(t.name, 0) < t.concurrency)
+                and (only is None or t.name in only)]
 
     def _wake_all(self) -> None:
         for queue in self._held.values():
@@ -546,7 +584,8 @@ class Gateway:
             return route.busy_message()
         return route.no_replica_message()
 
-    async def _hold(self, route: Route, send: Callable) -> tuple[Route, list[Target]] | None:
+    async def _hold(self, route: Route, send: Callable, only: frozenset[str] | None = None
+                    ) -> tuple[Route, list[Target]] | None:
         """Wait for a free replica of `route`'s service: the route as it is then and its free replicas; or
         None once the request was answered here (503 past the deadline or with the queue full; 404 when
         its service is gone meanwhile). Between finding a replica free and the caller counting it in
@@ -564,6 +603,8 @@ class Gateway:
         waiter = _Waiter()
         queue.append(waiter)
         self.stats.hold(service)
+        if self.on_held is not None:
+            self.on_held(service)
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + limits.hold_timeout_s
@@ -580,7 +621,7 @@ class Gateway:
                     await _error(send, 404, f"service '{service}' not found")
                     return None
                 route = current
-                if candidates := self.free_targets(route):
+                if candidates := self.free_targets(route, only=only):
                     admitted = True
                     return route, candidates
                 waiter.arm()
@@ -631,16 +672,26 @@ class Gateway:
             self.stats.rejected[(UNKNOWN_SERVICE, 404)] += 1
             await _error(send, 404, f"service '{service}' not found")
             return
+        if route.access is not None:  # keys and quotas, before anything else is done for it (tenants.py)
+            admitted = self.tenants.admit(service, route.access, scope["headers"])
+            if isinstance(admitted, Refused):
+                self.stats.rejected[(service, admitted.status)] += 1
+                retry = [(b"retry-after", str(admitted.retry_after_s).encode())] if admitted.retry_after_s else None
+                await _json(send, admitted.status, admitted.body, retry)
+                return
+            scope[ADMISSION] = admitted
         rest = path[len(ROUTED_PREFIX) + len(service):]
         if rest == "/v1/models" and scope["method"] == "GET" and route.answers_models():
             await _json(send, 200, route.models_list())
             return
         headers: list[tuple[str, str]] = []
         content_length: int | None = None
+        # A tenant's key stops here: the replica needs none, and must never see (or log) one.
+        skip = HOP_BY_HOP | KEY_HEADERS if route.access is not None and route.access.auth is AuthMode.KEYS else HOP_BY_HOP
         for k, v in scope["headers"]:
             if k == b"content-length":
                 content_length = int(v)  # the HTTP server checked it is digits
-            elif k not in HOP_BY_HOP:
+            elif k not in skip:
                 headers.append((k.decode("latin-1"), v.decode("latin-1")))
         limit = self.limits.max_body_bytes
         watch: _ClientWatch | None = None
@@ -680,15 +731,17 @@ class Gateway:
         window = self._retry_window(route.service)
         window.request(time.monotonic())
         tried: set[str] = set()
+        want = self._pick_request(route, body)
+        only = adapter_holders(want.model, (t.name for t in route.targets), self.inputs) if want else None
         for attempt in range(MAX_ATTEMPTS):
-            candidates = self.free_targets(route, tried)
+            candidates = self.free_targets(route, tried, only)
             if not candidates and attempt == 0:
-                if (admitted := await self._hold(route, send)) is None:
+                if (admitted := await self._hold(route, send, only)) is None:
                     return
                 route, candidates = admitted
             if not candidates:
                 break
-            target = self.policy.choose(candidates, self.stats.in_flight_by_replica)
+            target = self._choose(route, candidates, want)
             tried.add(target.name)
             failure = await self._try(route, target, scope, path, headers, body, send)
             if failure is None:
@@ -698,13 +751,30 @@ class Gateway:
                 self.stats.rejected[(route.service, status)] += 1
                 await _error(send, status, message)
                 return
-            if (attempt + 1 < MAX_ATTEMPTS and self.free_targets(route, tried)
+            if (attempt + 1 < MAX_ATTEMPTS and self.free_targets(route, tried, only)
                     and not window.try_retry(time.monotonic())):
                 self.stats.rejected[(route.service, 503)] += 1
                 await _error(send, 503, f"replica '{target.name}'" + budget_spent_suffix(self.limits.retry_budget))
                 return
         self.stats.rejected[(route.service, 503)] += 1
         await _error(send, 503, route.no_replica_message())
+
+    def _pick_request(self, route: Route, body: Body) -> PickRequest | None:
+        """The request's model and prompt prefix, read only when picking needs them: a prefix-aware service, or
+        replicas that report LoRA adapters. A body that streams (over 1 MiB) is not read: least load."""
+        if not isinstance(body, bytes):
+            return None
+        if route.routing.policy is RoutingPolicy.LEAST_LOAD and not any(
+                (i := self.inputs.get(t.name)) is not None and i.adapters for t in route.targets):
+            return None
+        return read_request(body)
+
+    def _choose(self, route: Route, candidates: list[Target], want: PickRequest | None) -> Target:
+        if want is None or route.routing.policy is RoutingPolicy.LEAST_LOAD:
+            return self.policy.choose(candidates, self.stats.in_flight_by_replica)
+        chosen = pick([t.name for t in candidates], route.routing, self.stats.in_flight_by_replica, self.inputs,
+                      want.keys, self.affinity)
+        return next(t for t in candidates if t.name == chosen)
 
     async def _try(self, route: Route, target: Target, scope: dict[str, Any], path: str, headers: list[tuple[str, str]],
                    body: Body, send: Callable) -> AttemptFailure | None:
@@ -728,6 +798,8 @@ class Gateway:
         error = True
         first_byte: float | None = None  # a streamed response's first body byte (stats.py)
         usage: UsageScan | None = None
+        admission: Admission | None = scope.get(ADMISSION)  # the key check's (tenants.py): its tokens count at the end
+        tally = None
         watch = _FirstByteWatch(self, target)
         try:
             try:
@@ -783,12 +855,15 @@ class Gateway:
                         body_chunks = _rewritten(body_chunks, route.model, events, self.limits.max_body_bytes)
                     if events or upstream.content_type == "application/json":
                         usage = UsageScan()
+                        tally = admission.scan if admission is not None and admission.counts_tokens else None
                     async for chunk in body_chunks:
                         chunks[target.name] += 1
                         if usage is not None:
                             if events and first_byte is None and chunk:
                                 first_byte = time.perf_counter() - started
                             usage.feed(chunk)
+                            if tally is not None:  # the tokens of a quota (domain.tenancy.TokenScan)
+                                tally.feed(chunk)
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                     # Died mid-response: nothing left to retry. Returning without ending the response makes
@@ -807,8 +882,12 @@ class Gateway:
                     self._succeeded(target.name)  # a whole answer: its failures in a row start again
                 return None
         finally:
+            if admission is not None:
+                self.tenants.finish(admission)
             self.stats.finish(route.service, target.name, time.perf_counter() - started, error, first_byte,
-                              usage.tokens if usage is not None else None)
+                              usage.tokens if usage is not None else None,
+                              prompt_tokens=usage.prompt_tokens if usage is not None else None,
+                              key_id=admission.key_id if admission is not None else None)
             if self._held:
                 self._wake_first(route.service)
             async with self._drained:

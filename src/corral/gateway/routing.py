@@ -22,12 +22,15 @@ hardware, and a wrong guess would hold requests a replica could have taken.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 from corral.domain import labels as L
 from corral.domain.autopilot import configured_batch_limit
 from corral.domain.models import Deployment, Pod, Service, selected_pods
+from corral.domain.replica_picking import Routing
+from corral.domain.sleep import SleepState
+from corral.domain.tenancy import RouteAccess
 from corral.engines import get_engine
 
 
@@ -47,6 +50,9 @@ class Route:
     business: str | None  # None for a standard deployment's own service
     deployment: str | None
     targets: tuple[Target, ...]
+    # Keys and quotas (domain/tenancy.py): checked at the request's entry, before any replica is picked; None: open
+    access: RouteAccess | None = None
+    routing: Routing = field(default_factory=Routing)  # how a replica is picked per request (domain/replica_picking.py)
 
     def no_replica_message(self) -> str:
         if self.business is not None:
@@ -72,10 +78,13 @@ class Route:
 RoutingTable = dict[str, Route]
 
 def build_routes(services: Iterable[Service], pods: Iterable[Pod],
-                 deployments: Iterable[Deployment] = ()) -> RoutingTable:
+                 deployments: Iterable[Deployment] = (), access: Mapping[str, RouteAccess] | None = None,
+                 routings: Mapping[str, Routing] | None = None) -> RoutingTable:
     """Each service's ready replicas (`domain.models.selected_pods`: an index by label pair, since this runs on
     every change, before its API call returns). `deployments`
-    give each replica its batch limit (`Target.concurrency`); without them every limit is unknown."""
+    give each replica its batch limit (`Target.concurrency`); without them every limit is unknown. `access`: each
+    business service's keys and quotas (`domain.tenancy.route_access`), by service name. `routings`: the business
+    services' replica picking (domain/replica_picking.py; absent: least-load)."""
     listed_deployments = list(deployments)
     limits = {d.name: configured_batch_limit(d.engine, d.engine_args) for d in listed_deployments}
     health: dict[str, str] = {}
@@ -84,7 +93,9 @@ def build_routes(services: Iterable[Service], pods: Iterable[Pod],
             health[d.name] = get_engine(d.engine).health_path
         except Exception:  # an engine this control plane does not know: the common path
             health[d.name] = "/health"
-    ready = [p for p in pods if p.ready and p.endpoint]
+    # Only awake replicas are targets: one wanted asleep (or sleeping, or waking) serves nothing (corral.sleeping); the
+    # gateway holds requests for a service that has none left (issue 31 item 4 wakes one for them).
+    ready = [p for p in pods if p.ready and p.endpoint and p.sleep == SleepState.AWAKE and p.sleep_level is None]
     listed = list(services)
     selected = selected_pods(listed, ready)
     serves_tag: dict[str, bool] = {}
@@ -111,5 +122,7 @@ def build_routes(services: Iterable[Service], pods: Iterable[Pod],
             business=service.business if service.is_business_service else None,
             deployment=service.deployment,
             targets=targets,
+            access=(access or {}).get(service.name) if service.is_business_service else None,
+            routing=(routings or {}).get(service.name, Routing()),
         )
     return table

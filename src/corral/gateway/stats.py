@@ -9,6 +9,7 @@ the same, under the keys `NginxStats` reads):
 - `completion_tokens` when the response reports `usage` (a JSON body's `usage`; a stream's usage chunk,
   which engines send when asked with `stream_options.include_usage`; with continuous usage stats, the
   largest, i.e. final, count). Responses without usage add nothing, and `usage` counts those that had it.
+  Per (service, API key) for metering (`meter()`): requests, errors, completion and `prompt_tokens`.
 Requests in flight are counted per replica (balancing, draining) and per pair (the load view).
 Requests the gateway holds for want of a free replica (proxy.py's activator) are counted per service while
 held, and their wait goes into a per-service histogram when they leave the hold (served, refused past the
@@ -24,6 +25,8 @@ process-wide default one, which would mix the counters of every gateway a proces
 from __future__ import annotations
 
 import re
+import secrets
+import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterator
 from functools import cached_property
@@ -34,6 +37,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from corral.domain.load import BUCKETS, Counts, Pair, Sample, bucket_index
+from corral.domain.usage import MeterKey, UsageCounts
 
 _LE = [floatToGoString(b) for b in BUCKETS]
 UNSERVED_CODES = frozenset({503, 504})  # the gateway's own answers for want of a (live) replica
@@ -73,6 +77,12 @@ class TrafficStats:
         self.held_wait: dict[str, list[int]] = {}  # service → held requests per wait bucket (not cumulative)
         self.held_wait_sum: dict[str, float] = defaultdict(float)  # service → seconds waited, summed
         self.client_cancelled: dict[str, int] = defaultdict(int)  # service → requests whose client left first
+        # (service, API key id or None) → [requests, prompt tokens, completion tokens, errors], for metering (`meter`):
+        # per key, and kept when a replica's counters are dropped. Bounded: a service's keys are the control plane's.
+        self.metered: dict[tuple[str, str | None], list[int]] = {}
+        # Which run of the data plane these counters belong to (they only grow within one): metering's cursor is
+        # kept per epoch (corral.metering). The nginx plane's view carries nginx's own ("" before its first read).
+        self.epoch = f"python-{time.time():.6f}-{secrets.token_hex(4)}"
 
     # the hot path ------------------------------------------------------------------------------
     def start(self, service: str, replica: str) -> None:
@@ -80,9 +90,9 @@ class TrafficStats:
         self.in_flight_by_pair[(service, replica)] += 1
 
     def finish(self, service: str, replica: str, seconds: float, error: bool, ttfb: float | None = None,
-               tokens: int | None = None) -> None:
-        """One forwarded request ended: `ttfb` for a streamed response that sent a byte, `tokens` when it
-        reported usage."""
+               tokens: int | None = None, prompt_tokens: int | None = None, key_id: str | None = None) -> None:
+        """One forwarded request ended: `ttfb` for a streamed response that sent a byte, `tokens` (completion)
+        and `prompt_tokens` when it reported usage; `key_id`: the API key it was admitted with (metering)."""
         pair = (service, replica)
         c = self.by_pair[pair]
         c.requests += 1
@@ -95,6 +105,13 @@ class TrafficStats:
         if tokens is not None:
             c.tokens += tokens
             c.usage += 1
+        m = self.metered.get((service, key_id))
+        if m is None:
+            m = self.metered[(service, key_id)] = [0, 0, 0, 0]
+        m[0] += 1
+        m[1] += prompt_tokens or 0
+        m[2] += tokens or 0
+        m[3] += error
         _decrement(self.in_flight_by_replica, replica)
         _decrement(self.in_flight_by_pair, pair)
 
@@ -128,10 +145,30 @@ class TrafficStats:
         for table in (self.held, self.held_wait, self.held_wait_sum, self.client_cancelled):
             for service in gone_s:
                 table.pop(service, None)  # type: ignore[attr-defined]
+        for key in [k for k in self.metered if k[0] in gone_s]:
+            del self.metered[key]
 
     # readers -----------------------------------------------------------------------------------
     async def refresh(self) -> None:
         """Nothing to read: these are the live counters (the nginx plane's `NginxStats.refresh` reads nginx's)."""
+
+    def snapshot(self) -> TrafficStats:
+        """These counters (the nginx plane's `NginxStats.snapshot` answers its last copy of nginx's)."""
+        return self
+
+    def meter(self) -> dict[MeterKey, UsageCounts]:
+        """The counters metering flushes (corral.domain.usage), cumulative since `epoch`: per (service, key id) what
+        was forwarded; per (service, None) also what the gateway held or answered itself (a refusal comes before
+        or without a key; requests to a service that does not exist are nobody's)."""
+        out: dict[MeterKey, UsageCounts] = {key: UsageCounts(*m, 0, 0) for key, m in self.metered.items()}
+        rejected: dict[str, int] = {}
+        for (service, _), n in self.rejected.items():
+            if service:
+                rejected[service] = rejected.get(service, 0) + n
+        for service in {*rejected, *self.held_wait}:
+            gateway = UsageCounts(held=sum(self.held_wait.get(service, ())), rejected=rejected.get(service, 0))
+            out[(service, None)] = out[(service, None)] + gateway if (service, None) in out else gateway
+        return out
 
     def sample(self) -> Sample:
         """The counters as they are now (the load monitor's reading)."""
@@ -240,6 +277,7 @@ def _cumulative(per_bucket: list[int]) -> list[tuple[str, int]]:
 
 # completion tokens in a response (JSON body or server-sent events) ---------------------------------
 _KEY = b'"completion_tokens"'
+_PROMPT_KEY = b'"prompt_tokens"'
 _VALUE = re.compile(rb"\s*:\s*(\d{1,12})")
 _TAIL = 64  # a `"completion_tokens": N` split across two chunks is found in the last bytes + the next ones
 _JOIN = 4096  # chunks up to this are searched joined to the tail (one search); larger ones are not copied
@@ -250,11 +288,12 @@ class UsageScan:
     the last `_TAIL` bytes are kept to find a key split across two chunks). The largest count wins: a
     stream with continuous usage stats repeats a growing count in every event. The Lua code does the same."""
 
-    __slots__ = ("tail", "tokens")
+    __slots__ = ("prompt_tokens", "tail", "tokens")
 
     def __init__(self) -> None:
         self.tail = b""
         self.tokens: int | None = None
+        self.prompt_tokens: int | None = None  # likewise `"prompt_tokens"` (metering)
 
     def feed(self, chunk: bytes) -> None:
         if len(chunk) <= _JOIN:  # the usual chunk (an event, a small JSON body): one search over tail + chunk
@@ -268,6 +307,11 @@ class UsageScan:
 
     def _scan(self, text: bytes) -> None:
         at = text.find(_KEY)  # (a plain search first: most chunks of a stream hold no usage)
+        if at < 0:
+            return
+        # A usage object holds both counts, the prompt's a few bytes from the completion's (within the kept tail when
+        # a chunk splits them): looked for only where the completion count is, so other chunks cost one search.
+        self.prompt_tokens = _largest(text, _PROMPT_KEY, self.prompt_tokens)
         while at >= 0:
             match = _VALUE.match(text, at + len(_KEY))
             if match is not None:
@@ -275,3 +319,13 @@ class UsageScan:
                 if self.tokens is None or value > self.tokens:
                     self.tokens = value
             at = text.find(_KEY, at + len(_KEY))
+
+
+def _largest(text: bytes, key: bytes, best: int | None) -> int | None:
+    at = text.find(key)
+    while at >= 0:
+        match = _VALUE.match(text, at + len(key))
+        if match is not None and (best is None or int(match.group(1)) > best):
+            best = int(match.group(1))
+        at = text.find(key, at + len(key))
+    return best

@@ -28,6 +28,8 @@ class DeploymentRow(Base):
     engine_args: Mapped[list] = mapped_column(JSON, default=list)
     # Set before a deletion starts; a control plane that crashed half-way finishes it on start.
     deleting: Mapped[bool] = mapped_column(Boolean, default=False)
+    # `sharedGpus`: its replicas may share GPU units with other shared pools' sleeping replicas (issue 31).
+    shared_gpus: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -54,6 +56,10 @@ class ReplicaRow(Base):
     restarts: Mapped[int] = mapped_column(Integer, default=0)
     gpu_ids: Mapped[list] = mapped_column(JSON, default=list)
     log_path: Mapped[str] = mapped_column(Text)
+    # Sleep mode (domain/sleep.py). `sleep_level`: the desired state, written with its history row before the
+    # engine is asked (null: awake); `sleep_state`: what the engine last reported (awake, sleeping, waking).
+    sleep_level: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    sleep_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -119,11 +125,23 @@ class FinetuneTaskRow(Base):
     preemptible: Mapped[bool] = mapped_column(Boolean, default=True)
     # Set before the trainer is signalled (the intent): {"business", "priority", "pool"}; cleared when it starts again.
     preempted_by: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    # A mix's sources (`datasets`: path, ratio, examples, taken); NULL: the one datasetPath.
+    datasets: Mapped[list | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     # easy-backfill: while it waits with GPUs reserved, the start promised to it (kept between rounds, domain.queue)
     promised_start: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class ServiceRoutingRow(Base):
+    """A business service's replica picking (`corral.domain.replica_picking.Routing`, in its wire form); absent:
+    least-load. Apart from the service, which a backend stores (SQLite here, a Service object on Kubernetes)."""
+
+    __tablename__ = "service_routing"
+    service: Mapped[str] = mapped_column(String(63), primary_key=True)
+    routing: Mapped[dict] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 
 class BusinessPolicyRow(Base):
@@ -151,3 +169,58 @@ class PinRow(Base):
     pod: Mapped[str] = mapped_column(String(80), primary_key=True)
     pool: Mapped[str] = mapped_column(String(63), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class UsageHourlyRow(Base):
+    """Traffic a business (and key) sent in one hour, added to at each metering flush (corral.metering). GPU-seconds
+    are not stored: they are integrated from the history's assignment rows when asked (corral.domain.usage)."""
+
+    __tablename__ = "usage_hourly"
+    hour: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    business: Mapped[str] = mapped_column(String(63), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(64), primary_key=True, default="")  # "": no key
+    requests: Mapped[int] = mapped_column(Integer, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[int] = mapped_column(Integer, default=0)
+    held: Mapped[int] = mapped_column(Integer, default=0)
+    rejected: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class UsageCursorRow(Base):
+    """The data plane's counters as last flushed into `usage_hourly`, and the plane's run (epoch) they belong to:
+    written in the same transaction as the rows, so a flush after a restart adds only what is new."""
+
+    __tablename__ = "usage_cursor"
+    plane: Mapped[str] = mapped_column(String(16), primary_key=True)
+    epoch: Mapped[str] = mapped_column(String(80))
+    counters: Mapped[list] = mapped_column(JSON, default=list)  # [[service, key id, [counts...]], ...]
+    flushed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ServiceAccessRow(Base):
+    """Who may call a business service (`auth`: `corral.domain.tenancy.AuthMode`) and its quotas (`limits`, in their
+    wire form). A service without a row is open: every service created before keys existed keeps serving as it did.
+    A table of its own, not columns of `services`: a service may live in a cluster, its access always lives here."""
+
+    __tablename__ = "service_access"
+    service: Mapped[str] = mapped_column(String(63), primary_key=True)
+    auth: Mapped[str] = mapped_column(String(8), default="none")
+    limits: Mapped[dict] = mapped_column(JSON, default=dict)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class ApiKeyRow(Base):
+    """An API key of a business service: its SHA-256 (`digest`), never the key (`corral.domain.tenancy`). A revoked
+    key's row is deleted (its history row stays)."""
+
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    service: Mapped[str] = mapped_column(String(63), index=True)
+    name: Mapped[str | None] = mapped_column(String(63), nullable=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    limits: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -20,10 +20,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from corral.domain import labels as L
 from corral.domain.adapters import Adapter
+from corral.domain.errors import NotFound
 from corral.domain.history import HistoryDraft, Intent, Outcome
 from corral.domain.models import Deployment, Pod, PodPhase, Service
+from corral.domain.sleep import SleepLevel, SleepState
+from corral.domain.tenancy import ApiKey, AuthMode, Limits, ServiceAccess
 from corral.paths import private_file
 from corral.store.schema import (
+    ApiKeyRow,
     AutopilotRow,
     Base,
     BusinessPolicyRow,
@@ -33,6 +37,8 @@ from corral.store.schema import (
     PinRow,
     PoolAdapterRow,
     ReplicaRow,
+    ServiceAccessRow,
+    ServiceRoutingRow,
     ServiceRow,
 )
 
@@ -60,6 +66,8 @@ class ReplicaRecord:
     pid_start: str | None = None
     gpu_ids: tuple[int, ...] = ()
     created_at: datetime | None = None
+    sleep_level: SleepLevel | None = None  # desired: asleep at this level (None: awake); domain/sleep.py
+    sleep_state: SleepState = SleepState.AWAKE  # what the engine last reported
 
     def to_pod(self, host: str = "127.0.0.1") -> Pod:
         return Pod(
@@ -72,6 +80,8 @@ class ReplicaRecord:
             restarts=self.restarts,
             created_at=self.created_at,
             gpu_ids=self.gpu_ids,
+            sleep=self.sleep_state,
+            sleep_level=self.sleep_level,
         )
 
     def replace(self, **changes: Any) -> ReplicaRecord:
@@ -82,7 +92,7 @@ def _deployment(row: DeploymentRow) -> Deployment:
     return Deployment(
         name=row.name, engine=row.engine, model_id=row.model_id, model_tag=row.model_tag, is_pool=row.is_pool,
         replicas=row.replicas, gpus_per_replica=row.gpus_per_replica, engine_args=tuple(row.engine_args or ()),
-        created_at=aware(row.created_at),
+        created_at=aware(row.created_at), shared_gpus=bool(row.shared_gpus),
     )
 
 
@@ -91,6 +101,8 @@ def _replica(row: ReplicaRow) -> ReplicaRecord:
         name=row.name, deployment=row.deployment, labels=dict(row.labels), port=row.port, log_path=row.log_path,
         phase=PodPhase(row.phase), ready=row.ready, restarts=row.restarts, pid=row.pid, pid_start=row.pid_start,
         gpu_ids=tuple(row.gpu_ids or ()), created_at=aware(row.created_at),
+        sleep_level=SleepLevel(row.sleep_level) if row.sleep_level else None,
+        sleep_state=SleepState(row.sleep_state) if row.sleep_state else SleepState.AWAKE,
     )
 
 
@@ -107,6 +119,7 @@ def _replica_columns(record: ReplicaRecord) -> dict[str, Any]:
         "pid": record.pid, "pid_start": record.pid_start, "phase": record.phase.value, "ready": record.ready,
         "restarts": record.restarts, "gpu_ids": list(record.gpu_ids), "log_path": record.log_path,
         "created_at": record.created_at or datetime.now(timezone.utc),
+        "sleep_level": int(record.sleep_level) if record.sleep_level else None, "sleep_state": record.sleep_state.value,
     }
 
 
@@ -158,6 +171,7 @@ class StateStore:
                 name=deployment.name, engine=deployment.engine, model_id=deployment.model_id,
                 model_tag=deployment.model_tag, is_pool=deployment.is_pool, replicas=deployment.replicas,
                 gpus_per_replica=deployment.gpus_per_replica, engine_args=list(deployment.engine_args),
+                shared_gpus=deployment.shared_gpus,
             ))
             s.flush()
             s.add_all(ReplicaRow(**_replica_columns(r)) for r in replicas)
@@ -284,6 +298,15 @@ class StateStore:
             for key, value in columns.items():
                 setattr(row, key, value)
 
+    def set_sleep_intent(self, name: str, level: SleepLevel | None, intent: Intent) -> None:
+        """A replica's desired sleep state and its pending history row, in one transaction (intent first: the engine
+        is asked after). NotFound, with nothing written, when the replica is gone or being removed."""
+        with self._intent(intent) as s:
+            row = s.get(ReplicaRow, name)
+            if row is None or row.phase == PodPhase.TERMINATING.value:
+                raise NotFound(f"pod '{name}' not found (or being removed)")
+            row.sleep_level = int(level) if level else None
+
     def delete_replica(self, name: str) -> None:
         with self.session() as s:
             row = s.get(ReplicaRow, name)
@@ -327,6 +350,59 @@ class StateStore:
             _relabel(s, unassign or {})
             s.delete(s.get_one(ServiceRow, name))
 
+    # tenancy: who may call a business service, its keys (digests only) and quotas (corral.tenancy) ---------------
+    # Read on every routing table build (every change): kept as last read until written, as the autopilot's reads.
+    def set_access(self, access: ServiceAccess, intent: Intent | None = None) -> None:
+        with self._changing("tenancy"), self._intent(intent) as s:
+            s.merge(ServiceAccessRow(service=access.service, auth=access.auth.value, limits=access.limits.wire()))
+
+    def access(self, service: str) -> ServiceAccess | None:
+        return self.tenancy()[0].get(service)
+
+    def tenancy(self) -> tuple[dict[str, ServiceAccess], list[ApiKey]]:
+        """Every service's access row and every key (digests, never keys), oldest key first."""
+        read = self._autopilot_reads.get("tenancy")
+        if read is None:
+            query = select(ApiKeyRow).order_by(ApiKeyRow.created_at, ApiKeyRow.id)
+            with self.session() as s:
+                read = self._autopilot_reads["tenancy"] = (
+                    {r.service: _access(r) for r in s.scalars(select(ServiceAccessRow))},
+                    [_api_key(r) for r in s.scalars(query)])
+        return dict(read[0]), list(read[1])
+
+    def add_api_key(self, key: ApiKey, intent: Intent | None = None) -> None:
+        with self._changing("tenancy"), self._intent(intent) as s:
+            s.add(ApiKeyRow(id=key.id, service=key.service, name=key.name, prefix=key.prefix, digest=key.digest,
+                            limits=key.limits.wire(), expires_at=key.expires_at))
+
+    def list_api_keys(self, service: str) -> list[ApiKey]:
+        """A service's keys, with when each was last used (not cached: `keys_used` writes it often)."""
+        query = select(ApiKeyRow).where(ApiKeyRow.service == service).order_by(ApiKeyRow.created_at, ApiKeyRow.id)
+        with self.session() as s:
+            return [_api_key(r) for r in s.scalars(query)]
+
+    def revoke_api_key(self, service: str, key_id: str, intent: Intent | None = None) -> None:
+        with self._changing("tenancy"), self._intent(intent) as s:
+            row = s.get(ApiKeyRow, key_id)
+            if row is not None and row.service == service:
+                s.delete(row)
+
+    def keys_used(self, last_used: Mapping[str, datetime]) -> None:
+        """When each key (by id) was last used, as the data plane saw it (only forward; not part of any route)."""
+        with self.session() as s:
+            for key_id, when in last_used.items():
+                row = s.get(ApiKeyRow, key_id)
+                if row is not None and (row.last_used_at is None or aware(row.last_used_at) < when):  # type: ignore[operator]
+                    row.last_used_at = when
+
+    def forget_tenancy(self, service: str) -> None:
+        """A deleted service's access and keys go with it (a service re-created under its name starts without)."""
+        with self._changing("tenancy"), self.session() as s:
+            if (row := s.get(ServiceAccessRow, service)) is not None:
+                s.delete(row)
+            for key in s.scalars(select(ApiKeyRow).where(ApiKeyRow.service == service)):
+                s.delete(key)
+
     # autopilot: policies, pool settings, pins -----------------------------------------------------
     def set_policy(self, service: str, policy: Mapping[str, Any], history: HistoryDraft) -> None:
         """A business's policy and its history row, in one transaction (the desired state of the autopilot)."""
@@ -340,6 +416,20 @@ class StateStore:
                 read = self._autopilot_reads["policies"] = {r.service: dict(r.policy)
                                                             for r in s.scalars(select(BusinessPolicyRow))}
         return {service: dict(policy) for service, policy in read.items()}  # copies: callers may alter theirs
+
+    def set_routing(self, service: str, routing: Mapping[str, Any], history: HistoryDraft) -> None:
+        """A business service's replica picking and its history row, in one transaction."""
+        with self._changing("routings"), self._applied([history]) as s:
+            s.merge(ServiceRoutingRow(service=service, routing=dict(routing)))
+
+    def routings(self) -> dict[str, dict[str, Any]]:
+        """Service → its routing (wire form); read once until changed (the routing table is built on every change)."""
+        read = self._autopilot_reads.get("routings")
+        if read is None:
+            with self.session() as s:
+                read = self._autopilot_reads["routings"] = {r.service: dict(r.routing)
+                                                            for r in s.scalars(select(ServiceRoutingRow))}
+        return {service: dict(routing) for service, routing in read.items()}
 
     def set_autopilot(self, pool: str, settings: Mapping[str, Any], history: HistoryDraft) -> None:
         with self._changing("autopilots"), self._applied([history]) as s:
@@ -392,8 +482,8 @@ class StateStore:
                 self._autopilot_reads.pop(name, None)
 
     def forget_autopilot(self, *, pool: str | None = None, service: str | None = None) -> None:
-        """A deleted pool's settings and pins, or a deleted service's policy."""
-        with self._changing("autopilots", "pins", "policies"), self.session() as s:
+        """A deleted pool's settings and pins, or a deleted service's policy and routing."""
+        with self._changing("autopilots", "pins", "policies", "routings"), self.session() as s:
             if pool is not None:
                 if (row := s.get(AutopilotRow, pool)) is not None:
                     s.delete(row)
@@ -401,6 +491,8 @@ class StateStore:
                     s.delete(pin)
             if service is not None and (policy := s.get(BusinessPolicyRow, service)) is not None:
                 s.delete(policy)
+            if service is not None and (routing := s.get(ServiceRoutingRow, service)) is not None:
+                s.delete(routing)
 
     # history -----------------------------------------------------------------------------------
     # Written one way (`_writing_history`): with a desired state (the `intent=`/`history=` of the methods
@@ -502,6 +594,16 @@ def _set_desired(s: Session, deployment: str) -> None:
     """A deployment's desired count is its replicas that are not being removed."""
     live = select(ReplicaRow.name).where(ReplicaRow.deployment == deployment, ReplicaRow.phase != PodPhase.TERMINATING.value)
     s.get_one(DeploymentRow, deployment).replicas = len(list(s.scalars(live)))
+
+
+def _access(row: ServiceAccessRow) -> ServiceAccess:
+    return ServiceAccess(service=row.service, auth=AuthMode(row.auth), limits=Limits.from_wire(row.limits))
+
+
+def _api_key(row: ApiKeyRow) -> ApiKey:
+    return ApiKey(id=row.id, service=row.service, prefix=row.prefix, digest=row.digest, name=row.name,
+                  limits=Limits.from_wire(row.limits), created_at=aware(row.created_at), expires_at=aware(row.expires_at),
+                  last_used_at=aware(row.last_used_at))
 
 
 def _service_row(service: Service) -> ServiceRow:

@@ -12,6 +12,7 @@ it is showing, so a page is never staler than the last event.
     load.py       live load (per service and replica) from the monitor's `load` events: figures and charts
     finetune.py   GPU banner, submit form, task table and task detail                   (/finetune)
     history.py    every scheduling action, filterable                                    (/history)
+    usage.py      usage per business and hour, a chart per business (corral.metering)    (/usage)
 """
 
 from corral.ui.shell import mount

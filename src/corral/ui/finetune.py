@@ -17,7 +17,7 @@ from nicegui import events as ui_events
 from corral.auth import token_accepted
 from corral.backends.local.process import tail_lines
 from corral.domain.errors import CorralError
-from corral.domain.finetune_request import METHODS
+from corral.domain.finetune_request import ADAPTER_METHODS, METHODS
 from corral.domain.hyperparameters import CHOICES, DEFAULTS, SWITCHES, TEXTS
 from corral.domain.tasks import FINISHED, TaskState
 from corral.events import EventType
@@ -100,9 +100,13 @@ def _submit_form() -> None:
     hp = DEFAULTS
     base_model = ui.input("Base model", placeholder="a local model directory or org/name").classes("w-full").props('data-testid="ft-model"')
     with ui.row().classes("w-full items-center gap-2 no-wrap"):
-        dataset = ui.input("Dataset (JSONL)", placeholder="/path/to/train.jsonl").classes("grow").props('data-testid="ft-dataset"')
+        dataset = ui.input("Dataset (JSONL, Parquet, Arrow or a datasets directory)", placeholder="/path/to/train.jsonl") \
+            .classes("grow").props('data-testid="ft-dataset"')
         upload = _upload_widget()
     dataset_note = ui.label().classes("text-xs").props('data-testid="ft-dataset-note"')
+    mix = ui.textarea("Mix with (optional): one dataset a line, its path then its ratio (0 to 1, default 1)",
+                      placeholder="/data/more.jsonl 0.5\n/data/other.parquet").classes("w-full").props(
+                          'rows=2 autogrow data-testid="ft-mix"')
     with ui.row().classes("w-full gap-2 no-wrap"):
         method = ui.select(list(METHODS), value="lora", label="Method").classes("w-28")
         priority = ui.select(["high", "normal", "low"], value="normal", label="Priority").classes("w-28")
@@ -168,7 +172,8 @@ def _submit_form() -> None:
         # As typed: the manager's one check (domain.hyperparameters) takes 2.0 as 2 and refuses 2.5, NaN, ...
         hyperparameters = {k: v for k, v in values.items() if v is not None}
         result, problem = await act(lambda: _submit(base_model.value, dataset.value, method.value, priority.value,
-                                                    int(gpus.value or 0), float(timeout_h.value or 0) * 3600, hyperparameters))
+                                                    int(gpus.value or 0), float(timeout_h.value or 0) * 3600, hyperparameters,
+                                                    mix_entries(dataset.value or "", mix.value or "")))
         error.set_text(problem or "")
         if result:
             notify(f"{result.id}: {result.status}", "positive")
@@ -189,6 +194,7 @@ def _submit_form() -> None:
             return  # one at a time: the button is disabled while it runs
         previewing[0] = asyncio.current_task()
         model, data = (base_model.value or "").strip(), (dataset.value or "").strip()
+        mixed = mix_entries(data, mix.value or "")
         started = time.monotonic()
         preview_box.clear()
         with preview_box, ui.row().classes("items-center gap-2 no-wrap").props('data-testid="ft-preview-progress"'):
@@ -205,9 +211,9 @@ def _submit_form() -> None:
         preview_button.disable()
         try:
             result, problem = await act(lambda: runtime().finetune.preview(
-                base_model=model, dataset_path=data,
+                base_model=model, dataset_path=data if mixed is None else None, datasets=mixed,
                 max_seq_len=fields["maxSeqLen"].value, train_on_prompt=bool(fields["trainOnPrompt"].value), examples=3,
-                chat_template=fields["chatTemplate"].value))
+                chat_template=fields["chatTemplate"].value, batch_size=fields["batchSize"].value, method=method.value))
         except asyncio.CancelledError:  # Cancel: the preview's child process is killed with it
             preview_box.clear()
             with preview_box:
@@ -253,6 +259,13 @@ def _preview(result: PreviewResult) -> None:
     ui.label(f"{result.format}: {result.count} examples; {cut} at maxSeqLen {result.maxSeqLen}; {share} of the tokens trained"
              + ("" if result.analyzed == result.count else f" (first {result.analyzed} analysed)")) \
         .classes("text-sm").props('data-testid="ft-preview-summary"')
+    for source in result.sources:  # a mix: what each source gives
+        ui.label(f"{source.path}: {source.taken} of {source.examples} examples ({source.format}, ratio {source.ratio:g})") \
+            .classes("text-xs font-mono").props('data-testid="ft-preview-source"')
+    if (packing := result.packing) is not None:
+        ui.label(f"padding per epoch at batchSize {packing.batchSize}: {packing.padTokens} tokens unpacked ({packing.rows} rows), "
+                 f"{packing.packedPadTokens} packed ({packing.packedRows} rows of at most {result.maxSeqLen} tokens)") \
+            .classes("text-xs text-grey-8").props('data-testid="ft-preview-packing"')
     for warning in result.warnings:  # the end of a turn against the model's EOS, markers that are not tokens
         ui.label(f"⚠ {warning}").classes("text-sm text-warning").props('data-testid="ft-preview-warning"')
     ui.label("highlighted: what the loss covers").classes("text-xs text-grey-8")
@@ -330,9 +343,28 @@ def preview_progress(model: str, dataset: str, elapsed_s: float) -> str:
 
 
 async def _submit(base_model: str, dataset: str, method: str, priority: str, gpus: int, timeout_s: float,
-                  hyperparameters: dict[str, Any]) -> FinetuneTask:
-    return runtime().finetune.submit(base_model=(base_model or "").strip(), dataset_path=(dataset or "").strip(), method=method,
-                                     priority=priority, gpus=gpus, timeout_s=timeout_s, hyperparameters=hyperparameters)
+                  hyperparameters: dict[str, Any], datasets: list[dict[str, Any]] | None = None) -> FinetuneTask:
+    return runtime().finetune.submit(base_model=(base_model or "").strip(),
+                                     dataset_path=(dataset or "").strip() if datasets is None else None, method=method,
+                                     priority=priority, gpus=gpus, timeout_s=timeout_s, hyperparameters=hyperparameters,
+                                     datasets=datasets)
+
+
+def mix_entries(dataset: str, mix: str) -> list[dict[str, Any]] | None:
+    """The form's `datasets`: None when the mix box is empty (the dataset field alone, as `datasetPath`); else the
+    dataset field (ratio 1, when filled) then each line of the box, `path [ratio]` (a last word that is a number is the
+    ratio). The manager's one check (`domain.finetune_request.check_dataset_sources`) judges the result."""
+    lines = [line.strip() for line in mix.splitlines() if line.strip()]
+    if not lines:
+        return None
+    entries: list[dict[str, Any]] = [{"path": dataset.strip(), "ratio": 1.0}] if dataset.strip() else []
+    for line in lines:
+        path, _, last = line.rpartition(" ")
+        try:
+            entries.append({"path": path.strip(), "ratio": float(last)} if path.strip() else {"path": line})
+        except ValueError:
+            entries.append({"path": line})
+    return entries
 
 
 # task table -----------------------------------------------------------------------------------
@@ -529,6 +561,9 @@ def _show_detail(container: ui.column, events: ClientEvents, task_id: str) -> No
             text += f"; learning rate {rates[-1][1]:.2e}"
         if (dropped := task.progress.get("dropped")) is not None:
             text += f"; dataset: {task.progress.get('truncated', 0)} truncated, {dropped} dropped at maxSeqLen"
+        if (padding := task.progress.get("padTokens")) is not None and task.progress.get("batchTokens"):
+            text += (f"; padding {padding} of {task.progress['batchTokens']} batch tokens"
+                     + (f" (packed into {task.progress['packedRows']} rows)" if task.progress.get("packedRows") else ""))
         if task.status == TaskState.TRAINING and (eta := eta_text(task.progress.get("etaAt"))):
             text += f"; {eta}"
         curve.set_text(text)
@@ -541,6 +576,12 @@ def _show_detail(container: ui.column, events: ClientEvents, task_id: str) -> No
                 .classes("text-xs font-mono").style("word-break: break-word")
             if task.output:
                 ui.label(f"output: {task.output}").classes("text-xs font-mono")
+            if log_dir := task.progress.get("logDir"):  # reportTo tensorboard: Corral runs no TensorBoard, it says where
+                ui.label(f"TensorBoard: tensorboard --logdir {log_dir}").classes("text-xs font-mono") \
+                    .props('data-testid="task-logdir"')
+            for source in task.datasets or []:
+                ui.label(f"dataset {source.path}: {source.taken} of {source.examples} examples (ratio {source.ratio:g})") \
+                    .classes("text-xs font-mono")
             if manager.resumable(task_id):
                 async def resume() -> None:
                     _, problem = await act(lambda: manager.resume(task_id))
@@ -689,7 +730,7 @@ def _deploy_control(task: FinetuneTask) -> None:
             notify(problem or f"deployed as {result.deployment.name}", "negative" if problem else "positive")
 
         button = ui.button("Deploy as pool", icon="rocket_launch", on_click=deploy).props('data-testid="deploy-as-pool"')
-    if task.method in ("lora", "qlora"):
+    if task.method in ADAPTER_METHODS:
         _adapter_control(task)
 
 

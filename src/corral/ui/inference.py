@@ -29,6 +29,7 @@ from corral.engines import engine_names, get_engine
 from corral.events import EventType
 from corral.ui import autopilot as autopilot_ui
 from corral.ui import load as loadview
+from corral.ui import tenancy as tenancy_ui
 from corral.ui.live import ClientEvents, act, live, notify, runtime
 from corral.views import PoolDeploymentView, StandardDeploymentView
 
@@ -435,6 +436,7 @@ def _services(events: ClientEvents) -> None:
                     ui.label(view.baseUrl or "").classes("text-xs font-mono text-grey-7")
                     ui.space()
                     autopilot_ui.policy_button(view.name)
+                    tenancy_ui.keys_button(view.name)
                     ui.button(icon="delete", on_click=lambda _, v=view: delete(v)) \
                         .props(f'flat dense color=negative data-testid="delete-service-{view.name}"') \
                         .tooltip("delete this business service")

@@ -7,10 +7,11 @@ import secrets
 from fastapi import FastAPI
 from nicegui import app, ui
 
-from corral.ui import finetune, history, inference
+from corral.ui import finetune, history, inference, usage
 from corral.ui.live import ClientEvents, notify, runtime, token_ok
 
-PAGES = {"/": ("Inference", "hub"), "/finetune": ("Finetune", "model_training"), "/history": ("History", "history")}
+PAGES = {"/": ("Inference", "hub"), "/finetune": ("Finetune", "model_training"), "/history": ("History", "history"),
+         "/usage": ("Usage", "bar_chart")}
 
 
 def mount(api: FastAPI) -> None:
@@ -33,7 +34,8 @@ def root() -> None:
         ui.label(f"{rt.settings.backend} backend · gateway {rt.data_plane} on :{rt.settings.gateway_port}").classes("text-sm opacity-80")
         if rt.settings.api_token:
             _token_button()
-    ui.sub_pages({"/": inference.page, "/finetune": finetune.page, "/history": history.page}, data={"events": events}) \
+    ui.sub_pages({"/": inference.page, "/finetune": finetune.page, "/history": history.page,
+                   "/usage": usage.page}, data={"events": events}) \
         .classes("w-full")
 
 

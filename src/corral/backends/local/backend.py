@@ -31,6 +31,7 @@ _SUFFIX_ALPHABET = string.ascii_lowercase + string.digits
 
 class LocalBackend(Backend):
     supports_secret_env = True  # the supervisor launches each replica with its deployment's secretEnv
+    supports_sleep = True  # replica rows keep each replica's desired sleep state (corral.sleeping)
 
     def __init__(self, settings: Settings, store: StateStore, report: Report, gpu_ids: list[int] | None = None,
                  gpu_ledger: Callable[[], GpuLedger] | None = None) -> None:
@@ -68,8 +69,19 @@ class LocalBackend(Backend):
         return [r.to_pod() for r in self.store.list_replicas(deployment) if r.phase != PodPhase.TERMINATING]
 
     def gpu_claims(self) -> list[GpuClaim]:
-        """Terminating replicas included: their memory is not free until their process has exited."""
-        return [GpuClaim(Holder.replica(r.name), tuple(str(g) for g in r.gpu_ids)) for r in self.store.list_replicas() if r.gpu_ids]
+        """Terminating replicas included: their memory is not free until their process has exited. A replica of a
+        sharedGpus pool claims its unit shared, with its sleep state and its weights' size (gpu_ledger)."""
+        deployments = {d.name: d for d in self.store.list_deployments()}
+        claims = []
+        for r in self.store.list_replicas():
+            if not r.gpu_ids:
+                continue
+            deployment = deployments.get(r.deployment)
+            shared = deployment is not None and deployment.shared_gpus
+            claims.append(GpuClaim(Holder.replica(r.name), tuple(str(g) for g in r.gpu_ids), shared=shared,
+                                   sleeping=r.sleep_level if shared else None,
+                                   host_bytes=weights_bytes(deployment) if shared and deployment else 0.0))
+        return claims
 
     def get_pod(self, name: str) -> Pod | None:
         record = self.store.get_replica(name)
@@ -151,8 +163,14 @@ class LocalBackend(Backend):
             while port in taken_ports:
                 port = process.free_port()
             # A replica holds whole devices only (CUDA_VISIBLE_DEVICES by index; `Pod.gpu_ids` are ints).
-            ledger, units = ledger.claim(Holder.replica(name), deployment.gpus_per_replica, whole_only=True,
-                                         who=f"replica {name} of {deployment.name}")
+            who = f"replica {name} of {deployment.name}"
+            if deployment.shared_gpus and deployment.gpus_per_replica:
+                # A free unit first, else one whose replicas all sleep (gpu_ledger.place_shared): it starts awake there.
+                units = ledger.place_shared(Holder.replica(name), deployment.gpus_per_replica,
+                                            host_bytes=weights_bytes(deployment), who=who)
+                ledger = ledger.hold_shared(Holder.replica(name), units, host_bytes=weights_bytes(deployment))
+            else:
+                ledger, units = ledger.claim(Holder.replica(name), deployment.gpus_per_replica, whole_only=True, who=who)
             gpus = tuple(int(u) for u in units)
             taken_names.add(name)
             taken_ports.add(port)
@@ -169,6 +187,21 @@ class LocalBackend(Backend):
             return [self.supervisor.launch(r).to_pod() for r in records]
         except OSError as exc:  # e.g. the engine executable vanished: leave nothing half-created
             raise Conflict(f"could not start replica process: {exc}") from exc
+
+
+def weights_bytes(deployment: Deployment) -> float:
+    """The weights' size a level-1 sleep keeps in host memory, for the host budget: the simulator's `--weights-gb`;
+    0 (not counted) for real engines until Corral estimates a model's weights (an integrator's follow-up)."""
+    args = list(deployment.engine_args)
+    for i, arg in enumerate(args):
+        value = arg.partition("=")[2] if arg.startswith("--weights-gb=") else (
+            args[i + 1] if arg == "--weights-gb" and i + 1 < len(args) else None)
+        if value is not None:
+            try:
+                return max(0.0, float(value)) * 1024**3
+            except ValueError:
+                return 0.0
+    return 0.0
 
 
 def _replica_name(deployment: str, taken: set[str]) -> str:

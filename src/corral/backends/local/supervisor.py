@@ -28,6 +28,7 @@ from corral.config import Settings
 from corral.domain.history import Action, HistoryDraft, Outcome
 from corral.domain.models import PodPhase
 from corral.domain.outliers import OutlierPolicy, Readiness, readiness
+from corral.domain.sleep import SleepState
 from corral.engines import get_engine
 from corral.events import EventType
 from corral.store.state import ReplicaRecord, StateStore
@@ -135,11 +136,14 @@ class ReplicaSupervisor:
         self._handles[record.name] = started.handle  # type: ignore[assignment]
         restarts = record.restarts + (1 if restart else 0)
         updated = record.replace(
-            pid=started.pid, pid_start=started.pid_start, port=port, phase=PodPhase.PENDING, ready=False, restarts=restarts
+            pid=started.pid, pid_start=started.pid_start, port=port, phase=PodPhase.PENDING, ready=False, restarts=restarts,
+            sleep_state=SleepState.AWAKE,
         )
+        # A new process starts awake, whatever its predecessor's sleep state: the sleep reconciler (corral.sleeping)
+        # puts it back to sleep once it is ready if that is what is desired.
         self.store.update_replica(
             record.name, pid=started.pid, pid_start=started.pid_start, port=port, phase=PodPhase.PENDING,
-            ready=False, restarts=restarts,
+            ready=False, restarts=restarts, sleep_state=SleepState.AWAKE.value,
         )
         self._publish(updated)
         return updated

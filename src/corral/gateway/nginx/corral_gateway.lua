@@ -1,7 +1,7 @@
 -- Corral's nginx data plane. The routing table lives in shared memory, pushed by the control plane
 -- (POST /routes on the control socket), so an assignment takes effect without an nginx reload.
 -- Same behaviour as the Python gateway (corral/gateway/proxy.py): least outstanding requests with
--- random ties, one retry on another replica only when no byte of the request was written to the first
+-- random ties, or for a prefix-aware service the scores of corral/domain/replica_picking.py (`pick`), one retry on another replica only when no byte of the request was written to the first
 -- (corral/domain/retries.py) and within the service's retry budget, outlier detection (corral/domain/outliers.py:
 -- thresholds, growing ejection times, the cap per business), `x-corral-replica`, 400/404/413/503 JSON bodies,
 -- per-service/replica counters and in-flight counts, and the same rule for which paths go through (only the
@@ -9,7 +9,8 @@
 -- The counters are those of corral/gateway/stats.py, in the `corral_stats` shared dict (read by
 -- NginxStats): per "<service>|<replica>" `rq:` requests, `er:` errors, `lt:` latency sum, `lb:…|<i>`
 -- latency bucket i, `ts:`/`tb:…|<i>` first-byte sum and buckets (streamed responses), `tk:` completion
--- tokens and `tu:` responses with usage, `ip:` in flight; per replica `if:` in flight, and its outlier
+-- tokens and `tu:` responses with usage, `ip:` in flight; per "<service>|<API key id>" (metering) `mq:` requests,
+-- `mp:`/`mc:` prompt/completion tokens, `me:` errors; per replica `if:` in flight, and its outlier
 -- record: `ej:` ejected until (present while ejected), `ea:` ejected at, `en:` ejections in a row, `ew:` why,
 -- `ot:` readmitted at, `oc:` gateway failures in a row, `cp:` cap refusals (`sp:` suspected, `pf:`/`pp:`
 -- failed/passed checks in a row, `cs:` capped this streak: internal); `rj:<service>|<code>` rejections; per
@@ -47,6 +48,7 @@ local cjson = require "cjson.safe"
 local semaphore = require "ngx.semaphore"
 
 local routes_dict = ngx.shared.corral_routes
+local affinity = ngx.shared.corral_affinity  -- prefix key → its last replicas, tab-separated (LRU when full)
 local stats = ngx.shared.corral_stats
 local retry_dict = ngx.shared.corral_retry
 -- The same messages and path rules as corral/gateway/proxy.py (path_error).
@@ -134,22 +136,33 @@ end
 -- largest count wins; the last TAIL bytes are kept to find a key split across two chunks
 local USAGE_KEY = '"completion_tokens"'
 local USAGE_PATTERN = '"completion_tokens"%s*:%s*(%d+)'
+local PROMPT_KEY = '"prompt_tokens"'  -- the prompt's count likewise (metering)
+local PROMPT_PATTERN = '"prompt_tokens"%s*:%s*(%d+)'
 local TAIL = 64
 
-local function most_tokens(text, best)
-  if not text:find(USAGE_KEY, 1, true) then return best end
-  for digits in text:gmatch(USAGE_PATTERN) do
+-- the largest count of `key` (default: the completion's) in `text`, and whether the key was there at all
+local function most_tokens(text, best, key, pattern)
+  if not text:find(key or USAGE_KEY, 1, true) then return best, false end
+  for digits in text:gmatch(pattern or USAGE_PATTERN) do
     if #digits <= 12 then
       local n = tonumber(digits)
       if best == nil or n > best then best = n end
     end
   end
-  return best
+  return best, true
 end
 
 local function scan_usage(ctx, chunk)
   local tail = ctx.tail or ""
-  ctx.tokens = most_tokens(chunk, most_tokens(tail .. chunk:sub(1, TAIL), ctx.tokens))
+  local joined = tail .. chunk:sub(1, TAIL)
+  local best, in_joined = most_tokens(joined, ctx.tokens)
+  local found
+  ctx.tokens, found = most_tokens(chunk, best)
+  if in_joined or found then
+    -- a usage object holds both counts, the prompt's a few bytes from the completion's: looked for only there
+    local prompt = most_tokens(joined, ctx.prompt, PROMPT_KEY, PROMPT_PATTERN)
+    ctx.prompt = most_tokens(chunk, prompt, PROMPT_KEY, PROMPT_PATTERN)
+  end
   if #chunk >= TAIL then ctx.tail = chunk:sub(-TAIL) else ctx.tail = (tail .. chunk):sub(-TAIL) end
 end
 
@@ -233,22 +246,334 @@ local function json_exit(status, message, retry_after)
   return ngx.exit(status)
 end
 
--- `rewrite`: nil, or only targets whose `rewrite` flag is the same (a retry keeps the request's rewrite)
-local function pick(route, tried, rewrite)
-  local best, fewest = {}, nil
+-- Keys and quotas (corral/domain/tenancy.py, corral/gateway/tenants.py: the same rules, messages and bodies) -----
+-- A key-protected service's request must present one of its keys (`Authorization: Bearer`, `api-key`,
+-- `x-api-key`); it is looked up by its SHA-256 in the verifier table the routing push brought (`route.access.keys`:
+-- digest → {id, exp, limits}), never in a database. SHA-256 through LuaJIT's FFI into the OpenSSL nginx is linked
+-- with (Debian packages no resty.sha256; see domain/tenancy.py for why a fast hash of a 192-bit key is enough).
+-- Quotas: fixed windows in the `corral_quota` shared dict, shared by the workers: `r:<scope>|<minute>` requests,
+-- `t:<scope>|<minute>` and `d:<scope>|<day>` tokens (prompt + completion: the largest `total_tokens` a response
+-- reports, else one per streamed event), scope `s:<service>` or `k:<key id>`. They survive a reload, not a restart.
+local ffi = require "ffi"
+ffi.cdef [[unsigned char *SHA256(const unsigned char *d, size_t n, unsigned char *md);]]
+local sha_out = ffi.new("unsigned char[32]")
+local HEX = {}
+for i = 0, 255 do HEX[i] = string.format("%02x", i) end
+local hex_parts = {}
+local quota = ngx.shared.corral_quota
+local last_noted = {}  -- key id → when this worker last wrote its `u:` (at most once a second per key and worker)
+local KEY_PREFIX, KEY_MAX_CHARS = "crl-", 128
+local MSG_NO_KEY = "this business service needs an API key: send `Authorization: Bearer <key>` (or an `api-key` " ..
+                   "header); its owner creates keys with `corral keys create`"
+local MSG_BAD_KEY = "invalid API key: unknown, revoked or expired"
+local LIMIT_WORDS = { requestsPerMinute = "requests per minute", tokensPerMinute = "tokens per minute",
+                      tokensPerDay = "tokens per day (UTC)" }
+
+local function sha256_hex(text)
+  ffi.C.SHA256(text, #text, sha_out)
+  for i = 0, 31 do hex_parts[i + 1] = HEX[sha_out[i]] end
+  return table.concat(hex_parts)
+end
+
+local function ours(value)
+  if value and value:sub(1, 4) == KEY_PREFIX and #value <= KEY_MAX_CHARS then return value end
+end
+
+local function presented_key()
+  local auth = ngx.var.http_authorization
+  if auth then
+    local scheme, token = auth:match("^(%S+) (.*)$")
+    if scheme and scheme:lower() == "bearer" then
+      local key = ours(token:match("^%s*(%S+)%s*$"))  -- (a key has no space; `.-` would backtrack per character)
+      if key then return key end
+    end
+  end
+  return ours(ngx.var.http_api_key) or ours(ngx.var.http_x_api_key)
+end
+
+local function access_exit(status, message, code, param, retry_after)
+  ngx.status = status
+  ngx.header["content-type"] = "application/json"
+  if retry_after then ngx.header["Retry-After"] = tostring(retry_after) end
+  local kind = status == 401 and "invalid_request_error" or "rate_limit_error"
+  ngx.say(cjson.encode({ error = { message = message, type = kind, code = code, param = param or cjson.null } }))
+  return ngx.exit(status)
+end
+
+local function seconds_left(now, span)
+  return math.max(1, math.ceil((math.floor(now / span) + 1) * span - now))
+end
+
+-- the first limit of `limits` this scope reached: its kind, limit and Retry-After; or nil
+local function over(limits, scope, now)
+  local minute, day = math.floor(now / 60), math.floor(now / 86400)
+  local rpm, tpm, tpd = limits.requestsPerMinute, limits.tokensPerMinute, limits.tokensPerDay
+  if rpm and (quota:get("r:" .. scope .. "|" .. minute) or 0) >= rpm then
+    return "requestsPerMinute", rpm, seconds_left(now, 60)
+  end
+  if tpm and (quota:get("t:" .. scope .. "|" .. minute) or 0) >= tpm then
+    return "tokensPerMinute", tpm, seconds_left(now, 60)
+  end
+  if tpd and (quota:get("d:" .. scope .. "|" .. day) or 0) >= tpd then
+    return "tokensPerDay", tpd, seconds_left(now, 86400)
+  end
+end
+
+local function counts_tokens(limits)
+  return limits.tokensPerMinute ~= nil or limits.tokensPerDay ~= nil
+end
+
+-- access phase, before anything else is done for the request: 401 without a valid key, 429 over a quota
+local function check_access(ctx, service, access)
+  local entry
+  ngx.update_time()
+  local now = ngx.now()
+  if access.auth == "keys" then
+    local key = presented_key()
+    if not key then
+      reject(service, 401)
+      return access_exit(401, MSG_NO_KEY, "invalid_api_key")
+    end
+    entry = access.keys[sha256_hex(key)]
+    if not entry or (entry.exp and now >= entry.exp) then
+      reject(service, 401)
+      return access_exit(401, MSG_BAD_KEY, "invalid_api_key")
+    end
+    if now - (last_noted[entry.id] or 0) >= 1 then  -- when it was last used (read by the control plane), to a second
+      last_noted[entry.id] = now
+      quota:set("u:" .. entry.id, now, 7 * 86400)
+    end
+    ctx.key_id = entry.id
+    -- a tenant's key stops here: the replica needs none, and must never see (or log) one
+    ngx.req.clear_header("Authorization")
+    ngx.req.clear_header("api-key")
+    ngx.req.clear_header("x-api-key")
+  end
+  local scopes = { { "s:" .. service, access.limits, "business service '" .. service .. "'" } }
+  if entry and entry.limits then scopes[2] = { "k:" .. entry.id, entry.limits, "key '" .. entry.id .. "'" } end
+  for _, s in ipairs(scopes) do
+    if s[2] then
+      local kind, limit, retry_after = over(s[2], s[1], now)
+      if kind then
+        reject(service, 429)
+        return access_exit(429, "rate limit exceeded: " .. s[3] .. " allows " .. limit .. " " .. LIMIT_WORDS[kind] ..
+                           " (" .. kind .. "); retry after " .. retry_after .. " s", "rate_limit_exceeded", kind, retry_after)
+      end
+    end
+  end
+  local minute = math.floor(now / 60)
+  for _, s in ipairs(scopes) do
+    if s[2] then
+      quota:incr("r:" .. s[1] .. "|" .. minute, 1, 0, 120)
+      if counts_tokens(s[2]) then
+        ctx.quota_scopes = ctx.quota_scopes or {}
+        ctx.quota_scopes[#ctx.quota_scopes + 1] = s[1]
+      end
+    end
+  end
+  ctx.business = access.business  -- with ctx.key_id: who the request is for (a meter counts per key from here)
+end
+
+-- a response's tokens for the quotas (domain/tenancy.py's TokenScan): the largest `total_tokens`, or the events
+local TOTAL_PATTERN = '"total_tokens"%s*:%s*(%d+)'
+local function scan_total(ctx, chunk)
+  local text = (ctx.qtail or "") .. chunk
+  if text:find('"total_tokens"', 1, true) then
+    for digits in text:gmatch(TOTAL_PATTERN) do
+      if #digits <= 12 then
+        local n = tonumber(digits)
+        if not ctx.qtotal or n > ctx.qtotal then ctx.qtotal = n end
+      end
+    end
+  end
+  local events = 0
+  for _ in chunk:gmatch("data: {") do events = events + 1 end
+  ctx.qevents = (ctx.qevents or 0) + events
+  ctx.qtail = text:sub(-64)
+end
+
+-- the request ended: its tokens count in its scopes' windows
+local function count_tokens(ctx)
+  local scopes = ctx.quota_scopes
+  if not scopes then return end
+  ctx.quota_scopes = nil
+  local tokens = ctx.qtotal or ctx.qevents or 0
+  if tokens <= 0 then return end
+  ngx.update_time()
+  local now = ngx.now()
+  local minute, day = math.floor(now / 60), math.floor(now / 86400)
+  for _, scope in ipairs(scopes) do
+    quota:incr("t:" .. scope .. "|" .. minute, tokens, 0, 120)
+    quota:incr("d:" .. scope .. "|" .. day, tokens, 0, 2 * 86400)
+  end
+end
+
+-- Replica picking (corral/domain/replica_picking.py, the same steps and numbers): filter, score, pick ---------
+local BLOCK_BYTES, MAX_BLOCKS, MAX_ROUTING_BODY, OWNERS = 256, 64, 1024 * 1024, 3
+local inputs_seq, replica_inputs = -1, {}  -- the engines' figures per replica, pushed by the control plane
+
+-- replica → { waiting = n, kv = usage, adapters = { name = true } } (POST /inputs; decoded once per push)
+local function inputs()
+  local seq = routes_dict:get("inputs_seq") or 0
+  if seq ~= inputs_seq then
+    local decoded = cjson.decode(routes_dict:get("inputs") or "{}") or {}
+    for name, i in pairs(decoded) do
+      if type(i) ~= "table" then i = {} decoded[name] = i end
+      local set = {}
+      for _, name in ipairs(type(i.adapters) == "table" and i.adapters or {}) do set[name] = true end
+      i.adapters = set
+      if type(i.waiting) ~= "number" then i.waiting = 0 end
+      if type(i.kv) ~= "number" then i.kv = 0 end
+    end
+    replica_inputs, inputs_seq = decoded, seq
+  end
+  return replica_inputs
+end
+
+local function content_text(content)
+  if type(content) == "string" then return content end
+  if type(content) ~= "table" then return "" end
+  local parts = {}
+  for _, part in ipairs(content) do
+    if type(part) == "table" and type(part.text) == "string" then parts[#parts + 1] = part.text end
+  end
+  return table.concat(parts)
+end
+
+-- the prompt's leading text: each chat message as "role\ncontent\n", or a completion's prompt (prompt_bytes)
+local function prompt_bytes(payload)
+  local limit = BLOCK_BYTES * MAX_BLOCKS
+  local messages = payload.messages
+  if type(messages) == "table" then
+    local out, size = {}, 0
+    for _, message in ipairs(messages) do
+      if size >= limit then break end
+      if type(message) == "table" then
+        local text = (type(message.role) == "string" and message.role or "") .. "\n"
+            .. content_text(message.content) .. "\n"
+        out[#out + 1], size = text, size + #text
+      end
+    end
+    return table.concat(out):sub(1, limit)
+  end
+  if type(payload.prompt) == "string" then return payload.prompt:sub(1, limit) end
+  return ""
+end
+
+-- what picking reads of the request (read_request): its `model` and its prompt's prefix keys; the body is
+-- read only for a prefix-aware service or one with replicas that report LoRA adapters
+local function pick_request(route)
+  local needed = route.picking ~= nil
+  if not needed then
+    local known = inputs()
+    if next(known) == nil then return nil end  -- no replica reports adapters: nothing to read (the common case)
+    for _, target in ipairs(route.targets) do
+      local i = known[target.name]
+      if i and next(i.adapters) then needed = true break end
+    end
+  end
+  if not needed then return nil end
+  ngx.req.read_body()
+  local body = ngx.req.get_body_data()  -- nil when spooled to a file (over 1 MiB): least load
+  if not body or #body > MAX_ROUTING_BODY then return nil end
+  local payload = cjson.decode(body)
+  if type(payload) ~= "table" then return nil end
+  local text, keys = prompt_bytes(payload), {}
+  for k = 1, math.min(math.floor(#text / BLOCK_BYTES), MAX_BLOCKS) do
+    keys[k] = ngx.crc32_long(text:sub(1, k * BLOCK_BYTES))
+  end
+  return { model = type(payload.model) == "string" and payload.model or nil, keys = keys }
+end
+
+-- the replicas that report `model` loaded as a LoRA adapter; nil when none does (no filter)
+local function adapter_holders(route, model)
+  if not model then return nil end
+  local known, holders = inputs(), nil
+  for _, target in ipairs(route.targets) do
+    local i = known[target.name]
+    if i and i.adapters[model] then
+      holders = holders or {}
+      holders[target.name] = true
+    end
+  end
+  return holders
+end
+
+-- prefix-aware: the weighted scores (scores() in Python, the same expression), ties by rendezvous hashing
+local function pick_scored(route, candidates, loads, keys)
+  local weights, known = route.picking, inputs()
+  local names, depth = {}, {}
+  for _, target in ipairs(candidates) do names[target.name] = true end
+  local owners = {}  -- key index → its owners, as stored
+  for k = #keys, 1, -1 do
+    owners[k] = affinity:get(tostring(keys[k]))
+    for owner in (owners[k] or ""):gmatch("[^\t]+") do
+      if names[owner] and not depth[owner] then depth[owner] = k end
+    end
+  end
+  local queue, scale = {}, 0
+  for _, target in ipairs(candidates) do
+    local i = known[target.name]
+    local q = loads[target.name] + (i and i.waiting or 0)
+    queue[target.name] = q
+    if q > scale then scale = q end
+  end
+  scale = scale + 1.0
+  local best, tied = nil, {}
+  for _, target in ipairs(candidates) do
+    local i = known[target.name]
+    local prefix = #keys > 0 and (depth[target.name] or 0) / #keys or 0.0
+    local kv = 1.0 - (i and i.kv or 0.0)
+    local score = weights.prefix * prefix + weights.queue * (1.0 - queue[target.name] / scale) + weights.kv * kv
+    if best == nil or score > best then
+      best, tied = score, { target }
+    elseif score == best then
+      tied[#tied + 1] = target
+    end
+  end
+  local chosen = tied[1]
+  if #tied > 1 then
+    if #keys == 0 then
+      chosen = tied[math.random(#tied)]
+    else
+      local top
+      for _, target in ipairs(tied) do
+        local h = ngx.crc32_long(tostring(keys[1]) .. ":" .. target.name)
+        if top == nil or h > top or (h == top and target.name > chosen.name) then chosen, top = target, h end
+      end
+    end
+  end
+  for k, key in ipairs(keys) do
+    local kept = { chosen.name }
+    for owner in (owners[k] or ""):gmatch("[^\t]+") do
+      if owner ~= chosen.name and #kept < OWNERS then kept[#kept + 1] = owner end
+    end
+    affinity:set(tostring(key), table.concat(kept, "\t"))
+  end
+  return chosen
+end
+
+-- `rewrite`: nil, or only targets whose `rewrite` flag is the same (a retry keeps the request's rewrite);
+-- `want`: the request's pick_request (nil: least load, no adapter filter)
+local function pick(route, tried, rewrite, want)
+  local holders = want and adapter_holders(route, want.model)
+  local candidates, loads, fewest = {}, {}, nil
   for _, target in ipairs(route.targets) do
     local in_flight = stats:get("if:" .. target.name) or 0
     if not tried[target.name] and not stats:get("ej:" .. target.name)
         and (rewrite == nil or (target.rewrite == true) == rewrite)
-        and (target.concurrency == nil or in_flight < target.concurrency) then
-      if fewest == nil or in_flight < fewest then
-        best, fewest = { target }, in_flight
-      elseif in_flight == fewest then
-        best[#best + 1] = target
-      end
+        and (target.concurrency == nil or in_flight < target.concurrency)
+        and (holders == nil or holders[target.name]) then
+      candidates[#candidates + 1], loads[target.name] = target, in_flight
+      if fewest == nil or in_flight < fewest then fewest = in_flight end
     end
   end
-  if #best == 0 then return nil end
+  if #candidates == 0 then return nil end
+  if route.picking and want then return pick_scored(route, candidates, loads, want.keys) end
+  local best = {}
+  for _, target in ipairs(candidates) do
+    if loads[target.name] == fewest then best[#best + 1] = target end
+  end
   return best[math.random(#best)]
 end
 
@@ -257,7 +582,7 @@ end
 local function claim(ctx, route, tried, rewrite)
   local full = setmetatable({}, { __index = tried })
   while true do
-    local target = pick(route, full, rewrite)
+    local target = pick(route, full, rewrite, ctx.want)
     if not target then return nil end
     local in_flight = stats:incr("if:" .. target.name, 1, 0)
     if target.concurrency == nil or in_flight <= target.concurrency then
@@ -586,6 +911,7 @@ function _M.route()
     reject("", 404)  -- the name is the client's: one counter per name would grow without bound
     return json_exit(404, "service '" .. service .. "' not found")
   end
+  if route.access then check_access(ngx.ctx, service, route.access) end  -- keys and quotas: 401 / 429 here
   if route.models and rest == "/v1/models" and ngx.req.get_method() == "GET" then
     ngx.header["content-type"] = "application/json"
     ngx.say(cjson.encode(route.models))
@@ -594,6 +920,7 @@ function _M.route()
   local ctx = ngx.ctx
   ctx.service = service
   ngx.var.corral_service = service
+  ctx.want = pick_request(route)  -- the request's model and prompt prefix, for replica picking
   local target = claim(ctx, route, {})
   if not target then
     route, target = hold(ctx, service, route)  -- (a client that leaves meanwhile ends the request there)
@@ -646,6 +973,7 @@ function _M.body()
         ctx.ttfb = ngx.now() - ctx.started
       end
       scan_usage(ctx, chunk)
+      if ctx.quota_scopes then scan_total(ctx, chunk) end
     end
   end
   if not ctx.rewrite then return end
@@ -685,6 +1013,13 @@ local function finish(ctx, failed)
   if failed then stats:incr("er:" .. key, 1, 0) end
   stats:incr("lt:" .. key, seconds, 0)
   stats:incr("lb:" .. key .. "|" .. bucket(seconds), 1, 0)
+  -- metering (stats.py's `metered`): per service and API key ("" without one), never per replica
+  local meter = ctx.service .. "|" .. (ctx.key_id or "")
+  stats:incr("mq:" .. meter, 1, 0)
+  if failed then stats:incr("me:" .. meter, 1, 0) end
+  if ctx.tokens then stats:incr("mc:" .. meter, ctx.tokens, 0) end
+  if ctx.prompt then stats:incr("mp:" .. meter, ctx.prompt, 0) end
+  mark("m:" .. meter)
   if ctx.ttfb then
     stats:incr("ts:" .. key, ctx.ttfb, 0)
     stats:incr("tb:" .. key .. "|" .. bucket(ctx.ttfb), 1, 0)
@@ -695,6 +1030,7 @@ local function finish(ctx, failed)
     stats:incr("tu:" .. key, 1, 0)
     ctx.tokens = nil
   end
+  ctx.prompt = nil
   mark("p:" .. key)
 end
 
@@ -767,6 +1103,7 @@ function _M.log()
     if started then ctx.counted, ctx.started = ngx.var.corral_replica, started end
   end
   if ctx.counted then finish(ctx, ngx.status >= 500) end
+  count_tokens(ctx)
   judge_last_attempt(ctx)
   release(ctx)  -- also a place claimed by a request that never reached its replica (e.g. a body too large)
   unhold(ctx)  -- a request cut while held
@@ -869,6 +1206,17 @@ function _M.set_routes()
   answer_version(current)
 end
 
+-- the engines' figures per replica (replica_picking.ReplicaInputs), pushed every second while they change
+function _M.set_inputs()
+  if not control_allowed() then return end
+  local body = request_body()
+  if type(body and cjson.decode(body)) ~= "table" then return json_exit(400, "body must be the replicas' inputs as JSON") end
+  local ok, err = routes_dict:set("inputs", body)
+  if not ok then return json_exit(507, "the replicas' inputs do not fit in shared memory: " .. tostring(err)) end
+  routes_dict:incr("inputs_seq", 1, 0)
+  ngx.say("{}")
+end
+
 function _M.get_version()
   if not control_allowed() then return end
   answer_version(routes_dict:get("version") or 0)
@@ -883,10 +1231,11 @@ local PAIR_KEYS = { "rq", "er", "lt", "ts", "tk", "tu", "ip" }
 local REPLICA_KEYS = { "if", "ej", "ea", "en", "ew", "ot", "oc", "cp" }
 local REPLICA_INTERNAL = { "sp", "pf", "pp", "cs" }
 local SERVICE_KEYS = { "hq", "hs", "cc" }
-local REJECTED = { 400, 404, 413, 502, 503, 504 }
+local METER_KEYS = { "mq", "mp", "mc", "me" }  -- per "<service>|<key id>": requests, prompt/completion tokens, errors
+local REJECTED = { 400, 401, 404, 413, 429, 502, 503, 504 }
 local UNIT_OF = { rq = "p", er = "p", lt = "p", ts = "p", tk = "p", tu = "p", ip = "p", lb = "p", tb = "p",
                   ["if"] = "r", ej = "r", ea = "r", en = "r", ew = "r", ot = "r", oc = "r", cp = "r",
-                  hq = "s", hs = "s", cc = "s", hb = "s", rj = "s" }
+                  hq = "s", hs = "s", cc = "s", hb = "s", rj = "s", mq = "m", mp = "m", mc = "m", me = "m" }
 
 -- the keys of a unit, with `fn(key)` each
 local function each_key(unit, fn, internal)
@@ -904,6 +1253,8 @@ local function each_key(unit, fn, internal)
     for _, k in ipairs(SERVICE_KEYS) do fn(k .. ":" .. rest) end
     for i = 0, #BUCKETS - 1 do fn("hb:" .. rest .. "|" .. i) end
     for _, code in ipairs(REJECTED) do fn("rj:" .. rest .. "|" .. code) end
+  elseif kind == "m" then
+    for _, k in ipairs(METER_KEYS) do fn(k .. ":" .. rest) end
   end
 end
 
@@ -998,6 +1349,52 @@ function _M.prune()
   end
   ngx.header["content-type"] = "application/json"
   ngx.say(cjson.encode({ pruned = pruned }))
+end
+
+-- GET /keys-used: key id → when a request last presented it (epoch seconds), for the keys' `lastUsedAt`. Scans the
+-- quota dict (it is read when someone lists keys, not per request).
+function _M.keys_used()
+  if not control_allowed() then return end
+  local used = {}
+  for _, key in ipairs(quota:get_keys(0)) do
+    if key:sub(1, 2) == "u:" then used[key:sub(3)] = quota:get(key) end
+  end
+  ngx.header["content-type"] = "application/json"
+  ngx.say(next(used) and cjson.encode(used) or "{}")
+end
+
+-- GET /quota: the quota windows of the current minute and day ({key = count}); POST /quota with the same shape:
+-- add the windows this nginx lacks (a restart emptied its shared memory), keeping every count it has.
+function _M.quota_windows()
+  if not control_allowed() then return end
+  ngx.update_time()
+  local now = ngx.now()
+  local minute, day = math.floor(now / 60), math.floor(now / 86400)
+  if ngx.req.get_method() == "POST" then
+    local body = request_body()
+    local decoded = body and cjson.decode(body)
+    if type(decoded) ~= "table" then return json_exit(400, "body must be {key: count}") end
+    local added = 0
+    for key, value in pairs(decoded) do
+      local kind, stamp = key:sub(1, 2), tonumber(key:match("|(%d+)$"))
+      if type(value) == "number" and stamp and (((kind == "r:" or kind == "t:") and stamp == minute)
+                                                 or (kind == "d:" and stamp == day)) then
+        if quota:add(key, value, kind == "d:" and 2 * 86400 or 120) then added = added + 1 end
+      end
+    end
+    ngx.header["content-type"] = "application/json"
+    ngx.say(cjson.encode({ added = added }))
+    return
+  end
+  local windows = {}
+  for _, key in ipairs(quota:get_keys(0)) do
+    local kind, stamp = key:sub(1, 2), tonumber(key:match("|(%d+)$"))
+    if ((kind == "r:" or kind == "t:") and stamp == minute) or (kind == "d:" and stamp == day) then
+      windows[key] = quota:get(key)
+    end
+  end
+  ngx.header["content-type"] = "application/json"
+  ngx.say(next(windows) and cjson.encode(windows) or "{}")
 end
 
 return _M
