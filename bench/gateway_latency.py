@@ -30,10 +30,10 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from harness import Corral, nginx, vllm_router
+from harness import Corral, cpu_seconds, nginx, nginx_family, vllm_router
 from rich.console import Console
 from rich.table import Table
 
@@ -177,6 +177,66 @@ def monitoring_cost(args: argparse.Namespace) -> None:
         console.print(line)
 
 
+async def stream_tokens(url: str, clients: int, requests: int, max_tokens: int) -> int:
+    """Streamed requests of `max_tokens` tokens from `clients` at once; the server-sent events received."""
+    import aiohttp
+
+    body = {**CHAT_BODY, "max_tokens": max_tokens, "stream": True}
+    events = [0]
+    queue = list(range(requests))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        async def worker() -> None:
+            while queue:
+                queue.pop()
+                async with session.post(url, json=body) as response:
+                    events[0] += (await response.read()).count(b"data: ")
+
+        await asyncio.gather(*(worker() for _ in range(clients)))
+    return events[0]
+
+
+def token_cost(args: argparse.Namespace) -> None:
+    """The gateway's CPU per streamed token event: each proxy's processes' CPU time (/proc) over a streaming run,
+    divided by the events the clients received. Corral's two planes (load monitoring on, as shipped) and plain
+    nginx, in front of the same simulator replica."""
+    console = Console(width=160)
+    rows = []
+    tokens, requests = 200, 400
+
+    def run(name: str, url: str, pids: Callable[[], list[int]]) -> None:
+        asyncio.run(stream_tokens(url, 4, 20, tokens))  # warm-up
+        for clients in args.concurrency:
+            before = cpu_seconds(pids())
+            events = asyncio.run(stream_tokens(url, clients, requests, tokens))
+            used = cpu_seconds(pids()) - before
+            rows.append((name, clients, events, used, used / events * 1e6))
+
+    for plane in args.data_planes:
+        corral = Corral(data_plane=plane)
+        try:
+            pool = corral.pool("bench", 1, f"--ttft-ms 0 --tokens-per-second 1000000 --max-tokens {tokens}")
+            corral.api("POST", "/api/deploy-service", json={"serviceName": "bench", "modelPool": pool, "businessTag": "bench"})
+            corral.api("POST", "/api/distribute-pods", json={"deploymentName": pool, "ratios": {"bench": 1}})
+            gateway = corral.dir / "gateway"
+
+            def pids(plane: str = plane, corral: Corral = corral, gateway: Path = gateway) -> list[int]:
+                return [corral.process.pid] if plane == "python" else nginx_family(str(gateway))
+
+            run(f"corral {plane}", f"{corral.gateway}/s/bench-nlb/v1/chat/completions", pids)
+            if plane == args.data_planes[-1]:
+                endpoint = corral.pods(pool)[0]["endpoint"]
+                with nginx([endpoint]) as nginx_url:
+                    run("nginx", f"{nginx_url}/v1/chat/completions", lambda: nginx_family("corral-nginx-"))
+        finally:
+            corral.close()
+    table = Table(title=f"Gateway CPU per streamed token event ({tokens} tokens a request, {requests} requests a cell)")
+    for column in ["proxy", "clients", "events", "CPU s", "CPU µs / event"]:
+        table.add_column(column, justify="right")
+    for name, clients, events, used, per in rows:
+        table.add_row(name, str(clients), str(events), f"{used:.2f}", f"{per:.1f}")
+    console.print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=None, help="seconds of wrk load per cell (5; --monitoring 2)")
@@ -184,6 +244,7 @@ def main() -> None:
     parser.add_argument("--stream-requests", type=int, default=None, help="streamed requests per cell (600; --monitoring 200)")
     parser.add_argument("--data-planes", nargs="+", default=["python", "nginx"], choices=["python", "nginx"])
     parser.add_argument("--monitoring", action="store_true", help="measure the cost of load monitoring instead")
+    parser.add_argument("--token-cost", action="store_true", help="measure the CPU per streamed token event instead")
     parser.add_argument("--baseline-ref", default="cac8641", help="--monitoring: the commit to compare with (default: "
                                                                   "the last one before load monitoring)")
     args = parser.parse_args()
@@ -191,6 +252,10 @@ def main() -> None:
         raise SystemExit("wrk is not installed: apt-get install -y wrk")
     if args.monitoring:
         monitoring_cost(args)
+        return
+    if args.token_cost:
+        args.concurrency = args.concurrency or [1, 16, 128]
+        token_cost(args)
         return
     args.duration = args.duration or 5.0
     args.concurrency = args.concurrency or [1, 16, 128]

@@ -153,3 +153,29 @@ def vllm_router(endpoints: list[str], policy: str = "round_robin") -> Iterator[s
             "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
     with _process(argv, f"{url}/v1/models", "vllm-router"):
         yield url
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of the processes (all their threads), from /proc."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def nginx_family(marker: str) -> list[int]:
+    """Every nginx master whose command line contains `marker` (its config or prefix path), and its workers."""
+    masters = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == "nginx" and marker.encode() in (entry / "cmdline").read_bytes():
+                    masters.append(int(entry.name))
+            except OSError:
+                continue
+    family = []
+    for master in masters:
+        children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+        family += [master, *(int(c) for c in children)]
+    return family

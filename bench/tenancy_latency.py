@@ -14,13 +14,12 @@ the gateway's CPU time per request (from /proc: nginx's master and workers, or `
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 from pathlib import Path
 
 import gateway_latency
-from harness import Corral
+from harness import Corral, cpu_seconds
 from rich.console import Console
 from rich.table import Table
 
@@ -40,15 +39,6 @@ def gateway_pids(corral: Corral, plane: str) -> list[int]:
         return [corral.process.pid]
     master = int((corral.dir / "gateway" / "nginx.pid").read_text())
     return [master, *(int(p) for p in Path(f"/proc/{master}/task/{master}/children").read_text().split())]
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of the processes (all their threads), from /proc."""
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def setup(corral: Corral) -> str:
