@@ -31,7 +31,7 @@ from corral import failpoints
 from corral.backends.base import Backend
 from corral.domain import labels as L
 from corral.domain.errors import Conflict, Hint, NotFound
-from corral.domain.gpu_ledger import GpuLedger, Holder
+from corral.domain.gpu_ledger import GpuLedger, Holder, HolderKind
 from corral.domain.history import Action, HistoryDraft, Intent, Outcome
 from corral.domain.models import PodPhase
 from corral.domain.sleep import SleepLevel, SleepState, SleepStep, reconcile, shown_state
@@ -185,6 +185,21 @@ class SleepManager:
             entry[f"{action}P95S"] = round(ordered[max(0, -(-95 * len(ordered) // 100) - 1)], 3)
             entry[f"{action}s"] = len(ordered)
         return models
+
+    def sharing(self, ledger: GpuLedger) -> dict[str, Any]:
+        """Each GPU unit of `ledger` with its awake replica and those asleep on it, the times measured per model and
+        the host memory level-1 sleepers use (`GET /api/gpus/sharing`, the UI's Shared GPUs tab)."""
+        models = {p.name: p.model or "?" for p in self.backend.list_pods()}
+        gpus = []
+        for unit in ledger.units:
+            awake = ledger.awake_on(unit.id)
+            awake_name = awake.name if awake is not None and awake.kind is HolderKind.REPLICA else None
+            sleepers = [{"pod": h.name, "model": models.get(h.name, "?"), "level": int(ledger.sleep_level(h) or 1)}
+                        for h in ledger.sleepers_on(unit.id) if h.kind is HolderKind.REPLICA]
+            gpus.append({"unit": unit.id, "awake": awake_name,
+                         "awakeModel": models.get(awake_name, "?") if awake_name else None, "sleeping": sleepers})
+        return {"gpus": gpus, "models": [{"model": m, **t} for m, t in self.timing_percentiles().items()],
+                "hostBytesUsed": ledger.host_bytes_used(), "hostBytesBudget": ledger.host_budget_bytes}
 
     def metrics(self) -> list[str]:
         """`/api/metrics`: replicas asleep per model, and the sleep and wake times measured (p50 and p95)."""

@@ -13,7 +13,6 @@ from fastapi import Path as PathParam
 
 from corral.api.auth import require_token
 from corral.api.schemas import SleepRequest, errors
-from corral.domain.gpu_ledger import HolderKind
 from corral.domain.sleep import SleepLevel
 from corral.views import GpuSharingView, SleepResult
 
@@ -43,20 +42,4 @@ async def sharing(request: Request) -> Any:
     measured per model (p50, p95), and the host memory level-1 sleepers use."""
     runtime = request.app.state.runtime
     ledger = await asyncio.to_thread(runtime.gpu_ledger)  # reads the inventory: off the event loop
-    pods = {p.name: p for p in runtime.backend.list_pods()}
-
-    def model(name: str) -> str:
-        pod = pods.get(name)
-        return (pod.model if pod is not None else None) or "?"
-
-    gpus = []
-    for unit in ledger.units:
-        awake = ledger.awake_on(unit.id)
-        awake_name = awake.name if awake is not None and awake.kind is HolderKind.REPLICA else None
-        sleepers = [{"pod": h.name, "model": model(h.name), "level": int(ledger.sleep_level(h) or 1)}
-                    for h in ledger.sleepers_on(unit.id) if h.kind is HolderKind.REPLICA]
-        gpus.append({"unit": unit.id, "awake": awake_name, "awakeModel": model(awake_name) if awake_name else None,
-                     "sleeping": sleepers})
-    timings = runtime.sleeping.timing_percentiles()
-    return {"gpus": gpus, "models": [{"model": m, **t} for m, t in timings.items()],
-            "hostBytesUsed": ledger.host_bytes_used(), "hostBytesBudget": ledger.host_budget_bytes}
+    return runtime.sleeping.sharing(ledger)

@@ -18,13 +18,14 @@ from datetime import datetime, timezone
 from typing import Any
 
 import httpx
-from nicegui import ui
+from nicegui import background_tasks, ui
 
 from corral.domain import labels as L
 from corral.domain.assignment import businesses_of_model
 from corral.domain.deploy_request import DeploySpec
 from corral.domain.errors import CorralError
 from corral.domain.models import PodPhase
+from corral.domain.sleep import SleepState
 from corral.engines import engine_names, get_engine
 from corral.events import EventType
 from corral.ui import autopilot as autopilot_ui
@@ -74,11 +75,14 @@ def page(events: ClientEvents) -> None:
         with ui.tabs().classes("w-full justify-start") as tabs:
             pods_tab = ui.tab("Pods")
             board_tab = ui.tab("Assignment board")
+            gpus_tab = ui.tab("Shared GPUs")
         with ui.tab_panels(tabs, value=pods_tab).classes("w-full"):
             with ui.tab_panel(pods_tab):
                 _pods(events)
             with ui.tab_panel(board_tab):
                 _board(events)
+            with ui.tab_panel(gpus_tab):
+                _shared_gpus(events)
 
 
 # configuration --------------------------------------------------------------------------------
@@ -542,6 +546,61 @@ def _pods(events: ClientEvents) -> None:
     live(events, loadview.EVENTS, follow_load)
 
 
+SHARED_GPU_COLUMNS = [
+    {"name": "unit", "label": "GPU", "field": "unit", "align": "left"},
+    {"name": "awake", "label": "Awake", "field": "awake", "align": "left"},
+    {"name": "sleeping", "label": "Asleep (level)", "field": "sleeping", "align": "left"},
+]
+TIMING_COLUMNS = [
+    {"name": "model", "label": "Model", "field": "model", "align": "left"},
+    {"name": "wake", "label": "Wake p50 / p95 (s)", "field": "wake", "align": "right"},
+    {"name": "sleep", "label": "Sleep p50 / p95 (s)", "field": "sleep", "align": "right"},
+    {"name": "count", "label": "Wakes / sleeps", "field": "count", "align": "right"},
+]
+
+
+def sharing_rows(sharing: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+    """`SleepManager.sharing` as the tab's two tables and its host-memory line."""
+    gpus = [{"unit": g["unit"], "awake": f"{g['awake']} ({g['awakeModel']})" if g["awake"] else "—",
+             "sleeping": ", ".join(f"{s['pod']} ({s['model']}, {s['level']})" for s in g["sleeping"]) or "—"}
+            for g in sharing["gpus"] if g["awake"] or g["sleeping"]]
+
+    def pair(a: float | None, b: float | None) -> str:
+        return "—" if a is None else f"{a:.2f} / {b:.2f}"
+
+    timings = [{"model": m["model"], "wake": pair(m["wakeP50S"], m["wakeP95S"]),
+                "sleep": pair(m["sleepP50S"], m["sleepP95S"]), "count": f"{m['wakes']} / {m['sleeps']}"}
+               for m in sharing["models"]]
+    budget = sharing["hostBytesBudget"]
+    host = (f"host memory of level-1 sleepers: {sharing['hostBytesUsed'] / 1024**3:.1f} GiB"
+            + (f" of {budget / 1024**3:.0f} GiB" if budget else " (no budget set)"))
+    return gpus, timings, host
+
+
+def _shared_gpus(events: ClientEvents) -> None:
+    """Each GPU with its awake replica and those asleep on it (sharedGpus pools), and the wake and sleep times
+    measured per model: redrawn on every replica status change (a sleep or a wake is one)."""
+    ui.label("Replicas of sharedGpus pools: one awake per GPU, the others asleep (issue 31). The gateway wakes a "
+             "model on the first request it holds.").classes("text-xs text-grey-7")
+    gpus = ui.table(columns=SHARED_GPU_COLUMNS, rows=[], row_key="unit").classes("w-full") \
+        .props('dense flat data-testid="shared-gpus"')
+    timings = ui.table(columns=TIMING_COLUMNS, rows=[], row_key="model").classes("w-full") \
+        .props('dense flat data-testid="sleep-timings"')
+    host = ui.label("").classes("text-xs text-grey-8").props('data-testid="host-memory"')
+
+    async def redraw() -> None:
+        ledger = await asyncio.to_thread(runtime().gpu_ledger)  # reads the inventory: off the event loop
+        gpu_rows, timing_rows, host_text = sharing_rows(runtime().sleeping.sharing(ledger))
+        if gpu_rows != gpus.rows or timing_rows != timings.rows:
+            gpus.rows, timings.rows = gpu_rows, timing_rows
+            gpus.update()
+            timings.update()
+        host.set_text(host_text)
+
+    ui.timer(0.1, redraw, once=True)
+    live(events, POD_EVENTS, lambda: background_tasks.create(redraw(), name="shared-gpus"))
+
+
 def page_of(rows: list[dict[str, Any]], text: str, wanted: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Filter (any column contains `text`), sort and cut one page; the pagination the table shows."""
     if needle := text.strip().lower():
@@ -572,6 +631,8 @@ def pod_rows(results: dict[str, str], load: dict[str, loadview.PodLoad] | None =
     rows = []
     for pod in pods:
         status = pod.status.value + ("" if pod.ready or pod.status != PodPhase.RUNNING else " (not ready)")
+        if pod.sleep != SleepState.AWAKE:  # sleep mode (issue 31): asleep at level N, or waking
+            status += f" · {pod.sleep.value}" + (f" (level {pod.sleepLevel})" if pod.sleepLevel else "")
         rows.append({
             "name": pod.name, "status": status, "model": pod.model or "", "isPoolPod": pod.isPoolPod,
             "business": pod.business if pod.isPoolPod else "N/A",
