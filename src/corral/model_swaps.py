@@ -9,9 +9,9 @@ leaves routing, its requests in flight finish (drained, bounded by the drain tim
 wakes. A hand-over in progress keeps its unit: the next decisions see the donor draining and the sleeper waking.
 
 The Python gateway pokes the loop when it holds a request (`poke`), so a wake starts at once; the nginx plane's held
-counters arrive with the counters' refresh (about a second). A model with no sleeping replica anywhere is not
-cold-started here (the autopilot's scale-out does that within its pool); idle awake replicas sleep after
-`CORRAL_SLEEP_IDLE_S`.
+counters arrive with the counters' refresh (about a second). A model with requests held and no replica asleep
+anywhere (its sharedGpus pool at 0, or every replica busy elsewhere) is cold-started: its pool scaled by one onto a
+GPU where nothing is awake (the ledger places it); idle awake replicas sleep after `CORRAL_SLEEP_IDLE_S`.
 """
 
 from __future__ import annotations
@@ -19,20 +19,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from corral.aio import stop, woken_or_every
 from corral.backends.base import Backend
 from corral.domain.model_swap import (
     Handover,
+    HandoverKind,
     ModelDemand,
     Occupancy,
     Occupant,
     SwapPolicy,
     decide,
 )
-from corral.domain.models import Pod
+from corral.domain.models import Deployment, Pod
 from corral.domain.sleep import SleepLevel, SleepState
 from corral.gateway.monitor import BusinessTraffic
 from corral.sleeping import SleepManager
@@ -61,6 +62,8 @@ class ModelSwaps:
                  traffic: Callable[[], Mapping[str, BusinessTraffic]],
                  held_now: Callable[[], Mapping[str, int]],
                  in_flight: Callable[[], Mapping[str, int] | None],
+                 scale: Callable[[str, int, str, str], Awaitable[None]] | None = None,
+                 cold_start_units: Callable[[], list[str]] = list,
                  drain_timeout_s: float, policy: SwapPolicy = SwapPolicy(), interval_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.backend = backend
@@ -68,6 +71,8 @@ class ModelSwaps:
         self.traffic = traffic
         self.held_now = held_now
         self.in_flight = in_flight
+        self.scale = scale  # pool, target replicas, why, business: a cold start of a model that sleeps nowhere
+        self.cold_start_units = cold_start_units
         self.drain_timeout_s = drain_timeout_s
         self.policy = policy
         self.interval_s = interval_s
@@ -76,6 +81,8 @@ class ModelSwaps:
         self._seen: dict[str, _Seen] = {}  # replica → its state and since when, as this loop saw it
         self._held_since: dict[str, float] = {}  # model → when held requests were first seen (their oldest, about)
         self._busy: set[str] = set()  # units with a hand-over being carried out
+        self._pools: dict[str, Deployment] = {}  # model → its sharedGpus pool, as last seen
+        self._waiting_business: dict[str, str] = {}  # model → the business with the most requests held for it
         self._tasks: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -121,8 +128,12 @@ class ModelSwaps:
                 seen.last_request_at = now
             occupants.append(Occupant(pod.name, pod.model, str(pod.gpu_ids[0]), state, in_flight.get(pod.name, 0),
                                       seen.last_request_at, seen.since))
-        demand = self._demand(now, {o.model for o in occupants})
-        decisions = [d for d in decide(occupants, demand, now, self.policy) if d.unit not in self._busy]
+        models = {o.model for o in occupants} | {d.model_tag for d in shared.values()}  # a pool at 0 replicas too
+        demand = self._demand(now, models)
+        units = self.cold_start_units() if self.scale is not None else []
+        decisions = [d for d in decide(occupants, demand, now, self.policy, cold_start_units=units)
+                     if d.unit not in self._busy]
+        self._pools = {d.model_tag: d for d in sorted(shared.values(), key=lambda d: d.name)}
         for handover in decisions:
             self._busy.add(handover.unit)
             task = asyncio.get_running_loop().create_task(self._carry_out(handover), name=f"handover-{handover.unit}")
@@ -134,9 +145,14 @@ class ModelSwaps:
         held_now = self.held_now()
         held: dict[str, int] = {}
         rate: dict[str, float] = {}
+        most: dict[str, int] = {}
         for service in self.backend.list_services():
             if service.model in models and service.is_business_service:
-                held[service.model] = held.get(service.model, 0) + held_now.get(service.name, 0)
+                count = held_now.get(service.name, 0)
+                held[service.model] = held.get(service.model, 0) + count
+                if count > most.get(service.model, 0) and service.business:
+                    most[service.model] = count
+                    self._waiting_business[service.model] = service.business
         for name, seen in self.traffic().items():
             service = self.backend.get_service(name)
             if service is not None and service.model in models:
@@ -158,6 +174,11 @@ class ModelSwaps:
         log.info("model hand-over: %s", handover.describe())
         self.handovers += 1
         try:
+            if handover.kind is HandoverKind.COLD_START and self.scale is not None:
+                pool = self._pools[handover.model]  # the model's sharedGpus pool: one more replica, placed by the ledger
+                await self.scale(pool.name, pool.replicas + 1, handover.describe(),
+                                 self._waiting_business[handover.model])
+                return
             if handover.sleep is not None:
                 await self.sleeping.sleep(handover.sleep, SleepLevel.OFFLOAD, reason=handover.describe(),
                                           before_call=self._drained)

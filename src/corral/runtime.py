@@ -105,6 +105,7 @@ class Runtime:
         # and nothing awake is woken, a calm one put to sleep for it; the Python gateway pokes it on every held request.
         self.model_swaps = ModelSwaps(self.backend, self.sleeping, traffic=lambda: self.load.traffic(WINDOW_MIN_S),
                                       held_now=self._held_now, in_flight=self._in_flight_by_replica,
+                                      scale=self._scale_for_swap, cold_start_units=self._units_for_cold_starts,
                                       drain_timeout_s=settings.drain_timeout_s,
                                       policy=SwapPolicy(calm_s=settings.sleep_calm_s,
                                                         min_awake_s=settings.sleep_min_awake_s,
@@ -128,6 +129,12 @@ class Runtime:
         if isinstance(stats, NginxStats):
             return self.load.in_flight_by_replica()
         return dict(stats.in_flight_by_replica)
+
+    async def _scale_for_swap(self, pool: str, target: int, reason: str, business: str) -> None:
+        """A cold start across models: one more replica of `pool`, assigned at once to the business waiting for it."""
+        result = await self.controller.scale(pool, target, pool_endpoint=True, reason=reason)
+        for pod in result.added:
+            await self.controller.assign_pod(pod, business, None, pin=False)
 
     def _held_now(self) -> dict[str, int]:
         """Requests the gateway holds per service now (the Python gateway's live count; nginx's last read copy)."""
@@ -156,6 +163,15 @@ class Runtime:
         units = units_from_devices(self.platform.inventory.schedulable_units())
         claims = [*self.backend.gpu_claims(), *self.finetune.gpu_claims()]
         return len(GpuLedger.build(units, claims).free_units())
+
+    def _units_for_cold_starts(self) -> list[str]:
+        """GPU units where nothing is awake (free, or only sleepers of sharedGpus pools): where the model swaps may
+        cold-start a model that sleeps nowhere. From the inventory last read, as `_free_gpu_units`."""
+        units = units_from_devices(self.platform.inventory.schedulable_units())
+        ledger = GpuLedger.build(units, [*self.backend.gpu_claims(), *self.finetune.gpu_claims()])
+        free = {u.id for u in ledger.free_units(whole_only=True)}
+        return [u.id for u in ledger.units if u.whole and (u.id in free or (ledger.awake_on(u.id) is None
+                                                                            and ledger.sleepers_on(u.id)))]
 
     def _make_gateway(self, settings: Settings) -> Gateway | NginxGateway:
         choice = settings.gateway_data_plane

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from corral.gateway.nginx_plane import missing_parts
+from tests.conftest import wait_for
 from tests.integration.conftest import CorralServer
 from tests.integration.test_cli import cli
 from tests.integration.test_sleeping import FAKE_NVML, SLEEPY
@@ -41,11 +42,11 @@ def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[CorralSer
         corral.kill_replicas()
 
 
-def deploy(server: CorralServer, tag: str) -> list[str]:
-    server.ok("POST", "/api/deploy", json={"engine": "simulator", "modelId": "sim", "modelTag": tag, "replicas": 2,
-                                           "deployAsPool": True, "gpusPerReplica": 1, "sharedGpus": True,
-                                           "engineArgs": SLEEPY})
-    return sorted(p["name"] for p in server.wait_ready(f"simulator-{tag}-pool", 2))
+def deploy(server: CorralServer, tag: str, replicas: int = 2) -> list[str]:
+    server.ok("POST", "/api/deploy", json={"engine": "simulator", "modelId": "sim", "modelTag": tag,
+                                           "replicas": replicas, "deployAsPool": True, "gpusPerReplica": 1,
+                                           "sharedGpus": True, "engineArgs": SLEEPY})
+    return sorted(p["name"] for p in server.wait_ready(f"simulator-{tag}-pool", replicas))
 
 
 def states(server: CorralServer, pool: str) -> list[str]:
@@ -95,3 +96,24 @@ def test_a_burst_on_a_sleeping_model_wakes_it_and_every_request_is_answered(serv
     assert 'corral_replicas_asleep{model="model-a"}' in metrics and 'action="wake"' in metrics
     top = cli(server.url, "top", "--once")
     assert top.returncode == 0 and "Shared GPUs" in top.stdout and "model-a" in top.stdout, top.stdout + top.stderr
+
+
+@pytest.mark.parametrize("server", ["python"], indirect=True)
+def test_a_model_asleep_nowhere_is_cold_started_on_a_gpu_where_nothing_is_awake(server: CorralServer) -> None:
+    server.start()
+    [a] = deploy(server, "model-a", replicas=1)  # GPU 0, awake
+    [c] = deploy(server, "model-c", replicas=1)  # GPU 1 …
+    assert sorted(p["gpuIds"][0] for p in server.pods()) == [0, 1]
+    server.ok("POST", "/api/deploy-service", json={"serviceName": "model-c", "modelPool": "simulator-model-c-pool",
+                                                   "businessTag": "model-c"})
+    server.ok("POST", "/api/scale-pool-deployment", json={"deploymentName": "simulator-model-c-pool", "targetReplicas": 0})
+    wait_for(lambda: server.pods("simulator-model-c-pool") == [], what="model-c's replica gone")  # it sleeps nowhere
+
+    answer = httpx.post(f"{server.gateway_url}/s/model-c-nlb/v1/completions", timeout=30,
+                        json={"model": "model-c", "prompt": "cold", "max_tokens": 2})
+    assert answer.status_code == 200, answer.text  # held through the cold start
+    [started] = server.pods("simulator-model-c-pool")
+    assert started["business"] == "model-c" and started["gpuIds"] != server.pods("simulator-model-a-pool")[0]["gpuIds"]
+    rows = server.ok("GET", "/api/history?limit=100")
+    rows = rows["items"] if isinstance(rows, dict) else rows
+    assert any(r["action"] == "scale" and "cold start of model-c" in (r["message"] or "") for r in rows), rows[:5]
