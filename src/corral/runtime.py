@@ -186,6 +186,9 @@ class Runtime:
                                 read_timeout_s=settings.gateway_read_timeout_s, drain_timeout_s=settings.drain_timeout_s,
                                 workers=settings.gateway_workers, limits=limits)
         self.data_plane = "python"
+        # An nginx that an earlier `corral serve` left serving (the data plane outlives its control plane) would keep
+        # the gateway port and route with its last table: the Python gateway replaces it.
+        nginx_plane.stop_generations(settings.data_dir / "gateway")
         return Gateway(make_policy(settings.gateway_policy), connect_timeout_s=settings.gateway_connect_timeout_s,
                        read_timeout_s=settings.gateway_read_timeout_s, health_path=self._health_path, limits=limits)
 

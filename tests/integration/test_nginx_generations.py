@@ -137,3 +137,16 @@ def test_a_restarted_control_plane_comes_back_without_a_gap_in_traffic(corral: C
             thread.join()
     assert failures == []
     assert alive(nginx) == list(nginx)  # the running nginx was adopted, not replaced
+
+
+def test_a_python_gateway_replaces_an_nginx_left_serving(corral: CorralServer) -> None:
+    """nginx outlives a stopped `corral serve`; the next one, told to use the Python gateway, must not leave it holding
+    the gateway port with its last table."""
+    old = nginx_processes(corral)
+    corral.stop()
+    assert alive(old) == list(old)  # kept serving, by design
+    corral.extra_env["CORRAL_GATEWAY_DATA_PLANE"] = "python"
+    corral.start()
+    assert alive(old) == []
+    assert corral.ok("GET", "/api/system/data-plane")["dataPlane"] == "python"
+    assert httpx.get(f"{corral.gateway_url}/s/nope-nlb/v1/models").status_code == 404  # the Python gateway answers
