@@ -31,7 +31,6 @@ Kubernetes the adapter directory must be readable at the same path inside the po
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Iterable
@@ -41,7 +40,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from corral.aio import woken_or_every
+from corral.aio import stop, woken_or_every
 from corral.backends.base import Backend
 from corral.domain.adapters import (
     Adapter,
@@ -214,10 +213,7 @@ class AdapterManager:
 
     async def close(self) -> None:
         self.bus.unlisten(self._on_event)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop(self._task)
         await self.client.close()
 
     def _on_event(self, type_: EventType, data: dict[str, Any]) -> None:

@@ -117,20 +117,23 @@ class ModelSwaps:
             return []
         in_flight = self.in_flight() or {}
         occupants = []
+        seen_before, self._seen = self._seen, {}  # kept for the replicas that still exist only
         for pod in self.backend.list_pods():
             if pod.deployment not in shared or not pod.gpu_ids or pod.model is None:
                 continue
             state = occupancy(pod)
-            seen = self._seen.get(pod.name)
+            seen = seen_before.get(pod.name)
             if seen is None or seen.state is not state:
-                seen = self._seen[pod.name] = _Seen(state, now, seen.last_request_at if seen else None)
+                seen = _Seen(state, now, seen.last_request_at if seen else None)
+            self._seen[pod.name] = seen
             if in_flight.get(pod.name, 0) > 0:
                 seen.last_request_at = now
             occupants.append(Occupant(pod.name, pod.model, str(pod.gpu_ids[0]), state, in_flight.get(pod.name, 0),
                                       seen.last_request_at, seen.since))
-        models = {o.model for o in occupants} | {d.model_tag for d in shared.values()}  # a pool at 0 replicas too
-        demand = self._demand(now, models)
-        units = self.cold_start_units() if self.scale is not None else []
+        demand = self._demand(now, {d.model_tag for d in shared.values()})  # a pool at 0 replicas too
+        # Where a cold start could go: read only when some model has requests held (decide cold-starts for no other).
+        waiting = any(d.held for d in demand.values())
+        units = self.cold_start_units() if self.scale is not None and waiting else []
         decisions = [d for d in decide(occupants, demand, now, self.policy, cold_start_units=units)
                      if d.unit not in self._busy]
         self._pools = {d.model_tag: d for d in sorted(shared.values(), key=lambda d: d.name)}

@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 
 from corral import failpoints
+from corral.aio import stop
 from corral.backends.base import Backend
 from corral.domain import labels as L
 from corral.domain.errors import Conflict, Hint, NotFound
@@ -78,10 +79,7 @@ class SleepManager:
             self._task = asyncio.create_task(self._run(), name="sleep-reconciler")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop(self._task)
         await self._http.aclose()
 
     async def _run(self) -> None:

@@ -23,6 +23,7 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from corral.aio import stop
 from corral.config import Settings
 from corral.domain.gpu_ledger import GpuClaim, GpuLedger, Holder
 from corral.domain.preemption import PreemptionOutcome, PreemptionRequest
@@ -75,12 +76,7 @@ class FinetuneManager:
         self._loop = asyncio.create_task(self._run(), name="finetune-manager")
 
     async def close(self) -> None:
-        if self._loop:
-            self._loop.cancel()
-            try:
-                await self._loop
-            except asyncio.CancelledError:
-                pass
+        await stop(self._loop)
 
     async def _run(self) -> None:
         while True:

@@ -46,7 +46,7 @@ from urllib.parse import urlencode
 import aiohttp
 from prometheus_client import CollectorRegistry, generate_latest
 
-from corral.aio import within
+from corral.aio import stop, within
 from corral.domain.load import BUCKETS, Sample, departures, prunable
 from corral.domain.outliers import (
     Outlier,
@@ -692,12 +692,7 @@ class NginxGateway:
         log.info("nginx data plane on %s:%d (control socket %s)", self.host, self.port, self.control_socket)
 
     async def close(self) -> None:
-        if self._stats_task:
-            self._stats_task.cancel()
-            try:
-                await self._stats_task
-            except asyncio.CancelledError:
-                pass
+        await stop(self._stats_task)
         if self._session:
             await self._session.close()
         if self.outlive_control_plane and self._process and self._process.poll() is None:

@@ -91,7 +91,7 @@ from urllib.parse import quote_from_bytes
 import aiohttp
 from yarl import URL
 
-from corral.aio import within
+from corral.aio import stop, within
 from corral.domain.engine_errors import ERROR_BODY_MAX_BYTES, ERROR_TYPES, openai_error
 from corral.domain.load import COUNTERS_RETENTION_S, Sample, departures, prunable
 from corral.domain.outliers import (
@@ -501,12 +501,7 @@ class Gateway:
         self._prober = asyncio.create_task(self._watch_outliers(), name="gateway-outlier-prober")
 
     async def close(self) -> None:
-        if self._prober:
-            self._prober.cancel()
-            try:
-                await self._prober
-            except asyncio.CancelledError:
-                pass
+        await stop(self._prober)
         if self._session:
             await self._session.close()
 
