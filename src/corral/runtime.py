@@ -202,7 +202,7 @@ class Runtime:
             await self.routing.sync()
         except DataPlaneLagging as exc:  # the reconciler keeps pushing
             log.warning("%s", exc.message)
-        self.load.start()
+        self.load.start(counters_from_zero=self.gateway.counters_from_zero)
         self.metering.start()
         await self.finetune.start()
         await self.controller.start()  # after recovery: closes the history rows a stopped control plane left pending

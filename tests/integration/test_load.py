@@ -55,14 +55,20 @@ def load(server: CorralServer, window: int = 60) -> dict:
 def test_the_load_shows_rates_percentiles_tokens_and_the_split_per_replica(busy: CorralServer) -> None:
     pods = sorted(p["name"] for p in busy.pods())
 
+    last: list[dict] = []
+
     def sampled() -> dict | None:
         # the monitor samples once a second: wait until its samples hold the traffic (every kind of it)
         now = load(busy)
+        last[:] = [now]
         return now if (len(now["replicas"]) == 2 and all(r["requestsPerSecond"] > 0 for r in now["replicas"])
                        and now["ttfbMs"]["p50"] is not None and now["tokensPerSecond"] is not None
                        and now["inFlight"] == 0) else None  # (a sample may have caught the last request in flight)
 
-    now = wait_for(sampled, timeout=20, what="the traffic in the load window")
+    try:
+        now = wait_for(sampled, timeout=20, what="the traffic in the load window")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the last load read: {last}") from None
     assert now["service"] == SERVICE and now["pool"] == "simulator-qwen-06b-pool" and now["windowSeconds"] == 60
     assert now["readyReplicas"] == 2 and now["errorsPerSecond"] == 0 and now["inFlight"] == 0
     assert now["requestsPerSecond"] > 0

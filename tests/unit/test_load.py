@@ -341,3 +341,25 @@ def test_pruned_counters_leave_the_samples_and_add_nothing_to_a_tick() -> None:
     stats.start("a", "r2")  # back: counted from zero, a new pair
     stats.finish("a", "r2", 0.01, True)
     assert tick(after, stats.sample(), 2.0, 1.0, {}).deltas[("a", "r2")].errors == 1
+
+
+@pytest.mark.parametrize("from_zero", [True, False])
+async def test_traffic_before_a_late_first_reading_is_in_the_window_when_the_counters_started_with_us(
+        from_zero: bool) -> None:
+    """A data plane whose first reading comes late (a loaded machine, a slow nginx: the reading failed or was not
+    due yet) has already served traffic. Counters that started at zero with this control plane count from an
+    empty reading taken at start; an adopted nginx's counters ran before, so its first reading is the baseline."""
+    from corral.events import EventBus
+    from corral.gateway.monitor import LoadMonitor
+
+    readings = [Sample({("a-nlb", "r1"): Counts(50, 0, {bucket_index(0.012): 50})}, {})]
+
+    async def read() -> Sample:
+        return readings[0]
+
+    monitor = LoadMonitor(read, dict, lambda: [], EventBus(), interval_s=60)  # no reading of its own in the test
+    monitor.start(counters_from_zero=from_zero)
+    await monitor.close()
+    await monitor.step()  # the first reading, after the 50 requests
+    counted = sum(d.requests for t in monitor._ticks for d in t.deltas.values())
+    assert counted == (50 if from_zero else 0)

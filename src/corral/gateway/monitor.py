@@ -102,8 +102,14 @@ class LoadMonitor:
         self._traffic: tuple[int, RoutingTable, Tick | None, Mapping[str, BusinessTraffic]] | None = None
 
     # lifecycle ---------------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, counters_from_zero: bool = True) -> None:
+        """`counters_from_zero`: the data plane's counters started at zero with this control plane (the Python
+        gateway, a fresh nginx), so they count from an empty reading taken now: traffic served before the first
+        successful reading (one delayed by a loaded machine or a slow data plane) is in the window, not in the
+        baseline. An adopted nginx counted before we came: its first reading is the baseline."""
         if self.enabled and self._task is None:
+            if counters_from_zero and self._previous is None:
+                self._previous, self._previous_at = Sample({}, {}), time.monotonic()
             self._task = asyncio.create_task(self._run(), name="load-monitor")
 
     async def close(self) -> None:

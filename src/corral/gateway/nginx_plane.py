@@ -626,6 +626,12 @@ class NginxGateway:
         self._services_departed: dict[str, float] = {}  # service → when it left the table
 
     # lifecycle ---------------------------------------------------------------------------------
+    @property
+    def counters_from_zero(self) -> bool:
+        """nginx's counters started at zero with this control plane: it launched nginx rather than adopting one
+        that served before (the load monitor's first reading: `LoadMonitor.start`)."""
+        return not isinstance(self._process, _Adopted)
+
     def start(self) -> None:
         """Start nginx (blocking until its control socket answers: nothing is served before) and the
         counters refresher. Its routing table is empty (version 0) until the first push. A healthy nginx of this

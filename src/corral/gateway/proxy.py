@@ -487,6 +487,11 @@ class Gateway:
         self.inputs: Mapping[str, ReplicaInputs] = {}
 
     # lifecycle ---------------------------------------------------------------------------------
+    @property
+    def counters_from_zero(self) -> bool:
+        """The counters start at zero with this process (the load monitor's first reading: `LoadMonitor.start`)."""
+        return True
+
     def start(self) -> None:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
