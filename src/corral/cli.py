@@ -1112,9 +1112,13 @@ def keys_create(service: str = typer.Argument(..., help="the business service (e
                 rpm: Optional[str] = typer.Option(None, "--rpm", help="this key's requests per minute: " + LIMIT_HELP),
                 tpm: Optional[str] = typer.Option(None, "--tpm", help="this key's tokens per minute: " + LIMIT_HELP),
                 tpd: Optional[str] = typer.Option(None, "--tpd", help="this key's tokens per UTC day: " + LIMIT_HELP),
+                weight: Optional[int] = typer.Option(None, "--weight", help="1 to 1000 (default 1): its share when the "
+                                                     "business's keys compete for its replicas"),
                 url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
     """Create an API key: printed once, here; Corral keeps only its hash. Clients send it as `Authorization: Bearer`."""
     body: dict[str, Any] = {"name": name, "expiresAt": expires, "limits": _limits(rpm, tpm, tpd)}
+    if weight is not None:
+        body["weight"] = weight
     made = Client(url, token).call("POST", f"/api/business-services/{service}/keys", json=body)
     console.print(f"created key {made['id']} of {service}; it is shown this once, keep it now:", highlight=False)
     print(made["key"])  # alone on its line, unstyled: easy to copy or pipe
@@ -1127,6 +1131,7 @@ KEY_COLUMNS = [
     Column("Created", lambda k: (k.get("createdAt") or "")[:19]),
     Column("Last used", lambda k: (k.get("lastUsedAt") or "")[:19]),
     Column("Expires", lambda k: (k.get("expiresAt") or "")[:19]),
+    Column("Weight", lambda k: k.get("weight", 1)),
     Column("Limits", lambda k: _compact({n: v for n, v in k["limits"].items() if v is not None}), wide=True),
 ]
 

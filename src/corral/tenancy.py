@@ -29,6 +29,7 @@ from corral.domain.tenancy import (
     Usage,
     check_expiry,
     check_key_name,
+    check_weight,
     new_key,
     route_access,
 )
@@ -115,7 +116,7 @@ class Tenancy:
         windows = self._windows() if self._windows is not None else {}
         return [ApiKeyView(id=k.id, name=k.name, prefix=k.prefix, createdAt=_iso(k.created_at),
                            lastUsedAt=_iso(k.last_used_at), expiresAt=_iso(k.expires_at), limits=_limits_view(k.limits),
-                           used=_used(windows.get(f"k:{k.id}")))
+                           weight=k.weight, used=_used(windows.get(f"k:{k.id}")))
                 for k in self.store.list_api_keys(name)]
 
     # changes -----------------------------------------------------------------------------------------------------
@@ -133,9 +134,10 @@ class Tenancy:
         return self._access_view(name)
 
     async def create_key(self, name: str, key_name: object = None, expires_at: datetime | None = None,
-                         limits: Limits | None = None) -> ApiKeyCreated:
+                         limits: Limits | None = None, weight: object = None) -> ApiKeyCreated:
         self._business_service(name)
         label = check_key_name(key_name)
+        share = check_weight(weight)
         expiry = check_expiry(expires_at, datetime.now(timezone.utc))
         if len(self.store.list_api_keys(name)) >= MAX_KEYS_PER_SERVICE:
             raise Conflict(f"business service '{name}' has {MAX_KEYS_PER_SERVICE} keys, the most it may have; "
@@ -146,8 +148,8 @@ class Tenancy:
                                "set its auth to keys first")
         made = new_key()
         key = ApiKey(id=made.id, service=name, prefix=made.prefix, digest=made.digest, name=label,
-                     limits=limits or Limits(), expires_at=expiry)
-        shown = {"id": key.id, "prefix": key.prefix, "name": label, "expiresAt": _iso(expiry)}
+                     limits=limits or Limits(), expires_at=expiry, weight=share)
+        shown = {"id": key.id, "prefix": key.prefix, "name": label, "expiresAt": _iso(expiry), "weight": share}
         intent = Intent([HistoryDraft(Action.API_KEY, name, after=shown, message=f"key {key.id} ({key.prefix}…) created")])
         async with self.intents.carrying_out(intent):
             self.store.add_api_key(key, intent)
@@ -155,7 +157,7 @@ class Tenancy:
             await self.intents.confirm(intent)
         created = next((k for k in self.store.list_api_keys(name) if k.id == key.id), key)
         return ApiKeyCreated(id=key.id, key=made.key, name=label, prefix=key.prefix, createdAt=_iso(created.created_at),
-                             expiresAt=_iso(expiry), limits=_limits_view(key.limits))
+                             expiresAt=_iso(expiry), limits=_limits_view(key.limits), weight=share)
 
     async def revoke_key(self, name: str, key_id: str) -> ApiKeyRevoked:
         self._business_service(name)

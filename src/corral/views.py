@@ -904,6 +904,7 @@ class ApiKeyView(Contract):
     lastUsedAt: str | None
     expiresAt: str | None
     limits: QuotaLimits
+    weight: int = Field(description="its share when the business's keys compete for its replicas (1 to 1000)")
     used: QuotaUsed = Field(default_factory=QuotaUsed, description="counted against its own limits now")
 
 
@@ -917,6 +918,7 @@ class ApiKeyCreated(Contract):
     createdAt: str | None
     expiresAt: str | None
     limits: QuotaLimits
+    weight: int = Field(description="its share when the business's keys compete for its replicas (1 to 1000)")
 
 
 class ApiKeyRevoked(Contract):

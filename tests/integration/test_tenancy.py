@@ -224,14 +224,14 @@ def test_a_service_s_keys_go_with_it(tenants: CorralServer, request: pytest.Fixt
 def test_the_cli_creates_lists_and_revokes_keys(tenants: CorralServer, request: pytest.FixtureRequest) -> None:
     if "nginx" in request.node.callspec.id:
         pytest.skip("the CLI talks to the API: one data plane is enough")
-    made = corral_cli(tenants, "keys", "create", SERVICE, "--name", "from-cli", "--rpm", "100")
+    made = corral_cli(tenants, "keys", "create", SERVICE, "--name", "from-cli", "--rpm", "100", "--weight", "2")
     assert made.returncode == 0, made.stderr
     key = made.stdout.strip().splitlines()[-1]
     assert key.startswith("crl-") and chat(tenants, key).status_code == 200
     listed = corral_cli(tenants, "keys", "list", SERVICE, "-o", "json")
     assert listed.returncode == 0 and key not in listed.stdout
     mine = next(k for k in json.loads(listed.stdout) if k["name"] == "from-cli")
-    assert mine["limits"]["requestsPerMinute"] == 100 and mine["prefix"] == key[:10]
+    assert mine["limits"]["requestsPerMinute"] == 100 and mine["prefix"] == key[:10] and mine["weight"] == 2
     access = corral_cli(tenants, "keys", "access", SERVICE, "--tpd", "1000000")
     assert access.returncode == 0 and "tokensPerDay=1000000" in access.stdout, access.stdout + access.stderr
     assert corral_cli(tenants, "keys", "access", SERVICE, "--tpd", "none").returncode == 0
@@ -239,6 +239,24 @@ def test_the_cli_creates_lists_and_revokes_keys(tenants: CorralServer, request: 
     assert corral_cli(tenants, "keys", "revoke", SERVICE, mine["id"]).returncode == 0
     assert chat(tenants, key).status_code == 401
     assert key not in (tenants.data_dir / "serve.log").read_text()
+
+
+def test_a_key_has_a_weight_from_1_to_1000(tenants: CorralServer) -> None:
+    before = tenants.ok("GET", f"/api/business-services/{SERVICE}/keys")
+    for weight in [0, 1001, "x", "3", 2.5, True]:
+        response = tenants.http.post(f"/api/business-services/{SERVICE}/keys", json={"weight": weight})
+        assert response.status_code in (400, 422), (weight, response.text)
+    assert tenants.ok("GET", f"/api/business-services/{SERVICE}/keys") == before
+    made = new_key(tenants, name="weighted", weight=3)
+    plain = new_key(tenants, name="unweighted")
+    try:
+        assert made["weight"] == 3 and plain["weight"] == 1
+        listed = {k["id"]: k for k in tenants.ok("GET", f"/api/business-services/{SERVICE}/keys")}
+        assert listed[made["id"]]["weight"] == 3 and listed[plain["id"]]["weight"] == 1
+        assert chat(tenants, made["key"]).status_code == 200  # the data plane takes the table with a weight in it
+    finally:
+        for key in (made, plain):
+            tenants.ok("DELETE", f"/api/business-services/{SERVICE}/keys/{key['id']}")
 
 
 def test_bad_input_is_refused_and_keys_appear_only_once(tenants: CorralServer) -> None:

@@ -22,19 +22,21 @@ def test_a_key_is_created_shown_once_and_revoked_from_the_card(corral: CorralSer
     dialog = page.get_by_test_id("keys-dialog")
     expect(dialog.get_by_test_id("keys-auth")).to_be_visible()
     dialog.get_by_test_id("key-name").fill("from the page")
+    dialog.get_by_test_id("key-weight").fill("4")
     dialog.get_by_test_id("key-create").click()
     shown = page.get_by_test_id("key-shown")
     secret = shown.get_by_test_id("key-secret").input_value()
     assert secret.startswith("crl-")
     expect(shown.get_by_test_id("key-copy")).to_be_visible()
     listed = corral.ok("GET", f"/api/business-services/{SERVICE}/keys")
-    assert [k["name"] for k in listed] == ["from the page"]
+    assert [(k["name"], k["weight"]) for k in listed] == [("from the page", 4)]
     url = f"{corral.gateway_url}/s/{SERVICE}/v1/models"
     assert httpx.get(url, headers={"Authorization": f"Bearer {secret}"}).status_code == 200
     shown.get_by_test_id("key-shown-close").click()
     expect(page.get_by_test_id("key-shown")).to_have_count(0)
     assert secret not in page.content()  # shown once: gone with its dialog
     expect(dialog.get_by_test_id(f"key-{listed[0]['id']}")).to_contain_text(listed[0]["prefix"])
+    expect(dialog.get_by_test_id(f"key-weight-{listed[0]['id']}")).to_have_text("weight 4")
     dialog.get_by_test_id(f"revoke-{listed[0]['id']}").click()
     expect(dialog.get_by_test_id(f"key-{listed[0]['id']}")).to_have_count(0)
     assert httpx.get(url, headers={"Authorization": f"Bearer {secret}"}).status_code == 401

@@ -25,3 +25,19 @@ def test_missing_columns_are_added_and_rows_kept(tmp_path: Path) -> None:
     assert task is not None and task.status == "completed" and task.reclaimed is None and task.bypassed == 0 and isinstance(task.bypassed, int)
     assert task.preemptible is True and task.preempted_by is None
     store.close()
+
+
+def test_an_old_key_reads_weight_1(tmp_path: Path) -> None:
+    path = tmp_path / "corral.db"
+    StateStore(path).close()
+    with sqlite3.connect(path) as db:  # what a release before key weights wrote
+        db.execute("ALTER TABLE api_keys DROP COLUMN weight")
+        db.execute("INSERT INTO api_keys (id, service, name, prefix, digest, limits, created_at) VALUES ('key-old',"
+                   " 'acme-nlb', NULL, 'crl-abcdef', 'd1', '{}', '2026-01-01 00:00:00')")
+    StateStore(path).close()
+    with sqlite3.connect(path) as db:  # a NULL weight, whatever wrote it, reads as the default too
+        db.execute("INSERT INTO api_keys (id, service, name, prefix, digest, limits, created_at, weight) VALUES"
+                   " ('key-null', 'acme-nlb', NULL, 'crl-ghijkl', 'd2', '{}', '2026-01-02 00:00:00', NULL)")
+    store = StateStore(path)
+    assert {k.id: k.weight for k in store.list_api_keys("acme-nlb")} == {"key-old": 1, "key-null": 1}
+    store.close()

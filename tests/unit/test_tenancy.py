@@ -27,6 +27,7 @@ from corral.domain.tenancy import (
     add_tokens,
     check_expiry,
     check_key_name,
+    check_weight,
     default_auth,
     new_key,
     presented_key,
@@ -123,6 +124,25 @@ def test_bad_input() -> None:
     for wire in [{"requestsPerMinute": -1}, {"tokensPerDay": 10**13}, {"tokensPerMinute": True}, {"tokensPerMinute": 1.5}]:
         with pytest.raises(InvalidInput):
             Limits.from_wire(wire)
+
+
+def test_a_key_weight_is_a_whole_number_from_1_to_1000_and_1_by_default() -> None:
+    for bad in [0, 1001, -1, True, "2", 2.5]:
+        with pytest.raises(InvalidInput, match="1 to 1000"):
+            check_weight(bad)
+    assert check_weight(None) == 1 and check_weight(7) == 7 and check_weight(1000) == 1000
+    made = new_key()
+    assert ApiKey(made.id, "acme-nlb", made.prefix, made.digest).entry().weight == 1
+    assert ApiKey(made.id, "acme-nlb", made.prefix, made.digest, weight=3).entry().weight == 3
+
+
+def test_the_nginx_payload_carries_a_weight_only_when_it_is_not_1() -> None:
+    one, three = new_key(), new_key()
+    keys = [ApiKey(one.id, "acme-nlb", one.prefix, one.digest),
+            ApiKey(three.id, "acme-nlb", three.prefix, three.digest, weight=3)]
+    access = route_access(ServiceAccess("acme-nlb", AuthMode.KEYS), "acme", keys)
+    assert access is not None
+    assert access_payload(access)["keys"] == {one.digest: {"id": one.id}, three.digest: {"id": three.id, "weight": 3}}
 
 
 def test_token_scan_takes_the_reported_total_or_counts_the_events() -> None:

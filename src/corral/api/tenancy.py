@@ -13,7 +13,7 @@ from pydantic import Field
 from corral.api.auth import require_token
 from corral.api.schemas import Body, errors
 from corral.domain import labels as L
-from corral.domain.tenancy import KEY_NAME_MAX, LIMIT_MAX, AuthMode, Limits
+from corral.domain.tenancy import KEY_NAME_MAX, LIMIT_MAX, WEIGHT_MAX, WEIGHT_MIN, AuthMode, Limits
 from corral.tenancy import Tenancy
 from corral.views import ApiKeyCreated, ApiKeyRevoked, ApiKeyView, ServiceAccessView
 
@@ -42,6 +42,9 @@ class KeyBody(Body):
     name: str | None = Field(default=None, max_length=KEY_NAME_MAX, description="what the key is for")
     expiresAt: datetime | None = Field(default=None, description="when it stops working (ISO 8601 with a time zone)")
     limits: LimitsBody | None = Field(default=None, description="this key's own quotas, within the service's")
+    weight: int | None = Field(default=None, ge=WEIGHT_MIN, le=WEIGHT_MAX, strict=True,
+                               description="its share when the business's keys compete for its replicas: a key of "
+                                           "weight 2 gets twice the tokens of a key of weight 1 (default 1)")
 
 
 def tenancy(request: Request) -> Tenancy:
@@ -68,12 +71,12 @@ async def create_key(request: Request, body: KeyBody | None = None, name: str = 
     """A new API key, shown in this answer only: send it as `Authorization: Bearer <key>` (or `api-key`)."""
     body = body or KeyBody()
     return await tenancy(request).create_key(name, body.name, body.expiresAt,
-                                             body.limits.limits() if body.limits is not None else None)
+                                             body.limits.limits() if body.limits is not None else None, body.weight)
 
 
 @router.get("/business-services/{name}/keys", response_model=list[ApiKeyView], responses=errors(400, 404))
 async def list_keys(request: Request, name: str = ServiceName) -> Any:
-    """Its keys, without secrets: id, name, prefix, createdAt, lastUsedAt, expiresAt, limits."""
+    """Its keys, without secrets: id, name, prefix, createdAt, lastUsedAt, expiresAt, limits, weight."""
     return await tenancy(request).list_keys(name)
 
 

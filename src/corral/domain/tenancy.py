@@ -53,6 +53,9 @@ MAX_KEYS_PER_SERVICE = 1000  # the verifier table rides on every routing push
 MINUTE_S = 60
 DAY_S = 86400
 MAX_EXPIRY_S = 10 * 366 * DAY_S
+WEIGHT_MIN = 1  # a key's share when its business's keys compete for the business's replicas
+WEIGHT_MAX = 1000
+WEIGHT_DEFAULT = 1
 
 
 class AuthMode(StrEnum):
@@ -115,6 +118,18 @@ def check_limit(value: object, field_name: str) -> int | None:
         raise InvalidInput(f"{field_name} must be a whole number from 0 to {LIMIT_MAX} (0 refuses all), or null for no limit")
     if not 0 <= value <= LIMIT_MAX:
         raise InvalidInput(f"{field_name} must be from 0 to {LIMIT_MAX} (0 refuses all), or null for no limit; got {value}")
+    return value
+
+
+def check_weight(value: object) -> int:
+    """A key's weight: None is the default (1); a key of weight 2 gets twice the tokens of a key of weight 1 when
+    they compete for the business's replicas."""
+    if value is None:
+        return WEIGHT_DEFAULT
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"weight must be a whole number from {WEIGHT_MIN} to {WEIGHT_MAX} (default {WEIGHT_DEFAULT})")
+    if not WEIGHT_MIN <= value <= WEIGHT_MAX:
+        raise InvalidInput(f"weight must be from {WEIGHT_MIN} to {WEIGHT_MAX} (default {WEIGHT_DEFAULT}); got {value}")
     return value
 
 
@@ -189,12 +204,13 @@ def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
 @dataclass(frozen=True)
 class KeyEntry:
     """What a data plane knows of one key: its id (the meter's label; never the key), when it expires (epoch
-    seconds; None: never) and its own limits."""
+    seconds; None: never), its own limits and its weight (its share when its business's keys compete)."""
 
     id: str
     digest: str
     expires_at: float | None = None
     limits: Limits = field(default_factory=Limits)
+    weight: int = WEIGHT_DEFAULT
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
@@ -337,9 +353,11 @@ class ApiKey:
     created_at: datetime | None = None
     expires_at: datetime | None = None
     last_used_at: datetime | None = None
+    weight: int = WEIGHT_DEFAULT
 
     def entry(self) -> KeyEntry:
-        return KeyEntry(self.id, self.digest, self.expires_at.timestamp() if self.expires_at else None, self.limits)
+        return KeyEntry(self.id, self.digest, self.expires_at.timestamp() if self.expires_at else None, self.limits,
+                        self.weight)
 
 
 def route_access(access: ServiceAccess | None, business: str | None, keys: Iterable[ApiKey]) -> RouteAccess | None:

@@ -47,6 +47,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry, generate_latest
 
 from corral.aio import stop, within
+from corral.domain.fairness import BYTES_PER_TOKEN, COMPLETION_COST, PROMPT_COST
 from corral.domain.load import BUCKETS, Sample, departures, prunable
 from corral.domain.outliers import (
     Outlier,
@@ -57,7 +58,7 @@ from corral.domain.outliers import (
     readmitted_event,
 )
 from corral.domain.replica_picking import ReplicaInputs, RoutingPolicy
-from corral.domain.tenancy import DAY_S, MINUTE_S, Limits, RouteAccess, Usage
+from corral.domain.tenancy import DAY_S, MINUTE_S, WEIGHT_DEFAULT, Limits, RouteAccess, Usage
 from corral.gateway.proxy import (
     NOT_RETRIED,
     RETRY_AFTER_S,
@@ -155,6 +156,8 @@ def render_config(workdir: Path, host: str, port: int, control_socket: Path, con
                f"max = {float(policy.max_ejection_s)!r}, percent = {float(policy.max_ejection_percent)!r}, "
                f"decay = {float(policy.decay_s)!r}, interval = {float(limits.probe_interval_s)!r}, "
                f"timeout = {float(limits.health_probe_timeout_s)!r} }}")  # the same as proxy.py's
+    fairness = (f"{{ prompt = {PROMPT_COST!r}, completion = {COMPLETION_COST!r}, "
+                f"bytes_per_token = {BYTES_PER_TOKEN} }}")  # domain/fairness.py's
     # As root, nginx would run its workers as an unprivileged user that cannot enter a private data dir
     # (e.g. under /root) to spool a large request body: they run as the control plane's user instead.
     user = f"user {pwd.getpwuid(0).pw_name} {grp.getgrgid(os.getegid()).gr_name};\n" if os.geteuid() == 0 else ""
@@ -177,7 +180,7 @@ http {{
   lua_shared_dict corral_stats 16m;
   lua_shared_dict corral_retry 4m;  # per service and second: requests and retries (the retry budget)
   lua_shared_dict corral_affinity {AFFINITY_DICT};  # prefix key → replica (domain/replica_picking.py), LRU
-  init_by_lua_block {{ corral = require "corral_gateway"; corral.configure({buckets}, {hold}, {retry}, {outlier}) }}
+  init_by_lua_block {{ corral = require "corral_gateway"; corral.configure({buckets}, {hold}, {retry}, {outlier}, {fairness}) }}
   init_worker_by_lua_block {{ corral.init_worker() }}  # worker 0 health-checks suspected and ejected replicas
   lua_socket_log_errors off;  # (a failed health check is an outcome, not an error to log)
   upstream corral_replicas {{
@@ -421,6 +424,8 @@ def access_payload(access: RouteAccess) -> dict[str, Any]:
             entry["exp"] = k.expires_at
         if k.limits.any:
             entry["limits"] = _limits_payload(k.limits)
+        if k.weight != WEIGHT_DEFAULT:  # (absent: 1; the Lua code reads `entry.weight or 1`)
+            entry["weight"] = k.weight
         keys[k.digest] = entry
     payload: dict[str, Any] = {"auth": access.auth.value, "keys": keys}
     if access.limits.any:

@@ -93,6 +93,7 @@ from yarl import URL
 
 from corral.aio import stop, within
 from corral.domain.engine_errors import ERROR_BODY_MAX_BYTES, ERROR_TYPES, openai_error
+from corral.domain.fairness import ANONYMOUS, Charge, VirtualCounters
 from corral.domain.load import COUNTERS_RETENTION_S, Sample, departures, prunable
 from corral.domain.outliers import (
     Outlier,
@@ -432,12 +433,14 @@ class _ClientWatch:
 
 class _Waiter:
     """A held request's place in its service's queue. `wake` resolves its future; the request then checks
-    for a free replica and, when none is, re-arms (`arm`) and keeps its place."""
+    for a free replica and, when none is, re-arms (`arm`) and keeps its place. `key`: whose request it is
+    (its API key's id; "" without one), for the fair order (domain/fairness.py)."""
 
-    __slots__ = ("future",)
+    __slots__ = ("future", "key")
 
-    def __init__(self) -> None:
+    def __init__(self, key: str) -> None:
         self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.key = key
 
     def arm(self) -> None:
         self.future = asyncio.get_running_loop().create_future()
@@ -478,7 +481,9 @@ class Gateway:
         self._departed: dict[str, float] = {}  # replica → when it left every route (pruning)
         self._services_departed: dict[str, float] = {}  # service → when it left the table
         self._drained = asyncio.Condition()
-        self._held: dict[str, deque[_Waiter]] = {}  # service → its held requests, first come first
+        self._held: dict[str, deque[_Waiter]] = {}  # service → its held requests, in arrival order
+        # service → its keys' virtual token counters: which held request goes next (domain/fairness.py)
+        self._fair: dict[str, VirtualCounters] = {}
         self.on_held: Callable[[str], None] | None = None  # a request of this service is held (model swaps wake one)
         self._retries: dict[str, RetryWindow] = {}  # service → its requests and retries, for the retry budget
         self.tenants = TenantWindows()  # key checks and quota windows (tenants.py)
@@ -556,6 +561,8 @@ class Gateway:
         self.tenants.set_table(route.access for route in table.values() if route.access is not None)
         for service in [s for s in self._retries if s not in table]:
             del self._retries[service]
+        for service in [s for s in self._fair if s not in table]:
+            del self._fair[service]
         self._wake_all()  # a replica may have been assigned (or its service removed)
 
     # holding -----------------------------------------------------------------------------------
@@ -574,24 +581,40 @@ class Gateway:
                 waiter.wake()
 
     def _wake_first(self, service: str) -> None:
-        """One replica of `service` freed a place: wake the first held request not already woken."""
-        for waiter in self._held.get(service, ()):
-            if waiter.wake():
-                return
+        """One replica of `service` freed a place: wake the held request that goes next among those not already
+        woken: the first of the key with the smallest virtual token counter (domain/fairness.py)."""
+        queue = self._held.get(service)
+        if not queue:
+            return
+        waiting = [w for w in queue if not w.future.done()]
+        fair = self._fair.get(service)
+        first = fair.first(w.key for w in waiting) if fair is not None and len(waiting) > 1 else 0
+        if waiting and first is not None:
+            waiting[first].wake()
+
+    def _fairness(self, service: str) -> VirtualCounters:
+        fair = self._fair.get(service)
+        if fair is None:
+            fair = self._fair[service] = VirtualCounters()
+        return fair
 
     def _waiting_reason(self, route: Route) -> str:
         if any(t.name not in self.ejected for t in route.targets):
             return route.busy_message()
         return route.no_replica_message()
 
-    async def _hold(self, route: Route, send: Callable, only: frozenset[str] | None = None
-                    ) -> tuple[Route, list[Target]] | None:
+    async def _hold(self, route: Route, send: Callable, only: frozenset[str] | None = None, key: str = ANONYMOUS,
+                    free: list[Target] | None = None) -> tuple[Route, list[Target]] | None:
         """Wait for a free replica of `route`'s service: the route as it is then and its free replicas; or
         None once the request was answered here (503 past the deadline or with the queue full; 404 when
         its service is gone meanwhile). Between finding a replica free and the caller counting it in
-        flight there is no await, so two woken requests never take the same place."""
+        flight there is no await, so two woken requests never take the same place. `free`: the replicas free
+        now, for a request that queues behind held ones (their order is fair, not first come): it goes at
+        once when the queue is full or holds are off."""
         service, limits = route.service, self.limits
         queue = self._held.get(service)
+        if free and (not limits.holds or (queue is not None and len(queue) >= limits.hold_queue)):
+            return route, free
         if not limits.holds or (queue is not None and len(queue) >= limits.hold_queue):
             reason = self._waiting_reason(route)
             self.stats.rejected[(service, 503)] += 1
@@ -600,9 +623,12 @@ class Gateway:
             return None
         if queue is None:
             queue = self._held[service] = deque()
-        waiter = _Waiter()
+        self._fairness(service).join(key, {w.key for w in queue})
+        waiter = _Waiter(key)
         queue.append(waiter)
         self.stats.hold(service)
+        if free:
+            self._wake_first(service)  # a place is free now: whoever goes next takes it
         if self.on_held is not None:
             self.on_held(service)
         loop = asyncio.get_running_loop()
@@ -733,17 +759,26 @@ class Gateway:
         tried: set[str] = set()
         want = self._pick_request(route, body)
         only = adapter_holders(want.model, (t.name for t in route.targets), self.inputs) if want else None
+        admission: Admission | None = scope.get(ADMISSION)
+        key = admission.key_id or ANONYMOUS if admission is not None else ANONYMOUS
+        charge: Charge | None = None
         for attempt in range(MAX_ATTEMPTS):
             candidates = self.free_targets(route, tried, only)
-            if not candidates and attempt == 0:
-                if (admitted := await self._hold(route, send, only)) is None:
+            # Behind held requests a new one queues too: who goes next is decided by the fair order.
+            if attempt == 0 and (not candidates or route.service in self._held):
+                if (admitted := await self._hold(route, send, only, key, candidates)) is None:
                     return
                 route, candidates = admitted
             if not candidates:
                 break
             target = self._choose(route, candidates, want)
             tried.add(target.name)
-            failure = await self._try(route, target, scope, path, headers, body, send)
+            if attempt == 0:  # charged once, whichever replica ends up answering (domain/fairness.py)
+                charge = self._fairness(route.service).dispatch(
+                    key, admission.weight if admission is not None else 1,
+                    len(body) if isinstance(body, bytes) else body.content_length or 0)
+            failure = await self._try(route, target, scope, path, headers, body, send, charge)
+            charge = None
             if failure is None:
                 return
             if not retryable(failure):  # the replica may have run it: never replayed
@@ -777,7 +812,7 @@ class Gateway:
         return next(t for t in candidates if t.name == chosen)
 
     async def _try(self, route: Route, target: Target, scope: dict[str, Any], path: str, headers: list[tuple[str, str]],
-                   body: Body, send: Callable) -> AttemptFailure | None:
+                   body: Body, send: Callable, charge: Charge | None = None) -> AttemptFailure | None:
         """Forward once. None when answered (or cut mid-response); else how the attempt failed with nothing
         sent to the client yet (the caller answers, or retries a `CONNECT` failure)."""
         assert self._session is not None, "Gateway.start() was not called"
@@ -800,6 +835,7 @@ class Gateway:
         usage: UsageScan | None = None
         admission: Admission | None = scope.get(ADMISSION)  # the key check's (tenants.py): its tokens count at the end
         tally = None
+        streamed = 0  # body chunks passed on: the completion tokens of a stream that reports no usage, roughly
         watch = _FirstByteWatch(self, target)
         try:
             try:
@@ -858,6 +894,7 @@ class Gateway:
                         tally = admission.scan if admission is not None and admission.counts_tokens else None
                     async for chunk in body_chunks:
                         chunks[target.name] += 1
+                        streamed += 1
                         if usage is not None:
                             if events and first_byte is None and chunk:
                                 first_byte = time.perf_counter() - started
@@ -884,6 +921,12 @@ class Gateway:
         finally:
             if admission is not None:
                 self.tenants.finish(admission)
+            if charge is not None and (fair := self._fair.get(route.service)) is not None:
+                completion = usage.tokens if usage is not None else None
+                if completion is None and tally is not None:
+                    completion = tally.tokens
+                fair.settle(charge, usage.prompt_tokens if usage is not None else None,
+                            completion if completion is not None else streamed)
             self.stats.finish(route.service, target.name, time.perf_counter() - started, error, first_byte,
                               usage.tokens if usage is not None else None,
                               prompt_tokens=usage.prompt_tokens if usage is not None else None,

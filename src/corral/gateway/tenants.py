@@ -57,6 +57,7 @@ class Admission:
     business: str | None
     key_id: str | None  # None on an open service with quotas
     counts_tokens: bool
+    weight: int = 1  # the key's share when the business's keys compete for its replicas (domain/fairness.py)
     scan: TokenScan = field(default_factory=TokenScan)
 
 
@@ -112,7 +113,8 @@ class TenantWindows:
             if limits.any:
                 self.usage[name].requests += 1
                 counts_tokens = counts_tokens or limits.counts_tokens
-        return Admission(service, access.business, entry.id if entry else None, counts_tokens)
+        return Admission(service, access.business, entry.id if entry else None, counts_tokens,
+                         entry.weight if entry else 1)
 
     def finish(self, admission: Admission, now: float | None = None) -> None:
         """The request ended: its tokens count in its scopes' windows."""

@@ -24,7 +24,7 @@ from corral.domain.errors import NotFound
 from corral.domain.history import HistoryDraft, Intent, Outcome
 from corral.domain.models import Deployment, Pod, PodPhase, Service
 from corral.domain.sleep import SleepLevel, SleepState
-from corral.domain.tenancy import ApiKey, AuthMode, Limits, ServiceAccess
+from corral.domain.tenancy import WEIGHT_DEFAULT, ApiKey, AuthMode, Limits, ServiceAccess
 from corral.paths import private_file
 from corral.store.schema import (
     ApiKeyRow,
@@ -373,7 +373,7 @@ class StateStore:
     def add_api_key(self, key: ApiKey, intent: Intent | None = None) -> None:
         with self._changing("tenancy"), self._intent(intent) as s:
             s.add(ApiKeyRow(id=key.id, service=key.service, name=key.name, prefix=key.prefix, digest=key.digest,
-                            limits=key.limits.wire(), expires_at=key.expires_at))
+                            limits=key.limits.wire(), expires_at=key.expires_at, weight=key.weight))
 
     def list_api_keys(self, service: str) -> list[ApiKey]:
         """A service's keys, with when each was last used (not cached: `keys_used` writes it often)."""
@@ -603,7 +603,8 @@ def _access(row: ServiceAccessRow) -> ServiceAccess:
 def _api_key(row: ApiKeyRow) -> ApiKey:
     return ApiKey(id=row.id, service=row.service, prefix=row.prefix, digest=row.digest, name=row.name,
                   limits=Limits.from_wire(row.limits), created_at=aware(row.created_at), expires_at=aware(row.expires_at),
-                  last_used_at=aware(row.last_used_at))
+                  last_used_at=aware(row.last_used_at),
+                  weight=row.weight if row.weight is not None else WEIGHT_DEFAULT)  # NULL: a row older than weights
 
 
 def _service_row(service: Service) -> ServiceRow:

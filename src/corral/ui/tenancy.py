@@ -8,7 +8,7 @@ from typing import Any
 
 from nicegui import ui
 
-from corral.domain.tenancy import AuthMode, Limits
+from corral.domain.tenancy import WEIGHT_DEFAULT, WEIGHT_MAX, WEIGHT_MIN, AuthMode, Limits
 from corral.ui.live import act, notify, runtime
 
 FIELD = "w-full"
@@ -75,6 +75,7 @@ def keys_dialog(service: str, changed: Any = None) -> None:
                 with ui.row().classes("w-full items-center gap-2").props(f'data-testid="key-{key.id}"'):
                     ui.label(key.name or key.id).classes("font-medium")
                     ui.label(f"{key.prefix}…").classes("font-mono text-xs")
+                    ui.label(f"weight {key.weight}").classes("text-xs text-grey-7").props(f'data-testid="key-weight-{key.id}"')
                     ui.label(f"last used {key.lastUsedAt[:19] if key.lastUsedAt else 'never'}").classes("text-xs text-grey-7")
                     ui.space()
 
@@ -88,9 +89,13 @@ def keys_dialog(service: str, changed: Any = None) -> None:
                         .tooltip("revoke: refused by the gateway at once")
             with ui.row().classes("w-full items-center gap-2"):
                 name = ui.input("new key's name (optional)").props('data-testid="key-name"').classes("grow")
+                weight = ui.number("weight", value=WEIGHT_DEFAULT, min=WEIGHT_MIN, max=WEIGHT_MAX, precision=0) \
+                    .props('data-testid="key-weight"').classes("w-24") \
+                    .tooltip("its share when the business's keys compete for its replicas (1 to 1000)")
 
                 async def create() -> None:
-                    made, problem = await act(lambda: tenancy.create_key(service, name.value or None))
+                    made, problem = await act(lambda: tenancy.create_key(service, name.value or None,
+                                                                         weight=_limit(weight.value)))
                     if problem:
                         notify(problem, "negative")
                         return

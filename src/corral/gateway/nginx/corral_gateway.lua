@@ -61,7 +61,13 @@ local cached_version, cached_routes = -1, {}
 local BUCKETS = { math.huge }  -- upper bounds in seconds, +Inf last: corral.domain.load.BUCKETS via configure()
 -- proxy.py's GatewayLimits and wording, via configure()
 local HOLD = { timeout = 30, queue = 1000, retry_after = 5, held_suffix = "", full_suffix = "" }
-local wakers = {}  -- service → this worker's semaphore its held requests wait on
+-- service → this worker's held requests in arrival order, each { key = <key id or "">, sema = <its own
+-- semaphore>, woken = <posted and not yet run> }: a freed place wakes the one that goes next (`wake_next`)
+local held_queues = {}
+-- Fair order inside a business (corral/domain/fairness.py, the same rule and costs): service → this worker's
+-- virtual token counters { served = { key → weighted tokens }, floor = <counter of the last request let go> }
+local fair = {}
+local FAIR = { prompt = 1, completion = 2, bytes_per_token = 4 }  -- domain/fairness.py's, via configure()
 -- proxy.py's GatewayLimits.retry_budget and wording (`not_retried`: the message after "replica '<name>'", by
 -- status), via configure()
 local RETRY = { percent = 20, min = 3, window = 10, spent_suffix = "", not_retried = {} }
@@ -70,8 +76,9 @@ local NGX_BUSY = -3  -- the balancer's "no peer": nginx answers 502 (error_page:
 local OUTLIER = { failures = 5, probes = 3, passes = 2, base = 5, max = 300, percent = 50, decay = 60,
                   interval = 0.5, timeout = 1 }
 
-function _M.configure(buckets, hold, retry, outlier)
+function _M.configure(buckets, hold, retry, outlier, fairness)
   BUCKETS = buckets
+  if fairness then FAIR = fairness end
   if hold then HOLD = hold end
   if retry then RETRY = retry end
   if outlier then OUTLIER = outlier end
@@ -171,6 +178,9 @@ local function routes()
   if version ~= cached_version then
     cached_routes = cjson.decode(routes_dict:get("table") or "{}") or {}
     cached_version = version
+    for service in pairs(fair) do
+      if not cached_routes[service] then fair[service] = nil end  -- a service gone: its counters go too
+    end
   end
   return cached_routes
 end
@@ -343,7 +353,7 @@ local function check_access(ctx, service, access)
       last_noted[entry.id] = now
       quota:set("u:" .. entry.id, now, 7 * 86400)
     end
-    ctx.key_id = entry.id
+    ctx.key_id, ctx.key_weight = entry.id, entry.weight or 1
     -- a tenant's key stops here: the replica needs none, and must never see (or log) one
     ngx.req.clear_header("Authorization")
     ngx.req.clear_header("api-key")
@@ -596,7 +606,73 @@ local function claim(ctx, route, tried, rewrite)
   end
 end
 
--- the request gave its replica's place back: wake the first request of the service this worker holds
+-- fair order (corral/domain/fairness.py) -------------------------------------------------------------------------
+local function counters(service)
+  local f = fair[service]
+  if not f then
+    f = { served = {}, floor = 0 }
+    fair[service] = f
+  end
+  return f
+end
+
+-- a request of `key` joins `queue` (the requests held before it): a key with none there is lifted to the
+-- smallest counter among them (none held: the floor), so time it sent nothing earns it nothing
+local function fair_join(service, key, queue)
+  local f = counters(service)
+  local lift
+  for _, waiter in ipairs(queue) do
+    if waiter.key == key then return end
+    local c = f.served[waiter.key] or 0
+    if lift == nil or c < lift then lift = c end
+  end
+  if lift == nil then lift = f.floor end
+  if (f.served[key] or 0) < lift then f.served[key] = lift end
+end
+
+-- a place of `service` is free: wake the held request that goes next among those not woken (the first of the
+-- key with the smallest counter)
+local function wake_next(service)
+  local queue = held_queues[service]
+  if not queue then return end
+  local served = fair[service] and fair[service].served or {}
+  local best, least
+  for _, waiter in ipairs(queue) do
+    if not waiter.woken then
+      local c = served[waiter.key] or 0
+      if best == nil or c < least then best, least = waiter, c end
+    end
+  end
+  if best then
+    best.woken = true
+    best.sema:post(1)
+  end
+end
+
+-- the request goes to a replica: charge its prompt's estimate now (settled in the log phase)
+local function fair_dispatch(ctx)
+  local f = counters(ctx.service)
+  local key, weight = ctx.key_id or "", ctx.key_weight or 1
+  local estimate = math.max(1, math.floor((tonumber(ngx.var.content_length) or 0) / FAIR.bytes_per_token))
+  local before = f.served[key] or 0
+  if before > f.floor then f.floor = before end
+  f.served[key] = before + FAIR.prompt * estimate / weight
+  ctx.fair = { key = key, weight = weight, estimate = estimate }
+end
+
+local function fair_settle(ctx, prompt, completion)
+  local charge = ctx.fair
+  if not charge then return end
+  ctx.fair = nil
+  local f = fair[ctx.service]
+  if not f then return end
+  local cost = 0
+  if prompt then cost = cost + FAIR.prompt * (prompt - charge.estimate) end
+  if completion then cost = cost + FAIR.completion * completion end
+  if cost ~= 0 then f.served[charge.key] = (f.served[charge.key] or 0) + cost / charge.weight end
+end
+
+-- the request gave its replica's place back: wake the request of the service this worker holds that goes next
 local function release(ctx)
   local name = ctx.claimed
   if not name then return end
@@ -604,14 +680,17 @@ local function release(ctx)
   ngx.var.corral_claim = ""
   stats:incr("if:" .. name, -1, 0)
   mark("r:" .. name)
-  local waker = wakers[ctx.service]
-  if waker and waker:count() < 0 then waker:post(1) end
+  if held_queues[ctx.service] then wake_next(ctx.service) end
 end
 
 local function wake_all()
-  for _, waker in pairs(wakers) do
-    local waiting = -waker:count()
-    if waiting > 0 then waker:post(waiting) end
+  for _, queue in pairs(held_queues) do
+    for _, waiter in ipairs(queue) do
+      if not waiter.woken then
+        waiter.woken = true
+        waiter.sema:post(1)
+      end
+    end
   end
 end
 
@@ -625,6 +704,18 @@ end
 
 local function unhold(ctx)
   if not ctx.held_since then return end
+  local me, queue = ctx.held_entry, held_queues[ctx.service]
+  ctx.held_entry = nil
+  if me and queue then
+    for i, waiter in ipairs(queue) do
+      if waiter == me then
+        table.remove(queue, i)
+        break
+      end
+    end
+    if #queue == 0 then held_queues[ctx.service] = nil end
+    if me.woken then wake_next(ctx.service) end  -- woken for a place it did not take (it left): the next one's
+  end
   ngx.update_time()
   local seconds = ngx.now() - ctx.held_since
   ctx.held_since = nil
@@ -647,17 +738,23 @@ local function hold(ctx, service, route)
   ngx.update_time()
   ctx.held_since = ngx.now()
   local deadline = ctx.held_since + HOLD.timeout
-  local waker = wakers[service]
-  if not waker then
-    waker = semaphore.new(0)
-    wakers[service] = waker
+  local queue = held_queues[service]
+  if not queue then
+    queue = {}
+    held_queues[service] = queue
   end
+  local me = { key = ctx.key_id or "", sema = semaphore.new(0), woken = false }
+  fair_join(service, me.key, queue)
+  queue[#queue + 1] = me
+  ctx.held_entry = me
+  if #queue > 1 and pick(route, {}) then wake_next(service) end  -- queued behind others with a place free
   local recheck = ngx.worker.count() > 1 and 0.05 or 1
   while true do
     ngx.update_time()
     local left = deadline - ngx.now()
     if left <= 0 then break end
-    waker:wait(math.min(left, recheck))
+    me.sema:wait(math.min(left, recheck))
+    me.woken = false
     local current = routes()[service]
     if not current then
       unhold(ctx)
@@ -921,10 +1018,14 @@ function _M.route()
   ctx.service = service
   ngx.var.corral_service = service
   ctx.want = pick_request(route)  -- the request's model and prompt prefix, for replica picking
-  local target = claim(ctx, route, {})
+  -- behind requests this worker holds a new one queues too (while the queue has room): the fair order decides
+  local queue = held_queues[service]
+  local behind = queue ~= nil and HOLD.timeout > 0 and (stats:get("hq:" .. service) or 0) < HOLD.queue
+  local target = not behind and claim(ctx, route, {}) or nil
   if not target then
     route, target = hold(ctx, service, route)  -- (a client that leaves meanwhile ends the request there)
   end
+  fair_dispatch(ctx)
   ctx.route, ctx.target, ctx.tried = route, target, {}
   if target.rewrite then
     -- the engine does not answer to the tag (see routing.py): `"model": "<tag>"` → `"model": null`. A body
@@ -968,9 +1069,12 @@ function _M.body()
   if ctx.scan then
     local chunk = ngx.arg[1]
     if chunk and chunk ~= "" then
-      if ctx.events and not ctx.ttfb then
-        ngx.update_time()
-        ctx.ttfb = ngx.now() - ctx.started
+      if ctx.events then
+        if not ctx.ttfb then
+          ngx.update_time()
+          ctx.ttfb = ngx.now() - ctx.started
+        end
+        ctx.chunks = (ctx.chunks or 0) + 1  -- a stream's tokens when it reports no usage, roughly (fair order)
       end
       scan_usage(ctx, chunk)
       if ctx.quota_scopes then scan_total(ctx, chunk) end
@@ -1092,6 +1196,7 @@ end
 
 function _M.log()
   local ctx = ngx.ctx
+  local prompt, completion = ctx.prompt, ctx.tokens or ctx.chunks  -- (finish clears them)
   if not ctx.service then
     -- answered through error_page (@unavailable, @too_large): the internal redirect dropped ngx.ctx
     local service = ngx.var.corral_service
@@ -1104,6 +1209,7 @@ function _M.log()
   end
   if ctx.counted then finish(ctx, ngx.status >= 500) end
   count_tokens(ctx)
+  fair_settle(ctx, prompt, completion)
   judge_last_attempt(ctx)
   release(ctx)  -- also a place claimed by a request that never reached its replica (e.g. a body too large)
   unhold(ctx)  -- a request cut while held
