@@ -840,6 +840,8 @@ def finetune_submit(
     priority: str = typer.Option("normal", help="high | normal | low"),
     gpus: Optional[int] = typer.Option(None, help="GPUs (default 1, or 0 without GPU)"),
     timeout_s: Optional[float] = typer.Option(None, "--timeout", help="seconds before the task is cancelled (default 6 h)"),
+    business: Optional[str] = typer.Option(None, "--business", help="the business its GPU-seconds are billed to (`corral "
+                                           "usage`); default none: billed under (finetune)"),
     hp: list[str] = typer.Option([], "--hp", help="hyperparameter, e.g. --hp epochs=3 --hp learningRate=1e-4 --hp trainOnPrompt=true"),
     follow: bool = typer.Option(False, "--follow", "-f", help="show a live progress bar until the task ends"),
     url: Optional[str] = URL_OPTION,
@@ -855,6 +857,8 @@ def finetune_submit(
         fail(exc.message)
     body = {"baseModel": base_model, "datasetPath": str(dataset.resolve()), "method": method, "priority": priority,
             "gpus": gpus, "timeoutSeconds": timeout_s, "hyperparameters": hyperparameters}
+    if business is not None:
+        body["businessTag"] = business
     client = Client(url, token)
     task = client.call("POST", "/api/finetune/tasks", json=body)
     console.print(f"{task['id']}: {_status(task)} — {task['reason']}", highlight=False)
@@ -925,6 +929,7 @@ TASK_COLUMNS = [
     Column("Base model", lambda t: t["baseModel"], wide=True),
     Column("Method", lambda t: t["method"]),
     Column("Priority", lambda t: t["priority"]),
+    Column("Business", lambda t: t.get("businessTag") or "", wide=True),  # its GPU-seconds are billed to
     Column("GPUs", lambda t: t["gpus"], wide=True),
     Column("Units", lambda t: ",".join(t.get("units") or []), wide=True),
     Column("Progress", lambda t: f"{t['progress'].get('step', 0)}/{t['progress'].get('totalSteps', '?')}"),
@@ -967,7 +972,7 @@ def finetune_show(task_id: str, follow: bool = typer.Option(False, "--follow", "
         sys.stdout.write(f"{task['id']}\n")
         return
     fields = task if output == "wide" else {k: task.get(k) for k in (
-        "id", "status", "reason", "baseModel", "datasetPath", "method", "priority", "gpus", "progress", "output")}
+        "id", "status", "reason", "baseModel", "datasetPath", "method", "priority", "businessTag", "gpus", "progress", "output")}
     _table(f"Finetune task {task['id']}", ["Field", "Value"], [
         [key, _status_cell(task) if key == "status" else
          json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value]

@@ -505,6 +505,8 @@ class FinetuneTask(Contract):
                               "checkpoint, waits in the queue and resumes from it")
     datasets: list[DatasetSource] | None = Field(default=None, description="a mix's sources (the request's `datasets`) with "
                                                   "their counts; null: the one datasetPath (then the first source's path)")
+    businessTag: str | None = Field(default=None, description="the business its GPU-seconds are billed to (`GET /api/usage`); "
+                                   "null: none, billed under `(finetune)`")
     startBy: str | None = Field(default=None, description="while queued with GPUs reserved for it (easy-backfill with "
                                 "slack): it starts by then at the latest, if running tasks end by their estimated ends "
                                 "(timeouts, or their trainers' ETAs when sooner)")

@@ -81,7 +81,9 @@ def test_priority_cancel_and_timeout(corral: CorralServer, tiny_model: Path, dat
     low = submit(corral, tiny_model, dataset, priority="low")["id"]
     normal = submit(corral, tiny_model, dataset)["id"]
     high = submit(corral, tiny_model, dataset, priority="high")["id"]
-    doomed = submit(corral, tiny_model, dataset)["id"]
+    doomed = submit(corral, tiny_model, dataset, businessTag="research")
+    assert doomed["businessTag"] == "research" and task(corral, low)["businessTag"] is None  # billed to research / (finetune)
+    doomed = doomed["id"]
     # Cancel a queued task, then the running one once it trains.
     assert corral.ok("POST", f"/api/finetune/tasks/{doomed}/cancel")["status"] == "cancelled"
     wait_for(lambda: task(corral, blocker)["status"] == "training", timeout=60, what="the blocker to train")
@@ -113,6 +115,11 @@ def test_bad_submissions_are_refused_with_the_line_to_fix(corral: CorralServer, 
         ({"baseModel": "not-a-model"}, "neither a local model directory nor a hub id"),
         ({"baseModel": "org/name\n"}, "neither a local model directory nor a hub id"),  # a name is the whole text
         ({"timeoutSeconds": 0}, "timeoutSeconds must be a positive number of seconds"),
+        # a business tag by deploy-service's rules (nothing created: the list below stays empty)
+        ({"businessTag": "Research"}, "businessTag 'Research' is not a valid name"),
+        ({"businessTag": "unassigned"}, "businessTag 'unassigned' is reserved"),
+        ({"businessTag": "r" * 64}, "businessTag: String should have at most 63 characters"),
+        ({"businessTag": ""}, "businessTag, when given, is a business name"),
     ]
     good = tmp_path / "good.jsonl"
     good.write_text('{"instruction": "a", "output": "b"}\n')

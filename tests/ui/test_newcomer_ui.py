@@ -178,8 +178,12 @@ def test_a_good_upload_clears_the_stale_dataset_error_and_the_preview_says_what_
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n')
     page.get_by_test_id("ft-dataset").fill(str(bad))
+    page.get_by_test_id("ft-business").fill("Research")  # the business billed: deploy-service's rules, checked first
     page.get_by_test_id("ft-submit").click()
     error = page.get_by_test_id("ft-error")
+    expect(error).to_contain_text("businessTag 'Research' is not a valid name")
+    page.get_by_test_id("ft-business").fill("")  # empty: none (billed under (finetune))
+    page.get_by_test_id("ft-submit").click()
     expect(error).to_contain_text("dataset line")
     expect(page.get_by_test_id("ft-dataset-note")).to_have_class(re.compile(r"\btext-negative\b"))
 

@@ -97,6 +97,7 @@ def legacy_task_view(task: TaskRecord) -> dict:
         "examples": task.examples, "progress": task.progress, "units": task.units, "output": task.output,
         "reclaimed": task.reclaimed or {}, "preemptible": task.preemptible,  # added with preemption (issue 15)
         "datasets": task.datasets,  # added with dataset mixes (issue 27): a mix's sources, null for one datasetPath
+        "businessTag": task.business_tag,  # added with finetune billing by business (issue 28): null when none
         # added with easy-backfill's slack (issue 15): the head's promised start, while it is queued
         "startBy": task.promised_start.isoformat() if task.promised_start and task.status == "queued" else None,
         "createdAt": task.created_at.isoformat() if task.created_at else None,

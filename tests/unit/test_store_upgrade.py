@@ -17,6 +17,8 @@ def test_missing_columns_are_added_and_rows_kept(tmp_path: Path) -> None:
         db.execute("ALTER TABLE finetune_tasks DROP COLUMN bypassed")
         db.execute("ALTER TABLE finetune_tasks DROP COLUMN preemptible")  # and before preemption
         db.execute("ALTER TABLE finetune_tasks DROP COLUMN preempted_by")
+        db.execute("ALTER TABLE finetune_tasks DROP COLUMN business_tag")  # and before finetune billing by business
+        db.execute("ALTER TABLE finetune_tasks DROP COLUMN runs")
         db.execute("INSERT INTO finetune_tasks (id, status, reason, base_model, dataset_path, method, priority, gpus, memory_gb,"
                    " timeout_s, hyperparameters, examples, progress, units, created_at) VALUES ('ft-old', 'completed', '', 'm',"
                    " 'd.jsonl', 'lora', 'normal', 0, 0.0, 60.0, '{}', 3, '{}', '[]', '2026-01-01 00:00:00')")
@@ -24,6 +26,7 @@ def test_missing_columns_are_added_and_rows_kept(tmp_path: Path) -> None:
     task = TaskStore(store).get("ft-old")
     assert task is not None and task.status == "completed" and task.reclaimed is None and task.bypassed == 0 and isinstance(task.bypassed, int)
     assert task.preemptible is True and task.preempted_by is None
+    assert task.business_tag is None and task.runs is None  # billed under (finetune), its last run only (`legacy_runs`)
     store.close()
 
 

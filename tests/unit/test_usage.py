@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from corral.domain.tasks import TaskState
 from corral.domain.usage import (
     HOUR_S,
     AssignmentChange,
@@ -223,3 +224,178 @@ def test_both_planes_meter_per_service_and_key_and_keep_it_when_a_replica_leaves
     nginx = parse_stats({"mq:prod-nlb|k1": 1, "mp:prod-nlb|k1": 3, "mc:prod-nlb|k1": 7, "mq:prod-nlb|": 1, "me:prod-nlb|": 1,
                          "rj:prod-nlb|429": 1, "rj:|404": 1, "hb:prod-nlb|3": 1})
     assert nginx.meter() == expected
+
+
+# Finetune runs: every run billed, to the task's business --------------------------------------------------------
+# (status changes at increasing times: the status, and whether a trainer is launched again: spawn's `new_run`)
+steps_st = st.lists(st.tuples(st.floats(0.5, 500).map(lambda x: round(x, 3)), st.sampled_from([state.value for state in TaskState]),
+                              st.booleans()), max_size=25)
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps_st, st.integers(0, 4), st.floats(0, 1))
+def test_a_tasks_runs_add_up_to_its_time_preparing_or_training(steps, gpus, cut):
+    """Whatever the order of preemptions, resumes and restarts: the runs never overlap, at most the last is open, and
+    they bill exactly the GPU time the task spent preparing or training (a restart closes and opens at one instant)."""
+    from corral.domain.tasks import ACTIVE
+    from corral.domain.usage import billed_runs, runs_after
+
+    t, runs, status, reference = T0, [], TaskState.PENDING, 0.0
+    for dt, name, new_run in steps:
+        if status in ACTIVE:
+            reference += dt * gpus
+        t += dt
+        status = TaskState(name)
+        runs = runs_after(runs, status in ACTIVE, datetime.fromtimestamp(t, timezone.utc), gpus,
+                          new_run and status in ACTIVE)
+        assert all(r["endedAt"] is not None for r in runs[:-1])
+    until = t + 10.0
+    if status in ACTIVE:
+        reference += 10.0 * gpus  # billed up to now while it runs
+    billed = billed_runs(runs, "research")
+    assert all(a.end is not None and a.end <= b.start for a, b in zip(billed, billed[1:], strict=False))
+    held = gpu_seconds(task_intervals(billed, until), T0, until)
+    assert math.isclose(held.get("research", Held()).gpu_seconds, reference, rel_tol=1e-9, abs_tol=1e-3)
+    middle = T0 + (until - T0) * cut  # two windows (two flushes, two reports) bill the whole once
+    parts = gpu_seconds(task_intervals(billed, until), T0, middle).get("research", Held()) + gpu_seconds(
+        task_intervals(billed, until), middle, until).get("research", Held())
+    assert math.isclose(parts.gpu_seconds, reference, rel_tol=1e-9, abs_tol=1e-3)
+    assert {r.business for r in billed_runs(runs, None)} <= {"(finetune)"}
+
+
+class FakeRunner:
+    """A trainer that runs while its id is in `running` (launch adds it)."""
+
+    admits_itself = False
+
+    def __init__(self) -> None:
+        self.running: set[str] = set()
+
+    def launch(self, task, directory, visible):
+        self.running.add(task.id)
+        return {"pid": 4242, "pid_start": "1"}
+
+    def alive(self, task) -> bool:
+        return task.id in self.running
+
+    def failure(self, task) -> str:
+        return "exited"
+
+    def waiting(self, task):
+        return None
+
+    def preempt(self, task) -> bool:
+        return True
+
+    async def stop(self, task) -> None:
+        self.running.discard(task.id)
+
+
+def test_every_run_of_a_preempted_and_restarted_task_is_billed_to_its_business_once(tmp_path, monkeypatch):
+    """Through the real lifecycle and database: a task tagged `research` runs, is preempted, runs again, Corral is killed,
+    the trainer is found dead and resumed from its checkpoint, and completes: each of its 3 runs is billed to research
+    (the old billing had only the last start to the end); an untagged task stays under (finetune) and its run is closed
+    when it is found dead. Two reports, and two flushes of the Prometheus counter, give the same GPU-seconds."""
+    import asyncio
+    import time
+
+    from corral.domain.usage import GroupBy
+    from corral.events import EventBus
+    from corral.finetune import lifecycle as lifecycle_module
+    from corral.finetune.lifecycle import Lifecycle
+    from corral.finetune.store import TaskRecord, TaskStore
+    from corral.finetune.task_files import TaskFiles
+    from corral.intents import Intents
+    from corral.metering import Metering
+    from corral.store.state import StateStore
+    from corral.store.usage import UsageStore
+
+    t0 = (time.time() // HOUR_S - 24) * HOUR_S  # yesterday: reports stop at the real now
+    clock = [t0]
+    monkeypatch.setattr(lifecycle_module, "now", lambda: datetime.fromtimestamp(clock[0], timezone.utc))
+
+    def lifecycle(state: StateStore, runner: FakeRunner) -> Lifecycle:
+        return Lifecycle(TaskStore(state), TaskFiles(tmp_path / "finetune"), runner, EventBus(), Intents(state))  # type: ignore[arg-type]
+
+    def at(t: float) -> datetime:
+        return datetime.fromtimestamp(t, timezone.utc)
+
+    state, runner = StateStore(tmp_path / "corral.db"), FakeRunner()
+    life = lifecycle(state, runner)
+    for task_id, gpus, business in (("ft-a", 2, "research"), ("ft-b", 1, None)):
+        life.tasks.add(TaskRecord(id=task_id, status=TaskState.QUEUED, base_model="/m", dataset_path="/d.jsonl",
+                                  method="lora", priority="normal", hyperparameters={}, gpus=gpus, business_tag=business,
+                                  runs=[], created_at=at(t0 - 1)))
+        life.files.dir(task_id).mkdir(parents=True)
+    # a task written by an older Corral (no runs recorded), training since t0 on one GPU
+    life.tasks.add(TaskRecord(id="ft-old", status=TaskState.TRAINING, base_model="/m", dataset_path="/d.jsonl", method="lora",
+                              priority="low", hyperparameters={}, gpus=1, created_at=at(t0 - 1), started_at=at(t0)))
+    runner.running.add("ft-old")
+
+    life.spawn(life.get("ft-a"), units=["0", "1"])  # t0: a's first run
+    clock[0] = t0 + 100  # a preempted: it saves, exits and waits in the queue; the old task too
+    for task_id in ("ft-a", "ft-old"):
+        life.tasks.update(task_id, preempted_by={"task": "ft-x", "priority": 10})
+        runner.running.discard(task_id)
+        life.follow(life.get(task_id))
+    assert life.get("ft-a").status == TaskState.QUEUED and life.get("ft-a").started_at is None
+    clock[0] = t0 + 300  # GPUs free again: a resumes, b starts
+    life.spawn(life.get("ft-a"), units=["0", "1"])
+    life.spawn(life.get("ft-b"), units=["2"])
+    usage = UsageStore(state)
+    now = t0 + 450  # Corral killed at t0 + 400 (nothing written); while down both count as running
+    assert gpu_seconds(task_intervals(usage.task_runs(at(t0), at(now)), now), t0, now) == {
+        "research": Held(100 + 150, 2 * (100 + 150)), "(finetune)": Held(100 + 150, 100 + 150)}
+    state.close()
+
+    # The restart: both trainers found dead at t0 + 500; a resumes from its checkpoint (a new run), b has none (failed).
+    clock[0] = t0 + 500
+    state = StateStore(tmp_path / "corral.db")
+    life = lifecycle(state, FakeRunner())
+    (life.files.dir("ft-a") / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    (life.files.dir("ft-a") / "checkpoints" / "checkpoint-5" / "trainer_state.json").write_text("{}")
+    life.recover()
+    assert life.get("ft-a").status == TaskState.PREPARING and life.get("ft-b").status == TaskState.FAILED
+    clock[0] = t0 + 600
+    life.tasks.update("ft-a", output="/out")  # the trainer reported its result and exited
+    life.runner.running.discard("ft-a")  # type: ignore[attr-defined]
+    life.follow(life.get("ft-a"))
+    a = life.get("ft-a")
+    assert a.status == TaskState.COMPLETED
+    assert [(r["startedAt"], r["endedAt"], r["gpus"]) for r in a.runs or []] == [
+        (at(t0).isoformat(), at(t0 + 100).isoformat(), 2), (at(t0 + 300).isoformat(), at(t0 + 500).isoformat(), 2),
+        (at(t0 + 500).isoformat(), at(t0 + 600).isoformat(), 2)]
+
+    end = t0 + 1000
+    expected = {"research": Held(100 + 200 + 100, 2 * (100 + 200 + 100)), "(finetune)": Held(200 + 100, 200 + 100)}
+    usage = UsageStore(state)
+    assert gpu_seconds(task_intervals(usage.task_runs(at(t0), at(end)), end), t0, end) == expected
+    split = t0 + 250  # two windows: each run counted once, split where it crosses
+    first = gpu_seconds(task_intervals(usage.task_runs(at(t0), at(split)), end), t0, split)
+    second = gpu_seconds(task_intervals(usage.task_runs(at(split), at(end)), end), split, end)
+    assert {b: first.get(b, Held()) + second.get(b, Held()) for b in expected} == expected
+
+    # What GET /api/usage?groupBy=business answers (Metering.report), twice; and the Prometheus counter over two flushes.
+    class Plane:
+        epoch = "e1"
+
+        async def refresh(self) -> None:
+            return None
+
+        def snapshot(self):
+            return self
+
+        def meter(self):
+            return {}
+
+    metering = Metering(state, lambda: Plane(), lambda: {}, lambda: [], 30, 90)  # type: ignore[arg-type,return-value]
+    for _ in range(2):
+        rows = {r.business: r.held.gpu_seconds for r in metering.report(at(t0), at(end), GroupBy.BUSINESS, set())}
+        assert rows == {"research": 800.0, "(finetune)": 300.0}
+    metering._started = t0 - 10
+    for _ in range(2):
+        metering._held_at = 0.0
+        asyncio.run(metering.flush())
+        assert {b: h.gpu_seconds for b, h in metering._held_since_start.items()} == {"research": 800.0, "(finetune)": 300.0}
+    assert 'corral_usage_gpu_seconds_total{business="research"} 800.000' in metering.metrics()
+    state.close()

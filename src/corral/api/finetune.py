@@ -61,6 +61,9 @@ class SubmitRequest(Body):
     preemptible: bool | None = Field(default=None, description="a business of higher priority may take its GPUs (it saves a "
                                      "checkpoint, waits, resumes); default true below high")
     gpus: int | GpuRequest | None = Field(default=None, description="a count, or {count, memoryGb}; default 1, or 0 without GPU")
+    businessTag: Name | None = Field(default=None, description="the business its GPU-seconds are billed to in `GET /api/usage` "
+                                    "(a business name, as deploy-service's businessTag); default none: billed under "
+                                    "`(finetune)`")
     timeoutSeconds: float | None = Field(default=None, description="default 6 h, at most 366 days; the task is cancelled when "
                                           "it runs longer (easy-backfill reserves GPUs from it: near the run time packs best)")
     # Checked by the one validator the CLI and the UI use too (corral.domain.hyperparameters), so that its
@@ -81,7 +84,8 @@ async def submit(body: SubmitRequest, request: Request) -> Any:
     return manager(request).submit(base_model=body.baseModel, dataset_path=body.datasetPath, method=body.method,
                                    priority=body.priority, gpus=gpus, memory_gb=memory, timeout_s=body.timeoutSeconds,
                                    hyperparameters=body.hyperparameters, preemptible=body.preemptible,
-                                   datasets=None if body.datasets is None else [d.model_dump() for d in body.datasets])
+                                   datasets=None if body.datasets is None else [d.model_dump() for d in body.datasets],
+                                   business_tag=body.businessTag)
 
 
 class PreviewRequest(Body):

@@ -18,7 +18,7 @@ router = APIRouter(prefix="/api", tags=["serving"])
 
 
 class UsageEntry(BaseModel):
-    business: str | None = Field(description="the business (finetune tasks: `(finetune)`)")
+    business: str | None = Field(description="the business (finetune tasks: their businessTag, `(finetune)` without one)")
     keyId: str | None = Field(description="the API key's id (groupBy=key); null: requests without a key, and GPU time")
     hour: datetime | None = Field(description="the hour's start (groupBy=hour)")
     requests: int

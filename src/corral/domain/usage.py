@@ -12,7 +12,8 @@ Two sources, two ways of being safe across a crash:
 - **GPU-seconds** are not counted at all: they are the integral, over a window, of the GPUs of the replicas
   assigned to each business, computed from the history rows that record every assignment (`assignment_changes`
   turns them into `AssignmentChange`s, `assigned_intervals` into intervals, `gpu_seconds` integrates). The
-  history is the record, so there is nothing to lose or to count twice.
+  history is the record, so there is nothing to lose or to count twice. Finetune tasks add their runs (`runs_after`:
+  every run, preempted or restarted, each with its GPUs), billed to the task's business tag or `FINETUNE`.
 
 Rows are keyed (business, API key id or None): the data planes count a request under the key it was admitted with
 (corral.gateway.tenants, the Lua `check_access`); requests to an open service, held and rejected requests (counted
@@ -32,8 +33,8 @@ from corral.domain import labels as L
 from corral.domain.errors import InvalidInput
 
 HOUR_S = 3600
-FINETUNE = "(finetune)"  # the business finetune tasks are billed to until tasks carry a business tag (not a valid
-# business name, so it never mixes with one)
+FINETUNE = "(finetune)"  # the business a finetune task without a businessTag is billed to (not a valid business name,
+# so it never mixes with one)
 
 UsageKey = tuple[str, str | None]  # (business, API key id or None)
 # What the data plane counts under: (business service, API key id or None). Per service and key, never per replica:
@@ -251,6 +252,40 @@ class TaskRun:
     gpus: int
     start: float
     end: float | None
+
+
+# A finetune task's runs, kept on the task (its `runs` column): [{"startedAt", "endedAt", "gpus"}], ISO times, `endedAt`
+# None while it runs. A run opens when the task turns preparing or training and closes when it leaves them (preempted
+# back to the queue, completed, failed, cancelled) or when a trainer found dead is launched again; both are written in
+# the same row update as the status change, so a run is never recorded twice nor lost by a crash between the two.
+def runs_after(runs: Sequence[Mapping[str, Any]], active: bool, at: datetime, gpus: int,
+               new_run: bool = False) -> list[dict[str, Any]]:
+    """The runs once the task's status changes at `at`: the open run (the last, without `endedAt`) closes at `at` when
+    the task is no longer `active` or a `new_run` starts (a trainer launched again); a run opens at `at` when the task
+    is `active` and none is open. At most one run is open, always the last."""
+    out = [dict(r) for r in runs]
+    open_ = bool(out) and out[-1].get("endedAt") is None
+    if open_ and (not active or new_run):
+        started = datetime.fromisoformat(str(out[-1]["startedAt"]))
+        out[-1]["endedAt"] = max(at, started).isoformat()  # never before its start (a clock set back)
+        open_ = False
+    if active and not open_:
+        out.append({"startedAt": at.isoformat(), "endedAt": None, "gpus": gpus})
+    return out
+
+
+def legacy_runs(started_at: datetime | None, finished_at: datetime | None, active: bool, gpus: int) -> list[dict[str, Any]]:
+    """The runs of a task written before runs were recorded (its `runs` NULL): its last start to its end, or still
+    open while it runs (what was billed before); a task waiting again after a preemption has none."""
+    if started_at is None or (finished_at is None and not active):
+        return []
+    return [{"startedAt": started_at.isoformat(), "endedAt": finished_at.isoformat() if finished_at else None, "gpus": gpus}]
+
+
+def billed_runs(runs: Iterable[Mapping[str, Any]], business: str | None) -> list[TaskRun]:
+    """A task's runs as `TaskRun`s, billed to its business tag, or to `FINETUNE` without one."""
+    return [TaskRun(business or FINETUNE, int(r.get("gpus") or 0), _unix(str(r["startedAt"])),
+                    _unix(str(r["endedAt"])) if r.get("endedAt") else None) for r in runs]
 
 
 def task_intervals(runs: Iterable[TaskRun], until: float) -> list[Interval]:

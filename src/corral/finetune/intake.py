@@ -20,6 +20,7 @@ from corral.aio import within
 from corral.config import Settings
 from corral.domain import finetune_request as request_rules
 from corral.domain import hyperparameters as hyperparameter_rules
+from corral.domain import labels as L
 from corral.domain.errors import InvalidInput
 from corral.domain.finetune_request import check_path_text, short
 from corral.domain.hyperparameters import DEFAULTS
@@ -59,6 +60,7 @@ class Submission:
     timeout_s: float
     dataset_snapshot: bytes | None = None  # the JSONL to store as the task's snapshot (a table, a mix); None: copy the file
     dataset_sources: list[dict[str, Any]] | None = None  # a mix's: path, ratio, examples, taken
+    business_tag: str | None = None  # the business its GPU-seconds are billed to (None: `(finetune)`)
 
 
 class Intake:
@@ -70,10 +72,12 @@ class Intake:
 
     def check_submit(self, *, base_model: str, dataset_path: str | None, method: str, priority: str, gpus: int | None,
                      memory_gb: float | None, timeout_s: float | None, hyperparameters: Mapping[str, Any] | None,
-                     preemptible: bool | None, datasets: list[Any] | None = None) -> Submission:
+                     preemptible: bool | None, datasets: list[Any] | None = None,
+                     business_tag: str | None = None) -> Submission:
         method = request_rules.check_method(method)
         priority = request_rules.check_priority(priority)
         preemptible = request_rules.check_preemptible(preemptible, priority)  # default: true below high
+        business = None if business_tag is None else check_business(business_tag)
         hp = hyperparameter_rules.validate(hyperparameters, method)  # the one check of the API, the CLI and the UI
         check_base_model(base_model)
         sources = self.confined_sources(dataset_path, datasets)  # before a file is opened
@@ -97,7 +101,7 @@ class Intake:
         return Submission(base_model=base_model, dataset_path=str(Path(dataset_path).resolve()), dataset_format=dataset.format,
                           dataset_sha256=dataset.sha256, examples=len(dataset.examples), method=method, priority=priority, preemptible=preemptible,
                           hyperparameters=hp, gpus=count, memory_gb=need_gb, timeout_s=timeout, dataset_snapshot=dataset.snapshot,
-                          dataset_sources=dataset.sources or None)
+                          dataset_sources=dataset.sources or None, business_tag=business)
 
     def confined_sources(self, dataset_path: Any, datasets: Any) -> list[tuple[Path, float]]:
         """(path, ratio) of each dataset a request names, each checked and inside the dataset roots."""
@@ -164,6 +168,15 @@ class Intake:
         if "error" in answer:
             raise InvalidInput(answer["error"])
         return PreviewResult.model_validate(answer)
+
+
+def check_business(tag: Any) -> str:
+    """A task's businessTag: a business name by deploy-service's rules (`labels.check_business_tag`: a DNS-1123 label
+    of at most 63 characters, not `unassigned`). Given empty, it says to leave it out rather than that it is required."""
+    if tag == "":
+        raise InvalidInput("businessTag, when given, is a business name such as 'production': leave it out to bill the "
+                           "task under (finetune)")
+    return L.check_business_tag(tag)
 
 
 def check_base_model(base_model: str) -> None:

@@ -25,6 +25,7 @@ from corral.domain.hyperparameters import DEFAULTS
 from corral.domain.preemption import PreemptionRequest
 from corral.domain.queue import Priority
 from corral.domain.tasks import ACTIVE, FINISHED, WAITING, StopCause, TaskState
+from corral.domain.usage import legacy_runs, runs_after
 from corral.events import EventBus, EventType
 from corral.finetune.intake import Submission
 from corral.finetune.progress import ProgressEvent, event_of, progress_update
@@ -78,7 +79,7 @@ class Lifecycle:
             dataset_path=request.dataset_path, method=request.method, priority=request.priority,
             hyperparameters=request.hyperparameters, gpus=request.gpus, timeout_s=request.timeout_s,
             examples=request.examples, memory_gb=request.memory_gb, created_at=now(), preemptible=request.preemptible,
-            datasets=request.dataset_sources,
+            datasets=request.dataset_sources, business_tag=request.business_tag, runs=[],
         )
         directory = self.files.dir(task.id)
         directory.mkdir(parents=True, exist_ok=True)
@@ -96,7 +97,8 @@ class Lifecycle:
                                  f"({request.dataset_format}; snapshot {self.files.dataset(task.id).name}, sha256 "
                                  f"{request.dataset_sha256[:16]}…), priority {task.priority} "
                                  f"({Priority.parse(task.priority).level} on the business scale), "
-                                 + ("preemptible" if task.preemptible else "not preemptible"))
+                                 + ("preemptible" if task.preemptible else "not preemptible")
+                                 + (f"; GPU time billed to business '{task.business_tag}'" if task.business_tag else ""))
         _record_submitted(self.intents, task)
         self.announce(self.get(task.id))
         return task
@@ -173,7 +175,8 @@ class Lifecycle:
             self.files.note(task.id, f"GPUs free again after its preemption by {describe_preemptor(task.preempted_by)}: "
                                      + (f"resuming from {checkpoint}" if checkpoint else "no checkpoint was saved; starting over"))
         self.set_status(task.id, TaskState.PREPARING, f"resuming from {checkpoint}" if checkpoint else "loading the model and dataset",
-                        units=units, started_at=task.started_at or now(), preempted_by=None, promised_start=None, **started)
+                        new_run=True, units=units, started_at=task.started_at or now(), preempted_by=None, promised_start=None,
+                        **started)
 
     def follow(self, task: TaskRecord) -> None:
         """A launched task's new progress lines, then its trainer: admitted (Kueue), past its timeout, or exited —
@@ -230,10 +233,18 @@ class Lifecycle:
 
     # the one way a state changes ------------------------------------------------------------------
     def set_status(self, task_id: str, status: TaskState, reason: str, *, cause: StopCause | None = None,
-                   **columns: Any) -> TaskRecord:
+                   new_run: bool = False, **columns: Any) -> TaskRecord:
         """The task's new status and reason (and any other columns): its row, its log, the History row of a lifecycle
-        step and its event. `cause`: why Corral stopped it, when it did (History tells a timeout from a request)."""
-        before = self.get(task_id).status
+        step and its event. `cause`: why Corral stopped it, when it did (History tells a timeout from a request).
+        Its runs (what its GPU-seconds are billed from) change in the same row update: a run opens when it turns
+        preparing or training, and closes when it leaves them (at `finished_at` when given, else now) or when a trainer
+        is launched again (`new_run`: a task found dead after a restart closes its run now and opens another)."""
+        current = self.get(task_id)
+        before = current.status
+        runs = current.runs if current.runs is not None else legacy_runs(
+            current.started_at, current.finished_at, before in ACTIVE, current.gpus)
+        at = columns.get("finished_at") or now()
+        columns["runs"] = runs_after(runs, status in ACTIVE, at, current.gpus, new_run)
         task = self.tasks.update(task_id, status=status, reason=reason, **columns)
         if (step := _history_event(before, status, self.runner.admits_itself, cause)) is not None:  # the History page's row
             said = (f"on {', '.join(task.units)}" if task.units else "on the CPU") if step[0] == "started" else reason
@@ -247,7 +258,8 @@ class Lifecycle:
 # History rows: a task's steps are over as they are written (the task's own row is its desired state) -------
 def _record_submitted(intents: Intents, task: TaskRecord) -> None:
     intents.applied(HistoryDraft(Action.FINETUNE, task.id, after={
-        "status": task.status, "method": task.method, "priority": task.priority, "preemptible": task.preemptible},
+        "status": task.status, "method": task.method, "priority": task.priority, "preemptible": task.preemptible,
+        **({"businessTag": task.business_tag} if task.business_tag else {})},
         message=f"submitted: {task.method} of {task.base_model} on {task.examples} examples"))
 
 
@@ -300,7 +312,7 @@ def task_view(task: TaskRecord) -> FinetuneTask:
         datasetPath=task.dataset_path, method=task.method, priority=task.priority, gpus=task.gpus,
         memoryGb=task.memory_gb, timeoutSeconds=task.timeout_s, hyperparameters=task.hyperparameters,
         examples=task.examples, progress=task.progress, units=task.units, output=task.output,  # type: ignore[arg-type]
-        reclaimed=task.reclaimed or {}, preemptible=task.preemptible, datasets=task.datasets,
+        reclaimed=task.reclaimed or {}, preemptible=task.preemptible, datasets=task.datasets, businessTag=task.business_tag,
         createdAt=task.created_at.isoformat() if task.created_at else None,
         startBy=task.promised_start.isoformat() if task.promised_start and task.status == TaskState.QUEUED else None,
         startedAt=task.started_at.isoformat() if task.started_at else None,

@@ -97,12 +97,13 @@ class FinetuneManager:
     def submit(self, *, base_model: str, dataset_path: str | None, method: str = "lora", priority: str = "normal",
                gpus: int | None = None, memory_gb: float | None = None, timeout_s: float | None = None,
                hyperparameters: Mapping[str, Any] | None = None, preemptible: bool | None = None,
-               datasets: list[Any] | None = None) -> FinetuneTask:
+               datasets: list[Any] | None = None, business_tag: str | None = None) -> FinetuneTask:
         """Validate everything, then queue: a task that cannot start now is `queued`, never refused. A refusal
         (InvalidInput: 400) creates nothing: no row, no task directory."""
         request = self.intake.check_submit(base_model=base_model, dataset_path=dataset_path, method=method, priority=priority,
                                            gpus=gpus, memory_gb=memory_gb, timeout_s=timeout_s,
-                                           hyperparameters=hyperparameters, preemptible=preemptible, datasets=datasets)
+                                           hyperparameters=hyperparameters, preemptible=preemptible, datasets=datasets,
+                                           business_tag=business_tag)
         task = self.lifecycle.create(request)
         self.tick()
         return self.get(task.id)

@@ -38,6 +38,8 @@ class TaskRecord:
     preempted_by: dict[str, Any] | None = None  # {"business", "priority", "pool"}, or {"task", "priority"}, until it restarts
     datasets: list[dict[str, Any]] | None = None  # a mix's sources: path, ratio, examples, taken (None: datasetPath alone)
     promised_start: datetime | None = None  # easy-backfill: GPUs reserved for it, it starts by then (while queued)
+    business_tag: str | None = None  # the business its GPU-seconds are billed to (None: `(finetune)`)
+    runs: list[dict[str, Any]] | None = None  # every run: {startedAt, endedAt, gpus} (None: written before runs were kept)
     created_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None

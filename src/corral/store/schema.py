@@ -129,6 +129,11 @@ class FinetuneTaskRow(Base):
     datasets: Mapped[list | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     # easy-backfill: while it waits with GPUs reserved, the start promised to it (kept between rounds, domain.queue)
     promised_start: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The business its GPU-seconds are billed to (NULL: none, billed under `(finetune)`)
+    business_tag: Mapped[str | None] = mapped_column(String(63), nullable=True)
+    # Every run: [{"startedAt", "endedAt", "gpus"}] (endedAt NULL while it runs; corral.domain.usage.runs_after), written
+    # with the status change that opens or closes it. NULL: a task written before runs were recorded.
+    runs: Mapped[list | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

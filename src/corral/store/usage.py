@@ -13,14 +13,15 @@ from sqlalchemy import delete, select
 from corral.domain.history import Outcome
 from corral.domain.tasks import ACTIVE
 from corral.domain.usage import (
-    FINETUNE,
     MeterKey,
     TaskRun,
     UsageCounts,
     UsageKey,
+    billed_runs,
     by_business,
     deltas,
     hour_of,
+    legacy_runs,
 )
 from corral.store.schema import DeploymentRow, FinetuneTaskRow, HistoryRow, UsageCursorRow, UsageHourlyRow
 from corral.store.state import StateStore, _entry, aware
@@ -86,16 +87,21 @@ class UsageStore:
             return {name: gpus for name, gpus in s.execute(select(DeploymentRow.name, DeploymentRow.gpus_per_replica))}
 
     def task_runs(self, start: datetime, end: datetime) -> list[TaskRun]:
-        """The finetune tasks' runs that overlap [start, end): each task's last start to its end, or to now while it
-        trains (a task waiting again after a preemption is not billed for its wait). Billed to `FINETUNE` (tasks carry
-        no business tag yet); a task's earlier runs, before a preemption, are not recorded and not billed."""
-        running = FinetuneTaskRow.finished_at.is_(None) & FinetuneTaskRow.status.in_([s.value for s in ACTIVE])
-        query = select(FinetuneTaskRow).where(FinetuneTaskRow.started_at.is_not(None), FinetuneTaskRow.started_at < end,
-                                              running | (FinetuneTaskRow.finished_at > start))
+        """The runs of the finetune tasks that may overlap [start, end): every run of each task (before and after a
+        preemption, a resume or a restart), each from its start to its end, or to now while it runs (a task waiting in
+        the queue is not billed for its wait). Billed to the task's business tag, or to `FINETUNE` without one. A task
+        written before runs were recorded has its last run only (`legacy_runs`)."""
+        query = select(FinetuneTaskRow).where(FinetuneTaskRow.created_at < end,
+                                              FinetuneTaskRow.finished_at.is_(None) | (FinetuneTaskRow.finished_at > start))
+        active = {state.value for state in ACTIVE}
+        out: list[TaskRun] = []
         with self.state.session() as s:
-            return [TaskRun(FINETUNE, r.gpus, aware(r.started_at).timestamp(),  # type: ignore[union-attr]
-                            aware(r.finished_at).timestamp() if r.finished_at is not None else None)  # type: ignore[union-attr]
-                    for r in s.scalars(query)]
+            for r in s.scalars(query):
+                runs = r.runs if r.runs is not None else legacy_runs(
+                    aware(r.started_at), aware(r.finished_at), r.status in active, r.gpus)
+                out += [run for run in billed_runs(runs, r.business_tag)
+                        if run.start < end.timestamp() and (run.end is None or run.end > start.timestamp())]
+        return out
 
     def prune(self, older_than: datetime) -> int:
         """Drop the hourly rows of hours before `older_than` (the retention setting); how many went."""

@@ -112,6 +112,8 @@ def _submit_form() -> None:
         priority = ui.select(["high", "normal", "low"], value="normal", label="Priority").classes("w-28")
         gpus = ui.number("GPUs", value=1 if runtime().gpu_inventory.available else 0, min=0, max=64, precision=0).classes("w-20")
         timeout_h = ui.number("Timeout (h)", value=runtime().settings.finetune_timeout_s / 3600, min=0.01, precision=2).classes("w-28")
+    business = ui.input("Business (optional)", placeholder="its GPU-seconds are billed to it (Usage page); empty: "
+                        "under (finetune)").classes("w-full").props('data-testid="ft-business"')
     with ui.expansion("Hyperparameters").classes("w-full").props('data-testid="hp"'):
         with ui.row().classes("gap-2 items-center"):
             fields = {key: _hyperparameter_field(key, value) for key, value in hp.items()}
@@ -173,7 +175,8 @@ def _submit_form() -> None:
         hyperparameters = {k: v for k, v in values.items() if v is not None}
         result, problem = await act(lambda: _submit(base_model.value, dataset.value, method.value, priority.value,
                                                     int(gpus.value or 0), float(timeout_h.value or 0) * 3600, hyperparameters,
-                                                    mix_entries(dataset.value or "", mix.value or "")))
+                                                    mix_entries(dataset.value or "", mix.value or ""),
+                                                    (business.value or "").strip() or None))
         error.set_text(problem or "")
         if result:
             notify(f"{result.id}: {result.status}", "positive")
@@ -343,11 +346,12 @@ def preview_progress(model: str, dataset: str, elapsed_s: float) -> str:
 
 
 async def _submit(base_model: str, dataset: str, method: str, priority: str, gpus: int, timeout_s: float,
-                  hyperparameters: dict[str, Any], datasets: list[dict[str, Any]] | None = None) -> FinetuneTask:
+                  hyperparameters: dict[str, Any], datasets: list[dict[str, Any]] | None = None,
+                  business_tag: str | None = None) -> FinetuneTask:
     return runtime().finetune.submit(base_model=(base_model or "").strip(),
                                      dataset_path=(dataset or "").strip() if datasets is None else None, method=method,
                                      priority=priority, gpus=gpus, timeout_s=timeout_s, hyperparameters=hyperparameters,
-                                     datasets=datasets)
+                                     datasets=datasets, business_tag=business_tag)
 
 
 def mix_entries(dataset: str, mix: str) -> list[dict[str, Any]] | None:
