@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 
 from corral.domain.fairness import COMPLETION_COST, VirtualCounters, prompt_estimate
 
@@ -44,3 +44,26 @@ def test_weights_share_the_tokens_served_in_their_ratio() -> None:
 
 def test_the_prompt_estimate_is_positive() -> None:
     assert prompt_estimate(0) == 1 and prompt_estimate(4000) == 1000
+
+
+async def test_a_freed_place_wakes_the_fair_next_request_that_can_take_it() -> None:
+    """The Python plane's hold queue: a place freed on a replica wakes the held request of the key served least, but
+    passes over one that may only go to replicas holding its adapter when none of those is free (woken, it would
+    find nothing and the place would idle while the others wait)."""
+    from corral.gateway.policies import LeastOutstanding
+    from corral.gateway.proxy import Gateway, _Waiter
+    from corral.gateway.routing import Route, Target
+
+    gateway = Gateway(LeastOutstanding(), 1.0, 1.0, health_path=lambda _: "/health")
+    route = Route("svc", "m", "b", "pool", (Target("a", "http://127.0.0.1:1", concurrency=1),
+                                            Target("b", "http://127.0.0.1:2", concurrency=1)))
+    gateway.set_table({"svc": route})
+    gateway.stats.in_flight_by_replica.update({"a": 1, "b": 0})  # a place free on b only
+    fair = gateway._fairness("svc")
+    fair.dispatch("noisy", 1, 4000)  # noisy has been served 1,000 tokens, quiet nothing
+    lora, noisy, quiet = _Waiter("quiet", frozenset({"a"})), _Waiter("noisy"), _Waiter("quiet")
+    gateway._held["svc"] = deque([lora, noisy, quiet])
+    gateway._wake_first("svc")
+    assert quiet.woken and not lora.woken and not noisy.woken  # quiet's adapter request cannot use b
+    gateway._wake_first("svc")
+    assert noisy.woken and not lora.woken

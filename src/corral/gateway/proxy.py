@@ -434,13 +434,15 @@ class _ClientWatch:
 class _Waiter:
     """A held request's place in its service's queue. `wake` resolves its future; the request then checks
     for a free replica and, when none is, re-arms (`arm`) and keeps its place. `key`: whose request it is
-    (its API key's id; "" without one), for the fair order (domain/fairness.py)."""
+    (its API key's id; "" without one), for the fair order (domain/fairness.py); `only`: the replicas it may go
+    to (those holding the LoRA adapter it names; None: any)."""
 
-    __slots__ = ("future", "key")
+    __slots__ = ("future", "key", "only")
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, only: frozenset[str] | None = None) -> None:
         self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.key = key
+        self.only = only
 
     def arm(self) -> None:
         self.future = asyncio.get_running_loop().create_future()
@@ -582,15 +584,24 @@ class Gateway:
 
     def _wake_first(self, service: str) -> None:
         """One replica of `service` freed a place: wake the held request that goes next among those not already
-        woken: the first of the key with the smallest virtual token counter (domain/fairness.py)."""
+        woken and able to take a free place: the first of the key with the smallest virtual token counter
+        (domain/fairness.py). One that may only go to replicas holding its adapter is passed over while none of
+        those is free, rather than woken for a place it cannot take (the place would idle while others wait)."""
         queue = self._held.get(service)
         if not queue:
             return
         waiting = [w for w in queue if not w.future.done()]
+        if not waiting:
+            return
+        route = self.table.get(service)
+        if route is not None and any(w.only is not None for w in waiting):
+            if free := {t.name for t in self.free_targets(route)}:
+                waiting = [w for w in waiting if w.only is None or not free.isdisjoint(w.only)]
+                if not waiting:
+                    return  # nobody held can take the free place
         fair = self._fair.get(service)
         first = fair.first(w.key for w in waiting) if fair is not None and len(waiting) > 1 else 0
-        if waiting and first is not None:
-            waiting[first].wake()
+        waiting[first or 0].wake()
 
     def _fairness(self, service: str) -> VirtualCounters:
         fair = self._fair.get(service)
@@ -624,7 +635,7 @@ class Gateway:
         if queue is None:
             queue = self._held[service] = deque()
         self._fairness(service).join(key, {w.key for w in queue})
-        waiter = _Waiter(key)
+        waiter = _Waiter(key, only)
         queue.append(waiter)
         self.stats.hold(service)
         if free:

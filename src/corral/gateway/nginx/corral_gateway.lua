@@ -630,15 +630,41 @@ local function fair_join(service, key, queue)
   if (f.served[key] or 0) < lift then f.served[key] = lift end
 end
 
+-- the replicas of `route` free now (in rotation, below their batch limit), by name; nil when none is
+local function free_places(route)
+  local free
+  for _, target in ipairs(route.targets) do
+    if not stats:get("ej:" .. target.name)
+        and (target.concurrency == nil or (stats:get("if:" .. target.name) or 0) < target.concurrency) then
+      free = free or {}
+      free[target.name] = true
+    end
+  end
+  return free
+end
+
+-- can a held request with `want` (its adapter) take one of the `free` places?
+local function can_take(route, want, free)
+  local holders = want and adapter_holders(route, want.model)
+  if not holders then return true end
+  for name in pairs(holders) do
+    if free[name] then return true end
+  end
+  return false
+end
+
 -- a place of `service` is free: wake the held request that goes next among those not woken (the first of the
--- key with the smallest counter)
+-- key with the smallest counter), passing over one whose adapter no free replica holds (woken, it would find
+-- nothing, and the place would idle while the others wait)
 local function wake_next(service)
   local queue = held_queues[service]
   if not queue then return end
   local served = fair[service] and fair[service].served or {}
+  local route = routes()[service]
+  local free = route and queue.adapters and free_places(route)
   local best, least
   for _, waiter in ipairs(queue) do
-    if not waiter.woken then
+    if not waiter.woken and (not free or can_take(route, waiter.want, free)) then
       local c = served[waiter.key] or 0
       if best == nil or c < least then best, least = waiter, c end
     end
@@ -743,7 +769,10 @@ local function hold(ctx, service, route)
     queue = {}
     held_queues[service] = queue
   end
-  local me = { key = ctx.key_id or "", sema = semaphore.new(0), woken = false }
+  local me = { key = ctx.key_id or "", sema = semaphore.new(0), woken = false, want = ctx.want }
+  if ctx.want and ctx.want.model and adapter_holders(route, ctx.want.model) then
+    queue.adapters = true  -- (wake_next then checks who can take a free place)
+  end
   fair_join(service, me.key, queue)
   queue[#queue + 1] = me
   ctx.held_entry = me
