@@ -86,6 +86,10 @@ class Settings(BaseSettings):
         description="as root: run local engine replicas as this unprivileged user (e.g. nobody), so that a replica "
         "cannot reach the gateway's control channel, Corral's data dir or the other replicas; it needs read access to "
         "the engine's Python and the model files. Ignored (with a warning) when Corral does not run as root")
+    gateway_user: str | None = Field(
+        default=None, min_length=1, max_length=32, pattern=r"^[a-z_][a-z0-9_-]*$",
+        description="as root: the account the nginx data plane's worker processes run as (default nobody); never root "
+        "and never CORRAL_REPLICA_USER. Ignored when Corral does not run as root (nginx then runs as Corral's user)")
     sleep_idle_s: float = Field(
         default=60.0, ge=0, le=86_400, description="sharedGpus pools: an awake replica with no request for this long "
         "sleeps (level 1), leaving its GPU free for another model's wake (0: never; domain/model_swap.py)")

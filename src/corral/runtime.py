@@ -184,7 +184,8 @@ class Runtime:
             return NginxGateway(settings.data_dir / "gateway", settings.host, settings.gateway_port,
                                 connect_timeout_s=settings.gateway_connect_timeout_s,
                                 read_timeout_s=settings.gateway_read_timeout_s, drain_timeout_s=settings.drain_timeout_s,
-                                workers=settings.gateway_workers, limits=limits)
+                                workers=settings.gateway_workers, limits=limits, worker_user=settings.gateway_user,
+                                replica_user=settings.replica_user)
         self.data_plane = "python"
         # An nginx that an earlier `corral serve` left serving (the data plane outlives its control plane) would keep
         # the gateway port and route with its last table: the Python gateway replaces it.

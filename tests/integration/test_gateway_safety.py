@@ -78,6 +78,9 @@ class FakeReplica:
                 if mode == "ok":
                     _answer(writer, json.dumps({"path": path}).encode())
                     continue
+                if mode == "usage":
+                    _answer(writer, json.dumps({"usage": {"prompt_tokens": 7, "completion_tokens": 5}}).encode())
+                    continue
                 if mode in ENGINE_ERRORS:
                     status, content_type, body = ENGINE_ERRORS[mode]
                     writer.write(f"HTTP/1.1 {status} Oops\r\ncontent-type: {content_type}\r\ncontent-length: "
@@ -277,9 +280,14 @@ async def test_a_refused_connection_is_retried_on_another_replica(plane: Plane, 
     _, busy = await open_request(plane, "hang")
     await until(lambda: good.pending == 1, "the good replica busy")
     await plane.push(route(refused("down"), Target("good", good.endpoint)))
-    status, body, headers = await post(plane)
+    status, body, headers = await post(plane, "usage")
     assert status == 200 and headers["x-corral-replica"] == "good", body
-    assert good.requests == ["hang", "ok"]
+    assert good.requests == ["hang", "usage"]
+    if plane._gateway is not None:  # the fair order's charge is settled by the attempt that answered (once)
+        from corral.domain.fairness import prompt_estimate
+
+        # the held "hang" request's estimate, and this one's prompt and completion as the answering replica said
+        assert plane._gateway._fair[SERVICE].counter("") == prompt_estimate(len(CHAT)) + 7 + 2 * 5
     assert await plane.cancelled() == 0
     await leave(busy)
     await until_value(plane.in_flight, 0, "no request left in flight")

@@ -13,10 +13,10 @@ Two rules keep the counters honest:
 - **Lift on join.** A key that comes back after a quiet spell would otherwise carry a small counter banked while
   it sent nothing, and then take every place until it caught up. When a key joins the queue with nothing held,
   its counter is lifted to the smallest counter among the keys that are held (or, with nobody held, to the
-  counter of the last request let go): idle time earns nothing.
+  highest counter a request was let go at): idle time earns nothing.
 - **Charge at dispatch, settle at the end.** A request is charged an estimate of its prompt when it is sent to a
   replica (a key with many long requests in flight must not look cheap while they run) and settled with the
-  engine's usage (or the streamed chunks counted) when it ends.
+  engine's usage (or, for a stream that reports none, its events counted) when it ends.
 
 A data plane keeps one `VirtualCounters` per business service: the hold queue is per service, and keys belong
 to one service. Requests without a key share the key `""` (an open service: one class, so first come first
@@ -56,14 +56,15 @@ class VirtualCounters:
 
     def __init__(self) -> None:
         self._served: dict[str, float] = {}
-        self._floor = 0.0  # the counter of the last request let go: where a key joining an empty queue starts
+        self._floor = 0.0  # the highest counter a request was let go at: where a key joining an empty queue starts
 
     def counter(self, key: str) -> float:
         return self._served.get(key, 0.0)
 
     def join(self, key: str, held: Collection[str]) -> None:
         """A request of `key` joins the hold queue, where `held` are the keys of the requests held before it:
-        a key with none of its own there is lifted to the smallest of theirs (or, with nobody held, the floor),
+        a key with none of its own there is lifted to the smallest of theirs (or, with nobody held, the floor: the
+        highest counter a request was let go at),
         so the time it sent nothing earns it nothing."""
         if key in held:
             return  # its counter already competes

@@ -784,12 +784,11 @@ class Gateway:
                 break
             target = self._choose(route, candidates, want)
             tried.add(target.name)
-            if attempt == 0:  # charged once, whichever replica ends up answering (domain/fairness.py)
+            if charge is None:  # charged once, settled by the attempt that answers (domain/fairness.py)
                 charge = self._fairness(route.service).dispatch(
                     key, admission.weight if admission is not None else 1,
                     len(body) if isinstance(body, bytes) else body.content_length or 0)
             failure = await self._try(route, target, scope, path, headers, body, send, charge)
-            charge = None
             if failure is None:
                 return
             if not retryable(failure):  # the replica may have run it: never replayed
@@ -846,7 +845,8 @@ class Gateway:
         usage: UsageScan | None = None
         admission: Admission | None = scope.get(ADMISSION)  # the key check's (tenants.py): its tokens count at the end
         tally = None
-        streamed = 0  # body chunks passed on: the completion tokens of a stream that reports no usage, roughly
+        events_seen = 0  # a stream's events: its completion tokens when it reports no usage (the Lua code counts alike)
+        attempt_failed = False  # returned a failure: the request is answered (and its charge settled) elsewhere
         watch = _FirstByteWatch(self, target)
         try:
             try:
@@ -860,15 +860,18 @@ class Gateway:
                             "progress", target.name, self.limits.first_byte_timeout_s, self.limits.outliers.failed_probes)
                 if not self._eject(target, Reason.HUNG):
                     self._failed(target)
+                attempt_failed = True
                 return AttemptFailure.SILENT
             except CONNECT_FAILURES:  # nothing of the request was written
                 self._failed(target)
+                attempt_failed = True
                 return AttemptFailure.CONNECT
             except UNREACHABLE as exc:  # written (at least in part): the replica may have it
                 if isinstance(body, _BodyStream) and body.failure is not None:
                     error = False
                     raise body.failure from None  # the client's fault, not the replica's
                 self._failed(target)
+                attempt_failed = True
                 return AttemptFailure.SILENT if isinstance(exc, TimeoutError) else AttemptFailure.DROPPED
             finally:
                 watch.stop()
@@ -905,7 +908,8 @@ class Gateway:
                         tally = admission.scan if admission is not None and admission.counts_tokens else None
                     async for chunk in body_chunks:
                         chunks[target.name] += 1
-                        streamed += 1
+                        if events:
+                            events_seen += chunk.count(b"data: {")
                         if usage is not None:
                             if events and first_byte is None and chunk:
                                 first_byte = time.perf_counter() - started
@@ -932,12 +936,10 @@ class Gateway:
         finally:
             if admission is not None:
                 self.tenants.finish(admission)
-            if charge is not None and (fair := self._fair.get(route.service)) is not None:
+            if charge is not None and not attempt_failed and (fair := self._fair.get(route.service)) is not None:
                 completion = usage.tokens if usage is not None else None
-                if completion is None and tally is not None:
-                    completion = tally.tokens
                 fair.settle(charge, usage.prompt_tokens if usage is not None else None,
-                            completion if completion is not None else streamed)
+                            completion if completion is not None else events_seen)
             self.stats.finish(route.service, target.name, time.perf_counter() - started, error, first_byte,
                               usage.tokens if usage is not None else None,
                               prompt_tokens=usage.prompt_tokens if usage is not None else None,

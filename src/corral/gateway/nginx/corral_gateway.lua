@@ -65,7 +65,7 @@ local HOLD = { timeout = 30, queue = 1000, retry_after = 5, held_suffix = "", fu
 -- semaphore>, woken = <posted and not yet run> }: a freed place wakes the one that goes next (`wake_next`)
 local held_queues = {}
 -- Fair order inside a business (corral/domain/fairness.py, the same rule and costs): service → this worker's
--- virtual token counters { served = { key → weighted tokens }, floor = <counter of the last request let go> }
+-- virtual token counters { served = { key → weighted tokens }, floor = <the highest counter a request was let go at> }
 local fair = {}
 local FAIR = { prompt = 1, completion = 2, bytes_per_token = 4 }  -- domain/fairness.py's, via configure()
 -- proxy.py's GatewayLimits.retry_budget and wording (`not_retried`: the message after "replica '<name>'", by
@@ -353,7 +353,7 @@ local function check_access(ctx, service, access)
       last_noted[entry.id] = now
       quota:set("u:" .. entry.id, now, 7 * 86400)
     end
-    ctx.key_id, ctx.key_weight = entry.id, entry.weight or 1
+    ctx.key_id, ctx.key_weight = entry.id, math.max(1, entry.weight or 1)
     -- a tenant's key stops here: the replica needs none, and must never see (or log) one
     ngx.req.clear_header("Authorization")
     ngx.req.clear_header("api-key")
@@ -770,8 +770,8 @@ local function hold(ctx, service, route)
     held_queues[service] = queue
   end
   local me = { key = ctx.key_id or "", sema = semaphore.new(0), woken = false, want = ctx.want }
-  if ctx.want and ctx.want.model and adapter_holders(route, ctx.want.model) then
-    queue.adapters = true  -- (wake_next then checks who can take a free place)
+  if ctx.want and ctx.want.model then
+    queue.adapters = true  -- (wake_next then checks who can take a free place: adapters move while it waits)
   end
   fair_join(service, me.key, queue)
   queue[#queue + 1] = me
@@ -782,7 +782,7 @@ local function hold(ctx, service, route)
     ngx.update_time()
     local left = deadline - ngx.now()
     if left <= 0 then break end
-    me.sema:wait(math.min(left, recheck))
+    local posted = me.sema:wait(math.min(left, recheck))
     me.woken = false
     local current = routes()[service]
     if not current then
@@ -791,10 +791,16 @@ local function hold(ctx, service, route)
       return json_exit(404, "service '" .. service .. "' not found")
     end
     route = current
-    local target = claim(ctx, route, {})
-    if target then
-      unhold(ctx)
-      return route, target
+    if posted then
+      local target = claim(ctx, route, {})
+      if target then
+        unhold(ctx)
+        return route, target
+      end
+    elseif pick(route, {}) then
+      -- the recheck found a place (freed in another worker, an ejection over): the fair order says who takes
+      -- it (perhaps this request: its semaphore is posted and the next wait returns at once), not the first timer
+      wake_next(service)
     end
   end
   unhold(ctx)
@@ -1103,7 +1109,10 @@ function _M.body()
           ngx.update_time()
           ctx.ttfb = ngx.now() - ctx.started
         end
-        ctx.chunks = (ctx.chunks or 0) + 1  -- a stream's tokens when it reports no usage, roughly (fair order)
+        -- a stream's completion tokens when it reports no usage: its events (fair order; proxy.py counts alike)
+        local n = 0
+        for _ in chunk:gmatch("data: {") do n = n + 1 end
+        ctx.events_seen = (ctx.events_seen or 0) + n
       end
       scan_usage(ctx, chunk)
       if ctx.quota_scopes then scan_total(ctx, chunk) end
@@ -1225,7 +1234,7 @@ end
 
 function _M.log()
   local ctx = ngx.ctx
-  local prompt, completion = ctx.prompt, ctx.tokens or ctx.chunks  -- (finish clears them)
+  local prompt, completion = ctx.prompt, ctx.tokens or ctx.events_seen  -- (finish clears them)
   if not ctx.service then
     -- answered through error_page (@unavailable, @too_large): the internal redirect dropped ngx.ctx
     local service = ngx.var.corral_service
