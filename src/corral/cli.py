@@ -1149,6 +1149,41 @@ def keys_list(service: str, output: str = OUTPUT_OPTION, url: Optional[str] = UR
              Client(url, token).call("GET", f"/api/business-services/{service}/keys"), name="id")
 
 
+@keys_app.command("update")
+def keys_update(service: str = typer.Argument(..., help="the business service (e.g. production-nlb)"),
+                key_id: str = typer.Argument(..., help="the key's id (from `corral keys list`)"),
+                name: Optional[str] = typer.Option(None, "--name", help="what the key is for"),
+                expires: Optional[str] = typer.Option(None, "--expires", help="when it stops working (ISO 8601, with a "
+                                                      "zone), or 'never'"),
+                rpm: Optional[str] = typer.Option(None, "--rpm", help="this key's requests per minute: " + LIMIT_HELP),
+                tpm: Optional[str] = typer.Option(None, "--tpm", help="this key's tokens per minute: " + LIMIT_HELP),
+                tpd: Optional[str] = typer.Option(None, "--tpd", help="this key's tokens per UTC day: " + LIMIT_HELP),
+                weight: Optional[int] = typer.Option(None, "--weight", help="1 to 1000: its share when the business's "
+                                                     "keys compete for its replicas"),
+                url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
+    """Change a key without re-issuing it (only the options given change; a limit not given keeps its value)."""
+    client = Client(url, token)
+    body: dict[str, Any] = {}
+    if name is not None:
+        body["name"] = name
+    if expires is not None:
+        body["expiresAt"] = None if expires.lower() == "never" else expires
+    if weight is not None:
+        body["weight"] = weight
+    given = {"requestsPerMinute": (rpm, "--rpm"), "tokensPerMinute": (tpm, "--tpm"), "tokensPerDay": (tpd, "--tpd")}
+    if any(value is not None for value, _ in given.values()):
+        limits = {k: _limit(v, option) for k, (v, option) in given.items() if v is not None}
+        keys = client.call("GET", f"/api/business-services/{service}/keys")
+        current = next((k["limits"] for k in keys if k["id"] == key_id), {})  # an unknown key: the API says so
+        body["limits"] = {**current, **limits}  # the API replaces them whole
+    if not body:
+        fail("nothing to change: give --name, --expires, --rpm, --tpm, --tpd or --weight")
+    updated = client.call("PATCH", f"/api/business-services/{service}/keys/{key_id}", json=body)
+    limits = _compact({n: v for n, v in updated["limits"].items() if v is not None}) or "no limits"
+    console.print(f"updated key {updated['id']} of {service}: name {updated.get('name') or '-'}, expires "
+                  f"{updated.get('expiresAt') or 'never'}, weight {updated['weight']}, {limits}", highlight=False)
+
+
 @keys_app.command("revoke")
 def keys_revoke(service: str, key_id: str, url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
     """Revoke a key: the gateway refuses it once this returns."""

@@ -5,11 +5,13 @@ pending history row in one transaction, then the routing push that makes the dat
 completed) and words nothing. The data planes never read this database: every change here marks the routing table
 dirty and waits for the push (`routes_applied`), so a revoked key is refused once its API call returns.
 
-A key appears exactly once, in `create_key`'s answer; history rows carry its id and prefix only.
+A key appears exactly once, in `create_key`'s answer; history rows carry its id and prefix only. `update_key` changes
+a key's name, expiry, limits or weight in place (the key itself stays).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timezone
@@ -46,6 +48,20 @@ def _iso(value: datetime | None) -> str | None:
 
 def _limits_view(limits: Limits) -> QuotaLimits:
     return QuotaLimits(**limits.wire())
+
+
+def _key_wire(key: ApiKey) -> dict[str, Any]:
+    """What an update may change of a key, as history shows it (never the key, nor its digest)."""
+    return {"name": key.name, "expiresAt": _iso(key.expires_at), "limits": key.limits.wire(), "weight": key.weight}
+
+
+_WIRE_FIELD = {"name": "name", "expires_at": "expiresAt", "limits": "limits", "weight": "weight"}  # ApiKey → `_key_wire`
+
+
+def _said(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}={v}" for k, v in value.items() if v is not None) or "no limits"
+    return "none" if value is None else str(value)
 
 
 def _used(usage: Usage | None) -> QuotaUsed:
@@ -110,6 +126,12 @@ class Tenancy:
                 self.store.keys_used({k: datetime.fromtimestamp(t, timezone.utc) for k, t in seen.items()})
         return self.key_views(name)
 
+    def _key(self, name: str, key_id: str) -> ApiKey:
+        key = next((k for k in self.store.list_api_keys(name) if k.id == key_id), None)
+        if key is None:
+            raise NotFound(f"key '{key_id}' of business service '{name}' not found (revoked already, or never made)")
+        return key
+
     def key_views(self, name: str) -> list[ApiKeyView]:
         """Its keys as stored (their last use as last read: `list_keys` reads it afresh)."""
         self._business_service(name)
@@ -159,11 +181,46 @@ class Tenancy:
         return ApiKeyCreated(id=key.id, key=made.key, name=label, prefix=key.prefix, createdAt=_iso(created.created_at),
                              expiresAt=_iso(expiry), limits=_limits_view(key.limits), weight=share)
 
+    async def update_key(self, name: str, key_id: str, **changes: Any) -> ApiKeyView:
+        """Change a key without re-issuing it (LiteLLM's `/key/update`): any of `key_name`, `expires_at`, `limits`
+        (replaced whole) and `weight`; one not given keeps its value, None clears a name or an expiry and gives no
+        limits or the default weight, as on create. All checked as on create before anything is written; in force
+        at the gateway once this returns. Answers the key's listing view."""
+        unknown = set(changes) - {"key_name", "expires_at", "limits", "weight"}
+        if unknown:
+            raise TypeError(f"update_key: unknown changes {sorted(unknown)}")
+        self._business_service(name)
+        key = self._key(name, key_id)
+        wanted: dict[str, Any] = {}
+        if "key_name" in changes:
+            wanted["name"] = check_key_name(changes["key_name"])
+        if "expires_at" in changes:
+            wanted["expires_at"] = check_expiry(changes["expires_at"], datetime.now(timezone.utc))
+        if "limits" in changes:
+            limits = changes["limits"]
+            wanted["limits"] = Limits.from_wire(limits.wire()) if isinstance(limits, Limits) else Limits.from_wire(limits)
+        if "weight" in changes:
+            wanted["weight"] = check_weight(changes["weight"])
+        before, after = _key_wire(key), _key_wire(dataclasses.replace(key, **wanted))
+        changed = [field for field in before if before[field] != after[field]]
+        if changed:
+            said = "; ".join(f"{field} {_said(before[field])} → {_said(after[field])}" for field in changed)
+            intent = Intent([HistoryDraft(Action.API_KEY, name, before={f: before[f] for f in changed},
+                                          after={f: after[f] for f in changed},
+                                          message=f"key {key.id} ({key.prefix}…) updated: {said}")])
+            fields = {field: value for field, value in wanted.items() if _WIRE_FIELD[field] in changed}
+            async with self.intents.carrying_out(intent):
+                self.store.update_api_key(name, key_id, intent=intent, **fields)
+                self._mark_dirty()
+                await self.intents.confirm(intent)
+        view = next((v for v in self.key_views(name) if v.id == key_id), None)
+        if view is None:  # revoked meanwhile
+            raise NotFound(f"key '{key_id}' of business service '{name}' not found (revoked already, or never made)")
+        return view
+
     async def revoke_key(self, name: str, key_id: str) -> ApiKeyRevoked:
         self._business_service(name)
-        key = next((k for k in self.store.list_api_keys(name) if k.id == key_id), None)
-        if key is None:
-            raise NotFound(f"key '{key_id}' of business service '{name}' not found (revoked already, or never made)")
+        key = self._key(name, key_id)
         intent = Intent([HistoryDraft(Action.API_KEY, name, before={"id": key.id, "prefix": key.prefix, "name": key.name},
                                       message=f"key {key.id} ({key.prefix}…) revoked")])
         async with self.intents.carrying_out(intent):

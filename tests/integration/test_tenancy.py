@@ -6,6 +6,7 @@ the answer that created it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -236,6 +237,13 @@ def test_the_cli_creates_lists_and_revokes_keys(tenants: CorralServer, request: 
     assert access.returncode == 0 and "tokensPerDay=1000000" in access.stdout, access.stdout + access.stderr
     assert corral_cli(tenants, "keys", "access", SERVICE, "--tpd", "none").returncode == 0
     assert corral_cli(tenants, "keys", "access", SERVICE, "--rpm", "lots").returncode != 0
+    updated = corral_cli(tenants, "keys", "update", SERVICE, mine["id"], "--weight", "5", "--tpm", "500", "--expires", "never")
+    assert updated.returncode == 0 and "weight 5" in updated.stdout, updated.stdout + updated.stderr
+    mine = next(k for k in tenants.ok("GET", f"/api/business-services/{SERVICE}/keys") if k["id"] == mine["id"])
+    assert mine["weight"] == 5 and mine["limits"]["tokensPerMinute"] == 500 and mine["limits"]["requestsPerMinute"] == 100
+    refused = corral_cli(tenants, "keys", "update", SERVICE, mine["id"], "--weight", "0")
+    assert refused.returncode != 0 and "weight" in refused.stderr, refused.stdout + refused.stderr
+    assert corral_cli(tenants, "keys", "update", SERVICE, "key-000000000000", "--name", "x").returncode != 0
     assert corral_cli(tenants, "keys", "revoke", SERVICE, mine["id"]).returncode == 0
     assert chat(tenants, key).status_code == 401
     assert key not in (tenants.data_dir / "serve.log").read_text()
@@ -257,6 +265,55 @@ def test_a_key_has_a_weight_from_1_to_1000(tenants: CorralServer) -> None:
     finally:
         for key in (made, plain):
             tenants.ok("DELETE", f"/api/business-services/{SERVICE}/keys/{key['id']}")
+
+
+def test_a_key_is_updated_in_place(tenants: CorralServer) -> None:
+    """PATCH changes a key's name, weight, limits and expiry without re-issuing it: checked as on create (nothing
+    changed on an error), in force at the gateway once it returns, recorded without key material."""
+    made = new_key(tenants, name="to-update")
+    keys = f"/api/business-services/{SERVICE}/keys"
+    path = f"{keys}/{made['id']}"
+    try:
+        before = tenants.ok("GET", keys)
+        for body in [{"weight": 0}, {"weight": 1001}, {"weight": "3"}, {"weight": True}, {"weight": 2.5},
+                     {"expiresAt": "2030-01-01T00:00:00"}, {"expiresAt": "2999-01-01T00:00:00Z"}, {"name": "bad\nname"},
+                     {"name": ""}, {"limits": {"requestsPerMinute": -1}}, {"unknown": 1}, {"weight": 2, "name": "x" * 64}]:
+            response = tenants.http.patch(path, json=body)
+            assert response.status_code in (400, 422), (body, response.text)
+        past = tenants.http.patch(path, json={"expiresAt": "2000-01-01T00:00:00Z"})
+        assert past.status_code == 400 and "expiresAt must be in the future" in past.json()["error"], past.text
+        assert tenants.http.patch(f"{keys}/key-000000000000", json={"weight": 2}).status_code == 404
+        assert tenants.http.patch(f"/api/business-services/{OPEN}/keys/{made['id']}", json={"weight": 2}).status_code == 404
+        assert tenants.http.patch(f"/api/business-services/nobody-nlb/keys/{made['id']}", json={}).status_code == 404
+        assert tenants.ok("GET", keys) == before
+
+        away_from_a_minute_edge()
+        updated = tenants.ok("PATCH", path, json={"name": "renamed", "weight": 4, "limits": {"requestsPerMinute": 1}})
+        assert "key" not in updated and updated["id"] == made["id"] and updated["prefix"] == made["prefix"]
+        assert (updated["name"], updated["weight"], updated["limits"]["requestsPerMinute"]) == ("renamed", 4, 1)
+        listed = next(k for k in tenants.ok("GET", keys) if k["id"] == made["id"])
+        assert (listed["name"], listed["weight"], listed["limits"]["requestsPerMinute"]) == ("renamed", 4, 1)
+        assert chat(tenants, made["key"]).status_code == 200  # the same key works after the change
+        second = chat(tenants, made["key"])
+        assert second.status_code == 429 and f"key '{made['id']}' allows 1 requests" in second.json()["error"]["message"]
+        lifted = tenants.ok("PATCH", path, json={"limits": None})  # replaced whole: no limits of its own
+        assert lifted["limits"]["requestsPerMinute"] is None and lifted["weight"] == 4 and lifted["name"] == "renamed"
+        assert chat(tenants, made["key"]).status_code == 200
+
+        later = (datetime.now(timezone.utc) + timedelta(days=1)).replace(microsecond=0)
+        assert datetime.fromisoformat(tenants.ok("PATCH", path, json={"expiresAt": later.isoformat()})["expiresAt"]) == later
+        cleared = tenants.ok("PATCH", path, json={"expiresAt": None, "name": None})
+        assert cleared["expiresAt"] is None and cleared["name"] is None and cleared["weight"] == 4
+
+        rows = tenants.ok("GET", "/api/history", params={"action": "api-key", "limit": 5000})
+        mine = [r for r in rows if (r["message"] or "").startswith(f"key {made['id']} ({made['prefix']}…) updated")]
+        assert len(mine) == 4 and all(r["outcome"] == "success" for r in mine), mine
+        first = next(r for r in mine if (r["after"] or {}).get("weight") == 4)
+        assert first["before"]["weight"] == 1 and set(first["after"]) == {"name", "weight", "limits"}
+        text = json.dumps(rows)
+        assert made["key"] not in text and hashlib.sha256(made["key"].encode()).hexdigest() not in text
+    finally:
+        tenants.ok("DELETE", path)
 
 
 def test_bad_input_is_refused_and_keys_appear_only_once(tenants: CorralServer) -> None:

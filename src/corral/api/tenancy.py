@@ -47,6 +47,11 @@ class KeyBody(Body):
                                            "weight 2 gets twice the tokens of a key of weight 1 (default 1)")
 
 
+class KeyUpdateBody(KeyBody):
+    """A key's changes: a field left out keeps its value; `name: null` and `expiresAt: null` clear, `limits` is
+    replaced whole (null: no limits of its own), `weight: null` is the default (1)."""
+
+
 def tenancy(request: Request) -> Tenancy:
     return request.app.state.runtime.tenancy
 
@@ -78,6 +83,24 @@ async def create_key(request: Request, body: KeyBody | None = None, name: str = 
 async def list_keys(request: Request, name: str = ServiceName) -> Any:
     """Its keys, without secrets: id, name, prefix, createdAt, lastUsedAt, expiresAt, limits, weight."""
     return await tenancy(request).list_keys(name)
+
+
+@router.patch("/business-services/{name}/keys/{key_id}", dependencies=mutating, response_model=ApiKeyView,
+              responses=errors(400, 401, 404, 503))
+async def update_key(body: KeyUpdateBody, request: Request, name: str = ServiceName, key_id: str = KeyId) -> Any:
+    """Change a key without re-issuing it: its name, expiry, limits or weight (a field left out keeps its value);
+    in force at the gateway once this returns. Answers the key as listed (never the key itself)."""
+    given = body.model_fields_set
+    changes: dict[str, Any] = {}
+    if "name" in given:
+        changes["key_name"] = body.name
+    if "expiresAt" in given:
+        changes["expires_at"] = body.expiresAt
+    if "limits" in given:
+        changes["limits"] = body.limits.limits() if body.limits is not None else None
+    if "weight" in given:
+        changes["weight"] = body.weight
+    return await tenancy(request).update_key(name, key_id, **changes)
 
 
 @router.delete("/business-services/{name}/keys/{key_id}", dependencies=mutating, response_model=ApiKeyRevoked,

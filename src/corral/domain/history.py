@@ -39,7 +39,7 @@ class Action(StrEnum):
     FINETUNE = "finetune"  # a finetune task submitted, started, preempted, completed, failed or cancelled
     ADAPTER_ADD = "adapter-add"  # a LoRA adapter added to a running vLLM pool (corral.adapters)
     ADAPTER_REMOVE = "adapter-remove"
-    API_KEY = "api-key"  # a business service's API key created or revoked (its id and prefix, never the key)
+    API_KEY = "api-key"  # a business service's API key created, updated or revoked (its id and prefix, never the key)
     ACCESS = "access"  # a business service's auth mode or quotas changed
     SLEEP = "sleep"  # a replica put to sleep (its weights offloaded or discarded; domain/sleep.py)
     WAKE = "wake"  # a sleeping replica woken

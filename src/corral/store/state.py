@@ -381,6 +381,20 @@ class StateStore:
         with self.session() as s:
             return [_api_key(r) for r in s.scalars(query)]
 
+    def update_api_key(self, service: str, key_id: str, *, intent: Intent | None = None, **fields: Any) -> None:
+        """Change a key in place (its digest, prefix and creation stay): any of `name`, `expires_at`, `limits`
+        (`Limits`, replaced whole) and `weight`; a field not given keeps its value. NotFound (nothing written, the
+        intent's rows neither) when the service has no such key."""
+        unknown = set(fields) - {"name", "expires_at", "limits", "weight"}
+        if unknown:
+            raise TypeError(f"update_api_key: unknown fields {sorted(unknown)}")
+        with self._changing("tenancy"), self._intent(intent) as s:
+            row = s.get(ApiKeyRow, key_id)
+            if row is None or row.service != service:
+                raise NotFound(f"key '{key_id}' of business service '{service}' not found")
+            for name, value in fields.items():
+                setattr(row, name, value.wire() if isinstance(value, Limits) else value)
+
     def revoke_api_key(self, service: str, key_id: str, intent: Intent | None = None) -> None:
         with self._changing("tenancy"), self._intent(intent) as s:
             row = s.get(ApiKeyRow, key_id)
