@@ -1,5 +1,5 @@
 """API keys on a business service's card, in a real browser: a key created, shown once with a copy button, gone from
-the page once its dialog closes, working at the gateway, then revoked from the card."""
+the page once its dialog closes, working at the gateway, its weight changed in place, then revoked from the card."""
 
 from __future__ import annotations
 
@@ -37,6 +37,12 @@ def test_a_key_is_created_shown_once_and_revoked_from_the_card(corral: CorralSer
     assert secret not in page.content()  # shown once: gone with its dialog
     expect(dialog.get_by_test_id(f"key-{listed[0]['id']}")).to_contain_text(listed[0]["prefix"])
     expect(dialog.get_by_test_id(f"key-weight-{listed[0]['id']}")).to_have_text("weight 4")
+    edit = dialog.get_by_test_id(f"key-weight-edit-{listed[0]['id']}")  # changed in place (PATCH), not re-issued
+    edit.fill("7")
+    edit.press("Enter")
+    expect(dialog.get_by_test_id(f"key-weight-{listed[0]['id']}")).to_have_text("weight 7")
+    assert [k["weight"] for k in corral.ok("GET", f"/api/business-services/{SERVICE}/keys")] == [7]
+    assert httpx.get(url, headers={"Authorization": f"Bearer {secret}"}).status_code == 200  # the same key still works
     dialog.get_by_test_id(f"revoke-{listed[0]['id']}").click()
     expect(dialog.get_by_test_id(f"key-{listed[0]['id']}")).to_have_count(0)
     assert httpx.get(url, headers={"Authorization": f"Bearer {secret}"}).status_code == 401

@@ -78,6 +78,18 @@ def keys_dialog(service: str, changed: Any = None) -> None:
                     ui.label(f"weight {key.weight}").classes("text-xs text-grey-7").props(f'data-testid="key-weight-{key.id}"')
                     ui.label(f"last used {key.lastUsedAt[:19] if key.lastUsedAt else 'never'}").classes("text-xs text-grey-7")
                     ui.space()
+                    edit = ui.number(value=key.weight, min=WEIGHT_MIN, max=WEIGHT_MAX, precision=0) \
+                        .props(f'dense data-testid="key-weight-edit-{key.id}"').classes("w-16") \
+                        .tooltip("change its weight (Enter): in force at the gateway at once")
+
+                    async def reweigh(_: Any, key_id: str = key.id, field: Any = edit, before: int = key.weight) -> None:
+                        if _limit(field.value) == before:
+                            return
+                        _, problem = await act(lambda: tenancy.update_key(service, key_id, weight=_limit(field.value)))
+                        notify(problem or f"key {key_id}: weight {_limit(field.value)}", "negative" if problem else "positive")
+                        keys_list.refresh()
+
+                    edit.on("keydown.enter", reweigh)
 
                     async def revoke(_: Any, key_id: str = key.id) -> None:
                         _, problem = await act(lambda: tenancy.revoke_key(service, key_id))
