@@ -50,6 +50,7 @@ async def test_a_freed_place_wakes_the_fair_next_request_that_can_take_it() -> N
     """The Python plane's hold queue: a place freed on a replica wakes the held request of the key served least, but
     passes over one that may only go to replicas holding its adapter when none of those is free (woken, it would
     find nothing and the place would idle while the others wait)."""
+    from corral.domain.replica_picking import ReplicaInputs
     from corral.gateway.policies import LeastOutstanding
     from corral.gateway.proxy import Gateway, _Waiter
     from corral.gateway.routing import Route, Target
@@ -58,12 +59,18 @@ async def test_a_freed_place_wakes_the_fair_next_request_that_can_take_it() -> N
     route = Route("svc", "m", "b", "pool", (Target("a", "http://127.0.0.1:1", concurrency=1),
                                             Target("b", "http://127.0.0.1:2", concurrency=1)))
     gateway.set_table({"svc": route})
+    gateway.inputs = {"a": ReplicaInputs(adapters=frozenset({"sql-lora"}))}
     gateway.stats.in_flight_by_replica.update({"a": 1, "b": 0})  # a place free on b only
     fair = gateway._fairness("svc")
     fair.dispatch("noisy", 1, 4000)  # noisy has been served 1,000 tokens, quiet nothing
-    lora, noisy, quiet = _Waiter("quiet", frozenset({"a"})), _Waiter("noisy"), _Waiter("quiet")
+    lora, noisy, quiet = _Waiter("quiet", "sql-lora"), _Waiter("noisy"), _Waiter("quiet")
     gateway._held["svc"] = deque([lora, noisy, quiet])
     gateway._wake_first("svc")
     assert quiet.woken and not lora.woken and not noisy.woken  # quiet's adapter request cannot use b
     gateway._wake_first("svc")
     assert noisy.woken and not lora.woken
+    gateway._wake_first("svc")
+    assert not lora.woken  # still nowhere to go
+    gateway.inputs = {"a": ReplicaInputs(adapters=frozenset({"sql-lora"})), "b": ReplicaInputs(adapters=frozenset({"sql-lora"}))}
+    gateway._wake_first("svc")
+    assert lora.woken  # its adapter loaded on b while it waited: read again at the wake

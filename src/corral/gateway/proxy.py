@@ -434,15 +434,15 @@ class _ClientWatch:
 class _Waiter:
     """A held request's place in its service's queue. `wake` resolves its future; the request then checks
     for a free replica and, when none is, re-arms (`arm`) and keeps its place. `key`: whose request it is
-    (its API key's id; "" without one), for the fair order (domain/fairness.py); `only`: the replicas it may go
-    to (those holding the LoRA adapter it names; None: any)."""
+    (its API key's id; "" without one), for the fair order (domain/fairness.py); `model`: the model it names,
+    which may be a LoRA adapter only some replicas hold (read again at each wake: adapters load while it waits)."""
 
-    __slots__ = ("future", "key", "only")
+    __slots__ = ("future", "key", "model")
 
-    def __init__(self, key: str, only: frozenset[str] | None = None) -> None:
+    def __init__(self, key: str, model: str | None = None) -> None:
         self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.key = key
-        self.only = only
+        self.model = model
 
     def arm(self) -> None:
         self.future = asyncio.get_running_loop().create_future()
@@ -594,14 +594,19 @@ class Gateway:
         if not waiting:
             return
         route = self.table.get(service)
-        if route is not None and any(w.only is not None for w in waiting):
+        if route is not None and any(w.model for w in waiting):
             if free := {t.name for t in self.free_targets(route)}:
-                waiting = [w for w in waiting if w.only is None or not free.isdisjoint(w.only)]
+                waiting = [w for w in waiting if (only := self._holders(route, w.model)) is None
+                           or not free.isdisjoint(only)]
                 if not waiting:
                     return  # nobody held can take the free place
         fair = self._fair.get(service)
         first = fair.first(w.key for w in waiting) if fair is not None and len(waiting) > 1 else 0
         waiting[first or 0].wake()
+
+    def _holders(self, route: Route, model: str | None) -> frozenset[str] | None:
+        """The replicas of `route` holding `model` as a LoRA adapter; None: any replica (domain/replica_picking.py)."""
+        return adapter_holders(model, (t.name for t in route.targets), self.inputs) if model else None
 
     def _fairness(self, service: str) -> VirtualCounters:
         fair = self._fair.get(service)
@@ -614,14 +619,15 @@ class Gateway:
             return route.busy_message()
         return route.no_replica_message()
 
-    async def _hold(self, route: Route, send: Callable, only: frozenset[str] | None = None, key: str = ANONYMOUS,
+    async def _hold(self, route: Route, send: Callable, model: str | None = None, key: str = ANONYMOUS,
                     free: list[Target] | None = None) -> tuple[Route, list[Target]] | None:
         """Wait for a free replica of `route`'s service: the route as it is then and its free replicas; or
         None once the request was answered here (503 past the deadline or with the queue full; 404 when
         its service is gone meanwhile). Between finding a replica free and the caller counting it in
         flight there is no await, so two woken requests never take the same place. `free`: the replicas free
         now, for a request that queues behind held ones (their order is fair, not first come): it goes at
-        once when the queue is full or holds are off."""
+        once when the queue is full or holds are off. `model`: the model the request names (a LoRA adapter only
+        some replicas may hold: `_holders`, read at each wake)."""
         service, limits = route.service, self.limits
         queue = self._held.get(service)
         if free and (not limits.holds or (queue is not None and len(queue) >= limits.hold_queue)):
@@ -635,7 +641,7 @@ class Gateway:
         if queue is None:
             queue = self._held[service] = deque()
         self._fairness(service).join(key, {w.key for w in queue})
-        waiter = _Waiter(key, only)
+        waiter = _Waiter(key, model)
         queue.append(waiter)
         self.stats.hold(service)
         if free:
@@ -658,7 +664,7 @@ class Gateway:
                     await _error(send, 404, f"service '{service}' not found")
                     return None
                 route = current
-                if candidates := self.free_targets(route, only=only):
+                if candidates := self.free_targets(route, only=self._holders(route, model)):
                     admitted = True
                     return route, candidates
                 waiter.arm()
@@ -769,7 +775,8 @@ class Gateway:
         window.request(time.monotonic())
         tried: set[str] = set()
         want = self._pick_request(route, body)
-        only = adapter_holders(want.model, (t.name for t in route.targets), self.inputs) if want else None
+        model = want.model if want else None
+        only = self._holders(route, model)
         admission: Admission | None = scope.get(ADMISSION)
         key = admission.key_id or ANONYMOUS if admission is not None else ANONYMOUS
         charge: Charge | None = None
@@ -777,9 +784,10 @@ class Gateway:
             candidates = self.free_targets(route, tried, only)
             # Behind held requests a new one queues too: who goes next is decided by the fair order.
             if attempt == 0 and (not candidates or route.service in self._held):
-                if (admitted := await self._hold(route, send, only, key, candidates)) is None:
+                if (admitted := await self._hold(route, send, model, key, candidates)) is None:
                     return
                 route, candidates = admitted
+                only = self._holders(route, model)  # the route as it is now, the adapters as loaded now
             if not candidates:
                 break
             target = self._choose(route, candidates, want)
