@@ -386,7 +386,7 @@ end
 
 -- a response's tokens for the quotas (domain/tenancy.py's TokenScan): the largest `total_tokens`, or the events
 local TOTAL_PATTERN = '"total_tokens"%s*:%s*(%d+)'
-local function scan_total(ctx, chunk)
+local function scan_total(ctx, chunk, events)
   local text = (ctx.qtail or "") .. chunk
   if text:find('"total_tokens"', 1, true) then
     for digits in text:gmatch(TOTAL_PATTERN) do
@@ -396,8 +396,6 @@ local function scan_total(ctx, chunk)
       end
     end
   end
-  local events = 0
-  for _ in chunk:gmatch("data: {") do events = events + 1 end
   ctx.qevents = (ctx.qevents or 0) + events
   ctx.qtail = text:sub(-64)
 end
@@ -565,14 +563,20 @@ end
 
 -- `rewrite`: nil, or only targets whose `rewrite` flag is the same (a retry keeps the request's rewrite);
 -- `want`: the request's pick_request (nil: least load, no adapter filter)
+-- may `target` take a request now: in rotation and below its batch limit? (and its requests in flight)
+local function has_room(target)
+  local in_flight = stats:get("if:" .. target.name) or 0
+  return not stats:get("ej:" .. target.name) and (target.concurrency == nil or in_flight < target.concurrency),
+         in_flight
+end
+
 local function pick(route, tried, rewrite, want)
   local holders = want and adapter_holders(route, want.model)
   local candidates, loads, fewest = {}, {}, nil
   for _, target in ipairs(route.targets) do
-    local in_flight = stats:get("if:" .. target.name) or 0
-    if not tried[target.name] and not stats:get("ej:" .. target.name)
+    local room, in_flight = has_room(target)
+    if room and not tried[target.name]
         and (rewrite == nil or (target.rewrite == true) == rewrite)
-        and (target.concurrency == nil or in_flight < target.concurrency)
         and (holders == nil or holders[target.name]) then
       candidates[#candidates + 1], loads[target.name] = target, in_flight
       if fewest == nil or in_flight < fewest then fewest = in_flight end
@@ -634,8 +638,7 @@ end
 local function free_places(route)
   local free
   for _, target in ipairs(route.targets) do
-    if not stats:get("ej:" .. target.name)
-        and (target.concurrency == nil or (stats:get("if:" .. target.name) or 0) < target.concurrency) then
+    if has_room(target) then
       free = free or {}
       free[target.name] = true
     end
@@ -1104,18 +1107,21 @@ function _M.body()
   if ctx.scan then
     local chunk = ngx.arg[1]
     if chunk and chunk ~= "" then
+      -- the chunk's server-sent events, counted once for both readers: a response's tokens when it reports no
+      -- usage (a quota's, scan_total; the fair order's, for a stream: proxy.py counts alike)
+      local events = 0
+      if ctx.events or ctx.quota_scopes then
+        for _ in chunk:gmatch("data: {") do events = events + 1 end
+      end
       if ctx.events then
         if not ctx.ttfb then
           ngx.update_time()
           ctx.ttfb = ngx.now() - ctx.started
         end
-        -- a stream's completion tokens when it reports no usage: its events (fair order; proxy.py counts alike)
-        local n = 0
-        for _ in chunk:gmatch("data: {") do n = n + 1 end
-        ctx.events_seen = (ctx.events_seen or 0) + n
+        ctx.events_seen = (ctx.events_seen or 0) + events
       end
       scan_usage(ctx, chunk)
-      if ctx.quota_scopes then scan_total(ctx, chunk) end
+      if ctx.quota_scopes then scan_total(ctx, chunk, events) end
     end
   end
   if not ctx.rewrite then return end
