@@ -13,6 +13,7 @@ datasets are read only from configured folders.
 from __future__ import annotations
 
 import os
+import pwd
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -35,6 +36,19 @@ def make_private_dir(path: Path) -> None:
     for name in ("corral.db", "corral.db-wal", "corral.db-shm"):
         if (path / name).exists():
             _narrow(path / name, 0o600)
+
+
+def unprivileged_account(name: str, setting: str, refuse_root: bool = True) -> pwd.struct_passwd:
+    """The account `name` that a setting (`CORRAL_REPLICA_USER`, `CORRAL_GATEWAY_USER`) names for processes Corral
+    starts as someone else: ValueError (said at start) when no such user exists, or, with `refuse_root`, when it is
+    root (the point is to leave root)."""
+    try:
+        account = pwd.getpwnam(name)
+    except KeyError:
+        raise ValueError(f"{setting}: no user named {name!r} on this machine") from None
+    if refuse_root and account.pw_uid == 0:
+        raise ValueError(f"{setting}: {name!r} is root; name an unprivileged user")
+    return account
 
 
 def private_file(path: Path) -> None:

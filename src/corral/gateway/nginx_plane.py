@@ -71,6 +71,7 @@ from corral.gateway.proxy import (
 )
 from corral.gateway.routing import RoutingTable
 from corral.gateway.stats import TrafficCollector, TrafficStats
+from corral.paths import unprivileged_account
 from corral.views import EjectionView
 
 log = logging.getLogger("corral.gateway.nginx")
@@ -260,12 +261,7 @@ def worker_account(name: str | None, replica_user: str | None = None) -> tuple[s
     """As root: the (user, group) nginx's workers run as: `name`, or nobody. Refused (ValueError, said at start): an
     unknown account, root, or the replicas' account (`CORRAL_REPLICA_USER`)."""
     name = name or DEFAULT_WORKER_USER
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
-        raise ValueError(f"CORRAL_GATEWAY_USER: no user named {name!r} on this machine") from None
-    if entry.pw_uid == 0:
-        raise ValueError(f"CORRAL_GATEWAY_USER: {name!r} is root; name an unprivileged user")
+    entry = unprivileged_account(name, "CORRAL_GATEWAY_USER")
     if replica_user and replica_user == name:
         raise ValueError(f"CORRAL_GATEWAY_USER: {name!r} is also the replicas' account (CORRAL_REPLICA_USER): a replica "
                          "could then signal nginx's workers; give each its own")
@@ -279,8 +275,12 @@ def worker_account(name: str | None, replica_user: str | None = None) -> tuple[s
 def worker_temp_dir(workdir: Path) -> Path:
     """As root: where nginx's workers spool large request bodies (outside the private data dir, which they cannot
     enter): a directory of the system temp dir named after the workdir, owned by the workers' account (0700)."""
-    digest = hashlib.sha256(os.fsencode(workdir.resolve())).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"corral-nginx-{digest}"
+    return Path(tempfile.gettempdir()) / f"corral-nginx-{_workdir_digest(workdir)}"
+
+
+def _workdir_digest(workdir: Path) -> str:
+    """A short name for the workdir, for what Corral keeps of it in the system temp dir."""
+    return hashlib.sha256(os.fsencode(workdir.resolve())).hexdigest()[:16]
 
 
 def worker_dir(path: Path, user: str) -> Path:
@@ -315,8 +315,7 @@ def control_socket_path(workdir: Path) -> Path:
     path = workdir.resolve() / "control" / "control.sock"
     if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
         return path
-    digest = hashlib.sha256(os.fsencode(workdir.resolve())).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"corral-{os.getuid()}-{digest}" / "control.sock"
+    return Path(tempfile.gettempdir()) / f"corral-{os.getuid()}-{_workdir_digest(workdir)}" / "control.sock"
 
 
 def _stat(pid: int) -> tuple[str, int] | None:

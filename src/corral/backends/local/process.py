@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from corral.engines.base import redact_args
+from corral.paths import unprivileged_account
 
 log = logging.getLogger("corral.local")
 
@@ -158,15 +159,10 @@ def child_user(name: str | None) -> pwd.struct_passwd | None:
     they run as Corral's user. An unknown name is an error at start, not at the first launch."""
     if name is None:
         return None
-    try:
-        account = pwd.getpwnam(name)
-    except KeyError:
-        raise ValueError(f"CORRAL_REPLICA_USER: no user named {name!r} on this machine") from None
+    account = unprivileged_account(name, "CORRAL_REPLICA_USER", refuse_root=os.geteuid() == 0)
     if os.geteuid() != 0:
         log.warning("CORRAL_REPLICA_USER=%s is ignored: Corral does not run as root, replicas run as its user", name)
         return None
-    if account.pw_uid == 0:
-        raise ValueError(f"CORRAL_REPLICA_USER: {name!r} is root; name an unprivileged user")
     return account
 
 
