@@ -1110,15 +1110,31 @@ def _limits(rpm: Optional[str], tpm: Optional[str], tpd: Optional[str]) -> dict[
             "tokensPerDay": _limit(tpd, "--tpd")}
 
 
+def _given_limits(rpm: Optional[str], tpm: Optional[str], tpd: Optional[str]) -> dict[str, Optional[int]]:
+    """Only the limits given (a limit not given keeps its value: the caller merges these into the current ones)."""
+    given = {"requestsPerMinute": (rpm, "--rpm"), "tokensPerMinute": (tpm, "--tpm"), "tokensPerDay": (tpd, "--tpd")}
+    return {k: _limit(v, option) for k, (v, option) in given.items() if v is not None}
+
+
+def _limits_said(limits: dict[str, Any]) -> str:
+    return _compact({n: v for n, v in limits.items() if v is not None}) or "no limits"
+
+
+# a key's options (`keys create`, `keys update`)
+KEY_NAME_OPTION = typer.Option(None, "--name", help="what the key is for")
+KEY_RPM_OPTION = typer.Option(None, "--rpm", help="this key's requests per minute: " + LIMIT_HELP)
+KEY_TPM_OPTION = typer.Option(None, "--tpm", help="this key's tokens per minute: " + LIMIT_HELP)
+KEY_TPD_OPTION = typer.Option(None, "--tpd", help="this key's tokens per UTC day: " + LIMIT_HELP)
+KEY_WEIGHT_OPTION = typer.Option(None, "--weight", help="1 to 1000 (default 1): its share when the business's keys "
+                                 "compete for its replicas")
+
+
 @keys_app.command("create")
 def keys_create(service: str = typer.Argument(..., help="the business service (e.g. production-nlb)"),
-                name: Optional[str] = typer.Option(None, "--name", help="what the key is for"),
+                name: Optional[str] = KEY_NAME_OPTION,
                 expires: Optional[str] = typer.Option(None, "--expires", help="when it stops working (ISO 8601, with a zone)"),
-                rpm: Optional[str] = typer.Option(None, "--rpm", help="this key's requests per minute: " + LIMIT_HELP),
-                tpm: Optional[str] = typer.Option(None, "--tpm", help="this key's tokens per minute: " + LIMIT_HELP),
-                tpd: Optional[str] = typer.Option(None, "--tpd", help="this key's tokens per UTC day: " + LIMIT_HELP),
-                weight: Optional[int] = typer.Option(None, "--weight", help="1 to 1000 (default 1): its share when the "
-                                                     "business's keys compete for its replicas"),
+                rpm: Optional[str] = KEY_RPM_OPTION, tpm: Optional[str] = KEY_TPM_OPTION,
+                tpd: Optional[str] = KEY_TPD_OPTION, weight: Optional[int] = KEY_WEIGHT_OPTION,
                 url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
     """Create an API key: printed once, here; Corral keeps only its hash. Clients send it as `Authorization: Bearer`."""
     body: dict[str, Any] = {"name": name, "expiresAt": expires, "limits": _limits(rpm, tpm, tpd)}
@@ -1152,12 +1168,11 @@ def keys_list(service: str, output: str = OUTPUT_OPTION, url: Optional[str] = UR
 @keys_app.command("update")
 def keys_update(service: str = typer.Argument(..., help="the business service (e.g. production-nlb)"),
                 key_id: str = typer.Argument(..., help="the key's id (from `corral keys list`)"),
-                name: Optional[str] = typer.Option(None, "--name", help="what the key is for"),
+                name: Optional[str] = KEY_NAME_OPTION,
                 expires: Optional[str] = typer.Option(None, "--expires", help="when it stops working (ISO 8601, with a "
                                                       "zone), or 'never'"),
-                rpm: Optional[str] = typer.Option(None, "--rpm", help="this key's requests per minute: " + LIMIT_HELP),
-                tpm: Optional[str] = typer.Option(None, "--tpm", help="this key's tokens per minute: " + LIMIT_HELP),
-                tpd: Optional[str] = typer.Option(None, "--tpd", help="this key's tokens per UTC day: " + LIMIT_HELP),
+                rpm: Optional[str] = KEY_RPM_OPTION, tpm: Optional[str] = KEY_TPM_OPTION,
+                tpd: Optional[str] = KEY_TPD_OPTION,
                 weight: Optional[int] = typer.Option(None, "--weight", help="1 to 1000: its share when the business's "
                                                      "keys compete for its replicas"),
                 url: Optional[str] = URL_OPTION, token: Optional[str] = TOKEN_OPTION) -> None:
@@ -1170,18 +1185,16 @@ def keys_update(service: str = typer.Argument(..., help="the business service (e
         body["expiresAt"] = None if expires.lower() == "never" else expires
     if weight is not None:
         body["weight"] = weight
-    given = {"requestsPerMinute": (rpm, "--rpm"), "tokensPerMinute": (tpm, "--tpm"), "tokensPerDay": (tpd, "--tpd")}
-    if any(value is not None for value, _ in given.values()):
-        limits = {k: _limit(v, option) for k, (v, option) in given.items() if v is not None}
+    if limits := _given_limits(rpm, tpm, tpd):
         keys = client.call("GET", f"/api/business-services/{service}/keys")
         current = next((k["limits"] for k in keys if k["id"] == key_id), {})  # an unknown key: the API says so
         body["limits"] = {**current, **limits}  # the API replaces them whole
     if not body:
         fail("nothing to change: give --name, --expires, --rpm, --tpm, --tpd or --weight")
     updated = client.call("PATCH", f"/api/business-services/{service}/keys/{key_id}", json=body)
-    limits = _compact({n: v for n, v in updated["limits"].items() if v is not None}) or "no limits"
     console.print(f"updated key {updated['id']} of {service}: name {updated.get('name') or '-'}, expires "
-                  f"{updated.get('expiresAt') or 'never'}, weight {updated['weight']}, {limits}", highlight=False)
+                  f"{updated.get('expiresAt') or 'never'}, weight {updated['weight']}, {_limits_said(updated['limits'])}",
+                  highlight=False)
 
 
 @keys_app.command("revoke")
@@ -1203,11 +1216,10 @@ def keys_access(service: str,
     path = f"/api/business-services/{service}/access"
     current = client.call("GET", path)
     if auth is not None or rpm is not None or tpm is not None or tpd is not None:
-        given = {"requestsPerMinute": (rpm, "--rpm"), "tokensPerMinute": (tpm, "--tpm"), "tokensPerDay": (tpd, "--tpd")}
-        limits = {**current["limits"], **{k: _limit(v, option) for k, (v, option) in given.items() if v is not None}}
+        limits = {**current["limits"], **_given_limits(rpm, tpm, tpd)}
         current = client.call("PUT", path, json={"auth": auth, "limits": limits})
-    limits = _compact({n: v for n, v in current["limits"].items() if v is not None}) or "no limits"
-    console.print(f"{service}: auth {current['auth']}, {current['keys']} key(s), {limits}", highlight=False)
+    console.print(f"{service}: auth {current['auth']}, {current['keys']} key(s), {_limits_said(current['limits'])}",
+                  highlight=False)
 
 
 def _compact(value: Any) -> str:

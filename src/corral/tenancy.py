@@ -198,7 +198,7 @@ class Tenancy:
             wanted["expires_at"] = check_expiry(changes["expires_at"], datetime.now(timezone.utc))
         if "limits" in changes:
             limits = changes["limits"]
-            wanted["limits"] = Limits.from_wire(limits.wire()) if isinstance(limits, Limits) else Limits.from_wire(limits)
+            wanted["limits"] = limits if isinstance(limits, Limits) else Limits.from_wire(limits)
         if "weight" in changes:
             wanted["weight"] = check_weight(changes["weight"])
         before, after = _key_wire(key), _key_wire(dataclasses.replace(key, **wanted))

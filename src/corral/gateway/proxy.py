@@ -630,9 +630,9 @@ class Gateway:
         some replicas may hold: `_holders`, read at each wake)."""
         service, limits = route.service, self.limits
         queue = self._held.get(service)
-        if free and (not limits.holds or (queue is not None and len(queue) >= limits.hold_queue)):
-            return route, free
         if not limits.holds or (queue is not None and len(queue) >= limits.hold_queue):
+            if free:
+                return route, free
             reason = self._waiting_reason(route)
             self.stats.rejected[(service, 503)] += 1
             await _error(send, 503, reason + hold_full_suffix(limits.hold_queue) if limits.holds else reason,
